@@ -1,0 +1,23 @@
+"""The training cost model: per-op rules, accountings, the memory timeline, latency, results."""
+
+from __future__ import annotations
+
+from .model import ACCOUNTINGS, CostModel, CostSummary, accounting_for
+from .result import Cost, LayerRow, OpRow
+from .rules import RULES, Accounting, OpContext, OpCost, register_rule, unknown_rule
+
+__all__ = [
+    "ACCOUNTINGS",
+    "RULES",
+    "Accounting",
+    "Cost",
+    "CostModel",
+    "CostSummary",
+    "LayerRow",
+    "OpContext",
+    "OpCost",
+    "OpRow",
+    "accounting_for",
+    "register_rule",
+    "unknown_rule",
+]

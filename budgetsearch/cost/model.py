@@ -1,0 +1,478 @@
+"""The training cost model: what one training step of a plan costs on a device.
+
+:class:`CostModel` is built once per (layer graph, device profile, accounting, batch size) and then
+evaluates plans quickly: per-op rule results are memoised by the op's flags, and the memory peak is a
+sweep over a fixed timeline (forward ops, the loss, backward ops in reverse) done with numpy.
+
+The timeline model (methods.md §1): a tensor lives from the op that allocates it to its last forward
+use; a tensor saved for backward lives until the backward of the earliest op that saved it; the
+gradient of an activation lives from the backward of its last consumer to the backward of its
+producer; a parameter gradient lives from its layer's backward to the optimizer step (or only during
+that backward when the profile updates weights in place). Weights in RAM and optimizer state are
+held throughout. The peak is the largest total over the timeline, reported with the op where it
+occurs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CostError, PlanError
+from ..graph import LayerGraph
+from ..plan import LayerUpdate, Plan
+from .result import Cost, OpRow
+from .rules import RULES, Accounting, OpContext, OpCost, conv_geometry, unknown_rule
+
+if TYPE_CHECKING:
+    from ..profiles import DeviceProfile
+
+__all__ = ["CostModel", "CostSummary", "accounting_for", "ACCOUNTINGS"]
+
+ACCOUNTINGS = ("pytorch", "device")
+_OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
+
+
+def accounting_for(profile: DeviceProfile, name: str) -> Accounting:
+    """The accounting ``name`` (``pytorch`` or ``device``) on a profile.
+
+    Raises:
+        CostError: For an unknown accounting name.
+    """
+    if name == "pytorch":
+        return Accounting("pytorch", 4, 4, 4, 4, 4, 8, True, False, False, True)
+    if name == "device":
+        return Accounting(
+            "device",
+            activation_bytes=profile.activation_bytes,
+            weight_bytes=profile.weight_bytes,
+            bias_bytes=profile.bias_bytes,
+            gradient_bytes=profile.gradient_bytes,
+            optimizer_state_bytes=profile.optimizer_state_bytes,
+            mask_bits=profile.mask_bits,
+            frozen_weights_in_ram=profile.frozen_weights_in == "ram",
+            fold_batchnorm=True,
+            in_place_update=profile.in_place_update,
+            stock_autograd=False,
+        )
+    raise CostError(f"accounting must be one of {', '.join(ACCOUNTINGS)}; got {name!r}")
+
+
+@dataclass(frozen=True)
+class CostSummary:
+    """The totals of one evaluation, without the per-op table (what a search needs)."""
+
+    peak_memory_bytes: int
+    saved_activation_bytes: int
+    forward_macs: int
+    backward_macs: int
+    latency_ms: float
+    trainable_params: int
+
+
+class CostModel:
+    """Costs of training steps of one traced model on one device.
+
+    Args:
+        graph: The traced model.
+        profile: The device profile.
+        accounting: ``device`` (the profile's engine) or ``pytorch`` (stock autograd, fp32).
+        batch_size: Batch size; the profile's default when None.
+        optimizer: ``sgd``, ``momentum`` or ``adam``; the profile's default when None.
+        training: Whether dropout and stochastic depth are active (model in train mode).
+        bn_train: Whether batch norm runs on batch statistics (else frozen, the default).
+        strict: Raise :class:`CostError` on op kinds without a cost rule instead of warning.
+        rules: A rule table to use instead of the global one.
+    """
+
+    def __init__(
+        self,
+        graph: LayerGraph,
+        profile: DeviceProfile,
+        *,
+        accounting: str = "device",
+        batch_size: int | None = None,
+        optimizer: str | None = None,
+        training: bool = True,
+        bn_train: bool = False,
+        strict: bool = False,
+        rules: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.graph = graph
+        self.profile = profile
+        self.acc = accounting_for(profile, accounting)
+        self.batch = int(batch_size or profile.default_batch_size)
+        self.optimizer = optimizer or profile.default_optimizer
+        if self.optimizer not in _OPTIMIZER_STATES:
+            raise CostError(
+                f"optimizer must be one of {', '.join(_OPTIMIZER_STATES)}; got {self.optimizer!r}"
+            )
+        if self.batch < 1:
+            raise CostError(f"batch size must be >= 1; got {self.batch}")
+        self.training, self.bn_train = training, bn_train
+        self.rules = dict(rules if rules is not None else RULES)
+        self.unknown_ops = sorted({n.kind for n in graph.nodes if n.kind not in self.rules})
+        if self.unknown_ops:
+            msg = (
+                "no cost rule for op kinds " + ", ".join(self.unknown_ops) + "; they are counted "
+                "as saving all their inputs (register a rule with budgetsearch.cost.register_rule)"
+            )
+            if strict:
+                raise CostError(msg)
+            warnings.warn(msg, stacklevel=2)
+        self._prepare()
+
+    # ----------------------------------------------------------------------------- preparation
+    def _prepare(self) -> None:
+        g, nodes = self.graph, self.graph.nodes
+        n = len(nodes)
+        self.n = n
+        self._inputs = [tuple(nodes[i] for i in node.inputs) for node in nodes]
+        users: list[list[int]] = [[] for _ in nodes]
+        for node in nodes:
+            for src in node.inputs:
+                users[src].append(node.index)
+        self._users = users
+        # Storage roots: dropout in training mode allocates a new tensor (traced in eval mode it
+        # is an alias); views follow their source.
+        storage: list[int] = []
+        for node in nodes:
+            fresh = (node.kind in ("dropout", "stochastic_depth") and self.training
+                     and node.attrs.get("p", 0) > 0)
+            if fresh or node.storage == node.index:
+                storage.append(node.index)
+            elif node.inputs and nodes[node.inputs[0]].storage == node.storage:
+                storage.append(storage[node.inputs[0]])
+            else:
+                storage.append(storage[node.storage])
+        numel = {
+            r: (nodes[r].storage_numel if nodes[r].storage == r else nodes[r].numel)
+            for r in set(storage)
+        }
+        self._nodes = [
+            _replace_storage(node, storage[node.index], numel[storage[node.index]])
+            for node in nodes
+        ]
+        # Forward liveness of each storage: allocated by its root, dead after its last use.
+        last_use = {}
+        for node in self._nodes:
+            end = max(users[node.index], default=n)  # the model output is used by the loss
+            root = node.storage
+            last_use[root] = max(last_use.get(root, 0), end)
+        self._live_roots = np.array(sorted(last_use), dtype=np.int64)
+        self._live_end = np.array([last_use[r] for r in sorted(last_use)], dtype=np.int64)
+        per = 4 if self.acc.stock_autograd else self.acc.activation_bytes
+        self._live_bytes = np.array(
+            [math.ceil(numel[r] * self.batch * per) for r in sorted(last_use)], dtype=np.int64
+        )
+        # Persistent weights and per-layer parameter sizes.
+        self._layer_at = {layer.node: layer for layer in g.layers.values()}
+        self._bias_at = {layer.bias_node: layer for layer in g.layers.values()
+                         if layer.bias_node is not None}
+        self._memo: list[dict[tuple, OpCost]] = [{} for _ in nodes]
+        self._fwd_time = [self._forward_ms(node) for node in self._nodes]
+        self.n_positions = 2 * n + 1  # forward 0..n-1, loss n, backward of node i at 2n - i
+        self._frozen_weight_bytes = self._weight_bytes_all()
+        classes = nodes[-1].numel
+        if self.acc.stock_autograd:  # log-softmax output (fp32), int64 labels, total weight
+            self._loss_saved_bytes = self.batch * (classes * 4 + 8) + 4
+        else:  # softmax probabilities for the loss gradient
+            self._loss_saved_bytes = int(math.ceil(self.batch * classes * self.acc.gradient_bytes))
+
+    def _weight_bytes_all(self) -> int:
+        """Bytes of all weights if held in RAM under this accounting (frozen or not)."""
+        total = 0
+        for layer in self.graph.layers.values():
+            total += layer.weight_numel * self.acc.weight_bytes
+            total += layer.out_channels * self.acc.bias_bytes if layer.bias_param else 0
+        if not self.acc.fold_batchnorm:  # batch norm weight, running mean and variance
+            for node in self._nodes:
+                if node.kind == "batch_norm":
+                    ch = int(node.attrs.get("channels", node.shape[1]))
+                    total += ch * 4 * (3 if node.bias_of else 4)
+        return int(total)
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _flags(self, plan: Plan | Mapping[str, LayerUpdate]) -> tuple[dict, dict]:
+        if isinstance(plan, Plan):
+            plan.validate(self.graph)
+            updates = plan.updates
+        else:
+            updates = plan
+        weight: dict[int, tuple[float, float, int, LayerUpdate]] = {}
+        bias: dict[int, bool] = {}
+        for name, update in updates.items():
+            layer = self.graph.layers.get(name)
+            if layer is None:
+                raise PlanError(f"the model has no trainable layer {name!r}")
+            if update.mode == "weight":
+                wf, inf = 1.0, 1.0
+                if update.channels is not None and not self.acc.stock_autograd:
+                    n_axis = layer.out_channels if update.axis == "out" else layer.in_channels
+                    frac = len(update.channels) / n_axis
+                    wf = frac
+                    inf = frac if update.axis == "in" else 1.0
+                r = 1 if self.acc.stock_autograd else update.patch_size
+                weight[layer.node] = (wf, inf, r, update)
+            if layer.bias_node is not None:
+                bias[layer.bias_node] = True
+        return weight, bias
+
+    def _op_cost(self, i: int, key: tuple) -> OpCost:
+        memo = self._memo[i]
+        cost = memo.get(key)
+        if cost is None:
+            input_grad, wf, inf, bias, r = key
+            node = self._nodes[i]
+            ctx = OpContext(node, self._inputs[i], self.batch, self.acc, input_grad, wf, inf,
+                            bias, r, self.training, self.bn_train)
+            cost = self.rules.get(node.kind, unknown_rule)(ctx)
+            memo[key] = cost
+        return cost
+
+    def evaluate(
+        self, plan: Plan | Mapping[str, LayerUpdate], *, detail: bool = True
+    ) -> Cost | CostSummary:
+        """The cost of one training step under a plan.
+
+        Args:
+            plan: A :class:`Plan`, or a mapping of layer names to :class:`LayerUpdate`.
+            detail: Return the full :class:`Cost` (per op and per layer); otherwise only a
+                :class:`CostSummary`, several times faster.
+        """
+        weight, bias = self._flags(plan)
+        nodes, n, batch = self._nodes, self.n, self.batch
+        rg = [False] * n
+        costs: list[OpCost | None] = [None] * n
+        saved_first: dict[Any, int] = {}
+        saved_bytes: dict[Any, int] = {}
+        fwd_macs = bwd_macs = 0
+        for node in nodes:
+            i = node.index
+            w = weight.get(i)
+            b = bias.get(i, False)
+            input_grad = tuple(rg[j] for j in node.inputs)
+            rg[i] = w is not None or b or any(input_grad)
+            key = (input_grad, w[0] if w else 0.0, w[1] if w else 1.0, b, w[2] if w else 1)
+            cost = self._op_cost(i, key)
+            costs[i] = cost
+            fwd_macs += cost.forward_macs
+            if rg[i]:
+                bwd_macs += cost.backward_macs
+                for k, nbytes in cost.saved:
+                    if k not in saved_first:
+                        saved_first[k] = i
+                        saved_bytes[k] = nbytes
+        if rg[n - 1]:  # the loss keeps its softmax output, the labels and a scalar
+            saved_first[("loss",)] = n
+            saved_bytes[("loss",)] = self._loss_saved_bytes
+        trainable = self._trainable(weight, bias)
+        peak, peak_pos, parts = self._peak(rg, saved_first, saved_bytes, weight, bias, trainable)
+        latency = self._latency_ms(costs, rg, trainable)
+        saved_total = int(sum(saved_bytes.values()))
+        if not detail:
+            return CostSummary(int(peak), saved_total, int(fwd_macs), int(bwd_macs), latency,
+                               int(trainable["params"]))
+        parts["weight_bytes"] = self._persistent_weight_bytes(weight, bias)
+        return self._detail(plan, costs, rg, saved_first, saved_bytes, peak, peak_pos, parts,
+                            trainable, latency)
+
+    # ---------------------------------------------------------------------------- components
+    def _trainable(self, weight: dict, bias: dict) -> dict[str, Any]:
+        """Updated parameter elements and their gradient buffers, per layer node."""
+        acc = self.acc
+        per_node: dict[int, tuple[float, float]] = {}  # node -> (param elems, grad bytes)
+        params = 0.0
+        for i, (wf, _inf, _r, _u) in weight.items():
+            layer = self._layer_at[i]
+            elems = layer.weight_numel * wf
+            params += elems
+            per_node[i] = (elems, elems * acc.gradient_bytes)
+        for i in bias:
+            layer = self._bias_at[i]
+            params += layer.out_channels
+            old = per_node.get(i, (0.0, 0.0))
+            per_node[i] = (old[0] + layer.out_channels,
+                           old[1] + layer.out_channels * acc.gradient_bytes)
+        state = _OPTIMIZER_STATES[self.optimizer]
+        return {"params": int(round(params)), "per_node": per_node,
+                "optimizer_bytes": int(params * state * acc.optimizer_state_bytes)}
+
+    def _persistent_weight_bytes(self, weight: dict, bias: dict) -> int:
+        if self.acc.frozen_weights_in_ram:
+            return self._frozen_weight_bytes
+        total = 0.0  # only the updated parameters live in RAM
+        for i, (wf, *_rest) in weight.items():
+            total += self._layer_at[i].weight_numel * wf * self.acc.weight_bytes
+        for i in bias:
+            total += self._bias_at[i].out_channels * self.acc.bias_bytes
+        return int(math.ceil(total))
+
+    def _peak(self, rg, saved_first, saved_bytes, weight, bias, trainable):
+        n, P = self.n, self.n_positions
+        diff = np.zeros(P + 1, dtype=np.int64)
+        # live forward tensors, extended when saved
+        ends = self._live_end.copy()
+        root_pos = {int(r): k for k, r in enumerate(self._live_roots)}
+        private_start, private_end, private_bytes = [], [], []
+        for key, i in saved_first.items():
+            bwd = 2 * n - i
+            if key[0] == "loss":
+                private_start.append(n)
+                private_end.append(n)
+                private_bytes.append(saved_bytes[key])
+            elif key[0] == "t" and key[1] in root_pos:
+                k = root_pos[key[1]]
+                ends[k] = max(ends[k], bwd)
+            else:
+                private_start.append(i)
+                private_end.append(bwd)
+                private_bytes.append(saved_bytes[key])
+        np.add.at(diff, self._live_roots, self._live_bytes)
+        np.add.at(diff, ends + 1, -self._live_bytes)
+        if private_bytes:
+            pb = np.array(private_bytes, dtype=np.int64)
+            np.add.at(diff, np.array(private_start), pb)
+            np.add.at(diff, np.array(private_end) + 1, -pb)
+        # activation gradients
+        grad_per = 4 if self.acc.stock_autograd else self.acc.gradient_bytes
+        g_start, g_end, g_bytes = [], [], []
+        for node in self._nodes:
+            i = node.index
+            if not rg[i]:
+                continue
+            users = self._users[i]
+            g_start.append(2 * n - max(users) if users else n)
+            g_end.append(2 * n - i)
+            g_bytes.append(math.ceil(node.numel * self.batch * grad_per))
+        # parameter gradients
+        for i, (_elems, gbytes) in trainable["per_node"].items():
+            g_start.append(2 * n - i)
+            g_end.append(2 * n - i if self.acc.in_place_update else P - 1)
+            g_bytes.append(math.ceil(gbytes))
+        if g_bytes:
+            gb = np.array(g_bytes, dtype=np.int64)
+            np.add.at(diff, np.array(g_start), gb)
+            np.add.at(diff, np.array(g_end) + 1, -gb)
+        timeline = np.cumsum(diff[:P])
+        pos = int(np.argmax(timeline))
+        persistent = self._persistent_weight_bytes(weight, bias) + trainable["optimizer_bytes"]
+        return int(timeline[pos]) + persistent, pos, {
+            "persistent_bytes": persistent, "timeline": timeline,
+        }
+
+    def _rate(self, node, backward: bool) -> float:
+        measured = getattr(self.profile, "measured", None) or {}
+        cls = None
+        if node.kind == "linear":
+            cls = "linear"
+        elif node.kind == "conv2d":
+            g = int(node.attrs.get("groups", 1))
+            cls = "depthwise" if g > 1 and g == int(node.attrs.get("in_channels", 0)) else "conv"
+        rate = measured.get(cls) if cls else None
+        if rate is not None:
+            return float(rate.backward_macs_per_s if backward else rate.forward_macs_per_s)
+        return float(self.profile.peak_macs_per_s)
+
+    def _forward_ms(self, node) -> float:
+        if node.kind == "input":
+            return 0.0
+        macs = 0
+        if node.kind in ("conv2d", "linear"):
+            inp = self.graph.nodes[node.inputs[0]]
+            macs = self.batch * conv_geometry(node, inp).macs_per_sample
+        per = 4 if self.acc.stock_autograd else self.acc.activation_bytes
+        elems = node.numel + sum(self.graph.nodes[j].numel for j in node.inputs)
+        traffic = elems * self.batch * per
+        layer = self.graph.layers.get(node.layer) if node.layer else None
+        if layer is not None:
+            traffic += layer.weight_numel * (4 if self.acc.stock_autograd else
+                                             self.acc.weight_bytes)
+        t = max(macs / self._rate(node, False), traffic / self.profile.memory_bandwidth_bytes_per_s)
+        return 1e3 * t + self.profile.op_overhead_us * 1e-3
+
+    def _latency_ms(self, costs, rg, trainable) -> float:
+        total = sum(self._fwd_time)
+        bw = self.profile.memory_bandwidth_bytes_per_s
+        grad_per = 4 if self.acc.stock_autograd else self.acc.gradient_bytes
+        for node in self._nodes:
+            i = node.index
+            if not rg[i]:
+                continue
+            cost = costs[i]
+            traffic = (node.numel * self.batch * grad_per * (1 + len(node.inputs))
+                       + sum(b for _k, b in cost.saved))
+            t = max(cost.backward_macs / self._rate(node, True), traffic / bw)
+            total += 1e3 * t + self.profile.op_overhead_us * 1e-3
+        # optimizer step: read weight, gradient and state, write weight and state
+        state = _OPTIMIZER_STATES[self.optimizer]
+        total += 1e3 * trainable["params"] * 4 * (2 + 2 * state) / bw
+        return float(total)
+
+    def _detail(self, plan, costs, rg, saved_first, saved_bytes, peak, peak_pos, parts,
+                trainable, latency) -> Cost:
+        n = self.n
+        saved_by_node: dict[int, int] = {}
+        for key, i in saved_first.items():
+            saved_by_node[i] = saved_by_node.get(i, 0) + saved_bytes[key]
+        rows = []
+        for node in self._nodes:
+            i = node.index
+            c = costs[i]
+            on = rg[i]
+            rows.append(OpRow(
+                index=i, name=node.name, kind=node.kind, module=node.module,
+                layer=_owner_layer(self.graph, i),
+                forward_macs=c.forward_macs,
+                grad_input_macs=c.grad_input_macs if on else 0,
+                grad_weight_macs=c.grad_weight_macs if on else 0,
+                grad_bias_macs=c.grad_bias_macs if on else 0,
+                saved_activation_bytes=saved_by_node.get(i, 0),
+                trainable_params=int(round(trainable["per_node"].get(i, (0, 0))[0])),
+                gradient_bytes=int(math.ceil(trainable["per_node"].get(i, (0, 0))[1])),
+                backward=on,
+                forward_ms=self._fwd_time[i],
+            ))
+        phase, at = ("forward", peak_pos) if peak_pos < n else (
+            ("loss", n) if peak_pos == n else ("backward", 2 * n - peak_pos))
+        peak_op = "loss" if phase == "loss" else self._nodes[at].name
+        updates = plan.updates if isinstance(plan, Plan) else plan
+        return Cost(
+            ops=rows,
+            accounting=self.acc.name,
+            device=self.profile.name,
+            batch_size=self.batch,
+            optimizer=self.optimizer,
+            peak_memory_bytes=int(peak),
+            peak_phase=phase,
+            peak_op=peak_op,
+            persistent_bytes=int(parts["persistent_bytes"]),
+            weight_bytes=int(parts["weight_bytes"]),
+            optimizer_bytes=int(trainable["optimizer_bytes"]),
+            latency_ms=latency,
+            unknown_ops=list(self.unknown_ops),
+            loss_saved_bytes=int(saved_bytes.get(("loss",), 0)),
+            updates={k: v.to_dict() for k, v in updates.items()},
+        )
+
+
+def _replace_storage(node, storage: int, numel: int):
+    from dataclasses import replace
+
+    return replace(node, storage=storage, storage_numel=numel)
+
+
+def _owner_layer(graph: LayerGraph, index: int) -> str:
+    """The trainable layer an op is listed under: the last layer at or before it."""
+    owner = "(input)"
+    for layer in graph.layers.values():
+        if layer.node <= index:
+            owner = layer.name
+        else:
+            break
+    return owner

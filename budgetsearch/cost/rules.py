@@ -1,0 +1,364 @@
+"""Per-operator cost rules: one table of pure functions, extensible by users.
+
+Each rule takes an :class:`OpContext` (the op's geometry, the batch size, which of its inputs need a
+gradient, what of its parameters is updated, and the accounting) and returns an :class:`OpCost`:
+forward MACs, backward MACs split into grad-input, grad-weight and grad-bias, and the tensors it
+saves for backward. Rules follow methods.md §1 and §6. One MAC is one multiply-add; grad-bias counts
+additions. Elementwise ops cost no MACs (their time is memory traffic, which the latency model
+counts).
+
+Saved tensors are ``(key, bytes)`` pairs. A key ``("t", storage)`` names a tensor of the graph (by
+the node that allocated its storage) and is counted once however many ops save it, as PyTorch holds
+one storage; any other key is private to the op (a 1-bit mask, a pooled copy, batch-norm statistics).
+
+Two accountings (see :class:`Accounting`): ``pytorch`` states what stock PyTorch autograd keeps when a
+plan is applied by ``requires_grad`` freezing (fp32; channel subsets and gradient filters cannot be
+expressed that way, so such layers cost as fully updated ones); ``device`` states what a minimal
+on-device engine keeps (the profile's data types, 1-bit ReLU masks, batch norm folded into the conv,
+only the kept input channels of a channel-sparse layer, pooled inputs of filtered convs).
+
+Register a rule for a new op kind with :func:`register_rule`; an op kind without a rule is counted
+by :func:`unknown_rule` (it saves all its inputs) and reported by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from ..graph import OpNode
+
+__all__ = [
+    "Accounting",
+    "OpContext",
+    "OpCost",
+    "Rule",
+    "RULES",
+    "register_rule",
+    "unknown_rule",
+    "conv_geometry",
+]
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """Byte sizes and engine behaviour an accounting assumes.
+
+    Attributes:
+        name: ``pytorch`` or ``device``.
+        activation_bytes: Bytes per activation element (live or saved).
+        weight_bytes: Bytes per weight element.
+        bias_bytes: Bytes per bias element.
+        gradient_bytes: Bytes per gradient element (activation and parameter gradients).
+        optimizer_state_bytes: Bytes per optimizer state element.
+        mask_bits: Bits per element of a saved ReLU mask.
+        frozen_weights_in_ram: Whether frozen weights occupy the training memory (not flash).
+        fold_batchnorm: Whether frozen batch norm is folded into the preceding conv.
+        in_place_update: Whether each weight is updated right after its gradient is computed, so
+            only one parameter-gradient buffer is alive at a time.
+        stock_autograd: Whether the engine is stock PyTorch autograd (saving rules of its own).
+    """
+
+    name: str
+    activation_bytes: float
+    weight_bytes: float
+    bias_bytes: float
+    gradient_bytes: float
+    optimizer_state_bytes: float
+    mask_bits: int
+    frozen_weights_in_ram: bool
+    fold_batchnorm: bool
+    in_place_update: bool
+    stock_autograd: bool
+
+
+@dataclass(frozen=True)
+class OpContext:
+    """What a rule sees of one op under one plan.
+
+    Attributes:
+        node: The op (shapes are for a batch of one).
+        inputs: The nodes producing its tensor inputs.
+        batch: Batch size.
+        acc: The accounting.
+        input_grad: Whether each tensor input requires a gradient.
+        weight_fraction: Fraction of the weight's elements that are updated (0 = frozen).
+        in_fraction: Fraction of input channels whose activation is stored for grad-weight.
+        bias: Whether the bias this op holds is updated.
+        patch_size: Gradient-filter patch size (1 = none).
+        training: Whether dropout and stochastic depth are active.
+        bn_train: Whether batch norm uses batch statistics (else frozen running statistics).
+    """
+
+    node: OpNode
+    inputs: tuple[OpNode, ...]
+    batch: int
+    acc: Accounting
+    input_grad: tuple[bool, ...]
+    weight_fraction: float = 0.0
+    in_fraction: float = 1.0
+    bias: bool = False
+    patch_size: int = 1
+    training: bool = True
+    bn_train: bool = False
+
+    @property
+    def any_grad(self) -> bool:
+        """Whether autograd records the op at all (some input or parameter needs a gradient)."""
+        return any(self.input_grad) or self.weight_fraction > 0 or self.bias
+
+    def tensor(self, node: OpNode) -> tuple[Hashable, int]:
+        """The saved-tensor entry for a graph tensor (its whole storage), under this accounting."""
+        per_elem = node.itemsize if self.acc.stock_autograd else self.acc.activation_bytes
+        return ("t", node.storage), int(math.ceil(node.storage_numel * self.batch * per_elem))
+
+    def private(self, tag: str, numel: float, bytes_per: float) -> tuple[Hashable, int]:
+        """A saved-tensor entry private to this op."""
+        return ("p", self.node.index, tag), int(math.ceil(numel * bytes_per))
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Cost of one op under one plan. MACs are for the whole batch; saved bytes too."""
+
+    forward_macs: int = 0
+    grad_input_macs: int = 0
+    grad_weight_macs: int = 0
+    grad_bias_macs: int = 0
+    saved: tuple[tuple[Hashable, int], ...] = ()
+
+    @property
+    def backward_macs(self) -> int:
+        """grad-input + grad-weight + grad-bias."""
+        return self.grad_input_macs + self.grad_weight_macs + self.grad_bias_macs
+
+
+Rule = Callable[[OpContext], OpCost]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Shapes of a conv or linear op for a batch of one."""
+
+    c_in: int
+    c_out: int
+    groups: int
+    kernel: int  # kh * kw
+    out_positions: int  # H_out * W_out (1 for linear)
+    in_positions: int
+    out_hw: tuple[int, int]
+
+    @property
+    def macs_per_sample(self) -> int:
+        """Forward MACs for one sample."""
+        return self.c_out * (self.c_in // self.groups) * self.kernel * self.out_positions
+
+
+def conv_geometry(node: OpNode, inp: OpNode) -> ConvGeometry:
+    """Geometry of a conv2d or linear node (a linear layer is a 1×1 conv over its positions)."""
+    a = node.attrs
+    c_in, c_out = int(a["in_channels"]), int(a["out_channels"])
+    kh, kw = a.get("kernel_size", (1, 1))
+    if node.kind == "linear":
+        out_positions = node.numel // c_out
+        in_positions = inp.numel // c_in
+        hw = (out_positions, 1)
+    else:
+        hw = (node.shape[2], node.shape[3])
+        out_positions = hw[0] * hw[1]
+        in_positions = inp.shape[2] * inp.shape[3]
+    return ConvGeometry(c_in, c_out, int(a.get("groups", 1)), kh * kw, out_positions,
+                        in_positions, hw)
+
+
+def _conv(ctx: OpContext) -> OpCost:
+    n, inp = ctx.batch, ctx.inputs[0]
+    g = conv_geometry(ctx.node, inp)
+    fwd = n * g.macs_per_sample
+    r = ctx.patch_size
+    if r > 1:
+        patches = math.ceil(g.out_hw[0] / r) * math.ceil(g.out_hw[1] / r)
+        dense_grad = n * g.c_in * g.c_out * patches // g.groups
+    else:
+        patches, dense_grad = g.out_positions, fwd
+    gi = dense_grad if ctx.input_grad and ctx.input_grad[0] else 0
+    gw = int(round(dense_grad * ctx.weight_fraction))
+    gb = n * g.c_out * g.out_positions if ctx.bias else 0
+    saved: list[tuple[Hashable, int]] = []
+    if ctx.acc.stock_autograd:
+        # convolution saves its input and weight whenever it is recorded; a linear layer (addmm)
+        # saves its input only when its weight needs a gradient.
+        if (ctx.node.kind == "conv2d" and ctx.any_grad) or ctx.weight_fraction > 0:
+            saved.append(ctx.tensor(inp))
+    elif ctx.weight_fraction > 0:
+        positions = patches if r > 1 else g.in_positions
+        numel = n * g.c_in * ctx.in_fraction * positions
+        saved.append(ctx.private("input", numel, ctx.acc.activation_bytes))
+    return OpCost(fwd, gi, gw, gb, tuple(saved))
+
+
+def _batch_norm(ctx: OpContext) -> OpCost:
+    channels = int(ctx.node.attrs.get("channels", ctx.node.shape[1]))
+    gb = ctx.batch * ctx.node.numel if ctx.bias else 0
+    saved: list[tuple[Hashable, int]] = []
+    if ctx.acc.stock_autograd and ctx.any_grad:
+        saved.append(ctx.tensor(ctx.inputs[0]))
+        if ctx.bn_train:  # the batch mean and inverse std
+            saved.append(ctx.private("stats", 2 * channels, ctx.node.itemsize))
+    elif not ctx.acc.fold_batchnorm and ctx.any_grad:
+        saved.append(ctx.private("input", ctx.batch * ctx.inputs[0].numel,
+                                 ctx.acc.activation_bytes))
+    return OpCost(grad_bias_macs=gb, saved=tuple(saved))
+
+
+def _stock_saved(ctx: OpContext, saves: str) -> OpCost:
+    """What autograd keeps for an elementwise op whose backward needs its input or its result."""
+    src = ctx.node if saves == "result" else ctx.inputs[0]
+    if saves == "input" and ctx.node.storage == src.storage:
+        # In place: autograd keeps a copy of the input before overwriting it (relu_ needs only
+        # the result, but hardtanh_ / relu6_ / hardswish_ need the input).
+        return OpCost(saved=(ctx.private("input", ctx.batch * src.numel, src.itemsize),))
+    return OpCost(saved=(ctx.tensor(src),))
+
+
+def _mask_or(saves: str) -> Rule:
+    """ReLU-like ops: a 1-bit mask on a device; in PyTorch the input or the result."""
+
+    def rule(ctx: OpContext) -> OpCost:
+        if not (ctx.input_grad and ctx.input_grad[0]):
+            return OpCost()
+        if ctx.acc.stock_autograd:
+            return _stock_saved(ctx, saves)
+        bits = ctx.acc.mask_bits / 8
+        return OpCost(saved=(ctx.private("mask", ctx.batch * ctx.node.numel, bits),))
+
+    return rule
+
+
+def _full(saves: str) -> Rule:
+    """Ops whose backward needs a full tensor: h-swish, h-sigmoid, SiLU (input), sigmoid
+    (result)."""
+
+    def rule(ctx: OpContext) -> OpCost:
+        if not (ctx.input_grad and ctx.input_grad[0]):
+            return OpCost()
+        if ctx.acc.stock_autograd:
+            return _stock_saved(ctx, saves)
+        src = ctx.node if saves == "result" else ctx.inputs[0]
+        return OpCost(saved=(ctx.private(saves, ctx.batch * src.numel,
+                                         ctx.acc.activation_bytes),))
+
+    return rule
+
+
+def _mul(ctx: OpContext) -> OpCost:
+    saved = []
+    ins, grads = ctx.inputs, ctx.input_grad
+    if len(ins) == 1:  # x * constant or x * x
+        ins, grads = ins * 2, grads * 2
+    for i, other in ((0, 1), (1, 0)):
+        if grads[i]:  # the gradient of one operand needs the other
+            if ctx.acc.stock_autograd:
+                saved.append(ctx.tensor(ins[other]))
+            else:
+                saved.append(ctx.private(f"operand{other}", ctx.batch * ins[other].numel,
+                                         ctx.acc.activation_bytes))
+    return OpCost(saved=tuple(dict(saved).items()))
+
+
+def _nothing(ctx: OpContext) -> OpCost:
+    """Ops whose backward needs only shapes: add, cat, views, global average pooling."""
+    return OpCost()
+
+
+def _pool(ctx: OpContext) -> OpCost:
+    """Average pooling other than global: PyTorch keeps the input; a device needs only shapes."""
+    if not (ctx.input_grad and ctx.input_grad[0]):
+        return OpCost()
+    if ctx.node.kind == "adaptive_avg_pool2d" and ctx.node.attrs.get("global"):
+        return OpCost()
+    if ctx.acc.stock_autograd:
+        return OpCost(saved=(ctx.tensor(ctx.inputs[0]),))
+    return OpCost()
+
+
+def _max_pool(ctx: OpContext) -> OpCost:
+    if not (ctx.input_grad and ctx.input_grad[0]):
+        return OpCost()
+    out = ctx.batch * ctx.node.numel
+    if ctx.acc.stock_autograd:  # the input and int64 argmax indices
+        return OpCost(saved=(ctx.tensor(ctx.inputs[0]), ctx.private("indices", out, 8)))
+    return OpCost(saved=(ctx.private("indices", out, 1),))  # index within the window
+
+
+def _dropout(ctx: OpContext) -> OpCost:
+    if not (ctx.training and ctx.node.attrs.get("p", 0) > 0 and ctx.input_grad[0]):
+        return OpCost()
+    numel = ctx.batch * ctx.node.numel
+    if ctx.acc.stock_autograd:  # on the CPU the mask is kept at the input's dtype
+        return OpCost(saved=(ctx.private("mask", numel, ctx.node.itemsize),))
+    return OpCost(saved=(ctx.private("mask", numel, ctx.acc.mask_bits / 8),))
+
+
+def _stochastic_depth(ctx: OpContext) -> OpCost:
+    if not (ctx.training and ctx.node.attrs.get("p", 0) > 0 and ctx.input_grad[0]):
+        return OpCost()
+    per_row = ctx.node.attrs.get("mode", "row") == "row"
+    numel = ctx.batch if per_row else ctx.batch * ctx.node.numel
+    size = ctx.node.itemsize if ctx.acc.stock_autograd else ctx.acc.mask_bits / 8
+    return OpCost(saved=(ctx.private("noise", numel, size),))
+
+
+def unknown_rule(ctx: OpContext) -> OpCost:
+    """Fallback for op kinds without a rule: counted as saving all its inputs when recorded."""
+    if not ctx.any_grad:
+        return OpCost()
+    if ctx.acc.stock_autograd:
+        return OpCost(saved=tuple(dict(ctx.tensor(i) for i in ctx.inputs).items()))
+    return OpCost(saved=tuple(
+        ctx.private(f"input{k}", ctx.batch * i.numel, ctx.acc.activation_bytes)
+        for k, i in enumerate(ctx.inputs)
+    ))
+
+
+#: The rule table, by op kind. Extend with :func:`register_rule`.
+RULES: dict[str, Rule] = {
+    "input": _nothing,
+    "conv2d": _conv,
+    "linear": _conv,
+    "batch_norm": _batch_norm,
+    "relu": _mask_or("result"),
+    "hardtanh": _mask_or("input"),
+    "clamp": _mask_or("input"),
+    "hardswish": _full("input"),
+    "hardsigmoid": _full("input"),
+    "silu": _full("input"),
+    "sigmoid": _full("result"),
+    "mul": _mul,
+    "add": _nothing,
+    "cat": _nothing,
+    "view": _nothing,
+    "mean": _nothing,
+    "adaptive_avg_pool2d": _pool,
+    "avg_pool2d": _pool,
+    "max_pool2d": _max_pool,
+    "dropout": _dropout,
+    "stochastic_depth": _stochastic_depth,
+}
+
+
+def register_rule(kind: str, rule: Rule, *, replace: bool = False) -> None:
+    """Add a cost rule for an op kind (the graph's ``OpNode.kind``).
+
+    Args:
+        kind: The op kind, e.g. a module class name the graph does not map.
+        rule: A pure function from :class:`OpContext` to :class:`OpCost`.
+        replace: Allow replacing an existing rule.
+
+    Raises:
+        ValueError: If a rule exists for the kind and ``replace`` is false.
+    """
+    if kind in RULES and not replace:
+        raise ValueError(f"a cost rule for {kind!r} exists; pass replace=True to override it")
+    RULES[kind] = rule

@@ -1,0 +1,51 @@
+"""The exception hierarchy of budgetsearch.
+
+Every error that user input can cause derives from :class:`BudgetSearchError`, so a caller (and the
+command line) can tell a user's mistake from a bug. Messages name the file, field or layer at fault
+and the values that would have been accepted.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetSearchError",
+    "ProfileError",
+    "ModelError",
+    "GraphError",
+    "PlanError",
+    "CostError",
+    "DataError",
+    "ScoresError",
+]
+
+
+class BudgetSearchError(Exception):
+    """Root of every error budgetsearch raises on bad input."""
+
+
+class ProfileError(BudgetSearchError):
+    """A device profile is unknown, malformed or incomplete."""
+
+
+class ModelError(BudgetSearchError):
+    """A model name is unknown, or its weights or architecture files cannot be read."""
+
+
+class GraphError(BudgetSearchError):
+    """A model cannot be traced into a layer graph."""
+
+
+class PlanError(BudgetSearchError):
+    """A plan is malformed, or does not fit the model it is applied to."""
+
+
+class CostError(BudgetSearchError):
+    """A cost cannot be computed (for example an unsupported operator under ``strict``)."""
+
+
+class DataError(BudgetSearchError):
+    """A data set is missing, empty, or does not match what the model expects."""
+
+
+class ScoresError(BudgetSearchError):
+    """A scores file is malformed or belongs to another model."""

@@ -1,0 +1,76 @@
+"""Parsing and printing of byte sizes and durations, with units in every name."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BudgetSearchError
+
+__all__ = ["parse_bytes", "format_bytes", "parse_ms"]
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1024,
+    "kib": 1024,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
+    """Parse a memory size such as ``"256KB"``, ``"1.5 MiB"`` or ``4096`` into bytes.
+
+    KB, MB and GB are binary (1 KB = 1024 bytes), as in the on-device-training literature, and so
+    are KiB, MiB and GiB.
+
+    Args:
+        text: The size, a number of bytes or a number with a unit.
+        what: What the size is, for the error message.
+
+    Returns:
+        The size in bytes, rounded down.
+
+    Raises:
+        BudgetSearchError: If the text is not a non-negative size with a known unit.
+    """
+    if isinstance(text, bool):
+        raise BudgetSearchError(f"{what}: expected a size such as 256KB, got {text!r}")
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise BudgetSearchError(f"{what}: a size cannot be negative, got {text!r}")
+        return int(text)
+    match = _SIZE_RE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise BudgetSearchError(
+            f"{what}: expected a size such as 256KB, 1MB or 4096 (units: B, KB, MB, GB, KiB, MiB, "
+            f"GiB), got {text!r}"
+        )
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def parse_ms(text: str | int | float, *, what: str = "latency") -> float:
+    """Parse a duration such as ``"500ms"``, ``"2s"`` or ``250`` (milliseconds) into milliseconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise BudgetSearchError(f"{what}: a duration cannot be negative, got {text!r}")
+        return float(text)
+    match = _SIZE_RE.match(str(text))
+    scale = {"": 1.0, "ms": 1.0, "s": 1000.0, "us": 1e-3}.get(match.group(2).lower()) if match else None
+    if match is None or scale is None:
+        raise BudgetSearchError(f"{what}: expected a duration such as 500ms or 2s, got {text!r}")
+    return float(match.group(1)) * scale
+
+
+def format_bytes(n_bytes: float) -> str:
+    """Format a byte count with a binary unit, e.g. ``format_bytes(263168) == '257.0 KB'``."""
+    value = float(n_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
