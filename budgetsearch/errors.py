@@ -16,6 +16,8 @@ __all__ = [
     "CostError",
     "DataError",
     "ScoresError",
+    "BudgetError",
+    "SearchError",
 ]
 
 
@@ -49,3 +51,19 @@ class DataError(BudgetSearchError):
 
 class ScoresError(BudgetSearchError):
     """A scores file is malformed or belongs to another model."""
+
+
+class BudgetError(PlanError):
+    """No plan of the requested kind fits the budget.
+
+    Attributes:
+        minimum_bytes: The smallest memory budget at which a non-empty plan exists, when known.
+    """
+
+    def __init__(self, message: str, *, minimum_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
+
+
+class SearchError(BudgetSearchError):
+    """A search study cannot be created, opened or continued (storage, mismatch)."""

@@ -390,13 +390,18 @@ def _trace_fx(model: nn.Module, example: torch.Tensor) -> list[_Record]:
     modules = dict(gm.named_modules())
     records: list[_Record] = []
     index_of: dict[fx.Node, int] = {}
+    passthrough: dict[fx.Node, list[fx.Node]] = {}
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             value = super().run_node(n)
+            args = []
+            for a in n.all_input_nodes:  # a tuple-valued node (chunk, split) passes its inputs on
+                args.extend([a] if a in index_of else passthrough.get(a, []))
             if n.op in ("output", "get_attr") or not isinstance(value, torch.Tensor):
+                if isinstance(value, (tuple, list)):
+                    passthrough[n] = args
                 return value
-            args = [a for a in n.all_input_nodes if a in index_of]
             if n.op == "placeholder":
                 kind, target, module, module_name, attrs = "input", "input", None, None, {}
             elif n.op == "call_module":

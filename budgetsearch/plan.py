@@ -129,12 +129,13 @@ class Plan:
         for name, update in ordered.items():
             _check_channels(name, update, self.layer_shapes[name])
         object.__setattr__(self, "updates", ordered)
+        object.__setattr__(self, "_fingerprint", fingerprint(dict(self.layer_shapes)))
 
     # ------------------------------------------------------------------------------ properties
     @property
     def fingerprint(self) -> str:
         """Fingerprint of the model the plan was made for."""
-        return fingerprint(dict(self.layer_shapes))
+        return self._fingerprint  # type: ignore[attr-defined]
 
     @property
     def updated_layers(self) -> list[str]:
@@ -204,6 +205,10 @@ class Plan:
         Raises:
             PlanError: Naming the layers that differ.
         """
+        if isinstance(target, LayerGraph):
+            if target.fingerprint == self.fingerprint:
+                self._check_input_channels(target)
+                return
         shapes = target.layer_shapes if isinstance(target, LayerGraph) else dict(target)
         if fingerprint(dict(shapes)) == self.fingerprint:
             if isinstance(target, LayerGraph):

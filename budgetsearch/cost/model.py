@@ -36,6 +36,7 @@ __all__ = ["CostModel", "CostSummary", "accounting_for", "ACCOUNTINGS"]
 
 ACCOUNTINGS = ("pytorch", "device")
 _OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
+_NO_COST = OpCost()
 
 
 def accounting_for(profile: DeviceProfile, name: str) -> Accounting:
@@ -175,7 +176,23 @@ class CostModel:
         self._bias_at = {layer.bias_node: layer for layer in g.layers.values()
                          if layer.bias_node is not None}
         self._memo: list[dict[tuple, OpCost]] = [{} for _ in nodes]
+        self._input_index = [node.inputs for node in self._nodes]
         self._fwd_time = [self._forward_ms(node) for node in self._nodes]
+        self._forward_ms_total = float(sum(self._fwd_time))
+        self._fwd_macs_node = [
+            self.batch * conv_geometry(node, self._inputs[node.index][0]).macs_per_sample
+            if node.kind in ("conv2d", "linear") else 0
+            for node in self._nodes
+        ]
+        self._forward_macs = int(sum(self._fwd_macs_node))
+        # activation-gradient intervals: from the backward of the last consumer to the producer's
+        grad_per = 4 if self.acc.stock_autograd else self.acc.gradient_bytes
+        self._grad_start = np.array(
+            [2 * n - max(users[i]) if users[i] else n for i in range(n)], dtype=np.int64)
+        self._grad_end = np.array([2 * n - i for i in range(n)], dtype=np.int64)
+        self._grad_bytes = np.array(
+            [math.ceil(node.numel * self.batch * grad_per) for node in self._nodes],
+            dtype=np.int64)
         self.n_positions = 2 * n + 1  # forward 0..n-1, loss n, backward of node i at 2n - i
         self._frozen_weight_bytes = self._weight_bytes_all()
         classes = nodes[-1].numel
@@ -223,17 +240,18 @@ class CostModel:
                 bias[layer.bias_node] = True
         return weight, bias
 
-    def _op_cost(self, i: int, key: tuple) -> OpCost:
+    def _op_cost(self, i: int, key: tuple) -> tuple[OpCost, float]:
+        """The rule's result for op ``i`` under the given flags and its backward time, memoised."""
         memo = self._memo[i]
-        cost = memo.get(key)
-        if cost is None:
+        hit = memo.get(key)
+        if hit is None:
             input_grad, wf, inf, bias, r = key
             node = self._nodes[i]
             ctx = OpContext(node, self._inputs[i], self.batch, self.acc, input_grad, wf, inf,
                             bias, r, self.training, self.bn_train)
             cost = self.rules.get(node.kind, unknown_rule)(ctx)
-            memo[key] = cost
-        return cost
+            hit = memo[key] = (cost, self._backward_ms(node, cost))
+        return hit
 
     def evaluate(
         self, plan: Plan | Mapping[str, LayerUpdate], *, detail: bool = True
@@ -246,38 +264,42 @@ class CostModel:
                 :class:`CostSummary`, several times faster.
         """
         weight, bias = self._flags(plan)
-        nodes, n, batch = self._nodes, self.n, self.batch
+        n = self.n
         rg = [False] * n
-        costs: list[OpCost | None] = [None] * n
+        costs: dict[int, OpCost] = {}
         saved_first: dict[Any, int] = {}
         saved_bytes: dict[Any, int] = {}
-        fwd_macs = bwd_macs = 0
-        for node in nodes:
-            i = node.index
+        bwd_macs = 0
+        bwd_ms = 0.0
+        for i, inputs in enumerate(self._input_index):
             w = weight.get(i)
-            b = bias.get(i, False)
-            input_grad = tuple(rg[j] for j in node.inputs)
-            rg[i] = w is not None or b or any(input_grad)
-            key = (input_grad, w[0] if w else 0.0, w[1] if w else 1.0, b, w[2] if w else 1)
-            cost = self._op_cost(i, key)
+            b = i in bias
+            input_grad = tuple([rg[j] for j in inputs])
+            if w is None and not b and True not in input_grad:
+                continue  # no backward here: the forward cost is plan-independent
+            rg[i] = True
+            if w is None:
+                key = (input_grad, 0.0, 1.0, b, 1)
+            else:
+                key = (input_grad, w[0], w[1], b, w[2])
+            cost, ms = self._op_cost(i, key)
             costs[i] = cost
-            fwd_macs += cost.forward_macs
-            if rg[i]:
-                bwd_macs += cost.backward_macs
-                for k, nbytes in cost.saved:
-                    if k not in saved_first:
-                        saved_first[k] = i
-                        saved_bytes[k] = nbytes
+            bwd_macs += cost.backward_macs
+            bwd_ms += ms
+            for k, nbytes in cost.saved:
+                if k not in saved_first:
+                    saved_first[k] = i
+                    saved_bytes[k] = nbytes
         if rg[n - 1]:  # the loss keeps its softmax output, the labels and a scalar
             saved_first[("loss",)] = n
             saved_bytes[("loss",)] = self._loss_saved_bytes
         trainable = self._trainable(weight, bias)
         peak, peak_pos, parts = self._peak(rg, saved_first, saved_bytes, weight, bias, trainable)
-        latency = self._latency_ms(costs, rg, trainable)
+        latency = self._forward_ms_total + bwd_ms + self._optimizer_ms(trainable)
         saved_total = int(sum(saved_bytes.values()))
         if not detail:
-            return CostSummary(int(peak), saved_total, int(fwd_macs), int(bwd_macs), latency,
-                               int(trainable["params"]))
+            return CostSummary(int(peak), saved_total, self._forward_macs, int(bwd_macs),
+                               latency, int(trainable["params"]))
         parts["weight_bytes"] = self._persistent_weight_bytes(weight, bias)
         return self._detail(plan, costs, rg, saved_first, saved_bytes, peak, peak_pos, parts,
                             trainable, latency)
@@ -340,16 +362,10 @@ class CostModel:
             np.add.at(diff, np.array(private_start), pb)
             np.add.at(diff, np.array(private_end) + 1, -pb)
         # activation gradients
-        grad_per = 4 if self.acc.stock_autograd else self.acc.gradient_bytes
+        on = np.flatnonzero(np.array(rg, dtype=bool))
+        np.add.at(diff, self._grad_start[on], self._grad_bytes[on])
+        np.add.at(diff, self._grad_end[on] + 1, -self._grad_bytes[on])
         g_start, g_end, g_bytes = [], [], []
-        for node in self._nodes:
-            i = node.index
-            if not rg[i]:
-                continue
-            users = self._users[i]
-            g_start.append(2 * n - max(users) if users else n)
-            g_end.append(2 * n - i)
-            g_bytes.append(math.ceil(node.numel * self.batch * grad_per))
         # parameter gradients
         for i, (_elems, gbytes) in trainable["per_node"].items():
             g_start.append(2 * n - i)
@@ -396,23 +412,20 @@ class CostModel:
         t = max(macs / self._rate(node, False), traffic / self.profile.memory_bandwidth_bytes_per_s)
         return 1e3 * t + self.profile.op_overhead_us * 1e-3
 
-    def _latency_ms(self, costs, rg, trainable) -> float:
-        total = sum(self._fwd_time)
+    def _backward_ms(self, node, cost: OpCost) -> float:
         bw = self.profile.memory_bandwidth_bytes_per_s
         grad_per = 4 if self.acc.stock_autograd else self.acc.gradient_bytes
-        for node in self._nodes:
-            i = node.index
-            if not rg[i]:
-                continue
-            cost = costs[i]
-            traffic = (node.numel * self.batch * grad_per * (1 + len(node.inputs))
-                       + sum(b for _k, b in cost.saved))
-            t = max(cost.backward_macs / self._rate(node, True), traffic / bw)
-            total += 1e3 * t + self.profile.op_overhead_us * 1e-3
-        # optimizer step: read weight, gradient and state, write weight and state
+        traffic = (node.numel * self.batch * grad_per * (1 + len(node.inputs))
+                   + sum(b for _k, b in cost.saved))
+        t = max(cost.backward_macs / self._rate(node, True), traffic / bw)
+        return 1e3 * t + self.profile.op_overhead_us * 1e-3
+
+    def _optimizer_ms(self, trainable) -> float:
+        """Optimizer step: read weight, gradient and state, write weight and state."""
         state = _OPTIMIZER_STATES[self.optimizer]
-        total += 1e3 * trainable["params"] * 4 * (2 + 2 * state) / bw
-        return float(total)
+        per = 4 if self.acc.stock_autograd else self.acc.weight_bytes
+        bw = self.profile.memory_bandwidth_bytes_per_s
+        return 1e3 * trainable["params"] * per * (2 + 2 * state) / bw
 
     def _detail(self, plan, costs, rg, saved_first, saved_bytes, peak, peak_pos, parts,
                 trainable, latency) -> Cost:
@@ -423,12 +436,12 @@ class CostModel:
         rows = []
         for node in self._nodes:
             i = node.index
-            c = costs[i]
+            c = costs.get(i, _NO_COST)
             on = rg[i]
             rows.append(OpRow(
                 index=i, name=node.name, kind=node.kind, module=node.module,
                 layer=_owner_layer(self.graph, i),
-                forward_macs=c.forward_macs,
+                forward_macs=self._fwd_macs_node[i],
                 grad_input_macs=c.grad_input_macs if on else 0,
                 grad_weight_macs=c.grad_weight_macs if on else 0,
                 grad_bias_macs=c.grad_bias_macs if on else 0,

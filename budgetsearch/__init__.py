@@ -1,0 +1,58 @@
+"""budgetsearch: plan sparse, gradient-filtered on-device training that fits a device's budget.
+
+The data flow goes one way: a model is traced into a :class:`LayerGraph`; a device profile is
+loaded with :func:`load_profile`; a :class:`Plan` says which layers and channels to update and with
+which gradient filter; a :class:`CostModel` says what one training step of a plan costs on the
+device, per layer and in total.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .cost import Cost, CostModel, CostSummary, register_rule
+from .errors import (
+    BudgetError,
+    BudgetSearchError,
+    CostError,
+    DataError,
+    GraphError,
+    ModelError,
+    PlanError,
+    ProfileError,
+    ScoresError,
+    SearchError,
+)
+from .graph import Layer, LayerGraph, OpNode
+from .models import list_models, load_model, register_model
+from .plan import LayerUpdate, Plan, load_plan
+from .profiles import DeviceProfile, list_profiles, load_profile
+
+__all__ = [
+    "BudgetError",
+    "BudgetSearchError",
+    "Cost",
+    "CostError",
+    "CostModel",
+    "CostSummary",
+    "DataError",
+    "DeviceProfile",
+    "GraphError",
+    "Layer",
+    "LayerGraph",
+    "LayerUpdate",
+    "ModelError",
+    "OpNode",
+    "Plan",
+    "PlanError",
+    "ProfileError",
+    "ScoresError",
+    "SearchError",
+    "__version__",
+    "list_models",
+    "list_profiles",
+    "load_model",
+    "load_plan",
+    "load_profile",
+    "register_model",
+    "register_rule",
+]

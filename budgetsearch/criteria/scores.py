@@ -1,0 +1,285 @@
+"""Per-layer, per-channel importance scores, and their ``.npz`` file format.
+
+A :class:`Scores` holds, for every trainable layer (``nn.Conv2d`` / ``nn.Linear``, by qualified
+module name), an output-channel score vector, an input-channel score vector (or ``None`` where the
+criterion does not define one) and one layer score. It records the model fingerprint it was made
+for, so it cannot silently be applied to another model.
+
+File layout (``np.savez``, readable with ``allow_pickle=False``): ``meta`` is a one-element string
+array holding a JSON document (format version, criterion, layer names and shapes, fingerprint,
+metadata); ``layer`` holds the layer scores in layer order; ``out_<i>`` and ``in_<i>`` the channel
+vectors of the i-th layer (``in_<i>`` absent where undefined).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..errors import ScoresError
+from ..fingerprint import TRAINABLE_LAYER_TYPES, diff_layer_shapes, fingerprint, layer_shapes
+
+__all__ = ["FORMAT_VERSION", "LayerScores", "Scores", "input_channels"]
+
+#: Version of the ``.npz`` layout written by :meth:`Scores.save`.
+FORMAT_VERSION = 1
+
+
+def input_channels(module: nn.Module) -> int:
+    """Real number of input channels of a conv or linear layer (``C_in/G · G`` for a conv)."""
+    if isinstance(module, nn.Conv2d):
+        return int(module.weight.shape[1]) * int(module.groups)
+    return int(module.weight.shape[1])
+
+
+@dataclass
+class LayerScores:
+    """The scores of one layer.
+
+    Attributes:
+        out_channel: One score per output channel (length C_out), float64.
+        in_channel: One score per real input channel (length C_in), or ``None`` when undefined.
+        layer: One score for the whole layer.
+    """
+
+    out_channel: np.ndarray
+    in_channel: np.ndarray | None
+    layer: float
+
+    def __post_init__(self) -> None:
+        self.out_channel = np.asarray(self.out_channel, dtype=np.float64).reshape(-1)
+        if self.in_channel is not None:
+            self.in_channel = np.asarray(self.in_channel, dtype=np.float64).reshape(-1)
+        self.layer = float(self.layer)
+
+
+@dataclass
+class Scores:
+    """Importance scores of every trainable layer of one model, by qualified layer name.
+
+    Attributes:
+        criterion: Name of the criterion that produced the scores (``"fisher"``, ...).
+        layers: The scores of each layer, in the model's module order.
+        shapes: ``layer_shapes(model)`` of the model scored.
+        in_channels: Real input-channel count of each layer (``C_in/G · G`` for a conv).
+        fingerprint: ``fingerprint(shapes)``.
+        metadata: JSON-serialisable facts about the run: ``samples`` used, ``seed``,
+            ``peak_memory_bytes`` of the pass, and criterion-specific entries.
+    """
+
+    criterion: str
+    layers: dict[str, LayerScores]
+    shapes: dict[str, list[int]]
+    in_channels: dict[str, int]
+    fingerprint: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = fingerprint(self.shapes)
+        self.validate()
+
+    # ----------------------------------------------------------------- construction / access
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        *,
+        criterion: str,
+        layers: Mapping[str, LayerScores],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Scores:
+        """Build scores for ``model``, taking its shapes and fingerprint from the model itself."""
+        shapes = layer_shapes(model)
+        in_channels = {
+            name: input_channels(module)
+            for name, module in model.named_modules()
+            if isinstance(module, TRAINABLE_LAYER_TYPES)
+        }
+        ordered = {name: layers[name] for name in shapes if name in layers}
+        missing = [name for name in shapes if name not in layers]
+        if missing:
+            raise ScoresError(f"criterion {criterion!r} gave no scores for layers {missing}")
+        return cls(
+            criterion=criterion,
+            layers=ordered,
+            shapes=shapes,
+            in_channels=in_channels,
+            metadata=dict(metadata or {}),
+        )
+
+    def __getitem__(self, name: str) -> LayerScores:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise ScoresError(
+                f"no scores for layer {name!r}; layers: {', '.join(self.layers) or '(none)'}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def layer_scores(self) -> dict[str, float]:
+        """The layer score of every layer, by name."""
+        return {name: ls.layer for name, ls in self.layers.items()}
+
+    def validate(self) -> None:
+        """Check that every vector has the length its layer's shape requires.
+
+        Raises:
+            ScoresError: Naming the first inconsistent layer.
+        """
+        if list(self.layers) != list(self.shapes):
+            raise ScoresError(
+                f"scores cover layers {list(self.layers)[:5]}..., the shapes list "
+                f"{list(self.shapes)[:5]}...: they must be the same, in the same order"
+            )
+        for name, ls in self.layers.items():
+            c_out = self.shapes[name][0]
+            if ls.out_channel.shape != (c_out,):
+                raise ScoresError(
+                    f"{name}: {ls.out_channel.shape[0]} output-channel scores for {c_out} channels"
+                )
+            c_in = self.in_channels.get(name)
+            if c_in is None:
+                raise ScoresError(f"{name}: input-channel count missing")
+            if ls.in_channel is not None and ls.in_channel.shape != (c_in,):
+                raise ScoresError(
+                    f"{name}: {ls.in_channel.shape[0]} input-channel scores for {c_in} channels"
+                )
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose layers differ from those the scores were made for.
+
+        Raises:
+            ScoresError: Naming the differing layers.
+        """
+        actual = layer_shapes(model)
+        if fingerprint(actual) != self.fingerprint:
+            diff = diff_layer_shapes(self.shapes, actual)
+            raise ScoresError(
+                f"these {self.criterion} scores were made for another model (fingerprint "
+                f"{self.fingerprint}, the model's is {fingerprint(actual)}): " + "; ".join(diff)
+            )
+
+    # ------------------------------------------------------------------------------ file I/O
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the scores to ``path`` as ``.npz``, atomically (temporary file + rename).
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        names = list(self.layers)
+        meta = {
+            "format": "budgetsearch-scores",
+            "version": FORMAT_VERSION,
+            "criterion": self.criterion,
+            "fingerprint": self.fingerprint,
+            "layers": [
+                {"name": n, "shape": list(self.shapes[n]), "in_channels": self.in_channels[n]}
+                for n in names
+            ],
+            "metadata": self.metadata,
+        }
+        arrays: dict[str, np.ndarray] = {
+            "meta": np.array([_dump_json(meta)]),
+            "layer": np.array([self.layers[n].layer for n in names], dtype=np.float64),
+        }
+        for i, name in enumerate(names):
+            arrays[f"out_{i}"] = self.layers[name].out_channel
+            if self.layers[name].in_channel is not None:
+                arrays[f"in_{i}"] = self.layers[name].in_channel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, model: nn.Module | None = None) -> Scores:
+        """Read scores written by :meth:`save`.
+
+        Args:
+            path: The ``.npz`` file.
+            model: If given, the scores must have been made for a model with the same layers.
+
+        Raises:
+            ScoresError: If the file is missing or malformed, or belongs to another model.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ScoresError(f"scores file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ScoresError(f"{path}: not a readable .npz scores file ({exc})") from exc
+        scores = cls._from_arrays(arrays, where=str(path))
+        if model is not None:
+            try:
+                scores.check_model(model)
+            except ScoresError as exc:
+                raise ScoresError(f"{path}: {exc}") from None
+        return scores
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict[str, np.ndarray], *, where: str) -> Scores:
+        try:
+            meta = json.loads(str(arrays["meta"].reshape(-1)[0]))
+            if meta.get("format") != "budgetsearch-scores":
+                raise ScoresError(f"{where}: not a budgetsearch scores file")
+            if meta.get("version") != FORMAT_VERSION:
+                raise ScoresError(
+                    f"{where}: scores format version {meta.get('version')}, this budgetsearch "
+                    f"reads version {FORMAT_VERSION}"
+                )
+            entries = meta["layers"]
+            layer_values = arrays["layer"]
+            if layer_values.shape != (len(entries),):
+                raise ScoresError(f"{where}: {layer_values.shape} layer scores for {len(entries)}")
+            layers: dict[str, LayerScores] = {}
+            for i, entry in enumerate(entries):
+                layers[entry["name"]] = LayerScores(
+                    out_channel=arrays[f"out_{i}"],
+                    in_channel=arrays.get(f"in_{i}"),
+                    layer=float(layer_values[i]),
+                )
+            shapes = {e["name"]: [int(v) for v in e["shape"]] for e in entries}
+            if fingerprint(shapes) != meta["fingerprint"]:
+                raise ScoresError(f"{where}: the recorded fingerprint does not match its shapes")
+            return cls(
+                criterion=str(meta["criterion"]),
+                layers=layers,
+                shapes=shapes,
+                in_channels={e["name"]: int(e["in_channels"]) for e in entries},
+                fingerprint=str(meta["fingerprint"]),
+                metadata=dict(meta.get("metadata", {})),
+            )
+        except ScoresError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ScoresError(f"{where}: malformed scores file ({exc!r})") from exc
+
+
+def _dump_json(meta: dict[str, Any]) -> str:
+    try:
+        return json.dumps(meta, sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise ScoresError(f"scores metadata is not JSON-serialisable: {exc}") from exc

@@ -1,0 +1,386 @@
+"""Gradient-filtered convolution (Yang et al., CVPR'23), reproduced and generalised.
+
+The forward is the ordinary convolution. The backward replaces the output gradient g by its mean
+over non-overlapping r x r patches and works on a pooled grid of p_h x p_w = ceil(H_out/r) x
+ceil(W_out/r) cells, exactly as ``docs/gradient-filtering.md`` states:
+
+- forward saves ``x_sum`` (N, C_in, p_h, p_w), the sum of x over R x R blocks (R = r*s) with
+  ``ceil((p*R - H_x)/2)`` rows/columns of padding on the leading side, i.e. N*C_in*p_h*p_w elements
+  instead of x; and ``w_sum`` (C_out, C_in/G), the weight summed over its kernel taps, C_in/G*C_out
+  elements (1/k^2 of the weight; saved instead of the weight so the op keeps no full copy of a
+  combined weight and is immune to in-place updates of the weight before the backward). Each is
+  saved only if the gradient that needs it (weight resp. input) is wanted;
+- ``g_avg`` = avg-pool of g (count_include_pad=False, its own padding ``ceil((p*r - H_out)/2)``);
+- ``gx_sum = w_sum^T g_avg`` and ``gw = sum_{n,i,j} g_avg * x_sum``, within each group (any G:
+  regular, depthwise, channel multiplier, grouped); every kernel tap of ``grad_w`` gets ``gw``;
+- ``grad_x`` replicates ``gx_sum`` over each R x R block (not divided), cropped to H_x x W_x;
+- ``grad_b`` is exact; dilation and the conv padding matter in the forward only.
+
+Modes: ``"paper"`` is the authors' operator (gx_sum and gw are not divided by s^2, so strided
+convs get gradients ~s^2 too large); ``"normalized"`` (default) divides both by s_h*s_w.
+
+Shapes the authors' operator rejects (the x grid would need negative padding, e.g. a padding-0 3x3
+conv on 14x14 with r = 4): here the pooled grid is cropped symmetrically instead (the formula
+``floor((h + xp)/R)`` with negative ``xp``); the at most ``d*(k-1) - 2*pad`` border rows/columns
+of x outside the grid enter no block and get a zero input gradient, so ``grad_x`` stays the exact
+adjoint of the sum-pool, as in the authors' operator; ``mode="paper"`` uses the same grid there.
+:func:`check_filterable` says up front which shapes are accepted, and
+:attr:`FilterGeometry.authors_accept` which ones the authors' operator would run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import PlanError
+from .sparse import (
+    ChannelSelection,
+    ConvArgs,
+    IntPair,
+    _Flags,
+    _pair,
+    _wanted,
+    _weight_outputs,
+    conv_args,
+)
+
+__all__ = [
+    "MODES",
+    "FilterGeometry",
+    "check_filterable",
+    "filter_geometry",
+    "filtered_conv2d",
+]
+
+MODES = ("normalized", "paper")
+
+
+@dataclass(frozen=True)
+class FilterGeometry:
+    """The pooled grid of a filtered conv; every pair is (height, width).
+
+    Attributes:
+        patch: r, the output-gradient patch size.
+        block: R = r*s, the input block size.
+        grid: (p_h, p_w), the pooled grid.
+        x_pad: Leading padding of the x grid (negative: cropped).
+        g_pad: Padding of the g grid (avg-pool padding, never negative).
+        in_hw: Input size.
+        out_hw: Output size.
+    """
+
+    patch: tuple[int, int]
+    block: tuple[int, int]
+    grid: tuple[int, int]
+    x_pad: tuple[int, int]
+    g_pad: tuple[int, int]
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+
+    @property
+    def cells(self) -> int:
+        """P = p_h * p_w, the number of pooled cells per channel."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def authors_accept(self) -> bool:
+        """Whether the authors' operator runs on this shape (its x pooling padding is valid).
+
+        When False, ``mode="paper"`` still runs, on the cropped grid described above.
+        """
+        return all(0 <= p <= b // 2 for p, b in zip(self.x_pad, self.block, strict=True))
+
+
+def filter_geometry(
+    *, in_hw: IntPair, out_hw: IntPair, stride: IntPair, patch_size: IntPair
+) -> FilterGeometry:
+    """The pooled grid for a conv with the given input/output sizes, stride and patch size.
+
+    Args:
+        in_hw: Input height and width.
+        out_hw: Output height and width.
+        stride: Conv stride.
+        patch_size: r (>= 2).
+
+    Returns:
+        The geometry.
+
+    Raises:
+        PlanError: If a size is not positive or the patch size is below 2.
+    """
+    hx, hy = _pair(in_hw, "in_hw"), _pair(out_hw, "out_hw")
+    s, r = _pair(stride, "stride"), _pair(patch_size, "patch_size")
+    if min(r) < 2:
+        raise PlanError(f"patch_size must be >= 2 (1 means no filtering), got {r}")
+    if min(*hx, *hy, *s) < 1:
+        raise PlanError(f"sizes and stride must be >= 1, got in {hx}, out {hy}, stride {s}")
+    block = (r[0] * s[0], r[1] * s[1])
+    grid = (math.ceil(hy[0] / r[0]), math.ceil(hy[1] / r[1]))
+    x_pad = tuple(-((hx[i] - grid[i] * block[i]) // 2) for i in range(2))  # ceil of deficit/2
+    g_pad = tuple(-((hy[i] - grid[i] * r[i]) // 2) for i in range(2))
+    return FilterGeometry(r, block, grid, x_pad, g_pad, hx, hy)  # type: ignore[arg-type]
+
+
+def check_filterable(
+    *,
+    in_hw: IntPair,
+    out_hw: IntPair,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair | str,
+    dilation: IntPair,
+    groups: int,
+    patch_size: IntPair,
+) -> str | None:
+    """Whether :func:`filtered_conv2d` accepts a conv shape: None if yes, else the reason why not.
+
+    Every valid zero-padded conv is accepted with any patch size >= 2 (shapes whose x grid would
+    need negative padding are cropped, see the module docstring). Refused: patch sizes below 2,
+    invalid conv arguments (including ``padding="same"`` that is strided or asymmetric), and an
+    ``out_hw`` that does not follow from ``in_hw`` and the conv arguments.
+
+    Args:
+        in_hw: Input height and width.
+        out_hw: Output height and width.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (numbers, ``"valid"`` or ``"same"``).
+        dilation: Dilation.
+        groups: Groups.
+        patch_size: r.
+
+    Returns:
+        None, or a human-readable reason.
+    """
+    try:
+        conv = conv_args(
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+        )
+        k = _pair(kernel_size, "kernel_size")
+        hx, hy = _pair(in_hw, "in_hw"), _pair(out_hw, "out_hw")
+        expect = tuple(
+            (hx[i] + 2 * conv.padding[i] - conv.dilation[i] * (k[i] - 1) - 1) // conv.stride[i] + 1
+            for i in range(2)
+        )
+        if min(expect) < 1:
+            return f"the conv has an empty output for input {hx} (kernel {k}, padding {padding})"
+        if expect != hy:
+            return f"output size {hy} does not match the conv, which gives {expect} for input {hx}"
+        filter_geometry(in_hw=hx, out_hw=hy, stride=conv.stride, patch_size=patch_size)
+    except PlanError as exc:
+        return str(exc)
+    return None
+
+
+def _block_sums(t: Tensor, dim: int, block: int, pad: int, cells: int) -> Tensor:
+    """Sums of ``t`` along ``dim`` over ``cells`` blocks of ``block``, the first starting at -pad.
+
+    Positions outside ``t`` add nothing. One strided in-place add per position within a block,
+    much faster on CPU than ``avg_pool2d`` and needing no padded copy of ``t``.
+    """
+    size = t.shape[dim]
+    shape = list(t.shape)
+    shape[dim] = cells
+    out = t.new_zeros(shape)
+    for j in range(block):
+        first = j - pad  # row j of cell 0
+        i0 = 0 if first >= 0 else -(first // block)  # first cell whose row j lies inside t
+        start = first + i0 * block
+        count = min(cells - i0, -(-(size - start) // block)) if start < size else 0
+        if count > 0:
+            src = t.narrow(dim, start, (count - 1) * block + 1)
+            src = src[(slice(None),) * dim + (slice(None, None, block),)]
+            out.narrow(dim, i0, count).add_(src)
+    return out
+
+
+def _block_counts(size: int, block: int, pad: int, cells: int) -> list[int]:
+    """How many of the ``size`` positions fall in each block (see :func:`_block_sums`)."""
+    return [
+        max(0, min(size, (i + 1) * block - pad) - max(0, i * block - pad)) for i in range(cells)
+    ]
+
+
+def _sum_pool(x: Tensor, geo: FilterGeometry) -> Tensor:
+    """x summed over the R x R blocks of the grid (zero padding or cropping as needed)."""
+    t = _block_sums(x, 2, geo.block[0], geo.x_pad[0], geo.grid[0])
+    return _block_sums(t, 3, geo.block[1], geo.x_pad[1], geo.grid[1])
+
+
+def _avg_pool(g: Tensor, geo: FilterGeometry) -> Tensor:
+    """g averaged over the r x r patches, border patches divided by their own (valid) size."""
+    t = _block_sums(g, 2, geo.patch[0], geo.g_pad[0], geo.grid[0])
+    t = _block_sums(t, 3, geo.patch[1], geo.g_pad[1], geo.grid[1])
+    ch = _block_counts(geo.out_hw[0], geo.patch[0], geo.g_pad[0], geo.grid[0])
+    cw = _block_counts(geo.out_hw[1], geo.patch[1], geo.g_pad[1], geo.grid[1])
+    counts = torch.tensor(ch, dtype=g.dtype)[:, None] * torch.tensor(cw, dtype=g.dtype)[None, :]
+    return t.div_(counts.to(g.device))
+
+
+def _replicate(gx_sum: Tensor, geo: FilterGeometry) -> Tensor:
+    """Each cell copied over its R x R block, then cropped (or zero-extended) to H_x x W_x."""
+    (ph, pw), (bh, bw), (xh, xw) = geo.grid, geo.block, geo.x_pad
+    n, c = gx_sum.shape[:2]
+    full = gx_sum.unsqueeze(-1).expand(n, c, ph, pw, bw).reshape(n, c, ph, pw * bw)
+    full = full.unsqueeze(3).expand(n, c, ph, bh, pw * bw).reshape(n, c, ph * bh, pw * bw)
+    hx, wx = geo.in_hw
+    pad = (-xw, wx - pw * bw + xw, -xh, hx - ph * bh + xh)
+    if max(pad) <= 0:  # a pure crop: a view
+        return full[:, :, xh : xh + hx, xw : xw + wx]
+    return F.pad(full, pad)
+
+
+def _mix_channels(g_avg: Tensor, w_sum: Tensor, groups: int) -> Tensor:
+    """gx_sum[n, c] = sum of w_sum[o, c mod C_in/G] * g_avg[n, o] over the rows o of c's group."""
+    n, c_out, ph, pw = g_avg.shape
+    m, cpg = c_out // groups, w_sum.shape[1]
+    gg = g_avg.reshape(n, groups, m, ph * pw)
+    if cpg == 1:  # depthwise (with or without a channel multiplier): no matmul needed
+        out = (
+            (gg * w_sum.reshape(1, groups, m, 1)).sum(2) if m > 1 else gg * w_sum.view(1, -1, 1, 1)
+        )
+    elif m == 1:
+        out = w_sum.reshape(1, groups, cpg, 1) * gg
+    else:  # one (C_in/G x m) @ (m x N*P) product per group, with N folded into the columns
+        cols = gg.permute(1, 2, 0, 3).reshape(groups, m, n * ph * pw)
+        out = torch.bmm(w_sum.reshape(groups, m, cpg).transpose(1, 2), cols)
+        out = out.reshape(groups, cpg, n, ph * pw).permute(2, 0, 1, 3)
+    return out.reshape(n, groups * cpg, ph, pw)
+
+
+class _FilteredConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_slice, sel, conv: ConvArgs, patch, scale, flags):
+        w = weight if weight_slice is None else sel.combine(weight, weight_slice)
+        y = F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        geo = filter_geometry(
+            in_hw=tuple(x.shape[-2:]),
+            out_hw=tuple(y.shape[-2:]),
+            stride=conv.stride,
+            patch_size=patch,
+        )
+        _wanted(ctx, flags, weight_slice is not None)
+        ctx.sel, ctx.geo, ctx.groups, ctx.scale = sel, geo, conv.groups, scale
+        need_x = ctx.needs_input_grad[0]
+        x_sum = sel.saved_input(_sum_pool(x, geo)) if ctx.want_w else None
+        ctx.save_for_backward(x_sum, w.sum((2, 3)) if need_x else None)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x_sum, w_sum = ctx.saved_tensors
+        sel, geo = ctx.sel, ctx.geo
+        gx = gb = grad = None
+        if ctx.needs_input_grad[0] or ctx.want_w:
+            g_avg = _avg_pool(g, geo)
+        if ctx.needs_input_grad[0]:
+            gx_sum = _mix_channels(g_avg, w_sum, ctx.groups)
+            if ctx.scale != 1:
+                gx_sum = gx_sum * ctx.scale
+            gx = _replicate(gx_sum, geo)
+        if ctx.want_w:
+            kh, kw = sel.tail
+
+            def grad_fn(xb: Tensor, gb_: Tensor, groups: int, rows: int) -> Tensor:
+                n, cells = xb.shape[0], geo.cells
+                xg = xb.reshape(n, groups, xb.shape[1] // groups, cells)
+                gg = gb_.reshape(n, groups, rows // groups, cells)
+                if xg.shape[2] == 1 or gg.shape[2] == 1:  # depthwise-like: no matmul needed
+                    gsum = (gg.unsqueeze(3) * xg.unsqueeze(2)).sum((0, 4)).reshape(rows, -1)
+                else:
+                    gsum = torch.einsum("ngcp,ngop->goc", xg, gg).reshape(rows, -1)
+                if ctx.scale != 1:
+                    gsum = gsum * ctx.scale
+                return gsum[:, :, None, None].expand(-1, -1, kh, kw).contiguous()
+
+            grad = sel.weight_grad(x_sum, g_avg, grad_fn)
+        if ctx.want_b:
+            gb = g.sum((0, 2, 3))
+        gw, gs = _weight_outputs(ctx, sel, grad)
+        return gx, gw, gb, gs, None, None, None, None, None
+
+
+def filtered_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    weight_slice: Tensor | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair | str = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    patch_size: IntPair,
+    mode: str = "normalized",
+    out_channels: Sequence[int] | Tensor | None = None,
+    in_channels: Sequence[int] | Tensor | None = None,
+    bias_grad: bool = True,
+    weight_grad: bool = True,
+    selection: ChannelSelection | None = None,
+) -> Tensor:
+    """A 2-D convolution with the gradient-filtering backward.
+
+    Saved for backward (nothing else): ``x_sum``, N*C_in*p_h*p_w elements, if the weight gradient
+    is wanted (with a channel selection, only the input channels that the selection needs); and
+    ``w_sum``, C_out*C_in/G elements, if the input gradient is needed.
+
+    With ``out_channels``/``in_channels`` the weight gradient is the filtered one restricted to
+    that part (see :class:`~budgetsearch.ops.sparse.ChannelSelection` for the slice layout and
+    :func:`~budgetsearch.ops.sparse.sparse_conv2d` for ``weight``/``weight_slice``).
+
+    Args:
+        x: Input (N, C_in, H, W).
+        weight: Weight (C_out, C_in/G, kh, kw).
+        bias: Bias or None.
+        weight_slice: Trainable part of the weight (with a selection), or None.
+        stride: Stride.
+        padding: Padding, as in ``F.conv2d``.
+        dilation: Dilation (forward only).
+        groups: Groups (any).
+        patch_size: r, at least 2.
+        mode: ``"normalized"`` (divide by s^2) or ``"paper"`` (the authors' scaling).
+        out_channels: Train these output channels only.
+        in_channels: Train the columns of these input channels only.
+        bias_grad: Whether to compute the bias gradient.
+        weight_grad: Whether to compute any weight gradient.
+        selection: A prebuilt selection.
+
+    Returns:
+        The convolution output (identical to ``F.conv2d``).
+
+    Raises:
+        PlanError: For an unknown mode, a patch size below 2, or invalid conv arguments or
+            selection.
+    """
+    if mode not in MODES:
+        raise PlanError(f"mode must be one of {MODES}, got {mode!r}")
+    patch = _pair(patch_size, "patch_size")
+    if min(patch) < 2:
+        raise PlanError(f"patch_size must be >= 2 (1 means no filtering), got {patch_size!r}")
+    conv = conv_args(
+        kernel_size=tuple(weight.shape[2:]),  # type: ignore[arg-type]
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
+    sel = selection or ChannelSelection(
+        weight.shape, groups=groups, out_channels=out_channels, in_channels=in_channels
+    )
+    if weight_slice is not None and sel.kind == "all":
+        raise PlanError("weight_slice needs out_channels or in_channels")
+    scale = 1.0 if mode == "paper" else 1.0 / (conv.stride[0] * conv.stride[1])
+    return _FilteredConv2dFn.apply(
+        x, weight, bias, weight_slice, sel, conv, patch, scale, _Flags(weight_grad, bias_grad)
+    )

@@ -1,0 +1,83 @@
+"""Scores files: round trip, fingerprint refusal, malformed files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from torch import nn
+
+from budgetsearch.criteria import LayerScores, Scores, random_scores
+from budgetsearch.errors import ScoresError
+
+
+def _model(width: int = 4) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3),
+        nn.Conv2d(width, width, 3, groups=width),
+        nn.Flatten(),
+        nn.Linear(width, 2),
+    )
+
+
+def test_round_trip(tmp_path):
+    model = _model()
+    scores = random_scores(model, seed=1)
+    scores.layers["1"].in_channel = None
+    scores.metadata["note"] = "ü"
+    path = scores.save(tmp_path / "sub" / "s.npz")
+    assert [p.name for p in path.parent.iterdir()] == ["s.npz"]  # no temporary file left
+    loaded = Scores.load(path, model=model)
+    assert loaded.criterion == "random" and loaded.fingerprint == scores.fingerprint
+    assert loaded.metadata == scores.metadata
+    assert loaded.in_channels == {"0": 3, "1": 4, "3": 4}
+    for name in scores:
+        np.testing.assert_array_equal(loaded[name].out_channel, scores[name].out_channel)
+        assert loaded[name].layer == scores[name].layer
+    assert loaded["1"].in_channel is None
+    np.testing.assert_array_equal(loaded["0"].in_channel, scores["0"].in_channel)
+    with np.load(path, allow_pickle=False) as npz:
+        assert json.loads(str(npz["meta"][0]))["criterion"] == "random"
+
+
+def test_other_model_refused(tmp_path):
+    path = random_scores(_model(4)).save(tmp_path / "s.npz")
+    with pytest.raises(ScoresError, match=r"1: shape \[5, 1, 3, 3\] in the model"):
+        Scores.load(path, model=_model(5))
+    other = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ScoresError, match="missing from the model"):
+        Scores.load(path, model=other)
+
+
+def test_malformed_files(tmp_path):
+    with pytest.raises(ScoresError, match="does not exist"):
+        Scores.load(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ScoresError, match="not a readable"):
+        Scores.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", meta=np.array(['{"format": "x"}']))
+    with pytest.raises(ScoresError, match="not a budgetsearch scores file"):
+        Scores.load(tmp_path / "other.npz")
+    good = random_scores(_model())
+    good.save(tmp_path / "g.npz")
+    with np.load(tmp_path / "g.npz") as npz:
+        arrays = dict(npz)
+    arrays["out_0"] = arrays["out_0"][:2]
+    np.savez(tmp_path / "short.npz", **arrays)
+    with pytest.raises(ScoresError, match="0: 2 output-channel scores for 4 channels"):
+        Scores.load(tmp_path / "short.npz")
+
+
+def test_construction_checks():
+    model = _model()
+    with pytest.raises(ScoresError, match="gave no scores"):
+        Scores.for_model(model, criterion="x", layers={})
+    layers = {
+        n: LayerScores(np.zeros(s[0]), None, 0.0) for n, s in {"0": [4], "1": [4], "3": [2]}.items()
+    }
+    layers["3"] = LayerScores(np.zeros(3), None, 0.0)
+    with pytest.raises(ScoresError, match="3: 3 output-channel scores for 2"):
+        Scores.for_model(model, criterion="x", layers=layers)
+    with pytest.raises(ScoresError, match="no scores for layer 'nope'"):
+        random_scores(model)["nope"]
