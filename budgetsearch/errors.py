@@ -8,15 +8,15 @@ and the values that would have been accepted.
 from __future__ import annotations
 
 __all__ = [
+    "BudgetError",
     "BudgetSearchError",
-    "ProfileError",
-    "ModelError",
-    "GraphError",
-    "PlanError",
     "CostError",
     "DataError",
+    "GraphError",
+    "ModelError",
+    "PlanError",
+    "ProfileError",
     "ScoresError",
-    "BudgetError",
     "SearchError",
 ]
 

@@ -11,14 +11,14 @@ import json
 
 from torch import nn
 
-__all__ = ["TRAINABLE_LAYER_TYPES", "layer_shapes", "fingerprint", "diff_layer_shapes"]
+__all__ = ["TRAINABLE_LAYER_TYPES", "diff_layer_shapes", "fingerprint", "layer_shapes"]
 
 #: Module types whose parameters a plan can update (a linear layer is a 1×1 conv).
 TRAINABLE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
-    """Weight shape of every trainable layer (conv or linear), by qualified module name, in order."""
+    """Weight shape of every trainable layer (conv or linear) by qualified module name, in order."""
     return {
         name: list(module.weight.shape)
         for name, module in model.named_modules()
@@ -41,7 +41,9 @@ def diff_layer_shapes(
         if name not in actual:
             lines.append(f"{name}: missing from the model")
         elif list(actual[name]) != list(expected[name]):
-            lines.append(f"{name}: shape {list(actual[name])} in the model, {expected[name]} expected")
+            lines.append(
+                f"{name}: shape {list(actual[name])} in the model, {expected[name]} expected"
+            )
     lines.extend(f"{name}: not expected" for name in actual if name not in expected)
     if len(lines) > limit:
         lines = [*lines[:limit], f"... and {len(lines) - limit} more"]

@@ -2,9 +2,9 @@
 
 A :class:`LayerGraph` is built once per model and input size. It lists every tensor operator of one
 forward pass in execution order (an :class:`OpNode` each), which tensors alias one storage (in-place
-activations, views), and the model's trainable layers (convs and linears, a :class:`Layer` each) with
-the node that holds each layer's bias (the conv's own, or the batch norm that follows it). The cost
-model, the selectors and the search all read it; nothing in it depends on a plan.
+activations, views), and the model's trainable layers (convs and linears, a :class:`Layer` each)
+with the node that holds each layer's bias (the conv's own, or the batch norm that follows it). The
+cost model, the selectors and the search all read it; nothing in it depends on a plan.
 
 Tracing uses :mod:`torch.fx` where it works and falls back to recording leaf-module calls and the
 torch functions between them while the model runs (for models with data-dependent control flow).
@@ -25,8 +25,9 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import GraphError
 from .fingerprint import TRAINABLE_LAYER_TYPES, fingerprint, layer_shapes
+from .models.mcu import Clamp
 
-__all__ = ["OpNode", "Layer", "LayerGraph", "block_of"]
+__all__ = ["Layer", "LayerGraph", "OpNode", "block_of"]
 
 # Module types mapped to operator kinds, checked in order with isinstance.
 _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
@@ -47,6 +48,7 @@ _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.MaxPool2d, "max_pool2d"),
     (nn.Flatten, "view"),
     (nn.Identity, "view"),
+    (Clamp, "clamp"),  # what fx records for it (torch.clamp), so both tracers agree
 )
 
 # Function and method names mapped to operator kinds.
@@ -506,11 +508,29 @@ def _trace_hooks(model: nn.Module, example: torch.Tensor) -> list[_Record]:
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(make_post(name)))
         with recorder:
-            model(example)
+            out = model(example)
     finally:
         for handle in handles:
             handle.remove()
-    return records
+    return _live_records(records, [producer[id(t)] for t in tensors_in(out) if id(t) in producer])
+
+
+def _live_records(records: list[_Record], outputs: list[int]) -> list[_Record]:
+    """The records the outputs depend on (and the input), renumbered: drops control-flow glue such
+    as ``x.sum() > 0`` that the hooks tracer sees but that feeds no output."""
+    if not outputs:
+        return records
+    live, stack = {0}, list(outputs)
+    while stack:
+        i = stack.pop()
+        if i not in live:
+            live.add(i)
+            stack.extend(records[i].inputs)
+    renumber = {old: new for new, old in enumerate(sorted(live))}
+    kept = [records[i] for i in sorted(live)]
+    for rec in kept:
+        rec.inputs = [renumber[i] for i in rec.inputs]
+    return kept
 
 
 def _build_nodes(records: list[_Record]) -> list[OpNode]:

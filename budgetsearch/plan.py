@@ -23,7 +23,7 @@ from .errors import PlanError
 from .fingerprint import diff_layer_shapes, fingerprint
 from .graph import LayerGraph
 
-__all__ = ["SCHEMA_VERSION", "LayerUpdate", "Plan", "plan_schema", "load_plan"]
+__all__ = ["SCHEMA_VERSION", "LayerUpdate", "Plan", "load_plan", "plan_schema"]
 
 SCHEMA_VERSION = 1
 MODES = ("bias", "weight")
@@ -205,10 +205,9 @@ class Plan:
         Raises:
             PlanError: Naming the layers that differ.
         """
-        if isinstance(target, LayerGraph):
-            if target.fingerprint == self.fingerprint:
-                self._check_input_channels(target)
-                return
+        if isinstance(target, LayerGraph) and target.fingerprint == self.fingerprint:
+            self._check_input_channels(target)
+            return
         shapes = target.layer_shapes if isinstance(target, LayerGraph) else dict(target)
         if fingerprint(dict(shapes)) == self.fingerprint:
             if isinstance(target, LayerGraph):
@@ -314,7 +313,7 @@ class Plan:
         """Parse a plan from JSON text."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
             raise PlanError(f"{source}: not valid JSON: {exc}") from None
         return cls.from_dict(data, source=source)
 
@@ -341,9 +340,11 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PlanError(f"cannot read plan file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{path}: not valid JSON: not UTF-8 text ({exc.reason})") from None
     return Plan.from_json(text, source=str(path))
 
 
@@ -372,7 +373,7 @@ def _check_channels(name: str, update: LayerUpdate, shape: list[int]) -> None:
     limit = shape[0] if update.axis == "out" else None
     bad = [c for c in update.channels if c < 0 or (limit is not None and c >= limit)]
     if bad:
+        bounds = f"0..{limit - 1}" if limit is not None else "(must be >= 0)"
         raise PlanError(
-            f"layer {name}: {update.axis}put channel indices out of range 0..{(limit or 1) - 1}: "
-            f"{bad[:10]}"
+            f"layer {name}: {update.axis}put channel indices out of range {bounds}: {bad[:10]}"
         )

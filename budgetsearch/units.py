@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import BudgetSearchError
 
-__all__ = ["parse_bytes", "format_bytes", "parse_ms"]
+__all__ = ["format_bytes", "parse_bytes", "parse_ms"]
 
 _BYTE_UNITS = {
     "": 1,
@@ -18,6 +19,8 @@ _BYTE_UNITS = {
     "gb": 1024**3,
     "gib": 1024**3,
 }
+_BYTES_HELP = "a size such as 256KB, 1MB or 4096 (units: B, KB, MB, GB, KiB, MiB, GiB)"
+_MS_HELP = "a duration such as 500ms or 2s (units: us, ms, s; no unit = ms)"
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -38,32 +41,47 @@ def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
         BudgetSearchError: If the text is not a non-negative size with a known unit.
     """
     if isinstance(text, bool):
-        raise BudgetSearchError(f"{what}: expected a size such as 256KB, got {text!r}")
+        raise BudgetSearchError(f"{what}: expected {_BYTES_HELP}, got {text!r}")
     if isinstance(text, (int, float)):
         if text < 0:
-            raise BudgetSearchError(f"{what}: a size cannot be negative, got {text!r}")
-        return int(text)
-    match = _SIZE_RE.match(str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _BYTE_UNITS:
-        raise BudgetSearchError(
-            f"{what}: expected a size such as 256KB, 1MB or 4096 (units: B, KB, MB, GB, KiB, MiB, "
-            f"GiB), got {text!r}"
-        )
-    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+            raise BudgetSearchError(
+                f"{what}: a size cannot be negative, got {text!r}; expected {_BYTES_HELP}"
+            )
+        if isinstance(text, int):
+            return text
+        value = text
+    else:
+        match = _SIZE_RE.match(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _BYTE_UNITS:
+            raise BudgetSearchError(f"{what}: expected {_BYTES_HELP}, got {text!r}")
+        value = float(match.group(1)) * _BYTE_UNITS[unit]
+    if not math.isfinite(value):
+        raise BudgetSearchError(f"{what}: expected {_BYTES_HELP}, got {text!r}")
+    return int(value)
 
 
 def parse_ms(text: str | int | float, *, what: str = "latency") -> float:
-    """Parse a duration such as ``"500ms"``, ``"2s"`` or ``250`` (milliseconds) into milliseconds."""
+    """Parse a duration such as ``"500ms"``, ``"2s"`` or ``250`` (milliseconds) into ms."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if text < 0:
-            raise BudgetSearchError(f"{what}: a duration cannot be negative, got {text!r}")
-        return float(text)
-    match = _SIZE_RE.match(str(text))
-    scale = {"": 1.0, "ms": 1.0, "s": 1000.0, "us": 1e-3}.get(match.group(2).lower()) if match else None
-    if match is None or scale is None:
-        raise BudgetSearchError(f"{what}: expected a duration such as 500ms or 2s, got {text!r}")
-    return float(match.group(1)) * scale
+            raise BudgetSearchError(
+                f"{what}: a duration cannot be negative, got {text!r}; expected {_MS_HELP}"
+            )
+        try:
+            value = float(text)
+        except OverflowError:  # an int too large for a float
+            value = math.inf
+    else:
+        match = _SIZE_RE.match(str(text))
+        units = {"": 1.0, "ms": 1.0, "s": 1000.0, "us": 1e-3}
+        scale = units.get(match.group(2).lower()) if match else None
+        if match is None or scale is None:
+            raise BudgetSearchError(f"{what}: expected {_MS_HELP}, got {text!r}")
+        value = float(match.group(1)) * scale
+    if not math.isfinite(value):
+        raise BudgetSearchError(f"{what}: expected {_MS_HELP}, got {text!r}")
+    return value
 
 
 def format_bytes(n_bytes: float) -> str:

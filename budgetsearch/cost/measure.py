@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from ..graph import LayerGraph
 from ..plan import LayerUpdate, Plan
 
-__all__ = ["apply_requires_grad", "measure_saved_bytes", "count_macs", "MacCount"]
+__all__ = ["MacCount", "apply_requires_grad", "count_macs", "measure_saved_bytes"]
 
 
 @contextmanager

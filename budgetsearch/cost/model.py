@@ -1,8 +1,8 @@
 """The training cost model: what one training step of a plan costs on a device.
 
 :class:`CostModel` is built once per (layer graph, device profile, accounting, batch size) and then
-evaluates plans quickly: per-op rule results are memoised by the op's flags, and the memory peak is a
-sweep over a fixed timeline (forward ops, the loss, backward ops in reverse) done with numpy.
+evaluates plans quickly: per-op rule results are memoised by the op's flags, and the memory peak is
+a sweep over a fixed timeline (forward ops, the loss, backward ops in reverse) done with numpy.
 
 The timeline model (methods.md §1): a tensor lives from the op that allocates it to its last forward
 use; a tensor saved for backward lives until the backward of the earliest op that saved it; the
@@ -32,7 +32,7 @@ from .rules import RULES, Accounting, OpContext, OpCost, conv_geometry, unknown_
 if TYPE_CHECKING:
     from ..profiles import DeviceProfile
 
-__all__ = ["CostModel", "CostSummary", "accounting_for", "ACCOUNTINGS"]
+__all__ = ["ACCOUNTINGS", "CostModel", "CostSummary", "accounting_for"]
 
 ACCOUNTINGS = ("pytorch", "device")
 _OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
@@ -66,9 +66,14 @@ def accounting_for(profile: DeviceProfile, name: str) -> Accounting:
 
 @dataclass(frozen=True)
 class CostSummary:
-    """The totals of one evaluation, without the per-op table (what a search needs)."""
+    """The totals of one evaluation, without the per-op table (what a search needs).
+
+    ``training_memory_bytes`` is the peak minus the inference peak: the extra memory training
+    needs over running the model.
+    """
 
     peak_memory_bytes: int
+    training_memory_bytes: int
     saved_activation_bytes: int
     forward_macs: int
     backward_macs: int
@@ -195,11 +200,17 @@ class CostModel:
             dtype=np.int64)
         self.n_positions = 2 * n + 1  # forward 0..n-1, loss n, backward of node i at 2n - i
         self._frozen_weight_bytes = self._weight_bytes_all()
+        inference = np.zeros(self.n_positions + 1, dtype=np.int64)
+        np.add.at(inference, self._live_roots, self._live_bytes)
+        np.add.at(inference, self._live_end + 1, -self._live_bytes)
+        frozen_ram = self._frozen_weight_bytes if self.acc.frozen_weights_in_ram else 0
+        #: Peak memory of one forward pass without training (live activations, weights in RAM).
+        self.inference_peak_bytes = int(np.cumsum(inference).max()) + frozen_ram
         classes = nodes[-1].numel
         if self.acc.stock_autograd:  # log-softmax output (fp32), int64 labels, total weight
             self._loss_saved_bytes = self.batch * (classes * 4 + 8) + 4
         else:  # softmax probabilities for the loss gradient
-            self._loss_saved_bytes = int(math.ceil(self.batch * classes * self.acc.gradient_bytes))
+            self._loss_saved_bytes = math.ceil(self.batch * classes * self.acc.gradient_bytes)
 
     def _weight_bytes_all(self) -> int:
         """Bytes of all weights if held in RAM under this accounting (frozen or not)."""
@@ -278,10 +289,7 @@ class CostModel:
             if w is None and not b and True not in input_grad:
                 continue  # no backward here: the forward cost is plan-independent
             rg[i] = True
-            if w is None:
-                key = (input_grad, 0.0, 1.0, b, 1)
-            else:
-                key = (input_grad, w[0], w[1], b, w[2])
+            key = (input_grad, 0.0, 1.0, b, 1) if w is None else (input_grad, w[0], w[1], b, w[2])
             cost, ms = self._op_cost(i, key)
             costs[i] = cost
             bwd_macs += cost.backward_macs
@@ -298,8 +306,9 @@ class CostModel:
         latency = self._forward_ms_total + bwd_ms + self._optimizer_ms(trainable)
         saved_total = int(sum(saved_bytes.values()))
         if not detail:
-            return CostSummary(int(peak), saved_total, self._forward_macs, int(bwd_macs),
-                               latency, int(trainable["params"]))
+            return CostSummary(int(peak), int(peak) - self.inference_peak_bytes, saved_total,
+                               self._forward_macs, int(bwd_macs), latency,
+                               int(trainable["params"]))
         parts["weight_bytes"] = self._persistent_weight_bytes(weight, bias)
         return self._detail(plan, costs, rg, saved_first, saved_bytes, peak, peak_pos, parts,
                             trainable, latency)
@@ -314,7 +323,10 @@ class CostModel:
             layer = self._layer_at[i]
             elems = layer.weight_numel * wf
             params += elems
-            per_node[i] = (elems, elems * acc.gradient_bytes)
+            # A fused in-place update applies each output channel's gradient as soon as it is
+            # computed, so only one row of the weight gradient is held at a time.
+            held = layer.weight_numel / layer.out_channels if acc.in_place_update else elems
+            per_node[i] = (elems, held * acc.gradient_bytes)
         for i in bias:
             layer = self._bias_at[i]
             params += layer.out_channels
@@ -322,7 +334,7 @@ class CostModel:
             per_node[i] = (old[0] + layer.out_channels,
                            old[1] + layer.out_channels * acc.gradient_bytes)
         state = _OPTIMIZER_STATES[self.optimizer]
-        return {"params": int(round(params)), "per_node": per_node,
+        return {"params": round(params), "per_node": per_node,
                 "optimizer_bytes": int(params * state * acc.optimizer_state_bytes)}
 
     def _persistent_weight_bytes(self, weight: dict, bias: dict) -> int:
@@ -333,7 +345,7 @@ class CostModel:
             total += self._layer_at[i].weight_numel * wf * self.acc.weight_bytes
         for i in bias:
             total += self._bias_at[i].out_channels * self.acc.bias_bytes
-        return int(math.ceil(total))
+        return math.ceil(total)
 
     def _peak(self, rg, saved_first, saved_bytes, weight, bias, trainable):
         n, P = self.n, self.n_positions
@@ -446,8 +458,8 @@ class CostModel:
                 grad_weight_macs=c.grad_weight_macs if on else 0,
                 grad_bias_macs=c.grad_bias_macs if on else 0,
                 saved_activation_bytes=saved_by_node.get(i, 0),
-                trainable_params=int(round(trainable["per_node"].get(i, (0, 0))[0])),
-                gradient_bytes=int(math.ceil(trainable["per_node"].get(i, (0, 0))[1])),
+                trainable_params=round(trainable["per_node"].get(i, (0, 0))[0]),
+                gradient_bytes=math.ceil(trainable["per_node"].get(i, (0, 0))[1]),
                 backward=on,
                 forward_ms=self._fwd_time[i],
             ))
@@ -462,6 +474,7 @@ class CostModel:
             batch_size=self.batch,
             optimizer=self.optimizer,
             peak_memory_bytes=int(peak),
+            inference_peak_bytes=self.inference_peak_bytes,
             peak_phase=phase,
             peak_op=peak_op,
             persistent_bytes=int(parts["persistent_bytes"]),

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..units import format_bytes
 
-__all__ = ["OpRow", "LayerRow", "Cost"]
+__all__ = ["Cost", "LayerRow", "OpRow"]
 
 _SUMMED = (
     "forward_macs",
@@ -83,6 +83,7 @@ class Cost:
     batch_size: int
     optimizer: str
     peak_memory_bytes: int
+    inference_peak_bytes: int
     peak_phase: str
     peak_op: str
     persistent_bytes: int
@@ -105,6 +106,8 @@ class Cost:
             "grad_weight_macs": sums["grad_weight_macs"],
             "grad_bias_macs": sums["grad_bias_macs"],
             "peak_memory_bytes": self.peak_memory_bytes,
+            "training_memory_bytes": self.peak_memory_bytes - self.inference_peak_bytes,
+            "inference_peak_bytes": self.inference_peak_bytes,
             "saved_activation_bytes": sums["saved_activation_bytes"] + self.loss_saved_bytes,
             "weight_bytes": self.weight_bytes,
             "gradient_bytes": sums["gradient_bytes"],
@@ -222,6 +225,8 @@ class Cost:
             f"optimizer state     {format_bytes(t['optimizer_bytes']):>14}",
             f"peak memory         {format_bytes(t['peak_memory_bytes']):>14}  (at {self.peak_op}, "
             f"{self.peak_phase})",
+            f"  over inference    {format_bytes(t['training_memory_bytes']):>14}  (inference "
+            f"peak {format_bytes(t['inference_peak_bytes'])})",
             f"trainable params    {t['trainable_params']:>14,}",
             f"latency per step    {t['latency_ms']:>11.2f} ms",
         ]

@@ -9,11 +9,12 @@ counts).
 
 Saved tensors are ``(key, bytes)`` pairs. A key ``("t", storage)`` names a tensor of the graph (by
 the node that allocated its storage) and is counted once however many ops save it, as PyTorch holds
-one storage; any other key is private to the op (a 1-bit mask, a pooled copy, batch-norm statistics).
+one storage; any other key is private to the op (a 1-bit mask, a pooled copy, batch-norm
+statistics).
 
-Two accountings (see :class:`Accounting`): ``pytorch`` states what stock PyTorch autograd keeps when a
-plan is applied by ``requires_grad`` freezing (fp32; channel subsets and gradient filters cannot be
-expressed that way, so such layers cost as fully updated ones); ``device`` states what a minimal
+Two accountings (see :class:`Accounting`): ``pytorch`` states what stock PyTorch autograd keeps when
+a plan is applied by ``requires_grad`` freezing (fp32; channel subsets and gradient filters cannot
+be expressed that way, so such layers cost as fully updated ones); ``device`` states what a minimal
 on-device engine keeps (the profile's data types, 1-bit ReLU masks, batch norm folded into the conv,
 only the kept input channels of a channel-sparse layer, pooled inputs of filtered convs).
 
@@ -30,14 +31,14 @@ from dataclasses import dataclass
 from ..graph import OpNode
 
 __all__ = [
+    "RULES",
     "Accounting",
     "OpContext",
     "OpCost",
     "Rule",
-    "RULES",
+    "conv_geometry",
     "register_rule",
     "unknown_rule",
-    "conv_geometry",
 ]
 
 
@@ -55,8 +56,9 @@ class Accounting:
         mask_bits: Bits per element of a saved ReLU mask.
         frozen_weights_in_ram: Whether frozen weights occupy the training memory (not flash).
         fold_batchnorm: Whether frozen batch norm is folded into the preceding conv.
-        in_place_update: Whether each weight is updated right after its gradient is computed, so
-            only one parameter-gradient buffer is alive at a time.
+        in_place_update: Whether each weight is updated as its gradient is computed (a fused
+            update, as the MIT engine does): one output channel's gradient row is held at a time,
+            and only during that layer's backward.
         stock_autograd: Whether the engine is stock PyTorch autograd (saving rules of its own).
     """
 
@@ -111,11 +113,11 @@ class OpContext:
     def tensor(self, node: OpNode) -> tuple[Hashable, int]:
         """The saved-tensor entry for a graph tensor (its whole storage), under this accounting."""
         per_elem = node.itemsize if self.acc.stock_autograd else self.acc.activation_bytes
-        return ("t", node.storage), int(math.ceil(node.storage_numel * self.batch * per_elem))
+        return ("t", node.storage), math.ceil(node.storage_numel * self.batch * per_elem)
 
     def private(self, tag: str, numel: float, bytes_per: float) -> tuple[Hashable, int]:
         """A saved-tensor entry private to this op."""
-        return ("p", self.node.index, tag), int(math.ceil(numel * bytes_per))
+        return ("p", self.node.index, tag), math.ceil(numel * bytes_per)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def _conv(ctx: OpContext) -> OpCost:
     else:
         patches, dense_grad = g.out_positions, fwd
     gi = dense_grad if ctx.input_grad and ctx.input_grad[0] else 0
-    gw = int(round(dense_grad * ctx.weight_fraction))
+    gw = round(dense_grad * ctx.weight_fraction)
     gb = n * g.c_out * g.out_positions if ctx.bias else 0
     saved: list[tuple[Hashable, int]] = []
     if ctx.acc.stock_autograd:

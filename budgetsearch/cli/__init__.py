@@ -1,0 +1,62 @@
+"""The ``budgetsearch`` command line: a thin layer over the public functions.
+
+Every module of this package that defines ``register(subparsers)`` adds its commands; the order of
+the help listing follows ``_ORDER`` and then the module names. A command's function takes the parsed
+arguments and returns an exit code. User errors (:class:`BudgetSearchError`) print one line and exit
+with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from .._version import __version__
+from ..errors import BudgetSearchError
+
+__all__ = ["build_parser", "main"]
+
+_ORDER = ("plan", "cost", "select", "score", "search", "train", "study", "devices", "models",
+          "profile_host")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every command registered."""
+    parser = argparse.ArgumentParser(
+        prog="budgetsearch",
+        description="Plan sparse, gradient-filtered on-device training that fits a device budget.",
+    )
+    parser.add_argument("--version", action="version", version=f"budgetsearch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    names.sort(key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+    for name in names:
+        module = importlib.import_module(f"{__name__}.{name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except BudgetSearchError as exc:
+        print(f"budgetsearch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"budgetsearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``budgetsearch cost``: what one training step of a plan costs on a device."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+from ..plan import load_plan
+from ._common import (
+    add_device_args,
+    add_model_args,
+    build_cost_model,
+    build_model,
+    parse_update,
+    write_json,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``cost`` command."""
+    p = sub.add_parser(
+        "cost",
+        help="per-layer memory, MACs and latency of one training step of a plan on a device",
+        description="Print the per-layer cost table and totals of one training step.",
+    )
+    add_model_args(p)
+    add_device_args(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--plan", help="a plan file (JSON)")
+    which.add_argument("--update", default=None,
+                       help="a simple plan: full, bias-only, none, last:K, blocks:K, optionally "
+                            "with :rR for a gradient filter (e.g. blocks:2:r4); default full")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--all-layers", action="store_true",
+                   help="list frozen layers without backward too")
+    p.add_argument("--plot", default=None, help="write a per-layer memory and MACs plot (PNG)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``budgetsearch cost``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _model, graph = build_model(args)
+        cost_model = build_cost_model(args, graph)
+    for w in caught:
+        if "cost rule" in str(w.message):
+            print(f"warning: {w.message}")
+    if args.plan:
+        plan = load_plan(args.plan)
+        plan.validate(graph)
+    else:
+        plan = parse_update(args.update or "full", graph)
+    cost = cost_model.evaluate(plan)
+    if args.plot:
+        from ..plots import plot_layer_costs
+
+        plot_layer_costs(cost, args.plot, title=f"{args.model} on {cost.device}")
+    if args.json:
+        doc = cost.to_dict()
+        doc.update(model=args.model, input_size=list(graph.input_shape[1:]),
+                   memory_budget_bytes=cost_model.profile.memory_bytes)
+        write_json(doc, None)
+        return 0
+    print(f"{args.model} ({len(graph.layers)} trainable layers, input "
+          f"{graph.input_shape[1]}x{graph.input_shape[2]}) on {cost_model.profile.display_name}")
+    print(cost.format_table(all_layers=args.all_layers))
+    budget = cost_model.profile.memory_bytes
+    verdict = "fits" if cost.peak_memory_bytes <= budget else "does NOT fit"
+    print(f"training memory of the device: {budget / 1024:.0f} KB -> the plan {verdict}")
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0

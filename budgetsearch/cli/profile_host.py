@@ -1,0 +1,37 @@
+"""``budgetsearch profile-host``: measure this machine and write a device profile."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``profile-host`` command."""
+    p = sub.add_parser(
+        "profile-host",
+        help="time conv, depthwise conv and linear forward/backward here and write a profile",
+    )
+    p.add_argument("--out", required=True, help="profile file to write (.yaml); its stem is the "
+                                                "profile name")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (~5 s)")
+    p.add_argument("--repeats", type=int, default=None, help="timing repeats per op")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``budgetsearch profile-host``."""
+    from ..hostprofile import measure_host
+    from ..profiles import format_profile_table, profile_summary_rows, save_profile
+
+    out = Path(args.out)
+    profile = measure_host(name=out.stem, quick=args.quick, repeats=args.repeats, progress=True)
+    save_profile(profile, out)
+    print(f"wrote {out}")
+    rows = [r for r in profile_summary_rows() if r.get("name") == profile.name]
+    if rows:
+        print(format_profile_table(rows))
+    for op, rate in sorted(profile.measured.items()):
+        print(f"  {op:<10} forward {rate.forward_macs_per_s / 1e9:6.2f} GMAC/s, backward "
+              f"{rate.backward_macs_per_s / 1e9:6.2f} GMAC/s")
+    return 0
