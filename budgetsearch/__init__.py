@@ -26,6 +26,7 @@ from .graph import Layer, LayerGraph, OpNode
 from .models import list_models, load_model, register_model
 from .plan import LayerUpdate, Plan, load_plan
 from .profiles import DeviceProfile, list_profiles, load_profile
+from .selectors import list_methods, mit_memory_bytes, select
 
 __all__ = [
     "BudgetError",
@@ -48,11 +49,14 @@ __all__ = [
     "ScoresError",
     "SearchError",
     "__version__",
+    "list_methods",
     "list_models",
     "list_profiles",
     "load_model",
     "load_plan",
     "load_profile",
+    "mit_memory_bytes",
     "register_model",
     "register_rule",
+    "select",
 ]
