@@ -1,0 +1,105 @@
+"""The cost, devices, models and profile-host commands, run through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from budgetsearch import list_models, list_profiles
+from budgetsearch.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cost_json_has_the_documented_fields(capsys):
+    code, out, err = run(capsys, "cost", "--model", "mobilenet_v2", "--device", "stm32h743",
+                         "--update", "last:4", "--input-size", "64", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    for key in ("forward_macs", "backward_macs", "peak_memory_bytes", "saved_activation_bytes",
+                "trainable_params", "latency_ms", "layers"):
+        assert key in doc
+    updated = [row["name"] for row in doc["layers"] if row["update"] != "frozen"]
+    assert updated == ["features.17.conv.1.0", "features.17.conv.2", "features.18.0",
+                       "classifier.1"]
+    assert doc["backward_macs"] == sum(row["backward_macs"] for row in doc["layers"])
+
+
+def test_cost_table_and_plot(capsys, tmp_path):
+    png = tmp_path / "cost.png"
+    code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--num-classes", "10",
+                         "--device", "stm32f746", "--update", "blocks:1:r2", "--plot", str(png))
+    assert code == 0, err
+    assert "peak memory" in out and "blocks.13.pointwise2" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cost_with_plan_file_roundtrip(capsys, tmp_path):
+    from budgetsearch import LayerGraph, Plan, load_model
+
+    graph = LayerGraph.from_model(load_model("resnet18"), input_size=64)
+    path = Plan.last_k_blocks(graph, 1).save(tmp_path / "plan.json")
+    code, out, err = run(capsys, "cost", "--model", "resnet18", "--device", "rpi4", "--plan",
+                         str(path), "--input-size", "64", "--accounting", "pytorch", "--json")
+    assert code == 0, err
+    assert json.loads(out)["accounting"] == "pytorch"
+    # the same plan on another model is refused with the layers named, and no traceback
+    code, out, err = run(capsys, "cost", "--model", "resnet34", "--device", "rpi4", "--plan",
+                         str(path), "--input-size", "64")
+    assert code == 2
+    assert "another model" in err and "layer" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--model", "nope", "--device", "rpi4"], ["mobilenet_v2", "resnet18", "mcunet-5fps"]),
+        (["--model", "resnet18", "--device", "nope"], ["stm32f746", "jetson-nano"]),
+        (["--model", "resnet18", "--device", "rpi4", "--update", "last:x"], ["last:K"]),
+        (["--model", "resnet18", "--device", "rpi4", "--plan", "/nonexistent.json"],
+         ["/nonexistent.json"]),
+    ],
+)
+def test_cost_bad_input_names_the_valid_values(capsys, argv, expected):
+    code, _out, err = run(capsys, "cost", *argv)
+    assert code == 2
+    assert "Traceback" not in err
+    for word in expected:
+        assert word in err
+
+
+def test_devices_and_models_list_everything(capsys):
+    code, out, _ = run(capsys, "devices")
+    assert code == 0
+    for name in list_profiles():
+        assert name in out
+    code, out, _ = run(capsys, "devices", "--json")
+    assert {row["name"] for row in json.loads(out)} == set(list_profiles())
+    code, out, _ = run(capsys, "models")
+    assert out.split() == list_models()
+
+
+def test_profile_host_writes_a_loadable_profile(capsys, tmp_path):
+    from budgetsearch import CostModel, LayerGraph, Plan, load_model, load_profile
+
+    path = tmp_path / "myhost.yaml"
+    code, out, err = run(capsys, "profile-host", "--out", str(path), "--quick")
+    assert code == 0, err
+    profile = load_profile(path)
+    assert profile.name == "myhost" and set(profile.measured) == {"conv", "depthwise", "linear"}
+    graph = LayerGraph.from_model(load_model("mcunet-5fps"), input_size=64)
+    # measured rates calibrate latency: a slower measured conv rate gives a longer step
+    fast = CostModel(graph, profile).evaluate(Plan.full(graph), detail=False).latency_ms
+    import dataclasses
+
+    slow_rates = {k: dataclasses.replace(v, forward_macs_per_s=v.forward_macs_per_s / 10,
+                                         backward_macs_per_s=v.backward_macs_per_s / 10)
+                  for k, v in profile.measured.items()}
+    slow = CostModel(graph, dataclasses.replace(profile, measured=slow_rates)).evaluate(
+        Plan.full(graph), detail=False).latency_ms
+    assert slow > fast
