@@ -34,19 +34,22 @@ if TYPE_CHECKING:
 
 __all__ = ["ACCOUNTINGS", "CostModel", "CostSummary", "accounting_for"]
 
-ACCOUNTINGS = ("pytorch", "device")
+ACCOUNTINGS = ("pytorch", "ops", "device")
 _OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
 _NO_COST = OpCost()
 
 
 def accounting_for(profile: DeviceProfile, name: str) -> Accounting:
-    """The accounting ``name`` (``pytorch`` or ``device``) on a profile.
+    """The accounting ``name`` on a profile: ``pytorch`` (stock autograd with ``requires_grad``
+    freezing), ``ops`` (budgetsearch's operators in PyTorch, fp32) or ``device``.
 
     Raises:
         CostError: For an unknown accounting name.
     """
     if name == "pytorch":
         return Accounting("pytorch", 4, 4, 4, 4, 4, 8, True, False, False, True)
+    if name == "ops":
+        return Accounting("ops", 4, 4, 4, 4, 4, 8, True, False, False, True, planned_ops=True)
     if name == "device":
         return Accounting(
             "device",
@@ -240,12 +243,12 @@ class CostModel:
                 raise PlanError(f"the model has no trainable layer {name!r}")
             if update.mode == "weight":
                 wf, inf = 1.0, 1.0
-                if update.channels is not None and not self.acc.stock_autograd:
+                if update.channels is not None and self.acc.realises_plan:
                     n_axis = layer.out_channels if update.axis == "out" else layer.in_channels
                     frac = len(update.channels) / n_axis
                     wf = frac
                     inf = frac if update.axis == "in" else 1.0
-                r = 1 if self.acc.stock_autograd else update.patch_size
+                r = update.patch_size if self.acc.realises_plan else 1
                 weight[layer.node] = (wf, inf, r, update)
             if layer.bias_node is not None:
                 bias[layer.bias_node] = True

@@ -59,7 +59,12 @@ class Accounting:
         in_place_update: Whether each weight is updated as its gradient is computed (a fused
             update, as the MIT engine does): one output channel's gradient row is held at a time,
             and only during that layer's backward.
-        stock_autograd: Whether the engine is stock PyTorch autograd (saving rules of its own).
+        stock_autograd: Whether tensors are kept as PyTorch autograd keeps them (fp32 storages,
+            deduplicated), for every op that ``planned_ops`` does not replace.
+        planned_ops: Whether the plan runs on budgetsearch's operators (``budgetsearch.trainer``'s
+            ``apply_plan``): channel subsets and gradient filters are realised, frozen layers on
+            the backward path keep no input, frozen batch norm keeps nothing, ReLU-like ops keep
+            a bool mask.
     """
 
     name: str
@@ -73,6 +78,12 @@ class Accounting:
     fold_batchnorm: bool
     in_place_update: bool
     stock_autograd: bool
+    planned_ops: bool = False
+
+    @property
+    def realises_plan(self) -> bool:
+        """Whether channel subsets and gradient filters change what is computed and stored."""
+        return self.planned_ops or not self.stock_autograd
 
 
 @dataclass(frozen=True)
@@ -188,7 +199,9 @@ def _conv(ctx: OpContext) -> OpCost:
     gw = round(dense_grad * ctx.weight_fraction)
     gb = n * g.c_out * g.out_positions if ctx.bias else 0
     saved: list[tuple[Hashable, int]] = []
-    if ctx.acc.stock_autograd:
+    if ctx.acc.planned_ops:
+        saved.extend(_planned_conv_saved(ctx, g, patches))
+    elif ctx.acc.stock_autograd:
         # convolution saves its input and weight whenever it is recorded; a linear layer (addmm)
         # saves its input only when its weight needs a gradient.
         if (ctx.node.kind == "conv2d" and ctx.any_grad) or ctx.weight_fraction > 0:
@@ -200,11 +213,31 @@ def _conv(ctx: OpContext) -> OpCost:
     return OpCost(fwd, gi, gw, gb, tuple(saved))
 
 
+def _planned_conv_saved(ctx: OpContext, g: ConvGeometry, patches: int) -> list:
+    """What budgetsearch's planned conv / linear keeps (fp32): nothing for a frozen or bias-only
+    layer; with a weight update, the input (shared with its producer) or, for an input-channel
+    subset, a copy of the kept channels; with a gradient filter, the sum-pooled input of the kept
+    channels, plus the kernel sums when the input needs a gradient."""
+    if ctx.weight_fraction <= 0:
+        return []
+    inp, n, item = ctx.inputs[0], ctx.batch, ctx.inputs[0].itemsize
+    if ctx.patch_size > 1:
+        out = [ctx.private("x_sum", n * g.c_in * ctx.in_fraction * patches, item)]
+        if ctx.input_grad and ctx.input_grad[0]:
+            out.append(ctx.private("w_sum", g.c_out * (g.c_in // g.groups), item))
+        return out
+    if ctx.in_fraction < 1:
+        return [ctx.private("input", n * g.c_in * ctx.in_fraction * g.in_positions, item)]
+    return [ctx.tensor(inp)]
+
+
 def _batch_norm(ctx: OpContext) -> OpCost:
     channels = int(ctx.node.attrs.get("channels", ctx.node.shape[1]))
     gb = ctx.batch * ctx.node.numel if ctx.bias else 0
     saved: list[tuple[Hashable, int]] = []
-    if ctx.acc.stock_autograd and ctx.any_grad:
+    if ctx.acc.planned_ops and not ctx.bn_train:
+        pass  # frozen batch norm as an affine op: the gradient needs only the scale
+    elif ctx.acc.stock_autograd and ctx.any_grad:
         saved.append(ctx.tensor(ctx.inputs[0]))
         if ctx.bn_train:  # the batch mean and inverse std
             saved.append(ctx.private("stats", 2 * channels, ctx.node.itemsize))
@@ -230,6 +263,8 @@ def _mask_or(saves: str) -> Rule:
     def rule(ctx: OpContext) -> OpCost:
         if not (ctx.input_grad and ctx.input_grad[0]):
             return OpCost()
+        if ctx.acc.planned_ops:  # a bool mask, one byte per element
+            return OpCost(saved=(ctx.private("mask", ctx.batch * ctx.node.numel, 1),))
         if ctx.acc.stock_autograd:
             return _stock_saved(ctx, saves)
         bits = ctx.acc.mask_bits / 8
