@@ -22,6 +22,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
+from torchvision.ops import StochasticDepth
 
 from .errors import GraphError
 from .fingerprint import TRAINABLE_LAYER_TYPES, fingerprint, layer_shapes
@@ -49,6 +50,7 @@ _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Flatten, "view"),
     (nn.Identity, "view"),
     (Clamp, "clamp"),  # what fx records for it (torch.clamp), so both tracers agree
+    (StochasticDepth, "stochastic_depth"),
 )
 
 # Function and method names mapped to operator kinds.
@@ -264,6 +266,8 @@ class LayerGraph:
         finally:
             model.train(was_training)
         nodes = _build_nodes(records)
+        if used == "fx":
+            _storages_from_eager(model, example, nodes)
         layers = _find_layers(model, nodes)
         return cls(
             nodes=nodes,
@@ -372,6 +376,8 @@ def _module_attrs(module: nn.Module) -> dict[str, Any]:
         attrs.update(channels=module.num_features, affine=module.affine)
     elif isinstance(module, nn.Dropout):
         attrs.update(p=module.p)
+    elif isinstance(module, StochasticDepth):
+        attrs.update(p=module.p, mode=module.mode)
     elif isinstance(module, nn.AdaptiveAvgPool2d):
         attrs.update(output_size=module.output_size)
     elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
@@ -531,6 +537,25 @@ def _live_records(records: list[_Record], outputs: list[int]) -> list[_Record]:
     for rec in kept:
         rec.inputs = [renumber[i] for i in rec.inputs]
     return kept
+
+
+def _storages_from_eager(model: nn.Module, example: torch.Tensor, nodes: list[OpNode]) -> None:
+    """Take tensor storages from an eager run: fx turns an in-place ``x += y`` into an
+    out-of-place add, but the model really adds in place. Only done when the eager trace has the
+    same ops in the same order."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            eager = _build_nodes(_trace_hooks(model, example))
+    except Exception:  # the eager trace is a refinement; fx's storages stay
+        return
+    finally:
+        model.train(was_training)
+    if [(n.kind, n.inputs) for n in eager] != [(n.kind, n.inputs) for n in nodes]:
+        return
+    for node, truth in zip(nodes, eager, strict=True):
+        node.storage, node.storage_numel = truth.storage, truth.storage_numel
 
 
 def _build_nodes(records: list[_Record]) -> list[OpNode]:

@@ -71,6 +71,7 @@ class LayerUpdate:
         out: dict[str, Any] = {"mode": self.mode}
         if self.channels is not None:
             out["channels"] = list(self.channels)
+        if self.channels is not None or self.axis != "out":  # so that from_dict gets it back
             out["axis"] = self.axis
         if self.patch_size != 1:
             out["patch_size"] = self.patch_size
