@@ -13,68 +13,19 @@ Shapes are recorded for a batch of one; every activation scales linearly with th
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 import torch
-from torch import fx, nn
-from torch.overrides import TorchFunctionMode
-from torchvision.ops import StochasticDepth
+from torch import nn
 
 from .errors import GraphError
 from .fingerprint import TRAINABLE_LAYER_TYPES, fingerprint, layer_shapes
-from .models.mcu import Clamp
+from .tracing import Record, trace_fx, trace_hooks
 
 __all__ = ["Layer", "LayerGraph", "OpNode", "block_of"]
-
-# Module types mapped to operator kinds, checked in order with isinstance.
-_MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.Conv2d, "conv2d"),
-    (nn.Linear, "linear"),
-    (nn.BatchNorm2d, "batch_norm"),
-    (nn.BatchNorm1d, "batch_norm"),
-    (nn.ReLU6, "hardtanh"),
-    (nn.Hardtanh, "hardtanh"),
-    (nn.ReLU, "relu"),
-    (nn.Hardswish, "hardswish"),
-    (nn.Hardsigmoid, "hardsigmoid"),
-    (nn.Sigmoid, "sigmoid"),
-    (nn.SiLU, "silu"),
-    (nn.Dropout, "dropout"),
-    (nn.AdaptiveAvgPool2d, "adaptive_avg_pool2d"),
-    (nn.AvgPool2d, "avg_pool2d"),
-    (nn.MaxPool2d, "max_pool2d"),
-    (nn.Flatten, "view"),
-    (nn.Identity, "view"),
-    (Clamp, "clamp"),  # what fx records for it (torch.clamp), so both tracers agree
-    (StochasticDepth, "stochastic_depth"),
-)
-
-# Function and method names mapped to operator kinds.
-_FUNCTION_KINDS: dict[str, str] = {
-    "add": "add", "add_": "add", "iadd": "add", "sub": "add",
-    "mul": "mul", "mul_": "mul", "imul": "mul",
-    "cat": "cat", "concat": "cat",
-    "relu": "relu", "relu_": "relu", "relu6": "hardtanh", "hardtanh": "hardtanh",
-    "hardtanh_": "hardtanh", "clamp": "clamp", "clamp_": "clamp", "clip": "clamp",
-    "hardswish": "hardswish", "hardsigmoid": "hardsigmoid", "sigmoid": "sigmoid",
-    "silu": "silu",
-    "dropout": "dropout", "stochastic_depth": "stochastic_depth",
-    "adaptive_avg_pool2d": "adaptive_avg_pool2d", "avg_pool2d": "avg_pool2d",
-    "max_pool2d": "max_pool2d", "mean": "mean",
-    "flatten": "view", "view": "view", "reshape": "view", "squeeze": "view",
-    "unsqueeze": "view", "transpose": "view", "permute": "view", "contiguous": "view",
-    "getitem": "view", "chunk": "view", "split": "view", "detach": "view",
-    "__add__": "add", "__radd__": "add", "__iadd__": "add", "__mul__": "mul", "__rmul__": "mul",
-    "__imul__": "mul", "__getitem__": "view",
-}
-
-# Nodes whose output carries no tensor and which the graph skips.
-_NON_TENSOR = {"size", "dim", "floordiv", "getattr", "numel", "shape", "__get__"}
-
 
 @dataclass
 class OpNode:
@@ -249,13 +200,13 @@ class LayerGraph:
                 records, used = None, tracer
                 if tracer in ("auto", "fx"):
                     try:
-                        records = _trace_fx(model, example)
+                        records = trace_fx(model, example)
                         used = "fx"
                     except Exception as exc:  # fx fails on data-dependent control flow
                         if tracer == "fx":
                             raise GraphError(f"torch.fx cannot trace the model: {exc}") from exc
                 if records is None:
-                    records = _trace_hooks(model, example)
+                    records = trace_hooks(model, example)
                     used = "hooks"
         except GraphError:
             raise
@@ -331,214 +282,6 @@ class LayerGraph:
         )
 
 
-# --------------------------------------------------------------------------------------- tracing
-@dataclass
-class _Record:
-    name: str
-    kind: str
-    target: str
-    module: nn.Module | None
-    module_name: str | None
-    inputs: list[int]  # indices into the record list
-    value: torch.Tensor
-    attrs: dict[str, Any]
-
-
-def _kind_of_module(module: nn.Module) -> str:
-    for cls, kind in _MODULE_KINDS:
-        if isinstance(module, cls):
-            return kind
-    return type(module).__name__
-
-
-def _module_attrs(module: nn.Module) -> dict[str, Any]:
-    attrs: dict[str, Any] = {}
-    if isinstance(module, nn.Conv2d):
-        attrs.update(
-            in_channels=module.in_channels,
-            out_channels=module.out_channels,
-            kernel_size=tuple(module.kernel_size),
-            stride=tuple(module.stride),
-            padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
-            dilation=tuple(module.dilation),
-            groups=module.groups,
-            has_bias=module.bias is not None,
-        )
-    elif isinstance(module, nn.Linear):
-        attrs.update(
-            in_channels=module.in_features,
-            out_channels=module.out_features,
-            kernel_size=(1, 1),
-            groups=1,
-            has_bias=module.bias is not None,
-        )
-    elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        attrs.update(channels=module.num_features, affine=module.affine)
-    elif isinstance(module, nn.Dropout):
-        attrs.update(p=module.p)
-    elif isinstance(module, StochasticDepth):
-        attrs.update(p=module.p, mode=module.mode)
-    elif isinstance(module, nn.AdaptiveAvgPool2d):
-        attrs.update(output_size=module.output_size)
-    elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        attrs.update(kernel_size=module.kernel_size, stride=module.stride)
-    return attrs
-
-
-def _function_name(target: Any) -> str:
-    if isinstance(target, str):
-        return target
-    if target is operator.getitem:
-        return "getitem"
-    return getattr(target, "__name__", str(target))
-
-
-def _trace_fx(model: nn.Module, example: torch.Tensor) -> list[_Record]:
-    gm = fx.symbolic_trace(model)
-    modules = dict(gm.named_modules())
-    records: list[_Record] = []
-    index_of: dict[fx.Node, int] = {}
-    passthrough: dict[fx.Node, list[fx.Node]] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            value = super().run_node(n)
-            args = []
-            for a in n.all_input_nodes:  # a tuple-valued node (chunk, split) passes its inputs on
-                args.extend([a] if a in index_of else passthrough.get(a, []))
-            if n.op in ("output", "get_attr") or not isinstance(value, torch.Tensor):
-                if isinstance(value, (tuple, list)):
-                    passthrough[n] = args
-                return value
-            if n.op == "placeholder":
-                kind, target, module, module_name, attrs = "input", "input", None, None, {}
-            elif n.op == "call_module":
-                module = modules[n.target]
-                kind, target = _kind_of_module(module), type(module).__name__
-                module_name, attrs = str(n.target), _module_attrs(module)
-            else:
-                name = _function_name(n.target)
-                kind = _FUNCTION_KINDS.get(name, name)
-                target, module, module_name = name, None, None
-                attrs = _function_attrs(name, n.args, n.kwargs)
-            index_of[n] = len(records)
-            records.append(
-                _Record(n.name, kind, target, module, module_name,
-                        [index_of[a] for a in args], value, attrs)
-            )
-            return value
-
-    _Recorder(gm, garbage_collect_values=False).run(example)
-    return records
-
-
-def _function_attrs(name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
-    attrs: dict[str, Any] = {}
-    if name in ("dropout", "stochastic_depth"):
-        p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-        attrs["p"] = float(p) if isinstance(p, (int, float)) else 0.5
-        if name == "stochastic_depth":
-            attrs["mode"] = kwargs.get("mode", args[2] if len(args) > 2 else "row")
-    if name == "adaptive_avg_pool2d":
-        attrs["output_size"] = kwargs.get("output_size", args[1] if len(args) > 1 else None)
-    return attrs
-
-
-class _FunctionRecorder(TorchFunctionMode):
-    """Records torch functions called outside leaf modules (the hook tracer's glue ops)."""
-
-    def __init__(self, on_call: Any) -> None:
-        super().__init__()
-        self.on_call = on_call
-        self.depth = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.depth == 0:
-            self.on_call(func, args, kwargs, out)
-        return out
-
-
-def _trace_hooks(model: nn.Module, example: torch.Tensor) -> list[_Record]:
-    records: list[_Record] = [
-        _Record("input", "input", "input", None, None, [], example, {})
-    ]
-    producer: dict[int, int] = {id(example): 0}
-    keep: list[torch.Tensor] = [example]  # keep tensors alive so ids stay unique
-    leaves = {
-        name: m for name, m in model.named_modules() if not list(m.children()) and name
-    }
-
-    def tensors_in(obj: Any) -> list[torch.Tensor]:
-        if isinstance(obj, torch.Tensor):
-            return [obj]
-        if isinstance(obj, (list, tuple)):
-            return [t for o in obj for t in tensors_in(o)]
-        if isinstance(obj, dict):
-            return [t for o in obj.values() for t in tensors_in(o)]
-        return []
-
-    def add(name, kind, target, module, module_name, inputs, out, attrs):
-        srcs = [producer[id(t)] for t in tensors_in(inputs) if id(t) in producer]
-        for t in tensors_in(out):
-            producer[id(t)] = len(records)
-            keep.append(t)
-            records.append(_Record(name, kind, target, module, module_name, srcs, t, attrs))
-
-    recorder = _FunctionRecorder(None)
-
-    def on_call(func, args, kwargs, out):
-        name = _function_name(func)
-        if name in _NON_TENSOR or not tensors_in(out):
-            return
-        kind = _FUNCTION_KINDS.get(name, name)
-        add(f"{name}_{len(records)}", kind, name, None, None, [args, kwargs], out,
-            _function_attrs(name, tuple(args), kwargs))
-
-    recorder.on_call = on_call
-    handles = []
-
-    def pre(module, args):
-        recorder.depth += 1
-
-    def make_post(name: str):
-        def post(module, args, out):
-            recorder.depth -= 1
-            add(name.replace(".", "_"), _kind_of_module(module), type(module).__name__,
-                module, name, args, out, _module_attrs(module))
-        return post
-
-    try:
-        for name, module in leaves.items():
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(make_post(name)))
-        with recorder:
-            out = model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return _live_records(records, [producer[id(t)] for t in tensors_in(out) if id(t) in producer])
-
-
-def _live_records(records: list[_Record], outputs: list[int]) -> list[_Record]:
-    """The records the outputs depend on (and the input), renumbered: drops control-flow glue such
-    as ``x.sum() > 0`` that the hooks tracer sees but that feeds no output."""
-    if not outputs:
-        return records
-    live, stack = {0}, list(outputs)
-    while stack:
-        i = stack.pop()
-        if i not in live:
-            live.add(i)
-            stack.extend(records[i].inputs)
-    renumber = {old: new for new, old in enumerate(sorted(live))}
-    kept = [records[i] for i in sorted(live)]
-    for rec in kept:
-        rec.inputs = [renumber[i] for i in rec.inputs]
-    return kept
-
-
 def _storages_from_eager(model: nn.Module, example: torch.Tensor, nodes: list[OpNode]) -> None:
     """Take tensor storages from an eager run: fx turns an in-place ``x += y`` into an
     out-of-place add, but the model really adds in place. Only done when the eager trace has the
@@ -547,7 +290,7 @@ def _storages_from_eager(model: nn.Module, example: torch.Tensor, nodes: list[Op
     model.eval()
     try:
         with torch.no_grad():
-            eager = _build_nodes(_trace_hooks(model, example))
+            eager = _build_nodes(trace_hooks(model, example))
     except Exception:  # the eager trace is a refinement; fx's storages stay
         return
     finally:
@@ -558,7 +301,7 @@ def _storages_from_eager(model: nn.Module, example: torch.Tensor, nodes: list[Op
         node.storage, node.storage_numel = truth.storage, truth.storage_numel
 
 
-def _build_nodes(records: list[_Record]) -> list[OpNode]:
+def _build_nodes(records: list[Record]) -> list[OpNode]:
     nodes: list[OpNode] = []
     owner: dict[int, int] = {}  # storage data_ptr -> index of the node that allocated it
     for i, rec in enumerate(records):
