@@ -184,6 +184,7 @@ class CostModel:
         self._bias_at = {layer.bias_node: layer for layer in g.layers.values()
                          if layer.bias_node is not None}
         self._memo: list[dict[tuple, OpCost]] = [{} for _ in nodes]
+        self._filter_ok: set[tuple[str, int]] = set()
         self._input_index = [node.inputs for node in self._nodes]
         self._fwd_time = [self._forward_ms(node) for node in self._nodes]
         self._forward_ms_total = float(sum(self._fwd_time))
@@ -248,11 +249,35 @@ class CostModel:
                     frac = len(update.channels) / n_axis
                     wf = frac
                     inf = frac if update.axis == "in" else 1.0
+                if update.patch_size > 1:
+                    self._check_filter(layer, update.patch_size)
                 r = update.patch_size if self.acc.realises_plan else 1
                 weight[layer.node] = (wf, inf, r, update)
             if layer.bias_node is not None:
                 bias[layer.bias_node] = True
         return weight, bias
+
+    def _check_filter(self, layer, patch_size: int) -> None:
+        """Refuse, at planning time, a gradient filter the operator cannot apply to this layer."""
+        key = (layer.name, patch_size)
+        if key in self._filter_ok:
+            return
+        node = self._nodes[layer.node]
+        reason = None
+        if node.kind != "conv2d":
+            reason = "gradient filters apply to 2-D convolutions only"
+        else:
+            from ..ops.filtered import check_filterable
+
+            a, inp = node.attrs, self._inputs[layer.node][0]
+            reason = check_filterable(
+                in_hw=tuple(inp.shape[2:4]), out_hw=tuple(node.shape[2:4]),
+                kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
+                dilation=a["dilation"], groups=a["groups"], patch_size=patch_size)
+        if reason:
+            raise PlanError(f"layer {layer.name}: a gradient filter with patch size {patch_size} "
+                            f"cannot be used here: {reason}")
+        self._filter_ok.add(key)
 
     def _op_cost(self, i: int, key: tuple) -> tuple[OpCost, float]:
         """The rule's result for op ``i`` under the given flags and its backward time, memoised."""
