@@ -27,8 +27,10 @@ def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
 
 
 def fingerprint(shapes: dict[str, list[int]]) -> str:
-    """A short stable hash of a ``layer_shapes`` mapping (16 hex digits)."""
-    text = json.dumps(list(shapes.items()), separators=(",", ":"))
+    """A short stable hash of a ``layer_shapes`` mapping (16 hex digits): the SHA-256 of the
+    [name, shape] pairs sorted by name, as compact JSON. It does not depend on the order of the
+    mapping (module registration order and forward order differ in some models)."""
+    text = json.dumps(sorted(shapes.items()), separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -224,7 +224,7 @@ class LayerGraph:
             nodes=nodes,
             layers=layers,
             input_shape=tuple(example.shape[1:]),
-            shapes=layer_shapes(model),
+            shapes=_forward_order(layer_shapes(model), layers),
             tracer=used,
             model_name=model_name,
         )
@@ -335,6 +335,13 @@ def _build_nodes(records: list[Record]) -> list[OpNode]:
             )
         )
     return nodes
+
+
+def _forward_order(shapes: dict[str, list[int]], layers: dict[str, Layer]) -> dict:
+    """Layer shapes in forward order; layers the forward pass never runs come last."""
+    ordered = {name: shapes[name] for name in layers if name in shapes}
+    ordered.update((name, shape) for name, shape in shapes.items() if name not in ordered)
+    return ordered
 
 
 def _find_layers(model: nn.Module, nodes: list[OpNode]) -> dict[str, Layer]:

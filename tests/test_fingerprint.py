@@ -1,4 +1,4 @@
-"""Model fingerprints: stable, sensitive to names, shapes and order, and readable differences."""
+"""Model fingerprints: stable, sensitive to names and shapes but not order, readable differences."""
 
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ SHAPES = {
 
 def _documented_fingerprint(shapes: dict[str, list[int]]) -> str:
     """The schema's definition: the first 16 hex digits of the SHA-256 of the layer_shapes as a
-    compact JSON list of [name, shape] pairs, written out independently of the library."""
+    compact JSON list of [name, shape] pairs sorted by name, written out independently of the
+    library."""
     pairs = ",".join(
         "[" + json.dumps(name) + ",[" + ",".join(str(d) for d in shape) + "]]"
-        for name, shape in shapes.items()
+        for name, shape in sorted(shapes.items())
     )
     return hashlib.sha256(f"[{pairs}]".encode()).hexdigest()[:16]
 
@@ -95,13 +96,19 @@ def test_independent_of_list_or_tuple_and_dict_identity() -> None:
         {("features.0.1" if k == "features.0.0" else k): v for k, v in SHAPES.items()},  # renamed
         {k: SHAPES[k] for k in list(SHAPES)[:-1]},  # a layer less
         {**SHAPES, "extra": [4, 4]},  # a layer more
-        dict(reversed(list(SHAPES.items()))),  # another order
     ],
 )
-def test_changes_with_any_name_shape_or_order_change(changed) -> None:
+def test_changes_with_any_name_or_shape_change(changed) -> None:
     assert changed != SHAPES or list(changed) != list(SHAPES)
     assert fingerprint(changed) != fingerprint(SHAPES)
     assert fingerprint(changed) == _documented_fingerprint(changed)
+
+
+def test_does_not_depend_on_the_order_of_layers() -> None:
+    # module registration order and forward order differ in some models; both name one model
+    reordered = dict(reversed(list(SHAPES.items())))
+    assert list(reordered) != list(SHAPES)
+    assert fingerprint(reordered) == fingerprint(SHAPES)
 
 
 def test_layer_shapes_lists_convs_and_linears_in_order() -> None:
