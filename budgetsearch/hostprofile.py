@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._profile_schema import _NAME_RE
 from .errors import ProfileError
-from .profiles import _NAME_RE, DeviceProfile, profile_from_dict
+from .profiles import DeviceProfile, profile_from_dict
 from .units import format_bytes
 
 __all__ = ["TRAINING_MEMORY_FRACTION", "cpu_model", "measure_host", "total_ram_bytes"]
