@@ -248,7 +248,12 @@ class CostModel:
                     n_axis = layer.out_channels if update.axis == "out" else layer.in_channels
                     frac = len(update.channels) / n_axis
                     wf = frac
-                    inf = frac if update.axis == "in" else 1.0
+                    if update.axis == "in":
+                        inf = frac
+                    elif layer.groups > 1:  # only the groups of the kept rows need their input
+                        rows_per_group = layer.out_channels // layer.groups
+                        groups = {c // rows_per_group for c in update.channels}
+                        inf = len(groups) / layer.groups
                 if update.patch_size > 1:
                     self._check_filter(layer, update.patch_size)
                 r = update.patch_size if self.acc.realises_plan else 1

@@ -217,3 +217,13 @@ def test_filter_on_a_linear_layer_is_refused_when_costed(tiny_graph):
     cm = CostModel(tiny_graph, _profile())
     with pytest.raises(PlanError, match="fc.*2-D convolutions"):
         cm.evaluate(Plan.from_layers(tiny_graph, {"fc": LayerUpdate("weight", patch_size=2)}))
+
+
+def test_depthwise_output_channel_subset_needs_only_those_input_channels(tiny_graph):
+    # a depthwise conv's output channel c reads only input channel c: updating 1 of 4 rows keeps
+    # a quarter of its input, in the device engine and in budgetsearch's operators alike
+    plan = Plan.from_layers(tiny_graph, {"dw": LayerUpdate("weight", channels=(2,), axis="out")})
+    dev = CostModel(tiny_graph, _profile()).evaluate(plan).layer("dw")
+    assert dev.saved_activation_bytes == 1 * 64 + math.ceil(4 * 64 / 8)
+    ops = CostModel(tiny_graph, _profile(), accounting="ops").evaluate(plan).layer("dw")
+    assert ops.saved_activation_bytes == 1 * 64 * 4 + 4 * 64  # fp32 channel + bool mask
