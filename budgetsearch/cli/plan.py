@@ -1,0 +1,360 @@
+"""``budgetsearch plan``, ``front`` and ``worker``: the budget search from the command line.
+
+``plan`` scores the model (Fisher potential on ``--data``, or ``--scores``), runs or continues the
+study (SQLite next to ``--out`` unless ``--storage`` says otherwise) and writes the chosen plan,
+printing the plan against every baseline. ``front`` writes a study's Pareto front as CSV and PNG.
+``worker`` joins an existing study from any machine that reaches its storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, SearchError
+from ..units import format_bytes
+from ._common import add_budget_args, add_device_args, add_model_args, budgets, write_text
+
+__all__ = ["DEFAULT_TRIALS", "register", "run_front", "run_plan", "run_worker", "summary_table"]
+
+#: Default trial count: the whole ``plan`` command for MobileNetV2 at 128 px on stm32h743,
+#: Fisher pass included, takes about 10 s on the 2-core reference machine (benchmarks/search_speed).
+DEFAULT_TRIALS = 100
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``plan``, ``front`` and ``worker`` commands."""
+    p = subparsers.add_parser(
+        "plan", help="search the best plan under a budget (Optuna study, Pareto front)",
+        description="Jointly search which layers, channels and gradient-filter patch sizes to "
+                    "train under a memory (and latency) budget; warm-started with the published "
+                    "selectors' plans; resumable (re-run the same command to continue).")
+    add_model_args(p)
+    add_device_args(p)
+    add_budget_args(p)
+    g = p.add_argument_group("scores")
+    g.add_argument("--data", default=None,
+                   help="data for the Fisher pass: cifar10, an ImageFolder directory, .tar.gz...")
+    g.add_argument("--scores", default=None, help="a scores .npz instead of the Fisher pass")
+    g.add_argument("--samples", type=int, default=64, help="samples of the Fisher pass (64)")
+    g.add_argument("--split", default="train", help="data split (default train)")
+    g.add_argument("--micro-batch", type=int, default=16, help="Fisher micro-batch (16)")
+    g.add_argument("--normalization", choices=("imagenet", "mcu"), default=None,
+                   help="input normalisation (default: the model's)")
+    s = p.add_argument_group("search")
+    s.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
+                   help=f"finished trials the study should hold (default {DEFAULT_TRIALS})")
+    s.add_argument("--memory-measure", choices=("peak", "training"), default="peak",
+                   help="what the budget limits: peak memory (default) or training memory "
+                        "(peak minus the inference peak)")
+    s.add_argument("--objective", choices=("latency", "macs"), default="latency",
+                   help="third objective: latency per step (default) or backward MACs")
+    s.add_argument("--granularity", choices=("layer", "block"), default="layer")
+    s.add_argument("--last-n", type=int, default=None,
+                   help="only the last N layers are candidates (smaller space)")
+    s.add_argument("--no-filters", action="store_true", help="never use gradient filters")
+    s.add_argument("--alpha", type=float, default=1.0, help="proxy exponent on the scores (1)")
+    s.add_argument("--bias-credit", type=float, default=0.25,
+                   help="proxy credit of a bias-only update, share of the channel score (0.25)")
+    s.add_argument("--sampler", choices=("nsga2", "tpe", "gp", "random"), default="nsga2")
+    s.add_argument("--population", type=int, default=None, help="NSGA-II population (50)")
+    s.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
+    s.add_argument("--pick", default="best",
+                   help="which feasible trial becomes the plan: best (highest proxy) or e.g. "
+                        "'min-memory-within 1%%' / 'min-latency-within 2%%'")
+    _add_storage_args(p, required=False)
+    p.add_argument("--front-dir", default=None, help="also write the front CSV and PNG here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="plan file to write (JSON)")
+    p.set_defaults(func=run_plan)
+
+    f = subparsers.add_parser("front", help="write a study's Pareto front (CSV + PNG)")
+    _add_storage_args(f, required=True)
+    f.add_argument("--pick", default="best", help="rule marking the chosen trial (best)")
+    f.add_argument("--out", required=True, help="directory for front.csv, trials.csv, front.png")
+    f.set_defaults(func=run_front)
+
+    w = subparsers.add_parser("worker", help="join an existing study and run trials for it")
+    _add_storage_args(w, required=True)
+    w.add_argument("--trials", type=int, default=None,
+                   help="trials this worker adds (default: until the study reaches its target)")
+    w.add_argument("--seed", type=int, default=None,
+                   help="this worker's sampler seed (default: drawn at random)")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=run_worker)
+
+
+def _add_storage_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--storage", required=required, default=None,
+                   help="Optuna storage URL: sqlite:///file.db (default: next to --out), "
+                        "postgresql://user:pw@host/db, journal:///file.log")
+    p.add_argument("--study", required=required, default=None,
+                   help="study name (default: derived from the model, device and budgets)")
+    p.add_argument("--flush-seconds", type=float, default=2.0,
+                   help="interval of the batched writes to the storage (2 s)")
+
+
+def _graceful_sigterm() -> None:
+    """SIGTERM ends the run like Ctrl-C: the trials done so far are written first."""
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Score, search, write the plan, print the comparison."""
+    import time
+
+    from ..profiles import load_profile
+    from ..search import Search, SpaceOptions
+    from ..search.storage import open_storage, storage_kind
+    from ._common import build_cost_model, build_model
+
+    started = time.perf_counter()
+    _graceful_sigterm()
+    if args.scores is None and args.data is None:
+        raise DataError("plan needs --data (for the Fisher pass) or --scores FILE")
+    if args.trials < 1:
+        raise SearchError(f"--trials must be at least 1; got {args.trials}")
+    import torch
+
+    torch.manual_seed(args.seed)  # a replaced classifier head is initialised from it
+    model, graph = build_model(args)
+    cost_model = build_cost_model(args, graph)
+    memory, latency = budgets(args, load_profile(args.device))
+    out = Path(args.out)
+    storage = args.storage or f"sqlite:///{out.with_suffix('.study.db').resolve()}"
+    storage_kind(storage)  # unknown scheme: refuse before any work
+    if storage.startswith("sqlite:///"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    source = (f"fisher on {args.data}/{args.split}, {args.samples} samples"
+              if args.scores is None else "scores file")
+    space = SpaceOptions(granularity=args.granularity, last_n=args.last_n,
+                         filters=not args.no_filters)
+    spec = {"name": args.model, "weights": args.weights, "num_classes": args.num_classes,
+            "input_size": int(graph.input_shape[-1]), "mcu_dir": args.mcu_dir}
+    common = dict(cost_model=cost_model, budget_bytes=memory, latency_budget_ms=latency,
+                  memory_measure=args.memory_measure, third=args.objective, space=space,
+                  alpha=args.alpha, bias_credit=args.bias_credit, sampler=args.sampler,
+                  seed=args.seed, population_size=args.population, model=spec,
+                  scores_source=source)
+    name = args.study or _default_study_name(args, memory, latency, source)
+    # budgets no plan can meet are refused before any file is written (the scores do not
+    # change which plans fit, so cheap magnitude scores do for this check)
+    from ..criteria import magnitude_scores
+
+    probe = Search(scores=magnitude_scores(model), **common).config()
+    probe.pop("scores_digest")
+    new_file = _sqlite_path(storage)
+    if new_file is not None and not new_file.exists():
+        # a new SQLite file holds no study: open it (the database layer takes about a second
+        # to import) while the scores are computed
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            opening = pool.submit(open_storage, storage)
+            try:
+                scores = _load_scores(args, model) if args.scores else _fisher(args, model, graph)
+            except BaseException:
+                opening.exception()  # wait, then leave no empty database behind
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(f"{new_file}{suffix}").unlink(missing_ok=True)
+                raise
+            st = opening.result()
+    else:
+        st = open_storage(storage)
+        scores = _stored_scores(st, name, probe, args, model)
+        if scores is None:
+            scores = _load_scores(args, model) if args.scores else _fisher(args, model, graph)
+    search = Search(scores=scores, check_budgets=False, **common)
+    result = search.run(n_trials=args.trials, storage=st, study_name=name,
+                        pick_rule=args.pick, progress=not args.no_progress,
+                        flush_seconds=args.flush_seconds)
+    plan = result.plan
+    plan = plan.with_(provenance={**plan.provenance, "command_seconds":
+                                  time.perf_counter() - started})
+    plan.save(out)
+    if args.front_dir:
+        _write_front(Path(args.front_dir), result.trials, result.objective_names,
+                     memory, result.baselines, result.trial, name)
+    print(summary_table(result))
+    print(f"wrote {out} (study {name!r} in {result.storage}; "
+          f"{time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _sqlite_path(storage: str) -> Path | None:
+    if not storage.startswith("sqlite:///"):
+        return None
+    target = storage[len("sqlite:///"):]
+    return None if target in ("", ":memory:") else Path(target)
+
+
+def _stored_scores(st: Any, name: str, probe: dict, args: argparse.Namespace,
+                   model: Any) -> Any:
+    """The scores of an existing study ``name`` that matches this run, else None.
+
+    Raises:
+        SearchError: If the study was made with other settings or other scores.
+    """
+    import optuna
+
+    from ..search.config import diff_config, read_config, scores_digest
+    from ..search.storage import complete_numbers
+
+    if name not in optuna.get_all_study_names(st):
+        return None
+    study = optuna.load_study(study_name=name, storage=st)
+    stored, scores, _ = read_config(study)
+    diff = diff_config(stored, probe)
+    if diff:
+        raise SearchError(f"study {name!r} was made for something else; use another "
+                          "--study name or the same settings: " + "; ".join(diff))
+    if args.scores is not None and scores_digest(_load_scores(args, model)) != scores_digest(
+            scores):
+        raise SearchError(f"study {name!r} was made with other scores than {args.scores}")
+    print(f"continuing study {name!r} ({len(complete_numbers(study))} trials) with its stored "
+          "scores", file=sys.stderr)
+    return scores
+
+
+def _default_study_name(args: argparse.Namespace, memory: int, latency: float | None,
+                        source: str) -> str:
+    key = json.dumps([args.model, args.num_classes, args.input_size, args.device,
+                      args.accounting, args.batch_size, args.optimizer, memory, latency,
+                      args.memory_measure, args.objective, args.granularity, args.last_n,
+                      args.no_filters, args.alpha, args.bias_credit, source,
+                      args.scores and str(Path(args.scores).resolve()), args.weights])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return f"{args.model}-{args.device}-{format_bytes(memory).replace(' ', '')}-{digest}"
+
+
+def _load_scores(args: argparse.Namespace, model: Any) -> Any:
+    from ..criteria import Scores
+
+    return Scores.load(args.scores, model=model)
+
+
+def _fisher(args: argparse.Namespace, model: Any, graph: Any) -> Any:
+    import torch
+
+    from ..criteria import fisher_potential
+    from ..data import load_dataset
+    from .score import default_normalization
+
+    size = int(graph.input_shape[-1])
+    dataset = load_dataset(args.data, split=args.split, image_size=size,
+                           normalization=args.normalization or default_normalization(args.model),
+                           limit=args.samples, seed=args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, shuffle=False)
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=f"fisher ({len(dataset)} samples)", unit="batch",
+                      leave=False, file=sys.stderr)
+    return fisher_potential(model, loader, samples=len(dataset), micro_batch=args.micro_batch)
+
+
+def summary_table(result: Any) -> str:
+    """The chosen plan against every baseline: proxy, memory, latency, MACs."""
+    p = result.plan.predicted
+    measure = result.plan.provenance["memory_measure"]
+    rows = [("search (chosen)", p["proxy"], result.plan.provenance["memory_bytes"],
+             p["latency_ms"], p["backward_macs"], True, "")]
+    for name, entry in sorted(result.baselines.items()):
+        m = (entry or {}).get("metrics")
+        if m is None:
+            rows.append((name, None, None, None, None, False, "no plan: " + _short(entry)))
+            continue
+        rows.append((name, m["proxy"], m["memory_bytes"], m["latency_ms"], m["backward_macs"],
+                     m["feasible"], ""))
+    best = p["proxy"]
+    lines = [f"{'plan':<18}{'proxy':>8}{'vs chosen':>11}{measure + ' mem':>14}"
+             f"{'latency':>11}{'bwd MACs':>11}"]
+    for name, proxy, mem, lat, macs, ok, note in rows:
+        if proxy is None:
+            lines.append(f"{name:<18}{note}")
+            continue
+        gain = "" if name.startswith("search") else (
+            f"{(best - proxy) / proxy * 100:+.1f}%" if proxy > 0 else "inf")
+        lines.append(f"{name:<18}{proxy:>8.4f}{gain:>11}{format_bytes(mem):>14}"
+                     f"{lat:>9.1f}ms{macs / 1e6:>10.2f}M" + ("" if ok else "  (over budget)"))
+    st = result.stats
+    lines.append(
+        f"study {result.study_name!r}: {len(result.trials)} trials (+{st['new_trials']} now, "
+        f"{st['trials_per_minute']:.0f}/min, sampler {st['sampler_share'] * 100:.0f}% of the "
+        f"search time), front {len(result.front)} points, hypervolume {result.hypervolume:.4f}, "
+        f"chosen trial #{result.trial.number}")
+    return "\n".join(lines)
+
+
+def _short(entry: Any) -> str:
+    text = str((entry or {}).get("error") or "")
+    return text if len(text) < 90 else text[:87] + "..."
+
+
+def _write_front(directory: Path, trials: Any, names: Any, budget: int | None,
+                 baselines: Any, chosen: Any, title: str) -> None:
+    from ..search.front import front_csv, plot_front, trials_csv
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text(directory / "front.csv", front_csv(trials, names))
+    write_text(directory / "trials.csv", trials_csv(trials, names))
+    plot_front(directory / "front.png", trials, names=names, budget_bytes=budget,
+               baselines=baselines, chosen=chosen, title=title)
+
+
+def run_front(args: argparse.Namespace) -> int:
+    """Write the front of a stored study."""
+    import optuna
+
+    from ..search.config import read_config
+    from ..search.front import pareto_front, pick
+    from ..search.storage import load_study, open_storage, redact
+
+    study = load_study(open_storage(args.storage), args.study, args.storage)
+    config, _scores, baselines = read_config(study, with_scores=False)
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    names = study.metric_names or ["proxy", "memory_bytes", "latency_ms"]
+    chosen = pick(trials, args.pick) if trials else None
+    out = Path(args.out)
+    _write_front(out, trials, names, config.get("budget_bytes"), baselines, chosen, args.study)
+    print(f"{len(trials)} trials, {len(pareto_front(trials))} on the front of study "
+          f"{args.study!r} ({redact(args.storage)}); wrote {out / 'front.csv'}, "
+          f"{out / 'trials.csv'}, {out / 'front.png'}")
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Join a study and add trials until it reaches its target (or ``--trials`` are done)."""
+    import os
+    import socket
+
+    from ..search import Search
+    from ..search.config import read_config
+    from ..search.storage import load_study, open_storage
+
+    _graceful_sigterm()
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    search = Search.from_study(storage=args.storage, study_name=args.study, seed=seed)
+    config, _, _ = read_config(load_study(open_storage(args.storage), args.study, args.storage),
+                               with_scores=False)
+    target = int(config.get("n_trials") or 0)
+    if args.trials is None and target < 1:
+        raise SearchError(f"study {args.study!r} has no target trial count; pass --trials")
+    result = search.run(
+        n_trials=target if args.trials is None else 1 << 62, max_new=args.trials,
+        storage=args.storage, study_name=args.study, create=False, warm_start=False,
+        progress=not args.no_progress, flush_seconds=args.flush_seconds,
+        tag=f"{socket.gethostname()}:{os.getpid()}")
+    st = result.stats
+    print(f"worker (seed {seed}) added {st['written']} trials to study {args.study!r}, which "
+          f"now holds {len(result.trials)}; best feasible proxy "
+          f"{result.trial.values[0]:.4f} (trial #{result.trial.number})")
+    return 0

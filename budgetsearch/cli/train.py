@@ -1,0 +1,178 @@
+"""``budgetsearch train``: fine-tune a model under a plan; metrics and resumable checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import BudgetSearchError, DataError, PlanError
+
+__all__ = ["load_splits", "register", "run"]
+
+_VAL_SPLITS = ("test", "val", "validation", "valid")
+_REGISTRY_SETS = ("cifar10", "cifar-10", "fashion-mnist", "fashionmnist", "fmnist", "mnist")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` command."""
+    from ._common import add_model_args
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a model under a plan (sparse, gradient-filtered); metrics and checkpoints",
+        description="Fine-tune a model under a plan: only the plan's layers and channels are "
+                    "trained, with the plan's operators (nothing the plan does not need is "
+                    "computed or stored). Writes metrics.json/.csv, checkpoints (resumable with "
+                    "--resume), plan.json and model.safetensors to --out.",
+    )
+    add_model_args(p)
+    p.add_argument("--plan", required=True, help="plan file (from `budgetsearch select`)")
+    p.add_argument("--data", required=True,
+                   help="cifar10, fashion-mnist, mnist, an image-folder directory (class "
+                        "folders, optionally under train/ and test/ or val/) or a .tar.gz")
+    p.add_argument("--val-data", default=None,
+                   help="validation data (default: the test/val split of --data; a folder "
+                        "without splits gets a seeded 20%% hold-out)")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the plan's")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 0.01, 0.001 with adam)")
+    p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=None,
+                   help="default: the plan's")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--bn", choices=("frozen", "train"), default="frozen",
+                   help="batch norm frozen on running statistics (default) or trained")
+    p.add_argument("--filter-mode", choices=("normalized", "paper"), default=None,
+                   help="gradient-filter variant (default: the plan's)")
+    p.add_argument("--dynamic", choices=("neq", "fisher"), default=None,
+                   help="re-select channels every --every epochs under the plan's budget")
+    p.add_argument("--every", type=int, default=1, help="epochs between re-selections")
+    p.add_argument("--replan", choices=("auto", "search", "selector"), default="auto",
+                   help="who re-selects: the budget search (when installed; auto) or the "
+                        "neq / tinytrain selector")
+    p.add_argument("--search-trials", type=int, default=100,
+                   help="trials of each search re-plan")
+    p.add_argument("--budget", default=None,
+                   help="memory budget of re-selections, e.g. 256KB (default: the plan's)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="train on a seeded random subset of this many images")
+    p.add_argument("--val-samples", type=int, default=None,
+                   help="validate on a seeded random subset of this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads during training")
+    p.add_argument("--ignore-budget", action="store_true",
+                   help="train even if this batch / input size exceeds the plan's budget")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="run directory")
+    p.set_defaults(func=run)
+
+
+def load_splits(
+    spec: str, val_spec: str | None, *, image_size: int, normalization: str,
+    train_samples: int | None, val_samples: int | None, seed: int,
+) -> tuple[Any, Any]:
+    """Training and validation data sets of ``spec`` (see the ``--data``/``--val-data`` help).
+
+    Raises:
+        DataError: If a data set cannot be loaded or is too small for the subsets asked.
+    """
+    import torch
+    from torch.utils.data import Subset
+
+    from ..data import load_dataset
+
+    kw = {"image_size": image_size, "normalization": normalization, "seed": seed}
+    path = Path(spec).expanduser()
+    flat = (path.is_dir() and spec.lower() not in _REGISTRY_SETS
+            and not any((path / s).is_dir() for s in ("train", *_VAL_SPLITS)))
+    if flat and val_spec is None:
+        everything = load_dataset(spec, split="train", **kw)
+        n = len(everything)
+        n_val = val_samples or max(1, n // 5)
+        if n_val >= n:
+            raise DataError(f"{spec}: {n} images, too few to hold out {n_val} for validation")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        train_idx = sorted(order[n_val:])[: train_samples or None]
+        return Subset(everything, train_idx), Subset(everything, sorted(order[:n_val]))
+    train = load_dataset(spec, split="train", limit=train_samples, **kw)
+    source = val_spec or spec
+    for split in _VAL_SPLITS:
+        if not _has_split(source, split):
+            continue
+        return train, load_dataset(source, split=split, limit=val_samples, **kw)
+    raise DataError(f"{source}: no validation split ({', '.join(_VAL_SPLITS)}); give --val-data")
+
+
+def _has_split(spec: str, split: str) -> bool:
+    key = spec.strip().lower().replace("_", "-")
+    if key in _REGISTRY_SETS or spec.endswith((".tar.gz", ".tgz", ".pkl.gz")):
+        return split == "test" or (split == "val" and key == "mnist")
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return split == "test"
+    has_splits = any((path / s).is_dir() for s in ("train", *_VAL_SPLITS))
+    return (path / split).is_dir() if has_splits else split == "test"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load plan, data and model; train; print a summary."""
+    import torch
+
+    from ..models import MCU_INPUT_MEAN, input_spec, load_model
+    from ..plan import load_plan
+    from ..trainer import Trainer
+    from ..units import format_bytes, parse_bytes
+
+    plan = load_plan(args.plan)
+    height, width = plan.input_size
+    size = args.input_size or height
+    if args.input_size is None and height != width:
+        raise PlanError(f"the plan's input is {height}x{width}; training data is square: pass "
+                        "--input-size")
+    try:
+        normalization = "mcu" if input_spec(args.model).mean == MCU_INPUT_MEAN else "imagenet"
+    except BudgetSearchError:  # an unknown name: load_model below says so
+        normalization = "imagenet"
+    train, val = load_splits(args.data, args.val_data, image_size=size,
+                             normalization=normalization, train_samples=args.train_samples,
+                             val_samples=args.val_samples, seed=args.seed)
+    from ..trainer.checks import dataset_classes
+
+    classes = dataset_classes(train) or []
+    torch.manual_seed(args.seed)  # the new head's initialisation
+    model = load_model(args.model, weights=args.weights,
+                       num_classes=args.num_classes or len(classes) or None,
+                       mcu_dir=args.mcu_dir)
+    optimizer = args.optimizer or plan.optimizer
+    lr = args.lr if args.lr is not None else (1e-3 if optimizer == "adam" else 0.01)
+    trainer = Trainer(
+        model, plan, train_data=train, val_data=val, epochs=args.epochs, out_dir=args.out,
+        batch_size=args.batch_size, lr=lr, optimizer=optimizer, momentum=args.momentum,
+        weight_decay=args.weight_decay, seed=args.seed, dynamic=args.dynamic, every=args.every,
+        budget_bytes=parse_bytes(args.budget, what="--budget") if args.budget else None,
+        bn=args.bn, filter_mode=args.filter_mode, check_budget=not args.ignore_budget,
+        progress=not args.no_progress, threads=args.threads, replan_method=args.replan,
+        search_trials=args.search_trials)
+    out = sys.stdout
+    out.write(f"training {args.model} ({len(plan.updates)} layers updated, "
+              f"{plan.provenance.get('method', 'plan')}) on {len(train)} images of "
+              f"{len(classes)} classes, validating on {len(val)}; {size}px, batch "
+              f"{trainer.batch_size}, {optimizer} lr {lr:g}\n")
+    if trainer.budget:
+        b = trainer.budget
+        out.write(f"budget on {plan.device}: {format_bytes(b['memory_bytes'])} of "
+                  f"{format_bytes(b['budget_bytes'])} ({b['measure']} memory)\n")
+    doc = trainer.fit(resume=args.resume)
+    best, final = doc["best_val_accuracy"], doc["final_val_accuracy"]
+    out.write(
+        f"done: final val accuracy {final:.4f}, best {best:.4f} (epoch {doc['best_epoch']}); "
+        f"{doc['images_per_s']:.1f} img/s; saved activations "
+        f"{format_bytes(doc['saved_activation_bytes'])}/step; backward "
+        f"{doc['backward_ms']:.0f} ms/step\nwrote {Path(args.out) / 'metrics.json'}\n"
+    )
+    return 0

@@ -1,0 +1,217 @@
+"""What a study stores about itself, so that any worker can rebuild its objective.
+
+A study's user attributes hold:
+
+- ``budgetsearch:config``: a JSON document with the model (registered name, weights, classes,
+  input size), the device profile (embedded, so a worker needs no profile file), the accounting,
+  batch size, optimizer, budgets, memory measure, third objective, space options, proxy options,
+  sampler, seed, population size, target trial count, the traced graph's fingerprint and the
+  scores' digest and origin;
+- ``budgetsearch:scores:<i>``: the scores ``.npz`` file, base64 in chunks of at most 60,000
+  characters (MySQL's ``TEXT`` limit), so workers on other machines need no scores file;
+- ``budgetsearch:baselines``: the warm-start baselines' exact figures;
+- ``budgetsearch:complete``: written last; a study without it was interrupted while being created.
+
+A worker needs no weights: the search reads only layer shapes (from the model name) and the stored
+scores.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..criteria import Scores
+from ..errors import SearchError
+
+__all__ = [
+    "IDENTITY",
+    "build_config",
+    "decode_scores",
+    "diff_config",
+    "encode_scores",
+    "profile_digest",
+    "read_config",
+    "write_config",
+]
+
+PREFIX = "budgetsearch:"
+CONFIG_KEY = PREFIX + "config"
+COMPLETE_KEY = PREFIX + "complete"
+BASELINES_KEY = PREFIX + "baselines"
+SCORES_PREFIX = PREFIX + "scores:"
+_CHUNK = 60_000
+
+#: Config fields that define a study's objective: a study opened with other values is refused.
+IDENTITY: tuple[tuple[str, str], ...] = (
+    ("model", "model"),
+    ("num_classes", "number of classes"),
+    ("input_size", "input size"),
+    ("graph_fingerprint", "model fingerprint"),
+    ("device", "device profile"),
+    ("profile_digest", "device profile contents"),
+    ("accounting", "accounting"),
+    ("batch_size", "batch size"),
+    ("optimizer", "optimizer"),
+    ("bn_train", "batch-norm mode"),
+    ("budget_bytes", "memory budget (bytes)"),
+    ("latency_budget_ms", "latency budget (ms)"),
+    ("memory_measure", "memory measure"),
+    ("third", "third objective"),
+    ("space", "search space options"),
+    ("alpha", "proxy exponent alpha"),
+    ("bias_credit", "proxy bias credit"),
+    ("scores_source", "scores source"),
+    ("scores_digest", "scores"),
+)
+
+
+def profile_digest(profile_dict: Mapping[str, Any]) -> str:
+    """A short digest of a profile's contents."""
+    text = json.dumps(profile_dict, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode_scores(scores: Scores) -> tuple[str, list[str]]:
+    """The scores as (digest, base64 chunks of the ``.npz`` file)."""
+    with tempfile.TemporaryDirectory(prefix="budgetsearch-") as tmp:
+        path = scores.save(Path(tmp) / "scores.npz")
+        raw = path.read_bytes()
+    digest = scores_digest(scores)
+    text = base64.b64encode(raw).decode("ascii")
+    return digest, [text[i:i + _CHUNK] for i in range(0, len(text), _CHUNK)] or [""]
+
+
+def scores_digest(scores: Scores) -> str:
+    """A digest of the score values (not of the file bytes or metadata)."""
+    h = hashlib.sha256(scores.criterion.encode())
+    for name, ls in scores.layers.items():
+        h.update(name.encode())
+        h.update(ls.out_channel.tobytes())
+        if ls.in_channel is not None:
+            h.update(ls.in_channel.tobytes())
+    return h.hexdigest()[:16]
+
+
+def decode_scores(chunks: list[str]) -> Scores:
+    """Inverse of :func:`encode_scores`.
+
+    Raises:
+        SearchError: If the stored scores are unreadable.
+    """
+    try:
+        raw = base64.b64decode("".join(chunks).encode("ascii"), validate=True)
+    except ValueError as exc:
+        raise SearchError(f"the study's stored scores are corrupted ({exc})") from None
+    with tempfile.TemporaryDirectory(prefix="budgetsearch-") as tmp:
+        path = Path(tmp) / "scores.npz"
+        path.write_bytes(raw)
+        try:
+            return Scores.load(path)
+        except Exception as exc:
+            raise SearchError(f"the study's stored scores are unreadable ({exc})") from None
+
+
+def write_config(study: Any, config: Mapping[str, Any], scores: Scores,
+                 baselines: Mapping[str, Any]) -> None:
+    """Store the config, scores and baselines in a new study's user attributes."""
+    _digest, chunks = encode_scores(scores)
+    study.set_user_attr(CONFIG_KEY, dict(config))
+    for i, chunk in enumerate(chunks):
+        study.set_user_attr(f"{SCORES_PREFIX}{i}", chunk)
+    study.set_user_attr(BASELINES_KEY, dict(baselines))
+    study.set_user_attr(COMPLETE_KEY, len(chunks))
+
+
+def read_config(study: Any, *, with_scores: bool = True) -> tuple[dict, Scores | None, dict]:
+    """The stored config, scores (if asked) and baselines of a study.
+
+    Raises:
+        SearchError: If the study was not made by budgetsearch or its creation was interrupted.
+    """
+    attrs = study.user_attrs
+    if CONFIG_KEY not in attrs:
+        raise SearchError(f"study {study.study_name!r} was not created by budgetsearch (it has "
+                          "no stored configuration)")
+    if COMPLETE_KEY not in attrs:
+        raise SearchError(f"study {study.study_name!r} is incomplete: its creation was "
+                          "interrupted; delete it or use another --study name")
+    config = dict(attrs[CONFIG_KEY])
+    scores = None
+    if with_scores:
+        n = int(attrs[COMPLETE_KEY])
+        try:
+            chunks = [attrs[f"{SCORES_PREFIX}{i}"] for i in range(n)]
+        except KeyError as exc:
+            raise SearchError(f"study {study.study_name!r}: stored scores incomplete ({exc})"
+                              ) from None
+        scores = decode_scores(chunks)
+    return config, scores, dict(attrs.get(BASELINES_KEY) or {})
+
+
+def diff_config(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """The identity fields that differ, as readable phrases (fields missing from ``given`` are
+    not compared)."""
+    out = []
+    for key, label in IDENTITY:
+        if key not in given or (key == "scores_digest" and given[key] is None):
+            continue
+        a, b = stored.get(key), given.get(key)
+        if _norm(a) != _norm(b):
+            out.append(f"{label}: the study has {_show(a)}, this run {_show(b)}")
+    return out
+
+
+def _norm(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+    return "none" if value is None else str(value)
+
+
+def build_config(search: Any, *, n_trials: int | None = None) -> dict[str, Any]:
+    """The configuration of a :class:`~.study.Search` as its study stores it."""
+    from .._version import __version__
+    from ..profiles import profile_to_dict
+
+    cm, ev = search.cost_model, search.evaluator
+    profile = profile_to_dict(cm.profile)
+    model = search.model or {}
+    return {
+        "version": __version__,
+        "model": model.get("name", search.graph.model_name),
+        "model_spec": model or None,
+        "num_classes": model.get("num_classes"),
+        "input_size": list(search.graph.input_shape[1:]),
+        "graph_fingerprint": search.graph.fingerprint,
+        "device": cm.profile.name,
+        "profile": profile,
+        "profile_digest": profile_digest(profile),
+        "accounting": cm.acc.name,
+        "batch_size": cm.batch,
+        "optimizer": cm.optimizer,
+        "bn_train": cm.bn_train,
+        "training": cm.training,
+        "budget_bytes": ev.budget_bytes,
+        "latency_budget_ms": ev.latency_budget_ms,
+        "memory_measure": ev.memory_measure,
+        "third": ev.third,
+        "space": search.space.options.to_dict(),
+        "alpha": search.proxy.alpha,
+        "bias_credit": search.proxy.bias_credit,
+        "scores_source": search.scores_source,
+        "scores_digest": scores_digest(search.scores),
+        "scores_criterion": search.scores.criterion,
+        "sampler": search.sampler_name,
+        "seed": search.seed,
+        "population_size": search.population_size,
+        "n_trials": n_trials,
+    }

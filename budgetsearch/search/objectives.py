@@ -1,0 +1,357 @@
+"""The accuracy proxy, the objectives and the budget constraints of the search.
+
+**Proxy: captured potential.** For a trainable layer l let ``d`` be its output-channel scores raised
+to the study's exponent α (Fisher potential Δ_o by default, so ``d_o = Δ_o^α``; α = 1 unless set),
+``e`` its input-channel scores (``Δ`` of the tensor feeding it, methods.md §4), ``P_l = Σ_o d_o``
+and β the bias credit (default 0.25). A plan captures, per layer:
+
+- frozen: 0;
+- bias only: ``β · P_l``;
+- weight on output channels U (all when U is None): ``Σ_{o∈U} d_o + β · Σ_{o∉U} d_o``;
+- weight on input channels C: ``P_l · (φ + β (1 − φ))`` with ``φ = Σ_{c∈C} e_c / Σ_c e_c`` (the
+  share of the input's potential kept; ``|C| / C_in`` where ``e`` is undefined, i.e. the first
+  layer); a depthwise conv's input channel c is its output channel c, so there it is as for U = C.
+
+The proxy is the captured total divided by ``Σ_l P_l``: 0 for no update, 1 for full fine-tuning.
+
+Why these credits: Δ_o is the Fisher information of a multiplicative gate on channel o (methods.md
+§4). Scaling row o of the weight moves the output along that gate, so updating the row captures at
+least Δ_o. A bias-only update moves the channel along an additive direction whose Fisher the pass
+does not measure; β is that direction's assumed share of Δ_o (TinyTL and the MIT contribution
+analysis show bias updates recover a large part, but not all, of the gain): an assumption, recorded
+in every plan, settable per study. Column (input-channel) updates touch every row partially; φ,
+the kept share of the input's own potential, is the corresponding share.
+
+The exponent α is a property of the objective, fixed for a study, not a searched parameter: within
+a layer the proxy-optimal channels for a given count are the top ones by ``d`` whatever α, and an
+exponent that varied per trial would make the proxy values of two trials incomparable.
+
+**Objectives**: maximise the proxy; minimise memory (``peak``, or ``training`` = peak minus the
+inference peak); minimise latency (ms) or backward MACs. **Constraints** (Optuna's
+``trial.set_constraint``, feasible when ≤ 0): ``memory = (memory − budget) / budget`` and, with a
+latency budget, ``latency = (latency − budget) / budget``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..cost import CostModel, CostSummary
+from ..criteria import Scores
+from ..errors import BudgetError, ScoresError, SearchError
+from ..graph import LayerGraph
+from ..plan import LayerUpdate
+from .space import RATIOS, SearchSpace
+
+__all__ = [
+    "DIRECTIONS",
+    "MEMORY_MEASURES",
+    "THIRD_OBJECTIVES",
+    "Evaluation",
+    "Evaluator",
+    "ProxyModel",
+    "channel_count",
+]
+
+MEMORY_MEASURES = ("peak", "training")
+THIRD_OBJECTIVES = ("latency", "macs")
+DIRECTIONS = ("maximize", "minimize", "minimize")
+_BIAS = LayerUpdate("bias")
+
+
+def channel_count(ratio: float, n: int) -> int:
+    """Channels kept at a ratio of n: ``round(ratio · n)``, at least 1."""
+    return max(1, math.floor(ratio * n + 0.5))
+
+
+class ProxyModel:
+    """Captured-potential proxy of plans under one set of scores (see the module docstring).
+
+    Args:
+        graph: The traced model.
+        scores: Per-channel scores of every trainable layer (Fisher potential by default).
+        alpha: Exponent applied to every channel score.
+        bias_credit: β, the share of a channel's score a bias-only update captures.
+
+    Raises:
+        ScoresError: Scores for another model, non-finite values, or no positive score at all.
+    """
+
+    def __init__(
+        self, graph: LayerGraph, scores: Scores, *, alpha: float = 1.0, bias_credit: float = 0.25
+    ) -> None:
+        if scores.fingerprint != graph.fingerprint:
+            raise ScoresError(
+                f"these {scores.criterion} scores were made for another model (fingerprint "
+                f"{scores.fingerprint}, the model's is {graph.fingerprint})"
+            )
+        if not alpha > 0:
+            raise SearchError(f"alpha must be positive; got {alpha}")
+        if not 0 <= bias_credit <= 1:
+            raise SearchError(f"bias_credit must lie in [0, 1]; got {bias_credit}")
+        self.graph, self.scores = graph, scores
+        self.alpha, self.bias_credit = float(alpha), float(bias_credit)
+        self.d: dict[str, np.ndarray] = {}
+        self.e: dict[str, np.ndarray | None] = {}
+        self.order: dict[tuple[str, str], np.ndarray] = {}
+        self.potential: dict[str, float] = {}
+        for name, layer in graph.layers.items():
+            ls = scores[name]
+            d = self._prepare(ls.out_channel, name)
+            depthwise = layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+            e = None if depthwise or ls.in_channel is None else self._prepare(ls.in_channel, name)
+            self.d[name] = d
+            self.e[name] = None if e is None or e.sum() <= 0 else e
+            self.potential[name] = float(d.sum())
+            self.order[(name, "out")] = _ranking(d)
+            if depthwise:
+                self.order[(name, "in")] = self.order[(name, "out")]
+            elif self.e[name] is not None:
+                self.order[(name, "in")] = _ranking(self.e[name])
+            else:
+                self.order[(name, "in")] = np.arange(layer.in_channels)
+        self.total = float(sum(self.potential.values()))
+        if not self.total > 0:
+            raise ScoresError(f"the {scores.criterion} scores are zero everywhere: no proxy")
+        self._depthwise = {
+            name: layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+            for name, layer in graph.layers.items()
+        }
+        # credit of (layer, ratio index, axis) for ratio > 0, from sorted prefix sums
+        self._credit: dict[tuple[str, int, str], float] = {}
+        for name in graph.layers:
+            for axis in ("out", "in"):
+                for ri in range(1, len(RATIOS)):
+                    self._credit[(name, ri, axis)] = self.weight_credit(
+                        name, self.channels(name, ri, axis), axis)
+
+    def _prepare(self, values: np.ndarray, name: str) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(v).all():
+            raise ScoresError(f"{name}: the {self.scores.criterion} scores are not all finite")
+        return np.maximum(v, 0.0) ** self.alpha
+
+    def channels(self, name: str, ratio_index: int, axis: str) -> tuple[int, ...] | None:
+        """The channels a ratio keeps along an axis: the top ones by score (None for all)."""
+        layer = self.graph.layers[name]
+        n = layer.out_channels if axis == "out" else layer.in_channels
+        k = channel_count(RATIOS[ratio_index], n)
+        if k >= n:
+            return None
+        return tuple(sorted(int(c) for c in self.order[(name, axis)][:k]))
+
+    def weight_credit(self, name: str, channels: tuple[int, ...] | None, axis: str) -> float:
+        """What a weight update of a layer on some channels captures (unnormalised)."""
+        d, beta, total = self.d[name], self.bias_credit, self.potential[name]
+        if channels is None:
+            return total
+        idx = np.asarray(channels, dtype=np.int64)
+        if axis == "out" or self._depthwise[name]:
+            kept = float(d[idx].sum())
+            return kept + beta * (total - kept)
+        e = self.e[name]
+        n_in = self.graph.layers[name].in_channels
+        phi = len(idx) / n_in if e is None else float(e[idx].sum() / e.sum())
+        return total * (phi + beta * (1.0 - phi))
+
+    def table_credit(self, name: str, ratio_index: int, axis: str, bias: bool) -> float:
+        """Credit of a layer's choice in the search space (unnormalised)."""
+        if ratio_index > 0:
+            return self._credit[(name, ratio_index, axis)]
+        return self.bias_credit * self.potential[name] if bias else 0.0
+
+    def __call__(self, updates: Mapping[str, LayerUpdate]) -> float:
+        """The proxy of any set of updates, in [0, 1]."""
+        captured = 0.0
+        for name, update in updates.items():
+            if name not in self.potential:
+                raise SearchError(f"the model has no trainable layer {name!r}")
+            if update.mode == "weight":
+                captured += self.weight_credit(name, update.channels, update.axis)
+            elif self.graph.layers[name].bias_param is not None:
+                captured += self.bias_credit * self.potential[name]
+        return captured / self.total
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready definition of the proxy."""
+        return {"criterion": self.scores.criterion, "alpha": self.alpha,
+                "bias_credit": self.bias_credit, "normalised_by": self.total}
+
+
+def _ranking(values: np.ndarray) -> np.ndarray:
+    """Indices by decreasing value, ties by index."""
+    return np.lexsort((np.arange(len(values)), -values))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluated point: the objective values, constraints and costs."""
+
+    proxy: float
+    memory_bytes: int
+    third: float
+    summary: CostSummary
+    constraints: dict[str, float]
+
+    @property
+    def values(self) -> tuple[float, float, float]:
+        """(proxy, memory, latency or MACs), in the order of :data:`DIRECTIONS`."""
+        return (self.proxy, float(self.memory_bytes), float(self.third))
+
+    @property
+    def feasible(self) -> bool:
+        """Whether every constraint is satisfied."""
+        return all(v <= 0 for v in self.constraints.values())
+
+
+class Evaluator:
+    """Parameters -> plan updates -> objective values and constraints, with a cache.
+
+    Args:
+        space: The search space.
+        proxy: The proxy model.
+        cost_model: The cost model plans are measured with.
+        budget_bytes: Memory budget under ``memory_measure`` (None: unconstrained).
+        latency_budget_ms: Latency budget per step (None: unconstrained).
+        memory_measure: ``peak`` or ``training``.
+        third: ``latency`` (ms) or ``macs`` (backward MACs) as the third objective.
+    """
+
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        proxy: ProxyModel,
+        cost_model: CostModel,
+        budget_bytes: int | None,
+        latency_budget_ms: float | None = None,
+        memory_measure: str = "peak",
+        third: str = "latency",
+    ) -> None:
+        if memory_measure not in MEMORY_MEASURES:
+            raise SearchError(f"memory_measure must be one of {', '.join(MEMORY_MEASURES)}; "
+                              f"got {memory_measure!r}")
+        if third not in THIRD_OBJECTIVES:
+            raise SearchError(f"the third objective must be one of "
+                              f"{', '.join(THIRD_OBJECTIVES)}; got {third!r}")
+        for what, value in (("budget_bytes", budget_bytes), ("latency_budget_ms",
+                                                              latency_budget_ms)):
+            if value is not None and not value > 0:
+                raise SearchError(f"{what} must be positive; got {value}")
+        self.space, self.proxy, self.cost_model = space, proxy, cost_model
+        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
+        self.latency_budget_ms = None if latency_budget_ms is None else float(latency_budget_ms)
+        self.memory_measure, self.third = memory_measure, third
+        self.cache: dict[tuple, Evaluation] = {}
+        self.hits = 0
+        self._updates: dict[tuple, LayerUpdate] = {}
+
+    @property
+    def objective_names(self) -> tuple[str, str, str]:
+        """Names of the three objectives."""
+        return ("proxy", f"{self.memory_measure}_memory_bytes",
+                "latency_ms" if self.third == "latency" else "backward_macs")
+
+    def _update(self, name: str, ri: int, axis: str, patch: int) -> LayerUpdate:
+        key = (name, ri, axis, patch)
+        hit = self._updates.get(key)
+        if hit is None:
+            channels = self.proxy.channels(name, ri, axis)
+            hit = self._updates[key] = LayerUpdate(
+                "weight", channels=channels, axis=axis if channels is not None else "out",
+                patch_size=patch)
+        return hit
+
+    def updates(self, params: Mapping[str, Any]) -> dict[str, LayerUpdate]:
+        """The plan updates a parameter set decodes to (channels chosen by score)."""
+        return self._decode(self.space.choices(params))
+
+    def _decode(self, choices: Mapping[str, tuple[int, str, int, bool]]
+                ) -> dict[str, LayerUpdate]:
+        out: dict[str, LayerUpdate] = {}
+        for name, (ri, axis, patch, bias) in choices.items():
+            if ri > 0:
+                out[name] = self._update(name, ri, axis, patch)
+            elif bias:  # choices() marks only layers that have a bias
+                out[name] = _BIAS
+        return out
+
+    def memory(self, summary: CostSummary) -> int:
+        """The memory figure the budget applies to."""
+        return int(summary.peak_memory_bytes if self.memory_measure == "peak"
+                   else summary.training_memory_bytes)
+
+    def measure(self, updates: Mapping[str, LayerUpdate], proxy: float | None = None) -> Evaluation:
+        """Objective values and constraints of any set of updates (not cached)."""
+        summary = self.cost_model.evaluate(dict(updates), detail=False)
+        memory = self.memory(summary)
+        third = summary.latency_ms if self.third == "latency" else summary.backward_macs
+        constraints: dict[str, float] = {}
+        if self.budget_bytes is not None:
+            constraints["memory"] = (memory - self.budget_bytes) / self.budget_bytes
+        if self.latency_budget_ms is not None:
+            constraints["latency"] = ((summary.latency_ms - self.latency_budget_ms)
+                                      / self.latency_budget_ms)
+        value = self.proxy(updates) if proxy is None else proxy
+        return Evaluation(value, memory, float(third), summary, constraints)
+
+    def evaluate(self, params: Mapping[str, Any]) -> Evaluation:
+        """Objective values and constraints of a parameter set (cached by parameter values)."""
+        key = self.space.key(params)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        choices = self.space.choices(params)
+        proxy = sum(self.proxy.table_credit(n, ri, axis, bias)
+                    for n, (ri, axis, _p, bias) in choices.items()) / self.proxy.total
+        result = self.cache[key] = self.measure(self._decode(choices), proxy)
+        return result
+
+    def minimum(self) -> tuple[int, float]:
+        """The least memory and the least latency of any non-empty plan of the space.
+
+        Adding an update never lowers a cost, so the minimum is reached by a single-layer plan:
+        one bias, or one weight at the smallest ratio, unfiltered or with the coarsest filter
+        (the filter's saving grows with the patch size).
+        """
+        best_mem, best_lat = math.inf, math.inf
+        for unit in self.space.units:
+            for name in unit.layers:
+                atoms: list[dict[str, LayerUpdate]] = []
+                if name in self.space.bias_layers:
+                    atoms.append({name: _BIAS})
+                patches = unit.layer_patches[name]
+                for axis in ("out", "in"):  # no filter, and the coarsest one
+                    for patch in {patches[0], patches[-1]}:
+                        atoms.append({name: self._update(name, 1, axis, patch)})
+                for atom in atoms:
+                    s = self.cost_model.evaluate(atom, detail=False)
+                    best_mem = min(best_mem, self.memory(s))
+                    best_lat = min(best_lat, s.latency_ms)
+        return int(best_mem), float(best_lat)
+
+    def check_budgets(self) -> None:
+        """Refuse budgets no non-empty plan of the space can meet.
+
+        Raises:
+            BudgetError: Naming the minimum feasible budget (``minimum_bytes`` set).
+        """
+        mem, lat = self.minimum()
+        measure = "peak memory" if self.memory_measure == "peak" else "training memory"
+        if self.budget_bytes is not None and mem > self.budget_bytes:
+            raise BudgetError(
+                f"no plan of the search space fits the memory budget of {self.budget_bytes} "
+                f"bytes ({self.budget_bytes / 1024:.1f} KB): the cheapest non-empty plan needs "
+                f"{mem} bytes ({math.ceil(mem / 102.4) / 10:.1f} KB) of {measure}; the minimum "
+                f"feasible memory budget is {mem} bytes", minimum_bytes=mem)
+        if self.latency_budget_ms is not None and lat > self.latency_budget_ms:
+            raise BudgetError(
+                f"no plan of the search space fits the latency budget of "
+                f"{self.latency_budget_ms:.4g} ms: the fastest non-empty plan takes {lat:.4g} ms "
+                f"per step", minimum_bytes=mem)

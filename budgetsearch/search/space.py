@@ -1,0 +1,285 @@
+"""The search space: a fixed-length encoding of sparse-update plans as Optuna parameters.
+
+Every parameter is present in every trial (no conditional parameters), so NSGA-II, TPE and GP
+samplers model all of them. The space is built once from a :class:`~budgetsearch.graph.LayerGraph`
+and :class:`SpaceOptions`:
+
+- **Units**: the candidate layers (all trainable layers, or the last ``last_n``), one unit per layer
+  (``granularity="layer"``) or per block (``"block"``: the layers of a block share the unit's
+  parameters).
+- Per unit ``r:<unit>``: index into :data:`RATIOS` ``(0, 1/8, 1/4, 1/2, 1)`` of the fraction of
+  channels whose weights are updated (0: weight frozen); ordered integer.
+- Per unit ``a:<unit>``: the channel axis, ``out`` (rows of the weight) or ``in`` (columns, so only
+  the kept input channels are stored).
+- Per unit with a gradient filter on offer ``p:<unit>``: index into the unit's patch sizes, a prefix
+  of :data:`PATCH_SIZES` ``(1, 2, 4, 8)``. A size is offered for a conv only if
+  :func:`~budgetsearch.ops.filtered.check_filterable` accepts the conv's shape with it and it makes
+  the pooled grid strictly smaller than the previous size does (``r = 8`` on a 4 x 4 output is the
+  same operator as ``r = 4``), so the search never proposes a filter the operator would refuse.
+- ``bias_depth``: the number of candidate layers (from the end, counting layers that have a bias)
+  whose bias is updated even where the weight is frozen. A layer whose weight is updated always
+  updates its bias too (``LayerUpdate("weight")``).
+
+Which channels a ratio selects is decided by the scores (see :mod:`.objectives`), so parameters
+plus scores give a plan deterministically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+
+from ..errors import SearchError
+from ..graph import LayerGraph
+from ..ops.filtered import check_filterable
+from ..plan import LayerUpdate
+
+__all__ = ["AXES", "PATCH_SIZES", "RATIOS", "SearchSpace", "SpaceOptions", "Unit"]
+
+RATIOS: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0)
+PATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8)
+AXES: tuple[str, ...] = ("out", "in")
+GRANULARITIES = ("layer", "block")
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    """How the space is cut.
+
+    Attributes:
+        granularity: ``layer`` (one set of parameters per layer) or ``block``.
+        last_n: Only the last N trainable layers are candidates (None: all).
+        filters: Offer gradient-filter patch sizes where the conv shape allows them.
+    """
+
+    granularity: str = "layer"
+    last_n: int | None = None
+    filters: bool = True
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise SearchError(
+                f"granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}"
+            )
+        if self.last_n is not None and int(self.last_n) < 1:
+            raise SearchError(f"last_n must be at least 1 (or None for all); got {self.last_n}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SpaceOptions:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: data[k] for k in ("granularity", "last_n", "filters") if k in data})
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One group of layers sharing a ratio, an axis and a patch size.
+
+    Attributes:
+        name: The layer or block name (parameter names are ``r:<name>``...).
+        layers: Its candidate layers, in forward order.
+        patches: Patch sizes offered for the unit (always starting with 1).
+        layer_patches: Patch sizes offered for each layer of the unit.
+    """
+
+    name: str
+    layers: tuple[str, ...]
+    patches: tuple[int, ...]
+    layer_patches: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def patch_for(self, layer: str, patch: int) -> int:
+        """The largest patch size offered for ``layer`` not above ``patch``."""
+        return max(r for r in self.layer_patches[layer] if r <= patch)
+
+
+def offered_patches(graph: LayerGraph, name: str) -> tuple[int, ...]:
+    """Patch sizes a gradient filter may take on a layer: 1, then every size of
+    :data:`PATCH_SIZES` that :func:`check_filterable` accepts and that shrinks the pooled grid."""
+    layer = graph.layers[name]
+    node = graph.nodes[layer.node]
+    if node.kind != "conv2d" or len(node.shape) != 4 or not node.inputs:
+        return (1,)
+    src = graph.nodes[node.inputs[0]]
+    in_hw, out_hw = tuple(src.shape[2:4]), tuple(node.shape[2:4])
+    attrs = node.attrs
+    out = [1]
+    cells = out_hw[0] * out_hw[1]
+    for r in PATCH_SIZES[1:]:
+        why = check_filterable(
+            in_hw=in_hw, out_hw=out_hw, kernel_size=attrs.get("kernel_size", (1, 1)),
+            stride=attrs.get("stride", (1, 1)), padding=attrs.get("padding", (0, 0)),
+            dilation=attrs.get("dilation", (1, 1)), groups=int(attrs.get("groups", 1)),
+            patch_size=r,
+        )
+        grid = math.ceil(out_hw[0] / r) * math.ceil(out_hw[1] / r)
+        if why is None and grid < cells:
+            out.append(r)
+            cells = grid
+    return tuple(out)
+
+
+class SearchSpace:
+    """The fixed-length parameter space of one model (see the module docstring).
+
+    Args:
+        graph: The traced model.
+        options: How to cut the space.
+    """
+
+    def __init__(self, graph: LayerGraph, options: SpaceOptions | None = None) -> None:
+        self.graph = graph
+        self.options = options or SpaceOptions()
+        names = list(graph.layers)
+        if not names:
+            raise SearchError("the model has no trainable layer to search over")
+        n = self.options.last_n
+        self.candidates: tuple[str, ...] = tuple(
+            names if n is None else names[-min(n, len(names)):])
+        cand = set(self.candidates)
+        patches = {
+            name: offered_patches(graph, name) if self.options.filters else (1,)
+            for name in self.candidates
+        }
+        groups: dict[str, list[str]] = {}
+        for name in self.candidates:
+            key = name if self.options.granularity == "layer" else graph.layers[name].block
+            groups.setdefault(key, []).append(name)
+        self.units: tuple[Unit, ...] = tuple(
+            Unit(
+                name=key,
+                layers=tuple(members),
+                patches=tuple(sorted({r for m in members for r in patches[m]})),
+                layer_patches={m: patches[m] for m in members},
+            )
+            for key, members in groups.items()
+        )
+        #: Candidate layers with a bias, in forward order (``bias_depth`` counts from the end).
+        self.bias_layers: tuple[str, ...] = tuple(
+            name for name in self.candidates if graph.layers[name].bias_param is not None
+        )
+        self.distributions: dict[str, BaseDistribution] = {}
+        for unit in self.units:
+            self.distributions[f"r:{unit.name}"] = IntDistribution(0, len(RATIOS) - 1)
+            self.distributions[f"a:{unit.name}"] = CategoricalDistribution(AXES)
+            if len(unit.patches) > 1:
+                self.distributions[f"p:{unit.name}"] = IntDistribution(0, len(unit.patches) - 1)
+        self.distributions["bias_depth"] = IntDistribution(0, len(self.bias_layers))
+        self.param_names: tuple[str, ...] = tuple(self.distributions)
+        assert cand == {m for u in self.units for m in u.layers}
+
+    def __len__(self) -> int:
+        return len(self.distributions)
+
+    def __repr__(self) -> str:
+        return (f"SearchSpace({len(self.units)} {self.options.granularity} units over "
+                f"{len(self.candidates)} layers, {len(self)} parameters)")
+
+    # ------------------------------------------------------------------------------- decoding
+    def key(self, params: Mapping[str, Any]) -> tuple:
+        """A hashable key of a parameter set, in the space's parameter order.
+
+        Raises:
+            SearchError: If a parameter is missing.
+        """
+        try:
+            return tuple(params[p] for p in self.param_names)
+        except KeyError as exc:
+            raise SearchError(f"parameter {exc.args[0]!r} missing from the trial") from None
+
+    def choices(self, params: Mapping[str, Any]) -> dict[str, tuple[int, str, int, bool]]:
+        """Per candidate layer: (ratio index, axis, patch size, bias updated)."""
+        depth = int(params["bias_depth"])
+        biased = set(self.bias_layers[len(self.bias_layers) - depth:]) if depth else set()
+        out: dict[str, tuple[int, str, int, bool]] = {}
+        for unit in self.units:
+            ri = int(params[f"r:{unit.name}"])
+            axis = str(params[f"a:{unit.name}"])
+            pi = int(params.get(f"p:{unit.name}", 0))
+            patch = unit.patches[pi]
+            for layer in unit.layers:
+                out[layer] = (ri, axis, unit.patch_for(layer, patch), layer in biased)
+        return out
+
+    # ------------------------------------------------------------------------------- encoding
+    def encode(self, updates: Mapping[str, LayerUpdate], *, rounding: str = "nearest") -> dict:
+        """The point of the space nearest to a plan's updates.
+
+        Args:
+            updates: Per-layer updates (layers outside the candidates are ignored).
+            rounding: How a channel fraction between two ratios is rounded: ``nearest`` (in log
+                scale, never to 0 for an updated weight), ``up`` or ``down`` (possibly to 0: the
+                weight frozen, its bias kept).
+
+        Returns:
+            The parameters.
+        """
+        if rounding not in ("nearest", "up", "down"):
+            raise SearchError(f"rounding must be nearest, up or down; got {rounding!r}")
+        params: dict[str, Any] = {}
+        for unit in self.units:
+            fracs, weights, axes, patches = [], [], [], []
+            for name in unit.layers:
+                update = updates.get(name)
+                layer = self.graph.layers[name]
+                if update is None or update.mode != "weight":
+                    continue
+                n_axis = layer.out_channels if update.axis == "out" else layer.in_channels
+                fracs.append(update.fraction(n_axis))
+                weights.append(layer.weight_numel)
+                axes.append(update.axis)
+                patches.append(update.patch_size)
+            if fracs:
+                frac = sum(f * w for f, w in zip(fracs, weights, strict=True)) / sum(weights)
+                ri = _round_ratio(frac, rounding)
+                axis = max(AXES, key=lambda a: (axes.count(a), a == "out"))
+                pi = _nearest_patch(unit.patches, max(patches))
+            else:
+                ri, axis, pi = 0, "out", 0
+            params[f"r:{unit.name}"] = ri
+            params[f"a:{unit.name}"] = axis
+            if len(unit.patches) > 1:
+                params[f"p:{unit.name}"] = pi
+        depth = 0
+        for i, name in enumerate(reversed(self.bias_layers)):
+            update = updates.get(name)
+            if update is not None and update.mode == "bias":
+                depth = i + 1
+        params["bias_depth"] = depth
+        return {p: params[p] for p in self.param_names}
+
+    def outside(self, updates: Mapping[str, LayerUpdate]) -> list[str]:
+        """Layers a plan updates that are not candidates of this space."""
+        cand = set(self.candidates)
+        return [name for name in updates if name not in cand]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary of the space."""
+        return {
+            **self.options.to_dict(),
+            "units": len(self.units),
+            "candidate_layers": len(self.candidates),
+            "parameters": len(self),
+            "filterable_units": sum(len(u.patches) > 1 for u in self.units),
+        }
+
+
+def _round_ratio(frac: float, rounding: str) -> int:
+    frac = min(max(frac, 0.0), 1.0)
+    if rounding == "up":
+        return next(i for i, r in enumerate(RATIOS) if r >= frac - 1e-12)
+    if rounding == "down":
+        return max(i for i, r in enumerate(RATIOS) if r <= frac + 1e-12)
+    logs = [abs(math.log2(r) - math.log2(max(frac, 1e-9))) for r in RATIOS[1:]]
+    return 1 + min(range(len(logs)), key=lambda i: (logs[i], -i))
+
+
+def _nearest_patch(patches: Sequence[int], patch: int) -> int:
+    dist = [abs(math.log2(r) - math.log2(max(patch, 1))) for r in patches]
+    return min(range(len(patches)), key=lambda i: (dist[i], i))

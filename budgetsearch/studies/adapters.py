@@ -1,0 +1,300 @@
+"""How one cell is run: make the plan, train it, summarise it: the study's only contact with the
+selectors, the search and the trainer.
+
+:func:`run_cell` calls a plan function ``plan_fn(cell, ctx) -> Plan`` and a train function
+``train_fn(cell, plan, ctx) -> metrics`` (by default :func:`_make_plan` and :func:`_train`) and
+turns their results into the cell's record: predicted costs (the plan's, from the study's cost
+model; and under the ``ops`` accounting at the training batch size, which is what the trainer's
+measured saved bytes should equal), measured costs and accuracy, and the per-layer update map.
+
+- Selectors: :func:`budgetsearch.selectors.select` with the cell's budget and the entry's scores
+  (``mit-scheme`` without a label takes the largest published label at or below the budget;
+  ``neq-dynamic`` starts from ``random`` at the budget, Quelennec et al.'s epoch-0 rule).
+- Search: :class:`budgetsearch.search.Search` on Fisher scores, its Optuna study in the study's
+  database (``--storage``) or in the cell's own ``search.db``, so a killed cell resumes it; the
+  front and the search's baselines go to ``front.csv`` and ``baselines.csv`` in the cell directory.
+- Training: :class:`budgetsearch.trainer.Trainer` with the study's recipe, checking the plan
+  against the study's cost model (the budget the plan was made for) and resuming its checkpoints
+  when a killed cell runs again.
+
+A part of budgetsearch a cell needs that is missing raises :class:`NotWiredError` (the runner
+records the cell as failed and retries it on the next run).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .context import CellContext
+from .spec import Cell, StudyError
+
+__all__ = ["NotWiredError", "layer_fractions", "normalise_metrics", "plan_summary", "run_cell"]
+
+PlanFn = Callable[[Cell, CellContext], Any]
+TrainFn = Callable[[Cell, Any, CellContext], dict[str, Any]]
+#: Search options the study passes to Search.run rather than to Search.
+RUN_OPTIONS = ("trials", "pick", "flush_seconds")
+
+
+class NotWiredError(StudyError, NotImplementedError):
+    """A part of budgetsearch the study needs (the search, the trainer) is not available."""
+
+
+# ----------------------------------------------------------------------------------- plans
+def _make_plan(cell: Cell, ctx: CellContext) -> Any:
+    """The cell's plan: a selector's, a published MIT scheme, or the search's."""
+    from ..selectors import select
+
+    entry = cell.method
+    _check_dynamic(cell)  # before a search that training could not use
+    if entry.selector is None:
+        return _search_plan(cell, ctx)
+    options = dict(entry.options)
+    if entry.method == "mit-scheme" and "label" not in options:
+        options["label"] = _mit_label(cell)
+    if entry.method == "mit-scheme" and cell.model.mcu_dir and "mcu_dir" not in options:
+        options["mcu_dir"] = cell.model.mcu_dir
+    plan = select(entry.selector, cost_model=ctx.cost_model, budget_bytes=_budget(cell, ctx),
+                  latency_budget_ms=cell.budget.latency_ms, scores=ctx.scores(entry.scores),
+                  seed=cell.seed, memory_measure=cell.study.cost["memory_measure"], **options)
+    if any(m.selector is None for m in cell.study.methods):  # the report plots it on the front
+        ctx.extras["proxy"] = ctx.proxy(plan)
+    return plan
+
+
+def _budget(cell: Cell, ctx: CellContext) -> int:
+    b = cell.budget.memory_bytes
+    return int(b) if b is not None else int(ctx.cost_model.profile.memory_bytes)
+
+
+def _mit_label(cell: Cell) -> str:
+    """The largest published MIT scheme label at or below the cell's budget."""
+    from ..errors import BudgetError
+    from ..selectors import MIT_SCHEMES
+
+    labels = MIT_SCHEMES[cell.model.name]
+    budget = cell.budget.memory_bytes
+    fitting = [lab for lab in labels if budget is None or int(lab[:-2]) * 1024 <= budget]
+    if not fitting:
+        raise BudgetError(f"no published MIT scheme of {cell.model.name} at or below the budget "
+                          f"{cell.budget.label}; labels: {', '.join(labels)}")
+    return max(fitting, key=lambda lab: int(lab[:-2]))
+
+
+def _search_plan(cell: Cell, ctx: CellContext) -> Any:
+    """The search's chosen plan at the cell's budget; writes ``front.csv`` and
+    ``baselines.csv`` into the cell directory."""
+    try:
+        from ..search import Search, SpaceOptions
+    except ImportError as exc:
+        raise NotWiredError(f"method {cell.method.name}: budgetsearch.search is not available "
+                            f"({exc})") from exc
+    opts = {**cell.study.search, **cell.method.options}
+    run = {k: opts.pop(k) for k in RUN_OPTIONS if k in opts}
+    if isinstance(opts.get("space"), dict):
+        opts["space"] = SpaceOptions.from_dict(opts["space"])
+    m, d = cell.model, cell.data
+    search = Search(
+        cost_model=ctx.cost_model, scores=ctx.scores(cell.method.scores),
+        budget_bytes=_budget(cell, ctx), latency_budget_ms=cell.budget.latency_ms,
+        memory_measure=cell.study.cost["memory_measure"], seed=cell.seed,
+        model={"name": m.name, "weights": m.weights, "mcu_dir": m.mcu_dir,
+               "num_classes": len(ctx.train_data.classes),
+               "input_size": cell.study.input_size},
+        scores_source=f"{cell.method.scores} on {d.source}/{d.train_split} ({d.name})", **opts)
+    storage = ctx.storage if ctx.storage and "://" in ctx.storage and not ctx.storage.startswith(
+        "file://") else f"sqlite:///{(ctx.out_dir / 'search.db').resolve()}"
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    result = search.run(n_trials=int(run.get("trials", 200)), storage=storage,
+                        study_name=f"{cell.study.name}:{cell.id}",
+                        pick_rule=str(run.get("pick", "best")), progress=ctx.progress,
+                        flush_seconds=float(run.get("flush_seconds", 2.0)))
+    names = result.objective_names
+    _write_csv(ctx.out_dir / "front.csv", ["trial", "proxy", "memory_bytes", names[2], "chosen"],
+               [[t.number, *t.values, int(t.number == result.trial.number)]
+                for t in result.front])
+    _write_csv(ctx.out_dir / "baselines.csv",
+               ["name", "proxy", "memory_bytes", "latency_ms", "backward_macs", "feasible"],
+               [[n, *(e["metrics"].get(k) for k in ("proxy", "memory_bytes", "latency_ms",
+                                                     "backward_macs", "feasible"))]
+                for n, e in sorted(result.baselines.items()) if (e or {}).get("metrics")])
+    ctx.extras.update(proxy=result.plan.predicted.get("proxy"), front_csv="front.csv",
+                      search={"trials": len(result.trials), "front": len(result.front),
+                              "hypervolume": result.hypervolume, "chosen": result.trial.number,
+                              "stats": result.stats})
+    return result.plan
+
+
+def _check_dynamic(cell: Cell) -> str | None:
+    """The trainer's dynamic mode for the cell's method, if the trainer offers it."""
+    dynamic = cell.method.dynamic
+    if dynamic is None:
+        return None
+    try:
+        from ..trainer import DYNAMIC_MODES
+    except ImportError as exc:
+        raise NotWiredError(f"training: budgetsearch.trainer is not available ({exc})") from exc
+    if dynamic not in DYNAMIC_MODES:
+        raise NotWiredError(
+            f"method {cell.method.name}: the trainer re-plans only by {', '.join(DYNAMIC_MODES)}; "
+            f"re-planning by the {dynamic} during training (budgetsearch.search.Replanner) is not "
+            "wired into it yet")
+    return dynamic
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- training
+def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
+    """Train the plan with the study's recipe; returns the trainer's metrics document."""
+    try:
+        from ..trainer import Trainer
+    except ImportError as exc:
+        raise NotWiredError(f"training: budgetsearch.trainer is not available ({exc})") from exc
+    dynamic = _check_dynamic(cell)
+    t = cell.study.training
+    trainer = Trainer(ctx.model, plan, train_data=ctx.train_data, val_data=ctx.val_data,
+                      epochs=cell.data.epochs_or(t["epochs"]), batch_size=t["batch_size"],
+                      lr=t["lr"], optimizer=t["optimizer"], seed=cell.seed, out_dir=ctx.out_dir,
+                      dynamic=dynamic, cost_model=ctx.cost_model, progress=ctx.progress,
+                      **dict(t.get("options") or {}))
+    doc = trainer.fit(resume=True)
+    epochs = doc.get("epochs") or []
+    doc["train_seconds"] = sum(float(r.get("epoch_s") or 0.0) for r in epochs)
+    return doc
+
+
+# ----------------------------------------------------------------------------- summarising
+_METRIC_KEYS = {  # record field -> names in the metrics, first found wins
+    "best_accuracy": ("best_accuracy", "best_val_accuracy"),
+    "final_accuracy": ("final_accuracy", "final_val_accuracy"),
+    "measured_saved_bytes": ("measured_saved_bytes", "saved_activation_bytes"),
+    "measured_backward_ms": ("measured_backward_ms", "backward_ms"),
+    "train_seconds": ("train_seconds",),
+}
+
+
+def normalise_metrics(raw: dict[str, Any]) -> dict[str, Any]:
+    """The record's metric fields from a metrics document (top-level keys)."""
+    def pick(names: tuple[str, ...]) -> float | None:
+        for n in names:
+            v = raw.get(n)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return v
+        return None
+
+    return {field: pick(names) for field, names in _METRIC_KEYS.items()}
+
+
+def layer_fractions(plan: Any) -> dict[str, float | None]:
+    """Per layer: None frozen, 0.0 bias only, else the updated fraction of the weight's
+    channels (along the plan's axis)."""
+    out: dict[str, float | None] = {}
+    for name, shape in plan.layer_shapes.items():
+        u = plan.updates.get(name)
+        if u is None:
+            out[name] = None
+        elif u.mode == "bias":
+            out[name] = 0.0
+        else:
+            n = shape[1] if u.axis == "in" and len(shape) > 1 and shape[1] > 1 else shape[0]
+            out[name] = round(u.fraction(int(n)), 4)
+    return out
+
+
+def plan_summary(plan: Any) -> dict[str, Any]:
+    """Predicted costs and provenance facts of a plan, for the record."""
+    prov = dict(plan.provenance)
+    return {"predicted": dict(plan.predicted), "memory_bytes": prov.get("memory_bytes"),
+            "fits": prov.get("fits", prov.get("feasible")), "updated_layers": len(plan.updates),
+            "patch_sizes": sorted({u.patch_size for u in plan.updates.values()}),
+            "provenance": prov}
+
+
+def _prepare_dir(cell: Cell, out_dir: Path) -> None:
+    """Keep a killed run's partial state (checkpoints, search study) only if it was made with
+    the cell's current configuration."""
+    marker = out_dir / "cell.json"
+    try:
+        same = json.loads(marker.read_text()).get("config_hash") == cell.config_hash()
+    except (OSError, ValueError):
+        same = not out_dir.exists()
+    if not same and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(".cell.json.tmp")
+    tmp.write_text(json.dumps({"cell_id": cell.id, "config_hash": cell.config_hash(),
+                               "config": cell.config()}, indent=1) + "\n")
+    os.replace(tmp, marker)
+
+
+def run_cell(cell: Cell, *, out_dir: str | os.PathLike[str], storage: str | None = None,
+             plan_fn: PlanFn | None = None, train_fn: TrainFn | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Make the cell's plan, train it, and return the record's result fields.
+
+    Raises:
+        Whatever the plan or train function raises (the runner records it as a failed cell).
+    """
+    out_dir = Path(out_dir)
+    _prepare_dir(cell, out_dir)
+    ctx = CellContext(cell, out_dir=out_dir, storage=storage, progress=progress)
+    plan = (plan_fn or _make_plan)(cell, ctx)
+    plan.save(out_dir / "plan.json")
+    result: dict[str, Any] = {**plan_summary(plan), "layers": layer_fractions(plan),
+                              "plan_file": f"{out_dir.name}/plan.json"}
+    if "graph" in ctx.__dict__:  # the model was traced: add the cross-checks
+        t = cell.study.training
+        ops = ctx.cost_model_with(accounting="ops", batch_size=t["batch_size"],
+                                  optimizer=t["optimizer"])
+        result["predicted_ops"] = _asdict(ops.evaluate(dict(plan.updates), detail=False))
+        result["mit_memory_bytes"] = _mit_bytes(cell, plan, ctx)
+    raw = (train_fn or _train)(cell, plan, ctx)
+    result["metrics"] = normalise_metrics(raw)
+    result["metrics_raw"] = {k: v for k, v in raw.items() if k != "config"}
+    result.update(ctx.extras)
+    if not cell.study.training.get("keep_artifacts"):
+        _drop_artifacts(out_dir)
+    return result
+
+
+#: What a finished cell's directory loses unless ``training.keep_artifacts``: they serve only to
+#: resume a killed cell, and weigh megabytes per cell.
+ARTIFACTS = ("checkpoints", "model.safetensors", "search.db", "search.db-wal", "search.db-shm",
+             "search.db-journal")
+
+
+def _drop_artifacts(out_dir: Path) -> None:
+    for name in ARTIFACTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _asdict(summary: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(summary)
+
+
+def _mit_bytes(cell: Cell, plan: Any, ctx: CellContext) -> int | None:
+    from ..selectors import MIT_SCHEMES, mit_memory_bytes
+
+    return mit_memory_bytes(ctx.graph, plan) if cell.model.name in MIT_SCHEMES else None

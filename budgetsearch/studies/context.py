@@ -1,0 +1,158 @@
+"""What a cell works with, loaded on first use and cached per process.
+
+:class:`CellContext` gives the cell's model (a fresh copy with a classifier for the data's
+classes), its traced graph, the study's cost model on the cell's device, the training and
+validation subsets and the channel scores. Models, data sets and Fisher scores are cached per
+process (a worker runs many cells of the same model and data), so only the first cell of a model
+pays for loading and the Fisher pass; a fake plan or train function (as in the tests) loads nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .spec import Cell
+
+__all__ = ["CellContext"]
+
+_MODELS: dict[tuple, Any] = {}
+_DATA: dict[tuple, Any] = {}
+_SCORES: dict[tuple, Any] = {}
+
+
+class CellContext:
+    """What a cell works with, loaded on first use.
+
+    Args:
+        cell: The cell.
+        out_dir: The cell's own directory (plan, trainer output, front CSV).
+        storage: The study's storage URL (passed to the search), or None.
+        progress: Whether the trainer and the search may show progress bars.
+    """
+
+    def __init__(self, cell: Cell, *, out_dir: Path, storage: str | None = None,
+                 progress: bool = False) -> None:
+        self.cell = cell
+        self.out_dir = Path(out_dir)
+        self.storage = storage
+        self.progress = progress
+        #: Facts the plan function adds to the record (``front_csv``, ``proxy``, ``search``...).
+        self.extras: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------ loading
+    @cached_property
+    def normalization(self) -> str:
+        """``mcu`` for models expecting ``(x/255 − 0.5)·2`` inputs, else ``imagenet``."""
+        from ..data import NORMALIZATIONS
+        from ..models import input_spec
+
+        spec = input_spec(self.cell.model.name)
+        mcu = NORMALIZATIONS["mcu"]
+        return "mcu" if (tuple(spec.mean), tuple(spec.std)) == mcu else "imagenet"
+
+    def _dataset(self, split: str, size: int | None, per_class: int | None) -> Any:
+        from ..data import load_dataset
+
+        d = self.cell.data
+        key = (d.source, split, self.cell.study.input_size, self.normalization, size, per_class,
+               d.seed)
+        if key not in _DATA:
+            _DATA[key] = load_dataset(d.source, split=split, image_size=key[2],
+                                      normalization=key[3], limit=size, per_class=per_class,
+                                      seed=d.seed)
+        return _DATA[key]
+
+    @cached_property
+    def train_data(self) -> Any:
+        """The training subset."""
+        d = self.cell.data
+        return self._dataset(d.train_split, d.train_size, d.per_class)
+
+    @cached_property
+    def val_data(self) -> Any:
+        """The validation subset."""
+        d = self.cell.data
+        return self._dataset(d.val_split, d.val_size, None)
+
+    @cached_property
+    def model(self) -> Any:
+        """A fresh copy of the model with a classifier for the data's classes, the classifier
+        initialised from the cell's seed alone (so every method of a seed starts from the same
+        head, whatever ran before in the process)."""
+        import torch
+
+        from ..models import load_model
+
+        m = self.cell.model
+        key = (m.name, m.weights, m.mcu_dir, len(self.train_data.classes), self.cell.seed)
+        if key not in _MODELS:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cell.seed)
+                _MODELS[key] = load_model(m.name, weights=m.weights, num_classes=key[3],
+                                          mcu_dir=m.mcu_dir)
+        return copy.deepcopy(_MODELS[key])
+
+    @cached_property
+    def graph(self) -> Any:
+        """The traced model at the study's input size."""
+        from ..graph import LayerGraph
+
+        return LayerGraph.from_model(self.model, input_size=self.cell.study.input_size,
+                                     model_name=self.cell.model.name)
+
+    @cached_property
+    def cost_model(self) -> Any:
+        """The cost model of the study's accounting on the cell's device."""
+        return self.cost_model_with(**self.cell.study.cost)
+
+    def cost_model_with(self, *, accounting: str, batch_size: int | None, optimizer: str | None,
+                        **_: Any) -> Any:
+        """A cost model of the cell's model and device with other settings."""
+        import warnings
+
+        from ..cost import CostModel
+        from ..profiles import load_profile
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown-op warnings: once is enough (cost_model)
+            return CostModel(self.graph, load_profile(self.cell.device), accounting=accounting,
+                             batch_size=batch_size, optimizer=optimizer)
+
+    def scores(self, criterion: str) -> Any:
+        """The model's scores under a criterion (``fisher`` computed on the training data,
+        cached per process), or None for ``none``."""
+        from ..criteria import fisher_potential, magnitude_scores, random_scores
+
+        if criterion == "none":
+            return None
+        if criterion == "magnitude":
+            return magnitude_scores(self.model)
+        if criterion == "random":
+            return random_scores(self.model, seed=self.cell.seed)
+        import torch
+
+        c, s = self.cell, self.cell.study.scores
+        n = min(int(s["fisher_samples"]), len(self.train_data))
+        key = (dataclasses.astuple(c.data), c.model.name, c.model.weights, c.study.input_size, n,
+               c.seed)
+        if key not in _SCORES:
+            loader = torch.utils.data.DataLoader(self.train_data, batch_size=s["micro_batch"])
+            _SCORES[key] = fisher_potential(self.model, loader, samples=n,
+                                            micro_batch=s["micro_batch"])
+        return _SCORES[key]
+
+    def proxy(self, plan: Any) -> float | None:
+        """The search's accuracy proxy (captured Fisher potential) of any plan, with the study's
+        search options ``alpha`` and ``bias_credit``; None if the search is not available."""
+        try:
+            from ..search import ProxyModel
+        except ImportError:
+            return None
+        opts = self.cell.study.search
+        model = ProxyModel(self.graph, self.scores("fisher"), alpha=opts.get("alpha", 1.0),
+                           bias_credit=opts.get("bias_credit", 0.25))
+        return float(model(dict(plan.updates)))

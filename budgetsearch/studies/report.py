@@ -1,0 +1,333 @@
+"""The study report: ``results.csv`` (one row per cell), ``report.md`` and PNG plots.
+
+Everything in the report is computed from the cell records; nothing is typed in by hand. Means and
+standard deviations are over the seeds of a (data, model, device, budget, method) group (sample
+standard deviation; ``±`` omitted for a single seed). Accuracies are shown in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .spec import StudySpec
+from .store import open_store
+
+__all__ = ["COLUMNS", "load_rows", "write_report"]
+
+COLUMNS = (
+    "cell_id", "status", "data", "model", "device", "budget", "budget_bytes",
+    "latency_budget_ms", "method", "method_kind", "role", "seed", "best_accuracy",
+    "final_accuracy", "memory_bytes", "pred_peak_bytes", "pred_training_bytes",
+    "pred_saved_bytes", "pred_forward_macs", "pred_backward_macs", "pred_latency_ms",
+    "trainable_params", "pred_ops_saved_bytes", "measured_saved_bytes", "measured_backward_ms",
+    "train_seconds", "mit_memory_bytes", "fits", "updated_layers", "patch_sizes", "proxy",
+    "seconds", "error_type", "error",
+)
+_GROUP = ("data", "model", "device")
+
+
+def _row(rec: dict[str, Any]) -> dict[str, Any]:
+    pred, ops = rec.get("predicted") or {}, rec.get("predicted_ops") or {}
+    metrics, err = rec.get("metrics") or {}, rec.get("error") or {}
+    row = {**rec.get("key", {}), "cell_id": rec.get("cell_id"), "status": rec.get("status"),
+           "budget_bytes": rec.get("budget_bytes"),
+           "latency_budget_ms": rec.get("latency_budget_ms"),
+           "method_kind": rec.get("method_kind"), "role": rec.get("role"),
+           "memory_bytes": rec.get("memory_bytes"),
+           "pred_peak_bytes": pred.get("peak_memory_bytes"),
+           "pred_training_bytes": pred.get("training_memory_bytes"),
+           "pred_saved_bytes": pred.get("saved_activation_bytes"),
+           "pred_forward_macs": pred.get("forward_macs"),
+           "pred_backward_macs": pred.get("backward_macs"),
+           "pred_latency_ms": pred.get("latency_ms"),
+           "trainable_params": pred.get("trainable_params"),
+           "pred_ops_saved_bytes": ops.get("saved_activation_bytes"),
+           "mit_memory_bytes": rec.get("mit_memory_bytes"), "fits": rec.get("fits"),
+           "updated_layers": rec.get("updated_layers"),
+           "patch_sizes": " ".join(map(str, rec.get("patch_sizes") or [])) or None,
+           "proxy": rec.get("proxy"), "seconds": rec.get("seconds"),
+           "error_type": err.get("type"), "error": err.get("message")}
+    row.update({k: metrics.get(k) for k in ("best_accuracy", "final_accuracy",
+                                            "measured_saved_bytes", "measured_backward_ms",
+                                            "train_seconds")})
+    return row
+
+
+def load_rows(spec: StudySpec, *, storage: str | None = None) -> list[dict[str, Any]]:
+    """One row per cell of the spec (``status`` ``pending`` where no record exists), in the
+    spec's cell order."""
+    records = open_store(spec.cells_dir, storage=storage, study=spec.name).records()
+    rows = []
+    for cell in spec.cells():
+        rec = records.get(cell.id)
+        if rec is None:
+            rows.append({**cell.key(), "cell_id": cell.id, "status": "pending",
+                         "method_kind": cell.method.method, "role": cell.method.role,
+                         "budget_bytes": cell.budget.memory_bytes})
+        else:
+            rows.append(_row(rec))
+    return rows
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``results.csv``: the :data:`COLUMNS` of every row, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return _write_text(path, buf.getvalue())
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------ statistics
+def _values(rows: Iterable[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))
+            and not isinstance(r.get(key), bool) and math.isfinite(float(r[key]))]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _pct(v: float) -> float:
+    return v * 100.0 if abs(v) <= 1.0 else v
+
+
+def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 1, pct: bool = False) -> str:
+    ms = _mean_std([_pct(v) if pct else v / scale for v in values])
+    if ms is None:
+        return "–"
+    mean, std = ms
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+
+
+def _groups(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return out
+
+
+def _table(header: Sequence[str], lines: Iterable[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(x) for x in line) + " |" for line in lines]
+    return out
+
+
+# ---------------------------------------------------------------------------------- sections
+def _results_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = ["## Results (mean ± std over seeds)", "",
+           "Memory is the study's budgeted measure as predicted by the cost model; *measured "
+           "saved* is what autograd kept in training (host, training batch size), beside the "
+           "`ops`-accounting prediction of the same figure.", ""]
+    header = ("budget", "method", "seeds ok/all", "best acc %", "final acc %", "memory KB",
+              "measured saved KB", "predicted saved KB (ops)", "backward MMACs",
+              "train time s")
+    for key, group in _groups(rows, _GROUP).items():
+        out += [f"### {' · '.join(map(str, key))}", ""]
+        lines = []
+        for (budget, method), g in _groups(group, ("budget", "method")).items():
+            done = [r for r in g if r["status"] == "done"]
+            lines.append((budget, method, f"{len(done)}/{len(g)}",
+                          _fmt(_values(done, "best_accuracy"), pct=True),
+                          _fmt(_values(done, "final_accuracy"), pct=True),
+                          _fmt(_values(done, "memory_bytes"), 1024),
+                          _fmt(_values(done, "measured_saved_bytes"), 1024),
+                          _fmt(_values(done, "pred_ops_saved_bytes"), 1024),
+                          _fmt(_values(done, "pred_backward_macs"), 1e6, 3),
+                          _fmt(_values(done, "train_seconds"), 1, 1)))
+        out += [*_table(header, lines), ""]
+    return out
+
+
+def _honest(rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = ["## Honest comparison: the search against the best published selector", "",
+           "For every budget: the search's plan against the most accurate published selector "
+           "whose predicted memory is at most the search plan's (means over seeds of the best "
+           "accuracy; ± is the standard error of the difference). *Within noise* when the "
+           "difference is smaller than that error.", ""]
+    lines = []
+    done = [r for r in rows if r["status"] == "done"]
+    for key, group in _groups(done, (*_GROUP, "budget")).items():
+        by_method = _groups(group, ("method",))
+        searches = [m for (m,), g in by_method.items() if g[0].get("role") == "search"]
+        published = [m for (m,), g in by_method.items() if g[0].get("role") == "published"]
+        for s in searches:
+            acc_s, mem_s = (_values(by_method[(s,)], "best_accuracy"),
+                            _values(by_method[(s,)], "memory_bytes"))
+            if not acc_s or not mem_s:
+                continue
+            fitting = [(statistics.fmean(a), p, a) for p in published
+                       if (a := _values(by_method[(p,)], "best_accuracy"))
+                       and (mp := _values(by_method[(p,)], "memory_bytes"))
+                       and statistics.fmean(mp) <= statistics.fmean(mem_s)]
+            where = " · ".join(map(str, key))
+            if not fitting:
+                lines.append((where, s, _fmt(acc_s, pct=True), "none at ≤ memory", "–", "–",
+                              "no comparison"))
+                continue
+            mean_p, best, acc_p = max(fitting)
+            delta = _pct(statistics.fmean(acc_s)) - _pct(mean_p)
+            err = math.sqrt(sum(statistics.variance([_pct(v) for v in a]) / len(a)
+                                for a in (acc_s, acc_p) if len(a) > 1))
+            verdict = "yes" if delta >= 0 else "no"
+            if abs(delta) < err:
+                verdict += " (within noise)"
+            lines.append((where, s, _fmt(acc_s, pct=True), best, _fmt(acc_p, pct=True),
+                          f"{delta:+.2f}" + (f" ± {err:.2f}" if err else ""), verdict))
+    if not lines:
+        return [*out, "No budget has both a finished search cell and a finished published "
+                "selector cell yet, so there is no comparison to make.", ""]
+    header = ("data · model · device · budget", "search", "search acc %",
+              "best published at ≤ memory", "its acc %", "Δ points", "search ≥ published?")
+    return [*out, *_table(header, lines), ""]
+
+
+def _vs_full(rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = ["## Distance to full fine-tuning", "",
+           "Accuracy gap to the `reference` method (full fine-tuning, over budget) and the "
+           "fraction of its predicted memory (the budgeted measure), saved activations and "
+           "backward MACs each method uses.", ""]
+    lines = []
+    done = [r for r in rows if r["status"] == "done"]
+    for key, group in _groups(done, _GROUP).items():
+        ref = [r for r in group if r.get("role") == "reference"]
+        acc_f, mem_f, mac_f, sav_f = (
+            _values(ref, "best_accuracy"), _values(ref, "memory_bytes"),
+            _values(ref, "pred_backward_macs"), _values(ref, "pred_saved_bytes"))
+        if not acc_f:
+            continue
+        for (budget, method), g in _groups(group, ("budget", "method")).items():
+            if g[0].get("role") == "reference":
+                continue
+            acc, mem, mac, sav = (_values(g, "best_accuracy"), _values(g, "memory_bytes"),
+                                  _values(g, "pred_backward_macs"), _values(g, "pred_saved_bytes"))
+            gap = (f"{_pct(statistics.fmean(acc)) - _pct(statistics.fmean(acc_f)):+.2f}"
+                   if acc else "–")
+            lines.append((" · ".join(map(str, key)), budget, method, gap, _frac(mem, mem_f),
+                          _frac(sav, sav_f), _frac(mac, mac_f)))
+    if not lines:
+        return [*out, "No finished full fine-tuning cell to compare with.", ""]
+    return [*out, *_table(("data · model · device", "budget", "method", "Δ acc points",
+                           "memory / full", "saved activations / full", "backward MACs / full"),
+                          lines), ""]
+
+
+def _frac(a: Sequence[float], b: Sequence[float]) -> str:
+    if not a or not b or not statistics.fmean(b):
+        return "–"
+    return f"{statistics.fmean(a) / statistics.fmean(b):.3f}"
+
+
+def _predictions(rows: Sequence[dict[str, Any]]) -> list[str]:
+    import numpy as np
+
+    out = ["## Predicted against measured, cell by cell", ""]
+    pairs = [(r["cell_id"], r["pred_ops_saved_bytes"], r["measured_saved_bytes"]) for r in rows
+             if r["status"] == "done" and isinstance(r.get("pred_ops_saved_bytes"), (int, float))
+             and isinstance(r.get("measured_saved_bytes"), (int, float))]
+    if pairs:
+        ratios = [m / p if p else math.inf for _, p, m in pairs]
+        exact = sum(1 for x in ratios if abs(x - 1) <= 0.01)
+        out += [f"Saved activations, measured / predicted (`ops` accounting at the training "
+                f"batch size): {len(pairs)} cells, median {statistics.median(ratios):.3f}, "
+                f"range {min(ratios):.3f}–{max(ratios):.3f}; {exact} within 1 %.", ""]
+        off = [(c, p, m, x) for (c, p, m), x in zip(pairs, ratios, strict=True)
+               if abs(x - 1) > 0.05]
+        if off:
+            out += [*_table(("cell", "predicted KB", "measured KB", "ratio"),
+                            [(c, f"{p / 1024:.1f}", f"{m / 1024:.1f}", f"{x:.3f}")
+                             for c, p, m, x in off[:40]]), ""]
+    else:
+        out += ["No cell has both a predicted and a measured saved-activation figure.", ""]
+    t = [(r["pred_backward_macs"], r["measured_backward_ms"]) for r in rows
+         if r["status"] == "done" and isinstance(r.get("pred_backward_macs"), (int, float))
+         and isinstance(r.get("measured_backward_ms"), (int, float))]
+    if len(t) >= 3:
+        macs, ms = np.array(t, dtype=float).T
+        corr = float(np.corrcoef(macs, ms)[0, 1]) if macs.std() and ms.std() else float("nan")
+        out += [f"Backward time: the cost model predicts the device's latency, not this host's, "
+                f"so the check is the ordering: Pearson r between predicted backward MACs and "
+                f"measured host backward ms over {len(t)} cells = {corr:.3f}.", ""]
+    return out
+
+
+def _failures(rows: Sequence[dict[str, Any]]) -> list[str]:
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not failed:
+        return []
+    lines = [(r["cell_id"], r.get("error_type"), str(r.get("error") or "")[:200]
+              .replace("|", "/")) for r in failed]
+    return ["## Failed cells", "", *_table(("cell", "error", "reason"), lines), ""]
+
+
+def write_report(spec: StudySpec, *, storage: str | None = None, command: str | None = None,
+                 plots: bool = True) -> dict[str, Path]:
+    """Write ``results.csv``, ``report.md`` and the plots into the study's results directory.
+
+    Args:
+        spec: The study.
+        storage: The database URL the records are in, if not the results directory.
+        command: The report command line, quoted in the report's header.
+        plots: Also draw the PNG plots.
+
+    Returns:
+        The written files by kind (``csv``, ``md``, and one entry per plot).
+    """
+    import json
+
+    from .plots import draw_plots
+    from .published import published_section
+
+    rows = load_rows(spec, storage=storage)
+    out_dir = spec.results_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"csv": write_csv(rows, out_dir / "results.csv")}
+    pngs = draw_plots(spec, rows, out_dir) if plots else {}
+    files.update(pngs)
+    try:
+        runs = json.loads((out_dir / "runs.json").read_text())
+    except (OSError, ValueError):
+        runs = []
+    spec_path = spec.path.as_posix() if spec.path else "SPEC.yaml"
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("done", "failed", "pending")}
+    md = [f"# Study `{spec.name}`", "",
+          f"Generated by `{command or f'budgetsearch study report {spec_path}'}` from "
+          f"`{spec_path}`; cells made by "
+          + (", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command") for r in runs
+                                                        if r.get("command")))
+             or f"`budgetsearch study run {spec_path}`") + ".", ""]
+    if spec.description:
+        md += [spec.description.strip(), ""]
+    d = spec.training
+    md += [f"{len(rows)} cells: {counts['done']} done, {counts['failed']} failed, "
+           f"{counts['pending']} pending. Input {spec.input_size} px; training {d['epochs']} "
+           f"epoch(s), batch {d['batch_size']}, lr {d['lr']}, {d['optimizer']}; cost model "
+           f"{spec.cost['accounting']} accounting, budgets on {spec.cost['memory_measure']} "
+           f"memory; seeds {', '.join(map(str, spec.seeds))}.", ""]
+    md += ["Data: " + "; ".join(
+        f"{x.name} = {x.source} {x.train_split} {x.train_size or 'all'}"
+        + (f" ({x.per_class}/class)" if x.per_class else "")
+        + f" / {x.val_split} {x.val_size or 'all'} (seed {x.seed}"
+        + (f", {x.epochs} epochs" if x.epochs else "") + ")" for x in spec.data), ""]
+    md += _results_tables(rows) + _honest(rows) + _vs_full(rows) + _predictions(rows)
+    md += published_section([m.name for m in spec.models]) + _failures(rows)
+    if pngs:
+        md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in pngs.items()] + [""]
+    files["md"] = _write_text(out_dir / "report.md", "\n".join(md))
+    return files

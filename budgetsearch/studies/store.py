@@ -1,0 +1,286 @@
+"""Where a study keeps its cell records and claims: a directory, or a database shared by machines.
+
+Records are JSON documents, one per cell. A worker **claims** a cell before running it and releases
+the claim when done; a claim is atomic, so two workers (processes, or machines sharing the store)
+never run the same cell. A claim whose worker died is **stale** and may be taken over: on the same
+host when the worker's process no longer exists, on any host when its heartbeat (refreshed every
+``heartbeat_s`` while the cell runs) is older than ``stale_after`` seconds.
+
+- :class:`FileStore` (the default): ``cells/<id>.json`` records written atomically (temporary file
+  + rename) and ``cells/<id>.claim`` claim files created with ``O_CREAT | O_EXCL``. Several
+  machines share a study by pointing at one shared directory (NFS, SMB...) with ``--results``.
+- :class:`SqlStore` (``--storage URL``, any SQLAlchemy URL, e.g. the PostgreSQL URL the search's
+  Optuna studies live in): one table row per cell; a claim is an ``INSERT`` or a conditional
+  ``UPDATE`` (atomic in the database); records are stored in the row and also written as files
+  under the local results directory, which ``study report --storage URL`` fills from the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .spec import StudyError
+
+__all__ = ["FileStore", "SqlStore", "open_store", "worker_id", "write_json_atomic"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def worker_id() -> str:
+    """``host:pid:random``: unique per worker, with the host and process to check liveness."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write JSON through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644 & ~_UMASK)  # mkstemp makes 0600; records are for everyone to read
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, default=_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return repr(obj)
+
+
+def _dead(worker: str, mtime: float, stale_after: float) -> bool:
+    """Whether a claim's worker is gone: its process is missing on this host, or its heartbeat
+    is older than ``stale_after``."""
+    host, _, rest = str(worker).partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return time.time() - mtime > stale_after
+
+
+def _read_records(cells_dir: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted(cells_dir.glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a record is written atomically; anything unreadable is not one
+    return out
+
+
+class FileStore:
+    """Records and claim files in a directory (see the module docstring).
+
+    Args:
+        cells_dir: The ``cells`` directory of the study's results.
+        stale_after: Seconds without heartbeat after which another host's claim is stale.
+    """
+
+    def __init__(self, cells_dir: Path, *, stale_after: float = 600.0) -> None:
+        self.cells_dir = Path(cells_dir)
+        self.stale_after = float(stale_after)  # directories are made on first write
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every record, by cell id."""
+        return _read_records(self.cells_dir)
+
+    def record(self, cell_id: str) -> dict[str, Any] | None:
+        """One cell's record, or None."""
+        try:
+            return json.loads((self.cells_dir / f"{cell_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write(self, cell_id: str, record: dict[str, Any]) -> None:
+        """Store a cell's record atomically."""
+        write_json_atomic(self.cells_dir / f"{cell_id}.json", record)
+
+    def claim(self, cell_id: str, worker: str) -> bool:
+        """Claim a cell; False if another live worker holds it."""
+        path = self.cells_dir / f"{cell_id}.claim"
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = path.read_text().strip()
+                    mtime = path.stat().st_mtime
+                except OSError:
+                    continue  # released meanwhile: try again
+                if not _dead(holder, mtime, self.stale_after):
+                    return False
+                try:  # only one of several workers taking over wins the rename
+                    os.rename(path, path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}"))
+                except FileNotFoundError:
+                    return False
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(worker + "\n")
+            return True
+        return False
+
+    def heartbeat(self, cell_id: str, worker: str) -> None:
+        """Refresh a held claim."""
+        with contextlib.suppress(OSError):
+            os.utime(self.cells_dir / f"{cell_id}.claim")
+
+    def release(self, cell_id: str, worker: str) -> None:
+        """Give a claim up (only the worker's own)."""
+        path = self.cells_dir / f"{cell_id}.claim"
+        try:
+            if path.read_text().strip() == worker:
+                path.unlink()
+        except OSError:
+            pass
+
+    def claims(self) -> dict[str, str]:
+        """Current claims: cell id -> worker."""
+        out = {}
+        for path in self.cells_dir.glob("*.claim"):
+            try:
+                out[path.stem] = path.read_text().strip()
+            except OSError:
+                continue
+        return out
+
+
+class SqlStore(FileStore):
+    """Records and claims in a database table, mirrored to local record files.
+
+    Args:
+        url: A SQLAlchemy database URL (``postgresql://...``, ``sqlite:///study.db``).
+        study: The study's name (rows are keyed by study and cell).
+        cells_dir: Local directory the records are mirrored to.
+        stale_after: Seconds without heartbeat after which a claim is stale.
+    """
+
+    def __init__(self, url: str, *, study: str, cells_dir: Path, stale_after: float = 600.0
+                 ) -> None:
+        import sqlalchemy as sa
+
+        super().__init__(cells_dir, stale_after=stale_after)
+        try:
+            self.engine = sa.create_engine(url)
+            meta = sa.MetaData()
+            self.table = sa.Table(
+                "budgetsearch_study_cells", meta,
+                sa.Column("study", sa.String(200), primary_key=True),
+                sa.Column("cell_id", sa.String(400), primary_key=True),
+                sa.Column("record", sa.Text, nullable=True),
+                sa.Column("worker", sa.String(200), nullable=True),
+                sa.Column("heartbeat", sa.Float, nullable=True),
+            )
+            meta.create_all(self.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StudyError(f"--storage {url}: cannot open the study table: {exc}") from exc
+        self.sa, self.study = sa, study
+
+    def _where(self, cell_id: str) -> Any:
+        t = self.table
+        return (t.c.study == self.study) & (t.c.cell_id == cell_id)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        t = self.table
+        with self.engine.connect() as conn:
+            rows = conn.execute(self.sa.select(t.c.cell_id, t.c.record).where(
+                (t.c.study == self.study) & t.c.record.is_not(None))).all()
+        out = {cid: json.loads(text) for cid, text in rows}
+        for cid, rec in out.items():  # mirror to the local directory
+            if super().record(cid) != rec:
+                super().write(cid, rec)
+        return out
+
+    def record(self, cell_id: str) -> dict[str, Any] | None:
+        t = self.table
+        with self.engine.connect() as conn:
+            text = conn.execute(self.sa.select(t.c.record).where(self._where(cell_id))).scalar()
+        return None if text is None else json.loads(text)
+
+    def write(self, cell_id: str, record: dict[str, Any]) -> None:
+        text = json.dumps(record, default=_default)
+        with self.engine.begin() as conn:
+            conn.execute(self.table.update().where(self._where(cell_id)).values(record=text))
+        super().write(cell_id, record)
+
+    def claim(self, cell_id: str, worker: str) -> bool:
+        sa, t, now = self.sa, self.table, time.time()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(t.insert().values(study=self.study, cell_id=cell_id, worker=worker,
+                                               heartbeat=now))
+            return True
+        except sa.exc.IntegrityError:
+            pass
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(t.c.worker, t.c.heartbeat).where(
+                self._where(cell_id))).first()
+            if row is None:
+                return False
+            holder, beat = row
+            if holder is not None and not _dead(holder, beat or 0.0, self.stale_after):
+                return False
+            cond = t.c.worker.is_(None) if holder is None else (
+                (t.c.worker == holder) & (t.c.heartbeat == beat))
+            done = conn.execute(t.update().where(self._where(cell_id) & cond).values(
+                worker=worker, heartbeat=now))
+            return done.rowcount == 1
+
+    def heartbeat(self, cell_id: str, worker: str) -> None:
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(t.update().where(self._where(cell_id) & (t.c.worker == worker)).values(
+                heartbeat=time.time()))
+
+    def release(self, cell_id: str, worker: str) -> None:
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(t.update().where(self._where(cell_id) & (t.c.worker == worker)).values(
+                worker=None))
+
+    def claims(self) -> dict[str, str]:
+        t = self.table
+        with self.engine.connect() as conn:
+            rows = conn.execute(self.sa.select(t.c.cell_id, t.c.worker).where(
+                (t.c.study == self.study) & t.c.worker.is_not(None))).all()
+        return dict(rows)
+
+
+def open_store(cells_dir: Path, *, storage: str | None = None, study: str = "",
+               stale_after: float = 600.0) -> FileStore:
+    """A :class:`SqlStore` for a database URL, else a :class:`FileStore` on ``cells_dir``
+    (``storage`` may also be a ``file://`` URL or a directory: the cells directory itself)."""
+    if storage is None:
+        return FileStore(cells_dir, stale_after=stale_after)
+    if storage.startswith("file://"):
+        return FileStore(Path(storage[len("file://"):]), stale_after=stale_after)
+    if "://" not in storage:
+        return FileStore(Path(storage), stale_after=stale_after)
+    return SqlStore(storage, study=study, cells_dir=cells_dir, stale_after=stale_after)

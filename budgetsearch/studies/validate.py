@@ -1,0 +1,322 @@
+"""The checks of a study file, section by section (see :mod:`.spec` for the format).
+
+Every message names the file, the field (``methods[2].options``) and the allowed values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import BudgetSearchError
+from .spec import (
+    EXTRA_METHODS,
+    ROLES,
+    SCORE_CRITERIA,
+    UNSAFE_CHARS,
+    Budget,
+    DataSpec,
+    DeviceSpec,
+    MethodEntry,
+    ModelSpec,
+    StudyError,
+    StudySpec,
+)
+
+__all__ = ["validate"]
+
+_TOP = ("name", "description", "data", "input_size", "models", "devices", "methods", "seeds",
+        "training", "cost", "scores", "search", "results_dir", "exclude")
+_DATA = ("name", "source", "train_split", "val_split", "train_size", "val_size", "per_class",
+         "seed", "epochs")
+_MODEL = ("name", "weights", "mcu_dir")
+_DEVICE = ("name", "budgets")
+_BUDGET = ("memory", "latency", "label")
+_METHOD = ("name", "method", "options", "scores", "models", "role")
+_TRAINING = ("epochs", "batch_size", "lr", "optimizer", "options", "keep_artifacts")
+_COST = ("accounting", "memory_measure", "batch_size", "optimizer")
+_SCORES = ("fisher_samples", "micro_batch")
+
+def validate(data: Any, *, path: str | os.PathLike[str] | None = None,
+                   results_dir: str | os.PathLike[str] | None = None) -> StudySpec:
+    """A :class:`StudySpec` from a parsed study file (see :func:`.spec.load_spec`)."""
+    from ..models import list_models
+    from ..profiles import list_profiles
+    from ..selectors import list_methods
+
+    where = str(path) if path is not None else "<study>"
+    path = Path(path) if path is not None else None
+    top = _mapping(data, where, _TOP)
+    name = str(top.get("name") or (path.stem if path else "study"))
+    if UNSAFE_CHARS.search(name):
+        raise StudyError(f"{where}: name: use letters, digits, '.', '_' or '-'; got {name!r}")
+    models = tuple(_model(m, f"{where}: models[{i}]", list_models())
+                   for i, m in enumerate(_list(top, "models", where)))
+    devices = tuple(_device(d, f"{where}: devices[{i}]", list_profiles())
+                    for i, d in enumerate(_list(top, "devices", where)))
+    methods_known = [*list_methods(), *EXTRA_METHODS]
+    methods = tuple(_method(m, f"{where}: methods[{i}]", methods_known, models)
+                    for i, m in enumerate(_list(top, "methods", where)))
+    raw_data = top.get("data", {})
+    variants = raw_data if isinstance(raw_data, list) else [raw_data]
+    if not variants:
+        raise StudyError(f"{where}: data: expected a mapping or a non-empty list of them")
+    datas = tuple(_data(d, f"{where}: data[{i}]") for i, d in enumerate(variants))
+    for what, items in (("models", models), ("devices", devices), ("methods", methods),
+                        ("data", datas)):
+        names = [x.name for x in items]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise StudyError(f"{where}: {what}: duplicate names {', '.join(dup)}; give each "
+                             "entry a distinct name")
+    seeds = top.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise StudyError(f"{where}: seeds: expected a list of integers, got {seeds!r}")
+    training = _section(top, "training", where, _TRAINING,
+                        {"epochs": 1, "batch_size": 32, "lr": 0.05, "optimizer": "sgd",
+                         "options": {}, "keep_artifacts": False})
+    if not isinstance(training["keep_artifacts"], bool):
+        raise StudyError(f"{where}: training.keep_artifacts: expected true or false")
+    for key in ("epochs", "batch_size"):
+        _positive_int(training[key], f"{where}: training.{key}")
+    if not isinstance(training["lr"], (int, float)) or training["lr"] <= 0:
+        raise StudyError(f"{where}: training.lr: expected a positive number, "
+                         f"got {training['lr']!r}")
+    _choice(training["optimizer"], ("sgd", "momentum", "adam"), f"{where}: training.optimizer")
+    cost = _cost(top, where)
+    scores = _section(top, "scores", where, _SCORES, {"fisher_samples": 128, "micro_batch": 16})
+    for key in _SCORES:
+        _positive_int(scores[key], f"{where}: scores.{key}")
+    search = top.get("search") or {}
+    if not isinstance(search, dict):
+        raise StudyError(f"{where}: search: expected a mapping of search options")
+    _known_options(search, _search_options(), f"{where}: search")
+    _known_options(training["options"] or {}, _trainer_options(), f"{where}: training.options")
+    size = _positive_int(top.get("input_size", 128), f"{where}: input_size")
+    base = path.parent if path is not None else Path.cwd()
+    out = Path(results_dir) if results_dir is not None else (
+        base / top["results_dir"] if top.get("results_dir") else base / "results" / name)
+    exclude = _exclude(top.get("exclude") or [], f"{where}: exclude", {
+        "data": [x.name for x in datas], "model": [m.name for m in models],
+        "device": [d.name for d in devices],
+        "budget": [b.label for d in devices for b in d.budgets],
+        "method": [m.name for m in methods], "seed": list(seeds)})
+    return StudySpec(exclude=exclude, name=name, path=path,
+                     description=str(top.get("description") or ""),
+                     data=datas, input_size=size, models=models, devices=devices,
+                     methods=methods, seeds=tuple(seeds), training=training, cost=cost,
+                     scores=scores, search=dict(search), results_dir=out)
+
+
+# ---------------------------------------------------------------------------------- sections
+def _mapping(value: Any, where: str, allowed: Sequence[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StudyError(f"{where}: expected a mapping with keys {', '.join(allowed)}; "
+                         f"got {type(value).__name__}")
+    unknown = [str(k) for k in value if k not in allowed]
+    if unknown:
+        raise StudyError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(allowed)}")
+    return value
+
+
+def _list(top: Mapping[str, Any], key: str, where: str) -> list[Any]:
+    value = top.get(key)
+    if not isinstance(value, list) or not value:
+        raise StudyError(f"{where}: {key}: expected a non-empty list")
+    return value
+
+
+def _section(top: Mapping[str, Any], key: str, where: str, allowed: Sequence[str],
+             defaults: Mapping[str, Any]) -> dict[str, Any]:
+    value = top.get(key) or {}
+    return {**defaults, **_mapping(value, f"{where}: {key}", allowed)}
+
+
+def _choice(value: Any, allowed: Sequence[Any], where: str) -> str:
+    if value not in allowed:
+        raise StudyError(f"{where}: unknown value {value!r}; allowed: "
+                         f"{', '.join(map(str, allowed))}")
+    return str(value)
+
+
+def _positive_int(value: Any, where: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise StudyError(f"{where}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _data(value: Any, where: str) -> DataSpec:
+    d = dict(_mapping(value, where, _DATA))
+    for key in ("train_size", "val_size", "per_class", "epochs"):
+        _positive_int(d.get(key), f"{where}.{key}", optional=True)
+    if not isinstance(d.get("seed", 0), int):
+        raise StudyError(f"{where}.seed: expected an integer, got {d['seed']!r}")
+    return DataSpec(**{k: (str(v) if k in ("name", "source", "train_split", "val_split") else v)
+                       for k, v in d.items()})
+
+
+def _model(value: Any, where: str, known: Sequence[str]) -> ModelSpec:
+    d = {"name": value} if isinstance(value, str) else dict(_mapping(value, where, _MODEL))
+    _choice(d.get("name"), known, f"{where}.name (model)")
+    return ModelSpec(**{k: None if v is None else str(v) for k, v in d.items()})
+
+
+def _device(value: Any, where: str, known: Sequence[str]) -> DeviceSpec:
+    from ..units import parse_bytes, parse_ms
+
+    d = _mapping(value, where, _DEVICE)
+    name = str(d.get("name"))
+    if name not in known and not (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
+        raise StudyError(f"{where}.name: unknown device {name!r}; allowed: {', '.join(known)} "
+                         "or a profile .yaml path")
+    budgets = []
+    for i, raw in enumerate(d.get("budgets") or [None]):
+        w = f"{where}.budgets[{i}]"
+        b = {"memory": raw} if not isinstance(raw, dict) else _mapping(raw, w, _BUDGET)
+        try:
+            memory = None if b.get("memory") in (None, "device") else parse_bytes(
+                b["memory"], what=f"{w}.memory")
+            latency = None if b.get("latency") is None else parse_ms(b["latency"],
+                                                                     what=f"{w}.latency")
+        except BudgetSearchError as exc:
+            raise StudyError(str(exc)) from exc
+        label = b.get("label") or _budget_label(b.get("memory"), memory, latency)
+        budgets.append(Budget(str(label), memory, latency))
+    labels = [b.label for b in budgets]
+    if len(set(labels)) != len(labels):
+        raise StudyError(f"{where}.budgets: duplicate budget labels {labels}; set label:")
+    return DeviceSpec(name, tuple(budgets))
+
+
+def _budget_label(raw: Any, memory: int | None, latency: float | None) -> str:
+    text = "device" if memory is None else (
+        str(raw).replace(" ", "") if isinstance(raw, str) else f"{memory}B")
+    return text + (f"-{latency:g}ms" if latency is not None else "")
+
+
+_DEFAULT_SCORES = {"tinytrain": "fisher", "mit": "magnitude", "mit-scheme": "magnitude",
+                   "neq": "fisher", "search": "fisher", "search-dynamic": "fisher"}
+_DEFAULT_ROLE = {"search": "search", "search-dynamic": "search", "full": "reference",
+                 "random": "baseline"}
+
+
+def _method(value: Any, where: str, known: Sequence[str], models: Sequence[ModelSpec]
+            ) -> MethodEntry:
+    from ..selectors import MIT_SCHEMES, get_method
+
+    d = {"method": value} if isinstance(value, str) else dict(_mapping(value, where, _METHOD))
+    method = _choice(d.get("method"), known, f"{where}.method")
+    options = d.get("options") or {}
+    if not isinstance(options, dict):
+        raise StudyError(f"{where}.options: expected a mapping")
+    if method in ("search", "search-dynamic"):
+        _known_options(options, _search_options(), f"{where}.options")
+    else:
+        selector = "random" if method == "neq-dynamic" else method
+        accepted = get_method(selector).defaults()
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            raise StudyError(f"{where}.options: unknown option(s) {', '.join(map(str, unknown))} "
+                             f"of method {selector}; allowed: {', '.join(accepted) or 'none'}")
+    scores = _choice(d.get("scores", _DEFAULT_SCORES.get(method, "none")), SCORE_CRITERIA,
+                     f"{where}.scores")
+    role = _choice(d.get("role", _DEFAULT_ROLE.get(method, "published")), ROLES, f"{where}.role")
+    names = [m.name for m in models]
+    only = d.get("models")
+    if only is not None:
+        only = [only] if isinstance(only, str) else list(only)
+        for m in only:
+            _choice(m, names, f"{where}.models (a model of this study)")
+    if method == "mit-scheme":
+        bad = [m for m in (only or names) if m not in MIT_SCHEMES]
+        if bad:
+            raise StudyError(f"{where}: mit-scheme has published schemes only for "
+                             f"{', '.join(MIT_SCHEMES)}; not for {', '.join(bad)} (restrict it "
+                             "with models: [...])")
+    label = str(d.get("name") or method)
+    return MethodEntry(label, method, dict(options), scores,
+                       None if only is None else tuple(only), role)
+
+
+def _exclude(value: Any, where: str, known: Mapping[str, list[Any]]
+             ) -> tuple[dict[str, tuple[Any, ...]], ...]:
+    if not isinstance(value, list):
+        raise StudyError(f"{where}: expected a list of patterns such as "
+                         "{method: random, seed: [1, 2]}")
+    out = []
+    for i, raw in enumerate(value):
+        pattern = _mapping(raw, f"{where}[{i}]", list(known))
+        if not pattern:
+            raise StudyError(f"{where}[{i}]: an empty pattern would exclude every cell")
+        fields = {}
+        for field, values in pattern.items():
+            values = values if isinstance(values, list) else [values]
+            for v in values:
+                _choice(v, known[field], f"{where}[{i}].{field}")
+            fields[field] = tuple(values)
+        out.append(fields)
+    return tuple(out)
+
+
+def _cost(top: Mapping[str, Any], where: str) -> dict[str, Any]:
+    from ..cost import ACCOUNTINGS
+    from ..selectors import MEMORY_MEASURES
+
+    cost = _section(top, "cost", where, _COST, {"accounting": "device", "memory_measure": "peak",
+                                                 "batch_size": None, "optimizer": None})
+    _choice(cost["accounting"], ACCOUNTINGS, f"{where}: cost.accounting")
+    _choice(cost["memory_measure"], MEMORY_MEASURES, f"{where}: cost.memory_measure")
+    _positive_int(cost["batch_size"], f"{where}: cost.batch_size", optional=True)
+    if cost["optimizer"] is not None:
+        _choice(cost["optimizer"], ("sgd", "momentum", "adam"), f"{where}: cost.optimizer")
+    return cost
+
+
+#: Arguments the study sets itself (not options of a spec).
+_SET_BY_STUDY = frozenset({
+    "self", "model", "plan", "train_data", "val_data", "epochs", "out_dir", "batch_size", "lr",
+    "optimizer", "seed", "dynamic", "cost_model", "progress", "scores", "budget_bytes",
+    "latency_budget_ms", "memory_measure", "scores_source"})
+
+
+def _signature_options(cls: Any, extra: Sequence[str] = ()) -> list[str] | None:
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    return sorted({*(p for p in params if p not in _SET_BY_STUDY), *extra})
+
+
+def _search_options() -> list[str] | None:
+    try:
+        from ..search import Search
+    except ImportError:  # the search is not there: options are checked when it runs
+        return None
+    from .adapters import RUN_OPTIONS
+
+    return _signature_options(Search, RUN_OPTIONS)
+
+
+def _trainer_options() -> list[str] | None:
+    try:
+        from ..trainer import Trainer
+    except ImportError:
+        return None
+    return _signature_options(Trainer)
+
+
+def _known_options(options: Mapping[str, Any], allowed: list[str] | None, where: str) -> None:
+    if not isinstance(options, Mapping):
+        raise StudyError(f"{where}: expected a mapping of options")
+    unknown = [str(k) for k in options if allowed is not None and k not in allowed]
+    if unknown:
+        raise StudyError(f"{where}: unknown option(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(allowed or [])}")
+
+

@@ -1,0 +1,210 @@
+"""Dynamic plans: re-select the trained channels every K epochs under the same budget.
+
+- ``neq`` (Quelennec et al., WACVW'24): every layer's output-channel velocities are recorded on a
+  fixed probe set before training and after every epoch (:class:`~budgetsearch.criteria.NEqTracker`;
+  velocities exist from the third record on, i.e. after epoch 2); at a re-selection the ``neq``
+  selector ranks channels by ``|velocity|`` per parameter and fills the budget. Until velocities
+  exist the initial plan is kept (the "static scheme" of epoch 0).
+- ``fisher`` (TinyTrain-style): at a re-selection the Fisher potential is recomputed on a fixed
+  subset of the training data with the current weights, and the ``tinytrain`` selector picks
+  layers and top-K channels under the budget.
+
+The budget is the plan's memory budget (or the one given) measured by the cost model of the plan's
+device at the trainer's batch size, input size and optimizer, under the plan's memory measure. Both
+selections run on the model with the plan removed (plain modules), then the new plan is applied.
+
+Who picks the new plan (``method``): ``search``, the budget search's re-planning
+(:func:`budgetsearch.search.replan`, seeded with the plan in use, ``search_trials`` trials, seed
+``seed + epoch`` so a resumed run re-plans identically); ``selector``, the ``neq`` / ``tinytrain``
+selector; ``auto`` (default), the search when :mod:`budgetsearch.search` is installed, else the
+selector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..cost import CostModel
+from ..criteria import NEqTracker, fisher_potential
+from ..criteria.base import preserved_state
+from ..errors import BudgetError, PlanError, SearchError
+from ..graph import LayerGraph
+from ..plan import Plan
+
+__all__ = ["DYNAMIC_MODES", "REPLAN_METHODS", "Replanner", "search_available"]
+
+DYNAMIC_MODES = ("neq", "fisher")
+REPLAN_METHODS = ("auto", "search", "selector")
+
+
+def search_available() -> bool:
+    """Whether the budget search's re-planning API (:mod:`budgetsearch.search`) is installed."""
+    try:
+        from ..search import replan  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Replanner:
+    """Re-selection state for one training run.
+
+    Args:
+        kind: ``"neq"`` or ``"fisher"``.
+        cost_model: Cost model the selections are measured with.
+        budget_bytes: Memory budget, under ``memory_measure``.
+        memory_measure: ``"peak"`` or ``"training"``.
+        probe: NEq's fixed probe inputs (``neq``).
+        fisher_batches: Fixed ``(inputs, labels)`` batches for the Fisher pass (``fisher``).
+        seed: Seed passed to the selector or the search.
+        method: ``auto``, ``search`` or ``selector`` (see the module docstring).
+        search_trials: Trials of each search re-plan.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        cost_model: CostModel,
+        budget_bytes: int,
+        memory_measure: str = "peak",
+        probe: Tensor | None = None,
+        fisher_batches: Sequence[tuple[Tensor, Tensor]] = (),
+        seed: int = 0,
+        method: str = "auto",
+        search_trials: int = 100,
+    ) -> None:
+        if method not in REPLAN_METHODS:
+            raise PlanError(f"method must be one of {', '.join(REPLAN_METHODS)}; got {method!r}")
+        if method == "search" and not search_available():
+            raise PlanError("re-planning by search needs budgetsearch.search, which is missing")
+        if kind not in DYNAMIC_MODES:
+            raise PlanError(f"dynamic must be one of {', '.join(DYNAMIC_MODES)}; got {kind!r}")
+        if kind == "neq" and (probe is None or probe.shape[0] < 1):
+            raise PlanError("dynamic neq needs probe inputs")
+        if kind == "fisher" and not fisher_batches:
+            raise PlanError("dynamic fisher needs batches for the Fisher pass")
+        self.kind, self.cost_model = kind, cost_model
+        self.budget_bytes, self.memory_measure = int(budget_bytes), memory_measure
+        self.probe, self.fisher_batches = probe, list(fisher_batches)
+        self.seed, self.search_trials = seed, int(search_trials)
+        self.method = ("search" if search_available() else "selector") if method == "auto" \
+            else method
+        self.tracker: NEqTracker | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # --------------------------------------------------------------------------------- NEq
+    def start(self, model: nn.Module) -> None:
+        """Create the NEq tracker on the plain model (before any plan is applied)."""
+        if self.kind == "neq":
+            assert self.probe is not None
+            self.tracker = NEqTracker(model, self.probe)
+
+    def record(self, model: nn.Module, graph: LayerGraph) -> None:
+        """Record every layer's outputs on the probe set (NEq only; works with a plan applied)."""
+        if self.tracker is None:
+            return
+        self.tracker.update(_layer_outputs(model, graph, self.probe))
+
+    # ---------------------------------------------------------------------------- selection
+    def replan(self, model: nn.Module, plan: Plan, *, epoch: int) -> Plan | None:
+        """A new plan for the plain model, or None to keep ``plan`` (NEq velocities not ready yet,
+        or no plan of the method fits). Records what happened in :attr:`history`."""
+        if self.kind == "neq":
+            assert self.tracker is not None
+            if not self.tracker.ready:
+                self._note(epoch, "kept", "NEq velocities need 3 records (after epoch 2)")
+                return None
+            scores, method = self.tracker.scores(), "neq"
+        else:
+            samples = sum(int(x.shape[0]) for x, _ in self.fisher_batches)
+            scores = fisher_potential(model, self.fisher_batches, samples=samples)
+            method = "tinytrain"
+        try:
+            if self.method == "search":
+                from ..search import replan
+
+                method = "search"
+                new = replan(cost_model=self.cost_model, scores=scores,
+                             budget_bytes=self.budget_bytes, previous=plan,
+                             trials=self.search_trials, seed=self.seed + epoch,
+                             memory_measure=self.memory_measure)
+            else:
+                from ..selectors import select
+
+                new = select(method, cost_model=self.cost_model, budget_bytes=self.budget_bytes,
+                             scores=scores, seed=self.seed, memory_measure=self.memory_measure)
+        except (BudgetError, SearchError) as exc:
+            self._note(epoch, "kept", f"no {method} plan fits: {exc}")
+            return None
+        new = new.with_(filter_mode=plan.filter_mode,
+                        provenance={**new.provenance, "dynamic": self.kind, "epoch": epoch})
+        self._note(epoch, "replanned", f"{method}: {len(new.updates)} layers, "
+                   f"{new.predicted.get('trainable_params', 0)} trainable parameters")
+        return new
+
+    def _note(self, epoch: int, action: str, why: str) -> None:
+        self.history.append({"epoch": epoch, "action": action, "why": why})
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors and JSON state to checkpoint (the NEq records)."""
+        meta: dict[str, Any] = {"kind": self.kind, "history": self.history}
+        tensors: dict[str, Tensor] = {}
+        if self.tracker is not None:
+            t = self.tracker
+            meta["records"] = t.records
+            for prefix, table in (("previous", t._previous), ("phi", t.phi),
+                                  ("velocity", t.velocity)):
+                tensors.update({f"{prefix}/{name}": v for name, v in table.items()})
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+        self.history = list(meta.get("history", []))
+        if self.tracker is None:
+            return
+        t = self.tracker
+        t.records = int(meta.get("records", 0))
+        tables: dict[str, dict[str, Tensor]] = {"previous": {}, "phi": {}, "velocity": {}}
+        for key, value in tensors.items():
+            prefix, _, name = key.partition("/")
+            if prefix in tables:
+                tables[prefix][name] = value
+        t._previous, t.phi, t.velocity = tables["previous"], tables["phi"], tables["velocity"]
+
+
+@torch.no_grad()
+def _layer_outputs(model: nn.Module, graph: LayerGraph, probe: Tensor,
+                   batch_size: int = 32) -> dict[str, Tensor]:
+    """Every trainable layer's output on ``probe`` as (N, C, D), looked up by name so that it
+    works whether the plan's modules or the plain ones are in place."""
+    collected: dict[str, list[Tensor]] = {name: [] for name in graph.layers}
+
+    def make(name: str, is_conv: bool):
+        def hook(_module: nn.Module, _args: Any, out: Tensor) -> None:
+            n = out.shape[0]
+            if is_conv:
+                maps = out.reshape(n, out.shape[1], -1)
+            else:
+                maps = out.reshape(n, -1, out.shape[-1]).transpose(1, 2)
+            collected[name].append(maps.detach().clone())
+
+        return hook
+
+    handles = []
+    try:
+        for name, layer in graph.layers.items():
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(make(name, len(layer.weight_shape) == 4)))
+        with preserved_state(model, eval_mode=True):
+            for start in range(0, probe.shape[0], batch_size):
+                model(probe[start:start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts) for name, parts in collected.items() if parts}

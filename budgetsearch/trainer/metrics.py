@@ -1,0 +1,102 @@
+"""The metrics files of a run: ``metrics.json`` (everything) and ``metrics.csv`` (per epoch).
+
+``metrics.json`` holds ``status`` (``running``, ``completed`` or ``diverged``), ``reason`` (why it
+stopped, if it did not complete), the run's configuration and plan summary, one row per epoch
+(:data:`EPOCH_FIELDS`), and the summary: ``best_val_accuracy`` and ``best_epoch``,
+``final_val_accuracy``, mean ``images_per_s``, ``saved_activation_bytes`` (as measured on the first
+step of the last epoch), mean ``backward_ms`` per step. Both files are rewritten atomically after
+every epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EPOCH_FIELDS", "epoch_line", "summarize", "write_metrics"]
+
+#: Columns of ``metrics.csv``, one row per epoch (epochs counted from 1).
+EPOCH_FIELDS = (
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "images_per_s",
+    "epoch_s",
+    "step_ms",
+    "forward_ms",
+    "backward_ms",
+    "saved_activation_bytes",
+    "trainable_params",
+    "updated_layers",
+    "replanned",
+)
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Best and final accuracy, mean speed and the last measured memory of the epoch rows."""
+    if not rows:
+        return {"best_val_accuracy": None, "best_epoch": None, "final_val_accuracy": None,
+                "images_per_s": None, "saved_activation_bytes": None, "backward_ms": None}
+    scored = [r for r in rows if _finite(r.get("val_accuracy"))]
+    best = max(scored, key=lambda r: r["val_accuracy"]) if scored else None
+    return {
+        "best_val_accuracy": best["val_accuracy"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "final_val_accuracy": rows[-1].get("val_accuracy"),
+        "images_per_s": _mean([r.get("images_per_s") for r in rows]),
+        "saved_activation_bytes": rows[-1].get("saved_activation_bytes"),
+        "backward_ms": _mean([r.get("backward_ms") for r in rows]),
+    }
+
+
+def write_metrics(out_dir: str | os.PathLike[str], document: Mapping[str, Any]) -> None:
+    """Write ``metrics.json`` (the document) and ``metrics.csv`` (its ``epochs`` rows)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "metrics.json", json.dumps(document, indent=1, default=str) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(EPOCH_FIELDS), extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in document.get("epochs", []):
+        writer.writerow({k: row.get(k, "") for k in EPOCH_FIELDS})
+    _atomic_text(out / "metrics.csv", buf.getvalue())
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    ok = [float(v) for v in values if _finite(v)]
+    return sum(ok) / len(ok) if ok else None
+
+
+def epoch_line(row: Mapping[str, Any], epochs: int) -> str:
+    """One line summarising an epoch row, for the console."""
+    val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}"
+           if row.get("val_accuracy") is not None else "no validation")
+    return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} acc "
+            f"{row['train_accuracy']:.4f}; {val}; {row['images_per_s']:.1f} img/s; saved "
+            f"activations {row['saved_activation_bytes'] / 2**20:.1f} MB/step; backward "
+            f"{row['backward_ms']:.0f} ms/step" + ("; re-planned" if row.get("replanned") else ""))

@@ -1,0 +1,310 @@
+"""The study runner with injected plan and train functions: resume, failures, claims, workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from budgetsearch.errors import BudgetError
+from budgetsearch.graph import LayerGraph
+from budgetsearch.plan import LayerUpdate, Plan
+from budgetsearch.studies import (
+    FileStore,
+    NotWiredError,
+    SqlStore,
+    cell_status,
+    run_study,
+    spec_from_dict,
+)
+
+LOG_ENV = "BUDGETSEARCH_TEST_STUDY_LOG"
+_GRAPH: list[LayerGraph] = []
+
+
+def _spec(tmp_path: Path, **changes):
+    data = {
+        "name": "fake",
+        "data": {"source": "cifar10", "train_size": 8, "val_size": 8},
+        "input_size": 8,
+        "models": ["mcunet-5fps"],
+        "devices": [{"name": "stm32f746", "budgets": ["64KB", "128KB"]}],
+        "methods": [{"name": "a", "method": "tinytl"}, {"name": "b", "method": "last-k"},
+                    {"name": "boom", "method": "random"}],
+        "seeds": [0, 1],
+    }
+    data.update(changes)
+    return spec_from_dict(data, path=tmp_path / "fake.yaml")
+
+
+def _graph() -> LayerGraph:
+    if not _GRAPH:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        _GRAPH.append(LayerGraph.from_model(net, input_size=8, model_name="tiny"))
+    return _GRAPH[0]
+
+
+def fake_plan(cell, ctx):
+    """A real Plan on a tiny model; method ``boom`` is infeasible at the 64KB budget."""
+    if cell.method.name == "boom" and cell.budget.label == "64KB":
+        raise BudgetError("method random: no plan fits 64 KB", minimum_bytes=70000)
+    budget = cell.budget.memory_bytes
+    updates = {"6": LayerUpdate("weight")}
+    if cell.method.name == "b":
+        updates["2"] = LayerUpdate("weight", channels=(0, 1), axis="out")
+    mem = int(budget * (0.8 if cell.method.name == "a" else 0.9))
+    return Plan.from_layers(
+        _graph(), updates, device=cell.device, memory_budget_bytes=budget,
+        predicted={"peak_memory_bytes": mem, "training_memory_bytes": mem // 2,
+                   "saved_activation_bytes": 1000, "forward_macs": 10, "backward_macs": 5,
+                   "latency_ms": 1.0, "trainable_params": 10},
+        provenance={"method": cell.method.method, "memory_bytes": mem, "fits": True})
+
+
+def fake_train(cell, plan, ctx):
+    """Logs the cell (to detect duplicates across processes) and returns trainer-like metrics."""
+    log = os.environ.get(LOG_ENV)
+    if log:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (cell.id + "\n").encode())
+        finally:
+            os.close(fd)
+        time.sleep(0.05)
+    acc = 0.5 + 0.1 * (cell.method.name == "b") + 0.01 * cell.seed
+    return {"best_val_accuracy": acc, "final_val_accuracy": acc - 0.01,
+            "saved_activation_bytes": 1000, "backward_ms": 2.0, "train_seconds": 0.1}
+
+
+def _records(spec):
+    return FileStore(spec.cells_dir).records()
+
+
+def test_every_cell_recorded_and_a_failed_cell_does_not_stop_the_study(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    out = io.StringIO()
+    summary = run_study(spec, plan_fn=fake_plan, train_fn=fake_train, progress=False, out=out)
+    cells = spec.cells()
+    assert len(summary.ran) == len(cells) - 2 and len(summary.failed) == 2
+    recs = _records(spec)
+    assert set(recs) == {c.id for c in cells}
+    failed = [r for r in recs.values() if r["status"] == "failed"]
+    assert {r["key"]["method"] for r in failed} == {"boom"}
+    assert failed[0]["error"]["type"] == "BudgetError"
+    assert failed[0]["error"]["permanent"] and failed[0]["error"]["minimum_bytes"] == 70000
+    done = recs["default__mcunet-5fps__stm32f746__128KB__b__s1"]
+    assert done["metrics"]["best_accuracy"] == pytest.approx(0.61)
+    assert done["layers"] == {"0": None, "2": 0.5, "6": 1.0}
+    assert (spec.cells_dir / done["plan_file"]).is_file()
+    assert "failed default__mcunet-5fps__stm32f746__64KB__boom__s0: BudgetError" in out.getvalue()
+    # permanent failures are not retried, unless asked
+    again = run_study(spec, plan_fn=fake_plan, train_fn=fake_train, progress=False,
+                      out=io.StringIO())
+    assert not again.ran and not again.failed and len(again.skipped) == len(cells)
+    retry = run_study(spec, plan_fn=fake_plan, train_fn=fake_train, progress=False,
+                      out=io.StringIO(), retry_failed=True)
+    assert len(retry.failed) == 2 and not retry.ran
+
+
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so the runner must not record it."""
+
+
+def test_resume_after_a_kill_between_cells(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, methods=[{"name": "a", "method": "tinytl"}])
+    calls = []
+
+    def dying(cell, plan, ctx):
+        if len(calls) == 2:
+            raise Killed
+        calls.append(cell.id)
+        return fake_train(cell, plan, ctx)
+
+    with pytest.raises(Killed):
+        run_study(spec, plan_fn=fake_plan, train_fn=dying, progress=False, out=io.StringIO())
+    assert set(_records(spec)) == set(calls) and len(calls) == 2
+    assert not list(spec.cells_dir.glob("*.claim"))  # the interrupted cell's claim was released
+    ran = []
+
+    def counting(cell, plan, ctx):
+        ran.append(cell.id)
+        return fake_train(cell, plan, ctx)
+
+    summary = run_study(spec, plan_fn=fake_plan, train_fn=counting, progress=False,
+                        out=io.StringIO())
+    assert sorted(summary.skipped) == sorted(calls)
+    assert set(ran) == {c.id for c in spec.cells()} - set(calls)
+    assert all(r["status"] == "done" for r in _records(spec).values())
+
+
+def test_missing_integration_is_retried_and_spec_changes_rerun_cells(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, methods=[{"name": "a", "method": "tinytl"}], seeds=[0])
+
+    def unwired(cell, plan, ctx):
+        raise NotWiredError("training: not there yet")
+
+    run_study(spec, plan_fn=fake_plan, train_fn=unwired, progress=False, out=io.StringIO())
+    first = spec.cells()[0]
+    rec = _records(spec)[first.id]
+    assert rec["status"] == "failed" and not rec["error"]["permanent"]
+    assert cell_status(first, rec) == "retry"
+    summary = run_study(spec, plan_fn=fake_plan, train_fn=fake_train, progress=False,
+                        out=io.StringIO())
+    assert len(summary.ran) == 2
+    changed = _spec(tmp_path, methods=[{"name": "a", "method": "tinytl"}], seeds=[0],
+                    training={"epochs": 3})
+    assert {cell_status(c, _records(changed).get(c.id)) for c in changed.cells()} == {"outdated"}
+    assert len(run_study(changed, plan_fn=fake_plan, train_fn=fake_train, progress=False,
+                         out=io.StringIO()).ran) == 2
+
+
+def test_claims_live_and_stale(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, methods=[{"name": "a", "method": "tinytl"}], seeds=[0])
+    store = FileStore(spec.cells_dir)
+    live, dead = spec.cells()
+    host = socket.gethostname()
+    assert store.claim(live.id, f"{host}:{os.getpid()}:x")  # held by a live process
+    dead_pid = _dead_pid()
+    (spec.cells_dir / f"{dead.id}.claim").write_text(f"{host}:{dead_pid}:y\n")
+    summary = run_study(spec, plan_fn=fake_plan, train_fn=fake_train, progress=False,
+                        out=io.StringIO())
+    assert summary.claimed_elsewhere == [live.id]
+    assert summary.ran == [dead.id]  # the dead worker's claim was taken over
+    other = FileStore(spec.cells_dir, stale_after=0.0)  # another host's claim goes stale too
+    (spec.cells_dir / f"{live.id}.claim").write_text("elsewhere:1:z\n")
+    time.sleep(0.01)
+    assert other.claim(live.id, "me:2:w") and not store.claim(live.id, "you:3:v")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _run_in_process(spec_path: str, log: str, results: str, me: int) -> None:
+    os.environ[LOG_ENV] = log
+    from budgetsearch.studies import load_spec
+
+    spec = load_spec(spec_path, results_dir=results)
+    ready = Path(log).with_name(f"ready-{me}")
+    ready.touch()
+    deadline = time.time() + 60
+    while len(list(ready.parent.glob("ready-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.01)  # both processes start their cells together
+    run_study(spec, plan_fn=fake_plan, train_fn=fake_train, progress=False, out=io.StringIO())
+
+
+def _write_spec(tmp_path: Path) -> Path:
+    import yaml
+
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "fake", "data": {"source": "cifar10"}, "input_size": 8,
+        "models": ["mcunet-5fps"],
+        "devices": [{"name": "stm32f746", "budgets": ["64KB", "96KB", "128KB"]}],
+        "methods": [{"name": "a", "method": "tinytl"}, {"name": "b", "method": "last-k"}],
+        "seeds": [0, 1]}))
+    return path
+
+
+def test_two_concurrent_runs_never_run_a_cell_twice(tmp_path: Path) -> None:
+    path, log = _write_spec(tmp_path), tmp_path / "log.txt"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_run_in_process,
+                         args=(str(path), str(log), str(tmp_path / "r"), i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    lines = log.read_text().split()
+    assert len(lines) == len(set(lines)) == 12
+
+
+def test_two_concurrent_runs_in_threads_share_the_cells(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    from budgetsearch.studies import load_spec
+
+    path, log = _write_spec(tmp_path), tmp_path / "log.txt"
+    monkeypatch.setenv(LOG_ENV, str(log))
+    spec = load_spec(path)
+    barrier = threading.Barrier(2)
+    summaries = []
+
+    def run() -> None:
+        barrier.wait()
+        summaries.append(run_study(spec, plan_fn=fake_plan, train_fn=fake_train,
+                                   progress=False, out=io.StringIO()))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    lines = log.read_text().split()
+    assert len(lines) == len(set(lines)) == 12
+    ran = [set(s.ran) for s in summaries]
+    assert not ran[0] & ran[1] and len(ran[0] | ran[1]) == 12
+    assert all(s.ran for s in summaries)  # both took part
+
+
+def test_workers_run_cells_in_parallel_processes_once_each(tmp_path: Path, monkeypatch) -> None:
+    path, log = _write_spec(tmp_path), tmp_path / "log.txt"
+    monkeypatch.setenv(LOG_ENV, str(log))
+    from budgetsearch.studies import load_spec
+
+    spec = load_spec(path)
+    summary = run_study(spec, workers=2, plan_fn=fake_plan, train_fn=fake_train,
+                        progress=False, out=io.StringIO())
+    lines = log.read_text().split()
+    assert len(summary.ran) == 12 and sorted(lines) == sorted(summary.ran)
+    assert len({json.loads(p.read_text())["worker"].split(":")[1]
+                for p in spec.cells_dir.glob("*.json")}) >= 1
+
+
+def test_sql_store_shares_claims_and_records(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = _spec(tmp_path, methods=[{"name": "a", "method": "tinytl"}], seeds=[0])
+    a = SqlStore(url, study="fake", cells_dir=tmp_path / "a")
+    b = SqlStore(url, study="fake", cells_dir=tmp_path / "b")
+    cid, done = spec.cells()[0].id, {"status": "done", "config_hash": spec.cells()[0].config_hash()}
+    assert a.claim(cid, f"{socket.gethostname()}:{os.getpid()}:a")
+    assert not b.claim(cid, "elsewhere:1:b")
+    a.write(cid, {**done, "x": 1})
+    a.release(cid, f"{socket.gethostname()}:{os.getpid()}:a")
+    assert b.record(cid) == {**done, "x": 1}
+    assert b.records() == {cid: {**done, "x": 1}}
+    assert json.loads((tmp_path / "b" / f"{cid}.json").read_text())["x"] == 1  # mirrored
+    summary = run_study(spec, storage=url, plan_fn=fake_plan, train_fn=fake_train,
+                        progress=False, out=io.StringIO())
+    assert summary.skipped == [cid] and len(summary.ran) == 1
+
+
+def test_unwired_search_dynamic_fails_fast_and_is_retried(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from budgetsearch.cli import main
+
+    path = tmp_path / "dyn.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "dyn", "data": {"source": "cifar10"}, "models": ["mcunet-5fps"],
+        "devices": [{"name": "stm32f746", "budgets": ["64KB"]}], "methods": ["search-dynamic"]}))
+    assert main(["study", "run", str(path), "--no-progress"]) == 1  # needs attention
+    out = capsys.readouterr().out
+    assert "NotWiredError" in out and "run again on the next `study run`" in out
+    rec = next(iter(FileStore(tmp_path / "results" / "dyn" / "cells").records().values()))
+    assert rec["error"]["type"] == "NotWiredError" and not rec["error"]["permanent"]
+    assert rec["seconds"] < 5  # refused before any model, data or search work

@@ -1,0 +1,130 @@
+"""Study files: validation errors name the field and the allowed values; cells and their ids."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from budgetsearch.cli import main
+from budgetsearch.studies import StudyError, load_spec, spec_from_dict
+from budgetsearch.studies import spec as spec_module
+
+BASE = {
+    "name": "t",
+    "data": {"source": "cifar10", "train_size": 20, "val_size": 20},
+    "input_size": 32,
+    "models": [{"name": "mcunet-5fps"}],
+    "devices": [{"name": "stm32f746", "budgets": ["64KB", {"memory": "128KB", "latency": "2s"}]}],
+    "methods": ["tinytrain", {"name": "gf", "method": "last-k",
+                              "options": {"k": 2, "blocks": True, "patch_size": 4}}],
+    "seeds": [0, 1],
+}
+
+
+def _with(**changes):
+    data = copy.deepcopy(BASE)
+    data.update(changes)
+    return data
+
+
+def _error(data) -> str:
+    with pytest.raises(StudyError) as info:
+        spec_from_dict(data, path="s.yaml")
+    return str(info.value)
+
+
+def test_valid_spec_and_cells(tmp_path: Path) -> None:
+    spec = spec_from_dict(BASE, path=tmp_path / "t.yaml")
+    cells = spec.cells()
+    assert len(cells) == 1 * 1 * 2 * 2 * 2
+    assert len({c.id for c in cells}) == len(cells)
+    assert spec.results_dir == tmp_path / "results" / "t"
+    assert [b.label for b in spec.devices[0].budgets] == ["64KB", "128KB-2000ms"]
+    assert spec.devices[0].budgets[1].latency_ms == 2000.0
+    assert spec.methods[1].role == "published" and spec.methods[0].scores == "fisher"
+    assert cells[0].id == "default__mcunet-5fps__stm32f746__64KB__tinytrain__s0"
+
+
+def test_config_hash_follows_the_recipe() -> None:
+    a = spec_from_dict(BASE).cells()[0]
+    b = spec_from_dict(_with(training={"epochs": 2})).cells()[0]
+    c = spec_from_dict(_with(training={"keep_artifacts": True})).cells()[0]
+    assert a.id == b.id and a.config_hash() != b.config_hash()
+    assert a.config_hash() == c.config_hash()  # keeping artifacts changes no result
+
+
+@pytest.mark.parametrize("data, pattern", [
+    (_with(colour="red"), r"unknown key\(s\) colour; allowed: name, description, data"),
+    (_with(models=["resnet9000"]), r"models\[0\]\.name.*'resnet9000'.*allowed:.*mcunet-5fps"),
+    (_with(devices=[{"name": "toaster"}]), r"devices\[0\]\.name: unknown device 'toaster'; "
+                                            r"allowed: .*stm32f746"),
+    (_with(methods=["magic"]), r"methods\[0\]\.method: unknown value 'magic'; allowed: .*"
+                               r"tinytrain.*search.*neq-dynamic"),
+    (_with(methods=[{"method": "last-k", "options": {"depth": 3}}]),
+     r"unknown option\(s\) depth of method last-k; allowed: k, blocks, patch_size"),
+    (_with(methods=[{"method": "search", "options": {"trails": 3}}]),
+     r"unknown option\(s\) trails; allowed: .*trials"),
+    (_with(methods=[{"method": "tinytl", "colour": 1}]), r"methods\[0\]: unknown key\(s\) colour"),
+    (_with(models=["mobilenet_v2"], methods=["mit-scheme"]),
+     r"mit-scheme has published schemes only for .*not for mobilenet_v2"),
+    (_with(methods=["tinytl", "tinytl"]), r"methods: duplicate names tinytl"),
+    (_with(devices=[{"name": "stm32f746", "budgets": ["lots"]}]), r"budgets\[0\]\.memory"),
+    (_with(seeds=["a"]), r"seeds: expected a list of integers"),
+    (_with(training={"epochs": 0}), r"training\.epochs: expected a positive integer"),
+    (_with(training={"options": {"warp": 9}}), r"training\.options: unknown option\(s\) warp"),
+    (_with(cost={"accounting": "abacus"}), r"cost\.accounting: unknown value 'abacus'; allowed: "
+                                           r"pytorch, ops, device"),
+    (_with(data={"source": "cifar10", "size": 3}), r"data\[0\]: unknown key\(s\) size"),
+    (_with(methods=[{"method": "tinytl", "models": ["resnet18"]}]),
+     r"models \(a model of this study\).*'resnet18'"),
+])
+def test_bad_spec_names_the_field_and_the_allowed_values(data, pattern: str) -> None:
+    assert re.search(pattern, _error(data)), _error(data)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(StudyError, match="malformed YAML"):
+        load_spec(bad)
+    with pytest.raises(StudyError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_docstring_example_is_a_valid_spec() -> None:
+    text = spec_module.__doc__.split("::", 1)[1].split("\n\nA method mapping")[0]
+    spec = spec_from_dict(yaml.safe_load(text))
+    assert spec.name == "smoke" and [m.name for m in spec.methods] == [
+        "tinytrain", "gf-b2-r4", "mit-scheme", "search"]
+
+
+def test_shipped_studies_are_valid() -> None:
+    root = Path(__file__).resolve().parents[2] / "studies"
+    files = sorted(root.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"smoke", "mcu_budgets", "gradient_filtering",
+                                      "device_fronts"}
+    for f in files:
+        assert load_spec(f).cells(), f
+
+
+def test_cli_reports_a_bad_spec_before_running(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_with(methods=["magic"])))
+    assert main(["study", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown value 'magic'" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_dry_run_lists_cells_and_an_estimate(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    assert main(["study", "run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 cells (8 pending)" in out and "estimate: 8 cells to run" in out
+    assert out.count("pending  default__mcunet-5fps") == 8
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing

@@ -1,0 +1,294 @@
+"""apply_plan wiring: gradients of every plan kind, exact remove(), bad plans refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from budgetsearch.errors import PlanError
+from budgetsearch.graph import LayerGraph
+from budgetsearch.models.mcu import Clamp
+from budgetsearch.ops import PlannedConv2d, PlannedLinear, filtered_conv2d
+from budgetsearch.plan import LayerUpdate, Plan
+from budgetsearch.trainer import (
+    FrozenBatchNorm,
+    MaskedActivation,
+    active_plan,
+    apply_plan,
+    remove_plan,
+)
+
+torch.set_num_threads(1)
+DT = torch.float64
+SIZE = 10
+
+
+class Toy(nn.Module):
+    """Conv-BN-ReLU6, depthwise, a conv with its own bias + Clamp, a residual add, a grouped conv
+    with Hardtanh, global pooling and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU6(inplace=True))
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),
+                                nn.BatchNorm2d(8), nn.ReLU())
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.act = Clamp(-1.0, 1.0)
+        self.grp = nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1, groups=2, bias=False),
+                                 nn.BatchNorm2d(12), nn.Hardtanh(-2.0, 2.0))
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.act(self.pw(self.dw(x)))
+        x = self.grp(x)
+        return self.head(x.mean((2, 3)))
+
+
+def make_toy(seed: int = 0) -> tuple[Toy, LayerGraph]:
+    torch.manual_seed(seed)
+    model = Toy()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    graph = LayerGraph.from_model(model, input_size=SIZE, model_name="toy")
+    return model.to(DT), graph
+
+
+def plans(graph: LayerGraph) -> dict[str, Plan]:
+    def p(updates: dict) -> Plan:
+        return Plan.from_layers(graph, updates)
+
+    W = LayerUpdate
+    return {
+        "bias-only": Plan.bias_only(graph),
+        "weight-all": Plan.full(graph),
+        "out-subset": p({"dw.0": W("weight", channels=(1, 4, 6)),
+                         "grp.0": W("weight", channels=(0, 5, 11)), "head": W("weight")}),
+        "in-subset": p({"pw": W("weight", channels=(0, 3, 7), axis="in"),
+                        "grp.0": W("weight", channels=(2, 5), axis="in"),
+                        "head": W("weight", channels=(1, 2), axis="in")}),
+        "filtered-r2": p({"stem.0": W("bias"), "pw": W("weight", patch_size=2),
+                          "grp.0": W("weight", patch_size=2), "head": W("weight")}),
+        "filtered-r4": p({"stem.0": W("weight", patch_size=4), "dw.0": W("weight", patch_size=4),
+                          "head": W("bias")}),
+        "filtered-subset": p({"stem.0": W("bias"),
+                              "pw": W("weight", channels=(1, 2), axis="in", patch_size=2),
+                              "grp.0": W("weight", channels=(0, 7), patch_size=2),
+                              "head": W("weight", channels=(3,))}),
+    }
+
+
+class RefFiltered(nn.Module):
+    """The filtered operator on the full weight: the reference for a filtered layer's wiring."""
+
+    def __init__(self, conv: nn.Conv2d, r: int, mode: str) -> None:
+        super().__init__()
+        self.conv, self.r, self.mode = conv, r, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return filtered_conv2d(x, c.weight, c.bias, stride=c.stride, padding=c.padding,
+                               dilation=c.dilation, groups=c.groups, patch_size=self.r,
+                               mode=self.mode)
+
+
+def slice_of(full, *, groups, out_channels=None, in_channels=None):
+    """The trained part of a full gradient (independent of the library's layout code)."""
+    if out_channels is not None:
+        return full[list(out_channels)]
+    c_out, cpg = full.shape[:2]
+    m = c_out // groups
+    return torch.stack([full[(c // cpg) * m:(c // cpg + 1) * m, c % cpg] for c in in_channels], 1)
+
+
+def reference_grads(model: Toy, plan: Plan, x, y, mode: str, bn_train: bool = False) -> Toy:
+    ref = copy.deepcopy(model)
+    for name, update in plan.updates.items():
+        if update.patch_size > 1:
+            parent, _, child = name.rpartition(".")
+            holder = ref.get_submodule(parent) if parent else ref
+            setattr(holder, child, RefFiltered(ref.get_submodule(name), update.patch_size, mode))
+    ref.train()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d) and not bn_train:
+            m.eval()
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    F.cross_entropy(ref(x), y).backward()
+    return ref
+
+
+def ref_param(ref: nn.Module, name: str) -> nn.Parameter:
+    for prefix in (name, name.replace("pw.", "pw.conv.").replace("grp.0.", "grp.0.conv.")
+                   .replace("stem.0.", "stem.0.conv.").replace("dw.0.", "dw.0.conv.")):
+        try:
+            return ref.get_parameter(prefix)
+        except AttributeError:
+            continue
+    raise AssertionError(name)
+
+
+def data(seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(4, 3, SIZE, SIZE, generator=gen, dtype=DT),
+            torch.randint(0, 5, (4,), generator=gen))
+
+
+KINDS = list(plans(make_toy()[1]))
+CASES = [(k, "normalized") for k in KINDS] + [(k, "paper") for k in KINDS if "filtered" in k]
+
+
+@pytest.mark.parametrize(("kind", "mode"), CASES, ids=[f"{k}-{m}" for k, m in CASES])
+def test_gradients_equal_dense_on_updated_slice(kind, mode):
+    model, graph = make_toy()
+    plan = plans(graph)[kind]
+    x, y = data()
+    ref = reference_grads(model, plan, x, y, mode)
+    planned = copy.deepcopy(model)
+    handle = apply_plan(planned, plan, graph=graph, filter_mode=mode)
+    out = planned(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-12)
+    F.cross_entropy(out, y).backward()
+    expected_names = set()
+    for name, update in plan.updates.items():
+        layer = graph.layers[name]
+        if update.mode == "weight":
+            expected_names.add(f"{name}.weight" if update.channels is None
+                               else f"{name}.weight_slice")
+        expected_names.add(layer.bias_param)
+    assert {n for n, _ in handle.named_parameters()} == expected_names
+    for name, param in handle.named_parameters():
+        assert param.grad is not None, name
+        if name.endswith(".weight_slice"):
+            layer = name[: -len(".weight_slice")]
+            update = plan.updates[layer]
+            full = ref_param(ref, f"{layer}.weight").grad
+            kw = {"out_channels" if update.axis == "out" else "in_channels": update.channels}
+            want = slice_of(full, groups=graph.layers[layer].groups, **kw)
+        else:
+            want = ref_param(ref, name).grad
+        torch.testing.assert_close(param.grad, want, rtol=1e-10, atol=1e-12, msg=name)
+    trained = {id(p) for p in handle.parameters()}
+    for name, p in planned.named_parameters():
+        if id(p) not in trained:
+            assert p.grad is None and not p.requires_grad, name
+    handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["out-subset", "filtered-subset"])
+def test_batch_norm_in_train_mode(kind):
+    model, graph = make_toy()
+    plan = plans(graph)[kind]
+    x, y = data()
+    ref = reference_grads(model, plan, x, y, "normalized", bn_train=True)
+    planned = copy.deepcopy(model)
+    with apply_plan(planned, plan, graph=graph, bn="train") as handle:
+        F.cross_entropy(planned(x), y).backward()
+        for name, param in handle.named_parameters():
+            if name.endswith(".bias"):
+                torch.testing.assert_close(param.grad, ref_param(ref, name).grad, rtol=1e-10,
+                                           atol=1e-12, msg=name)
+        torch.testing.assert_close(planned.grp[1].running_mean, ref.grp[1].running_mean)
+        assert not torch.equal(planned.grp[1].running_mean, model.grp[1].running_mean)
+
+
+def test_modules_replaced_as_documented():
+    model, graph = make_toy()
+    plan = Plan.from_layers(graph, {"grp.0": LayerUpdate("weight", channels=(1, 2)),
+                                    "head": LayerUpdate("weight")})
+    with apply_plan(model, plan, graph=graph) as handle:
+        assert isinstance(model.grp[0], PlannedConv2d) and model.grp[0].weight_slice is not None
+        assert isinstance(model.head, PlannedLinear)
+        assert isinstance(model.grp[1], FrozenBatchNorm) and model.grp[1].bias_grad  # grp.0's bias
+        assert isinstance(model.stem[1], FrozenBatchNorm)  # every BN frozen, on the path or not
+        assert not model.stem[1].bias_grad
+        assert isinstance(model.grp[2], MaskedActivation)  # on the backward path
+        assert isinstance(model.stem[2], nn.ReLU6)  # upstream of every updated layer: stock
+        assert isinstance(model.stem[0], nn.Conv2d) and isinstance(model.pw, nn.Conv2d)
+        assert active_plan(model) is handle
+        groups = handle.param_groups()
+        assert groups[0]["param_names"] == ["grp.0.weight_slice", "grp.1.bias", "head.weight",
+                                            "head.bias"]
+        assert sorted(model.state_dict()) == sorted(make_toy()[0].state_dict())
+    assert active_plan(model) is None
+    with apply_plan(model, plan, graph=graph, bn="train"):
+        assert isinstance(model.grp[1], nn.BatchNorm2d) and model.grp[1].training
+        assert model.grp[1].bias.requires_grad and not model.grp[1].weight.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["out-subset", "in-subset", "filtered-subset", "weight-all"])
+def test_remove_restores_exactly_with_updates_merged(kind):
+    model, graph = make_toy()
+    model.eval()
+    model.pw.bias.requires_grad_(False)  # an arbitrary flag pattern to restore
+    plan = plans(graph)[kind]
+    x, y = data()
+    originals = dict(model.named_modules())
+    lr = 0.1
+    ref = reference_grads(model, plan, x, y, "normalized")
+    expected = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for name, update in plan.updates.items():
+            layer = graph.layers[name]
+            if update.mode == "weight":
+                grad = ref_param(ref, f"{name}.weight").grad
+                w = expected[f"{name}.weight"]
+                if update.channels is None:
+                    w -= lr * grad
+                elif update.axis == "out":
+                    idx = list(update.channels)
+                    w[idx] -= lr * grad[idx]
+                else:
+                    cpg, groups = w.shape[1], layer.groups
+                    m = w.shape[0] // groups
+                    for c in update.channels:
+                        rows = slice((c // cpg) * m, (c // cpg + 1) * m)
+                        w[rows, c % cpg] -= lr * grad[rows, c % cpg]
+            expected[layer.bias_param] -= lr * ref_param(ref, layer.bias_param).grad
+    handle = apply_plan(model, plan, graph=graph)
+    opt = torch.optim.SGD(handle.param_groups(), lr=lr)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    remove_plan(model)
+    assert not handle.active
+    got = model.state_dict()
+    assert list(got) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-10, atol=1e-12, msg=key)
+    assert dict(model.named_modules()).keys() == originals.keys()
+    assert all(model.get_submodule(n) is m for n, m in originals.items() if n)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert not model.pw.bias.requires_grad and model.pw.weight.requires_grad
+    handle.remove()  # idempotent
+
+
+def test_bad_plans_are_refused_and_leave_the_model_untouched():
+    model, graph = make_toy()
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    other(torch.randn(1, 3, SIZE, SIZE))
+    other_graph = LayerGraph.from_model(other, input_size=SIZE)
+    with pytest.raises(PlanError, match="another model"):
+        apply_plan(model, Plan.full(other_graph), graph=graph)
+    with pytest.raises(PlanError, match="another model"):
+        apply_plan(other, Plan.full(graph))
+    bad = Plan.from_layers(graph, {"head": LayerUpdate("weight", patch_size=2)})
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(PlanError, match="head: a gradient filter"):
+        apply_plan(model, bad, graph=graph)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert isinstance(model.stem[1], nn.BatchNorm2d) and active_plan(model) is None
+    with (apply_plan(model, Plan.full(graph), graph=graph),
+          pytest.raises(PlanError, match="already applied")):
+        apply_plan(model, Plan.full(graph), graph=graph)
+    with pytest.raises(PlanError, match="bn must be"):
+        apply_plan(model, Plan.full(graph), graph=graph, bn="sometimes")

@@ -1,0 +1,78 @@
+"""``budgetsearch train`` end to end on a tiny registered model and a synthetic image folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from budgetsearch.cli import main
+from budgetsearch.graph import LayerGraph
+from budgetsearch.models import register_model
+from budgetsearch.plan import LayerUpdate, Plan
+
+torch.set_num_threads(1)
+NAME = "tiny-train-cli"
+
+
+def build() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                         nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    register_model(NAME, build, overwrite=True)
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("a", "b")):
+        (root / "flat" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.full((12, 12, 3), 40, dtype=np.uint8)
+            pixels[..., c] = 200
+            noisy = np.clip(pixels + rng.normal(0, 30, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / "flat" / name / f"{i}.png")
+    model = build()
+    model[-1] = nn.Linear(8, 2)
+    graph = LayerGraph.from_model(model, input_size=12, model_name=NAME)
+    plan = Plan.from_layers(graph, {"3": LayerUpdate("weight", channels=(0, 2)),
+                                    "8": LayerUpdate("weight")}, batch_size=4)
+    plan.save(root / "plan.json")
+    return root
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_then_resume_for_more_epochs(setup, capsys):
+    root = setup
+    args = ["train", "--model", NAME, "--plan", str(root / "plan.json"), "--data",
+            str(root / "flat"), "--lr", "0.05", "--seed", "1", "--threads", "1",
+            "--no-progress", "--out", str(root / "run")]
+    code, out, err = run(capsys, *args, "--epochs", "1")
+    assert code == 0, err
+    assert "on 16 images of 2 classes, validating on 4" in out and "final val accuracy" in out
+    code, out, err = run(capsys, *args, "--epochs", "2")
+    assert code == 2 and "already holds checkpoints" in err
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 0, err
+    doc = json.loads((root / "run" / "metrics.json").read_text())
+    assert doc["status"] == "completed" and [r["epoch"] for r in doc["epochs"]] == [1, 2]
+
+
+def test_head_mismatch_is_a_clear_error(setup, capsys):
+    root = setup
+    code, _, err = run(capsys, "train", "--model", NAME, "--num-classes", "5", "--plan",
+                       str(root / "plan.json"), "--data", str(root / "flat"), "--epochs", "1",
+                       "--no-progress", "--out", str(root / "bad"))
+    assert code == 2
+    assert "error:" in err and ("another model" in err or "num_classes=2" in err)
+    assert "Traceback" not in err

@@ -1,0 +1,251 @@
+"""The Trainer on a tiny synthetic ImageFolder: files, determinism, resume, NaN, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from budgetsearch.cost import CostModel
+from budgetsearch.data import load_dataset
+from budgetsearch.errors import BudgetError, DataError, PlanError
+from budgetsearch.graph import LayerGraph
+from budgetsearch.plan import LayerUpdate, Plan
+from budgetsearch.profiles import load_profile
+from budgetsearch.trainer import Trainer, TrainingError, active_plan, list_checkpoints
+from budgetsearch.trainer.dynamic import search_available
+
+torch.set_num_threads(1)
+SIZE, CLASSES = 16, ("cat", "dog", "fox")
+TIMING = {"images_per_s", "epoch_s", "step_ms", "forward_ms", "backward_ms"}
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+            nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        )
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x).mean((2, 3))))
+
+
+def tiny(num_classes: int = 3) -> tuple[Tiny, LayerGraph]:
+    torch.manual_seed(0)
+    model = Tiny(num_classes)
+    return model, LayerGraph.from_model(model, input_size=SIZE, model_name="tiny")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("val", 4)):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                base = np.zeros((SIZE, SIZE, 3))
+                base[..., c] = 160
+                pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def splits(folder):
+    kw = {"image_size": SIZE, "normalization": "imagenet"}
+    return load_dataset(folder, split="train", **kw), load_dataset(folder, split="val", **kw)
+
+
+def sparse_plan(graph: LayerGraph, **kw) -> Plan:
+    return Plan.from_layers(graph, {"features.3": LayerUpdate("bias"),
+                                    "features.6": LayerUpdate("weight", channels=(0, 3, 5, 9)),
+                                    "head": LayerUpdate("weight")}, **kw)
+
+
+def trainer(splits, out, *, model=None, plan=None, epochs=2, **kw) -> Trainer:
+    if model is None:
+        model, graph = tiny()
+        plan = plan or sparse_plan(graph)
+    train, val = splits
+    kw.setdefault("lr", 0.05)
+    kw.setdefault("seed", 3)
+    return Trainer(model, plan, train_data=train, val_data=val, epochs=epochs, batch_size=8,
+                   optimizer="momentum", out_dir=out, progress=False, threads=1, **kw)
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_two_epochs_write_metrics_checkpoints_and_weights(splits, tmp_path):
+    doc = trainer(splits, tmp_path).fit()
+    assert doc["status"] == "completed" and len(doc["epochs"]) == 2
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["status"] == "completed"
+    for key in ("best_val_accuracy", "best_epoch", "final_val_accuracy", "images_per_s",
+                "saved_activation_bytes", "backward_ms"):
+        assert saved[key] is not None, key
+    row = saved["epochs"][-1]
+    assert 0.0 <= row["val_accuracy"] <= 1.0 and row["train_loss"] > 0
+    assert row["saved_activation_bytes"] > 0 and row["backward_ms"] > 0
+    assert row["trainable_params"] == 4 * 8 + 16 + 8 + 16 * 3 + 3
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and "val_accuracy" in rows[0]
+    assert list_checkpoints(tmp_path / "checkpoints") == [1, 2]
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "plan.json").is_file()
+
+
+def test_same_seed_gives_identical_metrics(splits, tmp_path):
+    a = trainer(splits, tmp_path / "a").fit()
+    b = trainer(splits, tmp_path / "b").fit()
+    assert strip(a["epochs"]) == strip(b["epochs"])
+    c = trainer(splits, tmp_path / "c", seed=4).fit()
+    assert strip(c["epochs"]) != strip(a["epochs"])
+
+
+def test_resume_after_a_kill_continues_from_the_checkpoint(splits, tmp_path):
+    full = trainer(splits, tmp_path / "full", epochs=3).fit()
+    model, graph = tiny()
+    calls = {"n": 0}
+
+    def kill(module, args, out):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 2 * 4 + 2:  # 4 steps per epoch: in the middle of epoch 3
+                raise KeyboardInterrupt
+
+    hook = model.register_forward_hook(kill)
+    run = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        trainer(splits, run, model=model, plan=sparse_plan(graph), epochs=3).fit()
+    hook.remove()
+    assert active_plan(model) is None and isinstance(model.head, nn.Linear)
+    assert list_checkpoints(run / "checkpoints") == [1, 2]
+    assert json.loads((run / "metrics.json").read_text())["status"] == "running"
+    fresh, graph = tiny()
+    with torch.no_grad():
+        fresh.head.weight.add_(1.0)  # the checkpoint's weights must replace these
+    resumed = trainer(splits, run, model=fresh, plan=sparse_plan(graph), epochs=3).fit(
+        resume=True)
+    assert resumed["status"] == "completed"
+    assert strip(resumed["epochs"]) == strip(full["epochs"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(splits, tmp_path):
+    model, graph = tiny()
+    calls = {"n": 0}
+
+    def poison(module, args, out):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] > 4 + 1:  # from the second step of epoch 2 on
+                return out * float("nan")
+        return None
+
+    model.register_forward_hook(poison)
+    with pytest.raises(TrainingError, match="became nan at epoch 2, step 2") as info:
+        trainer(splits, tmp_path, model=model, plan=sparse_plan(graph)).fit()
+    assert info.value.checkpoint is not None and info.value.checkpoint.name == "epoch-0001.json"
+    assert list_checkpoints(tmp_path / "checkpoints") == [1]
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["status"] == "diverged" and "last good checkpoint" in doc["reason"]
+    assert len(doc["epochs"]) == 1
+
+
+def test_huge_learning_rate_diverges_with_a_named_error(splits, tmp_path):
+    with pytest.raises(TrainingError, match="training loss became"):
+        trainer(splits, tmp_path, lr=1e38, epochs=3).fit()
+
+
+def test_bad_input_is_refused_before_training(splits, tmp_path):
+    model, graph = tiny(num_classes=5)
+    with pytest.raises(DataError, match=r"3 classes \(cat, dog, fox\).*5 outputs.*num_classes=3"):
+        trainer(splits, tmp_path, model=model, plan=sparse_plan(graph))
+    other, _ = tiny()
+    with pytest.raises(PlanError, match="another model"):
+        trainer(splits, tmp_path, model=other, plan=sparse_plan(graph))
+    trainer(splits, tmp_path / "run", epochs=1).fit()
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        trainer(splits, tmp_path / "run", epochs=1).fit()
+
+
+def test_plan_budget_exceeded_by_the_batch_size(splits, tmp_path):
+    model, graph = tiny()
+    plan = sparse_plan(graph, device="stm32h743", batch_size=1)
+    need = CostModel(graph, load_profile("stm32h743"), batch_size=1, optimizer="momentum") \
+        .evaluate(dict(plan.updates), detail=False).peak_memory_bytes
+    plan = plan.with_(memory_budget_bytes=int(need))
+    with pytest.raises(BudgetError, match=r"batch size 8.*made for batch size 1"):
+        trainer(splits, tmp_path, model=model, plan=plan)
+    trainer(splits, tmp_path, model=model, plan=plan, check_budget=False)
+
+
+DYNAMIC = [("neq", "selector"), ("fisher", "selector")]
+if search_available():
+    DYNAMIC += [("neq", "search"), ("fisher", "search")]
+
+
+@pytest.mark.parametrize(("kind", "method"), DYNAMIC, ids=[f"{k}-{m}" for k, m in DYNAMIC])
+def test_dynamic_modes_replan_under_the_budget(splits, tmp_path, kind, method):
+    model, graph = tiny()
+    plan = sparse_plan(graph, device="rpi4", batch_size=8, optimizer="momentum")
+    need = CostModel(graph, load_profile("rpi4"), batch_size=8, optimizer="momentum") \
+        .evaluate(dict(plan.updates), detail=False).peak_memory_bytes
+    plan = plan.with_(memory_budget_bytes=int(need * 1.02))
+    doc = trainer(splits, tmp_path, model=model, plan=plan, epochs=4, dynamic=kind,
+                  neq_probe_samples=6, fisher_samples=12, replan_method=method,
+                  search_trials=20).fit()
+    assert doc["config"]["replan_method"] == method
+    assert doc["status"] == "completed"
+    replanned = [r["epoch"] for r in doc["epochs"] if r["replanned"]]
+    if kind == "neq":  # velocities exist after 3 records: before training, epochs 1 and 2
+        assert [h["action"] for h in doc["dynamic"]][:1] == ["kept"]
+        assert replanned == [2, 3]
+    else:
+        assert replanned == [1, 2, 3]
+    final = Plan.from_json((tmp_path / "plan.json").read_text())
+    assert final.provenance["dynamic"] == kind
+    need = CostModel(graph, load_profile("rpi4"), batch_size=8, optimizer="momentum") \
+        .evaluate(dict(final.updates), detail=False).peak_memory_bytes
+    assert need <= plan.memory_budget_bytes
+
+
+def test_dynamic_neq_resumes_identically(splits, tmp_path):
+    def run(out, *, kill_at=None, resume=False):
+        model, graph = tiny()
+        plan = sparse_plan(graph, device="rpi4", batch_size=8, optimizer="momentum")
+        need = CostModel(graph, load_profile("rpi4"), batch_size=8, optimizer="momentum") \
+            .evaluate(dict(plan.updates), detail=False).peak_memory_bytes
+        plan = plan.with_(memory_budget_bytes=int(need * 1.02))
+        calls = {"n": 0}
+
+        def kill(module, args, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == kill_at:
+                    raise KeyboardInterrupt
+
+        if kill_at:
+            model.register_forward_hook(kill)
+        t = trainer(splits, out, model=model, plan=plan, epochs=4, dynamic="neq",
+                    neq_probe_samples=6, replan_method="selector")
+        return t.fit(resume=resume)
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", kill_at=3 * 4 + 2)  # in epoch 4, after two re-plans
+    resumed = run(tmp_path / "cut", resume=True)
+    assert strip(resumed["epochs"]) == strip(full["epochs"])
+    assert resumed["dynamic"] == full["dynamic"]
