@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from budgetsearch import CostModel, LayerGraph, Plan, list_models, load_model, load_profile  # noqa: E402
-from budgetsearch.cost.measure import count_macs, measure_saved_bytes  # noqa: E402
+from budgetsearch import CostModel, LayerGraph, Plan, list_models, load_model, load_profile
+from budgetsearch.cost.measure import count_macs, measure_saved_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "cost"))
-from test_agreement import random_plan  # noqa: E402
+from test_agreement import random_plan
 
 
 def fvcore_forward(model, graph) -> dict[str, int] | None:
@@ -59,7 +59,8 @@ def agreement(name: str, plans: int, size: int) -> dict:
         ours_macs = cost.grad_input_macs + cost.grad_weight_macs
         exact_bytes += measured == cost.saved_activation_bytes
         exact_macs += counted.backward_macs == ours_macs
-        worst_bytes = max(worst_bytes, abs(measured - cost.saved_activation_bytes) / max(measured, 1))
+        miss = abs(measured - cost.saved_activation_bytes)
+        worst_bytes = max(worst_bytes, miss / max(measured, 1))
         worst_macs = max(worst_macs, abs(counted.backward_macs - ours_macs) / max(ours_macs, 1))
     fv = fvcore_forward(model, graph)
     one = CostModel(graph, load_profile("rpi4"), accounting="pytorch", batch_size=1)

@@ -88,7 +88,7 @@ def test_profile_host_writes_a_loadable_profile(capsys, tmp_path):
     from budgetsearch import CostModel, LayerGraph, Plan, load_model, load_profile
 
     path = tmp_path / "myhost.yaml"
-    code, out, err = run(capsys, "profile-host", "--out", str(path), "--quick")
+    code, _out, err = run(capsys, "profile-host", "--out", str(path), "--quick")
     assert code == 0, err
     profile = load_profile(path)
     assert profile.name == "myhost" and set(profile.measured) == {"conv", "depthwise", "linear"}

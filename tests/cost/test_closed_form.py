@@ -215,7 +215,7 @@ def test_optimizer_state_and_summary_match(tiny_graph):
 
 def test_filter_on_a_linear_layer_is_refused_when_costed(tiny_graph):
     cm = CostModel(tiny_graph, _profile())
-    with pytest.raises(PlanError, match="fc.*2-D convolutions"):
+    with pytest.raises(PlanError, match=r"fc.*2-D convolutions"):
         cm.evaluate(Plan.from_layers(tiny_graph, {"fc": LayerUpdate("weight", patch_size=2)}))
 
 
