@@ -21,12 +21,14 @@ from .errors import (
     ProfileError,
     ScoresError,
     SearchError,
+    TrainingError,
 )
 from .graph import Layer, LayerGraph, OpNode
 from .models import list_models, load_model, register_model
 from .plan import LayerUpdate, Plan, load_plan
 from .profiles import DeviceProfile, list_profiles, load_profile
 from .selectors import list_methods, mit_memory_bytes, select
+from .trainer import PlanHandle, Trainer, apply_plan, remove_plan
 
 __all__ = [
     "BudgetError",
@@ -45,10 +47,14 @@ __all__ = [
     "OpNode",
     "Plan",
     "PlanError",
+    "PlanHandle",
     "ProfileError",
     "ScoresError",
     "SearchError",
+    "Trainer",
+    "TrainingError",
     "__version__",
+    "apply_plan",
     "list_methods",
     "list_models",
     "list_profiles",
@@ -58,5 +64,6 @@ __all__ = [
     "mit_memory_bytes",
     "register_model",
     "register_rule",
+    "remove_plan",
     "select",
 ]

@@ -7,6 +7,8 @@ and the values that would have been accepted.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "BudgetError",
     "BudgetSearchError",
@@ -18,6 +20,7 @@ __all__ = [
     "ProfileError",
     "ScoresError",
     "SearchError",
+    "TrainingError",
 ]
 
 
@@ -67,3 +70,24 @@ class BudgetError(PlanError):
 
 class SearchError(BudgetSearchError):
     """A search study cannot be created, opened or continued (storage, mismatch)."""
+
+
+class TrainingError(BudgetSearchError):
+    """Training cannot go on: the loss became NaN or infinite, or a run directory is in the way.
+
+    Attributes:
+        epoch: The epoch (1-based) in which it happened, if during training.
+        step: The step within that epoch (1-based), if during training.
+        checkpoint: The last good checkpoint kept on disk, or None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        checkpoint: Path | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
