@@ -186,6 +186,9 @@ def run_plan(args: argparse.Namespace) -> int:
     print(summary_table(result))
     print(f"wrote {out} (study {name!r} in {result.storage}; "
           f"{time.perf_counter() - started:.1f} s)")
+    if not args.front_dir:
+        print(f"front (CSV + PNG): budgetsearch front --study {name} --storage "
+              f"{result.storage} --out DIR (or --front-dir DIR here)")
     return 0
 
 

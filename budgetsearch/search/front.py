@@ -221,9 +221,13 @@ def plot_front(
     ok = [t for t in done if feasible(t)]
     bad = [t for t in done if not feasible(t)]
     kb = 1024.0
+    # the axis spans the feasible region and the budget; far infeasible points are counted
+    right = max([t.values[1] for t in ok] + [budget_bytes or 0]) * 1.25 / kb or None
     if bad:
+        beyond = sum(t.values[1] / kb > right for t in bad) if right else 0
+        label = f"infeasible ({len(bad)}" + (f", {beyond} beyond the axis)" if beyond else ")")
         ax.scatter([t.values[1] / kb for t in bad], [t.values[0] for t in bad], s=6,
-                   marker="x", color="#d9a0a0", alpha=0.5, label="infeasible", linewidths=0.6)
+                   marker="x", color="#d9a0a0", alpha=0.5, label=label, linewidths=0.6)
     if ok:
         ax.scatter([t.values[1] / kb for t in ok], [t.values[0] for t in ok], s=6,
                    color="#b0b0b0", alpha=0.6, label="feasible")
@@ -251,6 +255,9 @@ def plot_front(
     ax.set_xlabel(f"{names[1].replace('_bytes', '').replace('_', ' ')} (KB)")
     ax.set_ylabel("proxy (captured potential)")
     ax.set_ylim(bottom=0)
+    if right:
+        left = min([t.values[1] for t in done] + [budget_bytes or math.inf]) / kb
+        ax.set_xlim(left - 0.05 * (right - left), right)
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

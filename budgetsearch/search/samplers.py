@@ -77,6 +77,11 @@ def make_sampler(name: str, *, seed: int, space: SearchSpace,
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if name == "gp":
+        import importlib.util
+
+        if importlib.util.find_spec("scipy") is None:
+            raise SearchError("the gp sampler needs scipy: pip install 'budgetsearch[gp]' "
+                              "(or scipy); nsga2, tpe and random need nothing more")
         return optuna.samplers.GPSampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)

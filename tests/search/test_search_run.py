@@ -47,6 +47,9 @@ def _check_result(setup: dict, result, budget: int, measure: str, beat: bool = T
             continue
         assert m["memory_bytes"] <= budget, name
         assert not beat or proxy >= m["proxy"] - 1e-12, (name, proxy, m["proxy"])
+        # and some point of the front has at least its proxy at no more memory
+        assert not beat or any(t.values[0] >= m["proxy"] - 1e-12 and
+                               t.values[1] <= m["memory_bytes"] for t in result.front), name
         assert plan.provenance["baselines"][name]["proxy_gain"] == pytest.approx(
             proxy - m["proxy"])
 
@@ -140,3 +143,13 @@ def test_mobilenet_v2_beats_the_baselines(budget: int, measure: str) -> None:
     search = Search(cost_model=setup["cm"], scores=setup["magnitude"], budget_bytes=budget,
                     memory_measure=measure)
     _check_result(setup, search.run(n_trials=600), budget, measure)
+
+
+@pytest.mark.slow
+def test_gp_sampler_runs_when_scipy_is_there(mcu: dict) -> None:
+    pytest.importorskip("scipy", reason="the gp sampler needs scipy (budgetsearch[gp])")
+    search = Search(cost_model=mcu["cm"], scores=mcu["random"], budget_bytes=99 * KB,
+                    memory_measure="training", sampler="gp", space=SpaceOptions(last_n=3),
+                    population_size=8, local_search=False)
+    result = search.run(n_trials=18)
+    _check_result(mcu, result, 99 * KB, "training", beat=False)
