@@ -30,8 +30,8 @@ def mcu() -> dict:
 
 
 def _check_result(setup: dict, result, budget: int, measure: str, beat: bool = True) -> None:
-    """The plan fits by the cost model, and (``beat``) its proxy is >= every feasible
-    baseline's."""
+    """The plan fits by the cost model; with ``beat``, its proxy is >= every feasible
+    baseline's, and every baseline is Pareto-dominated (proxy, memory) by a front point."""
     plan = result.plan
     Plan.from_dict(plan.to_dict())  # schema-valid
     cost = setup["cm"].evaluate(plan, detail=False)
