@@ -28,7 +28,6 @@ import os
 import pickle
 import struct
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
@@ -40,6 +39,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ._io import atomic_open
 from .errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "NORMALIZATIONS", "ImageDataset", "load_dataset"]
@@ -319,15 +319,8 @@ def _read_cache(cache: Path) -> dict[str, np.ndarray] | None:
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def _decode_archive(archive: Path) -> dict[str, np.ndarray]:

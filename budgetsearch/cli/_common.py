@@ -6,10 +6,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from ..cost import ACCOUNTINGS, CostModel
 from ..errors import BudgetSearchError, PlanError
 from ..graph import LayerGraph
@@ -136,17 +136,7 @@ def parse_update(text: str, graph: LayerGraph, **kwargs: Any) -> Plan:
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write a file atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def write_json(data: Any, path: str | None) -> None:

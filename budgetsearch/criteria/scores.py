@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .._io import atomic_open
 from ..errors import ScoresError
 from ..fingerprint import TRAINABLE_LAYER_TYPES, diff_layer_shapes, fingerprint, layer_shapes
 
@@ -201,15 +201,8 @@ class Scores:
             arrays[f"out_{i}"] = self.layers[name].out_channel
             if self.layers[name].in_channel is not None:
                 arrays[f"in_{i}"] = self.layers[name].in_channel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as handle:
+            np.savez(handle, **arrays)
         return path
 
     @classmethod
