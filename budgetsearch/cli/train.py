@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--bn", choices=("frozen", "train"), default="frozen",
                    help="batch norm frozen on running statistics (default) or trained")
-    p.add_argument("--filter-mode", choices=("normalized", "paper"), default=None,
+    p.add_argument("--filter-mode", choices=("normalized", "paper", "corrected"), default=None,
                    help="gradient-filter variant (default: the plan's)")
     p.add_argument("--dynamic", choices=("neq", "fisher"), default=None,
                    help="re-select channels every --every epochs under the plan's budget")
@@ -67,6 +67,9 @@ def register(subparsers: Any) -> None:
                    help="train even if this batch / input size exceeds the plan's budget")
     p.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in --out")
+    p.add_argument("--system-allocator", action="store_true",
+                   help="leave the C library's malloc as it is (by default freed memory stays in "
+                        "the heap for the next step: see budgetsearch.trainer.allocator)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="run directory")
     p.set_defaults(func=run)
@@ -125,9 +128,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..models import MCU_INPUT_MEAN, input_spec, load_model
     from ..plan import load_plan
-    from ..trainer import Trainer
+    from ..trainer import Trainer, tune_host_allocator
     from ..units import format_bytes, parse_bytes
 
+    if not args.system_allocator:
+        tune_host_allocator()
     plan = load_plan(args.plan)
     height, width = plan.input_size
     size = args.input_size or height

@@ -135,6 +135,8 @@ def run_study(
     bar = _bar(len(cells), len(cells) - len(todo), progress)
     try:
         if workers <= 1:
+            if todo and plan_fn is None and train_fn is None:
+                _tune_allocator()
             for cell in todo:
                 bar.set_postfix_str(cell.id, refresh=True)
                 _collect(summary, cell.id, _run_one(cell, **job), bar)
@@ -192,6 +194,14 @@ def _init_worker(threads: int) -> None:
         torch.set_num_threads(threads)
     except ImportError:  # pragma: no cover
         pass
+    _tune_allocator()
+
+
+def _tune_allocator() -> None:
+    """Keep freed memory in the heap while cells train (see budgetsearch.trainer.allocator)."""
+    from ..trainer.allocator import tune_host_allocator
+
+    tune_host_allocator()
 
 
 def _run_one(cell: Cell, *, storage: str | None, plan_fn: PlanFn | None,

@@ -7,12 +7,16 @@
 - :class:`Trainer` (:mod:`.loop`): progress bar, evaluation, metrics files, resumable safetensors
   checkpoints, NaN detection, dynamic re-selection (NEq, Fisher).
 - :class:`SavedTensorMeter`, :func:`measure_step` (:mod:`.measure`): what autograd really keeps.
+- :func:`tune_host_allocator` (:mod:`.allocator`): keep freed memory in the heap (glibc), so
+  every step does not page-fault its tensors in again; ``budgetsearch train`` and
+  ``budgetsearch study run`` call it.
 - ``budgetsearch.trainer.lightning.PlanCallback``: the same for PyTorch Lightning (imported only
   from that module).
 """
 
 from __future__ import annotations
 
+from .allocator import tune_host_allocator
 from .apply import BN_MODES, PlanHandle, active_plan, apply_plan, describe, remove_plan
 from .checkpoint import Checkpoint, list_checkpoints, load_latest, save_checkpoint
 from .dynamic import DYNAMIC_MODES, Replanner
@@ -43,4 +47,5 @@ __all__ = [
     "measure_step",
     "remove_plan",
     "save_checkpoint",
+    "tune_host_allocator",
 ]

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from budgetsearch.errors import PlanError
-from budgetsearch.ops.sparse import ChannelSelection, sparse_conv2d, sparse_linear
+from budgetsearch.ops.sparse import (
+    ChannelSelection,
+    conv2d_input_grad,
+    conv_args,
+    sparse_conv2d,
+    sparse_linear,
+)
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -210,3 +216,23 @@ def test_grouped_selection_uses_few_calls():
     assert sel.saved_channels == 6  # group 2 is untouched: its 2 input channels are not kept
     sel = ChannelSelection((16, 1, 3, 3), groups=16, in_channels=list(range(0, 16, 3)))
     assert len(sel.buckets) == 1 and sel.saved_channels == 6
+
+
+@pytest.mark.parametrize(("size", "k", "stride", "padding", "dilation", "groups"), [
+    (9, 3, 1, 1, 1, 1), (9, 3, 2, 1, 1, 1), (10, 3, 2, 1, 1, 6), (11, 3, 2, 0, 1, 6),
+    (8, 1, 1, 0, 1, 1), (7, 1, 2, 0, 1, 1), (13, 5, 3, 2, 1, 3), (12, 3, 2, 2, 2, 2),
+    (6, (3, 1), (2, 1), (1, 0), 1, 1),
+])
+def test_input_gradient_is_autograds(size, k, stride, padding, dilation, groups):
+    """The transposed conv gives exactly what autograd gives, strided sizes that drop rows too."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(2, 6, size, size + 1, dtype=DT, requires_grad=True)
+    w = torch.randn(12, 6 // groups, kh, kw, dtype=DT)
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    g = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, x, g)
+    conv = conv_args(kernel_size=(kh, kw), stride=stride, padding=padding, dilation=dilation,
+                     groups=groups)
+    got = conv2d_input_grad(x.shape, w, g, conv)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
