@@ -29,6 +29,8 @@ SCHEMA_VERSION = 1
 MODES = ("bias", "weight")
 AXES = ("out", "in")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+#: Gradient-filter variants (budgetsearch.ops.filtered.MODES, which must list the same).
+FILTER_MODES = ("normalized", "paper", "corrected")
 _SCHEMA_PATH = Path(__file__).parent / "schema" / "plan.schema.json"
 
 
@@ -92,7 +94,8 @@ class Plan:
         memory_budget_bytes: Memory budget, or None.
         latency_budget_ms: Latency budget per training step, or None.
         optimizer: ``sgd``, ``momentum`` or ``adam``.
-        filter_mode: Gradient-filter variant, ``normalized`` or ``paper``.
+        filter_mode: Gradient-filter variant, ``normalized``, ``paper`` or ``corrected`` (see
+            :mod:`budgetsearch.ops.filtered`).
         predicted: Predicted costs (filled by the cost model), a plain mapping.
         provenance: How the plan was made (method, parameters, versions), a plain mapping.
     """
@@ -115,8 +118,9 @@ class Plan:
             raise PlanError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"
             )
-        if self.filter_mode not in ("normalized", "paper"):
-            raise PlanError(f"filter_mode must be normalized or paper; got {self.filter_mode!r}")
+        if self.filter_mode not in FILTER_MODES:
+            raise PlanError(f"filter_mode must be one of {', '.join(FILTER_MODES)}; got "
+                            f"{self.filter_mode!r}")
         if self.batch_size < 1:
             raise PlanError(f"batch_size must be >= 1; got {self.batch_size}")
         order = {name: i for i, name in enumerate(self.layer_shapes)}

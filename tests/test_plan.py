@@ -415,7 +415,7 @@ def test_channels_need_weight_mode(graphs) -> None:
     ("kwargs", "pattern"),
     [
         ({"optimizer": "rmsprop"}, "sgd, momentum, adam"),
-        ({"filter_mode": "exact"}, "normalized or paper"),
+        ({"filter_mode": "exact"}, "filter_mode must be one of normalized, paper, corrected"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
     ],
 )

@@ -217,15 +217,13 @@ def _planned_conv_saved(ctx: OpContext, g: ConvGeometry, patches: int) -> list:
     """What budgetsearch's planned conv / linear keeps (fp32): nothing for a frozen or bias-only
     layer; with a weight update, the input (shared with its producer) or, for an input-channel
     subset, a copy of the kept channels; with a gradient filter, the sum-pooled input of the kept
-    channels, plus the kernel sums when the input needs a gradient."""
+    channels (the kernel sums are formed in the backward from the weight, which is not an
+    activation)."""
     if ctx.weight_fraction <= 0:
         return []
     inp, n, item = ctx.inputs[0], ctx.batch, ctx.inputs[0].itemsize
     if ctx.patch_size > 1:
-        out = [ctx.private("x_sum", n * g.c_in * ctx.in_fraction * patches, item)]
-        if ctx.input_grad and ctx.input_grad[0]:
-            out.append(ctx.private("w_sum", g.c_out * (g.c_in // g.groups), item))
-        return out
+        return [ctx.private("x_sum", n * g.c_in * ctx.in_fraction * patches, item)]
     if ctx.in_fraction < 1:
         return [ctx.private("input", n * g.c_in * ctx.in_fraction * g.in_positions, item)]
     return [ctx.tensor(inp)]

@@ -6,10 +6,10 @@ ceil(W_out/r) cells, exactly as ``docs/gradient-filtering.md`` states:
 
 - forward saves ``x_sum`` (N, C_in, p_h, p_w), the sum of x over R x R blocks (R = r*s) with
   ``ceil((p*R - H_x)/2)`` rows/columns of padding on the leading side, i.e. N*C_in*p_h*p_w elements
-  instead of x; and ``w_sum`` (C_out, C_in/G), the weight summed over its kernel taps, C_in/G*C_out
-  elements (1/k^2 of the weight; saved instead of the weight so the op keeps no full copy of a
-  combined weight and is immune to in-place updates of the weight before the backward). Each is
-  saved only if the gradient that needs it (weight resp. input) is wanted;
+  instead of x, if the weight gradient is wanted; if the input gradient is needed, references to
+  the weight (and the trained slice), from which the backward forms ``w_sum`` (C_out, C_in/G),
+  the weight summed over its kernel taps: no new tensor is kept for it (like a stock conv, an
+  in-place change of the weight before the backward is an autograd error);
 - ``g_avg`` = avg-pool of g (count_include_pad=False, its own padding ``ceil((p*r - H_out)/2)``);
 - ``gx_sum = w_sum^T g_avg`` and ``gw = sum_{n,i,j} g_avg * x_sum``, within each group (any G:
   regular, depthwise, channel multiplier, grouped); every kernel tap of ``grad_w`` gets ``gw``;
@@ -17,7 +17,19 @@ ceil(W_out/r) cells, exactly as ``docs/gradient-filtering.md`` states:
 - ``grad_b`` is exact; dilation and the conv padding matter in the forward only.
 
 Modes: ``"paper"`` is the authors' operator (gx_sum and gw are not divided by s^2, so strided
-convs get gradients ~s^2 too large); ``"normalized"`` (default) divides both by s_h*s_w.
+convs get gradients ~s^2 too large); ``"normalized"`` (default) divides both by s_h*s_w;
+``"corrected"`` is ``normalized`` with the border effect removed as well. Near the border of the
+map a k x k conv's taps fall outside it (into the padding), so the dense input gradient at a
+border pixel sums fewer taps than ``w_sum`` holds, and a border tap's weight gradient sums fewer
+positions than ``x_sum`` covers. ``corrected`` scales ``grad_x`` by the separable map
+``(count_h[h]·s_h/k_h)(count_w[w]·s_w/k_w)`` (``count[h]``: the (output, tap) pairs that reach
+input row h) and tap (kh, kw) of ``grad_w`` by ``(valid_h[kh]·s_h/X_h)(valid_w[kw]·s_w/X_w)``
+(``valid[kh]``: the outputs whose tap kh lands inside the input; ``X``: the input rows inside
+the pooled grid), which makes both exact for a constant input, output gradient and kernel.
+1x1 convs are not affected. It matters on small maps: on a 4x4 map a padded 3x3 conv's border
+pixels are 12 of 16, so ``normalized`` input gradients come out too large, and the excess
+compounds through a stack of filtered blocks (``benchmarks/filter_fidelity.py`` prints the norm
+ratios to the exact gradients per mode).
 
 Shapes the authors' operator rejects (the x grid would need negative padding, e.g. a padding-0 3x3
 conv on 14x14 with r = 4): here the pooled grid is cropped symmetrically instead (the formula
@@ -30,6 +42,7 @@ adjoint of the sum-pool, as in the authors' operator; ``mode="paper"`` uses the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +71,7 @@ __all__ = [
     "filtered_conv2d",
 ]
 
-MODES = ("normalized", "paper")
+MODES = ("normalized", "paper", "corrected")
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,8 @@ def _block_sums(t: Tensor, dim: int, block: int, pad: int, cells: int) -> Tensor
     much faster on CPU than ``avg_pool2d`` and needing no padded copy of ``t``.
     """
     size = t.shape[dim]
+    if cells == 1 and pad >= 0 and block - pad >= size:  # one cell holds all: a plain sum
+        return t.sum(dim, keepdim=True)
     shape = list(t.shape)
     shape[dim] = cells
     out = t.new_zeros(shape)
@@ -211,14 +226,25 @@ def _block_counts(size: int, block: int, pad: int, cells: int) -> list[int]:
     ]
 
 
+def _whole_map(size: tuple[int, int], block: tuple[int, int], pad: tuple[int, int],
+               grid: tuple[int, int]) -> bool:
+    """Whether one cell holds the whole map (then a block sum is a plain sum over H and W)."""
+    return grid == (1, 1) and all(p >= 0 and b - p >= n for n, b, p in zip(size, block, pad,
+                                                                             strict=True))
+
+
 def _sum_pool(x: Tensor, geo: FilterGeometry) -> Tensor:
     """x summed over the R x R blocks of the grid (zero padding or cropping as needed)."""
+    if _whole_map(geo.in_hw, geo.block, geo.x_pad, geo.grid):
+        return x.flatten(2).sum(2)[:, :, None, None]
     t = _block_sums(x, 2, geo.block[0], geo.x_pad[0], geo.grid[0])
     return _block_sums(t, 3, geo.block[1], geo.x_pad[1], geo.grid[1])
 
 
 def _avg_pool(g: Tensor, geo: FilterGeometry) -> Tensor:
     """g averaged over the r x r patches, border patches divided by their own (valid) size."""
+    if _whole_map(geo.out_hw, geo.patch, geo.g_pad, geo.grid):
+        return g.flatten(2).mean(2)[:, :, None, None]
     t = _block_sums(g, 2, geo.patch[0], geo.g_pad[0], geo.grid[0])
     t = _block_sums(t, 3, geo.patch[1], geo.g_pad[1], geo.grid[1])
     ch = _block_counts(geo.out_hw[0], geo.patch[0], geo.g_pad[0], geo.grid[0])
@@ -231,6 +257,8 @@ def _replicate(gx_sum: Tensor, geo: FilterGeometry) -> Tensor:
     """Each cell copied over its R x R block, then cropped (or zero-extended) to H_x x W_x."""
     (ph, pw), (bh, bw), (xh, xw) = geo.grid, geo.block, geo.x_pad
     n, c = gx_sum.shape[:2]
+    if _whole_map(geo.in_hw, geo.block, geo.x_pad, geo.grid):  # one value per map: a view
+        return gx_sum.expand(n, c, *geo.in_hw)
     full = gx_sum.unsqueeze(-1).expand(n, c, ph, pw, bw).reshape(n, c, ph, pw * bw)
     full = full.unsqueeze(3).expand(n, c, ph, bh, pw * bw).reshape(n, c, ph * bh, pw * bw)
     hx, wx = geo.in_hw
@@ -258,9 +286,40 @@ def _mix_channels(g_avg: Tensor, w_sum: Tensor, groups: int) -> Tensor:
     return out.reshape(n, groups * cpg, ph, pw)
 
 
+@functools.lru_cache(maxsize=512)
+def _border_factors(size: int, out: int, k: int, s: int, p: int, d: int, covered: int
+                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per dimension: the ``grad_x`` factor of each input row and the ``grad_w`` factor of each
+    tap under ``mode="corrected"`` (see the module docstring); ``covered`` is the number of input
+    rows inside the pooled grid (all of them unless it is cropped)."""
+    count = [0] * size
+    valid = [0] * k
+    for o in range(out):
+        for t in range(k):
+            h = o * s - p + t * d
+            if 0 <= h < size:
+                count[h] += 1
+                valid[t] += 1
+    return tuple(c * s / k for c in count), tuple(v * s / covered for v in valid)
+
+
+def _border_maps(geo: FilterGeometry, kernel: tuple[int, int], conv: ConvArgs, like: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """(H_x, W_x) factor map of ``grad_x`` and (k_h, k_w) factor map of ``grad_w``."""
+    maps = [_border_factors(geo.in_hw[i], geo.out_hw[i], kernel[i], conv.stride[i],
+                            conv.padding[i], conv.dilation[i],
+                            sum(_block_counts(geo.in_hw[i], geo.block[i], geo.x_pad[i],
+                                              geo.grid[i])))
+            for i in range(2)]
+    t = [(torch.tensor(a, dtype=like.dtype, device=like.device),
+          torch.tensor(b, dtype=like.dtype, device=like.device)) for a, b in maps]
+    return t[0][0][:, None] * t[1][0][None, :], t[0][1][:, None] * t[1][1][None, :]
+
+
 class _FilteredConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_slice, sel, conv: ConvArgs, patch, scale, flags):
+    def forward(ctx, x, weight, bias, weight_slice, sel, conv: ConvArgs, patch, scale, flags,
+                border=False):
         w = weight if weight_slice is None else sel.combine(weight, weight_slice)
         y = F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         geo = filter_geometry(
@@ -271,24 +330,33 @@ class _FilteredConv2dFn(torch.autograd.Function):
         )
         _wanted(ctx, flags, weight_slice is not None)
         ctx.sel, ctx.geo, ctx.groups, ctx.scale = sel, geo, conv.groups, scale
+        kernel = tuple(weight.shape[2:])
+        ctx.border = (_border_maps(geo, kernel, conv, x)
+                      if border and kernel != (1, 1) else None)
         need_x = ctx.needs_input_grad[0]
         x_sum = sel.saved_input(_sum_pool(x, geo)) if ctx.want_w else None
-        ctx.save_for_backward(x_sum, w.sum((2, 3)) if need_x else None)
+        # the weight (and slice) by reference: w_sum is formed in the backward, so no new tensor
+        # is kept (a 1x1 conv's w_sum is as large as its weight)
+        ctx.save_for_backward(x_sum, weight if need_x else None,
+                              weight_slice if need_x else None)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x_sum, w_sum = ctx.saved_tensors
+        x_sum, weight, weight_slice = ctx.saved_tensors
         sel, geo = ctx.sel, ctx.geo
         gx = gb = grad = None
         if ctx.needs_input_grad[0] or ctx.want_w:
             g_avg = _avg_pool(g, geo)
         if ctx.needs_input_grad[0]:
-            gx_sum = _mix_channels(g_avg, w_sum, ctx.groups)
+            w = weight if weight_slice is None else sel.combine(weight, weight_slice)
+            gx_sum = _mix_channels(g_avg, w.sum((2, 3)), ctx.groups)
             if ctx.scale != 1:
                 gx_sum = gx_sum * ctx.scale
             gx = _replicate(gx_sum, geo)
+            if ctx.border is not None:
+                gx = gx * ctx.border[0]
         if ctx.want_w:
             kh, kw = sel.tail
 
@@ -302,13 +370,15 @@ class _FilteredConv2dFn(torch.autograd.Function):
                     gsum = torch.einsum("ngcp,ngop->goc", xg, gg).reshape(rows, -1)
                 if ctx.scale != 1:
                     gsum = gsum * ctx.scale
+                if ctx.border is not None:
+                    return gsum[:, :, None, None] * ctx.border[1]
                 return gsum[:, :, None, None].expand(-1, -1, kh, kw).contiguous()
 
             grad = sel.weight_grad(x_sum, g_avg, grad_fn)
         if ctx.want_b:
             gb = g.sum((0, 2, 3))
         gw, gs = _weight_outputs(ctx, sel, grad)
-        return gx, gw, gb, gs, None, None, None, None, None
+        return gx, gw, gb, gs, None, None, None, None, None, None
 
 
 def filtered_conv2d(
@@ -332,8 +402,8 @@ def filtered_conv2d(
     """A 2-D convolution with the gradient-filtering backward.
 
     Saved for backward (nothing else): ``x_sum``, N*C_in*p_h*p_w elements, if the weight gradient
-    is wanted (with a channel selection, only the input channels that the selection needs); and
-    ``w_sum``, C_out*C_in/G elements, if the input gradient is needed.
+    is wanted (with a channel selection, only the input channels that the selection needs); and,
+    if the input gradient is needed, references to ``weight`` / ``weight_slice`` (no copies).
 
     With ``out_channels``/``in_channels`` the weight gradient is the filtered one restricted to
     that part (see :class:`~budgetsearch.ops.sparse.ChannelSelection` for the slice layout and
@@ -349,7 +419,8 @@ def filtered_conv2d(
         dilation: Dilation (forward only).
         groups: Groups (any).
         patch_size: r, at least 2.
-        mode: ``"normalized"`` (divide by s^2) or ``"paper"`` (the authors' scaling).
+        mode: ``"normalized"`` (divide by s^2), ``"paper"`` (the authors' scaling) or
+            ``"corrected"`` (normalized, and the border effect removed).
         out_channels: Train these output channels only.
         in_channels: Train the columns of these input channels only.
         bias_grad: Whether to compute the bias gradient.
@@ -382,5 +453,6 @@ def filtered_conv2d(
         raise PlanError("weight_slice needs out_channels or in_channels")
     scale = 1.0 if mode == "paper" else 1.0 / (conv.stride[0] * conv.stride[1])
     return _FilteredConv2dFn.apply(
-        x, weight, bias, weight_slice, sel, conv, patch, scale, _Flags(weight_grad, bias_grad)
+        x, weight, bias, weight_slice, sel, conv, patch, scale, _Flags(weight_grad, bias_grad),
+        mode == "corrected",
     )

@@ -38,9 +38,8 @@ conv / linear, output-channel subset   the input channels feeding those rows: th
                                        input channels of the k groups touched, N·k·(C_in/G)·H·W
 conv / linear, input-channel subset    a copy of only the kept input channels
 conv, filter r (any of the above)      ``x_sum`` N·C·⌈H_out/r⌉·⌈W_out/r⌉ (C = the channels the
-                                       rows above would keep) and, if grad_x is needed, ``w_sum``
-                                       (C_out·C_in/G elements, a new tensor: for a 1×1 conv as
-                                       large as the weight)
+                                       rows above would keep); the kernel sums are formed in the
+                                       backward from the weight, kept by reference
 conv / linear, bias only or frozen     nothing
 FrozenBatchNorm                        nothing
 MaskedActivation                       a bool mask, N·C·H·W bytes
@@ -83,7 +82,8 @@ class PlanHandle:
         plan: The plan.
         graph: The layer graph the plan was validated against.
         bn: ``"frozen"`` or ``"train"``.
-        filter_mode: Gradient-filter variant in use (``normalized`` or ``paper``).
+        filter_mode: Gradient-filter variant in use (``normalized``, ``paper`` or
+            ``corrected``).
         replaced: The modules put in, by qualified name (planned convs and linears, frozen batch
             norms, masked activations).
     """
@@ -189,7 +189,8 @@ def apply_plan(
     Args:
         model: The model (float, any device).
         plan: The plan; it must have been made for this model.
-        filter_mode: Gradient-filter variant (``normalized`` or ``paper``); the plan's by default.
+        filter_mode: Gradient-filter variant (``normalized``, ``paper`` or ``corrected``); the
+            plan's by default.
         bn: ``"frozen"`` (batch norm on running statistics, saving nothing) or ``"train"``.
         graph: The model's layer graph, if already traced (must be of this model).
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from budgetsearch.errors import PlanError
-from budgetsearch.ops.filtered import check_filterable, filter_geometry, filtered_conv2d
+from budgetsearch.ops.filtered import MODES, check_filterable, filter_geometry, filtered_conv2d
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -180,8 +180,7 @@ def test_saved_bytes(size, s, r, groups):
         exclude=(w, b),
     )
     p = math.ceil(y.shape[2] / r) * math.ceil(y.shape[3] / r)
-    w_sum = c_out * (c_in // groups)
-    assert nbytes == (n * c_in * p + w_sum) * 4
+    assert nbytes == n * c_in * p * 4  # x_sum; the weight is kept by reference, not as w_sum
     # weight only (x needs no gradient): x_sum alone; bias only: nothing.
     xd, kw = x.detach(), {"stride": s, "padding": 1, "groups": groups, "patch_size": r}
     nbytes, _ = _saved_bytes(lambda: filtered_conv2d(xd, w, b, **kw), exclude=(w, b))
@@ -248,3 +247,49 @@ def test_pooling_helpers_match_torch_pooling():
             g = torch.randn(2, 3, out, out, dtype=DT)
             expect = F.avg_pool2d(g, r, r, geo.g_pad, count_include_pad=False)
             torch.testing.assert_close(_avg_pool(g, geo), expect, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize(("size", "k", "s", "p", "r", "groups"), [
+    (4, 3, 1, 1, 4, 1), (8, 3, 1, 1, 2, 6), (7, 3, 1, 1, 2, 1), (9, 3, 2, 1, 2, 3),
+    (8, 5, 1, 2, 4, 2), (12, 3, 2, 1, 3, 6), (6, 3, 1, 0, 2, 1),
+])
+def test_corrected_mode_is_exact_for_constant_signals(size, k, s, p, r, groups):
+    """Constant input, output gradient and kernel: ``corrected`` gives autograd's gradients
+    exactly (the border effect removed), ``normalized`` does not wherever taps hit the padding."""
+    from budgetsearch.plan import FILTER_MODES
+
+    assert FILTER_MODES == MODES
+    c_in, c_out = 6, 6
+    x = torch.full((2, c_in, size, size), 0.7, dtype=torch.float64, requires_grad=True)
+    w = torch.full((c_out, c_in // groups, k, k), -0.3, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, w, None, s, p, 1, groups)
+    g = torch.full_like(y, 1.3)
+    dense = torch.autograd.grad(y, (x, w), g)
+    out = {}
+    for mode in ("corrected", "normalized"):
+        yf = filtered_conv2d(x, w, stride=s, padding=p, groups=groups, patch_size=r, mode=mode)
+        out[mode] = torch.autograd.grad(yf, (x, w), g)
+    geo = filter_geometry(in_hw=(size, size), out_hw=tuple(y.shape[-2:]), stride=s,
+                          patch_size=r)
+    if geo.cells * geo.block[0] ** 2 >= size * size and min(geo.x_pad) >= 0:  # grid covers x
+        torch.testing.assert_close(out["corrected"][0], dense[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out["corrected"][1], dense[1], rtol=1e-12, atol=1e-12)
+    if p > 0:
+        assert not torch.allclose(out["normalized"][0], dense[0])
+    # the two differ by per-position (grad_x) and per-tap (grad_w) factors only
+    for c, n in zip(out["corrected"], out["normalized"], strict=True):
+        inside = n != 0
+        assert torch.equal(inside, c != 0)
+        ratio = torch.where(inside, c / n.where(inside, 1.0), 0.0)
+        assert torch.allclose(ratio, ratio[:1, :1].expand_as(ratio))
+
+
+def test_corrected_mode_leaves_pointwise_convs_alone():
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for mode in ("corrected", "normalized"):
+        y = filtered_conv2d(x, w, stride=2, patch_size=2, mode=mode)
+        grads[mode] = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    for a, b in zip(grads["corrected"], grads["normalized"], strict=True):
+        assert torch.equal(a, b)
