@@ -30,6 +30,15 @@ Choices made here, and why:
   bounded by one micro-batch whatever the number of samples.
 - **Layer called twice** (shared weights): its per-sample sums are added over the calls before
   squaring (one mask acting on every call).
+- **Under a gradient filter** (conv outputs only, patch sizes :data:`FILTER_PATCHES`): a filtered
+  weight update sees g replaced by its mean over r×r patches (gradient-filtering.md), so the
+  channel's gate gradient ``γ = Σ_d a·g`` becomes ``γ̂ = Σ_cells (Σ_{d∈cell} a)(mean_{d∈cell} g)``.
+  The first-order gain of a step along the filtered direction, relative to the exact one, is
+  ``E[γ·γ̂] / E[γ²]``, so the channel's potential under the filter is
+  ``Δ_o^(r) = (1/2N) Σ_n γ[n,o]·γ̂[n,o]``, clipped to ``[0, Δ_o]`` (a filter never adds
+  information). It is kept in ``LayerScores.filtered[r]``; the search's proxy uses it for filtered
+  updates. It measures the filter's loss on the layer's own gradient only: the approximation a
+  filtered layer passes on to the layers before it (its input gradient) is not in it.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from .memory import MemoryMeter
 from .scores import LayerScores, Scores, input_channels
 
 __all__ = [
+    "FILTER_PATCHES",
     "FisherCriterion",
     "LossFn",
     "cross_entropy_sum",
@@ -57,6 +67,9 @@ __all__ = [
     "fisher_potential",
     "tinytrain_layer_scores",
 ]
+
+#: Patch sizes of the gradient filter whose channel potentials the pass measures (the search's).
+FILTER_PATCHES = (2, 4, 8)
 
 #: ``loss(logits, labels)``: per-sample losses (shape N) or their sum; never their mean.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,6 +94,18 @@ def _channel_dot(a: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.einsum(spec, a, g).double()
 
 
+def _filtered_dots(a: torch.Tensor, g: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per patch size r: per-sample, per-channel ``Σ_cells (Σ_cell a)(mean_cell g)`` (N, C)."""
+    from ..ops.filtered import _avg_pool, _sum_pool, filter_geometry
+
+    hw = tuple(a.shape[-2:])
+    out = {}
+    for r in FILTER_PATCHES:
+        geo = filter_geometry(in_hw=hw, out_hw=hw, stride=1, patch_size=r)
+        out[r] = _channel_dot(_sum_pool(a, geo), _avg_pool(g, geo), 1)
+    return out
+
+
 class _Pass:
     """State of one Fisher pass: hooks, per-sample sums of the current micro-batch, totals."""
 
@@ -88,9 +113,16 @@ class _Pass:
         self.layers = _layers(model)
         self.meter = meter
         self.squares: dict[tuple[str, str], torch.Tensor] = {}
+        #: Σ_n γ·γ̂_r per output channel, by (conv layer, r).
+        self.cross: dict[tuple[str, int], torch.Tensor] = {}
         for name, module in self.layers.items():
             self.squares[(name, "out")] = torch.zeros(module.weight.shape[0], dtype=torch.float64)
             self.squares[(name, "in")] = torch.zeros(input_channels(module), dtype=torch.float64)
+            if isinstance(module, nn.Conv2d):
+                for r in FILTER_PATCHES:
+                    self.cross[(name, r)] = torch.zeros(module.weight.shape[0],
+                                                        dtype=torch.float64)
+        self.filtered_sums: dict[tuple[str, int], torch.Tensor] = {}
         self.in_undefined: set[str] = set()
         self.ran: set[str] = set()
         self.got_gradient: set[str] = set()
@@ -138,6 +170,8 @@ class _Pass:
                 self.bad.append(f"{name} ({role}put modified in place after the layer ran)")
                 return
             self.add(name, role, _channel_dot(held, grad, dim))
+            if role == "out":
+                self.add_filtered(name, held, grad)
 
         tensor.register_hook(on_grad)
 
@@ -148,6 +182,15 @@ class _Pass:
         self.got_gradient.add(name)
         key = (name, role)
         self.sums[key] = self.sums[key] + sums if key in self.sums else sums
+
+    def add_filtered(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Add one call's filtered gate gradients of a conv's output (no-op for other layers)."""
+        if (name, FILTER_PATCHES[0]) not in self.cross or a.dim() != 4:
+            return
+        for r, sums in _filtered_dots(a, g).items():
+            key = (name, r)
+            self.filtered_sums[key] = (self.filtered_sums[key] + sums
+                                       if key in self.filtered_sums else sums)
 
     def release_pending(self) -> None:
         """Drop the tensors whose gradient never came (not on the path to the loss)."""
@@ -167,7 +210,10 @@ class _Pass:
             )
         for key, sums in self.sums.items():
             self.squares[key] += (sums**2).sum(dim=0)
+        for (name, r), filtered in self.filtered_sums.items():
+            self.cross[(name, r)] += (self.sums[(name, "out")] * filtered).sum(dim=0)
         self.sums.clear()
+        self.filtered_sums.clear()
 
     def scores(self, model: nn.Module, n_samples: int, metadata: dict[str, Any]) -> Scores:
         layers: dict[str, LayerScores] = {}
@@ -176,7 +222,14 @@ class _Pass:
             inp = None
             if name in self.ran and name not in self.in_undefined:
                 inp = (self.squares[(name, "in")] / (2 * n_samples)).numpy()
-            layers[name] = LayerScores(out_channel=out, in_channel=inp, layer=float(out.sum()))
+            filtered = {}
+            if name in self.got_gradient:
+                for r in FILTER_PATCHES:
+                    if (name, r) in self.cross:
+                        cross = (self.cross[(name, r)] / (2 * n_samples)).numpy()
+                        filtered[r] = np.clip(cross, 0.0, out)
+            layers[name] = LayerScores(out_channel=out, in_channel=inp, layer=float(out.sum()),
+                                       filtered=filtered)
         metadata = {
             **metadata,
             "samples": n_samples,
@@ -312,6 +365,8 @@ def fisher_bruteforce(
                 raise ScoresError(f"Fisher pass: {name}'s {role}put was modified in place")
             if grad is not None:
                 state.add(name, role, _channel_dot(tensor.detach(), grad, dim))
+                if role == "out":
+                    state.add_filtered(name, tensor.detach(), grad)
         state.end_micro_batch("the batch")
     metadata = {"micro_batch": int(x.shape[0]), "seconds": time.perf_counter() - start}
     return state.scores(model, int(x.shape[0]), metadata)

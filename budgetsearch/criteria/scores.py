@@ -8,7 +8,9 @@ for, so it cannot silently be applied to another model.
 File layout (``np.savez``, readable with ``allow_pickle=False``): ``meta`` is a one-element string
 array holding a JSON document (format version, criterion, layer names and shapes, fingerprint,
 metadata); ``layer`` holds the layer scores in layer order; ``out_<i>`` and ``in_<i>`` the channel
-vectors of the i-th layer (``in_<i>`` absent where undefined).
+vectors of the i-th layer (``in_<i>`` absent where undefined); ``filt<r>_<i>`` the i-th layer's
+output-channel scores under a gradient filter of patch size r, where the criterion gives them
+(the Fisher pass does, for convolutions). Version 1 files (before filtered scores) still load.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from .._io import atomic_open
 from ..errors import ScoresError
 from ..fingerprint import TRAINABLE_LAYER_TYPES, diff_layer_shapes, fingerprint, layer_shapes
 
-__all__ = ["FORMAT_VERSION", "LayerScores", "Scores", "input_channels"]
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "LayerScores", "Scores", "input_channels"]
 
 #: Version of the ``.npz`` layout written by :meth:`Scores.save`.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :meth:`Scores.load` reads (1 has no filtered scores).
+READABLE_VERSIONS = (1, 2)
 
 
 def input_channels(module: nn.Module) -> int:
@@ -48,17 +52,23 @@ class LayerScores:
         out_channel: One score per output channel (length C_out), float64.
         in_channel: One score per real input channel (length C_in), or ``None`` when undefined.
         layer: One score for the whole layer.
+        filtered: Output-channel scores when the layer's weight gradient is gradient-filtered
+            with patch size r, by r (empty where the criterion does not define them; the Fisher
+            pass gives them for convolutions, see :mod:`.fisher`).
     """
 
     out_channel: np.ndarray
     in_channel: np.ndarray | None
     layer: float
+    filtered: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out_channel = np.asarray(self.out_channel, dtype=np.float64).reshape(-1)
         if self.in_channel is not None:
             self.in_channel = np.asarray(self.in_channel, dtype=np.float64).reshape(-1)
         self.layer = float(self.layer)
+        self.filtered = {int(r): np.asarray(v, dtype=np.float64).reshape(-1)
+                         for r, v in sorted(self.filtered.items())}
 
 
 @dataclass
@@ -158,6 +168,12 @@ class Scores:
                 raise ScoresError(
                     f"{name}: {ls.in_channel.shape[0]} input-channel scores for {c_in} channels"
                 )
+            for r, values in ls.filtered.items():
+                if r < 2 or values.shape != (c_out,):
+                    raise ScoresError(
+                        f"{name}: filtered scores for patch size {r} must be {c_out} values for "
+                        f"a patch size >= 2; got {values.shape[0]}"
+                    )
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model whose layers differ from those the scores were made for.
@@ -201,6 +217,8 @@ class Scores:
             arrays[f"out_{i}"] = self.layers[name].out_channel
             if self.layers[name].in_channel is not None:
                 arrays[f"in_{i}"] = self.layers[name].in_channel
+            for r, values in self.layers[name].filtered.items():
+                arrays[f"filt{r}_{i}"] = values
         with atomic_open(path, "wb") as handle:
             np.savez(handle, **arrays)
         return path
@@ -238,11 +256,16 @@ class Scores:
             meta = json.loads(str(arrays["meta"].reshape(-1)[0]))
             if meta.get("format") != "budgetsearch-scores":
                 raise ScoresError(f"{where}: not a budgetsearch scores file")
-            if meta.get("version") != FORMAT_VERSION:
+            if meta.get("version") not in READABLE_VERSIONS:
                 raise ScoresError(
                     f"{where}: scores format version {meta.get('version')}, this budgetsearch "
-                    f"reads version {FORMAT_VERSION}"
+                    f"reads versions {', '.join(map(str, READABLE_VERSIONS))}"
                 )
+            filtered: dict[int, dict[int, np.ndarray]] = {}
+            for key, values in arrays.items():
+                if key.startswith("filt") and "_" in key:
+                    r, _, i = key[4:].partition("_")
+                    filtered.setdefault(int(i), {})[int(r)] = values
             entries = meta["layers"]
             layer_values = arrays["layer"]
             if layer_values.shape != (len(entries),):
@@ -253,6 +276,7 @@ class Scores:
                     out_channel=arrays[f"out_{i}"],
                     in_channel=arrays.get(f"in_{i}"),
                     layer=float(layer_values[i]),
+                    filtered=filtered.get(i, {}),
                 )
             shapes = {e["name"]: [int(v) for v in e["shape"]] for e in entries}
             if fingerprint(shapes) != meta["fingerprint"]:

@@ -95,6 +95,9 @@ def scores_digest(scores: Scores) -> str:
         h.update(ls.out_channel.tobytes())
         if ls.in_channel is not None:
             h.update(ls.in_channel.tobytes())
+        for r, values in ls.filtered.items():
+            h.update(f"filtered {r}".encode())
+            h.update(values.tobytes())
     return h.hexdigest()[:16]
 
 

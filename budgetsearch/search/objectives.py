@@ -14,6 +14,14 @@ and β the bias credit (default 0.25). A plan captures, per layer:
 
 The proxy is the captured total divided by ``Σ_l P_l``: 0 for no update, 1 for full fine-tuning.
 
+**Gradient filters.** A filtered weight update (patch size r) follows an approximate gradient, so
+it captures less. Where the scores carry the channel potential under the filter (``d^(r)_o``,
+the Fisher pass's ``LayerScores.filtered``, clipped to ``[0, Δ_o]``), a filtered update captures
+``Σ_{o∈U} max(d^(r)_o, β·d_o) + β · Σ_{o∉U} d_o`` (its bias gradient is exact, so never less
+than the bias credit), and an input-channel update ``P_l · (φ·ρ + β (1 − φ))`` with ``ρ`` the
+layer's all-channel filtered share. Scores without filtered potentials (magnitude, random, NEq,
+version-1 files) give a filtered update the credit of an unfiltered one, as before.
+
 Why these credits: Δ_o is the Fisher information of a multiplicative gate on channel o (methods.md
 §4). Scaling row o of the weight moves the output along that gate, so updating the row captures at
 least Δ_o. A bias-only update moves the channel along an additive direction whose Fisher the pass
@@ -115,6 +123,11 @@ class ProxyModel:
                 self.order[(name, "in")] = _ranking(self.e[name])
             else:
                 self.order[(name, "in")] = np.arange(layer.in_channels)
+        self.df: dict[tuple[str, int], np.ndarray] = {}  # d under a filter, max(d^(r), β d)
+        for name in graph.layers:
+            for r, values in scores[name].filtered.items():
+                floor = self.bias_credit * self.d[name]
+                self.df[(name, r)] = np.maximum(self._prepare(values, name), floor)
         self.total = float(sum(self.potential.values()))
         if not self.total > 0:
             raise ScoresError(f"the {scores.criterion} scores are zero everywhere: no proxy")
@@ -122,13 +135,8 @@ class ProxyModel:
             name: layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
             for name, layer in graph.layers.items()
         }
-        # credit of (layer, ratio index, axis) for ratio > 0, from sorted prefix sums
-        self._credit: dict[tuple[str, int, str], float] = {}
-        for name in graph.layers:
-            for axis in ("out", "in"):
-                for ri in range(1, len(RATIOS)):
-                    self._credit[(name, ri, axis)] = self.weight_credit(
-                        name, self.channels(name, ri, axis), axis)
+        # credit of (layer, ratio index, axis, patch) for ratio > 0, filled on first use
+        self._credit: dict[tuple[str, int, str, int], float] = {}
 
     def _prepare(self, values: np.ndarray, name: str) -> np.ndarray:
         v = np.asarray(values, dtype=np.float64)
@@ -145,24 +153,33 @@ class ProxyModel:
             return None
         return tuple(sorted(int(c) for c in self.order[(name, axis)][:k]))
 
-    def weight_credit(self, name: str, channels: tuple[int, ...] | None, axis: str) -> float:
-        """What a weight update of a layer on some channels captures (unnormalised)."""
+    def weight_credit(self, name: str, channels: tuple[int, ...] | None, axis: str,
+                      patch_size: int = 1) -> float:
+        """What a weight update of a layer on some channels, filtered with ``patch_size``
+        (1: no filter), captures (unnormalised)."""
         d, beta, total = self.d[name], self.bias_credit, self.potential[name]
+        kept_d = self.df.get((name, patch_size), d) if patch_size > 1 else d
         if channels is None:
-            return total
+            return float(kept_d.sum()) if kept_d is not d else total
         idx = np.asarray(channels, dtype=np.int64)
         if axis == "out" or self._depthwise[name]:
-            kept = float(d[idx].sum())
-            return kept + beta * (total - kept)
+            return float(kept_d[idx].sum()) + beta * (total - float(d[idx].sum()))
         e = self.e[name]
         n_in = self.graph.layers[name].in_channels
         phi = len(idx) / n_in if e is None else float(e[idx].sum() / e.sum())
-        return total * (phi + beta * (1.0 - phi))
+        rho = float(kept_d.sum()) / total if total > 0 else 1.0
+        return total * (phi * rho + beta * (1.0 - phi))
 
-    def table_credit(self, name: str, ratio_index: int, axis: str, bias: bool) -> float:
+    def table_credit(self, name: str, ratio_index: int, axis: str, bias: bool,
+                     patch_size: int = 1) -> float:
         """Credit of a layer's choice in the search space (unnormalised)."""
         if ratio_index > 0:
-            return self._credit[(name, ratio_index, axis)]
+            key = (name, ratio_index, axis, patch_size)
+            hit = self._credit.get(key)
+            if hit is None:
+                hit = self._credit[key] = self.weight_credit(
+                    name, self.channels(name, ratio_index, axis), axis, patch_size)
+            return hit
         return self.bias_credit * self.potential[name] if bias else 0.0
 
     def __call__(self, updates: Mapping[str, LayerUpdate]) -> float:
@@ -172,7 +189,8 @@ class ProxyModel:
             if name not in self.potential:
                 raise SearchError(f"the model has no trainable layer {name!r}")
             if update.mode == "weight":
-                captured += self.weight_credit(name, update.channels, update.axis)
+                captured += self.weight_credit(name, update.channels, update.axis,
+                                               update.patch_size)
             elif self.graph.layers[name].bias_param is not None:
                 captured += self.bias_credit * self.potential[name]
         return captured / self.total
@@ -180,7 +198,8 @@ class ProxyModel:
     def describe(self) -> dict[str, Any]:
         """JSON-ready definition of the proxy."""
         return {"criterion": self.scores.criterion, "alpha": self.alpha,
-                "bias_credit": self.bias_credit, "normalised_by": self.total}
+                "bias_credit": self.bias_credit, "normalised_by": self.total,
+                "filtered_potential": sorted({r for _, r in self.df})}
 
 
 def _ranking(values: np.ndarray) -> np.ndarray:
@@ -308,8 +327,8 @@ class Evaluator:
             self.hits += 1
             return hit
         choices = self.space.choices(params)
-        proxy = sum(self.proxy.table_credit(n, ri, axis, bias)
-                    for n, (ri, axis, _p, bias) in choices.items()) / self.proxy.total
+        proxy = sum(self.proxy.table_credit(n, ri, axis, bias, patch)
+                    for n, (ri, axis, patch, bias) in choices.items()) / self.proxy.total
         result = self.cache[key] = self.measure(self._decode(choices), proxy)
         return result
 

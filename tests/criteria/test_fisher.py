@@ -114,6 +114,9 @@ def _assert_same(a, b, rtol: float = 1e-5) -> None:
         else:
             np.testing.assert_allclose(a[name].in_channel, b[name].in_channel, rtol=rtol)
         assert a[name].layer == pytest.approx(b[name].layer, rel=rtol, abs=1e-14)
+        assert list(a[name].filtered) == list(b[name].filtered), name
+        for r, values in b[name].filtered.items():
+            np.testing.assert_allclose(a[name].filtered[r], values, rtol=rtol, atol=1e-14)
 
 
 @pytest.mark.parametrize("net", [TinyNet, ResNetish])
@@ -261,3 +264,74 @@ def test_tinytrain_layer_scores():
     assert s == {"a": pytest.approx(4.0), "b": pytest.approx(2.0)}
     with pytest.raises(ScoresError):
         tinytrain_layer_scores({"a": 1.0}, params={"a": 0}, macs={"a": 1})
+
+
+def _filtered_by_definition(model: nn.Module, x: torch.Tensor, y: torch.Tensor, r: int):
+    """Δ^(r)_o = clip((1/2N) Σ_n γ γ̂, 0, Δ_o) written out with explicit patches: γ = Σ_d a·g,
+    γ̂ = Σ_cells (Σ_cell a)(mean_cell g); the patch grid has ceil(H/r) cells per side and
+    ceil((cells·r − H)/2) leading rows (columns) outside the map."""
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    cross = {n: 0.0 for n in convs}
+    square = {n: 0.0 for n in convs}
+    kept: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(
+        lambda _m, _a, out, n=n: kept.__setitem__(n, out)) for n, m in convs.items()]
+    model.eval()
+    try:
+        for i in range(x.shape[0]):
+            kept.clear()
+            loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum")
+            grads = torch.autograd.grad(loss, [kept[n] for n in convs])
+            for (name, a), g in zip(((n, kept[n]) for n in convs), grads, strict=True):
+                a, g = a[0].detach().numpy(), g[0].numpy()
+                _c, h, w = a.shape
+                ph, pw = -(-h // r), -(-w // r)
+                oh, ow = (ph * r - h + 1) // 2, (pw * r - w + 1) // 2
+                hat = np.zeros(a.shape[0])
+                for ci in range(ph):
+                    for cj in range(pw):
+                        rows = slice(max(0, ci * r - oh), min(h, (ci + 1) * r - oh))
+                        cols = slice(max(0, cj * r - ow), min(w, (cj + 1) * r - ow))
+                        hat += a[:, rows, cols].sum((1, 2)) * g[:, rows, cols].mean((1, 2))
+                gamma = (a * g).sum((1, 2))
+                cross[name] = cross[name] + gamma * hat
+                square[name] = square[name] + gamma**2
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = 2 * x.shape[0]
+    return {k: np.clip(cross[k] / n, 0, square[k] / n) for k in convs}
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_filtered_potential_matches_its_definition(size):
+    torch.manual_seed(3)
+    model = TinyNet().double()
+    x = torch.randn(4, 3, size, size, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,))
+    scores = fisher_potential(model, [(x, y)], micro_batch=2)
+    assert set(scores["fc"].filtered) == set()  # a linear layer is never filtered
+    for r in (2, 4, 8):
+        expected = _filtered_by_definition(model, x, y, r)
+        for name, values in expected.items():
+            got = scores[name].filtered[r]
+            np.testing.assert_allclose(got, values, rtol=1e-9, atol=1e-15)
+            assert (got <= scores[name].out_channel + 1e-15).all()
+    # a patch at least as large as the map averages g over the whole map: on an 8x8 map r = 8
+    # loses more than r = 2 on every conv, summed over the channels
+    if size == 8:
+        for name in ("conv1", "pw", "dw"):
+            assert scores[name].filtered[8].sum() <= scores[name].filtered[2].sum() + 1e-15
+
+
+def test_filtered_potential_is_the_potential_on_a_one_pixel_map():
+    """On a 1x1 map the patch mean of g is g itself: nothing is lost."""
+    torch.manual_seed(0)
+    model = TinyNet().double()
+    x = torch.randn(3, 3, 1, 1, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    scores = fisher_potential(model, [(x, y)])
+    for name in ("conv1", "pw", "dw"):
+        for r in (2, 4, 8):
+            np.testing.assert_allclose(scores[name].filtered[r], scores[name].out_channel,
+                                       rtol=1e-12, atol=1e-18)

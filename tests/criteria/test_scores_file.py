@@ -81,3 +81,28 @@ def test_construction_checks():
         Scores.for_model(model, criterion="x", layers=layers)
     with pytest.raises(ScoresError, match="no scores for layer 'nope'"):
         random_scores(model)["nope"]
+
+
+def test_filtered_scores_round_trip_and_version_1_files_load(tmp_path):
+    model = _model()
+    scores = random_scores(model, seed=2)
+    scores.layers["0"].filtered = {2: scores["0"].out_channel / 2, 4: scores["0"].out_channel / 4}
+    path = scores.save(tmp_path / "f.npz")
+    loaded = Scores.load(path, model=model)
+    assert list(loaded["0"].filtered) == [2, 4] and loaded["1"].filtered == {}
+    np.testing.assert_array_equal(loaded["0"].filtered[4], scores["0"].out_channel / 4)
+    # a version-1 file (before filtered scores) still loads, with none
+    with np.load(path) as npz:
+        arrays = {k: v for k, v in npz.items() if not k.startswith("filt")}
+    meta = json.loads(str(arrays["meta"][0]))
+    arrays["meta"] = np.array([json.dumps({**meta, "version": 1})])
+    np.savez(tmp_path / "v1.npz", **arrays)
+    assert Scores.load(tmp_path / "v1.npz")["0"].filtered == {}
+    arrays["meta"] = np.array([json.dumps({**meta, "version": 9})])
+    np.savez(tmp_path / "v9.npz", **arrays)
+    with pytest.raises(ScoresError, match="version 9, this budgetsearch reads versions 1, 2"):
+        Scores.load(tmp_path / "v9.npz")
+    bad = random_scores(model, seed=2)
+    bad.layers["0"].filtered = {2: np.ones(3)}
+    with pytest.raises(ScoresError, match="0: filtered scores for patch size 2 must be 4 values"):
+        bad.validate()

@@ -162,6 +162,47 @@ def test_proxy_bounds_and_credits(mcu: dict) -> None:
         ProxyModel(graph, scores, bias_credit=2.0)
 
 
+def test_filtered_updates_earn_the_filtered_potential(mcu: dict) -> None:
+    """With filtered potentials in the scores, a filtered update captures
+    Σ_U max(d^(r), β d) + β Σ_rest d; an input-channel one P (φ ρ + β (1 − φ)); without them
+    (random scores) a filter changes nothing. The evaluator's table agrees with the proxy."""
+    import copy
+
+    graph, base = mcu["graph"], mcu["scores"]
+    name = next(n for n, layer in graph.layers.items() if len(layer.weight_shape) == 4
+                and layer.groups == 1 and layer.in_channels > 8)
+    plain = ProxyModel(graph, base)
+    assert plain({name: LayerUpdate("weight", patch_size=4)}) == plain({name: LayerUpdate(
+        "weight")})
+    scores = copy.deepcopy(base)
+    d = scores[name].out_channel
+    rng = np.random.default_rng(0)
+    scores[name].filtered = {2: d * rng.uniform(0, 1, d.shape), 4: d * 0.05}
+    proxy = ProxyModel(graph, scores, bias_credit=0.25)
+    f2 = np.maximum(scores[name].filtered[2], 0.25 * d)
+    assert proxy({name: LayerUpdate("weight", patch_size=2)}) == pytest.approx(
+        f2.sum() / proxy.total)
+    assert proxy({name: LayerUpdate("weight", patch_size=4)}) == pytest.approx(  # β floor
+        0.25 * d.sum() / proxy.total)
+    assert proxy({name: LayerUpdate("weight", patch_size=8)}) == proxy({name: LayerUpdate(
+        "weight")})  # no r = 8 potential given: unfiltered credit
+    top = tuple(int(i) for i in np.argsort(-d)[:3])
+    assert proxy({name: LayerUpdate("weight", channels=top, patch_size=2)}) == pytest.approx(
+        (f2[list(top)].sum() + 0.25 * (d.sum() - d[list(top)].sum())) / proxy.total)
+    e = scores[name].in_channel
+    cols = tuple(int(i) for i in np.argsort(-e)[:5])
+    phi, rho = e[list(cols)].sum() / e.sum(), f2.sum() / d.sum()
+    assert proxy({name: LayerUpdate("weight", channels=cols, axis="in", patch_size=2)}) == (
+        pytest.approx(d.sum() * (phi * rho + 0.25 * (1 - phi)) / proxy.total))
+    ev = Evaluator(space=SearchSpace(graph, SpaceOptions()), proxy=proxy, cost_model=mcu["cm"],
+                   budget_bytes=None)
+    unit = next(u for u in ev.space.units if name in u.layers and 2 in u.layer_patches[name])
+    params = {k: 0 for k in ev.space.distributions}
+    params[f"r:{unit.name}"] = len(RATIOS) - 1
+    params[f"p:{unit.name}"] = list(unit.patches).index(2)
+    assert ev.evaluate(params).proxy == pytest.approx(proxy(ev.updates(params)))
+
+
 def test_proxy_refuses_scores_of_another_model(mcu: dict) -> None:
     other = load_model("mcunet-5fps", num_classes=7)
     with pytest.raises(ScoresError, match="another model"):
