@@ -15,7 +15,10 @@ measured saved bytes should equal), measured costs and accuracy, and the per-lay
   front and the search's baselines go to ``front.csv`` and ``baselines.csv`` in the cell directory.
 - Training: :class:`budgetsearch.trainer.Trainer` with the study's recipe, checking the plan
   against the study's cost model (the budget the plan was made for) and resuming its checkpoints
-  when a killed cell runs again.
+  when a killed cell runs again. Dynamic methods re-plan during training at the same budget:
+  ``neq-dynamic`` by NEq velocities with the ``neq`` selector (Quelennec et al.),
+  ``search-dynamic`` by the Fisher potential of the current weights with the search's
+  re-planning (:func:`budgetsearch.search.replan`).
 
 A part of budgetsearch a cell needs that is missing raises :class:`NotWiredError` (the runner
 records the cell as failed and retries it on the next run).
@@ -168,11 +171,14 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
         raise NotWiredError(f"training: budgetsearch.trainer is not available ({exc})") from exc
     dynamic = _check_dynamic(cell)
     t = cell.study.training
+    options = dict(t.get("options") or {})
+    if dynamic is not None:  # training.options may still say otherwise (e.g. search_trials)
+        options.setdefault("replan_method", cell.method.replan_method)
     trainer = Trainer(ctx.model, plan, train_data=ctx.train_data, val_data=ctx.val_data,
                       epochs=cell.data.epochs_or(t["epochs"]), batch_size=t["batch_size"],
-                      lr=t["lr"], optimizer=t["optimizer"], seed=cell.seed, out_dir=ctx.out_dir,
-                      dynamic=dynamic, cost_model=ctx.cost_model, progress=ctx.progress,
-                      **dict(t.get("options") or {}))
+                      lr=cell.method.lr or t["lr"], optimizer=t["optimizer"], seed=cell.seed,
+                      out_dir=ctx.out_dir, dynamic=dynamic, cost_model=ctx.cost_model,
+                      progress=ctx.progress, **options)
     doc = trainer.fit(resume=True)
     epochs = doc.get("epochs") or []
     doc["train_seconds"] = sum(float(r.get("epoch_s") or 0.0) for r in epochs)

@@ -319,7 +319,8 @@ def write_report(spec: StudySpec, *, storage: str | None = None, command: str | 
            f"{counts['pending']} pending. Input {spec.input_size} px; training {d['epochs']} "
            f"epoch(s), batch {d['batch_size']}, lr {d['lr']}, {d['optimizer']}; cost model "
            f"{spec.cost['accounting']} accounting, budgets on {spec.cost['memory_measure']} "
-           f"memory; seeds {', '.join(map(str, spec.seeds))}.", ""]
+           f"memory; seeds {', '.join(map(str, spec.seeds))}."
+           + "".join(f" Method {m.name}: lr {m.lr:g}." for m in spec.methods if m.lr), ""]
     md += ["Data: " + "; ".join(
         f"{x.name} = {x.source} {x.train_split} {x.train_size or 'all'}"
         + (f" ({x.per_class}/class)" if x.per_class else "")

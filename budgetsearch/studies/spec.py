@@ -25,6 +25,7 @@ is a :class:`Cell`. The file (read with ``yaml.safe_load`` only)::
       - tinytrain
       - {name: gf-b2-r4, method: last-k, options: {k: 2, blocks: true, patch_size: 4}}
       - {method: mit-scheme, models: [mcunet-5fps]}  # label: largest published <= budget
+      - {method: full, lr: 0.005}  # its own learning rate
       - search
     seeds: [0, 1, 2]
     training: {epochs: 1, batch_size: 32, lr: 0.05, optimizer: sgd, options: {},
@@ -39,11 +40,12 @@ A method mapping has ``method`` (required), ``name`` (its label in the results; 
 method), ``options`` (the selector's or the search's options), ``scores`` (criterion ranking the
 channels: ``fisher``, ``magnitude``, ``random`` or ``none``; default per method), ``models``
 (restrict it to these models) and ``role`` (``published``, ``search``, ``baseline``,
-``reference``: how the report compares it). ``exclude`` patterns match cells on ``data``,
-``model``, ``device``, ``budget`` (label), ``method`` (name) and ``seed``, each a value or a list
-of values; a cell matching all fields of a pattern is left out. Every unknown model, device,
-method or key is an error naming it and the allowed values, raised by :func:`load_spec` before
-any cell runs.
+``reference``: how the report compares it) and ``lr`` (its own learning rate, overriding
+``training.lr``: full fine-tuning usually needs a smaller one than a sparse update).
+``exclude`` patterns match cells on ``data``, ``model``, ``device``, ``budget`` (label),
+``method`` (name) and ``seed``, each a value or a list of values; a cell matching all fields of
+a pattern is left out. Every unknown model, device, method or key is an error naming it and the
+allowed values, raised by :func:`load_spec` before any cell runs.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """A method of the study: label, method, options, channel criterion, models, role."""
+    """A method of the study: label, method, options, channel criterion, models, role, and its
+    own learning rate (None: the recipe's ``training.lr``)."""
 
     name: str
     method: str
@@ -143,6 +146,7 @@ class MethodEntry:
     scores: str = "none"
     models: tuple[str, ...] | None = None
     role: str = "published"
+    lr: float | None = None
 
     @property
     def selector(self) -> str | None:
@@ -153,8 +157,16 @@ class MethodEntry:
 
     @property
     def dynamic(self) -> str | None:
-        """What the trainer re-plans by during training: ``neq``, ``search`` or None."""
-        return {"neq-dynamic": "neq", "search-dynamic": "search"}.get(self.method)
+        """The trainer's dynamic mode (the scores refreshed during training): ``neq`` for
+        ``neq-dynamic`` (NEq velocities), ``fisher`` for ``search-dynamic`` (Fisher potential on
+        the current weights), None for a static method."""
+        return {"neq-dynamic": "neq", "search-dynamic": "fisher"}.get(self.method)
+
+    @property
+    def replan_method(self) -> str | None:
+        """Who picks the re-selected plans: the ``neq`` budgeted selector (Quelennec et al.) for
+        ``neq-dynamic``, the budget search's re-planning for ``search-dynamic``."""
+        return {"neq-dynamic": "selector", "search-dynamic": "search"}.get(self.method)
 
 
 @dataclass(frozen=True)

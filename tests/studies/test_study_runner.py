@@ -293,18 +293,34 @@ def test_sql_store_shares_claims_and_records(tmp_path: Path) -> None:
     assert summary.skipped == [cid] and len(summary.ran) == 1
 
 
-def test_unwired_search_dynamic_fails_fast_and_is_retried(tmp_path: Path, capsys) -> None:
-    import yaml
+def test_dynamic_methods_replan_during_training(tmp_path: Path) -> None:
+    """search-dynamic re-plans by the search on Fisher scores, neq-dynamic by the neq selector on
+    velocities: both train for real and record each re-selection, under the cell's budget."""
+    from budgetsearch.studies import CellContext
+    from budgetsearch.studies.adapters import _make_plan, _train
 
-    from budgetsearch.cli import main
-
-    path = tmp_path / "dyn.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "dyn", "data": {"source": "cifar10"}, "models": ["mcunet-5fps"],
-        "devices": [{"name": "stm32f746", "budgets": ["64KB"]}], "methods": ["search-dynamic"]}))
-    assert main(["study", "run", str(path), "--no-progress"]) == 1  # needs attention
-    out = capsys.readouterr().out
-    assert "NotWiredError" in out and "run again on the next `study run`" in out
-    rec = next(iter(FileStore(tmp_path / "results" / "dyn" / "cells").records().values()))
-    assert rec["error"]["type"] == "NotWiredError" and not rec["error"]["permanent"]
-    assert rec["seconds"] < 5  # refused before any model, data or search work
+    spec = spec_from_dict({
+        "name": "dyn", "data": {"source": "cifar10", "train_size": 16, "val_size": 8},
+        "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
+        "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
+        "methods": ["search-dynamic", "neq-dynamic"], "seeds": [0],
+        "training": {"epochs": 4, "batch_size": 8, "lr": 0.01,
+                     "options": {"search_trials": 20, "fisher_samples": 8}},
+        "cost": {"memory_measure": "peak"}, "scores": {"fisher_samples": 8, "micro_batch": 8},
+        "search": {"trials": 20, "population_size": 6}}, path=tmp_path / "dyn.yaml")
+    history = {}
+    for cell in spec.cells():
+        assert (cell.method.dynamic, cell.method.replan_method) == {
+            "search-dynamic": ("fisher", "search"), "neq-dynamic": ("neq", "selector")}[
+            cell.method.name]
+        ctx = CellContext(cell, out_dir=tmp_path / cell.id)
+        plan = _make_plan(cell, ctx)
+        doc = _train(cell, plan, ctx)
+        assert doc["config"]["replan_method"] == cell.method.replan_method
+        history[cell.method.name] = doc["dynamic"]
+    search = history["search-dynamic"]  # re-plans after epochs 1, 2 and 3
+    assert [h["epoch"] for h in search] == [1, 2, 3] and all(
+        h["action"] == "replanned" and h["why"].startswith("search") for h in search)
+    neq = history["neq-dynamic"]  # velocities exist from the third record (after epoch 2) on
+    assert [h["action"] for h in neq] == ["kept", "replanned", "replanned"]
+    assert all(h["why"].startswith("neq") for h in neq[1:])

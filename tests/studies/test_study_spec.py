@@ -99,7 +99,8 @@ def test_docstring_example_is_a_valid_spec() -> None:
     text = spec_module.__doc__.split("::", 1)[1].split("\n\nA method mapping")[0]
     spec = spec_from_dict(yaml.safe_load(text))
     assert spec.name == "smoke" and [m.name for m in spec.methods] == [
-        "tinytrain", "gf-b2-r4", "mit-scheme", "search"]
+        "tinytrain", "gf-b2-r4", "mit-scheme", "full", "search"]
+    assert [m.lr for m in spec.methods] == [None, None, None, 0.005, None]
 
 
 def test_shipped_studies_are_valid() -> None:
@@ -128,3 +129,23 @@ def test_cli_dry_run_lists_cells_and_an_estimate(tmp_path: Path, capsys) -> None
     assert "8 cells (8 pending)" in out and "estimate: 8 cells to run" in out
     assert out.count("pending  default__mcunet-5fps") == 8
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+def test_a_method_may_set_its_own_learning_rate(tmp_path) -> None:
+    from budgetsearch.studies import StudyError, spec_from_dict
+
+    base = {"name": "lr", "data": {"source": "cifar10"}, "models": ["mcunet-5fps"],
+            "devices": [{"name": "stm32f746", "budgets": ["64KB"]}],
+            "training": {"lr": 0.02}}
+    spec = spec_from_dict({**base, "methods": ["tinytl", {"method": "full", "lr": 0.005}]},
+                          path=tmp_path / "lr.yaml")
+    lrs = {c.method.name: c.method.lr for c in spec.cells()}
+    assert lrs == {"tinytl": None, "full": 0.005}
+    hashes = {c.method.name: c.config_hash() for c in spec.cells()}
+    other = spec_from_dict({**base, "methods": ["tinytl", {"method": "full", "lr": 0.01}]},
+                           path=tmp_path / "lr.yaml")
+    assert {c.method.name: c.config_hash() for c in other.cells()}["full"] != hashes["full"]
+    for bad in (0, -1, "fast", True):
+        with pytest.raises(StudyError, match=r"methods\[1\]\.lr: expected a positive number"):
+            spec_from_dict({**base, "methods": ["tinytl", {"method": "full", "lr": bad}]},
+                           path=tmp_path / "lr.yaml")
