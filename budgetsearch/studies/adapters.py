@@ -261,6 +261,8 @@ def run_cell(cell: Cell, *, out_dir: str | os.PathLike[str], storage: str | None
     _prepare_dir(cell, out_dir)
     ctx = CellContext(cell, out_dir=out_dir, storage=storage, progress=progress)
     plan = (plan_fn or _make_plan)(cell, ctx)
+    if cell.method.filter_mode:
+        plan = plan.with_(filter_mode=cell.method.filter_mode)
     plan.save(out_dir / "plan.json")
     result: dict[str, Any] = {**plan_summary(plan), "layers": layer_fractions(plan),
                               "plan_file": f"{out_dir.name}/plan.json"}

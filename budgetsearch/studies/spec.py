@@ -41,7 +41,9 @@ method), ``options`` (the selector's or the search's options), ``scores`` (crite
 channels: ``fisher``, ``magnitude``, ``random`` or ``none``; default per method), ``models``
 (restrict it to these models) and ``role`` (``published``, ``search``, ``baseline``,
 ``reference``: how the report compares it) and ``lr`` (its own learning rate, overriding
-``training.lr``: full fine-tuning usually needs a smaller one than a sparse update).
+``training.lr``: full fine-tuning usually needs a smaller one than a sparse update) and
+``filter_mode`` (``normalized``, ``paper`` or ``corrected``: the gradient-filter variant recorded
+in its plans, which the trainer uses).
 ``exclude`` patterns match cells on ``data``, ``model``, ``device``, ``budget`` (label),
 ``method`` (name) and ``seed``, each a value or a list of values; a cell matching all fields of
 a pattern is left out. Every unknown model, device, method or key is an error naming it and the
@@ -137,8 +139,9 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """A method of the study: label, method, options, channel criterion, models, role, and its
-    own learning rate (None: the recipe's ``training.lr``)."""
+    """A method of the study: label, method, options, channel criterion, models, role, its own
+    learning rate (None: the recipe's ``training.lr``) and the gradient-filter variant its plans
+    are trained with (None: the plan's own, unless ``training.options`` sets one)."""
 
     name: str
     method: str
@@ -147,6 +150,7 @@ class MethodEntry:
     models: tuple[str, ...] | None = None
     role: str = "published"
     lr: float | None = None
+    filter_mode: str | None = None
 
     @property
     def selector(self) -> str | None:

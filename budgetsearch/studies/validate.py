@@ -34,7 +34,7 @@ _DATA = ("name", "source", "train_split", "val_split", "train_size", "val_size",
 _MODEL = ("name", "weights", "mcu_dir")
 _DEVICE = ("name", "budgets")
 _BUDGET = ("memory", "latency", "label")
-_METHOD = ("name", "method", "options", "scores", "models", "role", "lr")
+_METHOD = ("name", "method", "options", "scores", "models", "role", "lr", "filter_mode")
 _TRAINING = ("epochs", "batch_size", "lr", "optimizer", "options", "keep_artifacts")
 _COST = ("accounting", "memory_measure", "batch_size", "optimizer")
 _SCORES = ("fisher_samples", "micro_batch")
@@ -244,10 +244,15 @@ def _method(value: Any, where: str, known: Sequence[str], models: Sequence[Model
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
         raise StudyError(f"{where}.lr: expected a positive number (this method's learning rate, "
                          f"overriding training.lr), got {lr!r}")
+    from ..plan import FILTER_MODES
+
+    filter_mode = d.get("filter_mode")
+    if filter_mode is not None:
+        _choice(filter_mode, FILTER_MODES, f"{where}.filter_mode")
     label = str(d.get("name") or method)
     return MethodEntry(label, method, dict(options), scores,
                        None if only is None else tuple(only), role,
-                       None if lr is None else float(lr))
+                       None if lr is None else float(lr), filter_mode)
 
 
 def _exclude(value: Any, where: str, known: Mapping[str, list[Any]]

@@ -324,3 +324,20 @@ def test_dynamic_methods_replan_during_training(tmp_path: Path) -> None:
     neq = history["neq-dynamic"]  # velocities exist from the third record (after epoch 2) on
     assert [h["action"] for h in neq] == ["kept", "replanned", "replanned"]
     assert all(h["why"].startswith("neq") for h in neq[1:])
+
+
+def test_a_methods_filter_mode_is_recorded_in_its_plans(tmp_path: Path) -> None:
+    seen = {}
+
+    def train(cell, plan, ctx):
+        seen[cell.method.name] = plan.filter_mode
+        return fake_train(cell, plan, ctx)
+
+    spec = _spec(tmp_path, methods=[{"name": "a", "method": "tinytl",
+                                     "filter_mode": "corrected"},
+                                    {"name": "b", "method": "last-k"}], seeds=[0])
+    run_study(spec, plan_fn=fake_plan, train_fn=train, progress=False, out=io.StringIO())
+    assert seen == {"a": "corrected", "b": "normalized"}
+    for cell in spec.cells():
+        saved = json.loads((spec.cells_dir / cell.id / "plan.json").read_text())
+        assert saved["filter_mode"] == seen[cell.method.name]

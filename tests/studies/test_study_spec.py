@@ -131,7 +131,7 @@ def test_cli_dry_run_lists_cells_and_an_estimate(tmp_path: Path, capsys) -> None
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
-def test_a_method_may_set_its_own_learning_rate(tmp_path) -> None:
+def test_a_method_may_set_its_own_learning_rate_and_filter_mode(tmp_path) -> None:
     from budgetsearch.studies import StudyError, spec_from_dict
 
     base = {"name": "lr", "data": {"source": "cifar10"}, "models": ["mcunet-5fps"],
@@ -145,6 +145,13 @@ def test_a_method_may_set_its_own_learning_rate(tmp_path) -> None:
     other = spec_from_dict({**base, "methods": ["tinytl", {"method": "full", "lr": 0.01}]},
                            path=tmp_path / "lr.yaml")
     assert {c.method.name: c.config_hash() for c in other.cells()}["full"] != hashes["full"]
+    modes = spec_from_dict({**base, "methods": [{"method": "tinytl", "filter_mode": "corrected"}]},
+                           path=tmp_path / "lr.yaml")
+    assert [c.method.filter_mode for c in modes.cells()] == ["corrected"]
+    with pytest.raises(StudyError,
+                       match=r"methods\[0\]\.filter_mode.*normalized, paper, corrected"):
+        spec_from_dict({**base, "methods": [{"method": "tinytl", "filter_mode": "exact"}]},
+                       path=tmp_path / "lr.yaml")
     for bad in (0, -1, "fast", True):
         with pytest.raises(StudyError, match=r"methods\[1\]\.lr: expected a positive number"):
             spec_from_dict({**base, "methods": ["tinytl", {"method": "full", "lr": bad}]},
