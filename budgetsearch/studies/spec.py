@@ -242,8 +242,10 @@ class Cell:
     def config(self) -> dict[str, Any]:
         """Everything that determines the cell's result (JSON-ready)."""
         s = self.study
+        method = {k: v for k, v in _plain(asdict(self.method)).items()
+                  if not (k in _UNSET_UNHASHED and v is None)}
         return {"data": asdict(self.data), "model": asdict(self.model), "device": self.device,
-                "budget": asdict(self.budget), "method": _plain(asdict(self.method)),
+                "budget": asdict(self.budget), "method": method,
                 "seed": self.seed, "input_size": s.input_size, "training": _plain(
                     {k: v for k, v in s.training.items() if k != "keep_artifacts"}),
                 "cost": _plain(s.cost), "scores": _plain(s.scores),
@@ -294,6 +296,11 @@ def spec_from_dict(data: Any, *, path: str | os.PathLike[str] | None = None,
 def _matches(key: Mapping[str, Any], pattern: Mapping[str, tuple[Any, ...]]) -> bool:
     """Whether a cell's coordinates match every field of an ``exclude`` pattern."""
     return all(key[field] in values for field, values in pattern.items())
+
+
+#: Method fields added after studies had run: left out of a cell's configuration while unset, so
+#: the records made before them stay current.
+_UNSET_UNHASHED = ("filter_mode",)
 
 
 def _plain(value: Any) -> Any:

@@ -156,3 +156,16 @@ def test_a_method_may_set_its_own_learning_rate_and_filter_mode(tmp_path) -> Non
         with pytest.raises(StudyError, match=r"methods\[1\]\.lr: expected a positive number"):
             spec_from_dict({**base, "methods": ["tinytl", {"method": "full", "lr": bad}]},
                            path=tmp_path / "lr.yaml")
+
+
+def test_an_unset_filter_mode_leaves_the_cell_configuration_as_before(tmp_path) -> None:
+    """Records made before methods had a filter_mode stay current: an unset one is not hashed."""
+    base = {"name": "h", "data": {"source": "cifar10"}, "models": ["mcunet-5fps"],
+            "devices": [{"name": "stm32f746", "budgets": ["64KB"]}]}
+    plain = spec_from_dict({**base, "methods": ["tinytl"]}, path=tmp_path / "h.yaml")
+    cell = plain.cells()[0]
+    assert "filter_mode" not in cell.config()["method"] and "lr" in cell.config()["method"]
+    set_ = spec_from_dict({**base, "methods": [{"method": "tinytl", "filter_mode": "paper"}]},
+                          path=tmp_path / "h.yaml").cells()[0]
+    assert set_.config()["method"]["filter_mode"] == "paper"
+    assert set_.config_hash() != cell.config_hash()
