@@ -97,6 +97,32 @@ def time_steps(models: dict[str, torch.nn.Module], plans: dict[str, Plan], graph
                    "params": handles[name].trainable_params} for name in plans}
 
 
+def profile_backward(model, plans: dict[str, Plan], name: str, graph: LayerGraph, x, y) -> int:
+    """Print the operators one plan's backward spends its time in (after two warm-up steps),
+    split into the convolution and matrix products the MAC count covers and the rest."""
+    from torch.profiler import profile
+
+    if name not in plans:
+        print(f"no plan {name!r}; plans: {', '.join(plans)}", file=sys.stderr)
+        return 2
+    with apply_plan(model, plans[name], graph=graph):
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        with profile() as prof:
+            loss.backward()
+    table = prof.key_averages()
+    macs = ("convolution", "conv_transpose", "mm", "bmm", "addmm", "einsum")
+    leaf = [e for e in table if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in leaf)
+    covered = sum(e.self_cpu_time_total for e in leaf if any(m in e.key for m in macs))
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(f"{name}: aten operators {total / 1e3:.2f} ms of self time, of which convolutions and "
+          f"matrix products (what the MAC count measures) {covered / 1e3:.2f} ms "
+          f"({covered / max(total, 1):.0%}); the rest is elementwise work, reductions and copies")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
@@ -105,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="rpi4", help="profile whose budgets the plans use")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--profile", default=None, metavar="PLAN",
+                        help="instead of the table: where one plan's backward spends its time "
+                             "(torch.profiler, top operators), e.g. 'last 2 blocks r=4'")
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave malloc as it is (default: tune_host_allocator, as the "
                              "trainer does)")
@@ -127,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
     y = torch.randint(0, 10, (args.batch,), generator=gen)
+    if args.profile:
+        return profile_backward(model, plans, args.profile, graph, x, y)
     print(f"MobileNetV2 (ImageNet weights, 10 classes), {args.size}px, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, median of {args.reps} steps; budgets: fractions of "
           f"full fine-tuning's training memory on {args.device}; predicted bytes: cost model "

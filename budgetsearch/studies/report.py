@@ -57,7 +57,17 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
     row.update({k: metrics.get(k) for k in ("best_accuracy", "final_accuracy",
                                             "measured_saved_bytes", "measured_backward_ms",
                                             "train_seconds")})
+    first = _first_epoch(rec)
+    if isinstance(first.get("saved_activation_bytes"), (int, float)):
+        # the first epoch trains the cell's own plan, the one predicted_ops is for (a dynamic
+        # method re-plans after it, and its later epochs measure other plans)
+        row["measured_saved_bytes"] = first["saved_activation_bytes"]
     return row
+
+
+def _first_epoch(rec: dict[str, Any]) -> dict[str, Any]:
+    epochs = (rec.get("metrics_raw") or {}).get("epochs") or []
+    return epochs[0] if epochs and isinstance(epochs[0], dict) else {}
 
 
 def load_rows(spec: StudySpec, *, storage: str | None = None) -> list[dict[str, Any]]:

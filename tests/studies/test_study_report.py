@@ -121,3 +121,17 @@ def test_report_of_a_study_with_no_results_yet(tmp_path: Path, capsys) -> None:
     assert "no comparison to make" in md and "## Plots" not in md
     with (spec.results_dir / "results.csv").open() as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["pending"]
+
+
+def test_measured_saved_bytes_are_those_of_the_first_epoch(tmp_path: Path) -> None:
+    """A dynamic cell re-plans after epoch 1: its prediction is for the plan of epoch 1."""
+    from budgetsearch.studies.report import _row
+
+    spec = _spec(tmp_path)
+    rec = _record(spec.cells()[0])
+    rec["metrics"]["measured_saved_bytes"] = 9_999  # the last epoch's, of a re-planned plan
+    rec["metrics_raw"] = {"epochs": [{"saved_activation_bytes": 1234},
+                                     {"saved_activation_bytes": 9_999}]}
+    assert _row(rec)["measured_saved_bytes"] == 1234
+    del rec["metrics_raw"]
+    assert _row(rec)["measured_saved_bytes"] == 9_999
