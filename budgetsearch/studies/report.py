@@ -244,6 +244,50 @@ def _frac(a: Sequence[float], b: Sequence[float]) -> str:
     return f"{statistics.fmean(a) / statistics.fmean(b):.3f}"
 
 
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 0..n-1, ties given their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def _proxy_check(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Whether the search's accuracy proxy ranks the cells of a budget as their accuracy does."""
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for r in rows:
+        if (r["status"] == "done" and r.get("role") != "reference"
+                and isinstance(r.get("proxy"), (int, float))
+                and isinstance(r.get("best_accuracy"), (int, float))):
+            key = (*(r[k] for k in _GROUP), r["budget"])
+            groups.setdefault(key, []).append((float(r["proxy"]), float(r["best_accuracy"])))
+    table = []
+    for key, pairs in groups.items():
+        proxy, acc = _ranks([p for p, _ in pairs]), _ranks([a for _, a in pairs])
+        if len(pairs) < 4 or len(set(proxy)) < 2 or len(set(acc)) < 2:
+            continue
+        table.append((" · ".join(map(str, key)), len(pairs),
+                      statistics.correlation(proxy, acc)))
+    if not table:
+        return []
+    rhos = [rho for _, _, rho in table]
+    return ["## Does the search's proxy predict accuracy?", "",
+            "Spearman rank correlation, within each budget, between a cell's accuracy proxy "
+            "(captured Fisher potential, the search's first objective) and its best accuracy, "
+            f"over every method but the reference: {len(table)} budgets, median "
+            f"{statistics.median(rhos):+.3f}, range {min(rhos):+.3f} to {max(rhos):+.3f}. A "
+            "search can only beat the selectors in accuracy where this is clearly positive.", "",
+            *_table(("data · model · device · budget", "cells", "Spearman"),
+                    [(k, n, f"{rho:+.3f}") for k, n, rho in table]), ""]
+
+
 def _predictions(rows: Sequence[dict[str, Any]]) -> list[str]:
     import numpy as np
 
@@ -336,7 +380,8 @@ def write_report(spec: StudySpec, *, storage: str | None = None, command: str | 
         + (f" ({x.per_class}/class)" if x.per_class else "")
         + f" / {x.val_split} {x.val_size or 'all'} (seed {x.seed}"
         + (f", {x.epochs} epochs" if x.epochs else "") + ")" for x in spec.data), ""]
-    md += _results_tables(rows) + _honest(rows) + _vs_full(rows) + _predictions(rows)
+    md += (_results_tables(rows) + _honest(rows) + _proxy_check(rows) + _vs_full(rows)
+           + _predictions(rows))
     md += published_section([m.name for m in spec.models]) + _failures(rows)
     if pngs:
         md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in pngs.items()] + [""]

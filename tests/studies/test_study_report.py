@@ -135,3 +135,19 @@ def test_measured_saved_bytes_are_those_of_the_first_epoch(tmp_path: Path) -> No
     assert _row(rec)["measured_saved_bytes"] == 1234
     del rec["metrics_raw"]
     assert _row(rec)["measured_saved_bytes"] == 9_999
+
+
+def test_proxy_check_gives_the_rank_correlation_per_budget() -> None:
+    from budgetsearch.studies.report import _proxy_check, _ranks
+
+    assert _ranks([3.0, 1.0, 2.0, 1.0]) == [3.0, 0.5, 2.0, 0.5]
+    base = {"status": "done", "role": "published", "data": "d", "model": "m", "device": "x"}
+    rows = [{**base, "budget": "b1", "proxy": p, "best_accuracy": a}
+            for p, a in [(0.1, 0.9), (0.2, 0.8), (0.3, 0.7), (0.4, 0.6)]]
+    rows += [{**base, "budget": "b2", "proxy": p, "best_accuracy": a}
+             for p, a in [(0.1, 0.1), (0.2, 0.2), (0.3, 0.3), (0.4, 0.4)]]
+    rows.append({**base, "budget": "b2", "role": "reference", "proxy": 1.0, "best_accuracy": 0.0})
+    text = "\n".join(_proxy_check(rows))
+    assert "| d · m · x · b1 | 4 | -1.000 |" in text and "| d · m · x · b2 | 4 | +1.000 |" in text
+    assert "2 budgets, median +0.000" in text
+    assert _proxy_check(rows[:3]) == []  # too few cells
