@@ -284,8 +284,9 @@ def conv2d_input_grad(x_shape: Sequence[int], weight: Tensor, g: Tensor, conv: C
 
     The same values as ``torch.nn.grad.conv2d_input``, computed with ``F.conv_transpose2d``
     (``output_padding`` restores the rows and columns a strided conv drops): on the CPU, torch's
-    input-only ``convolution_backward`` runs 1.1-7x slower for the conv shapes of MobileNetV2
-    (``benchmarks/filtered_conv_backward.py --input-grad``).
+    input-only ``convolution_backward`` is 1.0-5.5x slower for the conv shapes of MobileNetV2 at
+    128 px, batch 32, 1.5x over all its layers (``benchmarks/filtered_conv_backward.py
+    --input-grad``).
 
     Args:
         x_shape: Shape of the conv input (N, C_in, H, W).
