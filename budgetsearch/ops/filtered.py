@@ -26,10 +26,10 @@ positions than ``x_sum`` covers. ``corrected`` scales ``grad_x`` by the separabl
 input row h) and tap (kh, kw) of ``grad_w`` by ``(valid_h[kh]·s_h/X_h)(valid_w[kw]·s_w/X_w)``
 (``valid[kh]``: the outputs whose tap kh lands inside the input; ``X``: the input rows inside
 the pooled grid), which makes both exact for a constant input, output gradient and kernel.
-1x1 convs are not affected. It matters on small maps: on a 4x4 map a padded 3x3 conv's border
-pixels are 12 of 16, so ``normalized`` input gradients come out too large, and the excess
-compounds through a stack of filtered blocks (``benchmarks/filter_fidelity.py`` prints the norm
-ratios to the exact gradients per mode).
+1x1 convs are left as ``normalized`` has them. It matters on small maps: on a 4x4 map a padded
+3x3 conv's border pixels are 12 of 16, so ``normalized`` input gradients come out too large,
+and the excess compounds through a stack of filtered blocks (``benchmarks/filter_fidelity.py``
+prints the norm ratios to the exact gradients per mode).
 
 Shapes the authors' operator rejects (the x grid would need negative padding, e.g. a padding-0 3x3
 conv on 14x14 with r = 4): here the pooled grid is cropped symmetrically instead (the formula
@@ -202,7 +202,7 @@ def _block_sums(t: Tensor, dim: int, block: int, pad: int, cells: int) -> Tensor
     much faster on CPU than ``avg_pool2d`` and needing no padded copy of ``t``.
     """
     size = t.shape[dim]
-    if cells == 1 and pad >= 0 and block - pad >= size:  # one cell holds all: a plain sum
+    if _one_cell(size, block, pad, cells):  # a plain sum
         return t.sum(dim, keepdim=True)
     shape = list(t.shape)
     shape[dim] = cells
@@ -226,11 +226,15 @@ def _block_counts(size: int, block: int, pad: int, cells: int) -> list[int]:
     ]
 
 
+def _one_cell(size: int, block: int, pad: int, cells: int) -> bool:
+    """Whether a single cell holds all ``size`` positions of a dimension."""
+    return cells == 1 and pad >= 0 and block - pad >= size
+
+
 def _whole_map(size: tuple[int, int], block: tuple[int, int], pad: tuple[int, int],
                grid: tuple[int, int]) -> bool:
     """Whether one cell holds the whole map (then a block sum is a plain sum over H and W)."""
-    return grid == (1, 1) and all(p >= 0 and b - p >= n for n, b, p in zip(size, block, pad,
-                                                                             strict=True))
+    return all(_one_cell(*args) for args in zip(size, block, pad, grid, strict=True))
 
 
 def _sum_pool(x: Tensor, geo: FilterGeometry) -> Tensor:
