@@ -22,6 +22,7 @@ from ._io import atomic_write_text
 from .errors import PlanError
 from .fingerprint import diff_layer_shapes, fingerprint
 from .graph import LayerGraph
+from .ops.filtered import MODES as FILTER_OP_MODES
 
 __all__ = ["SCHEMA_VERSION", "LayerUpdate", "Plan", "load_plan", "plan_schema"]
 
@@ -29,8 +30,8 @@ SCHEMA_VERSION = 1
 MODES = ("bias", "weight")
 AXES = ("out", "in")
 OPTIMIZERS = ("sgd", "momentum", "adam")
-#: Gradient-filter variants (budgetsearch.ops.filtered.MODES, which must list the same).
-FILTER_MODES = ("normalized", "paper", "corrected")
+#: Gradient-filter variants: those of the operator (budgetsearch.ops.filtered.MODES).
+FILTER_MODES = FILTER_OP_MODES
 _SCHEMA_PATH = Path(__file__).parent / "schema" / "plan.schema.json"
 
 
