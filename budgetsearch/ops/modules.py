@@ -19,7 +19,8 @@ gradient-filtered backward (on the chosen channels only, when the update is spar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,10 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import PlanError
+from .epilogue import Epilogue
 from .filtered import MODES, filtered_conv2d
 from .sparse import ChannelSelection, _pair, conv_args, sparse_conv2d, sparse_linear
 
-__all__ = ["PlannedConv2d", "PlannedLinear", "replace_module"]
+__all__ = ["PlannedConv2d", "PlannedLinear", "replace_module", "suspended_epilogues"]
 
 
 class _Planned(nn.Module):
@@ -170,6 +172,11 @@ class PlannedConv2d(_Planned):
         self.padding_mode = "zeros"
         self.patch_size = None if patch == (1, 1) else patch
         self.mode = mode
+        # modules fused as an epilogue (fuse_epilogue), held outside the module tree
+        # (tuples, so that nn.Module does not register them as submodules)
+        self.fused: tuple[nn.Module, ...] = ()
+        self.suspended = False
+        self._parts: tuple[Any, Any] = (None, None)
         self._setup(
             conv.weight,
             conv.bias,
@@ -215,20 +222,73 @@ class PlannedConv2d(_Planned):
             "selection": self.selection,
         }
         if self.patch_size is not None:
-            return filtered_conv2d(
+            epilogue, beta = self._epilogue() if not self.suspended else (None, None)
+            y = filtered_conv2d(
                 x,
                 self.weight,
                 self.bias,
                 self.weight_slice,
                 patch_size=self.patch_size,
                 mode=self.mode,
+                epilogue=epilogue,
+                epilogue_bias=beta,
                 **kw,
             )
+            if epilogue is not None:
+                y.budgetsearch_fused = self.fused  # type: ignore[attr-defined]
+            return y
         if self.weight_slice is None and self.weight_grad:
             return F.conv2d(
                 x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
             )
         return sparse_conv2d(x, self.weight, self.bias, self.weight_slice, **kw)
+
+    def fuse_epilogue(self, *, norm: nn.Module | None = None,
+                      activation: nn.Module | None = None) -> None:
+        """Run the frozen batch norm and/or clamp activation that follow this conv inside its
+        filtered autograd node (:mod:`budgetsearch.ops.epilogue`), so that their backward costs
+        no pass of its own over the output gradient.
+
+        The modules stay in the model (and in its ``state_dict``): this conv's output carries
+        them in ``budgetsearch_fused``, and they pass such a tensor through (it already includes
+        them) and run as usual on any other input. Forward hooks on this conv see its output
+        after the epilogue, except under :func:`suspended_epilogues`.
+
+        Args:
+            norm: A frozen batch norm, with ``scale`` and ``shift`` buffers (read at every call),
+                a ``bias`` and ``bias_grad`` (whether that bias is trained), and ``fused_into``
+                (:class:`~budgetsearch.trainer.layers.FrozenBatchNorm`).
+            activation: A clamp with ``lo``, ``hi``, strict bounds (``inclusive`` False) and
+                ``fused_into`` (:class:`~budgetsearch.trainer.layers.MaskedActivation`).
+
+        Raises:
+            PlanError: If the conv is not gradient-filtered, already has an epilogue, or a module
+                does not fit.
+        """
+        if self.patch_size is None:
+            raise PlanError("only a gradient-filtered conv (patch_size >= 2) fuses an epilogue")
+        if self.fused:
+            raise PlanError("this conv already has an epilogue")
+        if norm is not None and getattr(norm, "num_features", None) != self.out_channels:
+            raise PlanError(f"the batch norm has {getattr(norm, 'num_features', '?')} channels, "
+                            f"the conv {self.out_channels}")
+        if activation is not None and getattr(activation, "inclusive", True):
+            raise PlanError("the activation must pass the gradient strictly inside its bounds")
+        self._parts = (norm, activation)
+        self.fused = tuple(m for m in (norm, activation) if m is not None)
+
+    def _epilogue(self) -> tuple[Epilogue | None, Tensor | None]:
+        norm, act = self._parts
+        if norm is None and act is None:
+            return None, None
+        epilogue = Epilogue(
+            scale=None if norm is None else norm.scale,
+            shift=None if norm is None else norm.shift,
+            lo=None if act is None else act.lo,
+            hi=None if act is None else act.hi,
+            clamp=act is not None,
+        )
+        return epilogue, norm.bias if norm is not None and norm.bias_grad else None
 
     def to_conv(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding copies of the current (merged) weight and bias."""
@@ -259,6 +319,8 @@ class PlannedConv2d(_Planned):
         )
         if self.patch_size is not None:
             text += f", patch_size={self.patch_size}, mode={self.mode!r}"
+        if self.fused:
+            text += f", epilogue=({', '.join(type(m).__name__ for m in self.fused)})"
         return text
 
 
@@ -348,6 +410,21 @@ class PlannedLinear(_Planned):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, " + self._plan_repr()
+
+
+@contextlib.contextmanager
+def suspended_epilogues(model: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`PlannedConv2d` in ``model`` returns its plain conv output
+    and the modules fused into it run on their own: the same model outputs, with each layer's
+    own output visible to forward hooks (what a layer-output criterion such as NEq reads)."""
+    convs = [m for m in model.modules() if isinstance(m, PlannedConv2d) and not m.suspended]
+    try:
+        for m in convs:
+            m.suspended = True
+        yield
+    finally:
+        for m in convs:
+            m.suspended = False
 
 
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> nn.Module:

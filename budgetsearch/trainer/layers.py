@@ -15,6 +15,10 @@
   one stock autograd uses (torch 2.14): strictly inside the bounds, ``x > 0`` for ReLU and
   ``lo < x < hi`` for Hardtanh/ReLU6/``clamp``. Where no gradient is needed (no grad mode, or an
   input that does not require grad) both modules run the plain op and save nothing.
+
+After a gradient-filtered conv, :func:`~budgetsearch.trainer.apply_plan` fuses both into the conv
+(:mod:`budgetsearch.ops.epilogue`): they then pass the conv's output through, since it already
+includes them, and run as above on any other input.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import PlanError
 from ..models.mcu import Clamp
+from ..ops.epilogue import clamp_mask, masked
 
 __all__ = ["FrozenBatchNorm", "MaskedActivation", "masked_activation_for"]
 
@@ -101,6 +106,7 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
         self.register_buffer("scale", torch.empty(0), persistent=False)
         self.register_buffer("shift", torch.empty(0), persistent=False)
+        self.fused_into: str | None = None
         self.refresh()
 
     @classmethod
@@ -126,7 +132,9 @@ class FrozenBatchNorm(nn.Module):
         self.refresh()
 
     def forward(self, x: Tensor) -> Tensor:
-        """The frozen batch norm."""
+        """The frozen batch norm (the input itself when fused into the conv before it)."""
+        if already_applied(self, x):
+            return x
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"FrozenBatchNorm: expected {self.num_features} channels in dim 1, got shape "
@@ -140,7 +148,8 @@ class FrozenBatchNorm(nn.Module):
         return _FrozenBNFn.apply(x, self.scale, self.shift, beta)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, bias_grad={self.bias_grad}"
+        fused = "" if self.fused_into is None else f", fused_into={self.fused_into!r}"
+        return f"{self.num_features}, eps={self.eps}, bias_grad={self.bias_grad}{fused}"
 
 
 class _MaskedClampFn(torch.autograd.Function):
@@ -149,10 +158,7 @@ class _MaskedClampFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, lo: float | None, hi: float | None, inclusive: bool,
                 inplace: bool) -> Tensor:
-        if inclusive:
-            mask = _bounds(x, lo, hi, torch.ge, torch.le)
-        else:
-            mask = _bounds(x, lo, hi, torch.gt, torch.lt)
+        mask = clamp_mask(x, lo, hi, inclusive=inclusive)
         if inplace:
             ctx.mark_dirty(x)
             y = x.clamp_(lo, hi)
@@ -165,20 +171,14 @@ class _MaskedClampFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None, None]:
         (mask,) = ctx.saved_tensors
-        # the mask as 0/1 in g's dtype (a uint8 view converts faster than bool), times g in
-        # place: on the CPU this beats g * mask and g.masked_fill(~mask, 0), which convert or
-        # copy in slower kernels (the backward times of benchmarks/training_step.py)
-        return mask.view(torch.uint8).to(g.dtype).mul_(g), None, None, None, None
+        return masked(g, mask), None, None, None, None
 
 
-def _bounds(x: Tensor, lo: float | None, hi: float | None, above: Any, below: Any) -> Tensor:
-    if lo is not None and hi is not None:
-        return above(x, lo).logical_and_(below(x, hi))
-    if lo is not None:
-        return above(x, lo)
-    if hi is not None:
-        return below(x, hi)
-    return torch.ones_like(x, dtype=torch.bool)
+def already_applied(module: nn.Module, x: Tensor) -> bool:
+    """Whether ``x`` is the output of a conv that ran ``module`` as its epilogue (see
+    :meth:`~budgetsearch.ops.PlannedConv2d.fuse_epilogue`), so ``module`` must pass it through;
+    on any other input a fused module runs as usual."""
+    return any(m is module for m in getattr(x, "budgetsearch_fused", ()))
 
 
 class MaskedActivation(nn.Module):
@@ -207,16 +207,21 @@ class MaskedActivation(nn.Module):
             raise PlanError(f"MaskedActivation needs lo < hi, got lo={lo}, hi={hi}")
         self.lo, self.hi, self.inclusive = lo, hi, inclusive
         self.inplace, self.kind = inplace, kind
+        self.fused_into: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """The activation; with a gradient to pass, the backward keeps only a bool mask."""
+        """The activation; with a gradient to pass, the backward keeps only a bool mask. When
+        fused into the conv before it, the input itself."""
+        if already_applied(self, x):
+            return x
         if not (torch.is_grad_enabled() and x.requires_grad):
             return x.clamp_(self.lo, self.hi) if self.inplace else x.clamp(self.lo, self.hi)
         return _MaskedClampFn.apply(x, self.lo, self.hi, self.inclusive, self.inplace)
 
     def extra_repr(self) -> str:
+        fused = "" if self.fused_into is None else f", fused_into={self.fused_into!r}"
         return (f"kind={self.kind}, lo={self.lo}, hi={self.hi}, inclusive={self.inclusive}, "
-                f"inplace={self.inplace}")
+                f"inplace={self.inplace}{fused}")
 
 
 def masked_activation_for(module: nn.Module) -> MaskedActivation | None:
