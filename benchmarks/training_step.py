@@ -10,7 +10,9 @@ measured backward-time ratio full/plan.
 Plans: the ``neq`` selector (channel-sparse, magnitude scores as channel scores) at five memory
 budgets (fractions of full fine-tuning's training memory on ``--device`` at this batch size),
 TinyTL-style bias-only, the last 5 layers, the last 2 blocks gradient-filtered with r = 2 and 4,
-and full fine-tuning.
+and full fine-tuning. The two filtered plans run a second time with ``apply_plan(fuse=False)``
+(rows marked ``unfused``: batch norms and activations as separate autograd nodes) to show what
+the fused epilogue saves; those rows are left out of the goal count.
 
     .venv/bin/python benchmarks/training_step.py [--size 128] [--batch 32] [--reps 7]
 """
@@ -49,10 +51,20 @@ def build_plans(model, graph: LayerGraph, device_cm: CostModel) -> dict[str, Pla
             memory_measure="training")
     plans["bias-only (tinytl)"] = Plan.bias_only(graph)
     plans["last 5 layers"] = Plan.last_k_layers(graph, 5)
-    plans["last 2 blocks r=2"] = Plan.last_k_blocks(graph, 2, patch_size=2)
-    plans["last 2 blocks r=4"] = Plan.last_k_blocks(graph, 2, patch_size=4)
+    for r in (2, 4):
+        plans[f"last 2 blocks r={r}"] = Plan.last_k_blocks(graph, 2, patch_size=r)
+    for r in (2, 4):
+        plans[f"last 2 blocks r={r}{UNFUSED}"] = plans[f"last 2 blocks r={r}"]
     plans["full"] = full
     return plans
+
+
+UNFUSED = " unfused"
+
+
+def fused(name: str) -> bool:
+    """Whether the row ``name`` applies its plan with fused epilogues (the default)."""
+    return not name.endswith(UNFUSED)
 
 
 def time_steps(models: dict[str, torch.nn.Module], plans: dict[str, Plan], graph: LayerGraph,
@@ -68,7 +80,7 @@ def time_steps(models: dict[str, torch.nn.Module], plans: dict[str, Plan], graph
     saved: dict[str, int] = {}
     try:
         for name, plan in plans.items():
-            handles[name] = apply_plan(models[name], plan, graph=graph)
+            handles[name] = apply_plan(models[name], plan, graph=graph, fuse=fused(name))
             opts[name] = torch.optim.SGD(handles[name].param_groups(), lr=0.0, momentum=0.9)
         for rep in range(reps + 1):
             for name in plans:
@@ -105,7 +117,7 @@ def profile_backward(model, plans: dict[str, Plan], name: str, graph: LayerGraph
     if name not in plans:
         print(f"no plan {name!r}; plans: {', '.join(plans)}", file=sys.stderr)
         return 2
-    with apply_plan(model, plans[name], graph=graph):
+    with apply_plan(model, plans[name], graph=graph, fuse=fused(name)):
         for _ in range(2):
             F.cross_entropy(model(x), y).backward()
         loss = F.cross_entropy(model(x), y)
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                      "predicted_backward_macs": pred.backward_macs,
                      "predicted_latency_ms": pred.latency_ms})
     full = rows[0]
-    header = (f"{'plan':<22}{'layers':>7}{'params':>10}{'saved MB':>10}{'stock MB':>10}"
+    header = (f"{'plan':<27}{'layers':>7}{'params':>10}{'saved MB':>10}{'stock MB':>10}"
               f"{'pred MB':>10}{'bwd ms':>9}{'step ms':>9}{'MAC x':>8}{'bwd x':>8}{'step x':>8}"
               f"{'goal':>6}")
     print(header)
@@ -186,20 +198,20 @@ def main(argv: list[str] | None = None) -> int:
         r["predicted_mac_ratio"] = mac_x
         r["backward_speedup"] = full["backward_ms"] / r["backward_ms"]
         r["step_speedup"] = full["step_ms"] / r["step_ms"]
-        r["goal_met"] = r["backward_speedup"] >= mac_x / 2
+        r["goal_met"] = r["backward_speedup"] >= mac_x / 2 if fused(r["plan"]) else None
         r["saved_as_predicted"] = r["saved"] == r["predicted_saved"]
-        print(f"{r['plan']:<22}{r['layers']:>7}{r['params']:>10}{r['saved'] / 2**20:>10.2f}"
+        print(f"{r['plan']:<27}{r['layers']:>7}{r['params']:>10}{r['saved'] / 2**20:>10.2f}"
               f"{r['stock_saved'] / 2**20:>10.2f}{r['predicted_saved'] / 2**20:>10.2f}"
               f"{r['backward_ms']:>9.1f}{r['step_ms']:>9.0f}{mac_x:>8.2f}"
               f"{r['backward_speedup']:>8.2f}{r['step_speedup']:>8.2f}"
-              f"{'yes' if r['goal_met'] else 'NO':>6}")
+              f"{'-' if r['goal_met'] is None else 'yes' if r['goal_met'] else 'NO':>6}")
     print("saved MB: apply_plan, measured; stock MB: the same plan by requires_grad freezing, "
           "measured; pred MB: cost model. MAC x: predicted backward MACs full/plan; bwd x, "
           "step x: measured time full/plan; goal: bwd x >= MAC x / 2.")
     exact = sum(r["saved_as_predicted"] for r in rows)
-    print(f"saved bytes equal to the prediction on {exact} of {len(rows)} plans; backward "
-          f"speed-up at least half the MAC ratio on {sum(r['goal_met'] for r in rows)} of "
-          f"{len(rows)}")
+    goals = [r["goal_met"] for r in rows if r["goal_met"] is not None]
+    print(f"saved bytes equal to the prediction on {exact} of {len(rows)} rows; backward "
+          f"speed-up at least half the MAC ratio on {sum(goals)} of {len(goals)} plans")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"accounting": accounting, "rows": rows}, fh, indent=1)

@@ -24,6 +24,14 @@ What :func:`apply_plan` does to the model (in place; state-dict keys never chang
    (``F.relu(x)`` in a ``forward``) cannot be replaced and stay stock.
 5. Sets ``requires_grad`` exactly as the plan says (every other parameter frozen) and puts the model
    in training mode.
+6. ``fuse=True`` (the default): a gradient-filtered conv whose output only a frozen batch norm
+   reads, and/or whose (batch norm's) output only a masked activation reads, runs them inside
+   its own autograd node (:meth:`~budgetsearch.ops.PlannedConv2d.fuse_epilogue`): the same
+   values, gradients and saved tensors (the mask, now saved by the conv), with one pass over the
+   output gradient instead of four. The fused modules stay in place (same ``state_dict``) and
+   pass through the conv's output, refusing any other input. Modules called more than once per
+   forward pass (a ReLU shared by two places) are never fused, nor are activations the tracer
+   traces through (the MCU ``Clamp``: the graph does not name their module).
 
 What each module keeps for the backward pass (beyond parameters and buffers, which it references):
 
@@ -42,7 +50,7 @@ conv, filter r (any of the above)      ``x_sum`` N·C·⌈H_out/r⌉·⌈W_out/r
                                        backward from the weight, kept by reference
 conv / linear, bias only or frozen     nothing
 FrozenBatchNorm                        nothing
-MaskedActivation                       a bool mask, N·C·H·W bytes
+MaskedActivation                       a bool mask, N·C·H·W bytes (saved by the conv when fused)
 anything else                          what stock PyTorch saves
 ====================================  ========================================================
 
@@ -183,6 +191,7 @@ def apply_plan(
     filter_mode: str | None = None,
     bn: str = "frozen",
     graph: LayerGraph | None = None,
+    fuse: bool = True,
 ) -> PlanHandle:
     """Apply a plan to a model in place; see the module docstring for exactly what changes.
 
@@ -193,6 +202,8 @@ def apply_plan(
             plan's by default.
         bn: ``"frozen"`` (batch norm on running statistics, saving nothing) or ``"train"``.
         graph: The model's layer graph, if already traced (must be of this model).
+        fuse: Fuse the frozen batch norm and clamp activation after each gradient-filtered conv
+            into it (step 6 of the module docstring); False keeps them as separate modules.
 
     Returns:
         The handle: :meth:`PlanHandle.param_groups` for the optimizer, :meth:`PlanHandle.remove`.
@@ -220,7 +231,10 @@ def apply_plan(
     try:
         for p in flags:
             p.requires_grad_(False)
-        for name, new in _replacements(model, plan, graph, bn, mode):
+        replacements = _replacements(model, plan, graph, bn, mode)
+        if fuse:
+            _fuse_epilogues(graph, replacements)
+        for name, new in replacements:
             swaps.append((name, replace_module(model, name, new), new))
         model.train()
     except BaseException:
@@ -268,6 +282,45 @@ def _replacements(
             made[id(module)] = new
         out.append((name, new))
     return out
+
+
+def _fuse_epilogues(graph: LayerGraph, replacements: list[tuple[str, nn.Module]]) -> None:
+    """Fuse into each gradient-filtered conv the frozen batch norm that is its only consumer and
+    the masked activation that is the only consumer of that (or of the conv), when each of those
+    modules runs once per forward pass."""
+    new = dict(replacements)
+    runs: dict[int, int] = {}  # calls per module object (one object may have two names)
+    for node in graph.nodes:
+        if node.module in new:
+            key = id(new[node.module])
+            runs[key] = runs.get(key, 0) + 1
+
+    def sole_user(index: int, kind: type) -> tuple[int, nn.Module] | None:
+        users = list(graph.graph.successors(index))
+        if len(users) != 1:
+            return None
+        node = graph.nodes[users[0]]
+        module = new.get(node.module) if node.module else None
+        if isinstance(module, kind) and runs.get(id(module)) == 1:
+            return node.index, module
+        return None
+
+    for layer in graph.layers.values():
+        conv = new.get(layer.name)
+        if not isinstance(conv, PlannedConv2d) or conv.patch_size is None:
+            continue
+        index, norm, act = layer.node, None, None
+        found = sole_user(index, FrozenBatchNorm)
+        if found is not None:
+            index, norm = found
+        found = sole_user(index, MaskedActivation)
+        if found is not None and not found[1].inclusive:
+            act = found[1]
+        if norm is None and act is None:
+            continue
+        conv.fuse_epilogue(norm=norm, activation=act)
+        for module in conv.fused:
+            module.fused_into = layer.name
 
 
 def _replacement(
@@ -346,5 +399,7 @@ def describe(handle: PlanHandle) -> dict[str, int]:
             key += "(trained)" if trained else "(frozen)"
         if isinstance(module, MaskedActivation):
             key = f"MaskedActivation({module.kind})"
+        if getattr(module, "fused_into", None) is not None:
+            key += "(fused)"
         counts[key] = counts.get(key, 0) + 1
     return counts

@@ -1,4 +1,5 @@
-"""apply_plan wiring: gradients of every plan kind, exact remove(), bad plans refused."""
+"""apply_plan wiring: gradients of every plan kind, exact remove(), bad plans refused, and the
+fusion of frozen batch norms and activations into filtered convs."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ from torch import nn
 from budgetsearch.errors import PlanError
 from budgetsearch.graph import LayerGraph
 from budgetsearch.models.mcu import Clamp
-from budgetsearch.ops import PlannedConv2d, PlannedLinear, filtered_conv2d
+from budgetsearch.ops import PlannedConv2d, PlannedLinear, filtered_conv2d, suspended_epilogues
 from budgetsearch.plan import LayerUpdate, Plan
 from budgetsearch.trainer import (
     FrozenBatchNorm,
     MaskedActivation,
+    SavedTensorMeter,
     active_plan,
     apply_plan,
     remove_plan,
 )
+from budgetsearch.trainer.dynamic import _layer_outputs
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -292,3 +295,122 @@ def test_bad_plans_are_refused_and_leave_the_model_untouched():
         apply_plan(model, Plan.full(graph), graph=graph)
     with pytest.raises(PlanError, match="bn must be"):
         apply_plan(model, Plan.full(graph), graph=graph, bn="sometimes")
+
+
+# ------------------------------------------------------------------------------ fusion
+FILTERED = ["filtered-r2", "filtered-r4", "filtered-subset"]
+
+
+def test_which_modules_are_fused():
+    model, graph = make_toy()
+    with apply_plan(model, plans(graph)["filtered-r4"], graph=graph):
+        assert model.stem[0].fused == (model.stem[1], model.stem[2])
+        assert model.dw[0].fused == (model.dw[1], model.dw[2])
+        assert model.stem[1].fused_into == "stem.0" and model.dw[2].fused_into == "dw.0"
+        assert "epilogue=(FrozenBatchNorm, MaskedActivation)" in repr(model.stem[0])
+        assert not model.grp[0].fused  # frozen on the path: an ordinary conv, nothing fused
+    with apply_plan(model, plans(graph)["filtered-r2"], graph=graph):
+        # pw has its own bias and no batch norm, and the tracer traces through the Clamp module
+        # after it (its op has no module name), so nothing is fused
+        assert not model.pw.fused and model.act.fused_into is None
+        assert model.grp[0].fused == (model.grp[1], model.grp[2])
+        assert model.stem[1].fused_into is None  # stem.0 trains its bias only: not filtered
+    with apply_plan(model, plans(graph)["filtered-r4"], graph=graph, fuse=False):
+        assert all(not m.fused for m in model.modules() if isinstance(m, PlannedConv2d))
+
+
+def step(model, plan, graph, *, fuse):
+    x, y = data()
+    with apply_plan(model, plan, graph=graph, fuse=fuse) as handle:
+        with SavedTensorMeter.for_model(model) as meter:
+            out = model(x)
+        F.cross_entropy(out, y).backward()
+        grads = {n: p.grad.clone() for n, p in handle.named_parameters()}
+        keys = sorted(model.state_dict())
+    return out.detach(), grads, meter.bytes, keys
+
+
+@pytest.mark.parametrize("kind", FILTERED)
+def test_fused_equals_unfused(kind):
+    model, graph = make_toy()
+    plan = plans(graph)[kind]
+    out_f, grads_f, saved_f, keys_f = step(copy.deepcopy(model), plan, graph, fuse=True)
+    out_u, grads_u, saved_u, keys_u = step(copy.deepcopy(model), plan, graph, fuse=False)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-12, atol=1e-12)
+    assert grads_f.keys() == grads_u.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-10, atol=1e-12,
+                                   msg=name)
+    assert saved_f == saved_u  # the mask moves from the activation into the conv's node
+    assert keys_f == keys_u == sorted(model.state_dict())
+
+
+def test_fused_modules_run_normally_on_other_inputs_and_when_suspended():
+    model, graph = make_toy()
+    reference = copy.deepcopy(model).eval()
+    x, _ = data()
+    with apply_plan(model, plans(graph)["filtered-r4"], graph=graph):
+        t = torch.randn(2, 8, 5, 5, dtype=DT)
+        torch.testing.assert_close(model.stem[1](t), reference.stem[1](t))
+        torch.testing.assert_close(model.stem[2](t.clone()), reference.stem[2](t.clone()))
+        seen = []
+        hook = model.stem[0].register_forward_hook(lambda _m, _a, out: seen.append(out))
+        try:
+            fused_out = model(x)
+            with suspended_epilogues(model):
+                plain_out = model(x)
+            assert not model.stem[0].suspended
+        finally:
+            hook.remove()
+        torch.testing.assert_close(plain_out, fused_out, rtol=1e-12, atol=1e-12)
+        conv = reference.stem[0]
+        torch.testing.assert_close(seen[1], conv(x))  # suspended: the conv's own output
+        torch.testing.assert_close(seen[0], reference.stem(x))  # fused: after BN and ReLU6
+
+
+def test_layer_outputs_for_neq_are_the_layers_own_with_a_fused_plan():
+    model, graph = make_toy()
+    probe, _ = data(3)
+    plain = _layer_outputs(copy.deepcopy(model), graph, probe)
+    with apply_plan(model, plans(graph)["filtered-r4"], graph=graph):
+        planned = _layer_outputs(model, graph, probe)
+    assert plain.keys() == planned.keys()
+    for name in plain:
+        torch.testing.assert_close(planned[name], plain[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+class SharedReLU(nn.Module):
+    """One ReLU module called twice (as ResNet's BasicBlock does): it must not be fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)) + x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_shared_activation_is_not_fused_but_the_batch_norm_is():
+    torch.manual_seed(0)
+    model = SharedReLU()
+    graph = LayerGraph.from_model(model, input_size=8)
+    model = model.to(DT)
+    plan = Plan.from_layers(graph, {"conv1": LayerUpdate("weight", patch_size=2),
+                                    "conv2": LayerUpdate("weight", patch_size=2),
+                                    "head": LayerUpdate("weight")})
+    x = torch.randn(2, 3, 8, 8, dtype=DT)
+    unfused = copy.deepcopy(model)
+    with apply_plan(unfused, plan, graph=graph, fuse=False):
+        want = unfused(x)
+    with apply_plan(model, plan, graph=graph):
+        assert isinstance(model.bn1, FrozenBatchNorm) and model.conv1.fused == (model.bn1,)
+        assert model.conv2.fused == (model.bn2,)  # bn2's output goes to the add, not the ReLU
+        assert isinstance(model.relu, MaskedActivation) and model.relu.fused_into is None
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
