@@ -66,8 +66,10 @@ class Epilogue:
             raise PlanError(f"epilogue scale/shift have {self.scale.numel()} channels, the conv "
                             f"has {channels} output channels")
 
-    def forward(self, y: Tensor, beta: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(output, mask or None) for the conv output ``y`` (written in place by the clamp)."""
+    def forward(self, y: Tensor, beta: Tensor | None, *, mask: bool = True
+                ) -> tuple[Tensor, Tensor | None]:
+        """(output, clamp mask or None) for the conv output ``y`` (written in place by the clamp);
+        ``mask=False`` skips the mask (no backward to come)."""
         if self.scale is not None:
             view = (1, -1, 1, 1)
             offset = self.shift if beta is None else self.shift + beta
@@ -76,8 +78,8 @@ class Epilogue:
             y = y + beta.view(1, -1, 1, 1)
         if not self.clamp:
             return y, None
-        mask = clamp_mask(y, self.lo, self.hi, inclusive=False)
-        return y.clamp_(self.lo, self.hi), mask
+        kept = clamp_mask(y, self.lo, self.hi, inclusive=False) if mask else None
+        return y.clamp_(self.lo, self.hi), kept
 
 
 def clamp_mask(x: Tensor, lo: float | None, hi: float | None, *, inclusive: bool) -> Tensor:

@@ -531,6 +531,12 @@ def filtered_conv2d(
         epilogue.check(weight.shape[0])
     if epilogue_bias is not None and (epilogue is None or epilogue.scale is None):
         raise PlanError("epilogue_bias needs an epilogue with scale and shift")
+    tensors = (x, weight, bias, weight_slice, epilogue_bias)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        # no backward to come: the plain conv (and epilogue), no x_sum and no mask
+        w = weight if weight_slice is None else sel.combine(weight, weight_slice)
+        y = F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return y if epilogue is None else epilogue.forward(y, epilogue_bias, mask=False)[0]
     scale = 1.0 if mode == "paper" else 1.0 / (conv.stride[0] * conv.stride[1])
     return _FilteredConv2dFn.apply(
         x, weight, bias, weight_slice, sel, conv, patch, scale, _Flags(weight_grad, bias_grad),

@@ -155,3 +155,18 @@ def test_bad_epilogues_are_refused():
         filtered_conv2d(x, w, epilogue=Epilogue(scale=s, shift=s), **conv)
     with pytest.raises(PlanError, match="epilogue_bias needs"):
         filtered_conv2d(x, w, epilogue_bias=beta, **conv)
+
+
+def test_without_a_backward_it_is_the_plain_conv_and_epilogue():
+    x, w, b, scale, shift, beta, conv = make(SHAPES[1])
+    ep = Epilogue(scale=scale, shift=shift, lo=0.0, hi=6.0, clamp=True)
+    w.requires_grad_(True)
+    with_grad = filtered_conv2d(x, w, b, epilogue=ep, epilogue_bias=beta, **conv)
+    with torch.no_grad():
+        plain = filtered_conv2d(x, w, b, epilogue=ep, epilogue_bias=beta, **conv)
+    assert plain.grad_fn is None and with_grad.grad_fn is not None
+    conv_args = {k: v for k, v in conv.items() if k != "patch_size"}
+    want = torch.nn.functional.conv2d(x, w.detach(), b, **conv_args)
+    want = (want * scale.view(1, -1, 1, 1) + (shift + beta).view(1, -1, 1, 1)).clamp(0.0, 6.0)
+    torch.testing.assert_close(plain, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(with_grad.detach(), want, rtol=1e-12, atol=1e-12)
