@@ -43,7 +43,8 @@ class OpNode:
         storage: Index of the node that allocated the output's storage (itself unless the output is
             a view or an in-place result of an earlier tensor).
         storage_numel: Elements of that storage for a batch of one.
-        attrs: Kind-specific attributes (kernel size, stride, groups, channels, probabilities...).
+        attrs: Kind-specific attributes (kernel size, stride, groups, channels, probabilities...),
+            and ``model_output`` (True) on the nodes whose tensors the model returns.
         layer: Name of the trainable layer this op is (for convs and linears), else None.
         bias_of: Name of the trainable layer whose bias this op holds (a batch norm after a
             bias-free conv, or the conv itself), else None.

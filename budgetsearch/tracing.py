@@ -144,6 +144,9 @@ def trace_fx(model: nn.Module, example: torch.Tensor) -> list[Record]:
             args = []
             for a in n.all_input_nodes:  # a tuple-valued node (chunk, split) passes its inputs on
                 args.extend([a] if a in index_of else passthrough.get(a, []))
+            if n.op == "output":  # what the model returns: marked, for rewrites that need it
+                for a in args:
+                    records[index_of[a]].attrs["model_output"] = True
             if n.op in ("output", "get_attr") or not isinstance(value, torch.Tensor):
                 if isinstance(value, (tuple, list)):
                     passthrough[n] = args
@@ -256,7 +259,10 @@ def trace_hooks(model: nn.Module, example: torch.Tensor) -> list[Record]:
     finally:
         for handle in handles:
             handle.remove()
-    return _live_records(records, [producer[id(t)] for t in tensors_in(out) if id(t) in producer])
+    outputs = [producer[id(t)] for t in tensors_in(out) if id(t) in producer]
+    for i in outputs:
+        records[i].attrs["model_output"] = True
+    return _live_records(records, outputs)
 
 
 def _live_records(records: list[Record], outputs: list[int]) -> list[Record]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import DataError
 from ..fingerprint import TRAINABLE_LAYER_TYPES
+from ..ops.modules import suspended_epilogues
 from .scores import Scores
 
 __all__ = [
@@ -100,6 +101,9 @@ def preserved_state(
 ) -> Iterator[None]:
     """Temporarily change a model and restore it exactly afterwards, even on error.
 
+    Epilogues fused into planned convs are always suspended within (see
+    :func:`~budgetsearch.ops.suspended_epilogues`), so that hooks see each layer's own output.
+
     Args:
         model: The model.
         eval_mode: Put every module in eval mode (batch norm uses its running statistics, dropout
@@ -124,7 +128,8 @@ def preserved_state(
         if no_inplace:
             for module in inplace:
                 module.inplace = False
-        yield
+        with suspended_epilogues(model):  # each layer's own output, even with a plan applied
+            yield
     finally:
         for module, mode in modes.items():
             module.training = mode

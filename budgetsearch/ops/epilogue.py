@@ -5,9 +5,10 @@ the bias). When a frozen batch norm and a clamp-like activation follow the conv,
 autograd nodes they turn the incoming gradient into full N x C x H x W tensors three times (the
 mask product, the scale product, the batch norm's bias sum) before the conv sums it over blocks.
 Fused into the conv as an *epilogue*, ``y = clamp(conv(x)·scale + shift + beta, lo, hi)``, the same
-gradients take one masked product and one block sum, and none when the incoming gradient is
-constant over each map (a stride-0 tensor, which is what the input gradient of a whole-map
-filtered conv downstream is): the block sums are then the mask's counts times that constant.
+gradients take one masked product and one block sum. When the incoming gradient is constant over
+each map (a stride-0 tensor, which is what the input gradient of a whole-map filtered conv
+downstream is) and the conv's own grid is the whole map too, no pass over float maps is left:
+the block sums are the mask's counts times that constant.
 
 What the epilogue saves for backward is what the modules it replaces save: nothing for the affine
 (``scale`` is a buffer), a bool mask for the clamp (one byte per element, as

@@ -244,22 +244,24 @@ class PlannedConv2d(_Planned):
         return sparse_conv2d(x, self.weight, self.bias, self.weight_slice, **kw)
 
     def fuse_epilogue(self, *, norm: nn.Module | None = None,
-                      activation: nn.Module | None = None) -> None:
+                      activation: nn.Module | None = None, name: str = "conv") -> None:
         """Run the frozen batch norm and/or clamp activation that follow this conv inside its
         filtered autograd node (:mod:`budgetsearch.ops.epilogue`), so that their backward costs
         no pass of its own over the output gradient.
 
         The modules stay in the model (and in its ``state_dict``): this conv's output carries
         them in ``budgetsearch_fused``, and they pass such a tensor through (it already includes
-        them) and run as usual on any other input. Forward hooks on this conv see its output
-        after the epilogue, except under :func:`suspended_epilogues`.
+        them); each gets ``fused_into`` (``name``) and ``fused_conv`` (a 1-tuple holding this
+        conv) to tell other inputs apart. Forward hooks on this conv see its output after the
+        epilogue, except under :func:`suspended_epilogues`.
 
         Args:
             norm: A frozen batch norm, with ``scale`` and ``shift`` buffers (read at every call),
-                a ``bias`` and ``bias_grad`` (whether that bias is trained), and ``fused_into``
+                a ``bias`` and ``bias_grad`` (whether that bias is trained)
                 (:class:`~budgetsearch.trainer.layers.FrozenBatchNorm`).
-            activation: A clamp with ``lo``, ``hi``, strict bounds (``inclusive`` False) and
-                ``fused_into`` (:class:`~budgetsearch.trainer.layers.MaskedActivation`).
+            activation: A clamp with ``lo``, ``hi`` and strict bounds (``inclusive`` False)
+                (:class:`~budgetsearch.trainer.layers.MaskedActivation`).
+            name: This conv's qualified name, for messages.
 
         Raises:
             PlanError: If the conv is not gradient-filtered, already has an epilogue, or a module
@@ -276,6 +278,8 @@ class PlannedConv2d(_Planned):
             raise PlanError("the activation must pass the gradient strictly inside its bounds")
         self._parts = (norm, activation)
         self.fused = tuple(m for m in (norm, activation) if m is not None)
+        for m in self.fused:
+            m.fused_into, m.fused_conv = name, (self,)
 
     def _epilogue(self) -> tuple[Epilogue | None, Tensor | None]:
         norm, act = self._parts

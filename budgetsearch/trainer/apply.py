@@ -27,11 +27,15 @@ What :func:`apply_plan` does to the model (in place; state-dict keys never chang
 6. ``fuse=True`` (the default): a gradient-filtered conv whose output only a frozen batch norm
    reads, and/or whose (batch norm's) output only a masked activation reads, runs them inside
    its own autograd node (:meth:`~budgetsearch.ops.PlannedConv2d.fuse_epilogue`): the same
-   values, gradients and saved tensors (the mask, now saved by the conv), with one pass over the
-   output gradient instead of four. The fused modules stay in place (same ``state_dict``) and
-   pass through the conv's output, refusing any other input. Modules called more than once per
-   forward pass (a ReLU shared by two places) are never fused, nor are activations the tracer
-   traces through (the MCU ``Clamp``: the graph does not name their module).
+   values, gradients and saved tensors (the mask, now saved by the conv), with one masked block
+   sum over the output gradient instead of a mask product, a scale, a bias sum and a block sum
+   (:mod:`budgetsearch.ops.epilogue`). The fused modules stay in place (same ``state_dict``) and
+   pass the conv's output through; any other input is an error (a forward hook on the conv that
+   returns a new tensor, ``nn.DataParallel`` replicas: use ``fuse=False``), except under
+   :func:`~budgetsearch.ops.suspended_epilogues`, where they run on their own. Not fused:
+   modules called more than once per forward pass (a ReLU shared by two places), outputs the
+   model also returns, activations the tracer traces through (the MCU ``Clamp``: the graph does
+   not name their module), and graphs from the hooks tracer.
 
 What each module keeps for the backward pass (beyond parameters and buffers, which it references):
 
@@ -287,7 +291,8 @@ def _replacements(
 def _fuse_epilogues(graph: LayerGraph, replacements: list[tuple[str, nn.Module]]) -> None:
     """Fuse into each gradient-filtered conv the frozen batch norm that is its only consumer and
     the masked activation that is the only consumer of that (or of the conv), when each of those
-    modules runs once per forward pass."""
+    modules runs once per forward pass and neither the conv's nor the batch norm's output is
+    returned by the model. Only on graphs traced by torch.fx, which sees every tensor op."""
     new = dict(replacements)
     runs: dict[int, int] = {}  # calls per module object (one object may have two names)
     for node in graph.nodes:
@@ -295,9 +300,12 @@ def _fuse_epilogues(graph: LayerGraph, replacements: list[tuple[str, nn.Module]]
             key = id(new[node.module])
             runs[key] = runs.get(key, 0) + 1
 
+    if graph.tracer != "fx":  # the hooks tracer drops glue (x.mean() > 0) that may read a conv
+        return
+
     def sole_user(index: int, kind: type) -> tuple[int, nn.Module] | None:
         users = list(graph.graph.successors(index))
-        if len(users) != 1:
+        if len(users) != 1 or graph.nodes[index].attrs.get("model_output"):
             return None
         node = graph.nodes[users[0]]
         module = new.get(node.module) if node.module else None
@@ -318,9 +326,7 @@ def _fuse_epilogues(graph: LayerGraph, replacements: list[tuple[str, nn.Module]]
             act = found[1]
         if norm is None and act is None:
             continue
-        conv.fuse_epilogue(norm=norm, activation=act)
-        for module in conv.fused:
-            module.fused_into = layer.name
+        conv.fuse_epilogue(norm=norm, activation=act, name=layer.name)
 
 
 def _replacement(

@@ -33,7 +33,6 @@ from ..criteria import NEqTracker, fisher_potential
 from ..criteria.base import preserved_state
 from ..errors import BudgetError, PlanError, SearchError
 from ..graph import LayerGraph
-from ..ops import suspended_epilogues
 from ..plan import Plan
 
 __all__ = ["DYNAMIC_MODES", "REPLAN_METHODS", "Replanner", "search_available"]
@@ -183,8 +182,8 @@ class Replanner:
 def _layer_outputs(model: nn.Module, graph: LayerGraph, probe: Tensor,
                    batch_size: int = 32) -> dict[str, Tensor]:
     """Every trainable layer's output on ``probe`` as (N, C, D), looked up by name so that it
-    works whether the plan's modules or the plain ones are in place (with the epilogues fused
-    into filtered convs suspended, so a conv's output is its own)."""
+    works whether the plan's modules or the plain ones are in place (``preserved_state``
+    suspends the epilogues fused into filtered convs, so a conv's output is its own)."""
     collected: dict[str, list[Tensor]] = {name: [] for name in graph.layers}
 
     def make(name: str, is_conv: bool):
@@ -203,7 +202,7 @@ def _layer_outputs(model: nn.Module, graph: LayerGraph, probe: Tensor,
         for name, layer in graph.layers.items():
             module = model.get_submodule(name)
             handles.append(module.register_forward_hook(make(name, len(layer.weight_shape) == 4)))
-        with preserved_state(model, eval_mode=True), suspended_epilogues(model):
+        with preserved_state(model, eval_mode=True):
             for start in range(0, probe.shape[0], batch_size):
                 model(probe[start:start + batch_size])
     finally:

@@ -18,7 +18,7 @@
 
 After a gradient-filtered conv, :func:`~budgetsearch.trainer.apply_plan` fuses both into the conv
 (:mod:`budgetsearch.ops.epilogue`): they then pass the conv's output through, since it already
-includes them, and run as above on any other input.
+includes them, refuse any other input, and run as above while the epilogue is suspended.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked)
         self.register_buffer("scale", torch.empty(0), persistent=False)
         self.register_buffer("shift", torch.empty(0), persistent=False)
-        self.fused_into: str | None = None
+        self.fused_into: str | None = None  # see PlannedConv2d.fuse_epilogue
+        self.fused_conv: tuple[Any, ...] = ()
         self.refresh()
 
     @classmethod
@@ -175,10 +176,25 @@ class _MaskedClampFn(torch.autograd.Function):
 
 
 def already_applied(module: nn.Module, x: Tensor) -> bool:
-    """Whether ``x`` is the output of a conv that ran ``module`` as its epilogue (see
-    :meth:`~budgetsearch.ops.PlannedConv2d.fuse_epilogue`), so ``module`` must pass it through;
-    on any other input a fused module runs as usual."""
-    return any(m is module for m in getattr(x, "budgetsearch_fused", ()))
+    """Whether ``module`` must pass ``x`` through: ``x`` is the output of the conv that ran
+    ``module`` as its epilogue (see :meth:`~budgetsearch.ops.PlannedConv2d.fuse_epilogue`).
+
+    False for a module that is not fused, or whose conv's epilogue is suspended (then it runs on
+    its own). Any other input to a fused module is a :class:`PlanError`: running the module again
+    or skipping it would both be silently wrong.
+    """
+    if module.fused_into is None:
+        return False
+    if any(m is module for m in getattr(x, "budgetsearch_fused", ())):
+        return True
+    if module.fused_conv[0].suspended:
+        return False
+    raise PlanError(
+        f"{type(module).__name__} runs inside the conv {module.fused_into!r} (fused by "
+        "apply_plan) but got a tensor that conv did not return: a forward hook on the conv that "
+        "returns a new tensor, nn.DataParallel replicas, or a forward that calls the module "
+        "elsewhere; apply the plan with fuse=False"
+    )
 
 
 class MaskedActivation(nn.Module):
@@ -207,7 +223,8 @@ class MaskedActivation(nn.Module):
             raise PlanError(f"MaskedActivation needs lo < hi, got lo={lo}, hi={hi}")
         self.lo, self.hi, self.inclusive = lo, hi, inclusive
         self.inplace, self.kind = inplace, kind
-        self.fused_into: str | None = None
+        self.fused_into: str | None = None  # see PlannedConv2d.fuse_epilogue
+        self.fused_conv: tuple[Any, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
         """The activation; with a gradient to pass, the backward keeps only a bool mask. When

@@ -345,27 +345,63 @@ def test_fused_equals_unfused(kind):
     assert keys_f == keys_u == sorted(model.state_dict())
 
 
-def test_fused_modules_run_normally_on_other_inputs_and_when_suspended():
+def test_fused_modules_refuse_other_inputs_and_run_alone_when_suspended():
     model, graph = make_toy()
     reference = copy.deepcopy(model).eval()
     x, _ = data()
     with apply_plan(model, plans(graph)["filtered-r4"], graph=graph):
         t = torch.randn(2, 8, 5, 5, dtype=DT)
-        torch.testing.assert_close(model.stem[1](t), reference.stem[1](t))
-        torch.testing.assert_close(model.stem[2](t.clone()), reference.stem[2](t.clone()))
+        with pytest.raises(PlanError, match=r"inside the conv 'stem\.0'.*fuse=False"):
+            model.stem[1](t)
+        with pytest.raises(PlanError, match=r"inside the conv 'dw\.0'"):
+            model.dw[2](t)
         seen = []
         hook = model.stem[0].register_forward_hook(lambda _m, _a, out: seen.append(out))
         try:
             fused_out = model(x)
             with suspended_epilogues(model):
                 plain_out = model(x)
+                torch.testing.assert_close(model.stem[1](t), reference.stem[1](t))
             assert not model.stem[0].suspended
         finally:
             hook.remove()
         torch.testing.assert_close(plain_out, fused_out, rtol=1e-12, atol=1e-12)
-        conv = reference.stem[0]
-        torch.testing.assert_close(seen[1], conv(x))  # suspended: the conv's own output
+        torch.testing.assert_close(seen[1], reference.stem[0](x))  # suspended: the conv's own
         torch.testing.assert_close(seen[0], reference.stem(x))  # fused: after BN and ReLU6
+        hook = model.stem[0].register_forward_hook(lambda _m, _a, out: out.clone())
+        try:
+            with pytest.raises(PlanError, match="forward hook"):
+                model(x)
+        finally:
+            hook.remove()
+
+
+class ReturnsFeatures(nn.Module):
+    """Returns a conv's output beside the logits: that conv's epilogue must not be fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.conv(x)
+        return self.head(self.act(self.bn(f)).mean((2, 3))), f
+
+
+def test_an_output_the_model_returns_is_not_fused():
+    torch.manual_seed(0)
+    model = ReturnsFeatures()
+    graph = LayerGraph.from_model(model, input_size=8)
+    model = model.to(DT)
+    plan = Plan.from_layers(graph, {"conv": LayerUpdate("weight", patch_size=2),
+                                    "head": LayerUpdate("weight")})
+    x = torch.randn(2, 3, 8, 8, dtype=DT)
+    with apply_plan(model, plan, graph=graph):
+        assert not model.conv.fused and model.bn.fused_into is None
+        torch.testing.assert_close(model(x)[1], F.conv2d(x, model.conv.weight, padding=1))
 
 
 def test_layer_outputs_for_neq_are_the_layers_own_with_a_fused_plan():
