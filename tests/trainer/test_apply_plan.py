@@ -376,32 +376,46 @@ def test_fused_modules_refuse_other_inputs_and_run_alone_when_suspended():
             hook.remove()
 
 
-class ReturnsFeatures(nn.Module):
-    """Returns a conv's output beside the logits: that conv's epilogue must not be fused."""
+class TwoConvs(nn.Module):
+    """conv1-bn1-relu, conv2-bn2, a residual add and the same ReLU module again (as ResNet's
+    BasicBlock does: it must not be fused); with ``features`` the model also returns conv1's
+    output (then conv1's batch norm must not be fused either)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, features: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.act = nn.ReLU()
+        self.features = features
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
         self.head = nn.Linear(4, 3)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.conv(x)
-        return self.head(self.act(self.bn(f)).mean((2, 3))), f
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        f = self.conv1(x)
+        x = self.relu(self.bn1(f))
+        x = self.relu(self.bn2(self.conv2(x)) + x)
+        logits = self.head(x.mean((2, 3)))
+        return (logits, f) if self.features else logits
+
+
+def two_convs(*, features: bool) -> tuple[TwoConvs, LayerGraph, Plan, torch.Tensor, TwoConvs]:
+    """The model, its graph, a plan filtering both convs, an input, and a copy of the model."""
+    torch.manual_seed(0)
+    model = TwoConvs(features=features)
+    graph = LayerGraph.from_model(model, input_size=8)
+    model = model.to(DT)
+    plan = Plan.from_layers(graph, {"conv1": LayerUpdate("weight", patch_size=2),
+                                    "conv2": LayerUpdate("weight", patch_size=2),
+                                    "head": LayerUpdate("weight")})
+    return model, graph, plan, torch.randn(2, 3, 8, 8, dtype=DT), copy.deepcopy(model)
 
 
 def test_an_output_the_model_returns_is_not_fused():
-    torch.manual_seed(0)
-    model = ReturnsFeatures()
-    graph = LayerGraph.from_model(model, input_size=8)
-    model = model.to(DT)
-    plan = Plan.from_layers(graph, {"conv": LayerUpdate("weight", patch_size=2),
-                                    "head": LayerUpdate("weight")})
-    x = torch.randn(2, 3, 8, 8, dtype=DT)
+    model, graph, plan, x, _ = two_convs(features=True)
     with apply_plan(model, plan, graph=graph):
-        assert not model.conv.fused and model.bn.fused_into is None
-        torch.testing.assert_close(model(x)[1], F.conv2d(x, model.conv.weight, padding=1))
+        assert not model.conv1.fused and model.bn1.fused_into is None
+        torch.testing.assert_close(model(x)[1], F.conv2d(x, model.conv1.weight, padding=1))
 
 
 def test_layer_outputs_for_neq_are_the_layers_own_with_a_fused_plan():
@@ -415,34 +429,8 @@ def test_layer_outputs_for_neq_are_the_layers_own_with_a_fused_plan():
         torch.testing.assert_close(planned[name], plain[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
-class SharedReLU(nn.Module):
-    """One ReLU module called twice (as ResNet's BasicBlock does): it must not be fused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)) + x)
-        return self.head(x.mean((2, 3)))
-
-
 def test_a_shared_activation_is_not_fused_but_the_batch_norm_is():
-    torch.manual_seed(0)
-    model = SharedReLU()
-    graph = LayerGraph.from_model(model, input_size=8)
-    model = model.to(DT)
-    plan = Plan.from_layers(graph, {"conv1": LayerUpdate("weight", patch_size=2),
-                                    "conv2": LayerUpdate("weight", patch_size=2),
-                                    "head": LayerUpdate("weight")})
-    x = torch.randn(2, 3, 8, 8, dtype=DT)
-    unfused = copy.deepcopy(model)
+    model, graph, plan, x, unfused = two_convs(features=False)
     with apply_plan(unfused, plan, graph=graph, fuse=False):
         want = unfused(x)
     with apply_plan(model, plan, graph=graph):
