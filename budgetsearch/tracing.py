@@ -42,7 +42,7 @@ _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.MaxPool2d, "max_pool2d"),
     (nn.Flatten, "view"),
     (nn.Identity, "view"),
-    (Clamp, "clamp"),  # what fx records for it (torch.clamp), so both tracers agree
+    (Clamp, "clamp"),  # the kind of torch.clamp, which it calls
     (StochasticDepth, "stochastic_depth"),
 )
 
@@ -131,8 +131,19 @@ def _function_name(target: Any) -> str:
     return getattr(target, "__name__", str(target))
 
 
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, with every module type of ``_MODULE_KINDS`` kept as one call (as the
+    hooks tracer records it) instead of traced through: custom ones such as the MCU ``Clamp``
+    then appear under their module name."""
+
+    leaves = tuple(cls for cls, _ in _MODULE_KINDS)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace_fx(model: nn.Module, example: torch.Tensor) -> list[Record]:
-    gm = fx.symbolic_trace(model)
+    gm = fx.GraphModule(model, _LeafTracer().trace(model))
     modules = dict(gm.named_modules())
     records: list[Record] = []
     index_of: dict[fx.Node, int] = {}

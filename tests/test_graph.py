@@ -12,6 +12,7 @@ from budgetsearch.cost import RULES
 from budgetsearch.errors import GraphError
 from budgetsearch.graph import LayerGraph, block_of
 from budgetsearch.models import list_models, load_model
+from budgetsearch.tracing import _LeafTracer
 
 MODELS = list_models()
 SIZE = 64
@@ -44,7 +45,11 @@ def traced():
 
 
 def _is_torch_leaf(module: nn.Module) -> bool:
-    """A torch.nn module without children: what both tracers record as one module op."""
+    """A torch.nn module without children, or a custom module of a kind with a cost rule (the
+    MCU ``Clamp``, torchvision's ``StochasticDepth``): what both tracers record as one module
+    op."""
+    if isinstance(module, _LeafTracer.leaves):
+        return True
     return not list(module.children()) and type(module).__module__.startswith("torch.nn")
 
 

@@ -17,8 +17,8 @@ What :func:`apply_plan` does to the model (in place; state-dict keys never chang
    bias trained when the plan updates the layer whose bias it is), so a later ``model.train()``
    cannot unfreeze it. ``bn="train"``: batch norms stay stock and run in train mode (batch
    statistics, running statistics updated), their bias trained as the plan says, gamma frozen.
-4. ReLU / ReLU6 / Hardtanh / ``Clamp`` modules on the backward path, and those the tracer traced
-   through (custom modules such as the MCU ``Clamp``), are replaced by
+4. ReLU / ReLU6 / Hardtanh / ``Clamp`` modules on the backward path, and those the graph does not
+   show (custom modules the tracer traced through), are replaced by
    :class:`~budgetsearch.trainer.layers.MaskedActivation` (a bool mask for backward; where no
    gradient flows it saves nothing, like the stock op). Activations called as functions
    (``F.relu(x)`` in a ``forward``) cannot be replaced and stay stock.
@@ -34,8 +34,7 @@ What :func:`apply_plan` does to the model (in place; state-dict keys never chang
    returns a new tensor, ``nn.DataParallel`` replicas: use ``fuse=False``), except under
    :func:`~budgetsearch.ops.suspended_epilogues`, where they run on their own. Not fused:
    modules called more than once per forward pass (a ReLU shared by two places), outputs the
-   model also returns, activations the tracer traces through (the MCU ``Clamp``: the graph does
-   not name their module), and graphs from the hooks tracer.
+   model also returns, and graphs from the hooks tracer.
 
 What each module keeps for the backward pass (beyond parameters and buffers, which it references):
 
