@@ -1,4 +1,5 @@
-"""Whole training steps of MobileNetV2 under plans at several budgets, against full fine-tuning.
+"""Whole training steps of a model (MobileNetV2 by default) under plans at several budgets, against
+full fine-tuning.
 
 For each plan, in one run on this CPU: the bytes autograd saves for backward with the plan applied
 by ``apply_plan`` (measured with saved-tensor hooks, one step), the same plan applied by stock
@@ -14,7 +15,8 @@ and full fine-tuning. The two filtered plans run a second time with ``apply_plan
 (rows marked ``unfused``: batch norms and activations as separate autograd nodes) to show what
 the fused epilogue saves; those rows are left out of the goal count.
 
-    .venv/bin/python benchmarks/training_step.py [--size 128] [--batch 32] [--reps 7]
+    .venv/bin/python benchmarks/training_step.py [--model mobilenet_v2] [--size 128] [--batch 32]
+        [--reps 7]
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ def profile_backward(model, plans: dict[str, Plan], name: str, graph: LayerGraph
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobilenet_v2",
+                        help="a registered model with pretrained weights (ImageNet, or the MCU "
+                             "models' own)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=7)
@@ -154,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    model = load_model("mobilenet_v2", weights="imagenet", num_classes=10)
-    graph = LayerGraph.from_model(model, input_size=args.size, model_name="mobilenet_v2")
+    model = load_model(args.model, weights="imagenet", num_classes=10)
+    graph = LayerGraph.from_model(model, input_size=args.size, model_name=args.model)
     profile = load_profile(args.device)
     device_cm = CostModel(graph, profile, batch_size=args.batch, optimizer="momentum")
     try:
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, 10, (args.batch,), generator=gen)
     if args.profile:
         return profile_backward(model, plans, args.profile, graph, x, y)
-    print(f"MobileNetV2 (ImageNet weights, 10 classes), {args.size}px, batch {args.batch}, "
+    print(f"{args.model} (pretrained weights, 10 classes), {args.size}px, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, median of {args.reps} steps; budgets: fractions of "
           f"full fine-tuning's training memory on {args.device}; predicted bytes: cost model "
           f"accounting '{accounting}'; host allocator "
