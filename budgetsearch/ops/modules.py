@@ -172,6 +172,8 @@ class PlannedConv2d(_Planned):
         self.padding_mode = "zeros"
         self.patch_size = None if patch == (1, 1) else patch
         self.mode = mode
+        self._matrix_product = (self.kernel_size == (1, 1) and self.groups == 1
+                                and self.padding == (0, 0))
         # modules fused as an epilogue (fuse_epilogue), held outside the module tree
         # (tuples, so that nn.Module does not register them as submodules)
         self.fused: tuple[nn.Module, ...] = ()
@@ -238,6 +240,12 @@ class PlannedConv2d(_Planned):
                 y.budgetsearch_fused = self.fused  # type: ignore[attr-defined]
             return y
         if self.weight_slice is None and self.weight_grad:
+            if self._matrix_product and x.dim() == 4 and x.shape[-2:] == (1, 1):
+                # a dense 1x1 conv on a 1x1 map (the MCU models' classifier) is a linear layer:
+                # same values and saved tensors, and its backward is two matrix products, far
+                # cheaper on the CPU than torch's convolution_backward for this shape
+                y = F.linear(x.flatten(1), self.weight.flatten(1), self.bias)
+                return y[:, :, None, None]
             return F.conv2d(
                 x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
             )

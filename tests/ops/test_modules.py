@@ -185,6 +185,25 @@ def test_patch_size_one_is_plain_conv():
     torch.testing.assert_close(planned.weight.grad, conv.weight.grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [1, 3])
+def test_dense_pointwise_conv_on_a_one_pixel_map_equals_the_conv(size):
+    conv = make_conv(6, 4, 1, k=1, padding=0)
+    planned = PlannedConv2d.from_conv(copy.deepcopy(conv), weight_grad=True, bias_grad=True)
+    assert planned._matrix_product
+    x = torch.randn(3, 6, size, size, dtype=DT, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    g = torch.randn(3, 4, size, size, dtype=DT)
+    y = planned(x)
+    assert y.shape == (3, 4, size, size)
+    torch.testing.assert_close(y, conv(x_ref), rtol=1e-12, atol=1e-12)
+    y.backward(g)
+    conv(x_ref).backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(planned.weight.grad, conv.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(planned.bias.grad, conv.bias.grad, rtol=1e-12, atol=1e-12)
+    assert planned.weight.grad.shape == conv.weight.shape
+
+
 def test_linear_module():
     torch.manual_seed(0)
     linear = nn.Linear(6, 4).to(DT)
