@@ -110,6 +110,16 @@ class FilterGeometry:
         """
         return all(0 <= p <= b // 2 for p, b in zip(self.x_pad, self.block, strict=True))
 
+    @functools.cached_property
+    def whole_input(self) -> bool:
+        """Whether one cell's R x R block holds the whole input map."""
+        return _whole_map(self.in_hw, self.block, self.x_pad, self.grid)
+
+    @functools.cached_property
+    def whole_output(self) -> bool:
+        """Whether one r x r patch holds the whole output map."""
+        return _whole_map(self.out_hw, self.patch, self.g_pad, self.grid)
+
 
 def filter_geometry(
     *, in_hw: IntPair, out_hw: IntPair, stride: IntPair, patch_size: IntPair
@@ -128,8 +138,14 @@ def filter_geometry(
     Raises:
         PlanError: If a size is not positive or the patch size is below 2.
     """
-    hx, hy = _pair(in_hw, "in_hw"), _pair(out_hw, "out_hw")
-    s, r = _pair(stride, "stride"), _pair(patch_size, "patch_size")
+    return _geometry(_pair(in_hw, "in_hw"), _pair(out_hw, "out_hw"), _pair(stride, "stride"),
+                     _pair(patch_size, "patch_size"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(hx: tuple[int, int], hy: tuple[int, int], s: tuple[int, int],
+              r: tuple[int, int]) -> FilterGeometry:
+    """:func:`filter_geometry` on normalised pairs, cached: a layer has the same one every step."""
     if min(r) < 2:
         raise PlanError(f"patch_size must be >= 2 (1 means no filtering), got {r}")
     if min(*hx, *hy, *s) < 1:
@@ -250,7 +266,7 @@ def _map_sums(t: Tensor) -> Tensor:
 
 def _sum_pool(x: Tensor, geo: FilterGeometry) -> Tensor:
     """x summed over the R x R blocks of the grid (zero padding or cropping as needed)."""
-    if _whole_map(geo.in_hw, geo.block, geo.x_pad, geo.grid):
+    if geo.whole_input:
         return _map_sums(x)
     t = _block_sums(x, 2, geo.block[0], geo.x_pad[0], geo.grid[0])
     return _block_sums(t, 3, geo.block[1], geo.x_pad[1], geo.grid[1])
@@ -260,7 +276,7 @@ def _patch_sums(g: Tensor, geo: FilterGeometry, mask: Tensor | None = None) -> T
     """Sums of g (times ``mask``, if given) over the r x r patches of the g grid, which cover
     every output position once: (N, C, p_h, p_w). A g constant over each map (stride 0) with a
     whole-map grid takes no pass over N x C x H x W floats."""
-    whole = _whole_map(geo.out_hw, geo.patch, geo.g_pad, geo.grid)
+    whole = geo.whole_output
     if whole and constant_maps(g):
         g0 = g[:, :, :1, :1]
         if mask is None:
@@ -276,7 +292,7 @@ def _patch_sums(g: Tensor, geo: FilterGeometry, mask: Tensor | None = None) -> T
 
 def _patch_counts(geo: FilterGeometry, like: Tensor) -> Tensor | float:
     """The valid size of each r x r patch, (p_h, p_w) (a number for a whole-map grid)."""
-    if _whole_map(geo.out_hw, geo.patch, geo.g_pad, geo.grid):
+    if geo.whole_output:
         return float(geo.out_hw[0] * geo.out_hw[1])
     ch = _block_counts(geo.out_hw[0], geo.patch[0], geo.g_pad[0], geo.grid[0])
     cw = _block_counts(geo.out_hw[1], geo.patch[1], geo.g_pad[1], geo.grid[1])
@@ -293,7 +309,7 @@ def _replicate(gx_sum: Tensor, geo: FilterGeometry) -> Tensor:
     """Each cell copied over its R x R block, then cropped (or zero-extended) to H_x x W_x."""
     (ph, pw), (bh, bw), (xh, xw) = geo.grid, geo.block, geo.x_pad
     n, c = gx_sum.shape[:2]
-    if _whole_map(geo.in_hw, geo.block, geo.x_pad, geo.grid):  # one value per map: a view
+    if geo.whole_input:  # one value per map: a view
         return gx_sum.expand(n, c, *geo.in_hw)
     full = gx_sum.unsqueeze(-1).expand(n, c, ph, pw, bw).reshape(n, c, ph, pw * bw)
     full = full.unsqueeze(3).expand(n, c, ph, bh, pw * bw).reshape(n, c, ph * bh, pw * bw)
@@ -337,6 +353,8 @@ def _cell_products(xb: Tensor, gb: Tensor, groups: int, rows: int, cells: int) -
     (one input or one output row per group), a product and a sum.
     """
     n = xb.shape[0]
+    if groups == 1 and cells == 1 and rows > 1 and xb.shape[1] > 1:  # g_avg^T x_sum, no copies
+        return torch.mm(gb.view(n, rows).t(), xb.view(n, -1))
     xg = xb.reshape(n, groups, xb.shape[1] // groups, cells)
     gg = gb.reshape(n, groups, rows // groups, cells)
     if xg.shape[2] == 1 or gg.shape[2] == 1:  # depthwise-like: no matmul needed
