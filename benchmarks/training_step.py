@@ -137,6 +137,31 @@ def profile_backward(model, plans: dict[str, Plan], name: str, graph: LayerGraph
     return 0
 
 
+def compare_host_latency(rows: list[dict], plans: dict[str, Plan], graph: LayerGraph, host,
+                         batch: int, accounting: str) -> None:
+    """Print the host profile's predicted backward time of each plan beside the measured one,
+    and how well the prediction ranks and scales across plans (Spearman and Pearson r of the
+    logarithms)."""
+    cm = CostModel(graph, host, accounting=accounting, batch_size=batch, optimizer="momentum")
+    print(f"\nbackward time predicted by the cost model on host profile {host.name!r} "
+          f"(accounting '{accounting}') against measured:")
+    print(f"{'plan':<27}{'measured ms':>13}{'predicted ms':>14}{'measured/predicted':>20}")
+    measured, predicted = [], []
+    for r in rows:
+        pred = cm.evaluate(dict(plans[r["plan"]].updates), detail=False).backward_ms
+        r["host_predicted_backward_ms"] = pred
+        measured.append(r["backward_ms"])
+        predicted.append(pred)
+        print(f"{r['plan']:<27}{r['backward_ms']:>13.1f}{pred:>14.1f}"
+              f"{r['backward_ms'] / pred:>20.2f}")
+    logs = torch.tensor([measured, predicted], dtype=torch.float64).log()
+    pearson = float(torch.corrcoef(logs)[0, 1])
+    ranks = logs.argsort(dim=1).argsort(dim=1).to(torch.float64)
+    spearman = float(torch.corrcoef(ranks)[0, 1])
+    print(f"across the {len(rows)} rows: Spearman {spearman:.2f}, Pearson r of log times "
+          f"{pearson:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenet_v2",
@@ -148,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="rpi4", help="profile whose budgets the plans use")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--host-profile", default=None, metavar="YAML",
+                        help="a profile of this machine (budgetsearch profile-host --out F): "
+                             "also print the cost model's predicted backward time per plan "
+                             "beside the measured one")
     parser.add_argument("--profile", default=None, metavar="PLAN",
                         help="instead of the table: where one plan's backward spends its time "
                              "(torch.profiler, top operators), e.g. 'last 2 blocks r=4'")
@@ -213,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     print("saved MB: apply_plan, measured; stock MB: the same plan by requires_grad freezing, "
           "measured; pred MB: cost model. MAC x: predicted backward MACs full/plan; bwd x, "
           "step x: measured time full/plan; goal: bwd x >= MAC x / 2.")
+    if args.host_profile:
+        compare_host_latency(rows, plans, graph, load_profile(args.host_profile), args.batch,
+                             accounting)
     exact = sum(r["saved_as_predicted"] for r in rows)
     goals = [r["goal_met"] for r in rows if r["goal_met"] is not None]
     print(f"saved bytes equal to the prediction on {exact} of {len(rows)} rows; backward "

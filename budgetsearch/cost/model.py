@@ -72,7 +72,8 @@ class CostSummary:
     """The totals of one evaluation, without the per-op table (what a search needs).
 
     ``training_memory_bytes`` is the peak minus the inference peak: the extra memory training
-    needs over running the model.
+    needs over running the model. ``latency_ms`` is the forward, ``backward_ms`` and the
+    optimizer step.
     """
 
     peak_memory_bytes: int
@@ -82,6 +83,7 @@ class CostSummary:
     backward_macs: int
     latency_ms: float
     trainable_params: int
+    backward_ms: float
 
 
 class CostModel:
@@ -315,6 +317,7 @@ class CostModel:
         saved_bytes: dict[Any, int] = {}
         bwd_macs = 0
         bwd_ms = 0.0
+        op_ms: dict[int, float] = {}
         for i, inputs in enumerate(self._input_index):
             w = weight.get(i)
             b = i in bias
@@ -327,6 +330,7 @@ class CostModel:
             costs[i] = cost
             bwd_macs += cost.backward_macs
             bwd_ms += ms
+            op_ms[i] = ms
             for k, nbytes in cost.saved:
                 if k not in saved_first:
                     saved_first[k] = i
@@ -341,10 +345,10 @@ class CostModel:
         if not detail:
             return CostSummary(int(peak), int(peak) - self.inference_peak_bytes, saved_total,
                                self._forward_macs, int(bwd_macs), latency,
-                               int(trainable["params"]))
+                               int(trainable["params"]), bwd_ms)
         parts["weight_bytes"] = self._persistent_weight_bytes(weight, bias)
         return self._detail(plan, costs, rg, saved_first, saved_bytes, peak, peak_pos, parts,
-                            trainable, latency)
+                            trainable, latency, op_ms)
 
     # ---------------------------------------------------------------------------- components
     def _trainable(self, weight: dict, bias: dict) -> dict[str, Any]:
@@ -473,7 +477,7 @@ class CostModel:
         return 1e3 * trainable["params"] * per * (2 + 2 * state) / bw
 
     def _detail(self, plan, costs, rg, saved_first, saved_bytes, peak, peak_pos, parts,
-                trainable, latency) -> Cost:
+                trainable, latency, op_ms) -> Cost:
         n = self.n
         saved_by_node: dict[int, int] = {}
         for key, i in saved_first.items():
@@ -495,6 +499,7 @@ class CostModel:
                 gradient_bytes=math.ceil(trainable["per_node"].get(i, (0, 0))[1]),
                 backward=on,
                 forward_ms=self._fwd_time[i],
+                backward_ms=op_ms.get(i, 0.0),
             ))
         phase, at = ("forward", peak_pos) if peak_pos < n else (
             ("loss", n) if peak_pos == n else ("backward", 2 * n - peak_pos))

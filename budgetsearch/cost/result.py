@@ -18,6 +18,7 @@ _SUMMED = (
     "trainable_params",
     "gradient_bytes",
     "forward_ms",
+    "backward_ms",
 )
 
 
@@ -39,6 +40,7 @@ class OpRow:
     gradient_bytes: int
     backward: bool
     forward_ms: float
+    backward_ms: float = 0.0
 
     @property
     def backward_macs(self) -> int:
@@ -113,6 +115,8 @@ class Cost:
             "gradient_bytes": sums["gradient_bytes"],
             "optimizer_bytes": self.optimizer_bytes,
             "trainable_params": sums["trainable_params"],
+            "forward_ms": sums["forward_ms"],
+            "backward_ms": sums["backward_ms"],
             "latency_ms": self.latency_ms,
         }
 
@@ -160,7 +164,7 @@ class Cost:
                 update=update,
                 ops=len(rows),
                 backward=any(r.backward for r in rows),
-                **{k: sum(getattr(r, k) for r in rows) for k in _SUMMED if k != "forward_ms"},
+                **{k: sum(getattr(r, k) for r in rows) for k in _SUMMED if not k.endswith("_ms")},
             ))
         return out
 

@@ -227,3 +227,29 @@ def test_depthwise_output_channel_subset_needs_only_those_input_channels(tiny_gr
     assert dev.saved_activation_bytes == 1 * 64 + math.ceil(4 * 64 / 8)
     ops = CostModel(tiny_graph, _profile(), accounting="ops").evaluate(plan).layer("dw")
     assert ops.saved_activation_bytes == 1 * 64 * 4 + 4 * 64  # fp32 channel + bool mask
+
+
+def test_latency_splits_into_forward_backward_and_optimizer(tiny_graph):
+    plan = Plan.full(tiny_graph)
+    profile = _profile()
+    costs = {}
+    for opt in ("sgd", "adam"):
+        cm = CostModel(tiny_graph, profile, optimizer=opt)
+        full, summary = cm.evaluate(plan), cm.evaluate(plan, detail=False)
+        t = full.total()
+        assert summary.backward_ms == pytest.approx(t["backward_ms"]) and t["backward_ms"] > 0
+        assert t["backward_ms"] == pytest.approx(sum(r.backward_ms for r in full.ops))
+        assert all(r.backward_ms == 0 for r in full.ops if not r.backward)
+        costs[opt] = t
+    # the optimizer step is all that differs: adam reads and writes 2 state tensors more
+    # per parameter than sgd (4 bytes each under the device accounting of this profile)
+    sgd, adam = costs["sgd"], costs["adam"]
+    assert adam["forward_ms"] == pytest.approx(sgd["forward_ms"])
+    assert adam["backward_ms"] == pytest.approx(sgd["backward_ms"])
+    per = CostModel(tiny_graph, profile).acc.weight_bytes
+    extra_ms = 1e3 * sgd["trainable_params"] * per * 4 / profile.memory_bandwidth_bytes_per_s
+    assert adam["latency_ms"] - sgd["latency_ms"] == pytest.approx(extra_ms)
+    assert sgd["latency_ms"] > sgd["forward_ms"] + sgd["backward_ms"]
+    last = CostModel(tiny_graph, profile).evaluate(
+        Plan.from_layers(tiny_graph, {"fc": LayerUpdate("weight")})).total()
+    assert 0 < last["backward_ms"] < sgd["backward_ms"]
