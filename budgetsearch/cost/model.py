@@ -330,7 +330,8 @@ class CostModel:
             costs[i] = cost
             bwd_macs += cost.backward_macs
             bwd_ms += ms
-            op_ms[i] = ms
+            if detail:
+                op_ms[i] = ms
             for k, nbytes in cost.saved:
                 if k not in saved_first:
                     saved_first[k] = i

@@ -97,18 +97,26 @@ def clamp_mask(x: Tensor, lo: float | None, hi: float | None, *, inclusive: bool
 
 
 def masked(g: Tensor, mask: Tensor) -> Tensor:
-    """g where the mask is set, else 0, as a new tensor (a uint8 view converts faster than bool,
-    and ``mul_`` in place beats ``g * mask`` and ``masked_fill`` on the CPU)."""
+    """g where the mask is set, else 0, as a new tensor: the mask as 0/1 in g's dtype (a uint8
+    view converts faster than bool), times g in place; on the CPU this beats ``g * mask`` and
+    ``g.masked_fill(~mask, 0)`` (the backward times of ``benchmarks/training_step.py``)."""
     return mask.view(torch.uint8).to(g.dtype).mul_(g)
+
+
+def map_sums(t: Tensor) -> Tensor:
+    """(N, C, 1, 1): ``t`` (N, C, H, W) summed over each H x W map, for a contiguous ``t`` as a
+    matrix-vector product with ones (cheaper on the CPU than ``sum`` over the last two dims for
+    the small maps of filtered layers)."""
+    n, c, h, w = t.shape
+    if not t.is_contiguous():
+        return t.sum((2, 3), keepdim=True)
+    return torch.mv(t.view(n * c, h * w), t.new_ones(h * w)).view(n, c, 1, 1)
 
 
 def mask_counts(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """How many positions of each map are set: (N, C, 1, 1) in ``dtype``, from a bool mask
-    (N, C, H, W). A matrix-vector product with ones, which on the CPU takes about half the time
-    of a sum over the last two dims (measured on 32 x 960 x 4 x 4)."""
-    n, c, h, w = mask.shape
-    rows = mask.reshape(n * c, h * w).view(torch.uint8).to(dtype)
-    return torch.mv(rows, rows.new_ones(h * w)).view(n, c, 1, 1)
+    (N, C, H, W)."""
+    return map_sums(mask.view(torch.uint8).to(dtype))
 
 
 def constant_maps(g: Tensor) -> bool:

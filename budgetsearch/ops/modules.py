@@ -174,11 +174,10 @@ class PlannedConv2d(_Planned):
         self.mode = mode
         self._matrix_product = (self.kernel_size == (1, 1) and self.groups == 1
                                 and self.padding == (0, 0))
-        # modules fused as an epilogue (fuse_epilogue), held outside the module tree
-        # (tuples, so that nn.Module does not register them as submodules)
-        self.fused: tuple[nn.Module, ...] = ()
-        self.suspended = False
+        # the batch norm and activation fused as an epilogue (fuse_epilogue), held in a tuple
+        # so that nn.Module does not register them as submodules
         self._parts: tuple[Any, Any] = (None, None)
+        self.suspended = False
         self._setup(
             conv.weight,
             conv.bias,
@@ -285,9 +284,13 @@ class PlannedConv2d(_Planned):
         if activation is not None and getattr(activation, "inclusive", True):
             raise PlanError("the activation must pass the gradient strictly inside its bounds")
         self._parts = (norm, activation)
-        self.fused = tuple(m for m in (norm, activation) if m is not None)
         for m in self.fused:
             m.fused_into, m.fused_conv = name, (self,)
+
+    @property
+    def fused(self) -> tuple[nn.Module, ...]:
+        """The modules fused as this conv's epilogue (batch norm, then activation), or ()."""
+        return tuple(m for m in self._parts if m is not None)
 
     def _epilogue(self) -> tuple[Epilogue | None, Tensor | None]:
         norm, act = self._parts

@@ -292,15 +292,14 @@ def _fuse_epilogues(graph: LayerGraph, replacements: list[tuple[str, nn.Module]]
     the masked activation that is the only consumer of that (or of the conv), when each of those
     modules runs once per forward pass and neither the conv's nor the batch norm's output is
     returned by the model. Only on graphs traced by torch.fx, which sees every tensor op."""
+    if graph.tracer != "fx":  # the hooks tracer drops glue (x.mean() > 0) that may read a conv
+        return
     new = dict(replacements)
     runs: dict[int, int] = {}  # calls per module object (one object may have two names)
     for node in graph.nodes:
         if node.module in new:
             key = id(new[node.module])
             runs[key] = runs.get(key, 0) + 1
-
-    if graph.tracer != "fx":  # the hooks tracer drops glue (x.mean() > 0) that may read a conv
-        return
 
     def sole_user(index: int, kind: type) -> tuple[int, nn.Module] | None:
         users = list(graph.graph.successors(index))
