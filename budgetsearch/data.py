@@ -42,7 +42,15 @@ from tqdm import tqdm
 from ._io import atomic_open
 from .errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "NORMALIZATIONS", "ImageDataset", "load_dataset"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "NORMALIZATIONS",
+    "ImageDataset",
+    "balanced_draw",
+    "holdout_split",
+    "load_dataset",
+    "split_validation",
+]
 
 #: Mean and standard deviation (on the 0..1 scale) of each normalisation.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -118,6 +126,30 @@ class ImageDataset(Dataset):
             tensors.extend((x - self._mean) / self._std)
         return [(t, int(self.targets[i])) for t, i in zip(tensors, indices, strict=True)]
 
+    def subset(
+        self, indices: Sequence[int] | np.ndarray, *, source: str | None = None
+    ) -> ImageDataset:
+        """The samples at ``indices`` (in that order), as a data set of the same kind.
+
+        Args:
+            indices: Positions of the samples to keep.
+            source: Description of the subset (default: this data set's, with the count).
+        """
+        keep = np.asarray(indices, dtype=np.int64)
+        images = (
+            self._images[keep]
+            if isinstance(self._images, np.ndarray)
+            else [self._images[int(i)] for i in keep]
+        )
+        return ImageDataset(
+            images=images,
+            targets=self.targets[keep],
+            classes=self.classes,
+            source=source or f"{self.source}[{len(keep)} of {len(self)}]",
+            image_size=self.image_size,
+            normalization=self.normalization,
+        )
+
     def __repr__(self) -> str:
         return (
             f"ImageDataset({self.source}, {len(self)} samples, {len(self.classes)} classes, "
@@ -143,7 +175,8 @@ def load_dataset(
         split: ``"train"`` or ``"test"`` (MNIST also has ``"val"``; folders: any split folder).
         image_size: Side of the square output images, in pixels.
         normalization: ``"imagenet"`` or ``"mcu"``.
-        limit: Keep this many samples, drawn at random (seeded) without replacement.
+        limit: Keep this many samples, a seeded class-balanced draw (:func:`balanced_draw`):
+            every class gets ``limit / C`` (±1) samples where it has that many.
         per_class: Keep this many samples of every class, drawn at random (seeded): a balanced
             subset for data-scarce studies. Applied before ``limit``.
         seed: Seed of the subset draws.
@@ -456,6 +489,130 @@ def _load_mnist_pickle(path: Path, split: str) -> _Source:
 
 
 # ------------------------------------------------------------------------------------- subsets
+def balanced_draw(targets: Sequence[int] | np.ndarray, count: int, *, seed: int) -> np.ndarray:
+    """A seeded random draw of ``count`` samples spread as evenly over the classes as they allow.
+
+    Every class gets ``count // C`` or one more sample (C classes present), except a class with
+    fewer samples than that, which gives all it has; what it cannot give is shared out among the
+    others the same way. So no class is left out when ``count >= C``, and a balanced source
+    gives a subset balanced to ±1. Which classes get the extra one, and
+    which samples of each class are kept, are seeded random choices.
+
+    Args:
+        targets: Label of every sample.
+        count: How many samples to keep (at most ``len(targets)``).
+        seed: Seed of the draw.
+
+    Returns:
+        The kept positions, sorted.
+
+    Raises:
+        DataError: If ``count`` is not in 1..len(targets).
+    """
+    labels = np.asarray(targets, dtype=np.int64)
+    if not 1 <= int(count) <= len(labels):
+        raise DataError(f"cannot draw {count} samples out of {len(labels)}")
+    rng = np.random.default_rng(seed)
+    present, sizes = np.unique(labels, return_counts=True)
+    take = np.zeros(len(present), dtype=np.int64)
+    remaining = int(count)
+    while remaining:
+        open_ = np.flatnonzero(take < sizes)
+        share = remaining // len(open_)
+        if share == 0:  # fewer left than open classes: one more each to a random few
+            take[rng.choice(open_, size=remaining, replace=False)] += 1
+            break
+        given = np.minimum(share, sizes[open_] - take[open_])
+        take[open_] += given
+        remaining -= int(given.sum())
+    parts = [
+        rng.choice(np.flatnonzero(labels == c), size=int(n), replace=False)
+        for c, n in zip(present, take, strict=True)
+        if n
+    ]
+    return np.sort(np.concatenate(parts))
+
+
+def holdout_split(
+    targets: Sequence[int] | np.ndarray, holdout: int, *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split samples into a kept part and a stratified, seeded hold-out of ``holdout`` samples.
+
+    Each class gives the hold-out its share of ``holdout`` in proportion to its size (largest
+    remainders round up, ties broken at random), so the hold-out has the source's class mix.
+
+    Args:
+        targets: Label of every sample.
+        holdout: Size of the hold-out, 1..len(targets) - 1.
+        seed: Seed of the split.
+
+    Returns:
+        The kept positions and the held-out positions, each sorted.
+
+    Raises:
+        DataError: If ``holdout`` leaves either side empty.
+    """
+    labels = np.asarray(targets, dtype=np.int64)
+    n = len(labels)
+    if not 1 <= int(holdout) < n:
+        raise DataError(f"cannot hold out {holdout} of {n} samples: both parts need a sample")
+    rng = np.random.default_rng(seed)
+    present, sizes = np.unique(labels, return_counts=True)
+    exact = sizes * (int(holdout) / n)
+    take = np.floor(exact).astype(np.int64)
+    # Largest remainders first; a random key breaks ties so no class is favoured by its label.
+    order = np.lexsort((rng.random(len(present)), -(exact - take)))
+    for c in order[: int(holdout) - int(take.sum())]:
+        take[c] += 1
+    held = [
+        rng.choice(np.flatnonzero(labels == c), size=int(k), replace=False)
+        for c, k in zip(present, take, strict=True)
+        if k
+    ]
+    held_out = np.sort(np.concatenate(held))
+    kept = np.setdiff1d(np.arange(n), held_out, assume_unique=True)
+    return kept, held_out
+
+
+def split_validation(
+    data: ImageDataset,
+    *,
+    fraction: float | None = 0.2,
+    size: int | None = None,
+    seed: int = 0,
+) -> tuple[ImageDataset, ImageDataset]:
+    """Carve a stratified, seeded validation split out of a training set.
+
+    Args:
+        data: The training data.
+        fraction: Share of ``data`` held out, in (0, 1); ignored when ``size`` is given.
+        size: Number of samples held out.
+        seed: Seed of the split.
+
+    Returns:
+        The remaining training data and the validation data.
+
+    Raises:
+        DataError: If the fraction is outside (0, 1), or the data set is too small for the
+            split asked (naming the source and the numbers).
+    """
+    n = len(data)
+    if size is None:
+        if fraction is None or not 0.0 < float(fraction) < 1.0:
+            raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
+        size = max(1, round(n * float(fraction)))
+    if not 1 <= int(size) < n:
+        raise DataError(
+            f"{data.source}: {n} images, too few to hold out {size} for validation "
+            "(both parts need at least one image)"
+        )
+    kept, held = holdout_split(data.targets, int(size), seed=seed)
+    return (
+        data.subset(kept, source=f"{data.source} minus {len(held)} for validation"),
+        data.subset(held, source=f"{data.source}: validation {len(held)} (seed {seed})"),
+    )
+
+
 def _subset(
     targets: np.ndarray,
     classes: Sequence[str],
@@ -488,5 +645,5 @@ def _subset(
     if limit is not None:
         if limit > len(keep):
             raise DataError(f"{where}: limit={limit} but only {len(keep)} samples available")
-        keep = np.sort(rng.choice(keep, size=limit, replace=False))
+        keep = keep[balanced_draw(targets[keep], limit, seed=seed)]
     return keep

@@ -12,10 +12,12 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import budgetsearch.data as data_module
-from budgetsearch.data import load_dataset
+from budgetsearch.data import balanced_draw, holdout_split, load_dataset, split_validation
 from budgetsearch.errors import DataError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
@@ -236,3 +238,59 @@ def test_real_cifar10_archive():
         pytest.skip(str(exc))
     assert len(ds) == 20 and ds.classes[0] == "airplane"
     assert ds[0][0].shape == (3, 32, 32)
+
+
+@given(
+    sizes=st.lists(st.integers(0, 30), min_size=1, max_size=8).filter(lambda s: sum(s) > 0),
+    fraction=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=200, deadline=None)
+def test_balanced_draw_spreads_evenly_over_the_classes(sizes, fraction, seed):
+    targets = np.repeat(np.arange(len(sizes)), sizes)  # class-sorted, as folders are
+    count = max(1, round(len(targets) * fraction))
+    keep = balanced_draw(targets, count, seed=seed)
+    assert len(keep) == count == len(set(keep.tolist())) and (np.diff(keep) > 0).all()
+    got = np.bincount(targets[keep], minlength=len(sizes))
+    sizes_arr = np.array(sizes)
+    assert (got <= sizes_arr).all()
+    short = got < sizes_arr  # classes with more left than they gave
+    if short.any():  # no class got more than one above them (the others gave all they have)
+        assert got.max() <= got[short].min() + 1
+    present = sizes_arr > 0
+    if count >= present.sum():  # room for every class: none left out
+        assert (got[present] > 0).all()
+    assert np.array_equal(keep, balanced_draw(targets, count, seed=seed))
+
+
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda s: sum(s) > 1),
+    fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=200, deadline=None)
+def test_holdout_split_is_stratified(sizes, fraction, seed):
+    targets = np.repeat(np.arange(len(sizes)), sizes)
+    n = len(targets)
+    holdout = min(n - 1, max(1, int(n * fraction)))
+    kept, held = holdout_split(targets, holdout, seed=seed)
+    assert len(held) == holdout and len(kept) == n - holdout
+    assert sorted(np.concatenate([kept, held]).tolist()) == list(range(n))
+    got = np.bincount(targets[held], minlength=len(sizes))
+    share = np.array(sizes) * holdout / n
+    assert (np.abs(got - share) < 1).all()  # each class's share, rounded one way or the other
+
+
+def test_split_validation_and_its_errors(folder):
+    ds = load_dataset(folder, image_size=4)
+    train, val = split_validation(ds, fraction=0.25, seed=0)
+    assert (len(train), len(val)) == (6, 2) and isinstance(val, type(ds))
+    assert np.bincount(val.targets).tolist() == [1, 1]  # 3 cats, 5 dogs: 0.75 and 1.25
+    assert not {str(p) for p in train._images} & {str(p) for p in val._images}
+    assert val.classes == ds.classes and train[0][0].shape == (3, 4, 4)
+    with pytest.raises(DataError, match=r"8 images, too few to hold out 8 for validation"):
+        split_validation(ds, size=8)
+    with pytest.raises(DataError, match=r"fraction must be in \(0, 1\), got 1.0"):
+        split_validation(ds, fraction=1.0)
+    with pytest.raises(DataError, match="cannot draw 9 samples out of 8"):
+        balanced_draw(ds.targets, 9, seed=0)

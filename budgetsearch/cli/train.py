@@ -84,10 +84,7 @@ def load_splits(
     Raises:
         DataError: If a data set cannot be loaded or is too small for the subsets asked.
     """
-    import torch
-    from torch.utils.data import Subset
-
-    from ..data import load_dataset
+    from ..data import balanced_draw, load_dataset, split_validation
 
     kw = {"image_size": image_size, "normalization": normalization, "seed": seed}
     path = Path(spec).expanduser()
@@ -95,13 +92,13 @@ def load_splits(
             and not any((path / s).is_dir() for s in ("train", *_VAL_SPLITS)))
     if flat and val_spec is None:
         everything = load_dataset(spec, split="train", **kw)
-        n = len(everything)
-        n_val = val_samples or max(1, n // 5)
-        if n_val >= n:
-            raise DataError(f"{spec}: {n} images, too few to hold out {n_val} for validation")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        train_idx = sorted(order[n_val:])[: train_samples or None]
-        return Subset(everything, train_idx), Subset(everything, sorted(order[:n_val]))
+        train, val = split_validation(everything, fraction=0.2, size=val_samples, seed=seed)
+        if train_samples is not None:
+            if train_samples > len(train):
+                raise DataError(f"{spec}: --train-samples {train_samples} but only {len(train)} "
+                                f"images are left after holding out {len(val)} for validation")
+            train = train.subset(balanced_draw(train.targets, train_samples, seed=seed))
+        return train, val
     train = load_dataset(spec, split="train", limit=train_samples, **kw)
     source = val_spec or spec
     for split in _VAL_SPLITS:

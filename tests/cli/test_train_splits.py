@@ -1,0 +1,148 @@
+"""``train``'s data splits: subsets are seeded class-balanced draws on every kind of source.
+
+The ±1 rule: a subset of N out of a source with C classes holds N/C (±1) images of every class
+that has that many, and never leaves out a class that has at least N/C images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import budgetsearch.data as data_module
+from budgetsearch.cli.train import load_splits
+from budgetsearch.errors import DataError
+
+CLASSES = ("ant", "bee", "cat", "dog", "eel")
+PER_CLASS = 12
+
+
+def _png_bytes(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (value, value, value)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _folder(root, sizes, split=None):
+    for c, (name, n) in enumerate(zip(CLASSES, sizes, strict=False)):
+        folder = root / split / name if split else root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (folder / f"{i:03d}.png").write_bytes(_png_bytes(c * 40 + i))
+    return root
+
+
+def _archive(path, sizes_by_split):
+    with tarfile.open(path, "w:gz") as tar:
+        for split, sizes in sizes_by_split.items():
+            for c, (name, n) in enumerate(zip(CLASSES, sizes, strict=False)):
+                for i in range(n):
+                    payload = _png_bytes(c * 40 + i)
+                    info = tarfile.TarInfo(f"./{split}/{name}/{i:04d}.png")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _idx(path, array):
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def _class_sorted(sizes):
+    """Labels in class order (the order that made the first-N bug pick one class)."""
+    return np.repeat(np.arange(len(sizes)), sizes)
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """Every data path ``train`` reads, each with 5 classes of 12 training images."""
+    sizes = [PER_CLASS] * len(CLASSES)
+    flat = _folder(tmp_path / "flat", sizes)
+    split = _folder(_folder(tmp_path / "split", sizes, "train"), [2] * 5, "test")
+    archive = _archive(tmp_path / "data.tar.gz", {"train": sizes, "test": [2] * 5})
+    shared = tmp_path / "shared"
+    (shared / "datasets").mkdir(parents=True)
+    _archive(shared / "datasets" / "cifar10-jpeg.tar.gz", {"train": sizes, "test": [2] * 5})
+    monkeypatch.setenv("BUDGETSEARCH_SHARED", str(shared))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the archive cache
+    labels = _class_sorted(sizes)
+    images = (np.arange(len(labels) * 784).reshape(len(labels), 784) % 256) / 256
+    pkl = tmp_path / "mnist.pkl.gz"
+    with gzip.open(pkl, "wb") as handle:
+        test = (images[:10].astype(np.float32), np.arange(10) % 5)
+        pickle.dump(((images.astype(np.float32), labels), test, test), handle, protocol=4)
+    idx = tmp_path / "digits-idx"
+    idx.mkdir()
+    _idx(idx / "train-images-idx3-ubyte.gz", images.reshape(-1, 28, 28) * 256)
+    _idx(idx / "train-labels-idx1-ubyte.gz", labels)
+    _idx(idx / "t10k-images-idx3-ubyte.gz", images[:10].reshape(-1, 28, 28) * 256)
+    _idx(idx / "t10k-labels-idx1-ubyte.gz", np.arange(10) % 5)
+    return {"cifar10": "cifar10", "flat": str(flat), "split folder": str(split),
+            "tar.gz": str(archive), "mnist pickle": str(pkl), "idx": str(idx)}
+
+
+def _counts(data, num_classes):
+    return np.bincount(np.asarray(data.targets), minlength=num_classes)
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "flat", "split folder", "tar.gz", "mnist pickle",
+                                  "idx"])
+@pytest.mark.parametrize("n", [5, 10, 17])
+def test_train_subset_is_balanced_on_every_source(sources, kind, n):
+    train, val = load_splits(sources[kind], None, image_size=4, normalization="imagenet",
+                             train_samples=n, val_samples=None, seed=3)
+    assert len(train) == n
+    counts = _counts(train, 10)[:5]
+    assert counts.min() >= n // 5 and counts.max() <= -(-n // 5), counts
+    assert len(val) > 0
+    again, _ = load_splits(sources[kind], None, image_size=4, normalization="imagenet",
+                           train_samples=n, val_samples=None, seed=3)
+    assert np.array_equal(train.targets, again.targets)
+
+
+def test_flat_folder_holds_out_a_stratified_validation_split(sources):
+    train, val = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
+                             train_samples=None, val_samples=None, seed=0)
+    assert len(train) + len(val) == 60 and len(val) == 12
+    assert sorted(_counts(val, 5).tolist()) == [2, 2, 2, 3, 3]  # 12 / 5 classes
+    assert not set(map(str, train._images)) & set(map(str, val._images))
+    other, _ = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
+                           train_samples=None, val_samples=None, seed=1)
+    assert set(map(str, other._images)) != set(map(str, train._images))
+
+
+def test_imbalanced_flat_folder_keeps_every_class_it_can(tmp_path):
+    # Class sizes 3, 40, 40, 2, 40: a draw of 20 (4 a class) keeps all of the small classes it
+    # can and shares the rest evenly.
+    root = _folder(tmp_path / "skewed", [3, 40, 40, 2, 40])
+    train, val = load_splits(str(root), None, image_size=4, normalization="imagenet",
+                             train_samples=20, val_samples=10, seed=0)
+    counts, held = _counts(train, 5), _counts(val, 5)
+    assert counts.sum() == 20 and held.sum() == 10
+    assert counts[0] == 3 - held[0] and counts[3] == 2 - held[3]  # all the small classes have
+    large = counts[[1, 2, 4]]
+    assert large.min() >= 4 and large.max() - large.min() <= 1
+
+
+def test_too_many_train_samples_is_a_named_error(sources):
+    with pytest.raises(DataError, match=r"--train-samples 100 but only 48 images are left"):
+        load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
+                    train_samples=100, val_samples=None, seed=0)
+
+
+def test_flat_folder_subset_is_not_the_first_files_in_class_order(sources):
+    # The bug this guards against: sorting the shuffled training indices and keeping the first
+    # N gave N images of the first class.
+    train, _ = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
+                           train_samples=12, val_samples=None, seed=0)
+    assert (_counts(train, 5) > 0).all()
+    assert data_module.ImageDataset is type(train)
