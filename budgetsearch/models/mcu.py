@@ -21,6 +21,11 @@ pointwise2) and ``blocks.<i>.residual_act``.
 
 Input: 128×128 RGB with ``x = (pixel / 255 - 0.5) * 2`` per channel, that is torchvision's
 ``ToTensor()`` followed by ``Normalize(MCU_INPUT_MEAN, MCU_INPUT_STD)``.
+
+Every conv loaded from the NPZ also keeps its per-output-channel weight scales ``w_scales`` as a
+non-persistent float32 buffer named ``weight_scale`` (not in the ``state_dict``, not in the
+fingerprint), so that :func:`int8_weight` can give back the integer weights of the int8 model:
+MIT's "magnitude+" ranks input channels by those, not by the de-quantised float weights.
 """
 
 from __future__ import annotations
@@ -43,11 +48,13 @@ __all__ = [
     "MCU_INPUT_SIZE",
     "MCU_INPUT_STD",
     "MCU_MODELS",
+    "WEIGHT_SCALE_BUFFER",
     "Clamp",
     "MCUBlock",
     "MCUNet",
     "build_mcu_model",
     "find_mcu_files",
+    "int8_weight",
     "load_mcu_model",
     "mcu_conv_names",
 ]
@@ -66,6 +73,9 @@ MCU_INPUT_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 ENV_MCU_DIR = "BUDGETSEARCH_MCU_DIR"
 """Environment variable naming the folder that holds the ``<stem>.json`` / ``<stem>.npz`` files."""
+
+WEIGHT_SCALE_BUFFER = "weight_scale"
+"""Name of the non-persistent buffer holding a loaded conv's per-output-channel weight scales."""
 
 _CONV_KEYS = ("pointwise1", "depthwise", "pointwise2")
 _ACT_NAMES = {"pointwise1": "act1", "depthwise": "act2", "pointwise2": "act3"}
@@ -320,7 +330,44 @@ def _conv(
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(weight))
         conv.bias.copy_(torch.from_numpy(bias))
+    if not np.all(w_scales > 0):
+        raise ModelError(f"MCU weights: {where} has a non-positive weight scale")
+    conv.register_buffer(
+        WEIGHT_SCALE_BUFFER, torch.from_numpy(w_scales.astype(np.float32)), persistent=False
+    )
     return conv
+
+
+def int8_weight(module: nn.Module) -> torch.Tensor | None:
+    """The integer weights of a conv loaded from an int8 MCU model, or None for any other layer.
+
+    The weights are those the int8 model stores: the float weight divided by its output
+    channel's scale (the ``weight_scale`` buffer), rounded to the nearest integer. For a model as
+    loaded this is exactly the NPZ's int8 weight; after fine-tuning it is the current weight in
+    the int8 model's units. A layer without the buffer (a torchvision model, a replaced head, an
+    MCU model built without its NPZ) has no int8 form.
+
+    Args:
+        module: A conv or linear layer.
+
+    Returns:
+        A float64 CPU tensor of the weight's shape holding integers, or None.
+
+    Raises:
+        ModelError: The scale buffer does not have one entry per output channel.
+    """
+    scale = getattr(module, WEIGHT_SCALE_BUFFER, None)
+    weight = getattr(module, "weight", None)
+    if not isinstance(scale, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return None
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    s = scale.detach().to(device="cpu", dtype=torch.float64)
+    if s.shape != (w.shape[0],):
+        raise ModelError(
+            f"{WEIGHT_SCALE_BUFFER} has shape {tuple(s.shape)}; expected ({w.shape[0]},), "
+            "one scale per output channel"
+        )
+    return torch.round(w / s.reshape(-1, *([1] * (w.dim() - 1))))
 
 
 def _block(

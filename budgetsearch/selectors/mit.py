@@ -3,7 +3,8 @@
 A plan is the classifier (``head`` option), the biases of the last ``k`` other layers, and weight
 updates of some of those ``k`` layers, each at an input-channel ratio in ``ratios`` (default 1/8,
 1/4, 1/2, 1) keeping the input channels with the largest scores ("magnitude+" with magnitude
-scores: L2 norm per input channel, a depthwise conv's channel being its own kernel).
+scores: L2 norm per input channel, a depthwise conv's channel being its own kernel, of the int8
+integer weights on the MCU models as MIT ranks them, of the float weights elsewhere).
 
 MIT's contribution analysis (fine-tuning each option to measure its accuracy gain) and its
 evolutionary search are unpublished; this replaces them with a gain computed from the scores,

@@ -4,15 +4,20 @@
 (``mcunet-5fps``, ``mbv2-w0.35``, ``proxyless-w0.3``; ``references.md``): the biases of the last
 ``n_bias`` convs (forward order, classifier excluded, as :func:`~budgetsearch.models.
 mcu_conv_names` lists them), the listed weight updates at their input-channel ratio, channels kept
-by "magnitude+" (largest L2 norm per input channel; a depthwise conv's channel is its own kernel),
-ratio 0 meaning bias only, and the classifier's weight and bias (always updated).
+by "magnitude+" (largest L2 norm per input channel over all output channels and kernel taps; a
+depthwise conv's channel is its own kernel; on the MCU models the norm of the int8 integer
+weights, before the per-output-channel scales, as MIT ranks them: use magnitude scores, see
+:mod:`budgetsearch.criteria.magnitude`), ratio 0 meaning bias only, and the classifier's weight and
+bias (always updated).
 
 :func:`mit_memory_bytes` counts a plan's memory the way MIT labels its schemes: batch 1, int8
 activations and weights, int32 biases; per bias-updated conv a 1-bit mask per output element plus
 its int32 bias; per weight-updated conv the int8 kept input channels of its input activation plus
 its kept int8 weights (kept part only: counting all the weights reproduces none of the labels,
-counting the kept part reproduces all 15); no momentum, gradient transients not counted, the
-classifier free. ``mit_memory_bytes(...) // 1024`` is the scheme's label for every published scheme.
+counting the kept part reproduces all 15); no momentum, gradient transients not counted. The
+classifier's weight, bias and output mask are free, but its int8 input activation
+(``in_features`` bytes at batch 1) is counted when its weight is updated, as MIT's count does.
+``mit_memory_bytes(...) // 1024`` is the scheme's label for every published scheme.
 """
 
 from __future__ import annotations
@@ -184,17 +189,32 @@ def scheme_updates(
 def mit_memory_bytes(graph: LayerGraph, plan: Plan | Mapping[str, LayerUpdate]) -> int:
     """A plan's memory under MIT's accounting (see the module docstring), in bytes.
 
-    The classifier (the last trainable layer) is free; every other updated layer with a bias is
-    a bias-updated conv; a conv's input and output sizes come from the traced graph (batch 1).
+    Of the classifier (the last trainable layer) only its input activation is counted, when its
+    weight is updated (its kept input channels for an input-channel subset); every other updated
+    layer with a bias is a bias-updated conv; a conv's input and output sizes come from the
+    traced graph (batch 1).
+
+    Args:
+        graph: The traced model (batch 1).
+        plan: A plan, or its updates by layer name.
+
+    Returns:
+        The memory in bytes.
     """
     updates = plan.updates if isinstance(plan, Plan) else plan
     head = list(graph.layers)[-1]
     mask_bits, total = 0, 0
     for name, update in updates.items():
-        if name == head:
-            continue
         layer = graph.layers[name]
         out = graph.nodes[layer.node]
+        if name == head:
+            if update.mode == "weight":
+                in_elems = graph.nodes[out.inputs[0]].numel
+                kept = in_elems
+                if update.channels is not None and update.axis == "in":
+                    kept = in_elems // layer.in_channels * len(update.channels)
+                total += kept
+            continue
         if layer.bias_param is not None:
             mask_bits += out.numel
             total += 4 * layer.out_channels

@@ -57,6 +57,23 @@ def test_magnitude_by_hand():
     assert MagnitudeCriterion().score(_net(), None)["conv"].layer == s["conv"].layer
 
 
+def test_magnitude_ranks_input_channels_by_int8_weights():
+    """A layer with per-output-channel scales (an int8 MCU conv) ranks its input channels by the
+    integer weights; output-channel and layer scores stay on the float weights."""
+    conv = nn.Conv2d(2, 2, 1, bias=False)
+    ints = torch.tensor([[3.0, 0.0], [0.0, 2.0]])  # int8 norms: in 0 -> 3, in 1 -> 2
+    scales = torch.tensor([0.1, 1.0])  # float norms: in 0 -> 0.3, in 1 -> 2
+    with torch.no_grad():
+        conv.weight.copy_((ints * scales[:, None])[..., None, None])
+    plain = magnitude_scores(nn.Sequential(conv))["0"]
+    assert plain.in_channel.tolist() == pytest.approx([0.3, 2.0])
+    conv.register_buffer("weight_scale", scales, persistent=False)
+    s = magnitude_scores(nn.Sequential(conv))["0"]
+    assert s.in_channel.tolist() == pytest.approx([3.0, 2.0])
+    assert s.out_channel.tolist() == pytest.approx(plain.out_channel.tolist())
+    assert s.layer == pytest.approx(plain.layer)
+
+
 def test_random_reproducible():
     a = random_scores(_net(), seed=3)
     b = RandomCriterion(seed=3).score(_net())

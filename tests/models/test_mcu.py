@@ -14,14 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetsearch.errors import ModelError
+from budgetsearch.fingerprint import fingerprint, layer_shapes
 from budgetsearch.models.mcu import (
     ENV_MCU_DIR,
     MCU_INPUT_MEAN,
     MCU_INPUT_STD,
     MCU_MODELS,
+    WEIGHT_SCALE_BUFFER,
     Clamp,
     MCUNet,
     find_mcu_files,
+    int8_weight,
     load_mcu_model,
     mcu_conv_names,
 )
@@ -169,6 +172,47 @@ def test_float_conv_matches_integer_semantics(path: tuple) -> None:
     requantised = torch.round(got / ys) + yz
     assert (requantised == q_y).double().mean().item() > 0.99
     assert (q_y == 127).any() or (q_y == -128).any()  # the clamp is exercised
+
+
+def test_int8_weights_are_those_of_the_npz(mcu: tuple[str, MCUNet]) -> None:
+    """Every conv gives back the NPZ's int8 weights exactly, although its float weight is
+    ``w_int8 * w_scales[c]``; the scales do not enter the state_dict or the fingerprint."""
+    name, model = mcu
+    spec, arrays = _raw(name)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    for conv_name, conv in convs.items():
+        entry = spec
+        for key in conv_name.split("."):
+            entry = entry[int(key)] if key.isdigit() else entry[key]
+        w_int = arrays[entry["params"]["weight"]["$array"]]
+        assert w_int.dtype == np.int8
+        got = int8_weight(conv)
+        assert got is not None and got.dtype == torch.float64
+        assert np.array_equal(got.numpy(), w_int.astype(np.float64)), conv_name
+        scales = arrays[entry["params"]["w_scales"]["$array"]]
+        assert np.array_equal(getattr(conv, WEIGHT_SCALE_BUFFER).numpy(), scales), conv_name
+    bare = load_mcu_model(name, pretrained=False)
+    assert list(model.state_dict()) == list(bare.state_dict())
+    assert not any(k.endswith(WEIGHT_SCALE_BUFFER) for k in model.state_dict())
+    assert fingerprint(layer_shapes(model)) == fingerprint(layer_shapes(bare))
+    assert all(int8_weight(m) is None for m in bare.modules())
+
+
+def test_int8_weight_follows_the_current_weight() -> None:
+    """Rounded ``weight / scale``: a changed float weight is read in the int8 model's units, and a
+    layer without scales (no int8 form) gives None."""
+    model = load_mcu_model("mcunet-5fps")
+    conv = model.get_submodule("blocks.4.pointwise1")
+    before = int8_weight(conv)
+    assert before is not None
+    with torch.no_grad():
+        conv.weight[3].mul_(2.0)
+    after = int8_weight(conv)
+    assert after is not None
+    assert torch.equal(after[3], 2.0 * before[3])
+    assert torch.equal(after[:3], before[:3]) and torch.equal(after[4:], before[4:])
+    assert int8_weight(nn.Conv2d(3, 4, 1)) is None
+    assert int8_weight(model.first_act) is None
 
 
 def test_random_init_skips_npz(tmp_path: Path) -> None:
