@@ -188,11 +188,19 @@ class LayerGraph:
             tracer: ``"fx"``, ``"hooks"`` or ``"auto"`` (fx, falling back to hooks).
 
         Raises:
-            GraphError: If the model cannot be traced or run on such an input.
+            GraphError: If the sizes are not positive integers, or the model cannot be traced or
+                run on such an input.
         """
         if tracer not in ("auto", "fx", "hooks"):
             raise GraphError(f"tracer must be one of auto, fx, hooks; got {tracer!r}")
-        h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+        pair = (tuple(input_size) if isinstance(input_size, (tuple, list))
+                else (input_size, input_size))
+        if len(pair) != 2 or not all(_positive_int(v) for v in pair):
+            raise GraphError(f"input_size must be a positive integer (or a pair of them); got "
+                             f"{input_size!r}")
+        h, w = pair
+        if not _positive_int(in_channels):
+            raise GraphError(f"in_channels must be a positive integer; got {in_channels!r}")
         example = torch.randn(1, in_channels, int(h), int(w))
         was_training = model.training
         model.eval()
@@ -391,3 +399,13 @@ def _find_layers(model: nn.Module, nodes: list[OpNode]) -> dict[str, Layer]:
     if not layers:
         raise GraphError("the model has no conv or linear layer that a plan could update")
     return layers
+
+
+def _positive_int(value: Any) -> bool:
+    """Whether ``value`` is a whole number >= 1 (an int, or a float or tensor holding one)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return int(value) == value and value >= 1
+    except (TypeError, ValueError, OverflowError):
+        return False

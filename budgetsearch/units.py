@@ -24,7 +24,7 @@ _MS_HELP = "a duration such as 500ms or 2s (units: us, ms, s; no unit = ms)"
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
+def parse_bytes(text: str | int | float, *, what: str = "size", positive: bool = False) -> int:
     """Parse a memory size such as ``"256KB"``, ``"1.5 MiB"`` or ``4096`` into bytes.
 
     KB, MB and GB are binary (1 KB = 1024 bytes), as in the on-device-training literature, and so
@@ -33,12 +33,15 @@ def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
     Args:
         text: The size, a number of bytes or a number with a unit.
         what: What the size is, for the error message.
+        positive: Refuse sizes of less than one byte (zero, or a fraction rounded down to zero),
+            as for a memory budget.
 
     Returns:
         The size in bytes, rounded down.
 
     Raises:
-        BudgetSearchError: If the text is not a non-negative size with a known unit.
+        BudgetSearchError: If the text is not a non-negative size with a known unit, or is zero
+            with ``positive``.
     """
     if isinstance(text, bool):
         raise BudgetSearchError(f"{what}: expected {_BYTES_HELP}, got {text!r}")
@@ -48,7 +51,7 @@ def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
                 f"{what}: a size cannot be negative, got {text!r}; expected {_BYTES_HELP}"
             )
         if isinstance(text, int):
-            return text
+            return _at_least_one(text, text, what) if positive else text
         value = text
     else:
         match = _SIZE_RE.match(str(text))
@@ -58,11 +61,29 @@ def parse_bytes(text: str | int | float, *, what: str = "size") -> int:
         value = float(match.group(1)) * _BYTE_UNITS[unit]
     if not math.isfinite(value):
         raise BudgetSearchError(f"{what}: expected {_BYTES_HELP}, got {text!r}")
-    return int(value)
+    return _at_least_one(int(value), text, what) if positive else int(value)
 
 
-def parse_ms(text: str | int | float, *, what: str = "latency") -> float:
-    """Parse a duration such as ``"500ms"``, ``"2s"`` or ``250`` (milliseconds) into ms."""
+def _at_least_one(size: int, text: object, what: str) -> int:
+    if size < 1:
+        raise BudgetSearchError(
+            f"{what}: must be at least 1 byte, got {text!r}; expected {_BYTES_HELP}"
+        )
+    return size
+
+
+def parse_ms(text: str | int | float, *, what: str = "latency", positive: bool = False) -> float:
+    """Parse a duration such as ``"500ms"``, ``"2s"`` or ``250`` (milliseconds) into ms.
+
+    Args:
+        text: The duration, a number of milliseconds or a number with a unit.
+        what: What the duration is, for the error message.
+        positive: Refuse a zero duration, as for a latency budget.
+
+    Raises:
+        BudgetSearchError: If the text is not a finite, non-negative duration with a known unit,
+            or is zero with ``positive``.
+    """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if text < 0:
             raise BudgetSearchError(
@@ -81,6 +102,10 @@ def parse_ms(text: str | int | float, *, what: str = "latency") -> float:
         value = float(match.group(1)) * scale
     if not math.isfinite(value):
         raise BudgetSearchError(f"{what}: expected {_MS_HELP}, got {text!r}")
+    if positive and not value > 0:
+        raise BudgetSearchError(
+            f"{what}: must be more than 0 ms, got {text!r}; expected {_MS_HELP}"
+        )
     return value
 
 

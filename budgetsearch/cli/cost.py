@@ -11,6 +11,7 @@ from ._common import (
     add_model_args,
     build_cost_model,
     build_model,
+    check_update,
     parse_update,
     write_json,
 )
@@ -39,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``budgetsearch cost``."""
+    if args.update is not None:
+        check_update(args.update)  # a malformed --update is refused before the model is traced
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _model, graph = build_model(args)

@@ -18,7 +18,20 @@ from typing import Any
 
 from ..errors import DataError, SearchError
 from ..units import format_bytes
-from ._common import add_budget_args, add_device_args, add_model_args, budgets, write_text
+from ._common import (
+    MAX_BATCH_SIZE,
+    MAX_COUNT,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_TRIALS,
+    add_budget_args,
+    add_device_args,
+    add_model_args,
+    budgets,
+    float_range,
+    int_range,
+    write_text,
+)
 
 __all__ = ["DEFAULT_TRIALS", "register", "run_front", "run_plan", "run_worker", "summary_table"]
 
@@ -26,6 +39,7 @@ __all__ = ["DEFAULT_TRIALS", "register", "run_front", "run_plan", "run_worker", 
 #: Fisher pass included, takes 6.2-6.7 s on the idle 2-core reference machine
 #: (benchmarks/search_speed.py), within the 10 s the command is meant to take.
 DEFAULT_TRIALS = 100
+_MAX_POPULATION = 100_000
 
 
 def register(subparsers: Any) -> None:
@@ -42,13 +56,15 @@ def register(subparsers: Any) -> None:
     g.add_argument("--data", default=None,
                    help="data for the Fisher pass: cifar10, an ImageFolder directory, .tar.gz...")
     g.add_argument("--scores", default=None, help="a scores .npz instead of the Fisher pass")
-    g.add_argument("--samples", type=int, default=64, help="samples of the Fisher pass (64)")
+    g.add_argument("--samples", type=int_range(1, MAX_SAMPLES), default=64,
+                   help="samples of the Fisher pass (64)")
     g.add_argument("--split", default="train", help="data split (default train)")
-    g.add_argument("--micro-batch", type=int, default=16, help="Fisher micro-batch (16)")
+    g.add_argument("--micro-batch", type=int_range(1, MAX_BATCH_SIZE), default=16,
+                   help="Fisher micro-batch (16)")
     g.add_argument("--normalization", choices=("imagenet", "mcu"), default=None,
                    help="input normalisation (default: the model's)")
     s = p.add_argument_group("search")
-    s.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
+    s.add_argument("--trials", type=int_range(1, MAX_TRIALS), default=DEFAULT_TRIALS,
                    help=f"finished trials the study should hold (default {DEFAULT_TRIALS})")
     s.add_argument("--memory-measure", choices=("peak", "training"), default="peak",
                    help="what the budget limits: peak memory (default) or training memory "
@@ -56,15 +72,18 @@ def register(subparsers: Any) -> None:
     s.add_argument("--objective", choices=("latency", "macs"), default="latency",
                    help="third objective: latency per step (default) or backward MACs")
     s.add_argument("--granularity", choices=("layer", "block"), default="layer")
-    s.add_argument("--last-n", type=int, default=None,
+    s.add_argument("--last-n", type=int_range(1, MAX_COUNT), default=None,
                    help="only the last N layers are candidates (smaller space)")
     s.add_argument("--no-filters", action="store_true", help="never use gradient filters")
-    s.add_argument("--alpha", type=float, default=1.0, help="proxy exponent on the scores (1)")
-    s.add_argument("--bias-credit", type=float, default=0.25,
-                   help="proxy credit of a bias-only update, share of the channel score (0.25)")
+    s.add_argument("--alpha", type=float_range(0, 100, low_open=True), default=1.0,
+                   help="proxy exponent on the scores, in (0, 100] (1)")
+    s.add_argument("--bias-credit", type=float_range(0, 1), default=0.25,
+                   help="proxy credit of a bias-only update, share of the channel score, in "
+                        "[0, 1] (0.25)")
     s.add_argument("--sampler", choices=("nsga2", "tpe", "gp", "random"), default="nsga2")
-    s.add_argument("--population", type=int, default=None, help="NSGA-II population (50)")
-    s.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
+    s.add_argument("--population", type=int_range(2, _MAX_POPULATION), default=None,
+                   help="NSGA-II population (50)")
+    s.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="sampler seed (0)")
     s.add_argument("--pick", default="best",
                    help="which feasible trial becomes the plan: best (highest proxy) or e.g. "
                         "'min-memory-within 1%%' / 'min-latency-within 2%%'")
@@ -82,9 +101,9 @@ def register(subparsers: Any) -> None:
 
     w = subparsers.add_parser("worker", help="join an existing study and run trials for it")
     _add_storage_args(w, required=True)
-    w.add_argument("--trials", type=int, default=None,
+    w.add_argument("--trials", type=int_range(1, MAX_TRIALS), default=None,
                    help="trials this worker adds (default: until the study reaches its target)")
-    w.add_argument("--seed", type=int, default=None,
+    w.add_argument("--seed", type=int_range(0, MAX_SEED), default=None,
                    help="this worker's sampler seed (default: drawn at random)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=run_worker)
@@ -96,8 +115,9 @@ def _add_storage_args(p: argparse.ArgumentParser, *, required: bool) -> None:
                         "postgresql://user:pw@host/db, journal:///file.log")
     p.add_argument("--study", required=required, default=None,
                    help="study name (default: derived from the model, device and budgets)")
-    p.add_argument("--flush-seconds", type=float, default=2.0,
-                   help="interval of the batched writes to the storage (2 s)")
+    p.add_argument("--flush-seconds", type=float_range(0, 86400, unit="s"), default=2.0,
+                   help="interval of the batched writes to the storage, 0 (after every trial) "
+                        "to 86400 s (2 s)")
 
 
 def _graceful_sigterm() -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import int_range
+
+_MAX_REPEATS = 10_000
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``profile-host`` command."""
@@ -15,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="profile file to write (.yaml); its stem is the "
                                                 "profile name")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (~5 s)")
-    p.add_argument("--repeats", type=int, default=None, help="timing repeats per op")
+    p.add_argument("--repeats", type=int_range(1, _MAX_REPEATS), default=None,
+                   help=f"timing repeats per op, 1 to {_MAX_REPEATS:,}")
     p.set_defaults(func=run)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..errors import DataError, ScoresError
-from ._common import add_model_args
+from ._common import MAX_BATCH_SIZE, MAX_SAMPLES, MAX_SEED, add_model_args, int_range
 
 __all__ = ["register", "run"]
 
@@ -32,13 +32,14 @@ def register(subparsers: Any) -> None:
                    help="data set: cifar10, fashion-mnist, mnist, an ImageFolder directory or a "
                         ".tar.gz (fisher and neq)")
     p.add_argument("--split", default="train", help="data split (default train)")
-    p.add_argument("--samples", type=int, default=128,
+    p.add_argument("--samples", type=int_range(1, MAX_SAMPLES), default=128,
                    help="samples used (fisher) or probe samples (neq); default 128")
-    p.add_argument("--micro-batch", type=int, default=16,
+    p.add_argument("--micro-batch", type=int_range(1, MAX_BATCH_SIZE), default=16,
                    help="samples per forward/backward pass (bounds the pass's memory)")
-    p.add_argument("--per-class", type=int, default=None,
+    p.add_argument("--per-class", type=int_range(1, MAX_SAMPLES), default=None,
                    help="draw this many samples of every class (a balanced subset)")
-    p.add_argument("--seed", type=int, default=0, help="seed of subset draws and of random")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0,
+                   help="seed of subset draws and of random")
     p.add_argument("--normalization", choices=("imagenet", "mcu"), default=None,
                    help="input normalisation (default: mcu for MCU models, imagenet otherwise)")
     p.add_argument("--snapshots", nargs="+", default=None, metavar="FILE",

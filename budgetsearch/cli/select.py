@@ -8,7 +8,18 @@ from typing import Any
 
 from ..errors import PlanError
 from ..units import format_bytes
-from ._common import add_budget_args, add_device_args, add_model_args, budgets, build_cost_model
+from ._common import (
+    MAX_COUNT,
+    MAX_INPUT_SIZE,
+    MAX_PARAMS,
+    MAX_SEED,
+    add_budget_args,
+    add_device_args,
+    add_model_args,
+    budgets,
+    build_cost_model,
+    int_range,
+)
 
 __all__ = ["register", "run"]
 
@@ -40,17 +51,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--scores", default=None,
                    help="scores file from `budgetsearch score` (tinytrain: fisher; neq: neq or "
                         "any; mit / mit-scheme: magnitude, computed from the model if absent)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random choices (method random)")
-    p.add_argument("--k", type=int, default=None,
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0,
+                   help="seed of random choices (method random)")
+    p.add_argument("--k", type=int_range(0, MAX_COUNT), default=None,
                    help="last-k: number of layers (or blocks); default the largest that fits")
     p.add_argument("--blocks", action="store_true", default=None,
                    help="last-k: count blocks instead of layers")
-    p.add_argument("--patch-size", type=int, default=None,
+    p.add_argument("--patch-size", type=int_range(1, MAX_INPUT_SIZE), default=None,
                    help="last-k: gradient-filter patch size of the updated convs")
     p.add_argument("--label", default=None, help="mit-scheme: the scheme's label, e.g. 49KB")
-    p.add_argument("--budget-params", type=int, default=None,
+    p.add_argument("--budget-params", type=int_range(0, MAX_PARAMS), default=None,
                    help="neq / random: maximum updated weight parameters (classifier excluded)")
-    p.add_argument("--n-bias", type=int, default=None,
+    p.add_argument("--n-bias", type=int_range(0, MAX_COUNT), default=None,
                    help="tinytl: number of biases updated before the classifier")
     p.add_argument("--head", choices=("auto", "weight", "bias"), default=None,
                    help="how the classifier is updated (default: the method's)")

@@ -6,7 +6,12 @@ import argparse
 import shlex
 from typing import Any
 
+from ._common import float_range, int_range
+
 __all__ = ["register"]
+
+_MAX_WORKERS = 256
+_MAX_STALE_SECONDS = 7 * 86400
 
 _STORAGE_HELP = (
     "share the study between machines: a SQLAlchemy database URL (e.g. the search's PostgreSQL "
@@ -30,8 +35,9 @@ def register(subparsers: Any) -> None:
                          description="Run every pending cell; cells done are skipped, a failing "
                                      "cell is recorded as failed and the study goes on.")
     run.add_argument("spec", help="the study file (YAML)")
-    run.add_argument("--workers", type=int, default=1,
-                     help="worker processes running cells in parallel (default 1)")
+    run.add_argument("--workers", type=int_range(1, _MAX_WORKERS), default=1,
+                     help=f"worker processes running cells in parallel, 1 to {_MAX_WORKERS} "
+                          "(default 1)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the cells, their status and a time estimate; run nothing")
     run.add_argument("--storage", default=None, help=_STORAGE_HELP)
@@ -40,7 +46,8 @@ def register(subparsers: Any) -> None:
     run.add_argument("--retry-failed", action="store_true",
                      help="also re-run cells that failed with a permanent error (e.g. an "
                           "infeasible budget); other failures are always retried")
-    run.add_argument("--stale-after", type=float, default=600.0,
+    run.add_argument("--stale-after", type=float_range(0, _MAX_STALE_SECONDS, low_open=True,
+                                                       unit="s"), default=600.0,
                      help="seconds without heartbeat after which another machine's claim on a "
                           "cell is taken over (default 600)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -13,11 +13,22 @@ __all__ = ["load_splits", "register", "run"]
 
 _VAL_SPLITS = ("test", "val", "validation", "valid")
 _REGISTRY_SETS = ("cifar10", "cifar-10", "fashion-mnist", "fashionmnist", "fmnist", "mnist")
+_MAX_THREADS = 1024
 
 
 def register(subparsers: Any) -> None:
     """Add the ``train`` command."""
-    from ._common import add_model_args
+    from ._common import (
+        MAX_BATCH_SIZE,
+        MAX_EPOCHS,
+        MAX_SAMPLES,
+        MAX_SEED,
+        MAX_TRIALS,
+        add_model_args,
+        float_range,
+        int_range,
+        memory_budget,
+    )
 
     p = subparsers.add_parser(
         "train",
@@ -35,34 +46,41 @@ def register(subparsers: Any) -> None:
     p.add_argument("--val-data", default=None,
                    help="validation data (default: the test/val split of --data; a folder "
                         "without splits gets a seeded 20%% hold-out)")
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=None, help="default: the plan's")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default 0.01, 0.001 with adam)")
+    p.add_argument("--epochs", type=int_range(1, MAX_EPOCHS), required=True,
+                   help=f"epochs, 1 to {MAX_EPOCHS:,}")
+    p.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE), default=None,
+                   help=f"1 to {MAX_BATCH_SIZE} (default: the plan's)")
+    p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=None,
+                   help="learning rate in (0, 10] (default 0.01, 0.001 with adam)")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=None,
                    help="default: the plan's")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float_range(0, 1, high_open=True), default=0.9,
+                   help="momentum of the momentum optimizer, in [0, 1) (0.9)")
+    p.add_argument("--weight-decay", type=float_range(0, 1), default=0.0,
+                   help="weight decay, in [0, 1] (0)")
     p.add_argument("--bn", choices=("frozen", "train"), default="frozen",
                    help="batch norm frozen on running statistics (default) or trained")
     p.add_argument("--filter-mode", choices=("normalized", "paper", "corrected"), default=None,
                    help="gradient-filter variant (default: the plan's)")
     p.add_argument("--dynamic", choices=("neq", "fisher"), default=None,
                    help="re-select channels every --every epochs under the plan's budget")
-    p.add_argument("--every", type=int, default=1, help="epochs between re-selections")
+    p.add_argument("--every", type=int_range(1, MAX_EPOCHS), default=1,
+                   help="epochs between re-selections (1)")
     p.add_argument("--replan", choices=("auto", "search", "selector"), default="auto",
                    help="who re-selects: the budget search (when installed; auto) or the "
                         "neq / tinytrain selector")
-    p.add_argument("--search-trials", type=int, default=100,
+    p.add_argument("--search-trials", type=int_range(1, MAX_TRIALS), default=100,
                    help="trials of each search re-plan")
-    p.add_argument("--budget", default=None,
-                   help="memory budget of re-selections, e.g. 256KB (default: the plan's)")
-    p.add_argument("--train-samples", type=int, default=None,
+    p.add_argument("--budget", type=memory_budget, default=None,
+                   help="memory budget of re-selections, e.g. 256KB, at most 1 TB (default: the "
+                        "plan's)")
+    p.add_argument("--train-samples", type=int_range(1, MAX_SAMPLES), default=None,
                    help="train on a seeded random subset of this many images")
-    p.add_argument("--val-samples", type=int, default=None,
+    p.add_argument("--val-samples", type=int_range(1, MAX_SAMPLES), default=None,
                    help="validate on a seeded random subset of this many images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads during training")
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
+    p.add_argument("--threads", type=int_range(1, _MAX_THREADS), default=None,
+                   help=f"torch threads during training, 1 to {_MAX_THREADS}")
     p.add_argument("--ignore-budget", action="store_true",
                    help="train even if this batch / input size exceeds the plan's budget")
     p.add_argument("--resume", action="store_true",

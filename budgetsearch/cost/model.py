@@ -117,7 +117,8 @@ class CostModel:
         self.graph = graph
         self.profile = profile
         self.acc = accounting_for(profile, accounting)
-        self.batch = int(batch_size or profile.default_batch_size)
+        # 0 is refused below, not taken for "the profile's default"
+        self.batch = int(profile.default_batch_size if batch_size is None else batch_size)
         self.optimizer = optimizer or profile.default_optimizer
         if self.optimizer not in _OPTIMIZER_STATES:
             raise CostError(
