@@ -1,0 +1,258 @@
+"""The contribution table: measured validation accuracy and loss of every unit, in one JSON file.
+
+The file is keyed by what the numbers depend on (the model's layer fingerprint and initial weights,
+the training and validation data, the recipe, the input size): a table made for anything else is
+refused with the differing fields named. It is written atomically after every unit, so a killed
+analysis resumes where it stopped and a reader never sees half a file. Several processes may
+measure into the same file: each takes a unit under an exclusive lock on ``FILE.lock`` and marks
+it claimed, and a claim whose process has died (same host) is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_text
+from ..errors import DataError
+
+__all__ = ["TABLE_VERSION", "ContributionTable", "SharedTable", "TableError", "check_key"]
+
+TABLE_VERSION = 1
+
+
+class TableError(DataError):
+    """A contribution table that cannot be used: another key, or an unreadable file."""
+
+
+class ContributionTable:
+    """Measured units of one analysis.
+
+    Attributes:
+        key: What the measurements depend on (see the module docstring).
+        results: Per unit key: ``val_accuracy``, ``val_loss``, ``train_loss``, ``seconds``,
+            ``cut`` (where the cached prefix ended) and ``worker``.
+        path: The file, or None for a table in memory.
+    """
+
+    def __init__(
+        self,
+        key: Mapping[str, Any],
+        results: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.key = dict(key)
+        self.results: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (results or {}).items()}
+        self.path = Path(path) if path is not None else None
+        #: How the call that produced this table spent its time (see measure_contributions).
+        self.stats: dict[str, Any] = {}
+
+    # --------------------------------------------------------------------------------- queries
+    def gain(self, unit: str) -> tuple[float, float]:
+        """(accuracy gain, loss reduction) of a unit over classifier-only training.
+
+        Raises:
+            TableError: If the unit or the ``head`` reference is not measured.
+        """
+        for k in ("head", unit):
+            if k not in self.results:
+                raise TableError(f"unit {k!r} is not in the contribution table"
+                                 + (f" {self.path}" if self.path else ""))
+        ref, got = self.results["head"], self.results[unit]
+        losses = (ref.get("val_loss"), got.get("val_loss"))
+        loss_gain = math.nan if None in losses else losses[0] - losses[1]
+        return (got["val_accuracy"] - ref["val_accuracy"], loss_gain)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per measured unit, with its gains when ``head`` is measured."""
+        out = []
+        for unit, r in self.results.items():
+            row = {"unit": unit, **r}
+            if "head" in self.results:
+                row["gain_accuracy"], row["gain_loss"] = self.gain(unit)
+            out.append(row)
+        return out
+
+    def format_table(self, *, top: int | None = None) -> str:
+        """The units by accuracy gain (then loss gain), as text."""
+        rows = sorted(self.rows(), key=lambda r: (-r.get("gain_accuracy", 0.0),
+                                                   -r.get("gain_loss", 0.0)))
+        if top is not None:
+            rows = rows[:top]
+        lines = [f"{'unit':<54}{'val acc':>9}{'gain':>8}{'val loss':>10}{'gain':>8}{'s':>7}"]
+        for r in rows:
+            loss = "diverged" if r.get("val_loss") is None else f"{r['val_loss']:.4f}"
+            lines.append(f"{r['unit'][:53]:<54}{r['val_accuracy']:>9.4f}"
+                         f"{r.get('gain_accuracy', 0.0):>+8.4f}{loss:>10}"
+                         f"{r.get('gain_loss', 0.0):>+8.4f}{r['seconds']:>7.1f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"version": TABLE_VERSION, "key": self.key, "results": self.results}
+
+    # ------------------------------------------------------------------------------------ files
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, key: Mapping[str, Any] | None = None
+             ) -> ContributionTable:
+        """Read a table; with ``key``, refuse one made for anything else.
+
+        Raises:
+            TableError: Unreadable or malformed file, another version, or a differing key
+                (naming the fields).
+        """
+        path = Path(path)
+        doc = _read(path)
+        if doc is None:
+            raise TableError(f"{path}: no contribution table here")
+        table = cls(doc["key"], doc["results"], path=path)
+        if key is not None:
+            check_key(table.key, key, path)
+        return table
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the table atomically (to ``path`` or where it was loaded from)."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise TableError("the table has no file: give a path")
+        atomic_write_text(target, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        self.path = target
+        return target
+
+
+def check_key(stored: Mapping[str, Any], wanted: Mapping[str, Any], path: Path) -> None:
+    """Raise a :class:`TableError` naming every field where ``stored`` and ``wanted`` differ."""
+    fields = sorted(set(stored) | set(wanted))
+    diff = [f for f in fields if _canonical(stored.get(f)) != _canonical(wanted.get(f))]
+    if diff:
+        detail = "; ".join(f"{f}: table {stored.get(f)!r}, now {wanted.get(f)!r}" for f in diff)
+        raise TableError(f"{path} was measured for something else ({detail}); use another "
+                         "file or the same model, data and recipe")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TableError(f"{path}: not a readable contribution table ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("version") != TABLE_VERSION or not isinstance(
+            doc.get("key"), dict) or not isinstance(doc.get("results"), dict):
+        raise TableError(f"{path}: not a contribution table of version {TABLE_VERSION} (fields "
+                         "version, key, results)")
+    doc.setdefault("claims", {})
+    return doc
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _alive(claim: Mapping[str, Any]) -> bool:
+    if claim.get("host") != socket.gethostname():
+        return True  # another machine's worker: trust its claim
+    try:
+        os.kill(int(claim.get("pid", -1)), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SharedTable:
+    """A table file several workers fill together (see the module docstring).
+
+    Args:
+        path: The table file.
+        key: The analysis's key; an existing file with another key is refused.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.key = dict(key)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        with _locked(self.path):
+            doc = _read(self.path)
+            if doc is None:
+                self._write({"version": TABLE_VERSION, "key": self.key, "results": {},
+                             "claims": {}})
+            else:
+                check_key(doc["key"], self.key, self.path)
+
+    def _write(self, doc: Mapping[str, Any]) -> None:
+        atomic_write_text(self.path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+    def _doc(self) -> dict[str, Any]:
+        doc = _read(self.path)
+        if doc is None:
+            raise TableError(f"{self.path} disappeared while measuring")
+        check_key(doc["key"], self.key, self.path)
+        return doc
+
+    def done(self) -> set[str]:
+        """Units measured so far."""
+        with _locked(self.path):
+            return set(self._doc()["results"])
+
+    def claim(self, order: Sequence[str]) -> str | None:
+        """Take the first unit of ``order`` that is neither measured nor claimed by a live
+        worker (None when none is left)."""
+        with _locked(self.path):
+            doc = self._doc()
+            for unit in order:
+                if unit in doc["results"]:
+                    continue
+                claim = doc["claims"].get(unit)
+                if claim is not None and not self._mine(claim) and _alive(claim):
+                    continue
+                doc["claims"][unit] = {**self.me, "since": time.time()}
+                self._write(doc)
+                return unit
+        return None
+
+    def record(self, unit: str, result: Mapping[str, Any]) -> None:
+        """Store a unit's result and drop its claim."""
+        with _locked(self.path):
+            doc = self._doc()
+            doc["results"][unit] = dict(result)
+            doc["claims"].pop(unit, None)
+            self._write(doc)
+
+    def release(self, unit: str) -> None:
+        """Give a claimed unit back (on an interruption)."""
+        with _locked(self.path):
+            doc = self._doc()
+            if self._mine(doc["claims"].get(unit) or {}):
+                doc["claims"].pop(unit, None)
+                self._write(doc)
+
+    def _mine(self, claim: Mapping[str, Any]) -> bool:
+        return claim.get("host") == self.me["host"] and claim.get("pid") == self.me["pid"]
+
+    def table(self) -> ContributionTable:
+        """The table as it is now."""
+        with _locked(self.path):
+            doc = self._doc()
+        return ContributionTable(doc["key"], doc["results"], path=self.path)

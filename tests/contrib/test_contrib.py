@@ -1,0 +1,282 @@
+"""The contribution analysis: prefix cuts, units, the keyed table, measurement on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from budgetsearch.cli import main
+from budgetsearch.contrib import (
+    ContributionTable,
+    PrefixSplit,
+    SharedTable,
+    TableError,
+    Unit,
+    build_units,
+    measure_contributions,
+    parse_unit,
+)
+from budgetsearch.criteria import magnitude_scores
+from budgetsearch.errors import PlanError
+from budgetsearch.graph import LayerGraph
+from budgetsearch.models import register_model
+from budgetsearch.recipe import Recipe
+from budgetsearch.search.config import scores_digest
+from budgetsearch.search.objectives import ProxyModel
+
+torch.set_num_threads(1)
+
+
+class Block(nn.Module):
+    """A residual block: no cut inside it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.bn(self.conv(x)))
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+        Block(8),
+        nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 3, 16, 16, generator=g) + y.view(-1, 1, 1, 1).float()
+    return x, y
+
+
+@pytest.fixture
+def setup():
+    model = tiny()
+    graph = LayerGraph.from_model(model, input_size=16, model_name="tiny")
+    scores = magnitude_scores(model)
+    return model, graph, ProxyModel(graph, scores).channels, scores_digest(scores)
+
+
+def test_cuts_split_the_forward_pass_exactly(setup):
+    model = setup[0]
+    model.eval()
+    split = PrefixSplit(model)
+    names = [c.name for c in split.cuts]
+    assert names[0] == "input"
+    assert not any(n.startswith("_3_") or n in ("_3_conv", "_3_bn") for n in names)  # in Block
+    x = torch.randn(4, 3, 16, 16)
+    ref = model(x)
+    for cut in split.cuts:
+        mid = split.features(model, split.cuts[0], cut, x, batch_size=3)
+        assert torch.allclose(split.suffix(model, cut)(mid), ref, atol=1e-6)
+        for later in split.cuts:
+            if later.position >= cut.position:
+                chained = split.features(model, cut, later, mid)
+                direct = split.features(model, split.cuts[0], later, x)
+                assert torch.allclose(chained, direct, atol=1e-6)
+    last_conv = split.cut_before(["4"])
+    assert last_conv.position == max(c.position for c in split.cuts
+                                     if c.position < [n.target for n in split.nodes].index("4"))
+    with pytest.raises(ValueError, match="comes before"):
+        split.segment(model, split.cuts[-1], split.cuts[1])
+
+
+def test_untraceable_model_has_only_the_input_cut():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)  # data-dependent
+
+    split = PrefixSplit(Branchy())
+    assert [c.name for c in split.cuts] == ["input"]
+    model = Branchy()
+    assert split.suffix(model, split.cuts[0]) is model
+
+
+def test_units_grid_and_keys(setup):
+    _, graph, _, _ = setup
+    units = build_units(graph, ratios=(0.25, 1.0), axes=("out", "in"), filters=False)
+    keys = [u.key for u in units]
+    assert keys[:4] == ["head", "bias:1", "bias:2", "bias:3"]  # 3 layers with a bias (BN)
+    assert "weight:4:in:0.25:r1" in keys and "weight:4:in:1:r1" not in keys  # ratio 1: out only
+    for key in keys:
+        assert parse_unit(key, graph).key == key
+    for bad, message in (("bias:9", r"depth must be in 1\.\.3"), ("weight:5:out:0.25:r1",
+                         "not a trainable layer"), ("weight:4:out:0.3:r1", "ratio one of"),
+                         ("weight:4:out:0.25:r16", "patch size must be one of r1, "),
+                         ("nonsense", "expected head")):
+        with pytest.raises(PlanError, match=message):
+            parse_unit(bad, graph)
+    with pytest.raises(PlanError, match="candidate layers 9"):
+        build_units(graph, candidates=["9"])
+
+
+def test_unit_updates_include_the_classifier(setup):
+    _, graph, channels, _ = setup
+    ups = Unit("weight", layer="4", axis="out", ratio=0.25).updates(graph, channels)
+    assert set(ups) == {"4", "9"} and len(ups["4"].channels) == 4 and ups["9"].mode == "weight"
+    bias = Unit("bias", depth=2).updates(graph, channels)
+    assert {k: v.mode for k, v in bias.items()} == {"3.conv": "bias", "4": "bias", "9": "weight"}
+
+
+def _measure(setup, path=None, units=None, **kw):
+    model, graph, channels, digest = setup
+    return measure_contributions(
+        model, graph=graph, train=data(24, 0), val=data(12, 1),
+        recipe=Recipe(epochs=1, batch_size=8, lr=0.05), channels=channels,
+        scores_digest=digest, units=units, path=path, progress=False, **kw)
+
+
+def _no_cache_reference(setup, unit):
+    """The unit trained the plain way: whole model, apply_plan, same recipe (no prefix cache)."""
+    import torch.nn.functional as F
+
+    from budgetsearch.plan import Plan
+    from budgetsearch.trainer import apply_plan
+    from budgetsearch.trainer.loop import build_optimizer
+
+    model, graph, channels, _ = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = data(24, 0)
+    xv, yv = data(12, 1)
+    plan = Plan.from_layers(graph, unit.updates(graph, channels), batch_size=8,
+                            optimizer="momentum")
+    torch.manual_seed(0)
+    handle = apply_plan(model, plan, graph=graph)
+    opt = build_optimizer("momentum", handle.param_groups(), lr=0.05)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    for i in range(0, 24, 8):
+        idx = perm[i:i + 8]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(xv)
+    handle.remove()
+    model.load_state_dict(state)
+    return float((logits.argmax(1) == yv).float().mean()), float(F.cross_entropy(logits, yv))
+
+
+def test_measured_units_equal_plain_training_and_restore_the_model(setup):
+    model = setup[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    units = [Unit("head"), Unit("bias", depth=1),
+             Unit("weight", layer="4", axis="in", ratio=0.5, patch_size=1),
+             Unit("weight", layer="0", axis="out", ratio=1.0)]
+    table = _measure(setup, units=units)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert set(table.results) == {u.key for u in units}
+    cuts = {k: r["cut"] for k, r in table.results.items()}
+    assert cuts["weight:0:out:1:r1"] == "input" and cuts["head"] != "input"
+    for unit in units:
+        acc, loss = _no_cache_reference(setup, unit)
+        got = table.results[unit.key]
+        assert got["val_accuracy"] == pytest.approx(acc)
+        assert got["val_loss"] == pytest.approx(loss, rel=1e-5)
+    a, lo = table.gain("bias:1")
+    assert a == pytest.approx(table.results["bias:1"]["val_accuracy"]
+                              - table.results["head"]["val_accuracy"])
+    assert lo == pytest.approx(table.results["head"]["val_loss"]
+                               - table.results["bias:1"]["val_loss"])
+    assert table.stats["measured"] == 4
+
+
+def test_table_resumes_and_refuses_another_key(setup, tmp_path):
+    path = tmp_path / "t.json"
+    units = build_units(setup[1], ratios=(1.0,), axes=("out",), filters=False)
+    first = _measure(setup, path=str(path), units=units, max_units=2)
+    assert len(first.results) == 2 and first.results.keys() >= {"head"}
+    again = _measure(setup, path=str(path), units=units)
+    assert again.stats["measured"] == len(units) - 2 and len(again.results) == len(units)
+    done = _measure(setup, path=str(path), units=units)
+    assert done.stats["measured"] == 0
+    doc = json.loads(path.read_text())
+    assert doc["claims"] == {} and doc["version"] == 1
+    loaded = ContributionTable.load(path, key=again.key)
+    assert loaded.results == again.results
+    other = {**again.key, "recipe": {**again.key["recipe"], "lr": 0.1}}
+    with pytest.raises(TableError, match=r"recipe: table .*'lr': 0.05"):
+        ContributionTable.load(path, key=other)
+    model, graph, channels, digest = setup
+    with pytest.raises(TableError, match="train_data"):
+        measure_contributions(model, graph=graph, train=data(24, 5), val=data(12, 1),
+                              recipe=Recipe(epochs=1, batch_size=8, lr=0.05), channels=channels,
+                              scores_digest=digest, units=units, path=str(path), progress=False)
+    path.write_text('{"version": 1, "key": {}')
+    with pytest.raises(TableError, match="not a readable contribution table"):
+        ContributionTable.load(path)
+
+
+def test_claims_of_dead_workers_are_taken_over(tmp_path):
+    path = tmp_path / "shared.json"
+    table = SharedTable(path, {"k": 1})
+    assert table.claim(["a", "b"]) == "a"
+    doc = json.loads(path.read_text())
+    doc["claims"]["b"] = {"host": table.me["host"], "pid": 2**22 + 12345, "since": 0}
+    doc["claims"]["a"] = {"host": table.me["host"], "pid": os.getppid(), "since": 0}  # alive
+    path.write_text(json.dumps(doc))
+    assert table.claim(["a", "b"]) == "b"  # a: a live worker's; b: its worker is gone
+    table.record("b", {"val_accuracy": 1.0, "val_loss": 0.0})
+    assert table.claim(["a", "b"]) is None
+    assert table.done() == {"b"}
+    with pytest.raises(TableError, match="k: table 1, now 2"):
+        SharedTable(path, {"k": 2})
+
+
+def test_recipe_is_validated():
+    assert Recipe.from_dict(Recipe(lr=0.1).to_dict()) == Recipe(lr=0.1)
+    for field, value, message in (("lr", 0, "'lr' must be a finite number > 0"),
+                                  ("lr", float("nan"), "'lr'"), ("epochs", 0, "'epochs'"),
+                                  ("optimizer", "rmsprop", "one of sgd, momentum, adam"),
+                                  ("momentum", 1.0, r"in \[0, 1\)")):
+        with pytest.raises(PlanError, match=message):
+            Recipe(**{field: value})
+    with pytest.raises(PlanError, match="unknown recipe fields warmup"):
+        Recipe.from_dict({"warmup": 3}, source="plan.json")
+
+
+def test_contrib_command(tmp_path, capsys):
+    from PIL import Image
+
+    register_model("tiny-contrib", lambda: tiny(), overwrite=True)
+    for c, name in enumerate(("a", "b", "c")):
+        folder = tmp_path / "imgs" / name
+        folder.mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (80 * c, 40 + 9 * i, 200 - 60 * c)).save(folder / f"{i}.png")
+    out = tmp_path / "table.json"
+    argv = ["contrib", "--model", "tiny-contrib", "--weights", "random", "--input-size", "16",
+            "--data", str(tmp_path / "imgs"), "--samples", "30", "--epochs", "1",
+            "--batch-size", "8", "--candidates", "top:1", "--ratios", "0.5,1", "--no-filters",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "24 training and 6 validation images" in printed.err
+    doc = json.loads(out.read_text())
+    assert "head" in doc["results"] and any(k.startswith("weight:") for k in doc["results"])
+    assert main([*argv, "--lr", "0.5"]) == 2
+    assert "was measured for something else (recipe" in capsys.readouterr().err
+    assert main([*argv[:-3], "--candidates", "nope", "--out", str(out)]) == 2
+    assert "--candidates: nope are not trainable layers" in capsys.readouterr().err
