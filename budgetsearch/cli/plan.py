@@ -56,6 +56,17 @@ def register(subparsers: Any) -> None:
     g.add_argument("--data", default=None,
                    help="data for the Fisher pass: cifar10, an ImageFolder directory, .tar.gz...")
     g.add_argument("--scores", default=None, help="a scores .npz instead of the Fisher pass")
+    g.add_argument("--contrib", default=None,
+                   help="a contribution table (`budgetsearch contrib`): maximise the accuracy "
+                        "it predicts instead of the Fisher proxy, over the layers it measured "
+                        "(channels chosen by the table's scores: weight magnitude unless "
+                        "--scores)")
+    g.add_argument("--decay", type=float_range(0, 1, low_open=True), default=1.0,
+                   help="with --contrib: discount of each further weight-updated layer's "
+                        "gain, in (0, 1] (1: additive)")
+    g.add_argument("--loss-weight", type=float_range(0, 100), default=0.0,
+                   help="with --contrib: weight of a unit's validation-loss gain beside its "
+                        "accuracy gain (0)")
     g.add_argument("--samples", type=int_range(1, MAX_SAMPLES), default=64,
                    help="samples of the Fisher pass (64)")
     g.add_argument("--split", default="train", help="data split (default train)")
@@ -139,8 +150,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     _graceful_sigterm()
-    if args.scores is None and args.data is None:
-        raise DataError("plan needs --data (for the Fisher pass) or --scores FILE")
+    if args.scores is None and args.data is None and args.contrib is None:
+        raise DataError("plan needs --data (for the Fisher pass), --scores FILE or --contrib "
+                        "TABLE")
     if args.trials < 1:
         raise SearchError(f"--trials must be at least 1; got {args.trials}")
     import torch
@@ -154,8 +166,10 @@ def run_plan(args: argparse.Namespace) -> int:
     storage_kind(storage)  # unknown scheme: refuse before any work
     if storage.startswith("sqlite:///"):
         out.parent.mkdir(parents=True, exist_ok=True)
-    source = (f"fisher on {args.data}/{args.split}, {args.samples} samples"
-              if args.scores is None else "scores file")
+    contributions = _contributions(args, model, graph) if args.contrib else None
+    source = ("scores file" if args.scores is not None
+              else "weight magnitude" if args.contrib is not None
+              else f"fisher on {args.data}/{args.split}, {args.samples} samples")
     space = SpaceOptions(granularity=args.granularity, last_n=args.last_n,
                          filters=not args.no_filters)
     spec = {"name": args.model, "weights": args.weights, "num_classes": args.num_classes,
@@ -164,7 +178,9 @@ def run_plan(args: argparse.Namespace) -> int:
                   memory_measure=args.memory_measure, third=args.objective, space=space,
                   alpha=args.alpha, bias_credit=args.bias_credit, sampler=args.sampler,
                   seed=args.seed, population_size=args.population, model=spec,
-                  scores_source=source)
+                  scores_source=source, contributions=contributions, decay=args.decay,
+                  loss_weight=args.loss_weight,
+                  contributions_source=str(args.contrib) if args.contrib else None)
     name = args.study or _default_study_name(args, memory, latency, source)
     # budgets no plan can meet are refused before any file is written (the scores do not
     # change which plans fit, so cheap magnitude scores do for this check)
@@ -181,7 +197,7 @@ def run_plan(args: argparse.Namespace) -> int:
         with ThreadPoolExecutor(1) as pool:
             opening = pool.submit(open_storage, storage)
             try:
-                scores = _load_scores(args, model) if args.scores else _fisher(args, model, graph)
+                scores = _scores(args, model, graph)
             except BaseException:
                 opening.exception()  # wait, then leave no empty database behind
                 for suffix in ("", "-wal", "-shm", "-journal"):
@@ -192,7 +208,7 @@ def run_plan(args: argparse.Namespace) -> int:
         st = open_storage(storage)
         scores = _stored_scores(st, name, probe, args, model)
         if scores is None:
-            scores = _load_scores(args, model) if args.scores else _fisher(args, model, graph)
+            scores = _scores(args, model, graph)
     search = Search(scores=scores, check_budgets=False, **common)
     result = search.run(n_trials=args.trials, storage=st, study_name=name,
                         pick_rule=args.pick, progress=not args.no_progress,
@@ -254,9 +270,50 @@ def _default_study_name(args: argparse.Namespace, memory: int, latency: float | 
                       args.accounting, args.batch_size, args.optimizer, memory, latency,
                       args.memory_measure, args.objective, args.granularity, args.last_n,
                       args.no_filters, args.alpha, args.bias_credit, source,
-                      args.scores and str(Path(args.scores).resolve()), args.weights])
+                      args.scores and str(Path(args.scores).resolve()), args.weights]
+                     + ([str(Path(args.contrib).resolve()), args.decay, args.loss_weight]
+                        if args.contrib else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{args.model}-{args.device}-{format_bytes(memory).replace(' ', '')}-{digest}"
+
+
+def _scores(args: argparse.Namespace, model: Any, graph: Any) -> Any:
+    """The channel scores: a file, weight magnitude (with --contrib) or a Fisher pass."""
+    from ..criteria import magnitude_scores
+
+    if args.scores:
+        return _load_scores(args, model)
+    if args.contrib:
+        return magnitude_scores(model)
+    return _fisher(args, model, graph)
+
+
+def _contributions(args: argparse.Namespace, model: Any, graph: Any) -> dict[str, Any]:
+    """The results of ``--contrib``, after checking the table was made for this model and
+    with the scores that choose the channels here.
+
+    Raises:
+        DataError: A missing or unreadable table, or one made for another model, input size or
+            channel choice (naming the field).
+    """
+    from ..contrib import ContributionTable
+    from ..search.config import scores_digest
+
+    table = ContributionTable.load(args.contrib)
+    key = table.key
+    size = list(graph.input_shape[1:])
+    checks = (("model_fingerprint", graph.fingerprint, "model"),
+              ("input_size", size, "input size"),
+              ("channel_scores", scores_digest(_scores(args, model, graph)),
+               "channel scores (run contrib with the same --scores)"))
+    for field, here, what in checks:
+        if key.get(field) != here:
+            raise DataError(f"{args.contrib}: made for another {what}: {field} is "
+                            f"{key.get(field)!r} there, {here!r} here")
+    if "head" not in table.results:
+        raise DataError(f"{args.contrib}: no 'head' measurement yet; finish `budgetsearch "
+                        "contrib` first")
+    return table.results
 
 
 def _load_scores(args: argparse.Namespace, model: Any) -> Any:
@@ -286,10 +343,18 @@ def _fisher(args: argparse.Namespace, model: Any, graph: Any) -> Any:
 
 
 def summary_table(result: Any) -> str:
-    """The chosen plan against every baseline: proxy, memory, latency, MACs."""
+    """The chosen plan against every baseline: the objective, memory, latency, MACs.
+
+    With the Fisher proxy the objective column is called a proxy and compared by difference
+    only: it ranks plans by captured Fisher potential, not by accuracy, and a ratio of proxies
+    reads like an accuracy gain it is not. With a measured objective it is the predicted
+    validation accuracy, compared in points.
+    """
     p = result.plan.predicted
+    measured = "predicted_accuracy" in p
+    value = p["predicted_accuracy"] if measured else p["proxy"]
     measure = result.plan.provenance["memory_measure"]
-    rows = [("search (chosen)", p["proxy"], result.plan.provenance["memory_bytes"],
+    rows = [("search (chosen)", value, result.plan.provenance["memory_bytes"],
              p["latency_ms"], p["backward_macs"], True, "")]
     for name, entry in sorted(result.baselines.items()):
         m = (entry or {}).get("metrics")
@@ -298,17 +363,24 @@ def summary_table(result: Any) -> str:
             continue
         rows.append((name, m["proxy"], m["memory_bytes"], m["latency_ms"], m["backward_macs"],
                      m["feasible"], ""))
-    best = p["proxy"]
-    lines = [f"{'plan':<18}{'proxy':>8}{'vs chosen':>11}{measure + ' mem':>14}"
+    head, delta = ("pred acc", "chosen -") if measured else ("proxy", "chosen -")
+    lines = [f"{'plan':<18}{head:>9}{delta:>10}{measure + ' mem':>14}"
              f"{'latency':>11}{'bwd MACs':>11}"]
-    for name, proxy, mem, lat, macs, ok, note in rows:
-        if proxy is None:
+    for name, v, mem, lat, macs, ok, note in rows:
+        if v is None:
             lines.append(f"{name:<18}{note}")
             continue
         gain = "" if name.startswith("search") else (
-            f"{(best - proxy) / proxy * 100:+.1f}%" if proxy > 0 else "inf")
-        lines.append(f"{name:<18}{proxy:>8.4f}{gain:>11}{format_bytes(mem):>14}"
+            f"{(value - v) * 100:+.1f} pt" if measured else f"{value - v:+.4f}")
+        lines.append(f"{name:<18}{v:>9.4f}{gain:>10}{format_bytes(mem):>14}"
                      f"{lat:>9.1f}ms{macs / 1e6:>10.2f}M" + ("" if ok else "  (over budget)"))
+    if measured:
+        lines.append("pred acc: validation accuracy predicted from the contribution table "
+                     "(a prediction: train the plan to know)")
+    else:
+        lines.append("proxy: captured Fisher potential, not an accuracy (in the committed "
+                     "studies it was rank-correlated negatively with trained accuracy); "
+                     "--contrib TABLE for a measured objective")
     st = result.stats
     lines.append(
         f"study {result.study_name!r}: {len(result.trials)} trials (+{st['new_trials']} now, "

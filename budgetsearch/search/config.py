@@ -68,6 +68,7 @@ IDENTITY: tuple[tuple[str, str], ...] = (
     ("bias_credit", "proxy bias credit"),
     ("scores_source", "scores source"),
     ("scores_digest", "scores"),
+    ("objective", "accuracy objective"),
 )
 
 
@@ -213,6 +214,8 @@ def build_config(search: Any, *, n_trials: int | None = None) -> dict[str, Any]:
         "scores_source": search.scores_source,
         "scores_digest": scores_digest(search.scores),
         "scores_criterion": search.scores.criterion,
+        "objective": None if search.contributions is None else search.accuracy.describe(),
+        "contributions": search.contributions,
         "sampler": search.sampler_name,
         "seed": search.seed,
         "population_size": search.population_size,

@@ -60,6 +60,7 @@ __all__ = [
     "DIRECTIONS",
     "MEMORY_MEASURES",
     "THIRD_OBJECTIVES",
+    "AccuracyModel",
     "Evaluation",
     "Evaluator",
     "ProxyModel",
@@ -77,7 +78,47 @@ def channel_count(ratio: float, n: int) -> int:
     return max(1, math.floor(ratio * n + 0.5))
 
 
-class ProxyModel:
+class AccuracyModel:
+    """What the search maximises: a number per plan that should rank plans as training does.
+
+    Contract: :meth:`channels` decides which channels a ratio keeps (the same for every model
+    of one study, so a parameter set always decodes to the same plan); :meth:`__call__` scores
+    any set of layer updates and :meth:`score_choices` the decoded choices of a trial, with the
+    same value for the same plan; :meth:`describe` is JSON-ready and goes into the study's
+    configuration and the plan's provenance; ``name`` is how tables and plots call the value
+    (``proxy`` for a proxy, ``predicted_accuracy`` for a prediction of accuracy).
+    """
+
+    name: str = "proxy"
+
+    def channels(self, name: str, ratio_index: int, axis: str) -> tuple[int, ...] | None:
+        """The channels a ratio keeps along an axis (None for all)."""
+        raise NotImplementedError
+
+    def __call__(self, updates: Mapping[str, LayerUpdate]) -> float:
+        """The value of any set of updates."""
+        raise NotImplementedError
+
+    def score_choices(self, choices: Mapping[str, tuple[int, str, int, bool]]) -> float:
+        """The value of a trial's choices, ``{layer: (ratio index, axis, patch, bias)}``
+        (:meth:`~.space.SearchSpace.choices`); by default through :meth:`__call__`."""
+        updates: dict[str, LayerUpdate] = {}
+        for layer, (ri, axis, patch, bias) in choices.items():
+            if ri > 0:
+                chans = self.channels(layer, ri, axis)
+                updates[layer] = LayerUpdate("weight", channels=chans,
+                                             axis=axis if chans is not None else "out",
+                                             patch_size=patch)
+            elif bias:
+                updates[layer] = _BIAS
+        return self(updates)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready definition."""
+        raise NotImplementedError
+
+
+class ProxyModel(AccuracyModel):
     """Captured-potential proxy of plans under one set of scores (see the module docstring).
 
     Args:
@@ -182,6 +223,11 @@ class ProxyModel:
             return hit
         return self.bias_credit * self.potential[name] if bias else 0.0
 
+    def score_choices(self, choices: Mapping[str, tuple[int, str, int, bool]]) -> float:
+        """The proxy of a trial's choices, from the per-layer credit cache."""
+        return sum(self.table_credit(n, ri, axis, bias, patch)
+                   for n, (ri, axis, patch, bias) in choices.items()) / self.total
+
     def __call__(self, updates: Mapping[str, LayerUpdate]) -> float:
         """The proxy of any set of updates, in [0, 1]."""
         captured = 0.0
@@ -233,7 +279,7 @@ class Evaluator:
 
     Args:
         space: The search space.
-        proxy: The proxy model.
+        proxy: What is maximised: the Fisher proxy or a measured accuracy model.
         cost_model: The cost model plans are measured with.
         budget_bytes: Memory budget under ``memory_measure`` (None: unconstrained).
         latency_budget_ms: Latency budget per step (None: unconstrained).
@@ -245,7 +291,7 @@ class Evaluator:
         self,
         *,
         space: SearchSpace,
-        proxy: ProxyModel,
+        proxy: AccuracyModel,
         cost_model: CostModel,
         budget_bytes: int | None,
         latency_budget_ms: float | None = None,
@@ -327,8 +373,7 @@ class Evaluator:
             self.hits += 1
             return hit
         choices = self.space.choices(params)
-        proxy = sum(self.proxy.table_credit(n, ri, axis, bias, patch)
-                    for n, (ri, axis, patch, bias) in choices.items()) / self.proxy.total
+        proxy = self.proxy.score_choices(choices)
         result = self.cache[key] = self.measure(self._decode(choices), proxy)
         return result
 

@@ -54,11 +54,15 @@ class SpaceOptions:
         granularity: ``layer`` (one set of parameters per layer) or ``block``.
         last_n: Only the last N trainable layers are candidates (None: all).
         filters: Offer gradient-filter patch sizes where the conv shape allows them.
+        weight_layers: Only these candidates may have their weight updated; the others are
+            bias-only candidates (their biases still count in ``bias_depth``). None: all. A
+            measured objective sets it to the layers it has measurements for.
     """
 
     granularity: str = "layer"
     last_n: int | None = None
     filters: bool = True
+    weight_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -67,6 +71,8 @@ class SpaceOptions:
             )
         if self.last_n is not None and int(self.last_n) < 1:
             raise SearchError(f"last_n must be at least 1 (or None for all); got {self.last_n}")
+        if self.weight_layers is not None:
+            object.__setattr__(self, "weight_layers", tuple(self.weight_layers))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -75,7 +81,8 @@ class SpaceOptions:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SpaceOptions:
         """Inverse of :meth:`to_dict`."""
-        return cls(**{k: data[k] for k in ("granularity", "last_n", "filters") if k in data})
+        return cls(**{k: data[k] for k in ("granularity", "last_n", "filters", "weight_layers")
+                      if k in data and (k != "weight_layers" or data[k] is not None)})
 
 
 @dataclass(frozen=True)
@@ -142,13 +149,25 @@ class SearchSpace:
         n = self.options.last_n
         self.candidates: tuple[str, ...] = tuple(
             names if n is None else names[-min(n, len(names)):])
-        cand = set(self.candidates)
+        allowed = self.options.weight_layers
+        if allowed is not None:
+            unknown = sorted(set(allowed) - set(names))
+            if unknown:
+                raise SearchError(f"weight_layers {', '.join(unknown[:5])} are not trainable "
+                                  "layers of the model")
+        #: Candidates whose weight may be updated (the others are bias-only candidates).
+        self.weight_candidates: tuple[str, ...] = tuple(
+            n for n in self.candidates if allowed is None or n in set(allowed))
+        if not self.weight_candidates:
+            raise SearchError("no candidate layer may have its weight updated: weight_layers "
+                              "and the last_n candidates do not overlap")
+        cand = set(self.weight_candidates)
         patches = {
             name: offered_patches(graph, name) if self.options.filters else (1,)
-            for name in self.candidates
+            for name in self.weight_candidates
         }
         groups: dict[str, list[str]] = {}
-        for name in self.candidates:
+        for name in self.weight_candidates:
             key = name if self.options.granularity == "layer" else graph.layers[name].block
             groups.setdefault(key, []).append(name)
         self.units: tuple[Unit, ...] = tuple(
@@ -205,6 +224,9 @@ class SearchSpace:
             patch = unit.patches[pi]
             for layer in unit.layers:
                 out[layer] = (ri, axis, unit.patch_for(layer, patch), layer in biased)
+        if len(out) < len(self.candidates):  # bias-only candidates
+            for layer in self.bias_layers:
+                out.setdefault(layer, (0, "out", 1, layer in biased))
         return out
 
     # ------------------------------------------------------------------------------- encoding
@@ -247,9 +269,10 @@ class SearchSpace:
             if len(unit.patches) > 1:
                 params[f"p:{unit.name}"] = pi
         depth = 0
+        weighted = set(self.weight_candidates)
         for i, name in enumerate(reversed(self.bias_layers)):
             update = updates.get(name)
-            if update is not None and update.mode == "bias":
+            if update is not None and (update.mode == "bias" or name not in weighted):
                 depth = i + 1
         params["bias_depth"] = depth
         return {p: params[p] for p in self.param_names}

@@ -34,7 +34,8 @@ from .config import CONFIG_KEY, build_config, diff_config, read_config, write_co
 from .front import FrontTracker, pareto_front, pick
 from .local import LocalSearch
 from .loop import DONE, TrialLoop, quiet
-from .objectives import DIRECTIONS, Evaluator, ProxyModel
+from .measured import MeasuredModel
+from .objectives import DIRECTIONS, AccuracyModel, Evaluator, ProxyModel
 from .samplers import SAMPLERS, TimedSampler, make_sampler
 from .space import SearchSpace, SpaceOptions
 from .storage import (
@@ -101,6 +102,13 @@ class Search:
         check_budgets: Refuse budgets no plan meets (skip only when already checked).
         local_search: Interleave neighbours of the best trials (see :mod:`.local`): every
             ``population_size`` trials, ``population_size // 2`` of them.
+        contributions: A contribution table's results (``budgetsearch contrib``): the search
+            then maximises the accuracy it predicts (:class:`~.measured.MeasuredModel`) instead
+            of the proxy, and only the measured layers (and the classifier) may have their
+            weights updated. None: the proxy.
+        decay: The measured model's discount per further weight layer.
+        loss_weight: The measured model's weight of validation-loss gains.
+        contributions_source: Where the table came from (for the record).
 
     Raises:
         BudgetError: If no non-empty plan of the space meets the budgets.
@@ -125,15 +133,30 @@ class Search:
         scores_source: str | None = None,
         check_budgets: bool = True,
         local_search: bool = True,
+        contributions: Mapping[str, Mapping[str, Any]] | None = None,
+        decay: float = 1.0,
+        loss_weight: float = 0.0,
+        contributions_source: str | None = None,
     ) -> None:
         if sampler not in SAMPLERS:
             raise SearchError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         self.cost_model, self.scores = cost_model, scores
         self.graph = cost_model.graph
-        self.space = SearchSpace(self.graph, space)
         self.proxy = ProxyModel(self.graph, scores, alpha=alpha, bias_credit=bias_credit)
+        self.accuracy: AccuracyModel = self.proxy
+        self.contributions = dict(contributions) if contributions is not None else None
+        if contributions is not None:
+            measured = MeasuredModel(self.graph, self.proxy, contributions, decay=decay,
+                                     loss_weight=loss_weight, source=contributions_source)
+            self.accuracy = measured
+            options = space or SpaceOptions()
+            if options.weight_layers is None:
+                space = dataclasses.replace(options, weight_layers=(
+                    *measured.measured_layers, self.graph.layer_names[-1]))
+        self.space = SearchSpace(self.graph, space)
         self.evaluator = Evaluator(
-            space=self.space, proxy=self.proxy, cost_model=cost_model, budget_bytes=budget_bytes,
+            space=self.space, proxy=self.accuracy, cost_model=cost_model,
+            budget_bytes=budget_bytes,
             latency_budget_ms=latency_budget_ms, memory_measure=memory_measure, third=third)
         if check_budgets:
             self.evaluator.check_budgets()
@@ -193,7 +216,11 @@ class Search:
             bias_credit=config["bias_credit"], sampler=sampler or config["sampler"],
             seed=config["seed"] if seed is None else seed,
             population_size=config["population_size"], model=spec,
-            scores_source=config.get("scores_source"), check_budgets=False)
+            scores_source=config.get("scores_source"), check_budgets=False,
+            contributions=config.get("contributions"),
+            decay=(config.get("objective") or {}).get("decay", 1.0),
+            loss_weight=(config.get("objective") or {}).get("loss_weight", 0.0),
+            contributions_source=(config.get("objective") or {}).get("table_source"))
 
     # ---------------------------------------------------------------------------------- run
     def run(
@@ -372,13 +399,17 @@ class Search:
             "memory_measure": self.evaluator.memory_measure,
             "memory_bytes": ev.memory_bytes,
             "space": self.space.describe(),
-            "proxy": {**self.proxy.describe(), "value": ev.proxy},
+            "proxy": {**self.proxy.describe(), "value": self.proxy(updates)},
+            "objective": {**self.accuracy.describe(), "name": self.accuracy.name,
+                          "value": ev.proxy},
             "scores": {"criterion": self.scores.criterion, "fingerprint": self.scores.fingerprint,
                        "source": self.scores_source,
                        "samples": self.scores.metadata.get("samples")},
             "baselines": comparison,
         }
-        predicted = {**dataclasses.asdict(ev.summary), "proxy": ev.proxy}
+        predicted = {**dataclasses.asdict(ev.summary), "proxy": self.proxy(updates)}
+        if self.accuracy is not self.proxy:
+            predicted["predicted_accuracy"] = ev.proxy
         return Plan.from_layers(
             self.graph, updates, device=self.cost_model.profile.name,
             memory_budget_bytes=self.evaluator.budget_bytes,
