@@ -68,9 +68,11 @@ def register(subparsers: Any) -> None:
                    default="normalized", help="gradient-filter variant (normalized)")
     u = p.add_argument_group("units")
     u.add_argument("--candidates", default=DEFAULT_CANDIDATES,
-                   help="layers whose weight units are measured: all, top:K (the K layers of "
-                        "largest relative gradient norm |g|/|w| on the training data), or a "
-                        f"comma-separated list of layer names ({DEFAULT_CANDIDATES})")
+                   help="layers whose weight units are measured: all, last:K (the last K "
+                        "before the classifier), top:K (of the second half of the network, "
+                        "the K of largest relative gradient norm |g|/|w| on the training "
+                        "data), or a comma-separated list of layer names "
+                        f"({DEFAULT_CANDIDATES})")
     u.add_argument("--ratios", default="0.125,0.25,0.5,1",
                    help="channel ratios (0.125,0.25,0.5,1)")
     u.add_argument("--axes", default="out,in", help="channel axes (out,in)")
@@ -228,18 +230,27 @@ def _candidates(spec: str, model: Any, graph: Any, train: Any) -> list[str] | No
     from ..contrib import relative_gradient_norms
 
     head = graph.layer_names[-1]
+    body = graph.layer_names[:-1]
     if spec == "all":
         return None
-    if spec.startswith("top:"):
+    if spec.startswith(("top:", "last:")):
+        kind, _, count = spec.partition(":")
         try:
-            k = int(spec[4:])
+            k = int(count)
         except ValueError:
             k = 0
         if k < 1:
             raise DataError(f"--candidates {spec}: K must be a positive integer")
+        if kind == "last":
+            return body[-k:]
+        # The second half only: over all layers the gradient norm ranks the earliest first,
+        # whose units cost a backward pass through the whole network; on MCUNet-5fps (1,000
+        # CIFAR-10 images, 128 px, the default recipe) the 56 units of the three it picked
+        # first reached 0.14-0.50 validation accuracy against 0.60 for the classifier alone.
+        late = set(body[len(body) // 2:])
         n = min(256, len(train[1]))
         norms = relative_gradient_norms(model, graph, train[0][:n], train[1][:n])
-        ranked = sorted((x for x in norms if x != head), key=lambda x: -norms[x])
+        ranked = sorted((x for x in norms if x in late), key=lambda x: -norms[x])
         return ranked[:k]
     names = _csv(spec, "--candidates")
     unknown = [x for x in names if x not in graph.layers or x == head]

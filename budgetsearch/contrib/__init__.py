@@ -11,7 +11,13 @@ several workers can fill together (:mod:`.table`).
 
 from __future__ import annotations
 
-from .measure import analysis_key, load_tensors, measure_contributions, relative_gradient_norms
+from .measure import (
+    PlanRunner,
+    analysis_key,
+    load_tensors,
+    measure_contributions,
+    relative_gradient_norms,
+)
 from .prefix import Cut, PrefixSplit
 from .table import ContributionTable, SharedTable, TableError
 from .units import DEFAULT_RATIOS, Unit, bias_layers, build_units, parse_unit
@@ -20,6 +26,7 @@ __all__ = [
     "DEFAULT_RATIOS",
     "ContributionTable",
     "Cut",
+    "PlanRunner",
     "PrefixSplit",
     "SharedTable",
     "TableError",

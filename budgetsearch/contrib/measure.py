@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,13 @@ from .prefix import Cut, PrefixSplit
 from .table import ContributionTable, SharedTable
 from .units import Unit, bias_layers, build_units
 
-__all__ = ["analysis_key", "load_tensors", "measure_contributions", "relative_gradient_norms"]
+__all__ = [
+    "PlanRunner",
+    "analysis_key",
+    "load_tensors",
+    "measure_contributions",
+    "relative_gradient_norms",
+]
 
 
 def load_tensors(data: Dataset, *, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,11 +154,10 @@ def measure_contributions(
     by_key = {u.key: u for u in units}
     if "head" not in by_key:
         by_key = {"head": Unit("head"), **by_key}
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    key = analysis_key(graph=graph, state=state, train=train, val=val, recipe=recipe,
+    runner = PlanRunner(model, graph=graph, train=train, val=val)
+    key = analysis_key(graph=graph, state=runner.state, train=train, val=val, recipe=recipe,
                        scores_digest=scores_digest)
-    split = PrefixSplit(model)
-    cuts = {k: _cut_of(u, graph, split, recipe) for k, u in by_key.items()}
+    cuts = {k: runner.cut_for(_touched(u, graph), recipe) for k, u in by_key.items()}
     # head first (every gain is measured against it), then from the earliest cut on, so that
     # each cut's tensors are computed from the previous cut's: one pass over the network in all
     order = sorted(by_key, key=lambda k: (k != "head", cuts[k].position, k))
@@ -162,41 +167,23 @@ def measure_contributions(
     todo = [k for k in order if k not in done]
     if max_units is not None:
         todo = todo[:max_units]
-    stats = {"cache_seconds": 0.0, "train_seconds": 0.0, "eval_seconds": 0.0, "measured": 0}
     bar = _bar(len(todo), progress)
-    cache: tuple[Cut, torch.Tensor, torch.Tensor] | None = None
+    measured = 0
     try:
-        while True:
-            if max_units is not None and stats["measured"] >= max_units:
-                break
+        while max_units is None or measured < max_units:
             if shared is not None:
                 unit_key = shared.claim(order)
             else:
                 unit_key = next((k for k in order if k not in memory), None)
             if unit_key is None:
                 break
-            cut = cuts[unit_key]
             try:
-                if cache is None or cache[0] != cut:
-                    t0 = time.perf_counter()
-                    # from the cached cut when it lies before this one, else from the input
-                    if cache is None or cache[0].position > cut.position:
-                        cache = (split.cuts[0], train[0], val[0])
-                    start, x_train, x_val = cache
-                    cache = None
-                    cache = (cut, split.features(model, start, cut, x_train),
-                             split.features(model, start, cut, x_val))
-                    del x_train, x_val
-                    stats["cache_seconds"] += time.perf_counter() - t0
-                result = _train_unit(model, graph, by_key[unit_key], split, cut, cache[1],
-                                     train[1], cache[2], val[1], recipe, channels, state)
+                result = runner.run(by_key[unit_key].updates(graph, channels), recipe)
             except BaseException:
                 if shared is not None:
                     shared.release(unit_key)
                 raise
-            stats["train_seconds"] += result["train_seconds"]
-            stats["eval_seconds"] += result["eval_seconds"]
-            stats["measured"] += 1
+            measured += 1
             if shared is not None:
                 shared.record(unit_key, result)
             else:
@@ -207,10 +194,150 @@ def measure_contributions(
     finally:
         if bar is not None:
             bar.close()
-        model.load_state_dict(state)
+        runner.restore()
     table = shared.table() if shared is not None else ContributionTable(key, memory)
-    table.stats = stats
+    table.stats = {**runner.stats, "measured": measured}
     return table
+
+
+class PlanRunner:
+    """Trains plans of one model from one initial state, on cached frozen-prefix tensors.
+
+    Every :meth:`run` starts from the model's state at construction (its weights and new head),
+    applies the plan with budgetsearch's operators, trains with the recipe's seed and so the same
+    batch order, scores on the validation data (and on any ``extra`` data, e.g. a test split
+    that is only reported), and restores the state. With frozen batch norm the tensors at the
+    cut before the earliest updated layer are computed once and reused by later runs (from the
+    previous cut when it lies before, else from the input).
+
+    Args:
+        model: The model with its new head, in its initial state.
+        graph: Its layer graph at the training input size.
+        train: Training images and labels (tensors, see :func:`load_tensors`).
+        val: Validation images and labels.
+        extra: More data to score every run on, by name (never used for a choice here).
+    """
+
+    def __init__(
+        self, model: nn.Module, *, graph: LayerGraph, train: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor],
+        extra: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        self.model, self.graph = model, graph
+        self.data = {"train": train, "val": val, **(extra or {})}
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.split = PrefixSplit(model)
+        self._cut: Cut = self.split.cuts[0]
+        self._features = {name: x for name, (x, _y) in self.data.items()}
+        self.stats = {"cache_seconds": 0.0, "train_seconds": 0.0, "eval_seconds": 0.0}
+
+    def cut_for(self, layers: Sequence[str], recipe: Recipe) -> Cut:
+        """Where the cached prefix ends for a plan updating ``layers``."""
+        if recipe.bn != "frozen":  # batch statistics: the prefix changes with every batch
+            return self.split.cuts[0]
+        return self.split.cut_before(layers)
+
+    def _move_to(self, cut: Cut) -> None:
+        if cut == self._cut:
+            return
+        t0 = time.perf_counter()
+        if cut.position < self._cut.position:  # behind us: start again from the input
+            self._cut = self.split.cuts[0]
+            self._features = {name: x for name, (x, _y) in self.data.items()}
+        start, self._features = self._features, {}
+        for name in list(start):
+            self._features[name] = self.split.features(self.model, self._cut, cut, start.pop(name))
+        self._cut = cut
+        self.stats["cache_seconds"] += time.perf_counter() - t0
+
+    def restore(self) -> None:
+        """Put the initial state back into the model."""
+        self.model.load_state_dict(self.state)
+
+    def run(self, updates: Mapping[str, Any], recipe: Recipe) -> dict[str, Any]:
+        """Train one plan and score it.
+
+        Args:
+            updates: The plan's layer updates.
+            recipe: How to train it.
+
+        Returns:
+            ``val_accuracy``, ``val_loss`` (None when not finite), ``train_loss`` (mean of the
+            last epoch, None when not finite), the same for every extra data set
+            (``<name>_accuracy``, ``<name>_loss``), ``train_seconds``, ``eval_seconds``,
+            ``seconds``, ``cut`` and ``layers``.
+        """
+        from ..trainer import apply_plan
+        from ..trainer.loop import build_optimizer
+
+        plan = Plan.from_layers(self.graph, dict(updates), batch_size=recipe.batch_size,
+                                optimizer=recipe.optimizer, filter_mode=recipe.filter_mode)
+        cut = self.cut_for(list(plan.updates), recipe)
+        self._move_to(cut)
+        model, feats = self.model, self._features
+        y_train = self.data["train"][1]
+        model.load_state_dict(self.state)
+        torch.manual_seed(recipe.seed)  # dropout
+        handle = apply_plan(model, plan, bn=recipe.bn, graph=self.graph)
+        scores: dict[str, Any] = {}
+        try:
+            net = self.split.suffix(model, cut)
+            opt = build_optimizer(recipe.optimizer, handle.param_groups(), lr=recipe.lr,
+                                  momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+            order = torch.Generator().manual_seed(recipe.seed)
+            t0 = time.perf_counter()
+            losses: list[float] = []
+            n = len(y_train)
+            for _ in range(recipe.epochs):
+                perm = torch.randperm(n, generator=order)
+                losses = []
+                for i in range(0, n, recipe.batch_size):
+                    idx = perm[i:i + recipe.batch_size]
+                    loss = F.cross_entropy(net(feats["train"][idx]), y_train[idx])
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                    losses.append(float(loss.detach()))
+            t1 = time.perf_counter()
+            model.eval()
+            with torch.no_grad():
+                for name, (_x, y) in self.data.items():
+                    if name == "train":
+                        continue
+                    correct, total = 0, 0.0
+                    for i in range(0, len(y), 256):
+                        logits = net(feats[name][i:i + 256])
+                        total += float(F.cross_entropy(logits, y[i:i + 256], reduction="sum"))
+                        correct += int((logits.argmax(1) == y[i:i + 256]).sum())
+                    mean = total / len(y)
+                    scores[f"{name}_accuracy"] = correct / len(y)
+                    scores[f"{name}_loss"] = mean if math.isfinite(mean) else None
+            t2 = time.perf_counter()
+        finally:
+            handle.remove()
+            model.load_state_dict(self.state)
+        self.stats["train_seconds"] += t1 - t0
+        self.stats["eval_seconds"] += t2 - t1
+        train_loss = float(np.mean(losses)) if losses else None
+        return {
+            **scores,
+            "train_loss": train_loss if train_loss is not None and math.isfinite(train_loss)
+            else None,
+            "train_seconds": t1 - t0,
+            "eval_seconds": t2 - t1,
+            "seconds": t2 - t0,
+            "cut": cut.name,
+            "layers": len(plan.updates),
+        }
+
+
+def _touched(unit: Unit, graph: LayerGraph) -> list[str]:
+    if unit.kind == "weight":
+        return [str(unit.layer)]
+    if unit.kind == "bias":
+        return bias_layers(graph)[-unit.depth:]
+    return [graph.layer_names[-1]]
 
 
 def _bar(total: int, progress: bool) -> Any:
@@ -221,72 +348,3 @@ def _bar(total: int, progress: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc="contributions", unit="unit", file=sys.stderr)
-
-
-def _cut_of(unit: Unit, graph: LayerGraph, split: PrefixSplit, recipe: Recipe) -> Cut:
-    if recipe.bn != "frozen":  # batch statistics: the prefix changes with every batch
-        return split.cuts[0]
-    if unit.kind == "weight":
-        touched = [unit.layer]
-    elif unit.kind == "bias":
-        touched = bias_layers(graph)[-unit.depth:]
-    else:
-        touched = [graph.layer_names[-1]]
-    return split.cut_before(touched)
-
-
-def _train_unit(
-    model: nn.Module, graph: LayerGraph, unit: Unit, split: PrefixSplit, cut: Cut,
-    x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-    recipe: Recipe, channels: Callable[[str, int, str], tuple[int, ...] | None],
-    state: dict[str, torch.Tensor],
-) -> dict[str, Any]:
-    from ..trainer import apply_plan
-    from ..trainer.loop import build_optimizer
-
-    plan = Plan.from_layers(graph, unit.updates(graph, channels), batch_size=recipe.batch_size,
-                            optimizer=recipe.optimizer, filter_mode=recipe.filter_mode)
-    model.load_state_dict(state)
-    torch.manual_seed(recipe.seed)  # dropout
-    handle = apply_plan(model, plan, bn=recipe.bn, graph=graph)
-    try:
-        net = split.suffix(model, cut)
-        opt = build_optimizer(recipe.optimizer, handle.param_groups(), lr=recipe.lr,
-                              momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-        order = torch.Generator().manual_seed(recipe.seed)
-        t0 = time.perf_counter()
-        losses = []
-        n = len(y_train)
-        for _ in range(recipe.epochs):
-            perm = torch.randperm(n, generator=order)
-            for i in range(0, n, recipe.batch_size):
-                idx = perm[i:i + recipe.batch_size]
-                loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-        t1 = time.perf_counter()
-        model.eval()
-        correct, total_loss = 0, 0.0
-        with torch.no_grad():
-            for i in range(0, len(y_val), 256):
-                logits = net(x_val[i:i + 256])
-                total_loss += float(F.cross_entropy(logits, y_val[i:i + 256], reduction="sum"))
-                correct += int((logits.argmax(1) == y_val[i:i + 256]).sum())
-        t2 = time.perf_counter()
-    finally:
-        handle.remove()
-        model.load_state_dict(state)
-    val_loss = total_loss / len(y_val)
-    last = losses[-max(1, len(losses) // max(1, recipe.epochs)):]
-    return {
-        "val_accuracy": correct / len(y_val),
-        "val_loss": val_loss if math.isfinite(val_loss) else None,
-        "train_loss": float(np.mean(last)) if all(map(math.isfinite, last)) else None,
-        "train_seconds": t1 - t0,
-        "eval_seconds": t2 - t1,
-        "seconds": t2 - t0,
-        "cut": cut.name,
-        "layers": len(plan.updates),
-    }

@@ -146,8 +146,9 @@ def _measure(setup, path=None, units=None, **kw):
         scores_digest=digest, units=units, path=path, progress=False, **kw)
 
 
-def _no_cache_reference(setup, unit):
-    """The unit trained the plain way: whole model, apply_plan, same recipe (no prefix cache)."""
+def _no_cache_reference(setup, unit, updates=None):
+    """The unit (or plan) trained the plain way: whole model, apply_plan, same recipe (no
+    prefix cache)."""
     import torch.nn.functional as F
 
     from budgetsearch.plan import Plan
@@ -158,7 +159,7 @@ def _no_cache_reference(setup, unit):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = data(24, 0)
     xv, yv = data(12, 1)
-    plan = Plan.from_layers(graph, unit.updates(graph, channels), batch_size=8,
+    plan = Plan.from_layers(graph, updates or unit.updates(graph, channels), batch_size=8,
                             optimizer="momentum")
     torch.manual_seed(0)
     handle = apply_plan(model, plan, graph=graph)
@@ -280,3 +281,24 @@ def test_contrib_command(tmp_path, capsys):
     assert "was measured for something else (recipe" in capsys.readouterr().err
     assert main([*argv[:-3], "--candidates", "nope", "--out", str(out)]) == 2
     assert "--candidates: nope are not trainable layers" in capsys.readouterr().err
+
+
+def test_plan_runner_trains_any_plan_and_reports_extra_data(setup):
+    from budgetsearch.contrib import PlanRunner
+    from budgetsearch.plan import LayerUpdate
+
+    model, graph, _, _ = setup
+    runner = PlanRunner(model, graph=graph, train=data(24, 0), val=data(12, 1),
+                        extra={"test": data(9, 7)})
+    recipe = Recipe(epochs=1, batch_size=8, lr=0.05)
+    plans = [{"4": LayerUpdate("weight", channels=(1, 5), axis="in"),
+              "3.conv": LayerUpdate("bias"), "9": LayerUpdate("weight")},
+             {"9": LayerUpdate("weight")},
+             {"0": LayerUpdate("bias"), "9": LayerUpdate("bias")}]
+    for updates in plans:  # a later cut, then an earlier one: the cache moves both ways
+        got = runner.run(updates, recipe)
+        acc, loss = _no_cache_reference(setup, None, updates)
+        assert got["val_accuracy"] == pytest.approx(acc)
+        assert got["val_loss"] == pytest.approx(loss, rel=1e-5)
+        assert 0 <= got["test_accuracy"] <= 1 and got["test_loss"] > 0
+    assert runner.stats["cache_seconds"] > 0
