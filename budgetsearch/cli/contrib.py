@@ -226,35 +226,11 @@ def _spawn(argv: list[str], threads: int) -> subprocess.Popen:
 
 
 def _candidates(spec: str, model: Any, graph: Any, train: Any) -> list[str] | None:
-    """The candidate layers of ``--candidates``."""
-    from ..contrib import relative_gradient_norms
+    """The layers of ``--candidates`` (:func:`budgetsearch.contrib.candidate_layers`)."""
+    from ..contrib import candidate_layers
+    from ..errors import PlanError
 
-    head = graph.layer_names[-1]
-    body = graph.layer_names[:-1]
-    if spec == "all":
-        return None
-    if spec.startswith(("top:", "last:")):
-        kind, _, count = spec.partition(":")
-        try:
-            k = int(count)
-        except ValueError:
-            k = 0
-        if k < 1:
-            raise DataError(f"--candidates {spec}: K must be a positive integer")
-        if kind == "last":
-            return body[-k:]
-        # The second half only: over all layers the gradient norm ranks the earliest first,
-        # whose units cost a backward pass through the whole network; on MCUNet-5fps (1,000
-        # CIFAR-10 images, 128 px, the default recipe) the 56 units of the three it picked
-        # first reached 0.14-0.50 validation accuracy against 0.60 for the classifier alone.
-        late = set(body[len(body) // 2:])
-        n = min(256, len(train[1]))
-        norms = relative_gradient_norms(model, graph, train[0][:n], train[1][:n])
-        ranked = sorted((x for x in norms if x in late), key=lambda x: -norms[x])
-        return ranked[:k]
-    names = _csv(spec, "--candidates")
-    unknown = [x for x in names if x not in graph.layers or x == head]
-    if unknown:
-        raise DataError(f"--candidates: {', '.join(unknown)} are not trainable layers before "
-                        f"the classifier (e.g. {', '.join(graph.layer_names[-3:-1])})")
-    return names
+    try:
+        return candidate_layers(spec, model=model, graph=graph, train=train)
+    except PlanError as exc:
+        raise DataError(f"--candidates {exc}") from None

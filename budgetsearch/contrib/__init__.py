@@ -14,6 +14,7 @@ from __future__ import annotations
 from .measure import (
     PlanRunner,
     analysis_key,
+    candidate_layers,
     load_tensors,
     measure_contributions,
     relative_gradient_norms,
@@ -34,6 +35,7 @@ __all__ = [
     "analysis_key",
     "bias_layers",
     "build_units",
+    "candidate_layers",
     "load_tensors",
     "measure_contributions",
     "parse_unit",

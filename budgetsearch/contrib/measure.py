@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import DataError
+from ..errors import DataError, PlanError
 from ..graph import LayerGraph
 from ..plan import Plan
 from ..recipe import Recipe
@@ -33,6 +33,7 @@ from .units import Unit, bias_layers, build_units
 __all__ = [
     "PlanRunner",
     "analysis_key",
+    "candidate_layers",
     "load_tensors",
     "measure_contributions",
     "relative_gradient_norms",
@@ -112,6 +113,52 @@ def relative_gradient_norms(
         model.train(was)
     return {n: float(sums[n].norm() / len(labels) / weights[n].detach().norm().clamp_min(1e-12))
             for n in weights}
+
+
+def candidate_layers(
+    spec: str, *, model: nn.Module, graph: LayerGraph,
+    train: tuple[torch.Tensor, torch.Tensor],
+) -> list[str] | None:
+    """The layers whose weight units are measured.
+
+    Args:
+        spec: ``all`` (None is returned: every layer before the classifier), ``last:K`` (the last
+            K before the classifier), ``top:K`` (of the second half of the network, the K of
+            largest relative gradient norm on up to 256 training images), or comma-separated
+            layer names.
+        model: The model (its new head in place).
+        graph: Its layer graph.
+        train: Training images and labels.
+
+    Raises:
+        PlanError: A malformed spec or names that are not layers before the classifier.
+    """
+    head = graph.layer_names[-1]
+    body = graph.layer_names[:-1]
+    if spec == "all":
+        return None
+    if spec.startswith(("top:", "last:")):
+        kind, _, count = spec.partition(":")
+        k = int(count) if count.isdigit() else 0
+        if k < 1:
+            raise PlanError(f"{spec}: K must be a positive integer")
+        if kind == "last":
+            return body[-k:]
+        # The second half only: over all layers the gradient norm ranks the earliest first,
+        # whose units cost a backward pass through the whole network; on MCUNet-5fps (1,000
+        # CIFAR-10 images, 128 px, the default recipe) the 56 units of the three it picked
+        # first reached 0.14-0.50 validation accuracy against 0.60 for the classifier alone.
+        late = set(body[len(body) // 2:])
+        n = min(256, len(train[1]))
+        norms = relative_gradient_norms(model, graph, train[0][:n], train[1][:n])
+        return sorted((x for x in norms if x in late), key=lambda x: -norms[x])[:k]
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [x for x in names if x not in graph.layers or x == head]
+    if unknown or not names:
+        shown = ", ".join(unknown) if unknown else repr(spec)
+        raise PlanError(f"{shown}: not trainable layers before the "
+                        f"classifier (e.g. {', '.join(body[-2:])})")
+    return names
 
 
 def measure_contributions(

@@ -280,7 +280,8 @@ def test_contrib_command(tmp_path, capsys):
     assert main([*argv, "--lr", "0.5"]) == 2
     assert "was measured for something else (recipe" in capsys.readouterr().err
     assert main([*argv[:-3], "--candidates", "nope", "--out", str(out)]) == 2
-    assert "--candidates: nope are not trainable layers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--candidates nope: not trainable layers before the classifier" in err
 
 
 def test_plan_runner_trains_any_plan_and_reports_extra_data(setup):
