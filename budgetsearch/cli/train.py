@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import BudgetSearchError, DataError, PlanError
 
-__all__ = ["load_splits", "register", "run"]
+__all__ = ["Splits", "load_splits", "register", "run"]
 
 _VAL_SPLITS = ("test", "val", "validation", "valid")
 _REGISTRY_SETS = ("cifar10", "cifar-10", "fashion-mnist", "fashionmnist", "fmnist", "mnist")
@@ -44,8 +44,10 @@ def register(subparsers: Any) -> None:
                    help="cifar10, fashion-mnist, mnist, an image-folder directory (class "
                         "folders, optionally under train/ and test/ or val/) or a .tar.gz")
     p.add_argument("--val-data", default=None,
-                   help="validation data (default: the test/val split of --data; a folder "
-                        "without splits gets a seeded 20%% hold-out)")
+                   help="validation data (default: a stratified, seeded --val-fraction of the "
+                        "training data; the test/val split of --data is only reported as test)")
+    p.add_argument("--val-fraction", type=float_range(0, 1, low_open=True, high_open=True),
+                   default=0.2, help="share of the training data held out for validation (0.2)")
     p.add_argument("--epochs", type=int_range(1, MAX_EPOCHS), required=True,
                    help=f"epochs, 1 to {MAX_EPOCHS:,}")
     p.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE), default=None,
@@ -76,8 +78,12 @@ def register(subparsers: Any) -> None:
                         "plan's)")
     p.add_argument("--train-samples", type=int_range(1, MAX_SAMPLES), default=None,
                    help="train on a seeded random subset of this many images")
+    p.add_argument("--test-samples", type=int_range(1, MAX_SAMPLES), default=None,
+                   help="report test accuracy on a seeded class-balanced subset of this many "
+                        "test images (default all)")
     p.add_argument("--val-samples", type=int_range(1, MAX_SAMPLES), default=None,
-                   help="validate on a seeded random subset of this many images")
+                   help="validation images held out of the training data (default: "
+                        "--val-fraction); with --val-data, a class-balanced subset of it")
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
     p.add_argument("--threads", type=int_range(1, _MAX_THREADS), default=None,
                    help=f"torch threads during training, 1 to {_MAX_THREADS}")
@@ -93,11 +99,27 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+class Splits(NamedTuple):
+    """The data of a run: training, validation (every choice: the best epoch) and test (only
+    reported; None where the source has no test split)."""
+
+    train: Any
+    val: Any
+    test: Any | None
+
+
 def load_splits(
     spec: str, val_spec: str | None, *, image_size: int, normalization: str,
     train_samples: int | None, val_samples: int | None, seed: int,
-) -> tuple[Any, Any]:
-    """Training and validation data sets of ``spec`` (see the ``--data``/``--val-data`` help).
+    val_fraction: float = 0.2, test_samples: int | None = None,
+) -> Splits:
+    """Training, validation and test data of ``spec`` (see the ``--data``/``--val-data`` help).
+
+    Without ``val_spec`` the validation split is carved (stratified, seeded) out of the training
+    data: ``val_samples`` images, or ``val_fraction`` of the training split (of the
+    ``train_samples`` + validation images drawn, class-balanced, when ``train_samples`` is
+    given). The source's test (or val) split, where it has one, becomes the test data: only
+    reported, never used to choose anything.
 
     Raises:
         DataError: If a data set cannot be loaded or is too small for the subsets asked.
@@ -105,25 +127,41 @@ def load_splits(
     from ..data import balanced_draw, load_dataset, split_validation
 
     kw = {"image_size": image_size, "normalization": normalization, "seed": seed}
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be in (0, 1); got {val_fraction}")
+    flat = _is_flat(spec)
+    test = None
+    if not flat:
+        for split in _VAL_SPLITS:
+            if _has_split(spec, split):
+                test = load_dataset(spec, split=split, limit=test_samples, **kw)
+                break
+    if val_spec is not None:
+        train = load_dataset(spec, split="train", limit=train_samples, **kw)
+        for split in ("train", *_VAL_SPLITS) if _is_flat(val_spec) else _VAL_SPLITS:
+            if _is_flat(val_spec) or _has_split(val_spec, split):
+                val = load_dataset(val_spec, split="train" if _is_flat(val_spec) else split,
+                                   limit=val_samples, **kw)
+                return Splits(train, val, test)
+        raise DataError(f"{val_spec}: no validation split ({', '.join(_VAL_SPLITS)})")
+    pool = load_dataset(spec, split="train", **kw)
+    if train_samples is not None:
+        n_val = val_samples or max(1, round(train_samples * val_fraction / (1 - val_fraction)))
+        if train_samples + n_val > len(pool):
+            raise DataError(f"{spec}: --train-samples {train_samples} plus {n_val} validation "
+                            f"images, but the training split has only {len(pool)}")
+        pool = pool.subset(balanced_draw(pool.targets, train_samples + n_val, seed=seed))
+        val_samples = n_val
+    train, val = split_validation(pool, fraction=val_fraction, size=val_samples, seed=seed)
+    return Splits(train, val, test)
+
+
+def _is_flat(spec: str) -> bool:
+    """A folder of class folders without split folders (and not IDX files)."""
     path = Path(spec).expanduser()
-    flat = (path.is_dir() and spec.lower() not in _REGISTRY_SETS
-            and not any((path / s).is_dir() for s in ("train", *_VAL_SPLITS)))
-    if flat and val_spec is None:
-        everything = load_dataset(spec, split="train", **kw)
-        train, val = split_validation(everything, fraction=0.2, size=val_samples, seed=seed)
-        if train_samples is not None:
-            if train_samples > len(train):
-                raise DataError(f"{spec}: --train-samples {train_samples} but only {len(train)} "
-                                f"images are left after holding out {len(val)} for validation")
-            train = train.subset(balanced_draw(train.targets, train_samples, seed=seed))
-        return train, val
-    train = load_dataset(spec, split="train", limit=train_samples, **kw)
-    source = val_spec or spec
-    for split in _VAL_SPLITS:
-        if not _has_split(source, split):
-            continue
-        return train, load_dataset(source, split=split, limit=val_samples, **kw)
-    raise DataError(f"{source}: no validation split ({', '.join(_VAL_SPLITS)}); give --val-data")
+    return (path.is_dir() and spec.lower() not in _REGISTRY_SETS
+            and not any((path / s).is_dir() for s in ("train", *_VAL_SPLITS))
+            and not any(path.glob("*-images-idx3-ubyte*")))
 
 
 def _has_split(spec: str, split: str) -> bool:
@@ -158,9 +196,12 @@ def run(args: argparse.Namespace) -> int:
         normalization = "mcu" if input_spec(args.model).mean == MCU_INPUT_MEAN else "imagenet"
     except BudgetSearchError:  # an unknown name: load_model below says so
         normalization = "imagenet"
-    train, val = load_splits(args.data, args.val_data, image_size=size,
-                             normalization=normalization, train_samples=args.train_samples,
-                             val_samples=args.val_samples, seed=args.seed)
+    train, val, test = load_splits(args.data, args.val_data, image_size=size,
+                                   normalization=normalization,
+                                   train_samples=args.train_samples,
+                                   val_samples=args.val_samples, seed=args.seed,
+                                   val_fraction=args.val_fraction,
+                                   test_samples=args.test_samples)
     from ..trainer.checks import dataset_classes
 
     classes = dataset_classes(train) or []
@@ -171,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     optimizer = args.optimizer or plan.optimizer
     lr = args.lr if args.lr is not None else (1e-3 if optimizer == "adam" else 0.01)
     trainer = Trainer(
-        model, plan, train_data=train, val_data=val, epochs=args.epochs, out_dir=args.out,
+        model, plan, train_data=train, val_data=val, test_data=test, epochs=args.epochs,
+        out_dir=args.out,
         batch_size=args.batch_size, lr=lr, optimizer=optimizer, momentum=args.momentum,
         weight_decay=args.weight_decay, seed=args.seed, dynamic=args.dynamic, every=args.every,
         budget_bytes=parse_bytes(args.budget, what="--budget") if args.budget else None,
@@ -181,7 +223,10 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(f"training {args.model} ({len(plan.updates)} layers updated, "
               f"{plan.provenance.get('method', 'plan')}) on {len(train)} images of "
-              f"{len(classes)} classes, validating on {len(val)}; {size}px, batch "
+              f"{len(classes)} classes, validating on {len(val)}"
+              f"{'' if args.val_data else ' (held out of the training data)'}"
+              f"{f', testing on {len(test)} (only reported)' if test is not None else ''}; "
+              f"{size}px, batch "
               f"{trainer.batch_size}, {optimizer} lr {lr:g}\n")
     if trainer.budget:
         b = trainer.budget
@@ -189,8 +234,13 @@ def run(args: argparse.Namespace) -> int:
                   f"{format_bytes(b['budget_bytes'])} ({b['measure']} memory)\n")
     doc = trainer.fit(resume=args.resume)
     best, final = doc["best_val_accuracy"], doc["final_val_accuracy"]
+    tested = ""
+    if doc.get("final_test_accuracy") is not None:
+        tested = (f"; test accuracy {doc['final_test_accuracy']:.4f} final, "
+                  f"{doc['test_accuracy_at_best_epoch']:.4f} at the best validation epoch")
     out.write(
-        f"done: final val accuracy {final:.4f}, best {best:.4f} (epoch {doc['best_epoch']}); "
+        f"done: final val accuracy {final:.4f}, best {best:.4f} (epoch {doc['best_epoch']})"
+        f"{tested}; "
         f"{doc['images_per_s']:.1f} img/s; saved activations "
         f"{format_bytes(doc['saved_activation_bytes'])}/step; backward "
         f"{doc['backward_ms']:.0f} ms/step\nwrote {Path(args.out) / 'metrics.json'}\n"

@@ -48,8 +48,15 @@ def _num_classes(data: Any) -> int | None:
     return None
 
 
-def check_classes(train_data: Dataset, val_data: Dataset | None, graph: LayerGraph) -> int:
+def check_classes(train_data: Dataset, val_data: Dataset | None, graph: LayerGraph, *,
+                  other: str = "validation") -> int:
     """The model's number of outputs, after checking the data sets against it.
+
+    Args:
+        train_data: The training data.
+        val_data: The other data set (validation, or test with ``other="test"``), or None.
+        graph: The model's layer graph.
+        other: What the other data set is, for messages.
 
     Raises:
         DataError: If a data set has another number of classes than the head has outputs, or
@@ -57,7 +64,7 @@ def check_classes(train_data: Dataset, val_data: Dataset | None, graph: LayerGra
     """
     head = list(graph.layers)[-1]
     outputs = graph.layers[head].out_channels
-    for what, data in (("training", train_data), ("validation", val_data)):
+    for what, data in (("training", train_data), (other, val_data)):
         if data is None:
             continue
         n = _num_classes(data)
@@ -71,8 +78,8 @@ def check_classes(train_data: Dataset, val_data: Dataset | None, graph: LayerGra
     a, b = dataset_classes(train_data), dataset_classes(val_data) if val_data is not None else None
     if a is not None and b is not None and a != b:
         diff = [f"{x} / {y}" for x, y in zip(a, b, strict=False) if x != y][:4]
-        raise DataError("the validation classes differ from the training classes (training / "
-                        f"validation: {'; '.join(diff)}); give both splits the same class folders")
+        raise DataError(f"the {other} classes differ from the training classes (training / "
+                        f"{other}: {'; '.join(diff)}); give both splits the same class folders")
     return outputs
 
 

@@ -95,7 +95,12 @@ class Trainer:
         model: The plain model (no plan applied); trained in place, returned plain by :meth:`fit`.
         plan: The plan (for dynamic modes: the initial one).
         train_data: Map-style data set of ``(image, label)``.
-        val_data: Validation data set, evaluated after every epoch (None: no evaluation).
+        val_data: Validation data set, evaluated after every epoch (None: no evaluation); the
+            best epoch is chosen on it. Carve it out of the training data
+            (:func:`budgetsearch.data.split_validation`), not from the test split.
+        test_data: Test data set, evaluated after every epoch and only reported
+            (``test_accuracy`` per epoch, ``test_accuracy_at_best_epoch``,
+            ``final_test_accuracy``); None: none.
         epochs: Total number of epochs.
         out_dir: Run directory.
         batch_size: Batch size; the plan's by default.
@@ -126,7 +131,8 @@ class Trainer:
 
     def __init__(
         self, model: nn.Module, plan: Plan, *, train_data: Dataset, val_data: Dataset | None,
-        epochs: int, out_dir: str | Path, batch_size: int | None = None, lr: float = 0.01,
+        epochs: int, out_dir: str | Path, test_data: Dataset | None = None,
+        batch_size: int | None = None, lr: float = 0.01,
         optimizer: str | None = None, momentum: float = 0.9, weight_decay: float = 0.0,
         seed: int = 0, dynamic: str | None = None, every: int = 1,
         budget_bytes: int | None = None, cost_model: Any = None, accounting: str = "device",
@@ -136,7 +142,7 @@ class Trainer:
         loss_fn: LossFn | None = None,
     ) -> None:
         self.model, self.plan = model, plan
-        self.train_data, self.val_data = train_data, val_data
+        self.train_data, self.val_data, self.test_data = train_data, val_data, test_data
         self.epochs, self.out_dir = int(epochs), Path(out_dir)
         self.batch_size = int(batch_size or plan.batch_size)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), weight_decay
@@ -157,6 +163,8 @@ class Trainer:
                                            model_name=plan.model)
         plan.validate(self.graph)
         self.num_classes = check_classes(train_data, val_data, self.graph)
+        if test_data is not None:
+            check_classes(train_data, test_data, self.graph, other="test")
         self.cost_model = cost_model or build_cost_model(
             plan, self.graph, batch_size=self.batch_size, optimizer=self.optimizer_name,
             bn_train=bn == "train", accounting=accounting)
@@ -233,7 +241,9 @@ class Trainer:
                     doc = self._diverged(plan, rows, epoch, exc, ckpt_dir)
                     raise TrainingError(doc["reason"], epoch=epoch + 1, step=exc.step,
                                         checkpoint=_last(ckpt_dir)) from None
-                row.update(self._evaluate())
+                row.update(self._evaluate(self.val_data, "val"))
+                if self.test_data is not None:
+                    row.update(self._evaluate(self.test_data, "test"))
                 row.update(trainable_params=handle.trainable_params,
                            updated_layers=len(plan.updates), replanned=False)
                 if self.replanner is not None:
@@ -313,13 +323,13 @@ class Trainer:
                 "backward_ms": 1e3 * bwd / steps, "saved_activation_bytes": saved}
 
     @torch.no_grad()
-    def _evaluate(self) -> dict[str, float | None]:
-        if self.val_data is None or len(self.val_data) == 0:
-            return {"val_loss": None, "val_accuracy": None}
+    def _evaluate(self, data: Dataset | None, prefix: str) -> dict[str, float | None]:
+        if data is None or len(data) == 0:
+            return {f"{prefix}_loss": None, f"{prefix}_accuracy": None}
         was = {m: m.training for m in self.model.modules()}
         self.model.eval()
         try:
-            loader = DataLoader(self.val_data, batch_size=self.batch_size, shuffle=False)
+            loader = DataLoader(data, batch_size=self.batch_size, shuffle=False)
             seen = correct = 0
             loss_sum = 0.0
             for x, y in loader:
@@ -330,7 +340,7 @@ class Trainer:
         finally:
             for module, mode in was.items():
                 module.training = mode
-        return {"val_loss": loss_sum / seen, "val_accuracy": correct / seen}
+        return {f"{prefix}_loss": loss_sum / seen, f"{prefix}_accuracy": correct / seen}
 
     def _replan(self, plan: Plan, handle: PlanHandle, opt: Any, epoch: int) -> tuple:
         assert self.replanner is not None
@@ -381,6 +391,7 @@ class Trainer:
                 "bn": self.bn, "filter_mode": self.filter_mode,
                 "threads": self.threads, "train_samples": len(self.train_data),
                 "val_samples": len(self.val_data) if self.val_data is not None else 0,
+                "test_samples": len(self.test_data) if self.test_data is not None else 0,
                 "input_size": list(self.graph.input_shape[1:])}
 
     def _document(self, plan: Plan, rows: list, status: str) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 ``metrics.json`` holds ``status`` (``running``, ``completed`` or ``diverged``), ``reason`` (why it
 stopped, if it did not complete), the run's configuration and plan summary, one row per epoch
-(:data:`EPOCH_FIELDS`), and the summary: ``best_val_accuracy`` and ``best_epoch``,
-``final_val_accuracy``, mean ``images_per_s``, ``saved_activation_bytes`` (as measured on the first
+(:data:`EPOCH_FIELDS`), and the summary: ``best_val_accuracy`` and ``best_epoch`` (chosen on
+validation), ``final_val_accuracy``, with test data ``test_accuracy_at_best_epoch`` and
+``final_test_accuracy`` (test data is only reported, never used for a choice), mean
+``images_per_s``, ``saved_activation_bytes`` (as measured on the first
 step of the last epoch), mean ``backward_ms`` per step. Both files are rewritten atomically after
 every epoch.
 """
@@ -30,6 +32,8 @@ EPOCH_FIELDS = (
     "train_accuracy",
     "val_loss",
     "val_accuracy",
+    "test_loss",
+    "test_accuracy",
     "images_per_s",
     "epoch_s",
     "step_ms",
@@ -46,13 +50,17 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Best and final accuracy, mean speed and the last measured memory of the epoch rows."""
     if not rows:
         return {"best_val_accuracy": None, "best_epoch": None, "final_val_accuracy": None,
+                "test_accuracy_at_best_epoch": None, "final_test_accuracy": None,
                 "images_per_s": None, "saved_activation_bytes": None, "backward_ms": None}
     scored = [r for r in rows if _finite(r.get("val_accuracy"))]
-    best = max(scored, key=lambda r: r["val_accuracy"]) if scored else None
+    # the best epoch is chosen on validation (the earliest of equals); test is only reported
+    best = max(scored, key=lambda r: (r["val_accuracy"], -r["epoch"])) if scored else None
     return {
         "best_val_accuracy": best["val_accuracy"] if best else None,
         "best_epoch": best["epoch"] if best else None,
         "final_val_accuracy": rows[-1].get("val_accuracy"),
+        "test_accuracy_at_best_epoch": best.get("test_accuracy") if best else None,
+        "final_test_accuracy": rows[-1].get("test_accuracy"),
         "images_per_s": _mean([r.get("images_per_s") for r in rows]),
         "saved_activation_bytes": rows[-1].get("saved_activation_bytes"),
         "backward_ms": _mean([r.get("backward_ms") for r in rows]),
@@ -90,6 +98,8 @@ def epoch_line(row: Mapping[str, Any], epochs: int) -> str:
     """One line summarising an epoch row, for the console."""
     val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}"
            if row.get("val_accuracy") is not None else "no validation")
+    if row.get("test_accuracy") is not None:
+        val += f" (test acc {row['test_accuracy']:.4f})"
     return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} acc "
             f"{row['train_accuracy']:.4f}; {val}; {row['images_per_s']:.1f} img/s; saved "
             f"activations {row['saved_activation_bytes'] / 2**20:.1f} MB/step; backward "

@@ -98,25 +98,29 @@ def _counts(data, num_classes):
                                   "idx"])
 @pytest.mark.parametrize("n", [5, 10, 17])
 def test_train_subset_is_balanced_on_every_source(sources, kind, n):
-    train, val = load_splits(sources[kind], None, image_size=4, normalization="imagenet",
-                             train_samples=n, val_samples=None, seed=3)
-    assert len(train) == n
+    train, val, test = load_splits(sources[kind], None, image_size=4, normalization="imagenet",
+                                   train_samples=n, val_samples=None, seed=3)
+    assert len(train) == n and len(val) == max(1, round(n * 0.25))
     counts = _counts(train, 10)[:5]
     assert counts.min() >= n // 5 and counts.max() <= -(-n // 5), counts
     assert len(val) > 0
-    again, _ = load_splits(sources[kind], None, image_size=4, normalization="imagenet",
-                           train_samples=n, val_samples=None, seed=3)
+    # validation is carved out of the training split; the test split is only reported
+    assert (test is None) == (kind == "flat")
+    if test is not None:
+        assert len(test) == 10
+    again, _, _ = load_splits(sources[kind], None, image_size=4, normalization="imagenet",
+                              train_samples=n, val_samples=None, seed=3)
     assert np.array_equal(train.targets, again.targets)
 
 
 def test_flat_folder_holds_out_a_stratified_validation_split(sources):
-    train, val = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
-                             train_samples=None, val_samples=None, seed=0)
+    train, val, _ = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
+                                train_samples=None, val_samples=None, seed=0)
     assert len(train) + len(val) == 60 and len(val) == 12
     assert sorted(_counts(val, 5).tolist()) == [2, 2, 2, 3, 3]  # 12 / 5 classes
     assert not set(map(str, train._images)) & set(map(str, val._images))
-    other, _ = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
-                           train_samples=None, val_samples=None, seed=1)
+    other, _, _ = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
+                              train_samples=None, val_samples=None, seed=1)
     assert set(map(str, other._images)) != set(map(str, train._images))
 
 
@@ -124,8 +128,8 @@ def test_imbalanced_flat_folder_keeps_every_class_it_can(tmp_path):
     # Class sizes 3, 40, 40, 2, 40: a draw of 20 (4 a class) keeps all of the small classes it
     # can and shares the rest evenly.
     root = _folder(tmp_path / "skewed", [3, 40, 40, 2, 40])
-    train, val = load_splits(str(root), None, image_size=4, normalization="imagenet",
-                             train_samples=20, val_samples=10, seed=0)
+    train, val, _ = load_splits(str(root), None, image_size=4, normalization="imagenet",
+                                train_samples=20, val_samples=10, seed=0)
     counts, held = _counts(train, 5), _counts(val, 5)
     assert counts.sum() == 20 and held.sum() == 10
     assert counts[0] == 3 - held[0] and counts[3] == 2 - held[3]  # all the small classes have
@@ -134,7 +138,8 @@ def test_imbalanced_flat_folder_keeps_every_class_it_can(tmp_path):
 
 
 def test_too_many_train_samples_is_a_named_error(sources):
-    with pytest.raises(DataError, match=r"--train-samples 100 but only 48 images are left"):
+    with pytest.raises(DataError, match=r"--train-samples 100 plus 25 validation images, but "
+                       r"the training split has only 60"):
         load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
                     train_samples=100, val_samples=None, seed=0)
 
@@ -142,7 +147,25 @@ def test_too_many_train_samples_is_a_named_error(sources):
 def test_flat_folder_subset_is_not_the_first_files_in_class_order(sources):
     # The bug this guards against: sorting the shuffled training indices and keeping the first
     # N gave N images of the first class.
-    train, _ = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
-                           train_samples=12, val_samples=None, seed=0)
+    train, _, _ = load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
+                              train_samples=12, val_samples=None, seed=0)
     assert (_counts(train, 5) > 0).all()
     assert data_module.ImageDataset is type(train)
+
+
+def test_split_folder_validates_on_training_images_and_tests_on_the_test_split(sources):
+    train, val, test = load_splits(sources["split folder"], None, image_size=4,
+                                   normalization="imagenet", train_samples=None,
+                                   val_samples=None, seed=0, val_fraction=0.25)
+    assert (len(train), len(val), len(test)) == (45, 15, 10)
+    names = {str(p) for p in train._images} | {str(p) for p in val._images}
+    assert all("/train/" in n for n in names) and all("/test/" in str(p) for p in test._images)
+    assert not {str(p) for p in train._images} & {str(p) for p in val._images}
+    # an explicit --val-data is used as it is (its test/val split)
+    _, given, _ = load_splits(sources["split folder"], sources["tar.gz"], image_size=4,
+                              normalization="imagenet", train_samples=None, val_samples=None,
+                              seed=0)
+    assert len(given) == 10
+    with pytest.raises(DataError, match=r"--val-fraction must be in \(0, 1\)"):
+        load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
+                    train_samples=None, val_samples=None, seed=0, val_fraction=1.0)

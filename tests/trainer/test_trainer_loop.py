@@ -249,3 +249,26 @@ def test_dynamic_neq_resumes_identically(splits, tmp_path):
     resumed = run(tmp_path / "cut", resume=True)
     assert strip(resumed["epochs"]) == strip(full["epochs"])
     assert resumed["dynamic"] == full["dynamic"]
+
+
+def test_test_data_is_reported_and_never_chooses_the_epoch(splits, tmp_path):
+    from budgetsearch.data import split_validation
+    from budgetsearch.trainer.metrics import summarize
+
+    train, test = splits
+    train, val = split_validation(train, fraction=0.3, seed=0)
+    doc = trainer((train, val), tmp_path, epochs=3, test_data=test).fit()
+    rows = doc["epochs"]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0 for r in rows)
+    best = max(rows, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+    assert doc["best_epoch"] == best["epoch"]
+    assert doc["test_accuracy_at_best_epoch"] == best["test_accuracy"]
+    assert doc["final_test_accuracy"] == rows[-1]["test_accuracy"]
+    assert doc["config"]["test_samples"] == len(test)
+    # the best epoch follows validation even where test disagrees
+    made = [{"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.9},
+            {"epoch": 2, "val_accuracy": 0.7, "test_accuracy": 0.1},
+            {"epoch": 3, "val_accuracy": 0.7, "test_accuracy": 0.8}]
+    s = summarize(made)
+    assert (s["best_epoch"], s["test_accuracy_at_best_epoch"], s["final_test_accuracy"]) == (
+        2, 0.1, 0.8)
