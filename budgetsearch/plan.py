@@ -23,13 +23,13 @@ from .errors import PlanError
 from .fingerprint import diff_layer_shapes, fingerprint
 from .graph import LayerGraph
 from .ops.filtered import MODES as FILTER_OP_MODES
+from .recipe import OPTIMIZERS, Recipe
 
 __all__ = ["SCHEMA_VERSION", "LayerUpdate", "Plan", "load_plan", "plan_schema"]
 
 SCHEMA_VERSION = 1
 MODES = ("bias", "weight")
 AXES = ("out", "in")
-OPTIMIZERS = ("sgd", "momentum", "adam")
 #: Gradient-filter variants: those of the operator (budgetsearch.ops.filtered.MODES).
 FILTER_MODES = FILTER_OP_MODES
 _SCHEMA_PATH = Path(__file__).parent / "schema" / "plan.schema.json"
@@ -99,6 +99,8 @@ class Plan:
             :mod:`budgetsearch.ops.filtered`).
         predicted: Predicted costs (filled by the cost model), a plain mapping.
         provenance: How the plan was made (method, parameters, versions), a plain mapping.
+        recipe: How to train it (learning rate, epochs, ...), when the planner chose one: a
+            training loop should use it unless told otherwise; None: no recipe.
     """
 
     updates: Mapping[str, LayerUpdate]
@@ -113,6 +115,7 @@ class Plan:
     filter_mode: str = "normalized"
     predicted: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    recipe: Recipe | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -258,6 +261,7 @@ class Plan:
             "updates": {name: u.to_dict() for name, u in self.updates.items()},
             "predicted": dict(self.predicted),
             "provenance": dict(self.provenance),
+            **({"recipe": self.recipe.to_dict()} if self.recipe is not None else {}),
         }
 
     @classmethod
@@ -306,6 +310,8 @@ class Plan:
                 filter_mode=data.get("filter_mode", "normalized"),
                 predicted=data.get("predicted") or {},
                 provenance=data.get("provenance") or {},
+                recipe=(Recipe.from_dict(data["recipe"], source="field recipe")
+                        if data.get("recipe") is not None else None),
             )
         except PlanError as exc:
             raise PlanError(f"{source}: {exc}") from None

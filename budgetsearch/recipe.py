@@ -13,9 +13,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import PlanError
-from .plan import FILTER_MODES, OPTIMIZERS
+from .ops.filtered import MODES as FILTER_MODES
 
-__all__ = ["Recipe"]
+__all__ = ["OPTIMIZERS", "Recipe"]
+
+#: Optimizers a plan can be trained with: SGD, SGD with momentum, Adam.
+OPTIMIZERS = ("sgd", "momentum", "adam")
 
 _BN = ("frozen", "train")
 

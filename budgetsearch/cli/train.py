@@ -48,22 +48,25 @@ def register(subparsers: Any) -> None:
                         "training data; the test/val split of --data is only reported as test)")
     p.add_argument("--val-fraction", type=float_range(0, 1, low_open=True, high_open=True),
                    default=0.2, help="share of the training data held out for validation (0.2)")
-    p.add_argument("--epochs", type=int_range(1, MAX_EPOCHS), required=True,
-                   help=f"epochs, 1 to {MAX_EPOCHS:,}")
+    p.add_argument("--epochs", type=int_range(1, MAX_EPOCHS), default=None,
+                   help=f"epochs, 1 to {MAX_EPOCHS:,} (default: the plan's recipe; needed "
+                        "when the plan has none)")
     p.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE), default=None,
-                   help=f"1 to {MAX_BATCH_SIZE} (default: the plan's)")
+                   help=f"1 to {MAX_BATCH_SIZE} (default: the plan's recipe, else the plan's)")
     p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=None,
-                   help="learning rate in (0, 10] (default 0.01, 0.001 with adam)")
+                   help="learning rate in (0, 10] (default: the plan's recipe, else 0.01, "
+                        "0.001 with adam)")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=None,
-                   help="default: the plan's")
-    p.add_argument("--momentum", type=float_range(0, 1, high_open=True), default=0.9,
-                   help="momentum of the momentum optimizer, in [0, 1) (0.9)")
-    p.add_argument("--weight-decay", type=float_range(0, 1), default=0.0,
-                   help="weight decay, in [0, 1] (0)")
-    p.add_argument("--bn", choices=("frozen", "train"), default="frozen",
-                   help="batch norm frozen on running statistics (default) or trained")
+                   help="default: the plan's recipe, else the plan's optimizer")
+    p.add_argument("--momentum", type=float_range(0, 1, high_open=True), default=None,
+                   help="momentum of the momentum optimizer, in [0, 1) (the recipe's, else 0.9)")
+    p.add_argument("--weight-decay", type=float_range(0, 1), default=None,
+                   help="weight decay, in [0, 1] (the recipe's, else 0)")
+    p.add_argument("--bn", choices=("frozen", "train"), default=None,
+                   help="batch norm frozen on running statistics or trained (the recipe's, "
+                        "else frozen)")
     p.add_argument("--filter-mode", choices=("normalized", "paper", "corrected"), default=None,
-                   help="gradient-filter variant (default: the plan's)")
+                   help="gradient-filter variant (default: the plan's recipe, else the plan's)")
     p.add_argument("--dynamic", choices=("neq", "fisher"), default=None,
                    help="re-select channels every --every epochs under the plan's budget")
     p.add_argument("--every", type=int_range(1, MAX_EPOCHS), default=1,
@@ -84,7 +87,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--val-samples", type=int_range(1, MAX_SAMPLES), default=None,
                    help="validation images held out of the training data (default: "
                         "--val-fraction); with --val-data, a class-balanced subset of it")
-    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=None,
+                   help="seed of the splits, the head and the batch order (the recipe's, else 0)")
     p.add_argument("--threads", type=int_range(1, _MAX_THREADS), default=None,
                    help=f"torch threads during training, 1 to {_MAX_THREADS}")
     p.add_argument("--ignore-budget", action="store_true",
@@ -175,6 +179,29 @@ def _has_split(spec: str, split: str) -> bool:
     return (path / split).is_dir() if has_splits else split == "test"
 
 
+def _apply_recipe(args: argparse.Namespace, plan: Any) -> None:
+    """Fill the training options not given on the command line from the plan's recipe (then
+    from the defaults).
+
+    Raises:
+        PlanError: Without ``--epochs`` for a plan that carries no recipe.
+    """
+    recipe = plan.recipe
+    fields = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "bn",
+              "filter_mode", "seed")
+    given = {f for f in fields if getattr(args, f) is not None}
+    if recipe is not None:
+        for f in fields:
+            if f not in given:
+                setattr(args, f, getattr(recipe, f))
+    elif args.epochs is None:
+        raise PlanError(f"{args.plan} carries no recipe: give --epochs (and --lr)")
+    for f, default in (("momentum", 0.9), ("weight_decay", 0.0), ("bn", "frozen"), ("seed", 0)):
+        if getattr(args, f) is None:
+            setattr(args, f, default)
+    args.recipe_used = sorted(set(fields) - given) if recipe is not None else []
+
+
 def run(args: argparse.Namespace) -> int:
     """Load plan, data and model; train; print a summary."""
     import torch
@@ -187,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.system_allocator:
         tune_host_allocator()
     plan = load_plan(args.plan)
+    _apply_recipe(args, plan)
     height, width = plan.input_size
     size = args.input_size or height
     if args.input_size is None and height != width:
@@ -228,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
               f"{f', testing on {len(test)} (only reported)' if test is not None else ''}; "
               f"{size}px, batch "
               f"{trainer.batch_size}, {optimizer} lr {lr:g}\n")
+    if args.recipe_used:
+        out.write("from the plan's recipe: " + ", ".join(
+            f"{f} {getattr(args, f)}" for f in args.recipe_used) + "\n")
     if trainer.budget:
         b = trainer.budget
         out.write(f"budget on {plan.device}: {format_bytes(b['memory_bytes'])} of "

@@ -76,3 +76,46 @@ def test_head_mismatch_is_a_clear_error(setup, capsys):
     assert code == 2
     assert "error:" in err and ("another model" in err or "num_classes=2" in err)
     assert "Traceback" not in err
+
+
+def test_the_plans_recipe_is_used_unless_told_otherwise(setup, capsys):
+    from budgetsearch.plan import load_plan
+    from budgetsearch.recipe import Recipe
+
+    root = setup
+    plan = load_plan(root / "plan.json")
+    with_recipe = plan.with_(recipe=Recipe(optimizer="sgd", lr=0.03, epochs=2, batch_size=4,
+                                           seed=5))
+    with_recipe.save(root / "recipe-plan.json")
+    assert load_plan(root / "recipe-plan.json").recipe == with_recipe.recipe
+    args = ["train", "--model", NAME, "--plan", str(root / "recipe-plan.json"), "--data",
+            str(root / "flat"), "--threads", "1", "--no-progress"]
+    code, out, err = run(capsys, *args, "--out", str(root / "recipe-run"))
+    assert code == 0, err
+    assert "sgd lr 0.03" in out and "from the plan's recipe: " in out
+    doc = json.loads((root / "recipe-run" / "metrics.json").read_text())
+    assert len(doc["epochs"]) == 2 and doc["config"]["seed"] == 5
+    code, out, err = run(capsys, *args, "--lr", "0.01", "--epochs", "1",
+                         "--out", str(root / "recipe-run2"))
+    assert code == 0, err
+    assert "sgd lr 0.01" in out
+    assert json.loads((root / "recipe-run2" / "metrics.json").read_text())["config"]["lr"] == 0.01
+    code, _, err = run(capsys, "train", "--model", NAME, "--plan", str(root / "plan.json"),
+                       "--data", str(root / "flat"), "--no-progress", "--out",
+                       str(root / "norecipe"))
+    assert code == 2 and "carries no recipe: give --epochs" in err
+
+
+def test_a_bad_recipe_in_a_plan_file_is_named(setup, tmp_path):
+    from budgetsearch.errors import PlanError
+    from budgetsearch.plan import load_plan
+
+    doc = json.loads((setup / "plan.json").read_text())
+    doc["recipe"] = {"lr": 0.1, "warmup": 3}
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match=r"field recipe: Additional properties .*'warmup'"):
+        load_plan(tmp_path / "p.json")
+    doc["recipe"] = {"lr": -1}
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match=r"field recipe\.lr"):
+        load_plan(tmp_path / "p.json")
