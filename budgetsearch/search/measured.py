@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -146,12 +146,17 @@ class MeasuredModel(AccuracyModel):
         """The interpolated gain of the last ``depth`` biases."""
         return float(np.interp(depth, self._depths, self._bias_gains))
 
-    def __call__(self, updates: Mapping[str, LayerUpdate]) -> float:
+    def run_depth(self, updated: Collection[str]) -> int:
+        """Length of the run of updated layers counted back from the last one with a bias."""
         depth = 0
         for name in reversed(self.bias_layers):
-            if name not in updates:
+            if name not in updated:
                 break
             depth += 1
+        return depth
+
+    def __call__(self, updates: Mapping[str, LayerUpdate]) -> float:
+        depth = self.run_depth(updates)
         gains = []
         for name, u in updates.items():
             if name == self.head_layer or u.mode != "weight":
@@ -173,12 +178,8 @@ class MeasuredModel(AccuracyModel):
         key = tuple(sorted((n, c) for n, c in choices.items() if c[0] > 0 or c[3]))
         hit = self._cache.get(key)
         if hit is None:
-            updated = {n for n, (ri, _a, _p, bias) in choices.items() if ri > 0 or bias}
-            depth = 0
-            for name in reversed(self.bias_layers):
-                if name not in updated:
-                    break
-                depth += 1
+            depth = self.run_depth({n for n, (ri, _a, _p, bias) in choices.items()
+                                    if ri > 0 or bias})
             gains = []
             for name, (ri, axis, patch, _bias) in choices.items():
                 if ri > 0 and name != self.head_layer:

@@ -15,7 +15,14 @@ from budgetsearch.contrib import ContributionTable
 from budgetsearch.criteria import magnitude_scores
 from budgetsearch.errors import SearchError
 from budgetsearch.plan import LayerUpdate
-from budgetsearch.search import RATIOS, ProxyModel, Search, SearchSpace, SpaceOptions
+from budgetsearch.search import (
+    RATIOS,
+    Evaluator,
+    ProxyModel,
+    Search,
+    SearchSpace,
+    SpaceOptions,
+)
 from budgetsearch.search.config import scores_digest
 from budgetsearch.search.measured import MeasuredModel
 
@@ -96,6 +103,7 @@ def test_choices_score_as_their_decoded_plans(mcu: dict, results: dict) -> None:
     m = MeasuredModel(graph, mcu["proxy"], results, decay=0.7, loss_weight=0.05)
     space = SearchSpace(graph, SpaceOptions(weight_layers=(*m.measured_layers,
                                                            graph.layer_names[-1])))
+    ev = Evaluator(space=space, proxy=m, cost_model=mcu["cm"], budget_bytes=None)
     rng = np.random.default_rng(0)
     for _ in range(200):
         params = {}
@@ -104,17 +112,8 @@ def test_choices_score_as_their_decoded_plans(mcu: dict, results: dict) -> None:
                 params[name] = dist.choices[rng.integers(len(dist.choices))]
             else:
                 params[name] = int(rng.integers(dist.low, dist.high + 1))
-        choices = space.choices(params)
-        updates = {}
-        for n, (ri, axis, patch, bias) in choices.items():
-            if ri > 0:
-                ch = m.channels(n, ri, axis)
-                updates[n] = LayerUpdate("weight", channels=ch,
-                                         axis=axis if ch is not None else "out",
-                                         patch_size=patch)
-            elif bias:
-                updates[n] = LayerUpdate("bias")
-        assert m.score_choices(choices) == pytest.approx(m(updates))
+        # the search's cached per-choice value is the value of the plan the trial decodes to
+        assert m.score_choices(space.choices(params)) == pytest.approx(m(ev.updates(params)))
 
 
 def test_restricted_space(mcu: dict) -> None:
