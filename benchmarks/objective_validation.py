@@ -9,9 +9,10 @@ budgets:
 2. a contribution table (``budgetsearch contrib`` defaults: the bias-depth grid and the top 6
    layers of the second half at every ratio, axis and filter) with the training recipe below;
 3. per budget, at least 12 distinct feasible plans: the chosen plan and two more front points of
-   the search under the Fisher proxy and under the measured objective, random feasible trials of
-   the Fisher search, and every baseline (TinyTrain, NEq, MIT selection, TinyTL, last-k, last-k
-   filtered, the published MIT scheme at or below the budget);
+   the search under the Fisher proxy and under the measured objective (additive, and with each
+   further weight layer's gain halved), random feasible trials of the Fisher search, and every
+   baseline (TinyTrain, NEq, MIT selection, TinyTL, last-k, last-k filtered, the published MIT
+   scheme at or below the budget);
 4. every plan trained at two learning rates (SGD, batch 32, 3 epochs; 0.02 as the studies and
    0.005), the rate chosen on validation, and its test accuracy at that rate reported;
 5. per (model, budget) cell the Spearman correlation with test accuracy of each objective: the
@@ -107,10 +108,12 @@ def plans_for(model_name: str, model: Any, graph: LayerGraph, cm: CostModel, bud
             out[name] = dict(updates)
 
     rng = random.Random(seed)
-    for objective, scores, contributions in (("fisher", fisher, None),
-                                             ("measured", magnitude, table.results)):
+    for objective, scores, contributions, decay in (
+            ("fisher", fisher, None, 1.0), ("measured", magnitude, table.results, 1.0),
+            ("measured-d0.5", magnitude, table.results, 0.5)):
         search = Search(cost_model=cm, scores=scores, budget_bytes=budget,
-                        memory_measure="training", contributions=contributions, seed=seed)
+                        memory_measure="training", contributions=contributions, seed=seed,
+                        decay=decay)
         result = search.run(n_trials=trials, progress=False)
         add(f"search-{objective}", result.plan.updates)
         front = [t for t in result.front if t.number != result.trial.number and feasible(t)]

@@ -60,30 +60,36 @@ def test_predictions_in_closed_form(mcu: dict, results: dict) -> None:
     bias_layers = [n for n in names[:-1] if graph.layers[n].bias_param is not None]
     m = MeasuredModel(graph, mcu["proxy"], results)
     assert m({head: LayerUpdate("weight")}) == pytest.approx(0.50)
+    whole = {head: LayerUpdate("weight")}
     # bias run of 5: interpolated between depth 2 (+0.04) and 8 (+0.10)
     run5 = {n: LayerUpdate("bias") for n in bias_layers[-5:]}
     assert m({**run5, head: LayerUpdate("weight")}) == pytest.approx(0.50 + 0.04 + 0.03)
     # a gap in the run stops it: only the last one counts (interpolated 0 .. +0.04 at 2)
     gap = {bias_layers[-1]: LayerUpdate("bias"), bias_layers[-3]: LayerUpdate("bias")}
-    assert m(gap) == pytest.approx(0.50 + 0.02)
+    assert m({**gap, **whole}) == pytest.approx(0.50 + 0.02)
+    # the new classifier not (wholly) trained: chance, whatever else is updated
+    assert m(gap) == pytest.approx(0.1) and m(run5) == pytest.approx(0.1)
+    assert m({**run5, head: LayerUpdate("weight", channels=(0, 1))}) == pytest.approx(0.1)
     # weight units: a at 1/4 of its output channels (+0.03), b at 1/2 of its inputs (+0.06)
     ca = mcu["proxy"].channels(a, RATIOS.index(0.25), "out")
     cb = mcu["proxy"].channels(b, RATIOS.index(0.5), "in")
     two = {a: LayerUpdate("weight", channels=ca), b: LayerUpdate("weight", channels=cb,
-                                                                 axis="in")}
+                                                                 axis="in"), **whole}
     assert m(two) == pytest.approx(0.50 + 0.06 + 0.03)
     assert MeasuredModel(graph, mcu["proxy"], results, decay=0.5)(two) == pytest.approx(
         0.50 + 0.06 + 0.5 * 0.03)
     # a filtered update uses its own measurement; an unmeasured patch size falls back to r1
-    assert m({a: LayerUpdate("weight", channels=ca, patch_size=2)}) == pytest.approx(0.52)
-    assert m({a: LayerUpdate("weight", channels=ca, patch_size=4)}) == pytest.approx(0.53)
+    assert m({a: LayerUpdate("weight", channels=ca, patch_size=2), **whole}) == pytest.approx(
+        0.52)
+    assert m({a: LayerUpdate("weight", channels=ca, patch_size=4), **whole}) == pytest.approx(
+        0.53)
     # a harmful unit counts fully; loss gains enter with their weight
-    bout = {b: LayerUpdate("weight", channels=mcu["proxy"].channels(b, 3, "out"))}
+    bout = {b: LayerUpdate("weight", channels=mcu["proxy"].channels(b, 3, "out")), **whole}
     assert m(bout) == pytest.approx(0.45)
     ml = MeasuredModel(graph, mcu["proxy"], results, loss_weight=0.1)
     assert ml(bout) == pytest.approx(0.45 + 0.1 * (1.0 - 1.2))
     # an unmeasured layer adds nothing
-    assert m({names[2]: LayerUpdate("weight")}) == pytest.approx(0.50)
+    assert m({names[2]: LayerUpdate("weight"), **whole}) == pytest.approx(0.50)
     assert m.measured_layers == (b, a)
 
 
