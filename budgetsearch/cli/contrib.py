@@ -119,19 +119,11 @@ def run(args: argparse.Namespace) -> int:
     """Load, split, pick units, measure (in ``--workers`` processes), print the table."""
     import torch
 
-    from ..contrib import (
-        build_units,
-        load_tensors,
-        measure_contributions,
-        parse_unit,
-    )
-    from ..criteria import Scores, magnitude_scores
-    from ..data import load_dataset, split_validation
+    from ..contrib import analyse, parse_unit, split_tensors
+    from ..criteria import Scores
     from ..errors import PlanError
-    from ..models import input_spec, load_model
     from ..recipe import Recipe
-    from ..search.config import scores_digest
-    from ..search.objectives import ProxyModel
+    from ._common import build_model
     from .score import default_normalization
 
     workers = args.workers
@@ -140,59 +132,36 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe(optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
                     batch_size=args.batch_size, seed=args.seed, filter_mode=args.filter_mode)
     torch.manual_seed(args.seed)  # the new head
-    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
-                       mcu_dir=args.mcu_dir)
-    try:
-        size = args.input_size or int(min(input_spec(args.model).size, 128))
-    except Exception:
-        size = args.input_size or 128
-    from ..graph import LayerGraph
-
-    graph = LayerGraph.from_model(model, input_size=size, model_name=args.model)
-    norm = args.normalization or default_normalization(args.model)
-    kw = {"image_size": size, "normalization": norm, "seed": args.seed}
-    if args.val_data is None:
-        pool = load_dataset(args.data, split=args.split, limit=args.samples, **kw)
-        train_set, val_set = split_validation(pool, fraction=args.val_fraction, seed=args.seed)
-    else:
-        train_set = load_dataset(args.data, split=args.split, limit=args.samples, **kw)
-        val_set = load_dataset(args.val_data, split=args.split, **kw)
-    head_out = graph.layers[graph.layer_names[-1]].out_channels
-    classes = len(getattr(train_set, "classes", []) or [])
-    if classes and classes != head_out:
-        raise DataError(f"{args.data}: {classes} classes but the model's classifier has "
-                        f"{head_out} outputs; pass --num-classes {classes}")
-    train, val = load_tensors(train_set), load_tensors(val_set)
-    scores = (Scores.load(args.scores, model=model) if args.scores
-              else magnitude_scores(model))
-    proxy = ProxyModel(graph, scores)
-    if args.units:
-        units = [parse_unit(k, graph) for k in _csv(args.units, "--units")]
-    else:
-        candidates = _candidates(args.candidates, model, graph, train)
-        depths = (None if args.bias_depths is None
-                  else _numbers(args.bias_depths, "--bias-depths", int))
-        try:
-            units = build_units(graph, candidates=candidates,
-                                ratios=_numbers(args.ratios, "--ratios", float),
-                                axes=_csv(args.axes, "--axes"), filters=not args.no_filters,
-                                bias_depths=depths)
-        except PlanError as exc:
-            raise DataError(str(exc)) from None
+    model, graph = build_model(args)
+    train, val = split_tensors(
+        args.data, graph=graph, normalization=args.normalization
+        or default_normalization(args.model), samples=args.samples,
+        val_fraction=args.val_fraction, seed=args.seed, split=args.split,
+        val_data=args.val_data)
     bad_axes = set(_csv(args.axes, "--axes")) - {"out", "in"}
     if bad_axes:
         raise DataError(f"--axes: {', '.join(sorted(bad_axes))} unknown; use out and/or in")
-    print(f"{args.model} at {size}px: {len(train[1])} training and {len(val[1])} validation "
-          f"images ({'carved from ' + args.data if args.val_data is None else args.val_data}), "
-          f"{len(units)} units, {workers} worker(s) x {threads} thread(s); recipe "
-          f"{recipe.optimizer} lr {recipe.lr:g}, {recipe.epochs} epochs, batch "
-          f"{recipe.batch_size}", file=sys.stderr)
+    scores = Scores.load(args.scores, model=model) if args.scores else None
+    units = ([parse_unit(k, graph) for k in _csv(args.units, "--units")] if args.units
+             else None)
+    depths = (None if args.bias_depths is None
+              else _numbers(args.bias_depths, "--bias-depths", int))
+    print(f"{args.model} at {graph.input_shape[-1]}px: {len(train[1])} training and "
+          f"{len(val[1])} validation images "
+          f"({'carved from ' + args.data if args.val_data is None else args.val_data}), "
+          f"{workers} worker(s) x {threads} thread(s); recipe {recipe.optimizer} lr "
+          f"{recipe.lr:g}, {recipe.epochs} epochs, batch {recipe.batch_size}", file=sys.stderr)
     others = [_spawn(args.argv, threads) for _ in range(workers - 1)]
     try:
-        table = measure_contributions(
-            model, graph=graph, train=train, val=val, recipe=recipe, channels=proxy.channels,
-            scores_digest=scores_digest(scores), units=units, path=args.out,
-            max_units=args.max_units, progress=not args.no_progress)
+        table = analyse(model, graph=graph, train=train, val=val, recipe=recipe,
+                        scores=scores, candidates=args.candidates, units=units,
+                        ratios=_numbers(args.ratios, "--ratios", float),
+                        axes=_csv(args.axes, "--axes"), filters=not args.no_filters,
+                        bias_depths=depths, path=args.out, max_units=args.max_units,
+                        progress=not args.no_progress)
+    except PlanError as exc:  # name the option where the library names the argument
+        text = str(exc)
+        raise DataError("--" + text if text.startswith("candidates ") else text) from None
     finally:
         codes = [w.wait() for w in others]
     if any(codes):
@@ -200,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(table.format_table(top=args.top))
     s = table.stats
-    print(f"{len(table.results)} of {len(units)} units in {args.out}; this process measured "
+    print(f"{len(table.results)} units in {args.out}; this process measured "
           f"{s['measured']}: caching {s['cache_seconds']:.1f} s, training "
           f"{s['train_seconds']:.1f} s, evaluation {s['eval_seconds']:.1f} s")
     return 1 if any(codes) else 0
@@ -223,14 +192,3 @@ def _spawn(argv: list[str], threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "budgetsearch", *out, "--workers", "1", "--threads",
            str(threads), "--no-progress"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-
-
-def _candidates(spec: str, model: Any, graph: Any, train: Any) -> list[str] | None:
-    """The layers of ``--candidates`` (:func:`budgetsearch.contrib.candidate_layers`)."""
-    from ..contrib import candidate_layers
-    from ..errors import PlanError
-
-    try:
-        return candidate_layers(spec, model=model, graph=graph, train=train)
-    except PlanError as exc:
-        raise DataError(f"--candidates {exc}") from None

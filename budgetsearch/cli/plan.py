@@ -56,11 +56,22 @@ def register(subparsers: Any) -> None:
     g.add_argument("--data", default=None,
                    help="data for the Fisher pass: cifar10, an ImageFolder directory, .tar.gz...")
     g.add_argument("--scores", default=None, help="a scores .npz instead of the Fisher pass")
+    g.add_argument("--objective", choices=("measured", "fisher"), default=None,
+                   help="what the search maximises: measured (validation accuracy predicted "
+                        "from a contribution table, measured on --data first unless --contrib "
+                        "names an existing one; default with --data or --contrib) or fisher "
+                        "(the Fisher-potential proxy; default with --scores alone)")
     g.add_argument("--contrib", default=None,
-                   help="a contribution table (`budgetsearch contrib`): maximise the accuracy "
-                        "it predicts instead of the Fisher proxy, over the layers it measured "
-                        "(channels chosen by the table's scores: weight magnitude unless "
-                        "--scores)")
+                   help="the contribution table (`budgetsearch contrib`) of the measured "
+                        "objective: read when it exists, else measured into it (default: "
+                        "next to --out); channels chosen by weight magnitude unless --scores")
+    g.add_argument("--contrib-samples", type=int_range(2, MAX_SAMPLES), default=1000,
+                   help="images drawn from --data for the contribution analysis (1000)")
+    g.add_argument("--val-fraction", type=float_range(0, 1, low_open=True, high_open=True),
+                   default=0.2, help="share of them held out for validation (0.2)")
+    g.add_argument("--candidates", default="top:6",
+                   help="layers with weight units in the analysis (see `budgetsearch contrib "
+                        "--help`; top:6)")
     g.add_argument("--decay", type=float_range(0, 1, low_open=True), default=1.0,
                    help="with --contrib: discount of each further weight-updated layer's "
                         "gain, in (0, 1] (1: additive)")
@@ -80,7 +91,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--memory-measure", choices=("peak", "training"), default="peak",
                    help="what the budget limits: peak memory (default) or training memory "
                         "(peak minus the inference peak)")
-    s.add_argument("--objective", choices=("latency", "macs"), default="latency",
+    s.add_argument("--third", choices=("latency", "macs"), default="latency",
                    help="third objective: latency per step (default) or backward MACs")
     s.add_argument("--granularity", choices=("layer", "block"), default="layer")
     s.add_argument("--last-n", type=int_range(1, MAX_COUNT), default=None,
@@ -151,8 +162,8 @@ def run_plan(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _graceful_sigterm()
     if args.scores is None and args.data is None and args.contrib is None:
-        raise DataError("plan needs --data (for the Fisher pass), --scores FILE or --contrib "
-                        "TABLE")
+        raise DataError("plan needs --data (for the contribution analysis or the Fisher "
+                        "pass), --scores FILE or --contrib TABLE")
     if args.trials < 1:
         raise SearchError(f"--trials must be at least 1; got {args.trials}")
     import torch
@@ -166,16 +177,27 @@ def run_plan(args: argparse.Namespace) -> int:
     storage_kind(storage)  # unknown scheme: refuse before any work
     if storage.startswith("sqlite:///"):
         out.parent.mkdir(parents=True, exist_ok=True)
-    contributions = _contributions(args, model, graph) if args.contrib else None
-    source = ("scores file" if args.scores is not None
-              else "weight magnitude" if args.contrib is not None
-              else f"fisher on {args.data}/{args.split}, {args.samples} samples")
+    objective = args.objective or ("fisher" if args.data is None and args.contrib is None
+                                   else "measured")
+    if objective == "fisher" and args.contrib is not None:
+        raise DataError("--contrib goes with --objective measured")
+    args.objective = objective
     space = SpaceOptions(granularity=args.granularity, last_n=args.last_n,
                          filters=not args.no_filters)
+    if objective == "measured":
+        # budgets no plan can meet are refused before minutes of measuring
+        from ..criteria import magnitude_scores
+
+        Search(cost_model=cost_model, scores=magnitude_scores(model), budget_bytes=memory,
+               latency_budget_ms=latency, memory_measure=args.memory_measure, space=space)
+    contributions = _contributions(args, model, graph) if objective == "measured" else None
+    source = ("scores file" if args.scores is not None
+              else "weight magnitude" if objective == "measured"
+              else f"fisher on {args.data}/{args.split}, {args.samples} samples")
     spec = {"name": args.model, "weights": args.weights, "num_classes": args.num_classes,
             "input_size": int(graph.input_shape[-1]), "mcu_dir": args.mcu_dir}
     common = dict(cost_model=cost_model, budget_bytes=memory, latency_budget_ms=latency,
-                  memory_measure=args.memory_measure, third=args.objective, space=space,
+                  memory_measure=args.memory_measure, third=args.third, space=space,
                   alpha=args.alpha, bias_credit=args.bias_credit, sampler=args.sampler,
                   seed=args.seed, population_size=args.population, model=spec,
                   scores_source=source, contributions=contributions, decay=args.decay,
@@ -268,7 +290,7 @@ def _default_study_name(args: argparse.Namespace, memory: int, latency: float | 
                         source: str) -> str:
     key = json.dumps([args.model, args.num_classes, args.input_size, args.device,
                       args.accounting, args.batch_size, args.optimizer, memory, latency,
-                      args.memory_measure, args.objective, args.granularity, args.last_n,
+                      args.memory_measure, args.third, args.granularity, args.last_n,
                       args.no_filters, args.alpha, args.bias_credit, source,
                       args.scores and str(Path(args.scores).resolve()), args.weights]
                      + ([str(Path(args.contrib).resolve()), args.decay, args.loss_weight]
@@ -283,7 +305,7 @@ def _scores(args: argparse.Namespace, model: Any, graph: Any) -> Any:
 
     if args.scores:
         return _load_scores(args, model)
-    if args.contrib:
+    if args.objective == "measured":  # the channels its table is measured with
         return magnitude_scores(model)
     return _fisher(args, model, graph)
 
@@ -299,6 +321,10 @@ def _contributions(args: argparse.Namespace, model: Any, graph: Any) -> dict[str
     from ..contrib import ContributionTable
     from ..search.config import scores_digest
 
+    if args.data is not None:
+        return _measure(args, model, graph).results
+    if not Path(args.contrib).exists():
+        raise DataError(f"{args.contrib}: no such contribution table; give --data to measure it")
     table = ContributionTable.load(args.contrib)
     key = table.key
     size = list(graph.input_shape[1:])
@@ -314,6 +340,37 @@ def _contributions(args: argparse.Namespace, model: Any, graph: Any) -> dict[str
         raise DataError(f"{args.contrib}: no 'head' measurement yet; finish `budgetsearch "
                         "contrib` first")
     return table.results
+
+
+def _measure(args: argparse.Namespace, model: Any, graph: Any) -> Any:
+    """The contribution table of ``--contrib``, measured (or resumed) on ``--data``."""
+    import time
+
+    from ..contrib import analyse, analysis_key, default_table_path, split_tensors
+    from ..criteria import magnitude_scores
+    from ..recipe import Recipe
+    from ..search.config import scores_digest
+    from .score import default_normalization
+
+    started = time.perf_counter()
+    train, val = split_tensors(
+        args.data, graph=graph, normalization=args.normalization
+        or default_normalization(args.model), samples=args.contrib_samples,
+        val_fraction=args.val_fraction, seed=args.seed, split=args.split)
+    recipe = Recipe(seed=args.seed)
+    scores = _load_scores(args, model) if args.scores else magnitude_scores(model)
+    if args.contrib is None:  # one table per model, data and recipe, shared by later plans
+        key = analysis_key(graph=graph, state=model.state_dict(), train=train, val=val,
+                           recipe=recipe, scores_digest=scores_digest(scores))
+        args.contrib = str(default_table_path(key, candidates=args.candidates))
+    table = analyse(model, graph=graph, train=train, val=val, recipe=recipe, scores=scores,
+                    candidates=args.candidates, path=args.contrib,
+                    progress=not args.no_progress)
+    if table.stats.get("measured"):
+        print(f"contributions: {table.stats['measured']} units measured into {args.contrib} "
+              f"({time.perf_counter() - started:.0f} s; {len(train[1])} training, "
+              f"{len(val[1])} validation images)", file=sys.stderr)
+    return table
 
 
 def _load_scores(args: argparse.Namespace, model: Any) -> Any:

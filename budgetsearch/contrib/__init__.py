@@ -11,6 +11,7 @@ several workers can fill together (:mod:`.table`).
 
 from __future__ import annotations
 
+from .analysis import analyse, split_tensors
 from .measure import (
     PlanRunner,
     analysis_key,
@@ -20,7 +21,7 @@ from .measure import (
     relative_gradient_norms,
 )
 from .prefix import Cut, PrefixSplit
-from .table import ContributionTable, SharedTable, TableError
+from .table import ContributionTable, SharedTable, TableError, default_table_path
 from .units import DEFAULT_RATIOS, Unit, bias_layers, build_units, parse_unit
 
 __all__ = [
@@ -32,12 +33,15 @@ __all__ = [
     "SharedTable",
     "TableError",
     "Unit",
+    "analyse",
     "analysis_key",
     "bias_layers",
     "build_units",
     "candidate_layers",
+    "default_table_path",
     "load_tensors",
     "measure_contributions",
     "parse_unit",
     "relative_gradient_norms",
+    "split_tensors",
 ]

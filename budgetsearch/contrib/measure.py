@@ -141,7 +141,7 @@ def candidate_layers(
         kind, _, count = spec.partition(":")
         k = int(count) if count.isdigit() else 0
         if k < 1:
-            raise PlanError(f"{spec}: K must be a positive integer")
+            raise PlanError(f"candidates {spec}: K must be a positive integer")
         if kind == "last":
             return body[-k:]
         # The second half only: over all layers the gradient norm ranks the earliest first,
@@ -156,7 +156,7 @@ def candidate_layers(
     unknown = [x for x in names if x not in graph.layers or x == head]
     if unknown or not names:
         shown = ", ".join(unknown) if unknown else repr(spec)
-        raise PlanError(f"{shown}: not trainable layers before the "
+        raise PlanError(f"candidates {shown}: not trainable layers before the "
                         f"classifier (e.g. {', '.join(body[-2:])})")
     return names
 

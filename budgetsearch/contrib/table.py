@@ -24,7 +24,14 @@ from typing import Any
 from .._io import atomic_write_text
 from ..errors import DataError
 
-__all__ = ["TABLE_VERSION", "ContributionTable", "SharedTable", "TableError", "check_key"]
+__all__ = [
+    "TABLE_VERSION",
+    "ContributionTable",
+    "SharedTable",
+    "TableError",
+    "check_key",
+    "default_table_path",
+]
 
 TABLE_VERSION = 1
 
@@ -127,6 +134,18 @@ class ContributionTable:
         atomic_write_text(target, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
         self.path = target
         return target
+
+
+def default_table_path(key: Mapping[str, Any], **more: Any) -> Path:
+    """Where a table with this key lives by default: ``$BUDGETSEARCH_CACHE`` (else
+    ``~/.cache/budgetsearch``) ``/contrib/<model>-<digest of the key and more>.json``, so that
+    later plans for the same model, data and recipe find it."""
+    import hashlib
+
+    root = Path(os.environ.get("BUDGETSEARCH_CACHE") or Path.home() / ".cache" / "budgetsearch")
+    text = json.dumps({"key": dict(key), **more}, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return root / "contrib" / f"{key.get('model') or 'model'}-{digest}.json"
 
 
 def check_key(stored: Mapping[str, Any], wanted: Mapping[str, Any], path: Path) -> None:

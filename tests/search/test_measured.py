@@ -173,3 +173,37 @@ def test_plan_command_with_a_table(mcu: dict, results: dict, tmp_path, capsys) -
     assert main([*argv, "--contrib", str(tmp_path / "bad.json"),
                  "--out", str(tmp_path / "p2.json")]) == 2
     assert "made for another input size" in capsys.readouterr().err
+
+
+def test_plan_measures_its_table_on_the_data_by_default(tmp_path, capsys, monkeypatch) -> None:
+    from PIL import Image
+
+    monkeypatch.setenv("BUDGETSEARCH_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("cat", "dog")):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)
+            pixels[..., c] = 255
+            Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{i}.png")
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "64",
+            "--device", "stm32h743", "--data", str(tmp_path / "data"), "--contrib-samples",
+            "10", "--candidates", "last:1", "--budget", "200KB", "--trials", "30",
+            "--population", "10", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "units measured into" in err and "8 training, 2 validation images" in err
+    (path,) = (tmp_path / "cache" / "contrib").glob("mcunet-5fps-*.json")
+    table = ContributionTable.load(path)
+    assert "head" in table.results and table.key["input_size"] == [64, 64]
+    plan = json.loads(out.read_text())
+    assert plan["provenance"]["objective"]["objective"] == "measured"
+    assert plan["updates"][list(plan["model"]["layer_shapes"])[-1]] == {"mode": "weight"}
+    # a second plan reuses the table: nothing is measured again
+    assert main([*argv[:-1], str(tmp_path / "second.json")]) == 0
+    assert "units measured" not in capsys.readouterr().err
+    # the same table with other data settings is refused, naming what differs
+    assert main([*argv[:-1], str(tmp_path / "third.json"), "--contrib", str(path),
+                 "--val-fraction", "0.5"]) == 2
+    assert "was measured for something else (train_data" in capsys.readouterr().err

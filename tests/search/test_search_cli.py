@@ -87,7 +87,8 @@ def test_bad_input_is_refused_with_a_named_error(tmp_path, scores_file, capsys) 
     # bad data: an error naming it, and no empty database left next to the plan
     fresh = tmp_path / "fresh"
     code = main(["plan", "--model", "mcunet-5fps", "--device", "stm32h743", "--data",
-                 str(tmp_path / "no-such-dir"), "--budget", "99KB", "--memory-measure",
+                 str(tmp_path / "no-such-dir"), "--objective", "fisher", "--budget", "99KB",
+                 "--memory-measure",
                  "training", "--no-progress", "--out", str(fresh / "p.json")])
     assert code == 2 and "no-such-dir" in capsys.readouterr().err
     assert not fresh.exists() or list(fresh.iterdir()) == []
@@ -103,6 +104,7 @@ def test_plan_with_a_real_fisher_pass_on_synthetic_images(tmp_path, capsys) -> N
     out = tmp_path / "plan.json"
     code = main(["plan", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "96",
                  "--device", "stm32h743", "--data", str(tmp_path / "data"), "--samples", "8",
+                 "--objective", "fisher",
                  "--micro-batch", "4", "--budget", "64KB", "--memory-measure", "training",
                  "--trials", "40", "--population", "16", "--no-progress", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
