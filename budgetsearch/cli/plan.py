@@ -72,12 +72,12 @@ def register(subparsers: Any) -> None:
     g.add_argument("--candidates", default="top:6",
                    help="layers with weight units in the analysis (see `budgetsearch contrib "
                         "--help`; top:6)")
-    g.add_argument("--decay", type=float_range(0, 1, low_open=True), default=1.0,
-                   help="with --contrib: discount of each further weight-updated layer's "
-                        "gain, in (0, 1] (1: additive)")
-    g.add_argument("--loss-weight", type=float_range(0, 100), default=0.0,
-                   help="with --contrib: weight of a unit's validation-loss gain beside its "
-                        "accuracy gain (0)")
+    g.add_argument("--decay", type=float_range(0, 1, low_open=True), default=0.2,
+                   help="measured objective: discount of each further weight-updated layer's "
+                        "gain, in (0, 1] (0.2, calibrated; 1: additive)")
+    g.add_argument("--loss-weight", type=float_range(0, 100), default=0.05,
+                   help="measured objective: weight of a unit's validation-loss gain beside "
+                        "its accuracy gain (0.05, calibrated)")
     g.add_argument("--samples", type=int_range(1, MAX_SAMPLES), default=64,
                    help="samples of the Fisher pass (64)")
     g.add_argument("--split", default="train", help="data split (default train)")

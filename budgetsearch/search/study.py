@@ -34,7 +34,7 @@ from .config import CONFIG_KEY, build_config, diff_config, read_config, write_co
 from .front import FrontTracker, pareto_front, pick
 from .local import LocalSearch
 from .loop import DONE, TrialLoop, quiet
-from .measured import MeasuredModel
+from .measured import CALIBRATED_DECAY, CALIBRATED_LOSS_WEIGHT, MeasuredModel
 from .objectives import DIRECTIONS, AccuracyModel, Evaluator, ProxyModel
 from .samplers import SAMPLERS, TimedSampler, make_sampler
 from .space import SearchSpace, SpaceOptions
@@ -134,8 +134,8 @@ class Search:
         check_budgets: bool = True,
         local_search: bool = True,
         contributions: Mapping[str, Mapping[str, Any]] | None = None,
-        decay: float = 1.0,
-        loss_weight: float = 0.0,
+        decay: float = CALIBRATED_DECAY,
+        loss_weight: float = CALIBRATED_LOSS_WEIGHT,
         contributions_source: str | None = None,
     ) -> None:
         if sampler not in SAMPLERS:
@@ -218,8 +218,9 @@ class Search:
             population_size=config["population_size"], model=spec,
             scores_source=config.get("scores_source"), check_budgets=False,
             contributions=config.get("contributions"),
-            decay=(config.get("objective") or {}).get("decay", 1.0),
-            loss_weight=(config.get("objective") or {}).get("loss_weight", 0.0),
+            decay=(config.get("objective") or {}).get("decay", CALIBRATED_DECAY),
+            loss_weight=(config.get("objective") or {}).get("loss_weight",
+                                                             CALIBRATED_LOSS_WEIGHT),
             contributions_source=(config.get("objective") or {}).get("table_source"))
 
     # ---------------------------------------------------------------------------------- run

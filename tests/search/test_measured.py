@@ -58,7 +58,7 @@ def test_predictions_in_closed_form(mcu: dict, results: dict) -> None:
     names = graph.layer_names
     a, b, head = names[-3], names[-5], names[-1]
     bias_layers = [n for n in names[:-1] if graph.layers[n].bias_param is not None]
-    m = MeasuredModel(graph, mcu["proxy"], results)
+    m = MeasuredModel(graph, mcu["proxy"], results, decay=1.0, loss_weight=0.0)  # additive
     assert m({head: LayerUpdate("weight")}) == pytest.approx(0.50)
     whole = {head: LayerUpdate("weight")}
     # bias run of 5: interpolated between depth 2 (+0.04) and 8 (+0.10)
@@ -76,7 +76,8 @@ def test_predictions_in_closed_form(mcu: dict, results: dict) -> None:
     two = {a: LayerUpdate("weight", channels=ca), b: LayerUpdate("weight", channels=cb,
                                                                  axis="in"), **whole}
     assert m(two) == pytest.approx(0.50 + 0.06 + 0.03)
-    assert MeasuredModel(graph, mcu["proxy"], results, decay=0.5)(two) == pytest.approx(
+    assert MeasuredModel(graph, mcu["proxy"], results, decay=0.5, loss_weight=0.0)(two) == \
+        pytest.approx(
         0.50 + 0.06 + 0.5 * 0.03)
     # a filtered update uses its own measurement; an unmeasured patch size falls back to r1
     assert m({a: LayerUpdate("weight", channels=ca, patch_size=2), **whole}) == pytest.approx(
@@ -86,7 +87,7 @@ def test_predictions_in_closed_form(mcu: dict, results: dict) -> None:
     # a harmful unit counts fully; loss gains enter with their weight
     bout = {b: LayerUpdate("weight", channels=mcu["proxy"].channels(b, 3, "out")), **whole}
     assert m(bout) == pytest.approx(0.45)
-    ml = MeasuredModel(graph, mcu["proxy"], results, loss_weight=0.1)
+    ml = MeasuredModel(graph, mcu["proxy"], results, decay=1.0, loss_weight=0.1)
     assert ml(bout) == pytest.approx(0.45 + 0.1 * (1.0 - 1.2))
     # an unmeasured layer adds nothing
     assert m({names[2]: LayerUpdate("weight"), **whole}) == pytest.approx(0.50)
@@ -153,7 +154,7 @@ def test_search_maximises_the_measured_objective(mcu: dict, results: dict) -> No
         (e["metrics"]["proxy"] for e in result.baselines.values()
          if e.get("metrics") and e["metrics"]["feasible"]), default=0.0)
     config = search.config()
-    assert config["contributions"] == results and config["objective"]["decay"] == 1.0
+    assert config["contributions"] == results and config["objective"]["decay"] == 0.2
 
 
 def test_plan_command_with_a_table(mcu: dict, results: dict, tmp_path, capsys) -> None:
