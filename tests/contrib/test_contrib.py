@@ -303,3 +303,27 @@ def test_plan_runner_trains_any_plan_and_reports_extra_data(setup):
         assert got["val_loss"] == pytest.approx(loss, rel=1e-5)
         assert 0 <= got["test_accuracy"] <= 1 and got["test_loss"] > 0
     assert runner.stats["cache_seconds"] > 0
+
+
+def test_two_worker_processes_share_one_table(tmp_path, capfd):
+    from PIL import Image
+
+    for c, name in enumerate(("a", "b")):
+        folder = tmp_path / "imgs" / name
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (16, 16), (200 * c, 30 + 20 * i, 90)).save(folder / f"{i}.png")
+    out = tmp_path / "shared.json"
+    argv = ["contrib", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "32",
+            "--data", str(tmp_path / "imgs"), "--samples", "10", "--epochs", "1",
+            "--candidates", "last:2", "--ratios", "0.5,1", "--axes", "out", "--no-filters",
+            "--workers", "2", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    units = set(doc["results"])
+    assert "head" in units and len(units) >= 6 and doc["claims"] == {}
+    printed = capfd.readouterr()
+    assert "2 worker(s) x 1 thread(s)" in printed.err  # this process
+    assert "1 worker(s) x 1 thread(s)" in printed.err  # the one it started, on the same table
+    measured_here = int(printed.out.split("this process measured ")[1].split(":")[0])
+    assert 0 < measured_here <= len(units)
