@@ -354,7 +354,8 @@ class PlanRunner:
                         continue
                     correct, total = 0, 0.0
                     for i in range(0, len(y), 256):
-                        logits = net(feats[name][i:i + 256])
+                        # a copy: an in-place op after the cut must not change the cache
+                        logits = net(feats[name][i:i + 256].clone())
                         total += float(F.cross_entropy(logits, y[i:i + 256], reduction="sum"))
                         correct += int((logits.argmax(1) == y[i:i + 256]).sum())
                     mean = total / len(y)
