@@ -202,7 +202,7 @@ class LayerGraph:
         if not _positive_int(in_channels):
             raise GraphError(f"in_channels must be a positive integer; got {in_channels!r}")
         example = torch.randn(1, in_channels, int(h), int(w))
-        was_training = model.training
+        modes = _modes(model)
         model.eval()
         try:
             with torch.no_grad():
@@ -224,7 +224,7 @@ class LayerGraph:
                 f"running the model on an input of shape {tuple(example.shape)} failed: {exc}"
             ) from exc
         finally:
-            model.train(was_training)
+            _restore_modes(modes)
         nodes = _build_nodes(records)
         if used == "fx":
             _storages_from_eager(model, example, nodes)
@@ -291,11 +291,21 @@ class LayerGraph:
         )
 
 
+def _modes(model: nn.Module) -> dict[nn.Module, bool]:
+    """Every module's training flag (``model.train(flag)`` would overwrite them all)."""
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for module, mode in modes.items():
+        module.training = mode
+
+
 def _storages_from_eager(model: nn.Module, example: torch.Tensor, nodes: list[OpNode]) -> None:
     """Take tensor storages from an eager run: fx turns an in-place ``x += y`` into an
     out-of-place add, but the model really adds in place. Only done when the eager trace has the
     same ops in the same order."""
-    was_training = model.training
+    modes = _modes(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -303,7 +313,7 @@ def _storages_from_eager(model: nn.Module, example: torch.Tensor, nodes: list[Op
     except Exception:  # the eager trace is a refinement; fx's storages stay
         return
     finally:
-        model.train(was_training)
+        _restore_modes(modes)
     if [(n.kind, n.inputs) for n in eager] != [(n.kind, n.inputs) for n in nodes]:
         return
     for node, truth in zip(nodes, eager, strict=True):

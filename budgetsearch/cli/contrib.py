@@ -167,8 +167,13 @@ def run(args: argparse.Namespace) -> int:
     if any(codes):
         print(f"warning: {sum(1 for c in codes if c)} worker(s) failed (exit codes {codes})",
               file=sys.stderr)
+    stats = table.stats
+    if others:  # what the other workers measured after this one ran out of units
+        from ..contrib import ContributionTable
+
+        table = ContributionTable.load(args.out)
     print(table.format_table(top=args.top))
-    s = table.stats
+    s = stats
     print(f"{len(table.results)} units in {args.out}; this process measured "
           f"{s['measured']}: caching {s['cache_seconds']:.1f} s, training "
           f"{s['train_seconds']:.1f} s, evaluation {s['eval_seconds']:.1f} s")

@@ -181,6 +181,9 @@ def run_plan(args: argparse.Namespace) -> int:
                                    else "measured")
     if objective == "fisher" and args.contrib is not None:
         raise DataError("--contrib goes with --objective measured")
+    if objective == "measured" and args.data is None and args.contrib is None:
+        raise DataError("--objective measured needs --data (to measure the contributions) or "
+                        "--contrib TABLE")
     args.objective = objective
     space = SpaceOptions(granularity=args.granularity, last_n=args.last_n,
                          filters=not args.no_filters)
@@ -325,11 +328,15 @@ def _contributions(args: argparse.Namespace, model: Any, graph: Any) -> dict[str
         return _measure(args, model, graph).results
     if not Path(args.contrib).exists():
         raise DataError(f"{args.contrib}: no such contribution table; give --data to measure it")
+    from ..contrib import weights_digest
+
     table = ContributionTable.load(args.contrib)
     key = table.key
     size = list(graph.input_shape[1:])
     checks = (("model_fingerprint", graph.fingerprint, "model"),
               ("input_size", size, "input size"),
+              ("initial_weights", weights_digest(model.state_dict()),
+               "set of initial weights (--weights, and --seed, which initialises the new head)"),
               ("channel_scores", scores_digest(_scores(args, model, graph)),
                "channel scores (run contrib with the same --scores)"))
     for field, here, what in checks:

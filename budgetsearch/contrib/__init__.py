@@ -19,6 +19,7 @@ from .measure import (
     load_tensors,
     measure_contributions,
     relative_gradient_norms,
+    weights_digest,
 )
 from .prefix import Cut, PrefixSplit
 from .table import ContributionTable, SharedTable, TableError, default_table_path
@@ -44,4 +45,5 @@ __all__ = [
     "parse_unit",
     "relative_gradient_norms",
     "split_tensors",
+    "weights_digest",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "load_tensors",
     "measure_contributions",
     "relative_gradient_norms",
+    "weights_digest",
 ]
 
 
@@ -63,19 +64,25 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a state dict's names and values (the model's initial weights, head
+    included)."""
+    weights = hashlib.sha256()
+    for name in sorted(state):
+        weights.update(name.encode())
+        weights.update(state[name].detach().contiguous().cpu().numpy().tobytes())
+    return weights.hexdigest()[:16]
+
+
 def analysis_key(
     *, graph: LayerGraph, state: dict[str, torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor], recipe: Recipe, scores_digest: str,
 ) -> dict[str, Any]:
     """What a contribution table's numbers depend on."""
-    weights = hashlib.sha256()
-    for name in sorted(state):
-        weights.update(name.encode())
-        weights.update(state[name].detach().contiguous().cpu().numpy().tobytes())
     return {
         "model": graph.model_name,
         "model_fingerprint": graph.fingerprint,
-        "initial_weights": weights.hexdigest()[:16],
+        "initial_weights": weights_digest(state),
         "input_size": list(graph.input_shape[1:]),
         "train_data": f"{_digest(*train)} ({len(train[1])} images)",
         "val_data": f"{_digest(*val)} ({len(val[1])} images)",
@@ -93,7 +100,7 @@ def relative_gradient_norms(
     modules = dict(model.named_modules())
     weights = {n: modules[n].weight for n in graph.layer_names}
     flags = {p: p.requires_grad for p in model.parameters()}
-    was = model.training
+    modes = {m: m.training for m in model.modules()}
     sums = {n: torch.zeros_like(w) for n, w in weights.items()}
     try:
         model.eval()
@@ -110,7 +117,8 @@ def relative_gradient_norms(
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
-        model.train(was)
+        for module, mode in modes.items():
+            module.training = mode
     return {n: float(sums[n].norm() / len(labels) / weights[n].detach().norm().clamp_min(1e-12))
             for n in weights}
 

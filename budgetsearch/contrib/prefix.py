@@ -13,6 +13,7 @@ Models that :mod:`torch.fx` cannot trace have one cut, the input: nothing is cac
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class PrefixSplit:
         self.nodes: list[fx.Node] = list(self.graph.nodes) if self.graph is not None else []
         self.cuts: list[Cut] = [Cut(0, "input")]
         if self.graph is not None:
-            self.cuts = _find_cuts(self.nodes)
+            self.cuts = _find_cuts(self.nodes, dict(model.named_modules()))
 
     def cut_before(self, modules: Iterable[str]) -> Cut:
         """The latest cut before the first call of any of ``modules`` (qualified names).
@@ -111,18 +112,35 @@ class PrefixSplit:
         if end.position == start.position:
             return x
         net = self.segment(root, start, end)
-        was = root.training
+        modes = {m: m.training for m in root.modules()}
         root.eval()
         try:
             return torch.cat([net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
         finally:
-            root.train(was)
+            for module, mode in modes.items():
+                module.training = mode
 
 
-def _find_cuts(nodes: list[fx.Node]) -> list[Cut]:
+def _stochastic(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node draws random numbers in training (dropout, stochastic depth)."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            return module.p > 0
+        return type(module).__name__ == "StochasticDepth"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return "dropout" in name or name == "stochastic_depth"
+    return False
+
+
+def _find_cuts(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> list[Cut]:
     """Positions after which exactly one tensor-valued node is read by later nodes.
 
-    ``get_attr`` nodes (parameters and buffers) do not count: the suffix reads them again.
+    ``get_attr`` nodes (parameters and buffers) do not count: the suffix reads them again. A
+    node that returns a tuple (read through ``getitem``, e.g. ``chunk``) is no cut, and nor is
+    anything at or after the first dropout or stochastic-depth node: the prefix runs without
+    them, and training must not.
     """
     last_use: dict[fx.Node, int] = {}
     position = {n: i for i, n in enumerate(nodes)}
@@ -132,11 +150,14 @@ def _find_cuts(nodes: list[fx.Node]) -> list[Cut]:
     cuts = [Cut(0, "input")]
     live: set[fx.Node] = set()
     for i, node in enumerate(nodes):
-        if node.op == "output":
+        if node.op == "output" or _stochastic(node, modules):
             break
         if node.op != "get_attr" and last_use.get(node, -1) > i:
             live.add(node)
         live = {n for n in live if last_use[n] > i}
-        if i > 0 and live == {node} and node.op in ("call_module", "call_function", "call_method"):
+        tuple_valued = any(u.op == "call_function" and u.target is operator.getitem
+                           for u in node.users)
+        if (i > 0 and live == {node} and not tuple_valued
+                and node.op in ("call_module", "call_function", "call_method")):
             cuts.append(Cut(position[node], node.name))
     return cuts

@@ -132,7 +132,7 @@ class MeasuredModel(AccuracyModel):
         self.measured_layers = tuple(sorted({k[0] for k in self._weight},
                                             key=graph.layer_names.index))
         self._cache: dict[tuple, float] = {}
-        self._all: dict[tuple[str, int, str], bool] = {}
+        self._kept: dict[tuple[str, int, str], tuple[float, str]] = {}
 
     def _gain(self, r: Mapping[str, Any]) -> float:
         acc = float(r["val_accuracy"]) - float(self.head["val_accuracy"])
@@ -205,13 +205,16 @@ class MeasuredModel(AccuracyModel):
             gains = []
             for name, (ri, axis, patch, _bias) in choices.items():
                 if ri > 0 and name != self.head_layer:
-                    # as decoded: all channels (None) is an update along "out"
-                    all_channels = self._all.get((name, ri, axis))
-                    if all_channels is None:
-                        all_channels = self._all[(name, ri, axis)] = (
-                            self.channels(name, ri, axis) is None)
-                    g = self.weight_gain(name, RATIOS[ri], "out" if all_channels else axis,
-                                         patch)
+                    # as decoded: the kept share of the channels (a ratio rounds to whole
+                    # channels), and all channels (None) is an update along "out"
+                    kept = self._kept.get((name, ri, axis))
+                    if kept is None:
+                        chans = self.channels(name, ri, axis)
+                        layer = self.graph.layers[name]
+                        n = layer.out_channels if axis == "out" else layer.in_channels
+                        kept = self._kept[(name, ri, axis)] = (
+                            (1.0, "out") if chans is None else (len(chans) / n, axis))
+                    g = self.weight_gain(name, kept[0], kept[1], patch)
                     if g is not None:
                         gains.append(g)
             hit = self._cache[key] = self._combine(depth, gains)

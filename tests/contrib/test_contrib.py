@@ -327,3 +327,42 @@ def test_two_worker_processes_share_one_table(tmp_path, capfd):
     assert "1 worker(s) x 1 thread(s)" in printed.err  # the one it started, on the same table
     measured_here = int(printed.out.split("this process measured ")[1].split(":")[0])
     assert 0 < measured_here <= len(units)
+
+
+def test_no_cut_on_tuples_or_after_dropout_and_modes_are_restored():
+    from budgetsearch.contrib import relative_gradient_norms
+
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.drop = nn.Dropout(0.5)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = self.conv(x).chunk(2, dim=1)  # a tuple-valued node
+            x = torch.cat([self.bn(a), b], 1).mean((2, 3))
+            return self.fc(self.drop(x))
+
+    torch.manual_seed(0)
+    model = Split()
+    split = PrefixSplit(model)
+    names = [c.name for c in split.cuts]
+    assert "chunk" not in names and "conv" in names
+    drop_at = [n.target for n in split.nodes].index("drop")
+    assert all(c.position < drop_at for c in split.cuts)  # no cached tensor skips dropout
+    assert split.cut_before(["fc"]).position < drop_at
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    for cut in split.cuts:
+        mid = split.features(model, split.cuts[0], cut, x)
+        assert torch.allclose(split.suffix(model, cut)(mid), ref, atol=1e-6)
+    # the caller's per-module modes survive both helpers
+    model.train()
+    model.bn.eval()
+    split.features(model, split.cuts[0], split.cuts[-1], x)
+    graph = LayerGraph.from_model(model, input_size=8)
+    relative_gradient_norms(model, graph, x, torch.tensor([0, 1]))
+    assert model.training and model.conv.training and not model.bn.training

@@ -159,8 +159,13 @@ def test_search_maximises_the_measured_objective(mcu: dict, results: dict) -> No
 
 def test_plan_command_with_a_table(mcu: dict, results: dict, tmp_path, capsys) -> None:
     graph = mcu["graph"]
+    from budgetsearch.contrib import weights_digest
+
+    torch.manual_seed(0)  # the plan command's head, as its --seed 0 makes it
+    fresh = load_model("mcunet-5fps", num_classes=10)
     key = {"model_fingerprint": graph.fingerprint, "input_size": [128, 128],
-           "channel_scores": scores_digest(mcu["scores"])}
+           "channel_scores": scores_digest(mcu["scores"]),
+           "initial_weights": weights_digest(fresh.state_dict())}
     ContributionTable(key, results).save(tmp_path / "t.json")
     argv = ["plan", "--model", "mcunet-5fps", "--num-classes", "10", "--device", "stm32h743",
             "--budget", "400KB", "--trials", "30", "--no-progress"]
@@ -170,6 +175,14 @@ def test_plan_command_with_a_table(mcu: dict, results: dict, tmp_path, capsys) -
     assert "pred acc" in out and " pt" in out
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["provenance"]["objective"]["objective"] == "measured"
+    # a table for other initial weights (another --seed initialises another head) is refused
+    assert main([*argv, "--seed", "3", "--contrib", str(tmp_path / "t.json"),
+                 "--out", str(tmp_path / "p3.json")]) == 2
+    assert "made for another set of initial weights (--weights, and --seed" in \
+        capsys.readouterr().err
+    assert main([*argv, "--scores", str(tmp_path / "none.npz"), "--objective", "measured",
+                 "--out", str(tmp_path / "p4.json")]) == 2
+    assert "--objective measured needs --data" in capsys.readouterr().err
     ContributionTable({**key, "input_size": [96, 96]}, results).save(tmp_path / "bad.json")
     assert main([*argv, "--contrib", str(tmp_path / "bad.json"),
                  "--out", str(tmp_path / "p2.json")]) == 2
@@ -208,3 +221,19 @@ def test_plan_measures_its_table_on_the_data_by_default(tmp_path, capsys, monkey
     assert main([*argv[:-1], str(tmp_path / "third.json"), "--contrib", str(path),
                  "--val-fraction", "0.5"]) == 2
     assert "was measured for something else (train_data" in capsys.readouterr().err
+
+
+def test_small_layers_score_their_kept_share_in_both_paths(mcu: dict) -> None:
+    graph = mcu["graph"]
+    first = graph.layer_names[0]  # 3 input channels: 1/8 and 1/4 keep 1 of 3, 1/2 keeps 2
+    assert graph.layers[first].in_channels == 3
+    results = {"head": _r(0.5), f"weight:{first}:in:0.25:r1": _r(0.6),
+               f"weight:{first}:in:0.5:r1": _r(0.7), f"weight:{first}:in:0.125:r1": _r(0.1)}
+    m = MeasuredModel(graph, mcu["proxy"], results, decay=1.0, loss_weight=0.0)
+    space = SearchSpace(graph, SpaceOptions(weight_layers=(first, graph.layer_names[-1])))
+    ev = Evaluator(space=space, proxy=m, cost_model=mcu["cm"], budget_bytes=None)
+    for ri in range(1, len(RATIOS)):
+        params = space.encode({first: LayerUpdate("weight"),
+                               graph.layer_names[-1]: LayerUpdate("weight")})
+        params[f"r:{first}"], params[f"a:{first}"] = ri, "in"
+        assert m.score_choices(space.choices(params)) == pytest.approx(m(ev.updates(params)))
