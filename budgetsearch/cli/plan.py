@@ -63,8 +63,10 @@ def register(subparsers: Any) -> None:
                         "(the Fisher-potential proxy; default with --scores alone)")
     g.add_argument("--contrib", default=None,
                    help="the contribution table (`budgetsearch contrib`) of the measured "
-                        "objective: read when it exists, else measured into it (default: "
-                        "next to --out); channels chosen by weight magnitude unless --scores")
+                        "objective: with --data it is measured into this file (or resumed), "
+                        "without it read as it is (default: $BUDGETSEARCH_CACHE or "
+                        "~/.cache/budgetsearch /contrib/, one table per model, data and "
+                        "recipe); channels chosen by weight magnitude unless --scores")
     g.add_argument("--contrib-samples", type=int_range(2, MAX_SAMPLES), default=1000,
                    help="images drawn from --data for the contribution analysis (1000)")
     g.add_argument("--val-fraction", type=float_range(0, 1, low_open=True, high_open=True),
