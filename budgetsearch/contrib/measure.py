@@ -28,7 +28,7 @@ from ..plan import Plan
 from ..recipe import Recipe
 from .prefix import Cut, PrefixSplit
 from .table import ContributionTable, SharedTable
-from .units import Unit, bias_layers, build_units
+from .units import Unit, build_units
 
 __all__ = [
     "PlanRunner",
@@ -212,7 +212,8 @@ def measure_contributions(
     runner = PlanRunner(model, graph=graph, train=train, val=val)
     key = analysis_key(graph=graph, state=runner.state, train=train, val=val, recipe=recipe,
                        scores_digest=scores_digest)
-    cuts = {k: runner.cut_for(_touched(u, graph), recipe) for k, u in by_key.items()}
+    cuts = {k: runner.cut_for(list(u.updates(graph, channels)), recipe)
+            for k, u in by_key.items()}
     # head first (every gain is measured against it), then from the earliest cut on, so that
     # each cut's tensors are computed from the previous cut's: one pass over the network in all
     order = sorted(by_key, key=lambda k: (k != "head", cuts[k].position, k))
@@ -386,14 +387,6 @@ class PlanRunner:
             "cut": cut.name,
             "layers": len(plan.updates),
         }
-
-
-def _touched(unit: Unit, graph: LayerGraph) -> list[str]:
-    if unit.kind == "weight":
-        return [str(unit.layer)]
-    if unit.kind == "bias":
-        return bias_layers(graph)[-unit.depth:]
-    return [graph.layer_names[-1]]
 
 
 def _bar(total: int, progress: bool) -> Any:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..errors import PlanError
 from ..graph import LayerGraph
 from ..plan import LayerUpdate
+from ..search.measured import bias_layers
 from ..search.space import RATIOS, offered_patches
 
 __all__ = ["DEFAULT_RATIOS", "Unit", "bias_layers", "build_units", "parse_unit"]
@@ -80,15 +81,6 @@ class Unit:
                                           patch_size=self.patch_size)
         return out
 
-    @property
-    def touched(self) -> tuple[str, ...] | None:
-        """Layers this unit updates besides the classifier (None: resolve with the graph)."""
-        return (self.layer,) if self.kind == "weight" else None
-
-
-def bias_layers(graph: LayerGraph) -> list[str]:
-    """Layers before the classifier that have a bias, in forward order."""
-    return [n for n, layer in list(graph.layers.items())[:-1] if layer.bias_param is not None]
 
 
 def parse_unit(text: str, graph: LayerGraph) -> Unit:

@@ -47,12 +47,24 @@ from ..plan import LayerUpdate
 from .objectives import AccuracyModel, ProxyModel
 from .space import RATIOS
 
-__all__ = ["CALIBRATED_DECAY", "CALIBRATED_LOSS_WEIGHT", "MeasuredModel", "parse_results"]
+__all__ = [
+    "CALIBRATED_DECAY",
+    "CALIBRATED_LOSS_WEIGHT",
+    "MeasuredModel",
+    "bias_layers",
+    "parse_results",
+]
 
 #: Discount of each further weight-updated layer's gain (see the module docstring).
 CALIBRATED_DECAY = 0.2
 #: Weight of a unit's validation-loss reduction beside its accuracy gain.
 CALIBRATED_LOSS_WEIGHT = 0.05
+
+
+def bias_layers(graph: LayerGraph) -> list[str]:
+    """Layers before the classifier that have a bias, in forward order (``bias:K`` updates the
+    last K of them)."""
+    return [n for n, layer in list(graph.layers.items())[:-1] if layer.bias_param is not None]
 
 
 def parse_results(results: Mapping[str, Mapping[str, Any]], graph: LayerGraph) -> dict[str, Any]:
@@ -123,8 +135,7 @@ class MeasuredModel(AccuracyModel):
         self.head_layer = graph.layer_names[-1]
         #: Predicted accuracy of a plan that leaves (part of) the new classifier untrained.
         self.chance = 1.0 / graph.layers[self.head_layer].out_channels
-        self.bias_layers = [n for n in graph.layer_names[:-1]
-                            if graph.layers[n].bias_param is not None]
+        self.bias_layers = bias_layers(graph)
         depths = sorted(parsed["bias"])
         self._depths = np.array([0, *depths], dtype=np.float64)
         self._bias_gains = np.array([0.0, *(self._gain(parsed["bias"][d]) for d in depths)])
@@ -132,7 +143,6 @@ class MeasuredModel(AccuracyModel):
         self.measured_layers = tuple(sorted({k[0] for k in self._weight},
                                             key=graph.layer_names.index))
         self._cache: dict[tuple, float] = {}
-        self._kept: dict[tuple[str, int, str], tuple[float, str]] = {}
 
     def _gain(self, r: Mapping[str, Any]) -> float:
         acc = float(r["val_accuracy"]) - float(self.head["val_accuracy"])
@@ -194,30 +204,11 @@ class MeasuredModel(AccuracyModel):
         return float(self.head["val_accuracy"]) + self.bias_gain(depth) + total
 
     def score_choices(self, choices: Mapping[str, tuple[int, str, int, bool]]) -> float:
+        """The value of the plan the choices decode to (:meth:`__call__`), cached by choice."""
         key = tuple(sorted((n, c) for n, c in choices.items() if c[0] > 0 or c[3]))
         hit = self._cache.get(key)
-        head = choices.get(self.head_layer)
-        if head is None or head[0] != len(RATIOS) - 1:  # the classifier not wholly trained
-            return self.chance
         if hit is None:
-            depth = self.run_depth({n for n, (ri, _a, _p, bias) in choices.items()
-                                    if ri > 0 or bias})
-            gains = []
-            for name, (ri, axis, patch, _bias) in choices.items():
-                if ri > 0 and name != self.head_layer:
-                    # as decoded: the kept share of the channels (a ratio rounds to whole
-                    # channels), and all channels (None) is an update along "out"
-                    kept = self._kept.get((name, ri, axis))
-                    if kept is None:
-                        chans = self.channels(name, ri, axis)
-                        layer = self.graph.layers[name]
-                        n = layer.out_channels if axis == "out" else layer.in_channels
-                        kept = self._kept[(name, ri, axis)] = (
-                            (1.0, "out") if chans is None else (len(chans) / n, axis))
-                    g = self.weight_gain(name, kept[0], kept[1], patch)
-                    if g is not None:
-                        gains.append(g)
-            hit = self._cache[key] = self._combine(depth, gains)
+            hit = self._cache[key] = super().score_choices(choices)
         return hit
 
     def describe(self) -> dict[str, Any]:
