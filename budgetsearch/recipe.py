@@ -15,12 +15,13 @@ from typing import Any
 from .errors import PlanError
 from .ops.filtered import MODES as FILTER_MODES
 
-__all__ = ["OPTIMIZERS", "Recipe"]
+__all__ = ["BN_MODES", "OPTIMIZERS", "Recipe"]
 
 #: Optimizers a plan can be trained with: SGD, SGD with momentum, Adam.
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
-_BN = ("frozen", "train")
+#: Batch norm during training: frozen on running statistics, or trained on batch statistics.
+BN_MODES = ("frozen", "train")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Recipe:
                                   f"{getattr(self, name)!r}")
 
         need(self.optimizer in OPTIMIZERS, "optimizer", "one of " + ", ".join(OPTIMIZERS))
-        need(self.bn in _BN, "bn", "one of " + ", ".join(_BN))
+        need(self.bn in BN_MODES, "bn", "one of " + ", ".join(BN_MODES))
         need(self.filter_mode in FILTER_MODES, "filter_mode", "one of " + ", ".join(FILTER_MODES))
         need(_number(self.lr) and self.lr > 0, "lr", "a finite number > 0")
         need(_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")

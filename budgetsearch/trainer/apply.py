@@ -75,11 +75,11 @@ from ..graph import LayerGraph
 from ..ops import PlannedConv2d, PlannedLinear, replace_module
 from ..ops.filtered import MODES
 from ..plan import Plan
+from ..recipe import BN_MODES
 from .layers import FrozenBatchNorm, MaskedActivation, masked_activation_for
 
 __all__ = ["BN_MODES", "PlanHandle", "active_plan", "apply_plan", "describe", "remove_plan"]
 
-BN_MODES = ("frozen", "train")
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PlanHandle] = weakref.WeakKeyDictionary()
 
 
