@@ -189,12 +189,13 @@ def run_plan(args: argparse.Namespace) -> int:
     args.objective = objective
     space = SpaceOptions(granularity=args.granularity, last_n=args.last_n,
                          filters=not args.no_filters)
-    if objective == "measured":
-        # budgets no plan can meet are refused before minutes of measuring
-        from ..criteria import magnitude_scores
+    # budgets no plan can meet are refused before any scoring, measuring or file writing (the
+    # scores do not change which plans fit, so cheap magnitude scores do for this check)
+    from ..criteria import magnitude_scores
 
-        Search(cost_model=cost_model, scores=magnitude_scores(model), budget_bytes=memory,
-               latency_budget_ms=latency, memory_measure=args.memory_measure, space=space)
+    magnitude = magnitude_scores(model)
+    Search(cost_model=cost_model, scores=magnitude, budget_bytes=memory,
+           latency_budget_ms=latency, memory_measure=args.memory_measure, space=space)
     contributions = _contributions(args, model, graph) if objective == "measured" else None
     source = ("scores file" if args.scores is not None
               else "weight magnitude" if objective == "measured"
@@ -209,11 +210,7 @@ def run_plan(args: argparse.Namespace) -> int:
                   loss_weight=args.loss_weight,
                   contributions_source=str(args.contrib) if args.contrib else None)
     name = args.study or _default_study_name(args, memory, latency, source)
-    # budgets no plan can meet are refused before any file is written (the scores do not
-    # change which plans fit, so cheap magnitude scores do for this check)
-    from ..criteria import magnitude_scores
-
-    probe = Search(scores=magnitude_scores(model), **common).config()
+    probe = Search(scores=magnitude, check_budgets=False, **common).config()
     probe.pop("scores_digest")
     new_file = _sqlite_path(storage)
     if new_file is not None and not new_file.exists():
@@ -429,8 +426,8 @@ def summary_table(result: Any) -> str:
             continue
         rows.append((name, m["proxy"], m["memory_bytes"], m["latency_ms"], m["backward_macs"],
                      m["feasible"], ""))
-    head, delta = ("pred acc", "chosen -") if measured else ("proxy", "chosen -")
-    lines = [f"{'plan':<18}{head:>9}{delta:>10}{measure + ' mem':>14}"
+    head = "pred acc" if measured else "proxy"
+    lines = [f"{'plan':<18}{head:>9}{'chosen -':>10}{measure + ' mem':>14}"
              f"{'latency':>11}{'bwd MACs':>11}"]
     for name, v, mem, lat, macs, ok, note in rows:
         if v is None:
