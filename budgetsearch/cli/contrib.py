@@ -126,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     from ._common import build_model
     from .score import default_normalization
 
+    axes = _csv(args.axes, "--axes")
+    bad_axes = set(axes) - {"out", "in"}
+    if bad_axes:  # refused before the model and the data are loaded
+        raise DataError(f"--axes: {', '.join(sorted(bad_axes))} unknown; use out and/or in")
     workers = args.workers
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     torch.set_num_threads(threads)
@@ -138,9 +142,6 @@ def run(args: argparse.Namespace) -> int:
         or default_normalization(args.model), samples=args.samples,
         val_fraction=args.val_fraction, seed=args.seed, split=args.split,
         val_data=args.val_data)
-    bad_axes = set(_csv(args.axes, "--axes")) - {"out", "in"}
-    if bad_axes:
-        raise DataError(f"--axes: {', '.join(sorted(bad_axes))} unknown; use out and/or in")
     scores = Scores.load(args.scores, model=model) if args.scores else None
     units = ([parse_unit(k, graph) for k in _csv(args.units, "--units")] if args.units
              else None)
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         table = analyse(model, graph=graph, train=train, val=val, recipe=recipe,
                         scores=scores, candidates=args.candidates, units=units,
                         ratios=_numbers(args.ratios, "--ratios", float),
-                        axes=_csv(args.axes, "--axes"), filters=not args.no_filters,
+                        axes=axes, filters=not args.no_filters,
                         bias_depths=depths, path=args.out, max_units=args.max_units,
                         progress=not args.no_progress)
     except PlanError as exc:  # name the option where the library names the argument
@@ -173,10 +174,9 @@ def run(args: argparse.Namespace) -> int:
 
         table = ContributionTable.load(args.out)
     print(table.format_table(top=args.top))
-    s = stats
     print(f"{len(table.results)} units in {args.out}; this process measured "
-          f"{s['measured']}: caching {s['cache_seconds']:.1f} s, training "
-          f"{s['train_seconds']:.1f} s, evaluation {s['eval_seconds']:.1f} s")
+          f"{stats['measured']}: caching {stats['cache_seconds']:.1f} s, training "
+          f"{stats['train_seconds']:.1f} s, evaluation {stats['eval_seconds']:.1f} s")
     return 1 if any(codes) else 0
 
 
