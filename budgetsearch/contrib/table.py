@@ -131,7 +131,7 @@ class ContributionTable:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise TableError("the table has no file: give a path")
-        atomic_write_text(target, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        _write(target, self.to_dict())
         self.path = target
         return target
 
@@ -160,6 +160,11 @@ def check_key(stored: Mapping[str, Any], wanted: Mapping[str, Any], path: Path) 
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def _write(path: Path, doc: Mapping[str, Any]) -> None:
+    """The one way a table file is written: atomically, as sorted, indented JSON."""
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -221,7 +226,7 @@ class SharedTable:
                 check_key(doc["key"], self.key, self.path)
 
     def _write(self, doc: Mapping[str, Any]) -> None:
-        atomic_write_text(self.path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        _write(self.path, doc)
 
     def _doc(self) -> dict[str, Any]:
         doc = _read(self.path)
