@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DataError
 from ..graph import LayerGraph
 from ..recipe import Recipe
 from .measure import candidate_layers, load_tensors, measure_contributions
@@ -31,9 +30,10 @@ def split_tensors(
 
     Raises:
         DataError: A source that cannot be loaded, is too small, or whose classes are not the
-            classifier's outputs.
+            classifier's outputs (:func:`~budgetsearch.trainer.checks.check_classes`).
     """
     from ..data import load_dataset, split_validation
+    from ..trainer.checks import check_classes
 
     kw = {"image_size": int(graph.input_shape[-1]), "normalization": normalization,
           "seed": seed}
@@ -43,12 +43,7 @@ def split_tensors(
     else:
         train_set = load_dataset(data, split=split, limit=samples, **kw)
         val_set = load_dataset(val_data, split=split, **kw)
-    head = graph.layer_names[-1]
-    outputs = graph.layers[head].out_channels
-    classes = len(train_set.classes)
-    if classes != outputs:
-        raise DataError(f"{data}: {classes} classes but the model's classifier ({head}) has "
-                        f"{outputs} outputs; pass --num-classes {classes}")
+    check_classes(train_set, val_set, graph)
     return load_tensors(train_set), load_tensors(val_set)
 
 
