@@ -133,21 +133,15 @@ def load_splits(
     kw = {"image_size": image_size, "normalization": normalization, "seed": seed}
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be in (0, 1); got {val_fraction}")
-    flat = _is_flat(spec)
-    test = None
-    if not flat:
-        for split in _VAL_SPLITS:
-            if _has_split(spec, split):
-                test = load_dataset(spec, split=split, limit=test_samples, **kw)
-                break
+    held_out = None if _is_flat(spec) else _held_out_split(spec)
+    test = None if held_out is None else load_dataset(spec, split=held_out, limit=test_samples,
+                                                      **kw)
     if val_spec is not None:
         train = load_dataset(spec, split="train", limit=train_samples, **kw)
-        for split in ("train", *_VAL_SPLITS) if _is_flat(val_spec) else _VAL_SPLITS:
-            if _is_flat(val_spec) or _has_split(val_spec, split):
-                val = load_dataset(val_spec, split="train" if _is_flat(val_spec) else split,
-                                   limit=val_samples, **kw)
-                return Splits(train, val, test)
-        raise DataError(f"{val_spec}: no validation split ({', '.join(_VAL_SPLITS)})")
+        split = "train" if _is_flat(val_spec) else _held_out_split(val_spec)
+        if split is None:
+            raise DataError(f"{val_spec}: no validation split ({', '.join(_VAL_SPLITS)})")
+        return Splits(train, load_dataset(val_spec, split=split, limit=val_samples, **kw), test)
     pool = load_dataset(spec, split="train", **kw)
     if train_samples is not None:
         n_val = val_samples or max(1, round(train_samples * val_fraction / (1 - val_fraction)))
@@ -166,6 +160,11 @@ def _is_flat(spec: str) -> bool:
     return (path.is_dir() and spec.lower() not in _REGISTRY_SETS
             and not any((path / s).is_dir() for s in ("train", *_VAL_SPLITS))
             and not any(path.glob("*-images-idx3-ubyte*")))
+
+
+def _held_out_split(spec: str) -> str | None:
+    """The first of the source's test / validation splits, or None."""
+    return next((split for split in _VAL_SPLITS if _has_split(spec, split)), None)
 
 
 def _has_split(spec: str, split: str) -> bool:
