@@ -185,6 +185,8 @@ def _apply_recipe(args: argparse.Namespace, plan: Any) -> None:
     Raises:
         PlanError: Without ``--epochs`` for a plan that carries no recipe.
     """
+    from ..recipe import Recipe
+
     recipe = plan.recipe
     fields = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "bn",
               "filter_mode", "seed")
@@ -195,9 +197,10 @@ def _apply_recipe(args: argparse.Namespace, plan: Any) -> None:
                 setattr(args, f, getattr(recipe, f))
     elif args.epochs is None:
         raise PlanError(f"{args.plan} carries no recipe: give --epochs (and --lr)")
-    for f, default in (("momentum", 0.9), ("weight_decay", 0.0), ("bn", "frozen"), ("seed", 0)):
+    defaults = Recipe()  # the rest as a recipe's (lr, optimizer, batch size: see run)
+    for f in ("momentum", "weight_decay", "bn", "seed"):
         if getattr(args, f) is None:
-            setattr(args, f, default)
+            setattr(args, f, getattr(defaults, f))
     args.recipe_used = sorted(set(fields) - given) if recipe is not None else []
 
 
