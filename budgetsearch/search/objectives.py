@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -99,19 +100,33 @@ class AccuracyModel:
         """The value of any set of updates."""
         raise NotImplementedError
 
-    def score_choices(self, choices: Mapping[str, tuple[int, str, int, bool]]) -> float:
-        """The value of a trial's choices, ``{layer: (ratio index, axis, patch, bias)}``
-        (:meth:`~.space.SearchSpace.choices`); by default through :meth:`__call__`."""
-        updates: dict[str, LayerUpdate] = {}
+    @cached_property
+    def _decoded(self) -> dict[tuple[str, int, str, int], LayerUpdate]:
+        return {}
+
+    def decode(self, choices: Mapping[str, tuple[int, str, int, bool]]
+               ) -> dict[str, LayerUpdate]:
+        """The plan updates of a trial's choices, ``{layer: (ratio index, axis, patch, bias)}``
+        (:meth:`~.space.SearchSpace.choices`): the kept channels by :meth:`channels`, all of
+        them (None) as an update along ``out``; cached per layer choice."""
+        out: dict[str, LayerUpdate] = {}
         for layer, (ri, axis, patch, bias) in choices.items():
             if ri > 0:
-                chans = self.channels(layer, ri, axis)
-                updates[layer] = LayerUpdate("weight", channels=chans,
-                                             axis=axis if chans is not None else "out",
-                                             patch_size=patch)
-            elif bias:
-                updates[layer] = _BIAS
-        return self(updates)
+                key = (layer, ri, axis, patch)
+                hit = self._decoded.get(key)
+                if hit is None:
+                    chans = self.channels(layer, ri, axis)
+                    hit = self._decoded[key] = LayerUpdate(
+                        "weight", channels=chans, axis=axis if chans is not None else "out",
+                        patch_size=patch)
+                out[layer] = hit
+            elif bias:  # choices() marks only layers that have a bias
+                out[layer] = _BIAS
+        return out
+
+    def score_choices(self, choices: Mapping[str, tuple[int, str, int, bool]]) -> float:
+        """The value of a trial's choices; by default :meth:`__call__` of :meth:`decode`."""
+        return self(self.decode(choices))
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready definition."""
@@ -314,7 +329,6 @@ class Evaluator:
         self.memory_measure, self.third = memory_measure, third
         self.cache: dict[tuple, Evaluation] = {}
         self.hits = 0
-        self._updates: dict[tuple, LayerUpdate] = {}
 
     @property
     def objective_names(self) -> tuple[str, str, str]:
@@ -322,29 +336,9 @@ class Evaluator:
         return ("proxy", f"{self.memory_measure}_memory_bytes",
                 "latency_ms" if self.third == "latency" else "backward_macs")
 
-    def _update(self, name: str, ri: int, axis: str, patch: int) -> LayerUpdate:
-        key = (name, ri, axis, patch)
-        hit = self._updates.get(key)
-        if hit is None:
-            channels = self.proxy.channels(name, ri, axis)
-            hit = self._updates[key] = LayerUpdate(
-                "weight", channels=channels, axis=axis if channels is not None else "out",
-                patch_size=patch)
-        return hit
-
     def updates(self, params: Mapping[str, Any]) -> dict[str, LayerUpdate]:
         """The plan updates a parameter set decodes to (channels chosen by score)."""
-        return self._decode(self.space.choices(params))
-
-    def _decode(self, choices: Mapping[str, tuple[int, str, int, bool]]
-                ) -> dict[str, LayerUpdate]:
-        out: dict[str, LayerUpdate] = {}
-        for name, (ri, axis, patch, bias) in choices.items():
-            if ri > 0:
-                out[name] = self._update(name, ri, axis, patch)
-            elif bias:  # choices() marks only layers that have a bias
-                out[name] = _BIAS
-        return out
+        return self.proxy.decode(self.space.choices(params))
 
     def memory(self, summary: CostSummary) -> int:
         """The memory figure the budget applies to."""
@@ -374,7 +368,7 @@ class Evaluator:
             return hit
         choices = self.space.choices(params)
         proxy = self.proxy.score_choices(choices)
-        result = self.cache[key] = self.measure(self._decode(choices), proxy)
+        result = self.cache[key] = self.measure(self.proxy.decode(choices), proxy)
         return result
 
     def minimum(self) -> tuple[int, float]:
@@ -393,7 +387,7 @@ class Evaluator:
                 patches = unit.layer_patches[name]
                 for axis in ("out", "in"):  # no filter, and the coarsest one
                     for patch in {patches[0], patches[-1]}:
-                        atoms.append({name: self._update(name, 1, axis, patch)})
+                        atoms.append(self.proxy.decode({name: (1, axis, patch, False)}))
                 for atom in atoms:
                     s = self.cost_model.evaluate(atom, detail=False)
                     best_mem = min(best_mem, self.memory(s))
