@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from budgetsearch import CostModel, LayerGraph, load_model, load_profile
+from budgetsearch import load_model
 from budgetsearch.cli import main
 from budgetsearch.contrib import ContributionTable
 from budgetsearch.criteria import magnitude_scores
@@ -30,13 +30,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def mcu() -> dict:
-    torch.manual_seed(0)
-    model = load_model("mcunet-5fps", num_classes=10)
-    graph = LayerGraph.from_model(model, input_size=128, model_name="mcunet-5fps")
-    scores = magnitude_scores(model)
-    return {"model": model, "graph": graph, "scores": scores,
-            "proxy": ProxyModel(graph, scores), "cm": CostModel(graph, load_profile("stm32h743"))}
+def mcu(mcunet: dict) -> dict:
+    scores = magnitude_scores(mcunet["model"])
+    return {**mcunet, "scores": scores, "proxy": ProxyModel(mcunet["graph"], scores)}
 
 
 def _r(acc: float, loss: float = 1.0) -> dict:

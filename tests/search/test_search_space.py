@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from budgetsearch import CostModel, LayerGraph, load_model, load_profile
+from budgetsearch import load_model
 from budgetsearch.criteria import magnitude_scores, random_scores
 from budgetsearch.errors import BudgetError, ScoresError, SearchError
 from budgetsearch.ops.filtered import check_filterable
@@ -19,12 +19,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def mcu() -> dict:
-    torch.manual_seed(0)
-    model = load_model("mcunet-5fps", num_classes=10)
-    graph = LayerGraph.from_model(model, input_size=128, model_name="mcunet-5fps")
-    cm = CostModel(graph, load_profile("stm32h743"))
-    return {"model": model, "graph": graph, "cm": cm, "scores": random_scores(model, seed=1)}
+def mcu(mcunet: dict) -> dict:
+    return {**mcunet, "scores": random_scores(mcunet["model"], seed=1)}
 
 
 def _evaluator(mcu: dict, space: SearchSpace, budget: int | None = 64 * 1024, **kw) -> Evaluator:
