@@ -167,6 +167,7 @@ def load_dataset(
     per_class: int | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    up_to: bool = False,
 ) -> ImageDataset:
     """Load a data set (see the module docstring for the accepted ``spec`` forms).
 
@@ -181,6 +182,7 @@ def load_dataset(
             subset for data-scarce studies. Applied before ``limit``.
         seed: Seed of the subset draws.
         cache_dir: Where decoded archives are cached (default ``~/.cache/budgetsearch``).
+        up_to: ``limit`` is a cap: a source with fewer samples is used whole.
 
     Returns:
         The data set; kept samples are in their original order.
@@ -200,6 +202,8 @@ def load_dataset(
     images, targets, classes, source = _load_source(spec, split, cache_dir)
     if len(targets) == 0:
         raise DataError(f"{source}: no images in split {split!r}")
+    if up_to and limit is not None and per_class is None:
+        limit = min(int(limit), len(targets))
     keep = _subset(targets, classes, limit=limit, per_class=per_class, seed=seed, where=source)
     if keep is not None:
         images = images[keep] if isinstance(images, np.ndarray) else [images[i] for i in keep]

@@ -33,7 +33,15 @@ from ._common import (
     write_text,
 )
 
-__all__ = ["DEFAULT_TRIALS", "register", "run_front", "run_plan", "run_worker", "summary_table"]
+__all__ = [
+    "DEFAULT_TRIALS",
+    "race_table",
+    "register",
+    "run_front",
+    "run_plan",
+    "run_worker",
+    "summary_table",
+]
 
 #: Default trial count: the whole ``plan`` command for MobileNetV2 at 128 px on stm32h743,
 #: Fisher pass included, takes 6.2-6.7 s on the idle 2-core reference machine
@@ -67,13 +75,14 @@ def register(subparsers: Any) -> None:
                         "without it read as it is (default: $BUDGETSEARCH_CACHE or "
                         "~/.cache/budgetsearch /contrib/, one table per model, data and "
                         "recipe); channels chosen by weight magnitude unless --scores")
-    g.add_argument("--contrib-samples", type=int_range(2, MAX_SAMPLES), default=1000,
-                   help="images drawn from --data for the contribution analysis (1000)")
+    g.add_argument("--contrib-samples", type=int_range(2, MAX_SAMPLES), default=None,
+                   help="images drawn from --data (class-balanced) for the contribution "
+                        "analysis and the race (default: 1000, or all if --data has fewer)")
     g.add_argument("--val-fraction", type=float_range(0, 1, low_open=True, high_open=True),
                    default=0.2, help="share of them held out for validation (0.2)")
-    g.add_argument("--candidates", default="top:6",
+    g.add_argument("--candidates", default=None,
                    help="layers with weight units in the analysis (see `budgetsearch contrib "
-                        "--help`; top:6)")
+                        "--help`; the effort's: top:6, thorough top:10)")
     g.add_argument("--decay", type=float_range(0, 1, low_open=True), default=0.2,
                    help="measured objective: discount of each further weight-updated layer's "
                         "gain, in (0, 1] (0.2, calibrated; 1: additive)")
@@ -87,6 +96,23 @@ def register(subparsers: Any) -> None:
                    help="Fisher micro-batch (16)")
     g.add_argument("--normalization", choices=("imagenet", "mcu"), default=None,
                    help="input normalisation (default: the model's)")
+    r = p.add_argument_group("effort and race")
+    r.add_argument("--effort", choices=("quick", "standard", "thorough"), default=None,
+                   help="quick: the search on a predicted objective only (seconds); standard: "
+                        "measured contributions, the search, then a race of the best front "
+                        "points and every baseline trained on a validation split of --data "
+                        "(minutes); thorough: more of each (default: standard with --data, "
+                        "else quick)")
+    r.add_argument("--lrs", default=None,
+                   help="the race's learning rates, comma-separated (default: the effort's "
+                        "grid around the optimizer's usual rate, e.g. sgd 0.00667,0.02,0.06)")
+    r.add_argument("--train-batch", type=int_range(1, MAX_BATCH_SIZE), default=32,
+                   help="batch size the race trains at, recorded in the plan's recipe (32); "
+                        "the budget stays that of --batch-size on the device")
+    r.add_argument("--race-file", default=None,
+                   help="the race's results file, resumable and shared by workers racing the "
+                        "same candidates (default: under $BUDGETSEARCH_CACHE or "
+                        "~/.cache/budgetsearch/race/, by model, data and candidates)")
     s = p.add_argument_group("search")
     s.add_argument("--trials", type=int_range(1, MAX_TRIALS), default=DEFAULT_TRIALS,
                    help=f"finished trials the study should hold (default {DEFAULT_TRIALS})")
@@ -179,8 +205,17 @@ def run_plan(args: argparse.Namespace) -> int:
     storage_kind(storage)  # unknown scheme: refuse before any work
     if storage.startswith("sqlite:///"):
         out.parent.mkdir(parents=True, exist_ok=True)
-    objective = args.objective or ("fisher" if args.data is None and args.contrib is None
-                                   else "measured")
+    from ..planner import get_effort
+
+    effort = get_effort(args.effort or ("standard" if args.data is not None else "quick"))
+    if effort.race and args.data is None:
+        raise DataError(f"--effort {effort.name} trains the candidate plans on --data: give "
+                        "--data, or --effort quick")
+    lrs = _parse_lrs(args.lrs)
+    args.candidates = args.candidates or effort.candidates
+    objective = args.objective or (
+        "measured" if args.contrib is not None or (args.data is not None and effort.race)
+        else "fisher")
     if objective == "fisher" and args.contrib is not None:
         raise DataError("--contrib goes with --objective measured")
     if objective == "measured" and args.data is None and args.contrib is None:
@@ -196,7 +231,10 @@ def run_plan(args: argparse.Namespace) -> int:
     magnitude = magnitude_scores(model)
     Search(cost_model=cost_model, scores=magnitude, budget_bytes=memory,
            latency_budget_ms=latency, memory_measure=args.memory_measure, space=space)
-    contributions = _contributions(args, model, graph) if objective == "measured" else None
+    tensors = _split(args, graph) if args.data is not None and (
+        effort.race or objective == "measured") else None
+    contributions = (_contributions(args, model, graph, tensors) if objective == "measured"
+                     else None)
     source = ("scores file" if args.scores is not None
               else "weight magnitude" if objective == "measured"
               else f"fisher on {args.data}/{args.split}, {args.samples} samples")
@@ -234,17 +272,36 @@ def run_plan(args: argparse.Namespace) -> int:
         if scores is None:
             scores = _scores(args, model, graph)
     search = Search(scores=scores, check_budgets=False, **common)
-    result = search.run(n_trials=args.trials, storage=st, study_name=name,
-                        pick_rule=args.pick, progress=not args.no_progress,
-                        flush_seconds=args.flush_seconds)
-    plan = result.plan
+    runner = data_key = None
+    if effort.race:
+        from ..contrib import PlanRunner, analysis_key
+        from ..recipe import Recipe
+
+        assert tensors is not None
+        runner = PlanRunner(model, graph=graph, train=tensors[0], val=tensors[1])
+        data_key = analysis_key(graph=graph, state=runner.state, train=tensors[0],
+                                val=tensors[1], recipe=Recipe(), scores_digest="")
+        for field in ("recipe", "channel_scores"):
+            data_key.pop(field)
+    from ..planner import make_plan
+    from ..recipe import Recipe
+
+    outcome = make_plan(
+        search, effort=effort, n_trials=args.trials, storage=st, study_name=name,
+        pick_rule=args.pick, runner=runner, data_key=data_key, model=model, lrs=lrs,
+        recipe=Recipe(optimizer=cost_model.optimizer, batch_size=args.train_batch,
+                      seed=args.seed),
+        race_path=args.race_file, progress=not args.no_progress,
+        flush_seconds=args.flush_seconds)
+    result = outcome.search
+    plan = outcome.plan
     plan = plan.with_(provenance={**plan.provenance, "command_seconds":
                                   time.perf_counter() - started})
     plan.save(out)
     if args.front_dir:
         _write_front(Path(args.front_dir), result.trials, result.objective_names,
                      memory, result.baselines, result.trial, name)
-    print(summary_table(result))
+    print(summary_table(result) if outcome.race is None else race_table(outcome))
     print(f"wrote {out} (study {name!r} in {result.storage}; "
           f"{time.perf_counter() - started:.1f} s)")
     if not args.front_dir:
@@ -312,7 +369,37 @@ def _scores(args: argparse.Namespace, model: Any, graph: Any) -> Any:
     return _fisher(args, model, graph)
 
 
-def _contributions(args: argparse.Namespace, model: Any, graph: Any) -> dict[str, Any]:
+def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
+    """``--lrs``: comma-separated learning rates in (0, 10]."""
+    import math
+
+    if text is None:
+        return None
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not (math.isfinite(v) and 0 < v <= 10) for v in values) or len(
+            set(values)) != len(values):
+        raise SearchError(f"--lrs {text}: give distinct learning rates in (0, 10], "
+                          "comma-separated (e.g. 0.005,0.02)")
+    return values
+
+
+def _split(args: argparse.Namespace, graph: Any) -> Any:
+    """The training and validation tensors of --data (a seeded, stratified hold-out)."""
+    from ..contrib import split_tensors
+    from .score import default_normalization
+
+    return split_tensors(
+        args.data, graph=graph, normalization=args.normalization
+        or default_normalization(args.model), samples=args.contrib_samples or 1000,
+        val_fraction=args.val_fraction, seed=args.seed, split=args.split,
+        up_to=args.contrib_samples is None)
+
+
+def _contributions(args: argparse.Namespace, model: Any, graph: Any,
+                   tensors: Any) -> dict[str, Any]:
     """The results of ``--contrib``, after checking the table was made for this model and
     with the scores that choose the channels here.
 
@@ -323,8 +410,8 @@ def _contributions(args: argparse.Namespace, model: Any, graph: Any) -> dict[str
     from ..contrib import ContributionTable
     from ..search.config import scores_digest
 
-    if args.data is not None:
-        return _measure(args, model, graph).results
+    if tensors is not None:
+        return _measure(args, model, graph, tensors).results
     if not Path(args.contrib).exists():
         raise DataError(f"{args.contrib}: no such contribution table; give --data to measure it")
     from ..contrib import weights_digest
@@ -348,21 +435,17 @@ def _contributions(args: argparse.Namespace, model: Any, graph: Any) -> dict[str
     return table.results
 
 
-def _measure(args: argparse.Namespace, model: Any, graph: Any) -> Any:
+def _measure(args: argparse.Namespace, model: Any, graph: Any, tensors: Any) -> Any:
     """The contribution table of ``--contrib``, measured (or resumed) on ``--data``."""
     import time
 
-    from ..contrib import analyse, analysis_key, default_table_path, split_tensors
+    from ..contrib import analyse, analysis_key, default_table_path
     from ..criteria import magnitude_scores
     from ..recipe import Recipe
     from ..search.config import scores_digest
-    from .score import default_normalization
 
     started = time.perf_counter()
-    train, val = split_tensors(
-        args.data, graph=graph, normalization=args.normalization
-        or default_normalization(args.model), samples=args.contrib_samples,
-        val_fraction=args.val_fraction, seed=args.seed, split=args.split)
+    train, val = tensors
     recipe = Recipe(seed=args.seed)
     scores = _load_scores(args, model) if args.scores else magnitude_scores(model)
     if args.contrib is None:  # one table per model, data and recipe, shared by later plans
@@ -450,6 +533,54 @@ def summary_table(result: Any) -> str:
         f"{st['trials_per_minute']:.0f}/min, sampler {st['sampler_share'] * 100:.0f}% of the "
         f"search time), front {len(result.front)} points, hypervolume {result.hypervolume:.4f}, "
         f"chosen trial #{result.trial.number}")
+    return "\n".join(lines)
+
+
+def race_table(outcome: Any) -> str:
+    """The race's candidates by how far they got and their validation accuracy there, beside
+    predicted memory, latency and backward MACs (the search's objective as an extra column),
+    then which baseline the plan beat and by how much, or that a baseline won."""
+    rr, plan = outcome.race, outcome.plan
+    measure = plan.provenance["memory_measure"]
+    best = rr.best()
+    objective = "pred acc" if "predicted_accuracy" in plan.predicted else "proxy"
+    lines = [f"{'candidate':<24}{'val acc':>8}{'epochs':>7}{'lr':>9}{measure + ' mem':>15}"
+             f"{'latency':>11}{'bwd MACs':>10}{objective:>9}"]
+    order = sorted(rr.candidates.values(), key=lambda c: (-best[c.name]["rung"],
+                                                         -best[c.name]["val_accuracy"]))
+    for c in order:
+        b = best[c.name]
+        name = c.name + (" (chosen)" if c.name == rr.winner.name else "")
+        if c.aliases:
+            name += " = " + ", ".join(c.aliases)
+        lines.append(f"{name[:23]:<24}{b['val_accuracy']:>8.4f}{b['epochs']:>7}{b['lr']:>9.3g}"
+                     f"{format_bytes(c.memory_bytes):>15}{c.latency_ms:>9.1f}ms"
+                     f"{c.backward_macs / 1e6:>9.2f}M{c.predicted or 0.0:>9.4f}")
+    margin = outcome.margin()
+    if margin is None:
+        lines.append("no baseline fits the budget: only the search's plans raced")
+    elif rr.winner.source == "baseline":
+        lines.append(f"a baseline won the race: the plan is {rr.winner.name} (validation "
+                     f"accuracy {margin['winner_accuracy']:.4f} after {margin['epochs']} "
+                     "epoch(s)); the search's own plans trained worse on this data")
+    else:
+        lines.append(f"the plan ({rr.winner.name}) beat the best baseline, {margin['baseline']}, "
+                     f"by {margin['points']:+.1f} points of validation accuracy after "
+                     f"{margin['epochs']} epoch(s) ({margin['winner_accuracy']:.4f} against "
+                     f"{margin['baseline_accuracy']:.4f})")
+    for name, why in sorted(outcome.skipped.items()):
+        lines.append(f"not raced: {name}: {_short({'error': why})}")
+    r = plan.recipe
+    st = outcome.search.stats
+    lines.append(
+        f"recipe: {r.optimizer} lr {r.lr:g}, {r.epochs} epochs at batch "
+        f"{r.batch_size} (validation accuracy on {rr.stats.get('val_images', 'the')} held-out "
+        f"images; val acc of a candidate is at the last rung it reached)")
+    lines.append(
+        f"race: {sum(len(x['arms']) * len(x['seeds']) for x in rr.rungs)} arms over "
+        f"{len(rr.rungs)} rungs ({rr.stats['arms_trained']} trained now, "
+        f"{rr.stats['seconds']:.0f} s); study {outcome.search.study_name!r}: "
+        f"{len(outcome.search.trials)} trials (+{st['new_trials']} now)")
     return "\n".join(lines)
 
 

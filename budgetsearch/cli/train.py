@@ -263,8 +263,11 @@ def run(args: argparse.Namespace) -> int:
             f"{f} {getattr(args, f)}" for f in args.recipe_used) + "\n")
     if trainer.budget:
         b = trainer.budget
+        at = ("" if b["batch_size"] == trainer.batch_size else
+              f" at the plan's batch size {b['batch_size']} (the device's; the recipe trains "
+              f"at {trainer.batch_size} here)")
         out.write(f"budget on {plan.device}: {format_bytes(b['memory_bytes'])} of "
-                  f"{format_bytes(b['budget_bytes'])} ({b['measure']} memory)\n")
+                  f"{format_bytes(b['budget_bytes'])} ({b['measure']} memory){at}\n")
     doc = trainer.fit(resume=args.resume)
     best, final = doc["best_val_accuracy"], doc["final_val_accuracy"]
     tested = ""

@@ -22,11 +22,12 @@ Tensors = tuple[torch.Tensor, torch.Tensor]
 
 def split_tensors(
     data: str, *, graph: LayerGraph, normalization: str, samples: int, val_fraction: float,
-    seed: int, split: str = "train", val_data: str | None = None,
+    seed: int, split: str = "train", val_data: str | None = None, up_to: bool = False,
 ) -> tuple[Tensors, Tensors]:
     """Training and validation tensors for an analysis: a class-balanced draw of ``samples``
     images of ``data``'s ``split``, of which a stratified ``val_fraction`` is the validation
     split (or ``val_data``'s ``split`` as the validation data). The test split is never read.
+    With ``up_to``, a source with fewer than ``samples`` images is used whole.
 
     Raises:
         DataError: A source that cannot be loaded, is too small, or whose classes are not the
@@ -36,7 +37,7 @@ def split_tensors(
     from ..trainer.checks import check_classes
 
     kw = {"image_size": int(graph.input_shape[-1]), "normalization": normalization,
-          "seed": seed}
+          "seed": seed, "up_to": up_to}
     if val_data is None:
         pool = load_dataset(data, split=split, limit=samples, **kw)
         train_set, val_set = split_validation(pool, fraction=val_fraction, seed=seed)

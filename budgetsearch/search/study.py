@@ -29,7 +29,7 @@ from .._version import __version__
 from ..cost import CostModel
 from ..criteria import Scores
 from ..errors import SearchError
-from ..plan import Plan
+from ..plan import LayerUpdate, Plan
 from .config import CONFIG_KEY, build_config, diff_config, read_config, write_config
 from .front import FrontTracker, pareto_front, pick
 from .local import LocalSearch
@@ -370,7 +370,20 @@ class Search:
     def plan_for(self, trial: FrozenTrial, *, study_name: str, storage: str, pick_rule: str,
                  baselines: Mapping[str, Any], n_trials: int, hypervolume: float) -> Plan:
         """The plan of a trial, with provenance and predicted costs."""
-        updates = self.evaluator.updates(trial.params)
+        plan = self.plan_of(self.evaluator.updates(trial.params), method="search",
+                            study_name=study_name, storage=storage, pick_rule=pick_rule,
+                            baselines=baselines, n_trials=n_trials, hypervolume=hypervolume)
+        return plan.with_(provenance={**plan.provenance, "trial": trial.number,
+                                      "objectives": dict(zip(self.evaluator.objective_names,
+                                                             trial.values, strict=True)),
+                                      "constraints": dict(trial.constraints)})
+
+    def plan_of(self, updates: Mapping[str, LayerUpdate], *, method: str, study_name: str,
+                storage: str, pick_rule: str, baselines: Mapping[str, Any], n_trials: int,
+                hypervolume: float) -> Plan:
+        """A plan of these updates (a trial's, or a baseline's that won the race) with the
+        study's provenance (``method`` says where the updates came from) and predicted costs."""
+        updates = dict(updates)
         ev = self.evaluator.measure(updates)
         names = self.evaluator.objective_names
         comparison = {}
@@ -382,12 +395,10 @@ class Search:
                 "feasible": m["feasible"], "proxy_gain": ev.proxy - m["proxy"],
                 "proxy_ratio": ev.proxy / m["proxy"] if m["proxy"] > 0 else math.inf}
         provenance = {
-            "method": "search",
+            "method": method,
             "study": study_name,
             "storage": storage,
-            "trial": trial.number,
-            "objectives": dict(zip(names, trial.values, strict=True)),
-            "constraints": dict(trial.constraints),
+            "objectives": dict(zip(names, ev.values, strict=True)),
             "feasible": ev.feasible,
             "pick": pick_rule,
             "sampler": self.sampler_name,
@@ -419,7 +430,5 @@ class Search:
             predicted=predicted, provenance=provenance)
 
 
-def _full():
-    from ..plan import LayerUpdate
-
+def _full() -> LayerUpdate:
     return LayerUpdate("weight")

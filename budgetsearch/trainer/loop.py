@@ -165,10 +165,18 @@ class Trainer:
         self.num_classes = check_classes(train_data, val_data, self.graph)
         if test_data is not None:
             check_classes(train_data, test_data, self.graph, other="test")
+        # A plan's recipe may train at another batch size than the device's (a planner races
+        # plans on a host at batch 32 for a microcontroller that steps at batch 1): training
+        # with the recipe's batch is training the plan, and its budget is the device's, at the
+        # plan's own batch size.
+        device_batch = (plan.batch_size if plan.recipe is not None
+                        and self.batch_size == plan.recipe.batch_size else self.batch_size)
         self.cost_model = cost_model or build_cost_model(
-            plan, self.graph, batch_size=self.batch_size, optimizer=self.optimizer_name,
+            plan, self.graph, batch_size=device_batch, optimizer=self.optimizer_name,
             bn_train=bn == "train", accounting=accounting)
         self.budget = checks.check_budget(plan, self.cost_model) if check_budget else None
+        if self.budget is not None:
+            self.budget["batch_size"] = self.cost_model.batch
         self.replanner: Replanner | None = None
         if dynamic is not None:
             budget = budget_bytes or plan.memory_budget_bytes

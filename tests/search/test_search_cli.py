@@ -104,7 +104,7 @@ def test_plan_with_a_real_fisher_pass_on_synthetic_images(tmp_path, capsys) -> N
     out = tmp_path / "plan.json"
     code = main(["plan", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "96",
                  "--device", "stm32h743", "--data", str(tmp_path / "data"), "--samples", "8",
-                 "--objective", "fisher",
+                 "--objective", "fisher", "--effort", "quick",
                  "--micro-batch", "4", "--budget", "64KB", "--memory-measure", "training",
                  "--trials", "40", "--population", "16", "--no-progress", "--out", str(out)])
     assert code == 0, capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""Effort levels of ``plan``: how much measuring and training goes into the choice.
+
+- ``quick``: the search on a predicted objective only (seconds; the Fisher proxy unless a
+  contribution table is given). Nothing is trained, so the plan is a prediction.
+- ``standard``: measured contributions, the search on them, then a race (:mod:`.race`) among the
+  best front points and every baseline, each with three learning rates, over rungs of 1, 2 and 4
+  epochs, keeping the best third.
+- ``thorough``: more measured layers, more front points, five learning rates, a fourth rung of 8
+  epochs, and two seeds in the last rung.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PlanError
+from ..recipe import OPTIMIZERS
+from .race import RaceSettings
+
+__all__ = ["CENTER_LR", "EFFORTS", "Effort", "get_effort", "lr_grid"]
+
+#: The middle of each optimizer's learning-rate grid. SGD 0.02 is what the committed studies
+#: trained MCUNet-5fps and MobileNetV2-w0.35 with (chosen on validation among 0.005 / 0.02 in
+#: benchmarks/objective_validation.py); momentum and Adam take their usual defaults.
+CENTER_LR = {"sgd": 0.02, "momentum": 0.01, "adam": 0.001}
+
+
+@dataclass(frozen=True)
+class Effort:
+    """One effort level.
+
+    Attributes:
+        name: ``quick``, ``standard`` or ``thorough``.
+        race: Whether the candidates are raced (needs training data).
+        rungs: Epochs of the race's rungs.
+        lr_factors: The learning-rate grid as factors of the optimizer's :data:`CENTER_LR`.
+        final_seeds: Seeds of the last rung.
+        front: How many front points (by the search's objective) enter the race.
+        candidates: Which layers the contribution analysis measures (``contrib --candidates``).
+    """
+
+    name: str
+    race: bool
+    rungs: tuple[int, ...] = (1, 2, 4)
+    lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    final_seeds: int = 1
+    front: int = 4
+    candidates: str = "top:6"
+
+    def settings(self, optimizer: str, *, lrs: tuple[float, ...] | None = None) -> RaceSettings:
+        """The race settings for an optimizer (``lrs`` replaces the grid)."""
+        return RaceSettings(rungs=self.rungs, lrs=lrs or lr_grid(optimizer, self.lr_factors),
+                            final_seeds=self.final_seeds)
+
+
+EFFORTS: dict[str, Effort] = {
+    "quick": Effort("quick", race=False),
+    "standard": Effort("standard", race=True),
+    "thorough": Effort("thorough", race=True, rungs=(1, 2, 4, 8),
+                       lr_factors=(0.25, 0.5, 1.0, 2.0, 4.0), final_seeds=2, front=8,
+                       candidates="top:10"),
+}
+
+
+def get_effort(name: str) -> Effort:
+    """The effort level ``name``.
+
+    Raises:
+        PlanError: Unknown name (listing the known ones).
+    """
+    try:
+        return EFFORTS[name]
+    except KeyError:
+        raise PlanError(f"unknown effort {name!r}; known: {', '.join(EFFORTS)}") from None
+
+
+def lr_grid(optimizer: str, factors: tuple[float, ...]) -> tuple[float, ...]:
+    """The learning rates ``CENTER_LR[optimizer] * f`` for each factor, rounded to 3
+    significant digits.
+
+    Raises:
+        PlanError: Unknown optimizer.
+    """
+    if optimizer not in CENTER_LR:
+        raise PlanError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    return tuple(float(f"{CENTER_LR[optimizer] * f:.3g}") for f in factors)

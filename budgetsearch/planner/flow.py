@@ -1,0 +1,251 @@
+"""The planner's flow after the scores and contributions: search, race, plan.
+
+:func:`make_plan` is the one library entry point for "the plan that trains best under a budget"
+that ``budgetsearch plan`` and the studies call: it runs (or continues) the search, gathers the
+race's candidates (:func:`race_candidates`: the search's best front points and every baseline's
+plan at the same budget), races them on the validation split (:func:`~.race.race`) and returns
+the winner as a plan that carries its recipe and the race in its provenance. A baseline that
+wins the race is the plan: the planner never hands out a plan that trained worse than one it
+knew of.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import BudgetSearchError
+from ..plan import LayerUpdate, Plan
+from ..recipe import Recipe
+from .effort import Effort
+from .race import Candidate, RaceResult, default_race_path, race, race_key
+
+__all__ = ["PlanOutcome", "make_plan", "race_candidates"]
+
+
+@dataclass
+class PlanOutcome:
+    """What :func:`make_plan` produced.
+
+    Attributes:
+        plan: The plan to hand out (with its recipe when it was raced).
+        search: The search's result (front, trials, baselines' predicted figures).
+        race: The race, or None at effort ``quick``.
+        skipped: Baselines that did not enter the race, with the reason.
+    """
+
+    plan: Plan
+    search: Any
+    race: RaceResult | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def margin(self) -> dict[str, Any] | None:
+        """How the plan compares with the best baseline in the race: at the furthest rung any
+        baseline reached, the winner's best arm there against that baseline's best arm
+        (``baseline``, ``rung``, ``epochs``, ``winner_accuracy``, ``baseline_accuracy``,
+        ``points``), or None without a race or without baselines. When a baseline won, it is
+        the best baseline and ``points`` is 0."""
+        if self.race is None:
+            return None
+        rr = self.race
+        baselines = [c.name for c in rr.candidates.values() if c.source == "baseline"]
+        if not baselines:
+            return None
+        best_row: tuple[int, float, str] | None = None
+        for i, rung in enumerate(rr.rungs):
+            for arm in rung["arms"]:
+                if arm["candidate"] in baselines:
+                    row = (i, arm["val_accuracy"], arm["candidate"])
+                    if best_row is None or row[:2] > best_row[:2]:
+                        best_row = row
+        assert best_row is not None
+        rung_i, acc, name = best_row
+        mine = max(a["val_accuracy"] for a in rr.rungs[rung_i]["arms"]
+                   if a["candidate"] == rr.winner.name)
+        return {"baseline": name, "rung": rung_i, "epochs": rr.rungs[rung_i]["epochs"],
+                "winner_accuracy": mine, "baseline_accuracy": acc,
+                "points": 100 * (mine - acc)}
+
+
+def race_candidates(
+    search: Any,
+    result: Any,
+    *,
+    front: int,
+    model: nn.Module | None = None,
+    seed: int = 0,
+) -> tuple[list[Candidate], dict[str, str]]:
+    """The race's candidates: every baseline's plan that fits the budget (the warm-start
+    selectors of :data:`~budgetsearch.search.warmstart.BASELINES`, the published MIT scheme
+    with the largest label within the budget when the model has one, and the classifier
+    alone), then the ``front`` best feasible trials by the search's objective whose plans are
+    not among them.
+
+    Args:
+        search: The :class:`~budgetsearch.search.Search`.
+        result: Its :class:`~budgetsearch.search.SearchResult`.
+        front: How many front points.
+        model: The model (for the MIT scheme's magnitude ranking; None: no MIT scheme).
+        seed: Seed of the selectors.
+
+    Returns:
+        The candidates and, per baseline left out, why.
+    """
+    from ..search.front import feasible
+    from ..search.warmstart import baseline_plans
+
+    ev = search.evaluator
+    out: list[Candidate] = []
+    skipped: dict[str, str] = {}
+    plans: list[tuple[str | None, dict[str, LayerUpdate] | None, str | None]] = [
+        (b.name, b.updates, b.error) for b in baseline_plans(
+            evaluator=ev, cost_model=search.cost_model, scores=search.scores, seed=seed)]
+    plans.append(_mit_scheme(search, model, seed))
+    head = search.graph.layer_names[-1]
+    plans.append(("classifier", {head: LayerUpdate("weight")}, None))
+    for name, updates, error in plans:
+        if name is None:
+            continue
+        if updates is None:
+            skipped[name] = error or "no plan"
+            continue
+        if not ev.measure(updates).feasible:
+            skipped[name] = "over the budget"
+            continue
+        out.append(_candidate(ev, name, "baseline", updates))
+    # the front points: the best by the objective that are not a baseline's plan already (a
+    # search point equal to a baseline races under the baseline's name)
+    seen = {c.digest() for c in out}
+    ranked = sorted((t for t in result.trials if feasible(t)),
+                    key=lambda t: (-t.values[0], t.values[1], t.number))
+    added = 0
+    for t in ranked:
+        if added >= front:
+            break
+        c = _candidate(ev, f"search#{t.number}", "search", ev.updates(t.params), trial=t.number)
+        if c.digest() not in seen:
+            seen.add(c.digest())
+            out.append(c)
+            added += 1
+    return out, skipped
+
+
+def _candidate(ev: Any, name: str, source: str, updates: Mapping[str, LayerUpdate],
+               trial: int | None = None) -> Candidate:
+    m = ev.measure(updates)
+    return Candidate(name=name, source=source, updates=dict(updates),
+                     memory_bytes=int(m.memory_bytes), latency_ms=float(m.summary.latency_ms),
+                     backward_macs=float(m.summary.backward_macs), predicted=float(m.proxy),
+                     trial=trial)
+
+
+def _mit_scheme(search: Any, model: nn.Module | None, seed: int
+                ) -> tuple[Any, dict[str, LayerUpdate] | None, str | None]:
+    """("mit-scheme LABEL", updates, error) for the largest published label within the budget,
+    or (None, None, None) when the model has no published scheme."""
+    from ..criteria import magnitude_scores
+    from ..selectors import MIT_SCHEMES, select
+
+    name = search.graph.model_name
+    if model is None or name not in MIT_SCHEMES:
+        return None, None, None
+    budget = search.evaluator.budget_bytes
+    labels = [lab for lab in MIT_SCHEMES[name] if budget is None or int(lab[:-2]) * 1024 <= budget]
+    if not labels:
+        return "mit-scheme", None, (f"no published scheme at or below the budget (labels "
+                                    f"{', '.join(MIT_SCHEMES[name])})")
+    label = max(labels, key=lambda lab: int(lab[:-2]))
+    try:
+        plan = select("mit-scheme", cost_model=search.cost_model, budget_bytes=budget,
+                      latency_budget_ms=search.evaluator.latency_budget_ms,
+                      scores=magnitude_scores(model), seed=seed,
+                      memory_measure=search.evaluator.memory_measure, label=label)
+    except BudgetSearchError as exc:
+        return f"mit-scheme {label}", None, str(exc)
+    return f"mit-scheme {label}", dict(plan.updates), None
+
+
+def make_plan(
+    search: Any,
+    *,
+    effort: Effort,
+    n_trials: int,
+    storage: Any = "memory",
+    study_name: str | None = None,
+    pick_rule: str = "best",
+    runner: Any = None,
+    recipe: Recipe | None = None,
+    data_key: Mapping[str, Any] | None = None,
+    model: nn.Module | None = None,
+    lrs: Sequence[float] | None = None,
+    race_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    flush_seconds: float = 2.0,
+) -> PlanOutcome:
+    """Search, race and return the plan that trained best (see the module docstring).
+
+    Args:
+        search: The configured :class:`~budgetsearch.search.Search`.
+        effort: The effort level (:data:`~.effort.EFFORTS`); without ``effort.race`` the
+            search's pick is the plan.
+        n_trials: Trials the study should hold.
+        storage: Optuna storage URL or opened storage.
+        study_name: Study name.
+        pick_rule: The search's pick rule (the plan at effort ``quick``).
+        runner: Trains plans on the training split and scores them on the validation split
+            (a :class:`~budgetsearch.contrib.PlanRunner`); needed for a race.
+        recipe: The race's base recipe (optimizer, batch size, seed; learning rates and
+            epochs come from the effort). Default: the search's optimizer, batch 32.
+        data_key: What the runner's results depend on (model, weights, data), for the race
+            file's key.
+        model: The model (for the MIT scheme candidate).
+        lrs: Learning rates instead of the effort's grid.
+        race_path: The race file (default under ``$BUDGETSEARCH_CACHE/race/``, by key).
+        progress: Progress bars.
+        flush_seconds: The search's write interval.
+
+    Raises:
+        PlanError: A race without a runner.
+        BudgetError: Nothing fits the budget.
+    """
+    from ..errors import PlanError
+
+    result = search.run(n_trials=n_trials, storage=storage, study_name=study_name,
+                        pick_rule=pick_rule, progress=progress, flush_seconds=flush_seconds)
+    if not effort.race:
+        plan = result.plan.with_(provenance={**result.plan.provenance, "effort": effort.name})
+        return PlanOutcome(plan, result)
+    if runner is None:
+        raise PlanError(f"effort {effort.name} races plans: it needs training data (a runner)")
+    recipe = recipe or Recipe(optimizer=search.cost_model.optimizer, seed=search.seed)
+    settings = effort.settings(recipe.optimizer, lrs=tuple(lrs) if lrs else None)
+    candidates, skipped = race_candidates(search, result, front=effort.front, model=model,
+                                          seed=search.seed)
+    key = race_key(data_key=data_key or {}, recipe=recipe, settings=settings,
+                   candidates=candidates)
+    path = race_path if race_path is not None else default_race_path(key)
+    rr = race(runner, candidates, recipe=recipe, settings=settings, path=path, key=key,
+              progress=progress)
+    data = getattr(runner, "data", None)
+    if isinstance(data, Mapping) and "val" in data:
+        rr.stats["val_images"] = len(data["val"][1])
+    winner = rr.winner
+    common = dict(study_name=result.study_name, storage=result.storage, pick_rule=pick_rule,
+                  baselines=result.baselines, n_trials=len(result.trials),
+                  hypervolume=result.hypervolume)
+    if winner.source == "search":
+        trial = next(t for t in result.trials if t.number == winner.trial)
+        plan = search.plan_for(trial, **common)
+    else:
+        plan = search.plan_of(winner.updates, method=winner.name, **common)
+    outcome = PlanOutcome(plan, result, rr, skipped)
+    plan = plan.with_(recipe=rr.recipe, provenance={
+        **plan.provenance, "effort": effort.name, "race": {
+            **rr.provenance(), "skipped": skipped, "margin": outcome.margin(),
+            "file": str(path)}})
+    outcome.plan = plan
+    return outcome

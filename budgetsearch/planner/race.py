@@ -1,0 +1,343 @@
+"""The race: successive halving among candidate plans, each with a few learning rates, judged
+by validation accuracy after real training.
+
+A predicted objective ranks plans; only training says which one trains best. The race takes the
+candidates (the search's best front points and every baseline's plan at the same budget), pairs
+each with every learning rate of a small grid (an *arm*), trains every arm for the first rung's
+epochs on the training split and scores it on the validation split; the best ``keep`` share of the
+arms (at least one) go on to the next rung, which trains them from the start again for more
+epochs, and so on. The last rung may train each arm with several seeds (its score is the mean).
+Ties are broken by predicted memory (less first), then validation loss.
+
+Every arm's result is written atomically into a keyed file the moment it is known
+(:class:`~budgetsearch.contrib.SharedTable`): a race killed mid-rung resumes without retraining
+finished arms, and several processes racing the same candidates share one file and never train
+the same arm twice (an arm is claimed under a file lock; a dead process's claim is taken over).
+Arms are trained by :class:`~budgetsearch.contrib.PlanRunner`, so the frozen prefix below each
+candidate's earliest updated layer is computed once and a late-layer plan trains at the speed of
+the layers it touches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PlanError
+from ..plan import LayerUpdate
+from ..recipe import Recipe
+
+__all__ = ["Candidate", "RaceResult", "RaceSettings", "default_race_path", "race", "race_key"]
+
+#: Version of the race file's layout (part of its key).
+RACE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan in the race, with its predicted figures.
+
+    Attributes:
+        name: Unique name, e.g. ``search#41`` or ``tinytl``.
+        source: ``search`` (a front point) or ``baseline``.
+        updates: The plan's layer updates.
+        memory_bytes: Predicted memory under the budget's measure.
+        latency_ms: Predicted step latency.
+        backward_macs: Predicted backward MACs.
+        predicted: The search's objective value (predicted accuracy or proxy), if known.
+        trial: The study's trial number of a front point.
+        aliases: Other candidates with the same updates (raced once, under this name).
+    """
+
+    name: str
+    source: str
+    updates: Mapping[str, LayerUpdate]
+    memory_bytes: int
+    latency_ms: float
+    backward_macs: float
+    predicted: float | None = None
+    trial: int | None = None
+    aliases: tuple[str, ...] = ()
+
+    def digest(self) -> str:
+        """A digest of the updates (two candidates with the same digest train identically)."""
+        text = json.dumps({k: u.to_dict() for k, u in sorted(self.updates.items())},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary (without the updates)."""
+        return {"name": self.name, "source": self.source, "memory_bytes": self.memory_bytes,
+                "latency_ms": self.latency_ms, "backward_macs": self.backward_macs,
+                "predicted": self.predicted, "trial": self.trial, "layers": len(self.updates),
+                "aliases": list(self.aliases), "digest": self.digest()}
+
+
+@dataclass(frozen=True)
+class RaceSettings:
+    """How the race runs.
+
+    Attributes:
+        rungs: Epochs trained at each rung (increasing; the last is the plan's schedule).
+        lrs: The learning-rate grid every candidate is tried with.
+        keep: Share of the arms kept after each rung but the last, in (0, 1) (at least one).
+        final_seeds: Seeds each arm of the last rung is trained with (its score is the mean).
+    """
+
+    rungs: tuple[int, ...] = (1, 2, 4)
+    lrs: tuple[float, ...] = (0.00667, 0.02, 0.06)
+    keep: float = 1 / 3
+    final_seeds: int = 1
+
+    def __post_init__(self) -> None:
+        rungs, lrs = tuple(self.rungs), tuple(self.lrs)
+        if not rungs or any(not isinstance(e, int) or e < 1 for e in rungs) or any(
+                b <= a for a, b in zip(rungs, rungs[1:], strict=False)):
+            raise PlanError(f"race rungs must be increasing positive epoch counts; got {rungs}")
+        if not lrs or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)
+                          for x in lrs) or len(set(lrs)) != len(lrs):
+            raise PlanError(f"race learning rates must be distinct finite numbers > 0; got {lrs}")
+        if not 0 < self.keep < 1:
+            raise PlanError(f"race keep share must be in (0, 1); got {self.keep}")
+        if not isinstance(self.final_seeds, int) or self.final_seeds < 1:
+            raise PlanError(f"race final_seeds must be an integer >= 1; got {self.final_seeds}")
+        object.__setattr__(self, "rungs", rungs)
+        object.__setattr__(self, "lrs", tuple(float(x) for x in lrs))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"rungs": list(self.rungs), "lrs": list(self.lrs), "keep": self.keep,
+                "final_seeds": self.final_seeds}
+
+    def epochs_total(self, arms: int) -> int:
+        """Epochs the whole race trains for ``arms`` arms at the first rung."""
+        total, alive = 0, arms
+        for i, epochs in enumerate(self.rungs):
+            last = i == len(self.rungs) - 1
+            total += alive * epochs * (self.final_seeds if last else 1)
+            alive = max(1, math.ceil(alive * self.keep))
+        return total
+
+
+@dataclass
+class RaceResult:
+    """What the race found.
+
+    Attributes:
+        winner: The candidate that trained best.
+        recipe: The recipe it won with (learning rate, the last rung's epochs).
+        rungs: Per rung: ``epochs``, ``seeds`` and its arms' ``candidate``, ``lr``,
+            ``val_accuracy``, ``val_loss`` and ``kept`` (went on / won).
+        candidates: The candidates raced, by name.
+        stats: ``arms_trained`` (by this process), ``seconds``, ``path``.
+    """
+
+    winner: Candidate
+    recipe: Recipe
+    rungs: list[dict[str, Any]]
+    candidates: dict[str, Candidate]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def best(self) -> dict[str, dict[str, Any]]:
+        """Per candidate: its best arm at the furthest rung it reached (``rung``, ``lr``,
+        ``val_accuracy``, ``val_loss``, ``epochs``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for i, rung in enumerate(self.rungs):
+            for arm in rung["arms"]:
+                prev = out.get(arm["candidate"])
+                row = {"rung": i, "epochs": rung["epochs"], "lr": arm["lr"],
+                       "val_accuracy": arm["val_accuracy"], "val_loss": arm["val_loss"]}
+                if prev is None or prev["rung"] < i or (
+                        prev["rung"] == i and arm["val_accuracy"] > prev["val_accuracy"]):
+                    out[arm["candidate"]] = row
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        """The race as recorded in the chosen plan's provenance."""
+        return {"winner": self.winner.name, "lr": self.recipe.lr, "epochs": self.recipe.epochs,
+                "candidates": [c.describe() for c in self.candidates.values()],
+                "rungs": self.rungs, "arms_trained": self.stats.get("arms_trained"),
+                "seconds": self.stats.get("seconds")}
+
+
+def race_key(
+    *, data_key: Mapping[str, Any], recipe: Recipe, settings: RaceSettings,
+    candidates: Sequence[Candidate],
+) -> dict[str, Any]:
+    """What a race's results depend on: the model and data (``data_key``, e.g. a contribution
+    analysis key), the base recipe, the settings and the candidates' updates."""
+    return {"race_version": RACE_VERSION, **dict(data_key), "recipe": recipe.to_dict(),
+            "settings": settings.to_dict(),
+            "candidates": {c.name: c.digest() for c in candidates}}
+
+
+def default_race_path(key: Mapping[str, Any]) -> Path:
+    """``$BUDGETSEARCH_CACHE`` (else ``~/.cache/budgetsearch``) ``/race/<model>-<digest>.json``:
+    a re-run of the same plan command finds its race there and resumes it."""
+    root = Path(os.environ.get("BUDGETSEARCH_CACHE") or Path.home() / ".cache" / "budgetsearch")
+    text = json.dumps(dict(key), sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return root / "race" / f"{key.get('model') or 'model'}-{digest}.json"
+
+
+def _arm_key(rung: int, epochs: int, seed: int, name: str, lr: float) -> str:
+    return f"r{rung}:e{epochs}:s{seed}:{name}@lr{lr:g}"
+
+
+def race(
+    runner: Any,
+    candidates: Sequence[Candidate],
+    *,
+    recipe: Recipe,
+    settings: RaceSettings | None = None,
+    path: str | os.PathLike[str] | None = None,
+    key: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    poll_seconds: float = 2.0,
+    max_arms: int | None = None,
+    on_arm: Callable[[str, Mapping[str, Any]], None] | None = None,
+) -> RaceResult:
+    """Race the candidates (see the module docstring).
+
+    Args:
+        runner: Trains a plan: ``runner.run(updates, recipe) -> {"val_accuracy", "val_loss",
+            ...}`` (a :class:`~budgetsearch.contrib.PlanRunner`).
+        candidates: The plans, with distinct names; candidates with the same updates are raced
+            once (the first keeps its name, the others become its aliases).
+        recipe: The base recipe: every arm trains with it, at the arm's learning rate, the
+            rung's epochs and seed ``recipe.seed + i`` for the i-th seed of the last rung.
+        settings: Rungs, learning rates, keep share, seeds of the last rung.
+        path: The race file (None: in memory, not resumable). Needs ``key``.
+        key: What the results depend on (:func:`race_key`); a file made with another key is
+            refused, naming the fields.
+        progress: Show a progress bar in epochs trained (rate and ETA).
+        poll_seconds: How often to look whether arms other processes claimed are done.
+        max_arms: Stop after training this many arms in this call (then
+            :class:`~budgetsearch.errors.PlanError` says the race is unfinished).
+        on_arm: Called with each arm key and result this process trains.
+
+    Raises:
+        PlanError: No candidates, duplicate names, or the race stopped by ``max_arms``.
+        TableError: ``path`` holds a race with another key.
+    """
+    from ..contrib.table import SharedTable
+
+    settings = settings or RaceSettings()
+    pool = _distinct(candidates)
+    shared = SharedTable(path, dict(key or {})) if path is not None else None
+    memory: dict[str, dict[str, Any]] = {}
+    arms = [(c.name, lr) for c in pool.values() for lr in settings.lrs]
+    started = time.perf_counter()
+    bar = _bar(settings.epochs_total(len(arms)), progress)
+    trained = 0
+    rungs: list[dict[str, Any]] = []
+    try:
+        for i, epochs in enumerate(settings.rungs):
+            last = i == len(settings.rungs) - 1
+            seeds = [recipe.seed + s for s in range(settings.final_seeds if last else 1)]
+            jobs = {_arm_key(i, epochs, s, name, lr): (name, lr, s)
+                    for name, lr in arms for s in seeds}
+            if bar is not None:
+                bar.set_description(f"race rung {i + 1}/{len(settings.rungs)} "
+                                    f"({len(arms)} arms x {epochs} ep)")
+            while True:
+                if shared is not None:
+                    job = shared.claim(list(jobs))
+                else:
+                    job = next((k for k in jobs if k not in memory), None)
+                if job is None:
+                    if shared is None or set(jobs) <= shared.done():
+                        break
+                    time.sleep(poll_seconds)  # other workers are training the rest
+                    continue
+                if max_arms is not None and trained >= max_arms:
+                    if shared is not None:
+                        shared.release(job)
+                    raise PlanError(f"race stopped after {trained} arms (max_arms); run it "
+                                    "again to finish")
+                name, lr, seed = jobs[job]
+                try:
+                    result = runner.run(pool[name].updates,
+                                        recipe.with_(lr=lr, epochs=epochs, seed=seed))
+                except BaseException:
+                    if shared is not None:
+                        shared.release(job)
+                    raise
+                trained += 1
+                result = {k: result.get(k) for k in ("val_accuracy", "val_loss", "train_loss",
+                                                     "seconds")}
+                if shared is not None:
+                    shared.record(job, result)
+                else:
+                    memory[job] = result
+                if on_arm is not None:
+                    on_arm(job, result)
+                if bar is not None:
+                    bar.update(epochs)
+                    bar.set_postfix_str(f"{name[:24]} lr {lr:g}: {result['val_accuracy']:.3f}")
+            done = shared.table().results if shared is not None else memory
+            scored = []
+            for name, lr in arms:
+                rows = [done[k] for k, (n, x, _s) in jobs.items() if n == name and x == lr]
+                acc = sum(float(r["val_accuracy"]) for r in rows) / len(rows)
+                losses = [r.get("val_loss") for r in rows]
+                loss = (sum(losses) / len(losses) if None not in losses else math.inf)
+                scored.append((-acc, pool[name].memory_bytes, loss, name, lr))
+            scored.sort()
+            n_keep = 1 if last else max(1, math.ceil(len(arms) * settings.keep))
+            kept = [(s[3], s[4]) for s in scored[:n_keep]]
+            rungs.append({"epochs": epochs, "seeds": seeds, "arms": [
+                {"candidate": s[3], "lr": s[4], "val_accuracy": -s[0],
+                 "val_loss": None if math.isinf(s[2]) else s[2], "kept": (s[3], s[4]) in kept}
+                for s in scored]})
+            if bar is not None:  # arms trained by others still count towards the total
+                bar.n = min(bar.total, sum(r["epochs"] * len(r["arms"]) * len(r["seeds"])
+                                           for r in rungs))
+                bar.refresh()
+            arms = kept
+    finally:
+        if bar is not None:
+            bar.close()
+    name, lr = arms[0]
+    return RaceResult(
+        winner=pool[name], recipe=recipe.with_(lr=lr, epochs=settings.rungs[-1]), rungs=rungs,
+        candidates=dict(pool),
+        stats={"arms_trained": trained, "seconds": time.perf_counter() - started,
+               "path": str(path) if path is not None else None})
+
+
+def _distinct(candidates: Sequence[Candidate]) -> dict[str, Candidate]:
+    if not candidates:
+        raise PlanError("the race has no candidates (no plan fits the budget)")
+    names = [c.name for c in candidates]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise PlanError(f"race candidates must have distinct names; repeated: {', '.join(dup)}")
+    pool: dict[str, Candidate] = {}
+    by_digest: dict[str, str] = {}
+    for c in candidates:
+        first = by_digest.get(c.digest())
+        if first is None:
+            by_digest[c.digest()] = c.name
+            pool[c.name] = c
+        else:
+            from dataclasses import replace
+
+            pool[first] = replace(pool[first], aliases=(*pool[first].aliases, c.name))
+    return pool
+
+
+def _bar(total: int, progress: bool) -> Any:
+    if not progress or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="race", unit="epoch", file=sys.stderr)

@@ -1,0 +1,95 @@
+"""``budgetsearch plan --effort standard``: contributions, search, race; the plan carries the
+recipe it won with and ``train --plan`` uses it, checking the budget at the device's batch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from budgetsearch.cli import main
+from budgetsearch.plan import load_plan
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def images(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETSEARCH_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("a", "b")):
+        folder = tmp_path / "imgs" / name
+        folder.mkdir(parents=True)
+        for i in range(10):
+            pixels = (rng.integers(0, 80, (32, 32, 3)) + 120 * c).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return tmp_path / "imgs"
+
+
+def _plan(images, out, *extra):
+    return ["plan", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "32",
+            "--device", "stm32h743", "--data", str(images), "--candidates", "last:2",
+            "--budget", "64KB", "--memory-measure", "training", "--trials", "40",
+            "--population", "16", "--lrs", "0.01,0.05", "--no-progress", "--out", str(out),
+            *extra]
+
+
+def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(_plan(images, out)) == 0
+    printed = capsys.readouterr().out
+    plan = load_plan(out)
+    race = plan.provenance["race"]
+    assert plan.provenance["effort"] == "standard"
+    # the data set has 20 images: all of them, 4 held out for validation
+    assert "validation accuracy on 4 held-out images" in printed
+    assert plan.recipe is not None and plan.recipe.lr in (0.01, 0.05)
+    assert plan.recipe.epochs == 4 and plan.recipe.batch_size == 32
+    assert plan.recipe.optimizer == plan.optimizer
+    # the winner is the best arm of the last rung, and the plan is the winner's updates
+    final = race["rungs"][-1]["arms"]
+    assert final[0]["candidate"] == race["winner"] and final[0]["lr"] == plan.recipe.lr
+    assert final[0]["val_accuracy"] == max(a["val_accuracy"] for a in final)
+    names = {c["name"] for c in race["candidates"]}
+    aliases = {a for c in race["candidates"] for a in c["aliases"]}
+    assert {"classifier", "tinytl", "mit-scheme 49KB"} <= names | aliases
+    assert any(n.startswith("search#") for n in names)
+    winner = next(c for c in race["candidates"] if c["name"] == race["winner"])
+    assert winner["memory_bytes"] <= 64 * 1024 and plan.provenance["memory_bytes"] <= 64 * 1024
+    assert plan.provenance["method"] == ("search" if winner["source"] == "search"
+                                         else winner["name"])
+    assert race["margin"]["baseline"] in names
+    assert "val acc" in printed and ("beat the best baseline" in printed
+                                     or "a baseline won the race" in printed)
+    first_arms = race["arms_trained"]
+    assert first_arms == sum(len(r["arms"]) for r in race["rungs"])
+
+    # the same command again: the study and the race are found, nothing is retrained
+    assert main(_plan(images, out)) == 0
+    again = load_plan(out)
+    assert again.provenance["race"]["arms_trained"] == 0
+    assert again.updates == plan.updates and again.recipe == plan.recipe
+
+    # train --plan uses the recipe; the budget is checked at the plan's batch size
+    code = main(["train", "--plan", str(out), "--model", "mcunet-5fps", "--num-classes", "2",
+                 "--data", str(images), "--out", str(tmp_path / "run"), "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert f"lr {plan.recipe.lr:g}" in printed.out and "from the plan's recipe" in printed.out
+    assert "at the plan's batch size 1 (the device's; the recipe trains at 32 here)" in (
+        printed.out)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == plan.recipe.epochs
+
+
+def test_effort_rules_are_named_errors(images, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    argv = ["plan", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "32",
+            "--device", "stm32h743", "--budget", "64KB", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--scores", "none.npz", "--effort", "standard"]) == 2
+    assert "--effort standard trains the candidate plans on --data" in capsys.readouterr().err
+    assert main([*argv, "--data", str(images), "--lrs", "0.1,x"]) == 2
+    assert "--lrs 0.1,x: give distinct learning rates" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,165 @@
+"""The race: successive halving on validation accuracy, resumable and shared by workers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from budgetsearch.contrib import SharedTable, TableError
+from budgetsearch.errors import PlanError
+from budgetsearch.plan import LayerUpdate
+from budgetsearch.planner import Candidate, RaceSettings, race, race_key
+from budgetsearch.recipe import Recipe
+
+
+class FakeRunner:
+    """Validation accuracy as a closed-form function of (plan, lr, epochs, seed)."""
+
+    def __init__(self, quality: dict[str, float], best_lr: dict[str, float]) -> None:
+        self.quality, self.best_lr = quality, best_lr
+        self.calls: list[tuple[str, float, int, int]] = []
+
+    def run(self, updates, recipe):
+        (layer,) = [k for k in updates if k != "head"] or ["head"]
+        self.calls.append((layer, recipe.lr, recipe.epochs, recipe.seed))
+        miss = abs(math.log(recipe.lr / self.best_lr[layer]))
+        acc = self.quality[layer] * (1 - 0.5 ** recipe.epochs) - 0.05 * miss + 0.001 * recipe.seed
+        return {"val_accuracy": acc, "val_loss": 1 - acc, "train_loss": 1.0, "seconds": 0.0}
+
+
+def cand(name: str, layer: str, memory: int = 100) -> Candidate:
+    updates = {"head": LayerUpdate("weight")}
+    if layer != "head":
+        updates[layer] = LayerUpdate("bias")
+    return Candidate(name=name, source="baseline" if name.startswith("b") else "search",
+                     updates=updates, memory_bytes=memory, latency_ms=1.0, backward_macs=1.0)
+
+
+QUALITY = {"head": 0.5, "l1": 0.7, "l2": 0.9, "l3": 0.6, "l4": 0.8, "l5": 0.4}
+BEST_LR = {"head": 0.02, "l1": 0.02, "l2": 0.00667, "l3": 0.06, "l4": 0.02, "l5": 0.02}
+
+
+def pool() -> list[Candidate]:
+    return [cand("s1", "l1"), cand("s2", "l2"), cand("b3", "l3"), cand("b4", "l4"),
+            cand("b5", "l5"), cand("bh", "head")]
+
+
+def test_successive_halving_keeps_the_best_third_and_picks_the_best_arm():
+    runner = FakeRunner(QUALITY, BEST_LR)
+    settings = RaceSettings(rungs=(1, 2, 4), lrs=(0.00667, 0.02, 0.06))
+    result = race(runner, pool(), recipe=Recipe(optimizer="sgd"), settings=settings,
+                  progress=False)
+    # 18 arms at 1 epoch, ceil(18 / 3) = 6 at 2 epochs, 2 at 4 epochs
+    assert [len(r["arms"]) for r in result.rungs] == [18, 6, 2]
+    assert [c[2] for c in runner.calls].count(1) == 18 and len(runner.calls) == 26
+    assert result.winner.name == "s2" and result.recipe.lr == 0.00667
+    assert result.recipe.epochs == 4 and result.recipe.optimizer == "sgd"
+    # every rung keeps exactly its top arms, ranked by validation accuracy
+    for rung in result.rungs:
+        accs = [a["val_accuracy"] for a in rung["arms"]]
+        assert accs == sorted(accs, reverse=True)
+    assert [a["kept"] for a in result.rungs[0]["arms"]] == [True] * 6 + [False] * 12
+    assert settings.epochs_total(18) == 18 * 1 + 6 * 2 + 2 * 4
+    best = result.best()
+    assert best["s2"]["rung"] == 2 and best["b5"]["rung"] == 0
+
+
+def test_ties_go_to_less_memory_and_duplicates_race_once():
+    runner = FakeRunner({"l1": 0.7}, {"l1": 0.02})
+    a = cand("s-big", "l1", memory=500)
+    b = Candidate(name="s-small", source="search", updates={"x": LayerUpdate("bias")},
+                  memory_bytes=200, latency_ms=1, backward_macs=1)
+    same_as_a = cand("b-copy", "l1", memory=500)
+
+    class Same(FakeRunner):
+        def run(self, updates, recipe):
+            return {"val_accuracy": 0.5, "val_loss": 1.0}
+
+    result = race(Same({}, {}), [a, b, same_as_a], recipe=Recipe(),
+                  settings=RaceSettings(rungs=(1,), lrs=(0.01,)), progress=False)
+    assert result.winner.name == "s-small"
+    assert result.candidates["s-big"].aliases == ("b-copy",) and "b-copy" not in result.candidates
+    del runner
+
+
+def test_final_rung_averages_seeds():
+    runner = FakeRunner(QUALITY, BEST_LR)
+    result = race(runner, pool()[:2], recipe=Recipe(seed=5),
+                  settings=RaceSettings(rungs=(1, 3), lrs=(0.02,), keep=0.5, final_seeds=2),
+                  progress=False)
+    finals = [c for c in runner.calls if c[2] == 3]
+    assert sorted(c[3] for c in finals) == [5, 6]
+    assert result.rungs[-1]["seeds"] == [5, 6]
+
+
+def test_bad_settings_and_candidates_are_named_errors():
+    with pytest.raises(PlanError, match="rungs must be increasing"):
+        RaceSettings(rungs=(2, 1))
+    with pytest.raises(PlanError, match="learning rates must be distinct"):
+        RaceSettings(lrs=(0.1, 0.1))
+    with pytest.raises(PlanError, match="keep share"):
+        RaceSettings(keep=1.0)
+    with pytest.raises(PlanError, match="no candidates"):
+        race(FakeRunner({}, {}), [], recipe=Recipe(), progress=False)
+    with pytest.raises(PlanError, match="repeated: s1"):
+        race(FakeRunner({}, {}), [cand("s1", "l1"), cand("s1", "l2")], recipe=Recipe(),
+             progress=False)
+
+
+def test_a_killed_race_resumes_without_retraining_and_refuses_another_key(tmp_path):
+    path = tmp_path / "race.json"
+    settings = RaceSettings(rungs=(1, 2, 4), lrs=(0.00667, 0.02, 0.06))
+    key = race_key(data_key={"model": "fake"}, recipe=Recipe(), settings=settings,
+                   candidates=pool())
+    first = FakeRunner(QUALITY, BEST_LR)
+    with pytest.raises(PlanError, match="stopped after 20 arms"):
+        race(first, pool(), recipe=Recipe(), settings=settings, path=path, key=key,
+             progress=False, max_arms=20)
+    doc = json.loads(path.read_text())
+    assert len(doc["results"]) == 20 and doc["claims"] == {}
+    second = FakeRunner(QUALITY, BEST_LR)
+    result = race(second, pool(), recipe=Recipe(), settings=settings, path=path, key=key,
+                  progress=False)
+    assert len(second.calls) == 26 - 20 and result.stats["arms_trained"] == 6
+    done = {(c[0], c[1], c[2]) for c in first.calls}
+    assert not done & {(c[0], c[1], c[2]) for c in second.calls}
+    reference = race(FakeRunner(QUALITY, BEST_LR), pool(), recipe=Recipe(), settings=settings,
+                     progress=False)
+    assert result.rungs == reference.rungs and result.winner == reference.winner
+    other = race_key(data_key={"model": "fake"}, recipe=Recipe(lr=0.5), settings=settings,
+                     candidates=pool())
+    with pytest.raises(TableError, match="recipe"):
+        race(second, pool(), recipe=Recipe(), settings=settings, path=path, key=other,
+             progress=False)
+
+
+def test_arms_claimed_by_a_live_worker_are_waited_for_not_retrained(tmp_path, monkeypatch):
+    """A second worker's claim on an arm is respected: this process trains the rest of the
+    rung, then waits; the claim's result arrives from the other worker and is used."""
+    path = tmp_path / "race.json"
+    settings = RaceSettings(rungs=(1,), lrs=(0.02,))
+    cands = pool()[:3]
+    key = race_key(data_key={"model": "fake"}, recipe=Recipe(), settings=settings,
+                   candidates=cands)
+    other = SharedTable(path, key)
+    other.me = {"host": other.me["host"], "pid": os.getppid()}  # a live process, not us
+    taken = other.claim(["r0:e1:s0:b3@lr0.02"])
+    assert taken == "r0:e1:s0:b3@lr0.02"
+    polls = []
+
+    def finish_other(_seconds):  # stands in for time.sleep: the other worker records
+        polls.append(1)
+        other.record(taken, {"val_accuracy": 0.99, "val_loss": 0.01})
+
+    import importlib
+
+    race_module = importlib.import_module("budgetsearch.planner.race")
+    runner = FakeRunner(QUALITY, BEST_LR)
+    monkeypatch.setattr(race_module.time, "sleep", finish_other)
+    result = race(runner, cands, recipe=Recipe(), settings=settings, path=path, key=key,
+                  progress=False)
+    assert polls and sorted(c[0] for c in runner.calls) == ["l1", "l2"]
+    assert result.winner.name == "b3"  # the other worker's result decided it
