@@ -272,7 +272,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if scores is None:
             scores = _scores(args, model, graph)
     search = Search(scores=scores, check_budgets=False, **common)
-    runner = data_key = None
+    runner = data_key = baseline_scores = None
     if effort.race:
         from ..contrib import PlanRunner, analysis_key
         from ..recipe import Recipe
@@ -283,6 +283,9 @@ def run_plan(args: argparse.Namespace) -> int:
                                 val=tensors[1], recipe=Recipe(), scores_digest="")
         for field in ("recipe", "channel_scores"):
             data_key.pop(field)
+        # TinyTrain and NEq rank channels by Fisher potential: their plans in the race do too
+        baseline_scores = scores if scores.criterion == "fisher" else _fisher_on(
+            model, tensors[0], args)
     from ..planner import make_plan
     from ..recipe import Recipe
 
@@ -291,7 +294,8 @@ def run_plan(args: argparse.Namespace) -> int:
         pick_rule=args.pick, runner=runner, data_key=data_key, model=model, lrs=lrs,
         recipe=Recipe(optimizer=cost_model.optimizer, batch_size=args.train_batch,
                       seed=args.seed),
-        race_path=args.race_file, progress=not args.no_progress,
+        race_path=args.race_file, baseline_scores=baseline_scores,
+        progress=not args.no_progress,
         flush_seconds=args.flush_seconds)
     result = outcome.search
     plan = outcome.plan
@@ -466,6 +470,20 @@ def _load_scores(args: argparse.Namespace, model: Any) -> Any:
     from ..criteria import Scores
 
     return Scores.load(args.scores, model=model)
+
+
+def _fisher_on(model: Any, train: Any, args: argparse.Namespace) -> Any:
+    """Fisher potential on the first ``--samples`` training tensors (seeded draw)."""
+    import torch
+
+    from ..criteria import fisher_potential
+
+    n = min(args.samples, len(train[1]))
+    order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed))[:n]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(train[0][order], train[1][order]),
+        batch_size=args.micro_batch)
+    return fisher_potential(model, loader, samples=n, micro_batch=args.micro_batch)
 
 
 def _fisher(args: argparse.Namespace, model: Any, graph: Any) -> Any:

@@ -78,6 +78,7 @@ def race_candidates(
     front: int,
     model: nn.Module | None = None,
     seed: int = 0,
+    baseline_scores: Any = None,
 ) -> tuple[list[Candidate], dict[str, str]]:
     """The race's candidates: every baseline's plan that fits the budget (the warm-start
     selectors of :data:`~budgetsearch.search.warmstart.BASELINES`, the published MIT scheme
@@ -91,6 +92,8 @@ def race_candidates(
         front: How many front points.
         model: The model (for the MIT scheme's magnitude ranking; None: no MIT scheme).
         seed: Seed of the selectors.
+        baseline_scores: Scores the selectors rank channels by (TinyTrain and NEq are defined
+            on Fisher potential; default the search's scores).
 
     Returns:
         The candidates and, per baseline left out, why.
@@ -103,7 +106,9 @@ def race_candidates(
     skipped: dict[str, str] = {}
     plans: list[tuple[str | None, dict[str, LayerUpdate] | None, str | None]] = [
         (b.name, b.updates, b.error) for b in baseline_plans(
-            evaluator=ev, cost_model=search.cost_model, scores=search.scores, seed=seed)]
+            evaluator=ev, cost_model=search.cost_model,
+            scores=baseline_scores if baseline_scores is not None else search.scores,
+            seed=seed)]
     plans.append(_mit_scheme(search, model, seed))
     head = search.graph.layer_names[-1]
     plans.append(("classifier", {head: LayerUpdate("weight")}, None))
@@ -183,6 +188,7 @@ def make_plan(
     model: nn.Module | None = None,
     lrs: Sequence[float] | None = None,
     race_path: str | os.PathLike[str] | None = None,
+    baseline_scores: Any = None,
     progress: bool = True,
     flush_seconds: float = 2.0,
 ) -> PlanOutcome:
@@ -205,6 +211,7 @@ def make_plan(
         model: The model (for the MIT scheme candidate).
         lrs: Learning rates instead of the effort's grid.
         race_path: The race file (default under ``$BUDGETSEARCH_CACHE/race/``, by key).
+        baseline_scores: Scores of the baselines' selectors (:func:`race_candidates`).
         progress: Progress bars.
         flush_seconds: The search's write interval.
 
@@ -224,7 +231,7 @@ def make_plan(
     recipe = recipe or Recipe(optimizer=search.cost_model.optimizer, seed=search.seed)
     settings = effort.settings(recipe.optimizer, lrs=tuple(lrs) if lrs else None)
     candidates, skipped = race_candidates(search, result, front=effort.front, model=model,
-                                          seed=search.seed)
+                                          seed=search.seed, baseline_scores=baseline_scores)
     key = race_key(data_key=data_key or {}, recipe=recipe, settings=settings,
                    candidates=candidates)
     path = race_path if race_path is not None else default_race_path(key)

@@ -21,6 +21,7 @@ the layers it touches.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -92,7 +93,7 @@ class RaceSettings:
         final_seeds: Seeds each arm of the last rung is trained with (its score is the mean).
     """
 
-    rungs: tuple[int, ...] = (1, 2, 4)
+    rungs: tuple[int, ...] = (2, 4)
     lrs: tuple[float, ...] = (0.00667, 0.02, 0.06)
     keep: float = 1 / 3
     final_seeds: int = 1
@@ -100,7 +101,7 @@ class RaceSettings:
     def __post_init__(self) -> None:
         rungs, lrs = tuple(self.rungs), tuple(self.lrs)
         if not rungs or any(not isinstance(e, int) or e < 1 for e in rungs) or any(
-                b <= a for a, b in zip(rungs, rungs[1:], strict=False)):
+                b <= a for a, b in itertools.pairwise(rungs)):
             raise PlanError(f"race rungs must be increasing positive epoch counts; got {rungs}")
         if not lrs or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)
                           for x in lrs) or len(set(lrs)) != len(lrs):
@@ -138,6 +139,8 @@ class RaceResult:
             ``val_accuracy``, ``val_loss`` and ``kept`` (went on / won).
         candidates: The candidates raced, by name.
         stats: ``arms_trained`` (by this process), ``seconds``, ``path``.
+        results: Every arm's full result by arm key (``r<rung>:e<epochs>:s<seed>:<name>@lr<lr>``;
+            with any data the runner only reports, e.g. ``test_accuracy``).
     """
 
     winner: Candidate
@@ -145,6 +148,15 @@ class RaceResult:
     rungs: list[dict[str, Any]]
     candidates: dict[str, Candidate]
     stats: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def final_arms(self) -> dict[str, dict[str, Any]]:
+        """The winner's results in the last rung, by seed key (``s<seed>``)."""
+        last = len(self.rungs) - 1
+        epochs = self.rungs[-1]["epochs"]
+        return {f"s{seed}": self.results[_arm_key(last, epochs, seed, self.winner.name,
+                                                  self.recipe.lr)]
+                for seed in self.rungs[-1]["seeds"]}
 
     def best(self) -> dict[str, dict[str, Any]]:
         """Per candidate: its best arm at the furthest rung it reached (``rung``, ``lr``,
@@ -272,8 +284,9 @@ def race(
                         shared.release(job)
                     raise
                 trained += 1
-                result = {k: result.get(k) for k in ("val_accuracy", "val_loss", "train_loss",
-                                                     "seconds")}
+                # the scores (validation, and any data only reported, e.g. test) and the time
+                result = {k: v for k, v in result.items()
+                          if k.endswith(("_accuracy", "_loss")) or k == "seconds"}
                 if shared is not None:
                     shared.record(job, result)
                 else:
@@ -303,6 +316,7 @@ def race(
                                            for r in rungs))
                 bar.refresh()
             arms = kept
+        results = dict(shared.table().results if shared is not None else memory)
     finally:
         if bar is not None:
             bar.close()
@@ -311,7 +325,7 @@ def race(
         winner=pool[name], recipe=recipe.with_(lr=lr, epochs=settings.rungs[-1]), rungs=rungs,
         candidates=dict(pool),
         stats={"arms_trained": trained, "seconds": time.perf_counter() - started,
-               "path": str(path) if path is not None else None})
+               "path": str(path) if path is not None else None}, results=results)
 
 
 def _distinct(candidates: Sequence[Candidate]) -> dict[str, Candidate]:

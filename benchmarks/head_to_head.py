@@ -1,0 +1,266 @@
+"""Benchmark: the planner's plan against every baseline, trained with the same tuning.
+
+For each model (MCUNet-5fps and MobileNetV2-w0.35 by default, ImageNet weights, a new 10-class
+head) on CIFAR-10 at 128 px, device accounting on the STM32F746 profile, training memory, at three
+MIT budgets:
+
+1. data: 1,000 training images (class-balanced draw, seed 0) of which a stratified 20 % is the
+   validation split every choice is made on; 1,000 test images (class-balanced draw of the test
+   split), only ever reported;
+2. methods, each a plan at the budget:
+   - ``search``: ``budgetsearch plan --effort standard`` through the library entry point
+     (:func:`budgetsearch.planner.make_plan`): contributions measured on the split, the search
+     on the measured objective, the race of its best front points and every baseline;
+   - ``search-quick``: the search on the Fisher proxy alone (``--effort quick``), no race;
+   - every baseline the race sees: TinyTrain, NEq (both on Fisher potential, 64 images), MIT
+     selection, TinyTL, last-k, last-k filtered (r = 4), the published MIT scheme at or below the
+     budget, the classifier alone;
+3. the same tuning for every method: SGD, batch 32, 4 epochs (the standard race's last rung), the
+   learning rate chosen on validation from the standard grid {0.00667, 0.02, 0.06} (seed 0), then
+   3 seeds at that rate (seeds change the batch order; the new head's initialisation is the
+   model's, seed 0, for every method); test accuracy mean ± std over the seeds;
+4. per cell the best baseline (highest mean test accuracy: the strictest comparison), and whether
+   ``search`` is within 1 point of it or ahead by at least 1 point.
+
+``runs-<model>.json`` is written after every training run (a killed benchmark resumes; a plan
+shared by two methods or budgets is trained once); ``report.md``, ``cells.json`` and
+``head_to_head.png`` at the end. Run: ``.venv/bin/python benchmarks/head_to_head.py`` (about an
+hour on the 2-core machine; ``--models mcunet-5fps --budgets 99KB`` for one cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from budgetsearch import CostModel, LayerGraph, load_model, load_profile
+from budgetsearch._io import atomic_write_text
+from budgetsearch.cli.score import default_normalization
+from budgetsearch.contrib import (
+    PlanRunner,
+    analyse,
+    analysis_key,
+    default_table_path,
+    load_tensors,
+    split_tensors,
+)
+from budgetsearch.criteria import fisher_potential, magnitude_scores
+from budgetsearch.data import load_dataset
+from budgetsearch.plan import LayerUpdate
+from budgetsearch.planner import EFFORTS, make_plan, race_candidates
+from budgetsearch.recipe import Recipe
+from budgetsearch.search import Search
+from budgetsearch.search.config import scores_digest
+from budgetsearch.units import parse_bytes
+
+SEEDS = (0, 1, 2)
+
+
+def digest(updates: dict[str, LayerUpdate]) -> str:
+    text = json.dumps({k: v.to_dict() for k, v in sorted(updates.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class Runs:
+    """Training runs of one model, cached in a JSON file written after each run."""
+
+    def __init__(self, path: Path, runner: PlanRunner) -> None:
+        self.path, self.runner = path, runner
+        self.done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, updates: dict[str, LayerUpdate], recipe: Recipe) -> dict[str, Any]:
+        key = f"{digest(updates)}|lr{recipe.lr:g}|e{recipe.epochs}|s{recipe.seed}"
+        if key not in self.done:
+            result = self.runner.run(updates, recipe)
+            self.done[key] = {k: v for k, v in result.items() if k != "cut"}
+            atomic_write_text(self.path, json.dumps(self.done, indent=0, sort_keys=True))
+        return self.done[key]
+
+
+def tune(runs: Runs, updates: dict[str, LayerUpdate], base: Recipe,
+         lrs: tuple[float, ...]) -> dict[str, Any]:
+    """The learning rate chosen on validation (seed 0), then every seed at that rate."""
+    per_lr = {lr: runs.get(updates, base.with_(lr=lr, seed=SEEDS[0])) for lr in lrs}
+    lr = max(lrs, key=lambda x: (per_lr[x]["val_accuracy"], -(per_lr[x]["val_loss"] or math.inf)))
+    seeds = {s: runs.get(updates, base.with_(lr=lr, seed=s)) for s in SEEDS}
+    tests = [seeds[s]["test_accuracy"] for s in SEEDS]
+    vals = [seeds[s]["val_accuracy"] for s in SEEDS]
+    return {"lr": lr, "val_by_lr": {f"{x:g}": per_lr[x]["val_accuracy"] for x in lrs},
+            "val_mean": float(np.mean(vals)), "test_mean": float(np.mean(tests)),
+            "test_std": float(np.std(tests)), "test_by_seed": tests}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mcunet-5fps", "mbv2-w0.35"])
+    parser.add_argument("--budgets", nargs="+", default=["49KB", "99KB", "148KB"])
+    parser.add_argument("--device", default="stm32f746")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--test-samples", type=int, default=1000)
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--out", default="studies/results/head_to_head")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells_path = out / "cells.json"
+    cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+    effort = EFFORTS["standard"]
+    started = time.perf_counter()
+    for name in args.models:
+        torch.manual_seed(0)  # the new head, as `budgetsearch plan --seed 0`
+        model = load_model(name, weights="imagenet", num_classes=10)
+        graph = LayerGraph.from_model(model, input_size=128, model_name=name)
+        norm = default_normalization(name)
+        train, val = split_tensors("cifar10", graph=graph, normalization=norm,
+                                   samples=args.samples, val_fraction=0.2, seed=0)
+        test = load_tensors(load_dataset("cifar10", split="test", image_size=128,
+                                         normalization=norm, limit=args.test_samples, seed=0))
+        magnitude = magnitude_scores(model)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+            train[0][:64], train[1][:64]), batch_size=16)
+        fisher = fisher_potential(model, loader, samples=64)
+        # the contribution table exactly as `budgetsearch plan` measures it (shared cache)
+        recipe0 = Recipe(seed=0)
+        key = analysis_key(graph=graph, state=model.state_dict(), train=train, val=val,
+                           recipe=recipe0, scores_digest=scores_digest(magnitude))
+        t0 = time.perf_counter()
+        table = analyse(model, graph=graph, train=train, val=val, recipe=recipe0,
+                        scores=magnitude, candidates=effort.candidates,
+                        path=str(default_table_path(key, candidates=effort.candidates)))
+        contrib_s = time.perf_counter() - t0
+        runner = PlanRunner(model, graph=graph, train=train, val=val, extra={"test": test})
+        runs = Runs(out / f"runs-{name}.json", runner)
+        cm = CostModel(graph, load_profile(args.device), accounting="device", optimizer="sgd")
+        base = Recipe(optimizer="sgd", epochs=effort.rungs[-1], batch_size=32, seed=0)
+        lrs = effort.settings("sgd").lrs
+        data_key = {k: v for k, v in key.items() if k not in ("recipe", "channel_scores")}
+        for label in args.budgets:
+            cell_key = f"{name} {label}"
+            if cell_key in cells:
+                continue
+            budget = parse_bytes(label)
+            common = dict(cost_model=cm, budget_bytes=budget, memory_measure="training",
+                          seed=0)
+            t1 = time.perf_counter()
+            search = Search(scores=magnitude, contributions=table.results, **common)
+            outcome = make_plan(search, effort=effort, n_trials=args.trials, runner=runner,
+                                recipe=base.with_(epochs=1), data_key=data_key, model=model,
+                                race_path=out / "races" / f"{name}-{label}.json",
+                                baseline_scores=fisher, progress=True)
+            plan_s = time.perf_counter() - t1
+            quick = Search(scores=fisher, **common)
+            quick_plan = make_plan(quick, effort=EFFORTS["quick"], n_trials=args.trials,
+                                   progress=False).plan
+            baselines, skipped = race_candidates(search, outcome.search, front=0, model=model,
+                                                 seed=0, baseline_scores=fisher)
+            plans = {"search": dict(outcome.plan.updates),
+                     "search-quick": dict(quick_plan.updates)}
+            plans.update({c.name: dict(c.updates) for c in baselines})
+            rows = {}
+            for method, updates in plans.items():
+                row = tune(runs, updates, base, lrs)
+                row["memory_bytes"] = cm.evaluate(updates, detail=False).training_memory_bytes
+                row["layers"] = len(updates)
+                rows[method] = row
+                print(f"  {cell_key} {method:<18} lr {row['lr']:<7g} test "
+                      f"{row['test_mean']:.3f}±{row['test_std']:.3f} mem "
+                      f"{row['memory_bytes'] / 1024:.1f} KB "
+                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            race = outcome.race
+            cells[cell_key] = {
+                "budget_bytes": budget, "rows": rows, "skipped": skipped,
+                "race_winner": race.winner.name if race else None,
+                "race_margin": outcome.margin(), "race_lr": race.recipe.lr if race else None,
+                "plan_seconds": plan_s, "contrib_seconds": contrib_s,
+                "race_arms": race.stats["arms_trained"] if race else 0}
+            atomic_write_text(cells_path, json.dumps(cells, indent=1, sort_keys=True))
+    report(cells, out, args)
+
+
+def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
+    lines = ["# Head-to-head: the planner's plan against every baseline, same tuning", "",
+             "Command: `.venv/bin/python benchmarks/head_to_head.py "
+             + " ".join(sys.argv[1:]) + "` (see its docstring for the protocol). Test "
+             "accuracy, mean ± std over 3 seeds, each method at the learning rate it chose on "
+             "validation; training memory (device accounting, STM32F746) beside it.", ""]
+    within = ahead = 0
+    summary = []
+    for cell_key, cell in cells.items():
+        rows = cell["rows"]
+        base = {m: r for m, r in rows.items() if not m.startswith("search")}
+        best = max(base, key=lambda m: base[m]["test_mean"])
+        s = rows["search"]
+        diff = 100 * (s["test_mean"] - base[best]["test_mean"])
+        within += diff >= -1
+        ahead += diff >= 1
+        summary.append((cell_key, best, diff, cell))
+        lines += [f"## {cell_key} (race winner: {cell['race_winner']}, lr {cell['race_lr']:g}; "
+                  f"plan {cell['plan_seconds']:.0f} s, {cell['race_arms']} arms trained)", "",
+                  "| method | test acc | val acc | lr | training mem | layers |",
+                  "|---|---|---|---|---|---|"]
+        for m, r in sorted(rows.items(), key=lambda kv: -kv[1]["test_mean"]):
+            lines.append(f"| {m}{' (best baseline)' if m == best else ''} | "
+                         f"{r['test_mean']:.3f} ± {r['test_std']:.3f} | {r['val_mean']:.3f} | "
+                         f"{r['lr']:g} | {r['memory_bytes'] / 1024:.1f} KB | {r['layers']} |")
+        for m, why in sorted(cell["skipped"].items()):
+            lines.append(f"\nnot a candidate: {m}: {why[:160]}")
+        lines.append("")
+    n = len(cells)
+    lines[5:5] = ["## Summary", "",
+                  f"`search` within 1 point of the best baseline (or better) in {within} of "
+                  f"{n} cells, ahead by at least 1 point in {ahead} of {n} (targets: 80 % and "
+                  "a third).", "",
+                  "| cell | best baseline | search − best (points) | search-quick − best |",
+                  "|---|---|---|---|"]
+    at = 10
+    for cell_key, best, diff, cell in summary:
+        q = 100 * (cell["rows"]["search-quick"]["test_mean"]
+                   - cell["rows"][best]["test_mean"])
+        lines.insert(at, f"| {cell_key} | {best} | {diff:+.1f} | {q:+.1f} |")
+        at += 1
+    lines.insert(at, "")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    plot(summary, out / "head_to_head.png")
+    print("\n".join(lines[:at + 1]))
+
+
+def plot(summary: list[tuple[str, str, float, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(summary)), 4))
+    xs = np.arange(len(summary))
+    series = [("search", "C0"), ("search-quick", "C1"), ("best baseline", "C2"),
+              ("classifier", "C7")]
+    for j, (label, color) in enumerate(series):
+        means, stds = [], []
+        for _key, best, _d, cell in summary:
+            r = cell["rows"].get(best if label == "best baseline" else label) or {}
+            means.append(r.get("test_mean", 0.0))  # a classifier equal to last-k: not shown
+            stds.append(r.get("test_std", 0.0))
+        ax.bar(xs + (j - 1.5) * 0.2, means, 0.2, yerr=stds, color=color, label=label)
+    ax.set_xticks(xs, [k for k, *_ in summary], rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (3 seeds)")
+    lo = min(cell["rows"]["search-quick"]["test_mean"] for *_r, cell in summary)
+    ax.set_ylim(max(0.0, lo - 0.1), None)
+    ax.legend(fontsize=8)
+    ax.set_title("planner (standard effort) vs baselines, same learning-rate tuning")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
