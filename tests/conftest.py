@@ -1,4 +1,4 @@
-"""Shared fixtures of the search tests."""
+"""Fixtures shared by the test packages (search, planner)."""
 
 from __future__ import annotations
 
