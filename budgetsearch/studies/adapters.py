@@ -175,6 +175,7 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
     if dynamic is not None:  # training.options may still say otherwise (e.g. search_trials)
         options.setdefault("replan_method", cell.method.replan_method)
     trainer = Trainer(ctx.model, plan, train_data=ctx.train_data, val_data=ctx.val_data,
+                      test_data=ctx.test_data,
                       epochs=cell.data.epochs_or(t["epochs"]), batch_size=t["batch_size"],
                       lr=cell.method.lr or t["lr"], optimizer=t["optimizer"], seed=cell.seed,
                       out_dir=ctx.out_dir, dynamic=dynamic, cost_model=ctx.cost_model,
@@ -189,6 +190,8 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
 _METRIC_KEYS = {  # record field -> names in the metrics, first found wins
     "best_accuracy": ("best_accuracy", "best_val_accuracy"),
     "final_accuracy": ("final_accuracy", "final_val_accuracy"),
+    "test_accuracy": ("test_accuracy", "test_accuracy_at_best_epoch"),
+    "final_test_accuracy": ("final_test_accuracy",),
     "measured_saved_bytes": ("measured_saved_bytes", "saved_activation_bytes"),
     "measured_backward_ms": ("measured_backward_ms", "backward_ms"),
     "train_seconds": ("train_seconds",),

@@ -67,16 +67,38 @@ class CellContext:
         return _DATA[key]
 
     @cached_property
-    def train_data(self) -> Any:
-        """The training subset."""
+    def _splits(self) -> tuple[Any, Any]:
+        """(training, validation): the draw of the training split, minus a stratified
+        ``val_fraction`` held out for validation; or, for a legacy variant, the whole draw and
+        ``val_split``'s draw."""
+        from ..data import split_validation
+
         d = self.cell.data
-        return self._dataset(d.train_split, d.train_size, d.per_class)
+        draw = self._dataset(d.train_split, d.train_size, d.per_class)
+        if d.legacy:
+            return draw, self._dataset(str(d.val_split), d.val_size, None)
+        key = ("carved", id(draw), d.val_fraction or 0.2, d.seed)
+        if key not in _DATA:
+            _DATA[key] = split_validation(draw, fraction=d.val_fraction or 0.2, seed=d.seed)
+        return _DATA[key]
+
+    @property
+    def train_data(self) -> Any:
+        """The training data."""
+        return self._splits[0]
+
+    @property
+    def val_data(self) -> Any:
+        """The validation data every choice (the best epoch) is made on."""
+        return self._splits[1]
 
     @cached_property
-    def val_data(self) -> Any:
-        """The validation subset."""
+    def test_data(self) -> Any:
+        """The test data, only reported (None for a legacy variant, which validates on it)."""
         d = self.cell.data
-        return self._dataset(d.val_split, d.val_size, None)
+        if d.legacy:
+            return None
+        return self._dataset(d.test_split or "test", d.test_size, None)
 
     @cached_property
     def model(self) -> Any:

@@ -33,7 +33,11 @@ def _sample_epochs(cell: Cell) -> float:
         d.train_split, 10_000))
     if d.per_class and d.train_size:
         train = min(train, d.per_class * 10)
-    val = d.val_size or _SPLIT_SIZES.get(d.val_split, 10_000)
+    if d.legacy:
+        val = d.val_size or _SPLIT_SIZES.get(str(d.val_split), 10_000)
+    else:  # validation carved out of the draw, and the test split evaluated as well
+        val = train * (d.val_fraction or 0.2) + (
+            d.test_size or _SPLIT_SIZES.get(d.test_split or "test", 10_000))
     return epochs * (train + val / 3.0)
 
 

@@ -1,6 +1,6 @@
 """The study's PNG plots, one set per (data, model, device):
 
-- ``accuracy_vs_memory``: best accuracy (mean ± std over seeds) against the plan's predicted memory,
+- ``accuracy_vs_memory``: test accuracy (mean ± std over seeds) against the plan's predicted memory,
   one line per method across the budgets, the budgets as dashed vertical lines;
 - ``pareto``: the search's front (memory × proxy, coloured by latency) from the ``front.csv`` files
   search cells leave in their directories, with the other methods' plans where their proxy is
@@ -90,7 +90,7 @@ def _accuracy_vs_memory(spec: StudySpec, rows: Sequence[dict[str, Any]], path: P
                              key=lambda b: order.index(b) if b in order else len(order)):
             g = [r for r in rows if r["method"] == method and r["budget"] == budget]
             mem = [v for r in g if (v := _num(r.get("memory_bytes"))) is not None]
-            acc = [_pct(v) for r in g if (v := _num(r.get("best_accuracy"))) is not None]
+            acc = [_pct(v) for r in g if (v := _num(r.get("accuracy"))) is not None]
             if mem and acc:
                 pts.append((statistics.fmean(mem) / 1024, statistics.fmean(acc),
                             statistics.stdev(acc) if len(acc) > 1 else 0.0))
@@ -112,7 +112,7 @@ def _accuracy_vs_memory(spec: StudySpec, rows: Sequence[dict[str, Any]], path: P
         ax.set_xscale("log")
     ax.set_xlabel(f"predicted {spec.cost['memory_measure']} memory (KB, "
                   f"{spec.cost['accounting']} accounting)")
-    ax.set_ylabel("best accuracy (%)")
+    ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"accuracy vs memory: {title}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")

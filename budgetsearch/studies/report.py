@@ -23,8 +23,9 @@ __all__ = ["COLUMNS", "load_rows", "write_report"]
 
 COLUMNS = (
     "cell_id", "status", "data", "model", "device", "budget", "budget_bytes",
-    "latency_budget_ms", "method", "method_kind", "role", "seed", "best_accuracy",
-    "final_accuracy", "memory_bytes", "pred_peak_bytes", "pred_training_bytes",
+    "latency_budget_ms", "method", "method_kind", "role", "seed", "accuracy",
+    "final_test_accuracy", "best_val_accuracy", "protocol", "memory_bytes", "pred_peak_bytes",
+    "pred_training_bytes",
     "pred_saved_bytes", "pred_forward_macs", "pred_backward_macs", "pred_latency_ms",
     "trainable_params", "pred_ops_saved_bytes", "measured_saved_bytes", "measured_backward_ms",
     "train_seconds", "mit_memory_bytes", "fits", "updated_layers", "patch_sizes", "proxy",
@@ -54,15 +55,29 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
            "patch_sizes": " ".join(map(str, rec.get("patch_sizes") or [])) or None,
            "proxy": rec.get("proxy"), "seconds": rec.get("seconds"),
            "error_type": err.get("type"), "error": err.get("message")}
-    row.update({k: metrics.get(k) for k in ("best_accuracy", "final_accuracy",
-                                            "measured_saved_bytes", "measured_backward_ms",
+    row.update({k: metrics.get(k) for k in ("measured_saved_bytes", "measured_backward_ms",
                                             "train_seconds")})
+    row.update(_accuracies(metrics))
     first = _first_epoch(rec)
     if isinstance(first.get("saved_activation_bytes"), (int, float)):
         # the first epoch trains the cell's own plan, the one predicted_ops is for (a dynamic
         # method re-plans after it, and its later epochs measure other plans)
         row["measured_saved_bytes"] = first["saved_activation_bytes"]
     return row
+
+
+def _accuracies(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The reported accuracies of a record: ``accuracy`` is the test accuracy at the epoch of
+    best validation accuracy (validation carved out of the training data). A record of the
+    legacy protocol validated on the test split, so the epoch it would pick was chosen on test:
+    its ``accuracy`` is the final test accuracy instead, and it has no separate validation."""
+    if metrics.get("test_accuracy") is not None:
+        return {"accuracy": metrics["test_accuracy"],
+                "final_test_accuracy": metrics.get("final_test_accuracy"),
+                "best_val_accuracy": metrics.get("best_accuracy"), "protocol": "carved"}
+    final = metrics.get("final_accuracy")
+    return {"accuracy": final, "final_test_accuracy": final, "best_val_accuracy": None,
+            "protocol": "legacy" if final is not None else None}
 
 
 def _first_epoch(rec: dict[str, Any]) -> dict[str, Any]:
@@ -142,10 +157,15 @@ def _table(header: Sequence[str], lines: Iterable[Sequence[Any]]) -> list[str]:
 # ---------------------------------------------------------------------------------- sections
 def _results_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
     out = ["## Results (mean ± std over seeds)", "",
+           "*Test acc* is the test accuracy at the epoch of best validation accuracy, the "
+           "validation split carved out of the training data; records of the legacy protocol "
+           "(validated on the test split: no *best val acc*) show their final test accuracy "
+           "there instead, since their best epoch was chosen on test. "
            "Memory is the study's budgeted measure as predicted by the cost model; *measured "
            "saved* is what autograd kept in training (host, training batch size), beside the "
            "`ops`-accounting prediction of the same figure.", ""]
-    header = ("budget", "method", "seeds ok/all", "best acc %", "final acc %", "memory KB",
+    header = ("budget", "method", "seeds ok/all", "test acc %", "final test acc %",
+              "best val acc %", "memory KB",
               "measured saved KB", "predicted saved KB (ops)", "backward MMACs",
               "train time s")
     for key, group in _groups(rows, _GROUP).items():
@@ -154,8 +174,9 @@ def _results_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
         for (budget, method), g in _groups(group, ("budget", "method")).items():
             done = [r for r in g if r["status"] == "done"]
             lines.append((budget, method, f"{len(done)}/{len(g)}",
-                          _fmt(_values(done, "best_accuracy"), pct=True),
-                          _fmt(_values(done, "final_accuracy"), pct=True),
+                          _fmt(_values(done, "accuracy"), pct=True),
+                          _fmt(_values(done, "final_test_accuracy"), pct=True),
+                          _fmt(_values(done, "best_val_accuracy"), pct=True),
                           _fmt(_values(done, "memory_bytes"), 1024),
                           _fmt(_values(done, "measured_saved_bytes"), 1024),
                           _fmt(_values(done, "pred_ops_saved_bytes"), 1024),
@@ -168,7 +189,7 @@ def _results_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
 def _honest(rows: Sequence[dict[str, Any]]) -> list[str]:
     out = ["## Honest comparison: the search against the best published selector", "",
            "For every budget: the search's plan against the most accurate published selector "
-           "whose predicted memory is at most the search plan's (means over seeds of the best "
+           "whose predicted memory is at most the search plan's (means over seeds of the test "
            "accuracy; ± is the standard error of the difference). *Within noise* when the "
            "difference is smaller than that error.", ""]
     lines = []
@@ -178,12 +199,12 @@ def _honest(rows: Sequence[dict[str, Any]]) -> list[str]:
         searches = [m for (m,), g in by_method.items() if g[0].get("role") == "search"]
         published = [m for (m,), g in by_method.items() if g[0].get("role") == "published"]
         for s in searches:
-            acc_s, mem_s = (_values(by_method[(s,)], "best_accuracy"),
+            acc_s, mem_s = (_values(by_method[(s,)], "accuracy"),
                             _values(by_method[(s,)], "memory_bytes"))
             if not acc_s or not mem_s:
                 continue
             fitting = [(statistics.fmean(a), p, a) for p in published
-                       if (a := _values(by_method[(p,)], "best_accuracy"))
+                       if (a := _values(by_method[(p,)], "accuracy"))
                        and (mp := _values(by_method[(p,)], "memory_bytes"))
                        and statistics.fmean(mp) <= statistics.fmean(mem_s)]
             where = " · ".join(map(str, key))
@@ -218,14 +239,14 @@ def _vs_full(rows: Sequence[dict[str, Any]]) -> list[str]:
     for key, group in _groups(done, _GROUP).items():
         ref = [r for r in group if r.get("role") == "reference"]
         acc_f, mem_f, mac_f, sav_f = (
-            _values(ref, "best_accuracy"), _values(ref, "memory_bytes"),
+            _values(ref, "accuracy"), _values(ref, "memory_bytes"),
             _values(ref, "pred_backward_macs"), _values(ref, "pred_saved_bytes"))
         if not acc_f:
             continue
         for (budget, method), g in _groups(group, ("budget", "method")).items():
             if g[0].get("role") == "reference":
                 continue
-            acc, mem, mac, sav = (_values(g, "best_accuracy"), _values(g, "memory_bytes"),
+            acc, mem, mac, sav = (_values(g, "accuracy"), _values(g, "memory_bytes"),
                                   _values(g, "pred_backward_macs"), _values(g, "pred_saved_bytes"))
             gap = (f"{_pct(statistics.fmean(acc)) - _pct(statistics.fmean(acc_f)):+.2f}"
                    if acc else "–")
@@ -265,9 +286,9 @@ def _proxy_check(rows: Sequence[dict[str, Any]]) -> list[str]:
     for r in rows:
         if (r["status"] == "done" and r.get("role") != "reference"
                 and isinstance(r.get("proxy"), (int, float))
-                and isinstance(r.get("best_accuracy"), (int, float))):
+                and isinstance(r.get("accuracy"), (int, float))):
             key = (*(r[k] for k in _GROUP), r["budget"])
-            groups.setdefault(key, []).append((float(r["proxy"]), float(r["best_accuracy"])))
+            groups.setdefault(key, []).append((float(r["proxy"]), float(r["accuracy"])))
     table = []
     for key, pairs in groups.items():
         proxy, acc = _ranks([p for p, _ in pairs]), _ranks([a for _, a in pairs])
@@ -280,7 +301,7 @@ def _proxy_check(rows: Sequence[dict[str, Any]]) -> list[str]:
     rhos = [rho for _, _, rho in table]
     return ["## Does the search's proxy predict accuracy?", "",
             "Spearman rank correlation, within each budget, between a cell's accuracy proxy "
-            "(captured Fisher potential, the search's first objective) and its best accuracy, "
+            "(captured Fisher potential, the search's first objective) and its test accuracy, "
             f"over every method but the reference: {len(table)} budgets, median "
             f"{statistics.median(rhos):+.3f}, range {min(rhos):+.3f} to {max(rhos):+.3f}. A "
             "search can only beat the selectors in accuracy where this is clearly positive.", "",
@@ -378,7 +399,10 @@ def write_report(spec: StudySpec, *, storage: str | None = None, command: str | 
     md += ["Data: " + "; ".join(
         f"{x.name} = {x.source} {x.train_split} {x.train_size or 'all'}"
         + (f" ({x.per_class}/class)" if x.per_class else "")
-        + f" / {x.val_split} {x.val_size or 'all'} (seed {x.seed}"
+        + (f" / validation {x.val_split} {x.val_size or 'all'} (legacy: the test split "
+           "chose the epoch)" if x.legacy else
+           f", {(x.val_fraction or 0.2) * 100:g} % of it held out for validation / test "
+           f"{x.test_split or 'test'} {x.test_size or 'all'}") + f" (seed {x.seed}"
         + (f", {x.epochs} epochs" if x.epochs else "") + ")" for x in spec.data), ""]
     md += (_results_tables(rows) + _honest(rows) + _proxy_check(rows) + _vs_full(rows)
            + _predictions(rows))

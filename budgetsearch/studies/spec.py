@@ -9,9 +9,10 @@ is a :class:`Cell`. The file (read with ``yaml.safe_load`` only)::
       name: default
       source: cifar10              # anything budgetsearch.data.load_dataset accepts
       train_split: train
-      val_split: test
       train_size: 200              # images drawn (seeded) from the train split; null = all
-      val_size: 200
+      val_fraction: 0.2            # validation carved (stratified) out of those (default 0.2)
+      test_split: test             # only ever reported (default test)
+      test_size: 200               # images drawn from it; null = all
       per_class: null              # balanced draw of this many train images per class first
       seed: 0
       epochs: null                 # this variant's epochs (default: training.epochs)
@@ -48,6 +49,14 @@ in its plans, which the trainer uses).
 ``method`` (name) and ``seed``, each a value or a list of values; a cell matching all fields of
 a pattern is left out. Every unknown model, device, method or key is an error naming it and the
 allowed values, raised by :func:`load_spec` before any cell runs.
+
+Every choice a training run makes (its best epoch) is made on the validation split carved out of
+the training draw; the test split is only reported (records carry the test accuracy at the best
+validation epoch and the final one). A data variant that names ``val_split`` (with ``val_size``)
+instead validates on that split: the protocol of the studies committed before this rule, kept so
+that their records can still be reported (their accuracy is then the final one, not the best
+over epochs); ``val_split`` together with ``val_fraction``, ``test_split`` or ``test_size`` is
+refused.
 """
 
 from __future__ import annotations
@@ -99,16 +108,31 @@ class DataSpec:
     name: str = "default"
     source: str = "cifar10"
     train_split: str = "train"
-    val_split: str = "test"
+    val_split: str | None = None
     train_size: int | None = None
     val_size: int | None = None
     per_class: int | None = None
     seed: int = 0
     epochs: int | None = None
+    val_fraction: float | None = None
+    test_split: str | None = None
+    test_size: int | None = None
+
+    @property
+    def legacy(self) -> bool:
+        """Validation on a split of its own (``val_split``; the committed studies' test split)
+        instead of a part carved out of the training draw."""
+        return self.val_split is not None
 
     def epochs_or(self, default: int) -> int:
         """This variant's number of epochs, or the training recipe's."""
         return int(self.epochs or default)
+
+    def hashed(self) -> dict[str, Any]:
+        """The fields that determine results (the honest-split fields only when set, so that
+        records of the legacy protocol keep their hash)."""
+        return {k: v for k, v in asdict(self).items()
+                if not (k in ("val_fraction", "test_split", "test_size") and v is None)}
 
 
 @dataclass(frozen=True)
@@ -244,7 +268,7 @@ class Cell:
         s = self.study
         method = {k: v for k, v in _plain(asdict(self.method)).items()
                   if not (k in _UNSET_UNHASHED and v is None)}
-        return {"data": asdict(self.data), "model": asdict(self.model), "device": self.device,
+        return {"data": self.data.hashed(), "model": asdict(self.model), "device": self.device,
                 "budget": asdict(self.budget), "method": method,
                 "seed": self.seed, "input_size": s.input_size, "training": _plain(
                     {k: v for k, v in s.training.items() if k != "keep_artifacts"}),

@@ -30,6 +30,7 @@ __all__ = ["validate"]
 _TOP = ("name", "description", "data", "input_size", "models", "devices", "methods", "seeds",
         "training", "cost", "scores", "search", "results_dir", "exclude")
 _DATA = ("name", "source", "train_split", "val_split", "train_size", "val_size", "per_class",
+         "val_fraction", "test_split", "test_size",
          "seed", "epochs")
 _MODEL = ("name", "weights", "mcu_dir")
 _DEVICE = ("name", "budgets")
@@ -154,12 +155,26 @@ def _positive_int(value: Any, where: str, *, optional: bool = False) -> int | No
 
 def _data(value: Any, where: str) -> DataSpec:
     d = dict(_mapping(value, where, _DATA))
-    for key in ("train_size", "val_size", "per_class", "epochs"):
+    for key in ("train_size", "val_size", "per_class", "epochs", "test_size"):
         _positive_int(d.get(key), f"{where}.{key}", optional=True)
     if not isinstance(d.get("seed", 0), int):
         raise StudyError(f"{where}.seed: expected an integer, got {d['seed']!r}")
-    return DataSpec(**{k: (str(v) if k in ("name", "source", "train_split", "val_split") else v)
-                       for k, v in d.items()})
+    fraction = d.get("val_fraction")
+    if fraction is not None and not (isinstance(fraction, (int, float))
+                                     and not isinstance(fraction, bool) and 0 < fraction < 1):
+        raise StudyError(f"{where}.val_fraction: expected a number in (0, 1), got {fraction!r}")
+    if d.get("val_split") is not None:
+        given = [k for k in ("val_fraction", "test_split", "test_size") if d.get(k) is not None]
+        if given:
+            raise StudyError(
+                f"{where}: val_split names a validation split of its own, and {', '.join(given)} "
+                "carve validation out of the training draw and report a test split; give one "
+                "or the other (the test split is never used for a choice: drop val_split)")
+    elif d.get("val_size") is not None:
+        raise StudyError(f"{where}.val_size goes with val_split; validation carved from the "
+                         "training draw is sized by val_fraction")
+    text = ("name", "source", "train_split", "val_split", "test_split")
+    return DataSpec(**{k: (str(v) if k in text and v is not None else v) for k, v in d.items()})
 
 
 def _model(value: Any, where: str, known: Sequence[str]) -> ModelSpec:

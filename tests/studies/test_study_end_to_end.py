@@ -35,7 +35,7 @@ def test_tiny_study_runs_and_reports_through_the_cli(tmp_path: Path, capsys) -> 
     spec.write_text(yaml.safe_dump({
         "name": "tiny",
         "data": {"name": "img", "source": str(data), "train_split": "train",
-                 "val_split": "test"},
+                 "val_fraction": 0.25},
         "input_size": 32,
         "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
         "devices": [{"name": "stm32f746", "budgets": ["1KB", "40KB"]}],
@@ -57,6 +57,8 @@ def test_tiny_study_runs_and_reports_through_the_cli(tmp_path: Path, capsys) -> 
         assert r["memory_bytes"] <= 40 * 1024
         m = r["metrics"]
         assert 0 <= m["best_accuracy"] <= 1 and m["train_seconds"] > 0
+        # validation carved out of the 16 training images, the 8 test images only reported
+        assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["final_test_accuracy"] <= 1
         assert m["measured_saved_bytes"] > 0 and r["predicted_ops"]["saved_activation_bytes"] > 0
         assert not (cells / r["cell_id"] / "checkpoints").exists()  # artifacts dropped
     tinytl = next(r for r in done.values() if r["key"]["method"] == "tinytl")

@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from budgetsearch.cli import main
 from budgetsearch.studies import COLUMNS, spec_from_dict, write_report
 
@@ -18,7 +20,7 @@ def _spec(tmp_path: Path):
     return spec_from_dict({
         "name": "rep",
         "description": "A fake study for the report tests.",
-        "data": {"source": "cifar10", "train_size": 10, "val_size": 10},
+        "data": {"source": "cifar10", "train_size": 10, "test_size": 10},
         "input_size": 32,
         "models": ["mcunet-5fps"],
         "devices": [{"name": "stm32f746", "budgets": ["64KB", "128KB"]}],
@@ -48,7 +50,8 @@ def _record(cell, *, failed: bool = False) -> dict:
             "updated_layers": 2, "patch_sizes": [1, 4] if m == "search" else [1],
             "layers": {"first_conv": None, "blocks.0.depthwise": 0.0 if m == "tinytl" else None,
                        "classifier": 1.0 if m != "search" else 0.5},
-            "metrics": {"best_accuracy": acc, "final_accuracy": acc - 0.01,
+            "metrics": {"best_accuracy": acc + 0.05, "final_accuracy": acc + 0.04,
+                        "test_accuracy": acc, "final_test_accuracy": acc - 0.01,
                         "measured_saved_bytes": saved, "measured_backward_ms": 3.0 * len(m),
                         "train_seconds": 2.0}}
 
@@ -80,7 +83,8 @@ def test_report_files_from_fake_results(tmp_path: Path) -> None:
     assert tuple(rows[0]) == COLUMNS and len(rows) == len(spec.cells()) == 24
     by_id = {r["cell_id"]: r for r in rows}
     one = by_id["default__mcunet-5fps__stm32f746__128KB__search__s1"]
-    assert one["status"] == "done" and float(one["best_accuracy"]) == 0.73
+    assert one["status"] == "done" and float(one["accuracy"]) == 0.73
+    assert float(one["best_val_accuracy"]) == pytest.approx(0.78) and one["protocol"] == "carved"
     assert one["patch_sizes"] == "1 4"
     assert by_id["default__mcunet-5fps__stm32f746__64KB__tinytl__s0"]["error_type"] == "BudgetError"
 
@@ -89,7 +93,7 @@ def test_report_files_from_fake_results(tmp_path: Path) -> None:
     assert "A fake study for the report tests." in md
     assert "24 cells: 21 done, 3 failed, 0 pending" in md
     # mean ± std over the three seeds: 70+2, 71+2, 72+2 -> 73.0 ± 1.0
-    assert "| 128KB | search | 3/3 | 73.0 ± 1.0 | 72.0 ± 1.0 |" in md
+    assert "| 128KB | search | 3/3 | 73.0 ± 1.0 | 72.0 ± 1.0 | 78.0 ± 1.0 |" in md
     assert "| 64KB | tinytl | 0/3 | – |" in md
     honest = md.split("## Honest comparison")[1].split("##")[0]
     assert "| default · mcunet-5fps · stm32f746 · 128KB | search | 73.0 ± 1.0 | tinytrain | " \
@@ -142,12 +146,42 @@ def test_proxy_check_gives_the_rank_correlation_per_budget() -> None:
 
     assert _ranks([3.0, 1.0, 2.0, 1.0]) == [3.0, 0.5, 2.0, 0.5]
     base = {"status": "done", "role": "published", "data": "d", "model": "m", "device": "x"}
-    rows = [{**base, "budget": "b1", "proxy": p, "best_accuracy": a}
+    rows = [{**base, "budget": "b1", "proxy": p, "accuracy": a}
             for p, a in [(0.1, 0.9), (0.2, 0.8), (0.3, 0.7), (0.4, 0.6)]]
-    rows += [{**base, "budget": "b2", "proxy": p, "best_accuracy": a}
+    rows += [{**base, "budget": "b2", "proxy": p, "accuracy": a}
              for p, a in [(0.1, 0.1), (0.2, 0.2), (0.3, 0.3), (0.4, 0.4)]]
-    rows.append({**base, "budget": "b2", "role": "reference", "proxy": 1.0, "best_accuracy": 0.0})
+    rows.append({**base, "budget": "b2", "role": "reference", "proxy": 1.0, "accuracy": 0.0})
     text = "\n".join(_proxy_check(rows))
     assert "| d · m · x · b1 | 4 | -1.000 |" in text and "| d · m · x · b2 | 4 | +1.000 |" in text
     assert "2 budgets, median +0.000" in text
     assert _proxy_check(rows[:3]) == []  # too few cells
+
+
+def test_legacy_records_report_their_final_test_accuracy_not_the_best_epoch():
+    from budgetsearch.studies.report import _accuracies
+
+    # validated on the test split: the best epoch was chosen on test, so it is not reported
+    legacy = _accuracies({"best_accuracy": 0.70, "final_accuracy": 0.66})
+    assert legacy == {"accuracy": 0.66, "final_test_accuracy": 0.66, "best_val_accuracy": None,
+                      "protocol": "legacy"}
+    carved = _accuracies({"best_accuracy": 0.70, "final_accuracy": 0.69, "test_accuracy": 0.64,
+                          "final_test_accuracy": 0.65})
+    assert carved == {"accuracy": 0.64, "final_test_accuracy": 0.65, "best_val_accuracy": 0.70,
+                      "protocol": "carved"}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"val_split": "test", "test_split": "test"}, "val_split names a validation split of its own"),
+    ({"val_size": 100}, "val_size goes with val_split"),
+    ({"val_fraction": 1.5}, r"val_fraction: expected a number in \(0, 1\)"),
+    ({"test_size": 0}, "test_size: expected a positive integer"),
+])
+def test_split_fields_are_checked(data, message):
+    from budgetsearch.studies import StudyError
+
+    doc = {"name": "x", "data": {"source": "cifar10", **data}, "input_size": 32,
+           "models": ["mcunet-5fps"], "devices": [{"name": "stm32f746", "budgets": ["64KB"]}],
+           "methods": ["tinytl"], "seeds": [0], "training": {"epochs": 1, "batch_size": 8,
+                                                            "lr": 0.01}}
+    with pytest.raises(StudyError, match=message):
+        spec_from_dict(doc)

@@ -34,7 +34,7 @@ _GRAPH: list[LayerGraph] = []
 def _spec(tmp_path: Path, **changes):
     data = {
         "name": "fake",
-        "data": {"source": "cifar10", "train_size": 8, "val_size": 8},
+        "data": {"source": "cifar10", "train_size": 8, "test_size": 8},
         "input_size": 8,
         "models": ["mcunet-5fps"],
         "devices": [{"name": "stm32f746", "budgets": ["64KB", "128KB"]}],
@@ -300,7 +300,7 @@ def test_dynamic_methods_replan_during_training(tmp_path: Path) -> None:
     from budgetsearch.studies.adapters import _make_plan, _train
 
     spec = spec_from_dict({
-        "name": "dyn", "data": {"source": "cifar10", "train_size": 16, "val_size": 8},
+        "name": "dyn", "data": {"source": "cifar10", "train_size": 16, "test_size": 8},
         "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
         "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
         "methods": ["search-dynamic", "neq-dynamic"], "seeds": [0],

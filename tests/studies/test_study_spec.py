@@ -15,7 +15,7 @@ from budgetsearch.studies import spec as spec_module
 
 BASE = {
     "name": "t",
-    "data": {"source": "cifar10", "train_size": 20, "val_size": 20},
+    "data": {"source": "cifar10", "train_size": 20, "test_size": 20},
     "input_size": 32,
     "models": [{"name": "mcunet-5fps"}],
     "devices": [{"name": "stm32f746", "budgets": ["64KB", {"memory": "128KB", "latency": "2s"}]}],
