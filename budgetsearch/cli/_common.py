@@ -185,8 +185,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, weights_default: str | No
                         f"{MAX_INPUT_SIZE} (default: the model's, 128 for MCU models and 128 "
                         "otherwise)")
     g.add_argument("--mcu-dir", default=None,
-                   help="directory of the MCU models' JSON+NPZ files "
-                        "(default ../shared/models/mcu)")
+                   help="directory of other MCU models' JSON+NPZ files (default: the three "
+                        "published ones shipped with budgetsearch)")
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:

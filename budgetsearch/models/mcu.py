@@ -48,6 +48,7 @@ __all__ = [
     "MCU_INPUT_SIZE",
     "MCU_INPUT_STD",
     "MCU_MODELS",
+    "PACKAGED_MCU_DIR",
     "WEIGHT_SCALE_BUFFER",
     "Clamp",
     "MCUBlock",
@@ -198,10 +199,14 @@ class MCUNet(nn.Module):
 # Files
 
 
+#: The MCU model files shipped inside the package (see its SOURCE.md).
+PACKAGED_MCU_DIR = Path(__file__).resolve().parent / "mcu_files"
+
+
 def _default_dirs() -> list[Path]:
     beside_repo = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "mcu"
     beside_cwd = Path.cwd().parent / "shared" / "models" / "mcu"
-    return list(dict.fromkeys([beside_repo, beside_cwd]))
+    return list(dict.fromkeys([PACKAGED_MCU_DIR, beside_repo, beside_cwd]))
 
 
 def find_mcu_files(
@@ -209,7 +214,8 @@ def find_mcu_files(
 ) -> tuple[Path, Path]:
     """Locates the JSON and NPZ files of an MCU model.
 
-    Looks in ``mcu_dir`` if given, else in ``$BUDGETSEARCH_MCU_DIR`` if set, else in
+    Looks in ``mcu_dir`` if given, else in ``$BUDGETSEARCH_MCU_DIR`` if set, else in the files
+    shipped with the package (:data:`PACKAGED_MCU_DIR`: the three published models), then in
     ``shared/models/mcu`` beside the repository and beside the current directory.
 
     Args:

@@ -302,3 +302,20 @@ def test_whole_network_follows_integer_inference(mcu: tuple[str, MCUNet]) -> Non
     corr = torch.corrcoef(torch.stack([got.flatten(), expected.flatten()]))[0, 1]
     assert corr > 0.99
     assert (got.argmax(1) == expected.argmax(1)).sum() >= 2
+
+
+def test_the_published_models_ship_with_the_package(monkeypatch, tmp_path):
+    """With no folder given and no environment variable, the packaged files are found first,
+    byte-identical to the shared copies where those exist (SOURCE.md lists their digests)."""
+    import hashlib
+
+    from budgetsearch.models.mcu import ENV_MCU_DIR, PACKAGED_MCU_DIR, find_mcu_files
+
+    monkeypatch.delenv(ENV_MCU_DIR, raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared beside the working directory
+    note = (PACKAGED_MCU_DIR / "SOURCE.md").read_text()
+    for name in ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3"):
+        json_path, npz_path = find_mcu_files(name)
+        assert json_path.parent == PACKAGED_MCU_DIR and npz_path.is_file()
+        for path in (json_path, npz_path):
+            assert hashlib.sha256(path.read_bytes()).hexdigest() in note
