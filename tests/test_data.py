@@ -187,10 +187,9 @@ def test_cifar10_falls_back_to_torchvision_and_names_every_place_tried(tmp_path,
     calls = []
 
     class FakeCIFAR10:
-        classes = ["airplane", "automobile"]
-
         def __init__(self, root, *, train, download):
             calls.append((root, train, download))
+            self.classes = ["airplane", "automobile"]
             self.data = np.full((4, 32, 32, 3), 7 if train else 9, dtype=np.uint8)
             self.targets = [0, 1, 0, 1]
 

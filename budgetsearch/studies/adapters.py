@@ -42,8 +42,8 @@ __all__ = ["NotWiredError", "layer_fractions", "normalise_metrics", "plan_summar
 
 PlanFn = Callable[[Cell, CellContext], Any]
 TrainFn = Callable[[Cell, Any, CellContext], dict[str, Any]]
-#: Search options the study passes to Search.run rather than to Search.
-RUN_OPTIONS = ("trials", "pick", "flush_seconds")
+#: Search options the study passes to the planner (Search.run, the race) rather than to Search.
+RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort")
 
 
 class NotWiredError(StudyError, NotImplementedError):
@@ -115,10 +115,20 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     storage = ctx.storage if ctx.storage and "://" in ctx.storage and not ctx.storage.startswith(
         "file://") else f"sqlite:///{(ctx.out_dir / 'search.db').resolve()}"
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    result = search.run(n_trials=int(run.get("trials", 200)), storage=storage,
-                        study_name=f"{cell.study.name}:{cell.id}",
+    from ..planner import get_effort, make_plan
+
+    effort = get_effort(str(run.get("effort", "quick")))
+    race: dict[str, Any] = {}
+    if effort.race:
+        search, race = _measured_search(cell, ctx, search, opts, effort)
+    outcome = make_plan(search, effort=effort, n_trials=int(run.get("trials", 200)),
+                        storage=storage, study_name=f"{cell.study.name}:{cell.id}",
                         pick_rule=str(run.get("pick", "best")), progress=ctx.progress,
-                        flush_seconds=float(run.get("flush_seconds", 2.0)))
+                        flush_seconds=float(run.get("flush_seconds", 2.0)), **race)
+    result = outcome.search
+    if outcome.race is not None:
+        ctx.extras["race"] = {"winner": outcome.race.winner.name, "lr": outcome.race.recipe.lr,
+                              "margin": outcome.margin(), "skipped": outcome.skipped}
     names = result.objective_names
     _write_csv(ctx.out_dir / "front.csv", ["trial", "proxy", "memory_bytes", names[2], "chosen"],
                [[t.number, *t.values, int(t.number == result.trial.number)]
@@ -128,11 +138,51 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
                [[n, *(e["metrics"].get(k) for k in ("proxy", "memory_bytes", "latency_ms",
                                                      "backward_macs", "feasible"))]
                 for n, e in sorted(result.baselines.items()) if (e or {}).get("metrics")])
-    ctx.extras.update(proxy=result.plan.predicted.get("proxy"), front_csv="front.csv",
+    ctx.extras.update(proxy=outcome.plan.predicted.get("proxy"), front_csv="front.csv",
                       search={"trials": len(result.trials), "front": len(result.front),
                               "hypervolume": result.hypervolume, "chosen": result.trial.number,
-                              "stats": result.stats})
-    return result.plan
+                              "stats": result.stats, "effort": effort.name})
+    return outcome.plan
+
+
+def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, Any],
+                     effort: Any) -> tuple[Any, dict[str, Any]]:
+    """For an effort that races: the search on the measured objective (contributions measured
+    on the cell's training and validation data, in a table under the study's results shared by
+    its cells), and the race's arguments (the runner, its key, the base recipe, the file).
+
+    Every method of the study is then still trained with the study's recipe: the race chooses
+    the plan, the study's training compares plans at equal tuning.
+    """
+    from ..contrib import PlanRunner, analyse, analysis_key, default_table_path, load_tensors
+    from ..recipe import Recipe
+    from ..search import Search
+    from ..search.config import scores_digest
+
+    model, graph = ctx.model, ctx.graph
+    train, val = load_tensors(ctx.train_data), load_tensors(ctx.val_data)
+    magnitude = ctx.scores("magnitude")
+    base = Recipe(seed=cell.seed)
+    key = analysis_key(graph=graph, state=model.state_dict(), train=train, val=val,
+                       recipe=base, scores_digest=scores_digest(magnitude))
+    path = ctx.out_dir.parent.parent / "contrib" / default_table_path(
+        key, candidates=effort.candidates).name
+    table = analyse(model, graph=graph, train=train, val=val, recipe=base, scores=magnitude,
+                    candidates=effort.candidates, path=str(path), progress=ctx.progress)
+    measured = Search(
+        cost_model=search.cost_model, scores=magnitude, budget_bytes=search.evaluator.budget_bytes,
+        latency_budget_ms=search.evaluator.latency_budget_ms,
+        memory_measure=search.evaluator.memory_measure, seed=search.seed, model=search.model,
+        scores_source="magnitude", contributions=table.results, contributions_source=str(path),
+        **{k: v for k, v in opts.items() if k in ("space", "sampler", "population_size")})
+    t = cell.study.training
+    data_key = {k: v for k, v in key.items() if k not in ("recipe", "channel_scores")}
+    return measured, {
+        "runner": PlanRunner(model, graph=graph, train=train, val=val),
+        "recipe": Recipe(optimizer=str(t.get("optimizer") or search.cost_model.optimizer),
+                         batch_size=int(t["batch_size"]), seed=cell.seed),
+        "data_key": data_key, "model": model, "baseline_scores": ctx.scores("fisher"),
+        "race_path": ctx.out_dir / "race.json"}
 
 
 def _check_dynamic(cell: Cell) -> str | None:

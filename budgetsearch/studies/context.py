@@ -82,12 +82,12 @@ class CellContext:
             _DATA[key] = split_validation(draw, fraction=d.val_fraction or 0.2, seed=d.seed)
         return _DATA[key]
 
-    @property
+    @cached_property
     def train_data(self) -> Any:
         """The training data."""
         return self._splits[0]
 
-    @property
+    @cached_property
     def val_data(self) -> Any:
         """The validation data every choice (the best epoch) is made on."""
         return self._splits[1]

@@ -96,6 +96,7 @@ def validate(data: Any, *, path: str | os.PathLike[str] | None = None,
     if not isinstance(search, dict):
         raise StudyError(f"{where}: search: expected a mapping of search options")
     _known_options(search, _search_options(), f"{where}: search")
+    _effort(search, f"{where}: search")
     _known_options(training["options"] or {}, _trainer_options(), f"{where}: training.options")
     size = _positive_int(top.get("input_size", 128), f"{where}: input_size")
     base = path.parent if path is not None else Path.cwd()
@@ -233,6 +234,7 @@ def _method(value: Any, where: str, known: Sequence[str], models: Sequence[Model
         raise StudyError(f"{where}.options: expected a mapping")
     if method in ("search", "search-dynamic"):
         _known_options(options, _search_options(), f"{where}.options")
+        _effort(options, f"{where}.options")
     else:
         selector = "random" if method == "neq-dynamic" else method
         accepted = get_method(selector).defaults()
@@ -316,6 +318,14 @@ def _signature_options(cls: Any, extra: Sequence[str] = ()) -> list[str] | None:
 
     params = inspect.signature(cls.__init__).parameters
     return sorted({*(p for p in params if p not in _SET_BY_STUDY), *extra})
+
+
+def _effort(options: Mapping[str, Any], where: str) -> None:
+    """A search's ``effort`` must be one of the planner's levels."""
+    if "effort" in options:
+        from ..planner import EFFORTS
+
+        _choice(options["effort"], list(EFFORTS), f"{where}.effort")
 
 
 def _search_options() -> list[str] | None:

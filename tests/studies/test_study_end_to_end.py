@@ -111,3 +111,38 @@ def test_each_cell_starts_from_a_head_set_by_its_seed_alone(tmp_path: Path) -> N
         heads[(cell.method.name, cell.seed)] = ctx.model.classifier.weight.detach().clone()
     assert torch.equal(heads[("tinytl", 0)], heads[("last-k", 0)])
     assert not torch.equal(heads[("tinytl", 0)], heads[("tinytl", 1)])
+
+
+def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, capsys) -> None:
+    """Method ``search`` with ``effort: standard``: contributions measured on the cell's carved
+    training/validation data (one table for the study), the race, the winner trained."""
+    data = _image_folder(tmp_path / "images", per_class={"train": 10, "test": 4})
+    spec = tmp_path / "raced.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "raced",
+        "data": {"name": "img", "source": str(data), "train_split": "train"},
+        "input_size": 32,
+        "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
+        "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
+        "methods": [{"method": "search", "options": {"effort": "standard"}}],
+        "seeds": [0],
+        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        "cost": {"memory_measure": "training"},
+        "scores": {"fisher_samples": 8, "micro_batch": 8},
+        "search": {"trials": 20, "population_size": 8},
+    }))
+    assert main(["study", "run", str(spec), "--no-progress"]) == 0, capsys.readouterr().err
+    res = tmp_path / "results" / "raced"
+    (rec,) = [json.loads(p.read_text()) for p in (res / "cells").glob("*.json")]
+    assert rec["status"] == "done", rec.get("error")
+    plan = rec["provenance"]
+    assert plan["effort"] == "standard" and plan["race"]["winner"]
+    assert plan["objective"]["name"] == "predicted_accuracy"  # the measured objective
+    assert len(list((res / "contrib").glob("mcunet-5fps-*.json"))) == 1
+    assert 0 <= rec["metrics"]["test_accuracy"] <= 1
+    bad = yaml.safe_load(spec.read_text())
+    bad["methods"] = [{"method": "search", "options": {"effort": "heroic"}}]
+    spec.write_text(yaml.safe_dump(bad))
+    assert main(["study", "run", str(spec), "--no-progress"]) == 2
+    assert "options.effort: unknown value 'heroic'; allowed: quick, standard, thorough" in (
+        capsys.readouterr().err)
