@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ._io import atomic_open
 from .cost.result import Cost
 
 __all__ = ["plot_layer_costs"]
@@ -47,9 +48,7 @@ def plot_layer_costs(cost: Cost, path: str | os.PathLike[str], *, title: str = "
                          f"red = updated layer", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from .context import CellContext
 from .spec import Cell, StudyError
 
@@ -207,9 +208,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------- training
@@ -296,10 +295,8 @@ def _prepare_dir(cell: Cell, out_dir: Path) -> None:
     if not same and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(".cell.json.tmp")
-    tmp.write_text(json.dumps({"cell_id": cell.id, "config_hash": cell.config_hash(),
-                               "config": cell.config()}, indent=1) + "\n")
-    os.replace(tmp, marker)
+    atomic_write_text(marker, json.dumps({"cell_id": cell.id, "config_hash": cell.config_hash(),
+                                          "config": cell.config()}, indent=1) + "\n")
 
 
 def run_cell(cell: Cell, *, out_dir: str | os.PathLike[str], storage: str | None = None,

@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_open
 from .spec import StudySpec
 
 __all__ = ["draw_plots"]
@@ -38,10 +38,9 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
     _plt().close(fig)
-    os.replace(tmp, path)
     return path
 
 
