@@ -255,7 +255,8 @@ class LayerGraph:
         """Whether each node's output requires grad when the given nodes hold trainable parameters.
 
         A node's output needs a gradient exactly when the node itself or some node upstream of it
-        holds an updated parameter (methods.md §1): backward runs on those nodes and nowhere else.
+        holds an updated parameter (docs/cost-model.md, 'Backward path'): backward runs on those
+        nodes and nowhere else.
         """
         trainable = set(trainable_nodes)
         out = [False] * len(self.nodes)

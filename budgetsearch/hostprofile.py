@@ -259,7 +259,8 @@ def measure_host(
             ),
             "dtypes": "fp32 PyTorch CPU training on this host",
             "dtypes.mask_bits": (
-                "1-bit ReLU mask, what a minimal training engine keeps (methods.md section 1); "
+                "1-bit ReLU mask, what a minimal training engine keeps "
+                "(docs/cost-model.md, 'Saved activations'); "
                 "stock PyTorch keeps the ReLU output, which is the cost model's pytorch accounting"
             ),
             "compute.peak_macs_per_s": f"{stamp}: the best forward rate of any timed shape",

@@ -3,8 +3,8 @@
 * :func:`measure_saved_bytes` runs one real forward pass and loss with a plan applied by
   ``requires_grad`` freezing and counts the bytes autograd keeps for backward, through
   :func:`torch.autograd.graph.saved_tensors_hooks` (exact and independent of the allocator;
-  methods.md §7). Each storage is counted once; parameters and buffers are not activations and are
-  left out.
+  docs/cost-model.md, 'Measuring against PyTorch'). Each storage is counted once; parameters
+  and buffers are not activations and are left out.
 * :func:`count_macs` counts the MACs of the same step with
   :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per MAC), corrected for its grouped
   conv weight-gradient overcount: its formula ignores groups, so it counts G times the true
@@ -131,7 +131,7 @@ def count_macs(
 
     The backward count is corrected for FlopCounterMode's grouped-conv grad-weight formula, which
     ignores groups: for every conv with G > 1 whose weight gradient is computed, (G - 1) / G of
-    the grad-weight it counts is removed (methods.md §7).
+    the grad-weight it counts is removed (docs/cost-model.md, 'Measuring against PyTorch').
     """
     from torch.utils.flop_counter import FlopCounterMode
 

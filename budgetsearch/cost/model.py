@@ -4,13 +4,13 @@
 evaluates plans quickly: per-op rule results are memoised by the op's flags, and the memory peak is
 a sweep over a fixed timeline (forward ops, the loss, backward ops in reverse) done with numpy.
 
-The timeline model (methods.md §1): a tensor lives from the op that allocates it to its last forward
-use; a tensor saved for backward lives until the backward of the earliest op that saved it; the
-gradient of an activation lives from the backward of its last consumer to the backward of its
-producer; a parameter gradient lives from its layer's backward to the optimizer step (or only during
-that backward when the profile updates weights in place). Weights in RAM and optimizer state are
-held throughout. The peak is the largest total over the timeline, reported with the op where it
-occurs.
+The timeline model (docs/cost-model.md, 'Timeline and peak'): a tensor lives from the op that
+allocates it to its last forward use; a tensor saved for backward lives until the backward of the
+earliest op that saved it; the gradient of an activation lives from the backward of its last
+consumer to the backward of its producer; a parameter gradient lives from its layer's backward to
+the optimizer step (or only during that backward when the profile updates weights in place).
+Weights in RAM and optimizer state are held throughout. The peak is the largest total over the
+timeline, reported with the op where it occurs.
 """
 
 from __future__ import annotations

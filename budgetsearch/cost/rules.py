@@ -3,9 +3,9 @@
 Each rule takes an :class:`OpContext` (the op's geometry, the batch size, which of its inputs need a
 gradient, what of its parameters is updated, and the accounting) and returns an :class:`OpCost`:
 forward MACs, backward MACs split into grad-input, grad-weight and grad-bias, and the tensors it
-saves for backward. Rules follow methods.md §1 and §6. One MAC is one multiply-add; grad-bias counts
-additions. Elementwise ops cost no MACs (their time is memory traffic, which the latency model
-counts).
+saves for backward. Rules follow docs/cost-model.md ('MACs', 'Saved activations') and
+docs/gradient-filtering.md ('Costs'). One MAC is one multiply-add; grad-bias counts additions.
+Elementwise ops cost no MACs (their time is memory traffic, which the latency model counts).
 
 Saved tensors are ``(key, bytes)`` pairs. A key ``("t", storage)`` names a tensor of the graph (by
 the node that allocated its storage) and is counted once however many ops save it, as PyTorch holds

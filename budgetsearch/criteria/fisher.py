@@ -2,7 +2,7 @@
 
 For a layer with output activation ``a`` (N samples × C channels × D positions) and gradient
 ``g = ∂L/∂a``, channel o has ``Δ_o = (1/2N) Σ_n (Σ_d a[n,o,d] · g[n,o,d])²`` and the layer has
-the potential ``P_l = Σ_o Δ_o`` (methods.md §4).
+the potential ``P_l = Σ_o Δ_o`` (docs/criteria.md, 'Fisher potential').
 
 Choices made here, and why:
 
@@ -22,8 +22,8 @@ Choices made here, and why:
 - **Input channels**: Δ of a layer's input channel c is computed the same way on the tensor that
   feeds the layer (its input, with the gradient autograd delivers for it). Where that tensor is a
   producer layer's output (no op in between), it equals the producer's output-channel Δ
-  (methods.md §4). It is ``None`` for a layer fed by the model input itself, and for a layer
-  whose input carries no gradient.
+  (docs/criteria.md, 'Input-channel potential'). It is ``None`` for a layer fed by the model
+  input itself, and for a layer whose input carries no gradient.
 - **Streaming**: per micro-batch, forward hooks keep a reference to each hooked tensor and
   register a tensor hook on it; when its gradient arrives the per-sample, per-channel sums
   ``Σ_d a·g`` are formed and the reference dropped. Squares are accumulated in float64. Memory is
@@ -31,7 +31,7 @@ Choices made here, and why:
 - **Layer called twice** (shared weights): its per-sample sums are added over the calls before
   squaring (one mask acting on every call).
 - **Under a gradient filter** (conv outputs only, patch sizes :data:`FILTER_PATCHES`): a filtered
-  weight update sees g replaced by its mean over r×r patches (gradient-filtering.md), so the
+  weight update sees g replaced by its mean over r×r patches (docs/gradient-filtering.md), so the
   channel's gate gradient ``γ = Σ_d a·g`` becomes ``γ̂ = Σ_cells (Σ_{d∈cell} a)(mean_{d∈cell} g)``.
   The first-order gain of a step along the filtered direction, relative to the exact one, is
   ``E[γ·γ̂] / E[γ²]``, so the channel's potential under the filter is

@@ -1,11 +1,11 @@
 """Allocator-independent measurement of the memory a scoring pass holds.
 
-The PyTorch CPU allocator hides what a pass really keeps (methods.md §7), so the criteria count
-bytes themselves: every tensor autograd saves for backward (through
-``torch.autograd.graph.saved_tensors_hooks``) and every tensor a criterion keeps by its own hooks.
-Tensors are counted once per storage (a view and its base, or a tensor saved by two operators,
-count once) and a storage's full size is counted while any holder is alive. The storages of the
-model's parameters and buffers are not counted: they are there whether or not the pass runs.
+The PyTorch CPU allocator hides what a pass really keeps (docs/cost-model.md, 'Measuring against
+PyTorch'), so the criteria count bytes themselves: every tensor autograd saves for backward
+(through ``torch.autograd.graph.saved_tensors_hooks``) and every tensor a criterion keeps by its
+own hooks. Tensors are counted once per storage (a view and its base, or a tensor saved by two
+operators, count once) and a storage's full size is counted while any holder is alive. The storages
+of the model's parameters and buffers are not counted: they are there whether or not the pass runs.
 """
 
 from __future__ import annotations

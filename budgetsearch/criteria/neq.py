@@ -1,8 +1,9 @@
 """NEq: neurons at equilibrium (Bragagnolo et al., NeurIPS'22), as velocities per output channel.
 
 After each epoch every output channel's output is recorded on a fixed probe set. With ``y_i^t``
-channel i's output for one probe sample at record t (flattened over its spatial map), methods.md §5
-defines ``φ_i^t = mean over samples of [1 − cos(y_i^t, y_i^{t−1})]`` and the velocity
+channel i's output for one probe sample at record t (flattened over its spatial map),
+docs/criteria.md ('NEq velocity') defines
+``φ_i^t = mean over samples of [1 − cos(y_i^t, y_i^{t−1})]`` and the velocity
 ``v_i^t = Δφ_i^t − μ·v_i^{t−1}`` with ``Δφ_i^t = φ_i^t − φ_i^{t−1}``; a channel with
 ``|v| < ε`` is at equilibrium and is frozen for the next epoch.
 

@@ -2,8 +2,8 @@
 
 **Proxy: captured potential.** For a trainable layer l let ``d`` be its output-channel scores raised
 to the study's exponent α (Fisher potential Δ_o by default, so ``d_o = Δ_o^α``; α = 1 unless set),
-``e`` its input-channel scores (``Δ`` of the tensor feeding it, methods.md §4), ``P_l = Σ_o d_o``
-and β the bias credit (default 0.25). A plan captures, per layer:
+``e`` its input-channel scores (``Δ`` of the tensor feeding it, docs/criteria.md, 'Input-channel
+potential'), ``P_l = Σ_o d_o`` and β the bias credit (default 0.25). A plan captures, per layer:
 
 - frozen: 0;
 - bias only: ``β · P_l``;
@@ -22,13 +22,14 @@ than the bias credit), and an input-channel update ``P_l · (φ·ρ + β (1 − 
 layer's all-channel filtered share. Scores without filtered potentials (magnitude, random, NEq,
 version-1 files) give a filtered update the credit of an unfiltered one, as before.
 
-Why these credits: Δ_o is the Fisher information of a multiplicative gate on channel o (methods.md
-§4). Scaling row o of the weight moves the output along that gate, so updating the row captures at
-least Δ_o. A bias-only update moves the channel along an additive direction whose Fisher the pass
-does not measure; β is that direction's assumed share of Δ_o (TinyTL and the MIT contribution
-analysis show bias updates recover a large part, but not all, of the gain): an assumption, recorded
-in every plan, settable per study. Column (input-channel) updates touch every row partially; φ,
-the kept share of the input's own potential, is the corresponding share.
+Why these credits: Δ_o is the Fisher information of a multiplicative gate on channel o
+(docs/criteria.md, 'Fisher potential'). Scaling row o of the weight moves the output along that
+gate, so updating the row captures at least Δ_o. A bias-only update moves the channel along an
+additive direction whose Fisher the pass does not measure; β is that direction's assumed share of
+Δ_o (TinyTL and the MIT contribution analysis show bias updates recover a large part, but not all,
+of the gain): an assumption, recorded in every plan, settable per study. Column (input-channel)
+updates touch every row partially; φ, the kept share of the input's own potential, is the
+corresponding share.
 
 The exponent α is a property of the objective, fixed for a study, not a searched parameter: within
 a layer the proxy-optimal channels for a given count are the top ones by ``d`` whatever α, and an

@@ -4,8 +4,9 @@ Both rank the output channels of every layer but the classifier, then fill the b
 down the ranking:
 
 - ``neq`` ranks by score / parameter count of the channel (``C_in/G · K²``, so ``K²`` for a
-  depthwise conv; methods.md §5). The score is any per-output-channel score: NEq's ``|velocity|``
-  (criterion ``neq``), or Fisher, magnitude... Ties keep forward layer order, then channel index.
+  depthwise conv; docs/selectors.md, 'neq and random'). The score is any per-output-channel
+  score: NEq's ``|velocity|`` (criterion ``neq``), or Fisher, magnitude... Ties keep forward
+  layer order, then channel index.
 - ``random`` ranks by a random permutation drawn from the seed: the baseline at the same budget.
 
 The classifier is always updated (``head`` option, see :mod:`.base`) and is not ranked. A chosen

@@ -1,10 +1,10 @@
 """``tinytrain``: TinyTrain's layer ranking by Fisher potential per cost, with top-K channels.
 
 Layers (all but the classifier) are ranked by TinyTrain's multi-objective score
-``s_l = P_l / [(|W_l| / max|W|) · (M_l / max M)]`` (methods.md §4; :func:`~budgetsearch.criteria.
-tinytrain_layer_scores`), ``P_l`` the layer's Fisher potential, ``|W_l|`` its parameter count
-(weight and bias), ``M_l`` its forward MACs. Ties go to the later layer (a shorter backward path).
-Layers are then added greedily in that order.
+``s_l = P_l / [(|W_l| / max|W|) · (M_l / max M)]`` (docs/selectors.md, 'tinytrain';
+:func:`~budgetsearch.criteria.tinytrain_layer_scores`), ``P_l`` the layer's Fisher potential,
+``|W_l|`` its parameter count (weight and bias), ``M_l`` its forward MACs. Ties go to the later
+layer (a shorter backward path). Layers are then added greedily in that order.
 
 **The K rule** (TinyTrain does not publish one): for each layer in rank order, try keeping the
 top ``K = ceil(ratio · C)`` channels by Fisher ``Δ`` for ratio in ``ratios`` (default 1, 1/2,

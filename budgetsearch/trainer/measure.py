@@ -3,7 +3,8 @@
 :class:`SavedTensorMeter` installs :func:`torch.autograd.graph.saved_tensors_hooks` and records
 every tensor autograd saves while it is active, once per storage (a view or an in-place result
 shares its producer's storage), leaving out the model's parameters and buffers (they are not
-activations). This is exact and independent of the allocator (methods.md §7).
+activations). This is exact and independent of the allocator (docs/cost-model.md, 'Measuring
+against PyTorch').
 """
 
 from __future__ import annotations

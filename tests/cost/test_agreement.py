@@ -78,7 +78,8 @@ def test_macs_equal_flop_counter(traced):
             plan.to_dict()["updates"])
 
 
-def test_depthwise_overcount_of_flop_counter_is_what_methods_md_says():
+def test_depthwise_overcount_of_flop_counter_is_as_documented():
+    # docs/cost-model.md, 'Measuring against PyTorch'.
     # A depthwise 3x3 conv, 64 channels, 32x32, batch 1: FlopCounterMode counts 38.3 M MACs of
     # backward; the true figure is 1.18 M (grad-input 0.59 M + grad-weight 0.59 M).
     model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1, groups=64),

@@ -132,10 +132,11 @@ def test_mit_selector_keeps_the_channels_mit_keeps():
 
 
 def _mit_formula_bytes(model: nn.Module, model_name: str, label: str) -> int:
-    """MIT's count (methods.md and MIT's ``nelem_saved_for_backward``), in bits, then bytes:
-    per bias-updated conv 1 bit per output element + 32 bits per bias; per weight-updated conv 8
-    bits per element of its kept input channels + 8 bits per kept weight; the classifier's weight
-    and bias free but its input activation counted, 8 bits per input feature."""
+    """MIT's count (docs/selectors.md, 'MIT accounting', and MIT's ``nelem_saved_for_backward``),
+    in bits, then bytes: per bias-updated conv 1 bit per output element + 32 bits per bias; per
+    weight-updated conv 8 bits per element of its kept input channels + 8 bits per kept weight;
+    the classifier's weight and bias free but its input activation counted, 8 bits per input
+    feature."""
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     hooks = [m.register_forward_hook(
