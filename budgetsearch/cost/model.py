@@ -472,7 +472,8 @@ class CostModel:
         return 1e3 * t + self.profile.op_overhead_us * 1e-3
 
     def _optimizer_ms(self, trainable) -> float:
-        """Optimizer step: read weight, gradient and state, write weight and state."""
+        """Optimizer step: per parameter, the weight and gradient move once each (the weight is
+        updated in place) and each state tensor is read and written: (2 + 2 x states) accesses."""
         state = _OPTIMIZER_STATES[self.optimizer]
         per = 4 if self.acc.stock_autograd else self.acc.weight_bytes
         bw = self.profile.memory_bandwidth_bytes_per_s

@@ -12,11 +12,13 @@ the node that allocated its storage) and is counted once however many ops save i
 one storage; any other key is private to the op (a 1-bit mask, a pooled copy, batch-norm
 statistics).
 
-Two accountings (see :class:`Accounting`): ``pytorch`` states what stock PyTorch autograd keeps when
-a plan is applied by ``requires_grad`` freezing (fp32; channel subsets and gradient filters cannot
-be expressed that way, so such layers cost as fully updated ones); ``device`` states what a minimal
-on-device engine keeps (the profile's data types, 1-bit ReLU masks, batch norm folded into the conv,
-only the kept input channels of a channel-sparse layer, pooled inputs of filtered convs).
+Three accountings (see :class:`Accounting`): ``pytorch`` states what stock PyTorch autograd keeps
+when a plan is applied by ``requires_grad`` freezing (fp32; channel subsets and gradient filters
+cannot be expressed that way, so such layers cost as fully updated ones); ``ops`` what
+budgetsearch's own operators keep (fp32, channel subsets and filters as planned); ``device`` what
+a minimal on-device engine keeps (the profile's data types, 1-bit ReLU masks, batch norm folded
+into the conv, only the kept input channels of a channel-sparse layer, pooled inputs of filtered
+convs).
 
 Register a rule for a new op kind with :func:`register_rule`; an op kind without a rule is counted
 by :func:`unknown_rule` (it saves all its inputs) and reported by name.

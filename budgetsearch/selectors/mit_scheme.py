@@ -1,8 +1,8 @@
 """The 15 published MIT sparse-update schemes as plans, and the MIT memory accounting.
 
 ``mit-scheme`` rebuilds a scheme of Lin et al. (NeurIPS'22) for one of the three MCU models
-(``mcunet-5fps``, ``mbv2-w0.35``, ``proxyless-w0.3``; ``references.md``): the biases of the last
-``n_bias`` convs (forward order, classifier excluded, as :func:`~budgetsearch.models.
+(``mcunet-5fps``, ``mbv2-w0.35``, ``proxyless-w0.3``; ``docs/references.md``): the biases of the
+last ``n_bias`` convs (forward order, classifier excluded, as :func:`~budgetsearch.models.
 mcu_conv_names` lists them), the listed weight updates at their input-channel ratio, channels kept
 by "magnitude+" (largest L2 norm per input channel over all output channels and kernel taps; a
 depthwise conv's channel is its own kernel; on the MCU models the norm of the int8 integer
@@ -45,7 +45,7 @@ def _parse(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-#: model -> label -> (n_bias, ((layer, input-channel ratio), ...)), from references.md.
+#: model -> label -> (n_bias, ((layer, input-channel ratio), ...)), from docs/references.md.
 MIT_SCHEMES: dict[str, dict[str, tuple[int, tuple[tuple[str, float], ...]]]] = {
     "mbv2-w0.35": {
         "49KB": (16, _parse(
