@@ -204,6 +204,16 @@ def _apply_recipe(args: argparse.Namespace, plan: Any) -> None:
     args.recipe_used = sorted(set(fields) - given) if recipe is not None else []
 
 
+def _search_replan(method: str) -> Any:
+    """The search's re-planning function for ``--replan auto|search`` (the trainer does not
+    import the search; this command, above both, connects them)."""
+    if method == "selector":
+        return None
+    from ..search import replan
+
+    return replan
+
+
 def run(args: argparse.Namespace) -> int:
     """Load plan, data and model; train; print a summary."""
     import torch
@@ -249,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         budget_bytes=parse_bytes(args.budget, what="--budget") if args.budget else None,
         bn=args.bn, filter_mode=args.filter_mode, check_budget=not args.ignore_budget,
         progress=not args.no_progress, threads=args.threads, replan_method=args.replan,
-        search_trials=args.search_trials)
+        search_trials=args.search_trials, search_replan=_search_replan(args.replan))
     out = sys.stdout
     out.write(f"training {args.model} ({len(plan.updates)} layers updated, "
               f"{plan.provenance.get('method', 'plan')}) on {len(train)} images of "

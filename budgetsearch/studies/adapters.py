@@ -223,6 +223,10 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
     options = dict(t.get("options") or {})
     if dynamic is not None:  # training.options may still say otherwise (e.g. search_trials)
         options.setdefault("replan_method", cell.method.replan_method)
+        if options["replan_method"] in ("auto", "search"):
+            from ..search import replan
+
+            options.setdefault("search_replan", replan)
     trainer = Trainer(ctx.model, plan, train_data=ctx.train_data, val_data=ctx.val_data,
                       test_data=ctx.test_data,
                       epochs=cell.data.epochs_or(t["epochs"]), batch_size=t["batch_size"],

@@ -310,7 +310,7 @@ def _cost(top: Mapping[str, Any], where: str) -> dict[str, Any]:
 _SET_BY_STUDY = frozenset({
     "self", "model", "plan", "train_data", "val_data", "epochs", "out_dir", "batch_size", "lr",
     "optimizer", "seed", "dynamic", "cost_model", "progress", "scores", "budget_bytes",
-    "latency_budget_ms", "memory_measure", "scores_source"})
+    "latency_budget_ms", "memory_measure", "scores_source", "test_data", "search_replan"})
 
 
 def _signature_options(cls: Any, extra: Sequence[str] = ()) -> list[str] | None:

@@ -13,16 +13,17 @@ The budget is the plan's memory budget (or the one given) measured by the cost m
 device at the trainer's batch size, input size and optimizer, under the plan's memory measure. Both
 selections run on the model with the plan removed (plain modules), then the new plan is applied.
 
-Who picks the new plan (``method``): ``search``, the budget search's re-planning
-(:func:`budgetsearch.search.replan`, seeded with the plan in use, ``search_trials`` trials, seed
-``seed + epoch`` so a resumed run re-plans identically); ``selector``, the ``neq`` / ``tinytrain``
-selector; ``auto`` (default), the search when :mod:`budgetsearch.search` is installed, else the
-selector.
+Who picks the new plan (``method``): ``search``, a re-planning function the caller hands in
+(``search_replan``, e.g. :func:`budgetsearch.search.replan`: seeded with the plan in use,
+``search_trials`` trials, seed ``seed + epoch`` so a resumed run re-plans identically);
+``selector``, the ``neq`` / ``tinytrain`` selector; ``auto`` (default), the search when a
+re-planning function is given, else the selector. The trainer never imports the search: data
+flows search -> plan -> trainer, and a caller above both (the CLI, the studies) connects them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,19 +36,15 @@ from ..errors import BudgetError, PlanError, SearchError
 from ..graph import LayerGraph
 from ..plan import Plan
 
-__all__ = ["DYNAMIC_MODES", "REPLAN_METHODS", "Replanner", "search_available"]
+__all__ = ["DYNAMIC_MODES", "REPLAN_METHODS", "Replanner", "SearchReplan"]
 
 DYNAMIC_MODES = ("neq", "fisher")
 REPLAN_METHODS = ("auto", "search", "selector")
 
-
-def search_available() -> bool:
-    """Whether the budget search's re-planning API (:mod:`budgetsearch.search`) is installed."""
-    try:
-        from ..search import replan  # noqa: F401
-    except ImportError:
-        return False
-    return True
+#: A re-planning function: keyword arguments ``cost_model``, ``scores``, ``budget_bytes``,
+#: ``previous`` (the plan in use), ``trials``, ``seed``, ``memory_measure``; returns a plan or
+#: raises BudgetError / SearchError when nothing fits (:func:`budgetsearch.search.replan`).
+SearchReplan = Callable[..., Plan]
 
 
 class Replanner:
@@ -63,6 +60,7 @@ class Replanner:
         seed: Seed passed to the selector or the search.
         method: ``auto``, ``search`` or ``selector`` (see the module docstring).
         search_trials: Trials of each search re-plan.
+        search_replan: The re-planning function of method ``search`` (:data:`SearchReplan`).
     """
 
     def __init__(
@@ -77,11 +75,13 @@ class Replanner:
         seed: int = 0,
         method: str = "auto",
         search_trials: int = 100,
+        search_replan: SearchReplan | None = None,
     ) -> None:
         if method not in REPLAN_METHODS:
             raise PlanError(f"method must be one of {', '.join(REPLAN_METHODS)}; got {method!r}")
-        if method == "search" and not search_available():
-            raise PlanError("re-planning by search needs budgetsearch.search, which is missing")
+        if method == "search" and search_replan is None:
+            raise PlanError("re-planning by search needs a re-planning function: pass "
+                            "search_replan=budgetsearch.search.replan")
         if kind not in DYNAMIC_MODES:
             raise PlanError(f"dynamic must be one of {', '.join(DYNAMIC_MODES)}; got {kind!r}")
         if kind == "neq" and (probe is None or probe.shape[0] < 1):
@@ -92,8 +92,9 @@ class Replanner:
         self.budget_bytes, self.memory_measure = int(budget_bytes), memory_measure
         self.probe, self.fisher_batches = probe, list(fisher_batches)
         self.seed, self.search_trials = seed, int(search_trials)
-        self.method = ("search" if search_available() else "selector") if method == "auto" \
-            else method
+        self.search_replan = search_replan
+        self.method = ("search" if search_replan is not None else "selector") \
+            if method == "auto" else method
         self.tracker: NEqTracker | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -126,10 +127,9 @@ class Replanner:
             method = "tinytrain"
         try:
             if self.method == "search":
-                from ..search import replan
-
+                assert self.search_replan is not None
                 method = "search"
-                new = replan(cost_model=self.cost_model, scores=scores,
+                new = self.search_replan(cost_model=self.cost_model, scores=scores,
                              budget_bytes=self.budget_bytes, previous=plan,
                              trials=self.search_trials, seed=self.seed + epoch,
                              memory_measure=self.memory_measure)

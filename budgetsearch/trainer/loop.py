@@ -126,6 +126,9 @@ class Trainer:
         replan_method: ``auto``, ``search`` or ``selector``: who picks re-selected plans (see
             :mod:`.dynamic`).
         search_trials: Trials of each search re-plan.
+        search_replan: The re-planning function of ``replan_method`` ``search`` (and of
+            ``auto`` when given), e.g. :func:`budgetsearch.search.replan`; the trainer does not
+            import the search itself.
         loss_fn: ``loss(logits, labels)``, mean-reduced; cross-entropy by default.
     """
 
@@ -139,7 +142,7 @@ class Trainer:
         bn: str = "frozen", filter_mode: str | None = None, check_budget: bool = True,
         progress: bool = True, threads: int | None = None, neq_probe_samples: int = 16,
         fisher_samples: int = 64, replan_method: str = "auto", search_trials: int = 100,
-        loss_fn: LossFn | None = None,
+        search_replan: Any = None, loss_fn: LossFn | None = None,
     ) -> None:
         self.model, self.plan = model, plan
         self.train_data, self.val_data, self.test_data = train_data, val_data, test_data
@@ -191,7 +194,7 @@ class Trainer:
                 else None,
                 fisher_batches=fisher_batches(train_data, fisher_samples, self.seed)
                 if dynamic == "fisher" else (), seed=self.seed, method=replan_method,
-                search_trials=search_trials)
+                search_trials=search_trials, search_replan=search_replan)
 
     # ---------------------------------------------------------------------------------- fit
     def fit(self, *, resume: bool = False) -> dict[str, Any]:

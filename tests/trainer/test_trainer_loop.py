@@ -17,8 +17,8 @@ from budgetsearch.errors import BudgetError, DataError, PlanError
 from budgetsearch.graph import LayerGraph
 from budgetsearch.plan import LayerUpdate, Plan
 from budgetsearch.profiles import load_profile
+from budgetsearch.search import replan
 from budgetsearch.trainer import Trainer, TrainingError, active_plan, list_checkpoints
-from budgetsearch.trainer.dynamic import search_available
 
 torch.set_num_threads(1)
 SIZE, CLASSES = 16, ("cat", "dog", "fox")
@@ -192,9 +192,7 @@ def test_plan_budget_exceeded_by_the_batch_size(splits, tmp_path):
     trainer(splits, tmp_path, model=model, plan=plan, check_budget=False)
 
 
-DYNAMIC = [("neq", "selector"), ("fisher", "selector")]
-if search_available():
-    DYNAMIC += [("neq", "search"), ("fisher", "search")]
+DYNAMIC = [("neq", "selector"), ("fisher", "selector"), ("neq", "search"), ("fisher", "search")]
 
 
 @pytest.mark.parametrize(("kind", "method"), DYNAMIC, ids=[f"{k}-{m}" for k, m in DYNAMIC])
@@ -206,7 +204,7 @@ def test_dynamic_modes_replan_under_the_budget(splits, tmp_path, kind, method):
     plan = plan.with_(memory_budget_bytes=int(need * 1.02))
     doc = trainer(splits, tmp_path, model=model, plan=plan, epochs=4, dynamic=kind,
                   neq_probe_samples=6, fisher_samples=12, replan_method=method,
-                  search_trials=20).fit()
+                  search_trials=20, search_replan=replan if method == "search" else None).fit()
     assert doc["config"]["replan_method"] == method
     assert doc["status"] == "completed"
     replanned = [r["epoch"] for r in doc["epochs"] if r["replanned"]]
@@ -272,3 +270,30 @@ def test_test_data_is_reported_and_never_chooses_the_epoch(splits, tmp_path):
     s = summarize(made)
     assert (s["best_epoch"], s["test_accuracy_at_best_epoch"], s["final_test_accuracy"]) == (
         2, 0.1, 0.8)
+
+
+def test_the_trainer_never_imports_the_search():
+    """Data flows search -> plan -> trainer: re-planning by search is a function handed in."""
+    import ast
+    from pathlib import Path
+
+    import budgetsearch.trainer as trainer_pkg
+    from budgetsearch.trainer.dynamic import Replanner
+
+    for path in Path(trainer_pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not target.startswith(("..search", "..planner", "budgetsearch.search")), (
+                    f"{path.name} imports {target}")
+    _model, graph = tiny()
+    cm = CostModel(graph, load_profile("rpi4"))
+    with pytest.raises(PlanError, match=r"pass search_replan=budgetsearch\.search\.replan"):
+        Replanner("fisher", cost_model=cm, budget_bytes=10**6, method="search",
+                  fisher_batches=[(torch.zeros(1, 3, 8, 8), torch.zeros(1).long())])
+    auto = Replanner("fisher", cost_model=cm, budget_bytes=10**6,
+                     fisher_batches=[(torch.zeros(1, 3, 8, 8), torch.zeros(1).long())])
+    assert auto.method == "selector"
+    assert Replanner("fisher", cost_model=cm, budget_bytes=10**6, search_replan=replan,
+                     fisher_batches=[(torch.zeros(1, 3, 8, 8), torch.zeros(1).long())]
+                     ).method == "search"
