@@ -1,8 +1,9 @@
 """Studies: a YAML grid of (data, model, device, budget, method, seed) cells, run resumably and
 reported with tables and plots.
 
-``load_spec(path)`` validates a study file (:mod:`.spec`); ``run_study(spec, workers=...)`` makes
-every pending cell's plan, trains it and records predicted costs, measured costs and accuracy
+``load_spec(path)`` validates a study file (:mod:`.validate`, into :mod:`.spec`'s types);
+``run_study(spec, workers=...)`` makes every pending cell's plan, trains it and records predicted
+costs, measured costs and accuracy
 (:mod:`.runner`, :mod:`.adapters`, records and claims in :mod:`.store`); ``write_report(spec)``
 writes ``results.csv``, ``report.md`` and the plots (:mod:`.report`, :mod:`.plots`). The command
 line is ``budgetsearch study run|report SPEC.yaml``.
@@ -30,10 +31,9 @@ from .spec import (
     ModelSpec,
     StudyError,
     StudySpec,
-    load_spec,
-    spec_from_dict,
 )
 from .store import FileStore, SqlStore, open_store
+from .validate import load_spec, spec_from_dict
 
 __all__ = [
     "COLUMNS",

@@ -37,14 +37,12 @@ from typing import Any
 
 from .._io import atomic_write_text
 from .context import CellContext
-from .spec import Cell, StudyError
+from .spec import RUN_OPTIONS, Cell, StudyError
 
 __all__ = ["NotWiredError", "layer_fractions", "normalise_metrics", "plan_summary", "run_cell"]
 
 PlanFn = Callable[[Cell, CellContext], Any]
 TrainFn = Callable[[Cell, Any, CellContext], dict[str, Any]]
-#: Search options the study passes to the planner (Search.run, the race) rather than to Search.
-RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort")
 
 
 class NotWiredError(StudyError, NotImplementedError):

@@ -48,7 +48,7 @@ in its plans, which the trainer uses).
 ``exclude`` patterns match cells on ``data``, ``model``, ``device``, ``budget`` (label),
 ``method`` (name) and ``seed``, each a value or a list of values; a cell matching all fields of
 a pattern is left out. Every unknown model, device, method or key is an error naming it and the
-allowed values, raised by :func:`load_spec` before any cell runs.
+allowed values, raised by :func:`~.validate.load_spec` before any cell runs.
 
 Every choice a training run makes (its best epoch) is made on the validation split carved out of
 the training draw; the test split is only reported (records carry the test accuracy at the best
@@ -63,14 +63,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ..errors import BudgetSearchError
 
@@ -85,8 +82,6 @@ __all__ = [
     "ModelSpec",
     "StudyError",
     "StudySpec",
-    "load_spec",
-    "spec_from_dict",
 ]
 
 #: Study methods beyond the registered selectors.
@@ -94,6 +89,10 @@ EXTRA_METHODS = ("search", "search-dynamic", "neq-dynamic")
 ROLES = ("published", "search", "baseline", "reference")
 SCORE_CRITERIA = ("fisher", "magnitude", "random", "none")
 UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+#: Search options a study passes to the planner (Search.run, the race) rather than to Search.
+RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort")
 
 
 class StudyError(BudgetSearchError):
@@ -279,42 +278,6 @@ class Cell:
         """A short hash of :meth:`config`: a record with another hash is outdated."""
         text = json.dumps(self.config(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------ loading
-def load_spec(path: str | os.PathLike[str], *, results_dir: str | os.PathLike[str] | None = None
-              ) -> StudySpec:
-    """Read and validate a study file.
-
-    Args:
-        path: The YAML file.
-        results_dir: Where results go, overriding the file's ``results_dir`` and the default
-            ``<file's directory>/results/<name>``.
-
-    Raises:
-        StudyError: Unreadable or malformed YAML, or any invalid field (naming it and the
-            allowed values).
-    """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StudyError(f"{path}: cannot read the study file: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise StudyError(f"{path}: malformed YAML: {exc}") from exc
-    return spec_from_dict(data, path=path, results_dir=results_dir)
-
-
-def spec_from_dict(data: Any, *, path: str | os.PathLike[str] | None = None,
-                   results_dir: str | os.PathLike[str] | None = None) -> StudySpec:
-    """Validate a parsed study (see :func:`load_spec`; the checks are in :mod:`.validate`).
-
-    Raises:
-        StudyError: Any invalid field, naming it and the allowed values.
-    """
-    from .validate import validate
-
-    return validate(data, path=path, results_dir=results_dir)
 
 
 def _matches(key: Mapping[str, Any], pattern: Mapping[str, tuple[Any, ...]]) -> bool:

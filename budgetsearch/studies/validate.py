@@ -10,10 +10,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import BudgetSearchError
 from .spec import (
     EXTRA_METHODS,
     ROLES,
+    RUN_OPTIONS,
     SCORE_CRITERIA,
     UNSAFE_CHARS,
     Budget,
@@ -25,7 +28,7 @@ from .spec import (
     StudySpec,
 )
 
-__all__ = ["validate"]
+__all__ = ["load_spec", "spec_from_dict", "validate"]
 
 _TOP = ("name", "description", "data", "input_size", "models", "devices", "methods", "seeds",
         "training", "cost", "scores", "search", "results_dir", "exclude")
@@ -333,8 +336,6 @@ def _search_options() -> list[str] | None:
         from ..search import Search
     except ImportError:  # the search is not there: options are checked when it runs
         return None
-    from .adapters import RUN_OPTIONS
-
     return _signature_options(Search, RUN_OPTIONS)
 
 
@@ -355,3 +356,35 @@ def _known_options(options: Mapping[str, Any], allowed: list[str] | None, where:
                          f"{', '.join(allowed or [])}")
 
 
+# ------------------------------------------------------------------------------------ loading
+def load_spec(path: str | os.PathLike[str], *, results_dir: str | os.PathLike[str] | None = None
+              ) -> StudySpec:
+    """Read and validate a study file.
+
+    Args:
+        path: The YAML file.
+        results_dir: Where results go, overriding the file's ``results_dir`` and the default
+            ``<file's directory>/results/<name>``.
+
+    Raises:
+        StudyError: Unreadable or malformed YAML, or any invalid field (naming it and the
+            allowed values).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StudyError(f"{path}: cannot read the study file: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: malformed YAML: {exc}") from exc
+    return spec_from_dict(data, path=path, results_dir=results_dir)
+
+
+def spec_from_dict(data: Any, *, path: str | os.PathLike[str] | None = None,
+                   results_dir: str | os.PathLike[str] | None = None) -> StudySpec:
+    """Validate a parsed study (see :func:`load_spec`).
+
+    Raises:
+        StudyError: Any invalid field, naming it and the allowed values.
+    """
+    return validate(data, path=path, results_dir=results_dir)
