@@ -47,6 +47,7 @@ def main() -> None:
         base = [exe, "plan", "--model", args.model, "--num-classes", "10", "--data", "cifar10",
                 "--device", "stm32f746", "--memory-measure", "training", "--no-progress"]
         rows = []
+        outputs: list[tuple[str, str, str]] = []
         for label, budget, extra in (("standard, cold cache", "99KB", ["--effort", "standard"]),
                                      ("standard, table cached", "148KB",
                                       ["--effort", "standard"]),
@@ -62,10 +63,13 @@ def main() -> None:
                          race.group(4) if race else "-", race.group(1) if race else "-",
                          chosen.group(1) if chosen else "(no race)"))
             print(f"{label} {budget}: {seconds:.0f} s", file=sys.stderr, flush=True)
+            outputs.append((label, budget, stdout))
     print(f"| run ({args.model}) | budget | wall s | contributions s | race s | arms | outcome |")
     print("|---|---|---|---|---|---|---|")
     for label, budget, seconds, contrib, race, arms, chosen in rows:
         print(f"| {label} | {budget} | {seconds:.0f} | {contrib} | {race} | {arms} | {chosen} |")
+    for label, budget, stdout in outputs:
+        print(f"\n### `plan` output, {label}, {budget}\n\n```\n{stdout.rstrip()}\n```")
 
 
 if __name__ == "__main__":
