@@ -20,6 +20,7 @@ __all__ = [
     "ProfileError",
     "ScoresError",
     "SearchError",
+    "StoreError",
     "TrainingError",
 ]
 
@@ -70,6 +71,10 @@ class BudgetError(PlanError):
 
 class SearchError(BudgetSearchError):
     """A search study cannot be created, opened or continued (storage, mismatch)."""
+
+
+class StoreError(BudgetSearchError):
+    """A store of records and claims shared by workers cannot be opened or used."""
 
 
 class TrainingError(BudgetSearchError):

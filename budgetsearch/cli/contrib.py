@@ -94,6 +94,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top", type=int_range(1, MAX_COUNT), default=25,
                    help="rows of the printed table (25)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--storage", default=None,
+                   help="keep the table in this database (sqlite:///FILE.db, "
+                        "postgresql://...; e.g. the search's storage) so that workers on other "
+                        "machines running the same command share it; --out receives a copy")
     p.add_argument("--out", required=True, help="the contribution table (JSON)")
     p.set_defaults(func=run)
 
@@ -158,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
                         scores=scores, candidates=args.candidates, units=units,
                         ratios=_numbers(args.ratios, "--ratios", float),
                         axes=axes, filters=not args.no_filters,
-                        bias_depths=depths, path=args.out, max_units=args.max_units,
+                        bias_depths=depths, path=None if args.storage else args.out,
+                        storage=args.storage, max_units=args.max_units,
                         progress=not args.no_progress)
     except PlanError as exc:  # name the option where the library names the argument
         text = str(exc)
@@ -169,7 +174,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {sum(1 for c in codes if c)} worker(s) failed (exit codes {codes})",
               file=sys.stderr)
     stats = table.stats
-    if others:  # what the other workers measured after this one ran out of units
+    if args.storage:  # everything the workers of every machine measured, copied to --out
+        from ..contrib import StoreTable
+
+        table = StoreTable(args.storage, table.key).table()
+        table.save(args.out)
+    elif others:  # what the other workers measured after this one ran out of units
         from ..contrib import ContributionTable
 
         table = ContributionTable.load(args.out)

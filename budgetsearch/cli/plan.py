@@ -111,7 +111,9 @@ def register(subparsers: Any) -> None:
                         "the budget stays that of --batch-size on the device")
     r.add_argument("--race-file", default=None,
                    help="the race's results file, resumable and shared by workers racing the "
-                        "same candidates (default: under $BUDGETSEARCH_CACHE or "
+                        "same candidates (default: the --storage database when one is given, "
+                        "so plan processes on several machines share the race and the "
+                        "contributions; else under $BUDGETSEARCH_CACHE or "
                         "~/.cache/budgetsearch/race/, by model, data and candidates)")
     s = p.add_argument_group("search")
     s.add_argument("--trials", type=int_range(1, MAX_TRIALS), default=DEFAULT_TRIALS,
@@ -295,6 +297,7 @@ def run_plan(args: argparse.Namespace) -> int:
         recipe=Recipe(optimizer=cost_model.optimizer, batch_size=args.train_batch,
                       seed=args.seed),
         race_path=args.race_file, baseline_scores=baseline_scores,
+        race_storage=_shared_database(args) if args.race_file is None else None,
         progress=not args.no_progress,
         flush_seconds=args.flush_seconds)
     result = outcome.search
@@ -371,6 +374,17 @@ def _scores(args: argparse.Namespace, model: Any, graph: Any) -> Any:
     if args.objective == "measured":  # the channels its table is measured with
         return magnitude_scores(model)
     return _fisher(args, model, graph)
+
+
+def _shared_database(args: argparse.Namespace) -> str | None:
+    """``--storage`` when it names a database (SQLite, PostgreSQL, MySQL): the contribution
+    table and the race then live there too, so that `plan` processes on other machines with
+    the same arguments share them; None otherwise (the files of the user cache)."""
+    url = args.storage
+    if not url or "://" not in url:
+        return None
+    return url if url.split("://")[0].split("+")[0] in ("sqlite", "postgresql", "mysql") \
+        else None
 
 
 def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
@@ -452,13 +466,20 @@ def _measure(args: argparse.Namespace, model: Any, graph: Any, tensors: Any) -> 
     train, val = tensors
     recipe = Recipe(seed=args.seed)
     scores = _load_scores(args, model) if args.scores else magnitude_scores(model)
-    if args.contrib is None:  # one table per model, data and recipe, shared by later plans
+    shared = _shared_database(args)
+    if args.contrib is None and shared is None:  # one table per model, data and recipe
         key = analysis_key(graph=graph, state=model.state_dict(), train=train, val=val,
                            recipe=recipe, scores_digest=scores_digest(scores))
         args.contrib = str(default_table_path(key, candidates=args.candidates))
     table = analyse(model, graph=graph, train=train, val=val, recipe=recipe, scores=scores,
-                    candidates=args.candidates, path=args.contrib,
-                    progress=not args.no_progress)
+                    candidates=args.candidates, path=None if shared else args.contrib,
+                    storage=shared, progress=not args.no_progress)
+    if shared is not None:
+        from ..search.storage import redact
+
+        if args.contrib is not None:
+            table.save(args.contrib)  # a copy of what the workers measured
+        args.contrib = f"{redact(shared)} (contribution table)"
     if table.stats.get("measured"):
         print(f"contributions: {table.stats['measured']} units measured into {args.contrib} "
               f"({time.perf_counter() - started:.0f} s; {len(train[1])} training, "

@@ -22,7 +22,14 @@ from .measure import (
     weights_digest,
 )
 from .prefix import Cut, PrefixSplit
-from .table import ContributionTable, SharedTable, TableError, default_table_path
+from .table import (
+    ContributionTable,
+    SharedTable,
+    StoreTable,
+    TableError,
+    default_table_path,
+    open_shared,
+)
 from .units import DEFAULT_RATIOS, Unit, bias_layers, build_units, parse_unit
 
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "PlanRunner",
     "PrefixSplit",
     "SharedTable",
+    "StoreTable",
     "TableError",
     "Unit",
     "analyse",
@@ -42,6 +50,7 @@ __all__ = [
     "default_table_path",
     "load_tensors",
     "measure_contributions",
+    "open_shared",
     "parse_unit",
     "relative_gradient_norms",
     "split_tensors",

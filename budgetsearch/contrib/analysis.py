@@ -63,6 +63,7 @@ def analyse(
     filters: bool = True,
     bias_depths: Sequence[int] | None = None,
     path: str | None = None,
+    storage: str | None = None,
     max_units: int | None = None,
     progress: bool = True,
 ) -> ContributionTable:
@@ -82,6 +83,7 @@ def analyse(
         filters: Measure gradient-filtered units too.
         bias_depths: Bias depths of the grid (default 1, 2, 4, ... and all).
         path: The table file (resumed, shared with other workers), or None.
+        storage: A database URL to keep the table in instead (shared across machines).
         max_units: Stop after this many units.
         progress: Show a progress bar.
 
@@ -101,5 +103,5 @@ def analyse(
                             bias_depths=bias_depths)
     return measure_contributions(
         model, graph=graph, train=train, val=val, recipe=recipe, channels=proxy.channels,
-        scores_digest=scores_digest(scores), units=units, path=path, max_units=max_units,
-        progress=progress)
+        scores_digest=scores_digest(scores), units=units, path=path, storage=storage,
+        max_units=max_units, progress=progress)

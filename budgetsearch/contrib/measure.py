@@ -27,7 +27,7 @@ from ..graph import LayerGraph
 from ..plan import Plan
 from ..recipe import Recipe
 from .prefix import Cut, PrefixSplit
-from .table import ContributionTable, SharedTable
+from .table import ContributionTable, open_shared
 from .units import Unit, build_units
 
 __all__ = [
@@ -180,6 +180,7 @@ def measure_contributions(
     scores_digest: str,
     units: Sequence[Unit] | None = None,
     path: str | None = None,
+    storage: str | None = None,
     max_units: int | None = None,
     progress: bool = True,
 ) -> ContributionTable:
@@ -196,6 +197,8 @@ def measure_contributions(
         units: What to measure (default :func:`~budgetsearch.contrib.units.build_units`);
             ``head`` is always measured first.
         path: Table file, shared with other workers and resumed (None: in memory).
+        storage: A database URL instead (``sqlite:///...``, ``postgresql://...``): the table
+            is shared by workers on every machine that reaches it (:class:`.StoreTable`).
         max_units: Stop after measuring this many units in this call.
         progress: Show a progress bar.
 
@@ -217,7 +220,7 @@ def measure_contributions(
     # head first (every gain is measured against it), then from the earliest cut on, so that
     # each cut's tensors are computed from the previous cut's: one pass over the network in all
     order = sorted(by_key, key=lambda k: (k != "head", cuts[k].position, k))
-    shared = SharedTable(path, key) if path is not None else None
+    shared = open_shared(key, path=path, storage=storage)
     memory: dict[str, dict[str, Any]] = {}
     done = shared.done() if shared is not None else set()
     todo = [k for k in order if k not in done]

@@ -28,9 +28,11 @@ __all__ = [
     "TABLE_VERSION",
     "ContributionTable",
     "SharedTable",
+    "StoreTable",
     "TableError",
     "check_key",
     "default_table_path",
+    "open_shared",
 ]
 
 TABLE_VERSION = 1
@@ -280,3 +282,95 @@ class SharedTable:
         with _locked(self.path):
             doc = self._doc()
         return ContributionTable(doc["key"], doc["results"], path=self.path)
+
+
+class StoreTable:
+    """The interface of :class:`SharedTable` on a database shared by machines.
+
+    The rows live in :class:`budgetsearch.store.SqlStore`'s table of the URL (the SQLite or
+    PostgreSQL database the search's Optuna studies use), under a name made of a digest of the
+    key, so a table is keyed by construction: another model, data set or recipe is another name.
+    A unit is claimed by an atomic ``INSERT`` or conditional ``UPDATE``; a claim whose worker
+    died is taken over (same host: its process is gone; any host: no heartbeat for
+    ``stale_after`` seconds). The results are also mirrored to files under ``mirror_dir``.
+
+    Args:
+        url: A SQLAlchemy URL (``sqlite:///file.db``, ``postgresql://...``).
+        key: What the measurements depend on.
+        kind: What the rows are (``contrib``, ``race``): part of the name.
+        mirror_dir: Local directory of the mirrored records (default: a temporary one).
+        stale_after: Seconds without heartbeat after which another host's claim is stale.
+    """
+
+    def __init__(self, url: str, key: Mapping[str, Any], *, kind: str = "contrib",
+                 mirror_dir: str | os.PathLike[str] | None = None,
+                 stale_after: float = 600.0) -> None:
+        import hashlib
+
+        from ..store import SqlStore, worker_id
+
+        self.key = dict(key)
+        digest = hashlib.sha256(_canonical(self.key).encode()).hexdigest()[:16]
+        self.name = f"{kind}:{self.key.get('model') or 'model'}:{digest}"
+        self.path = None
+        root = Path(os.environ.get("BUDGETSEARCH_CACHE") or Path.home() / ".cache" / "budgetsearch")
+        mirror = Path(mirror_dir) if mirror_dir is not None else (
+            root / "mirror" / self.name.replace(":", "-"))
+        self.store = SqlStore(url, study=self.name, cells_dir=mirror, stale_after=stale_after)
+        self.me = worker_id()
+        if self.store.record(_KEY_ROW) is None and self.store.claim(_KEY_ROW, self.me):
+            self.store.write(_KEY_ROW, {"version": TABLE_VERSION, "key": self.key})
+            self.store.release(_KEY_ROW, self.me)
+
+    def done(self) -> set[str]:
+        """Units measured so far."""
+        return set(self.store.records()) - {_KEY_ROW}
+
+    def claim(self, order: Sequence[str]) -> str | None:
+        """Take the first unit of ``order`` that is neither measured nor claimed by a live
+        worker (None when none is left)."""
+        done = self.done()
+        for unit in order:
+            if unit in done or not self.store.claim(unit, self.me):
+                continue
+            if self.store.record(unit) is not None:  # finished since we looked
+                self.store.release(unit, self.me)
+                continue
+            return unit
+        return None
+
+    def record(self, unit: str, result: Mapping[str, Any]) -> None:
+        """Store a unit's result and drop its claim."""
+        self.store.write(unit, dict(result))
+        self.store.release(unit, self.me)
+
+    def release(self, unit: str) -> None:
+        """Give a claimed unit back (on an interruption)."""
+        self.store.release(unit, self.me)
+
+    def table(self) -> ContributionTable:
+        """The table as it is now."""
+        results = {k: v for k, v in self.store.records().items() if k != _KEY_ROW}
+        return ContributionTable(self.key, results)
+
+
+#: The row of a :class:`StoreTable` that holds its key (not a unit).
+_KEY_ROW = "__key__"
+
+
+def open_shared(
+    key: Mapping[str, Any], *, path: str | os.PathLike[str] | None = None,
+    storage: str | None = None, kind: str = "contrib",
+) -> SharedTable | StoreTable | None:
+    """Where workers share results: a database URL (``storage``: a :class:`StoreTable`), else a
+    file (``path``: a :class:`SharedTable`), else nowhere (None: in memory).
+
+    Raises:
+        TableError: A file made with another key.
+        StoreError: A database that cannot be opened.
+    """
+    if storage is not None:
+        return StoreTable(storage, key, kind=kind)
+    if path is not None:
+        return SharedTable(path, key)
+    return None

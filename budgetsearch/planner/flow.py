@@ -188,6 +188,7 @@ def make_plan(
     model: nn.Module | None = None,
     lrs: Sequence[float] | None = None,
     race_path: str | os.PathLike[str] | None = None,
+    race_storage: str | None = None,
     baseline_scores: Any = None,
     progress: bool = True,
     flush_seconds: float = 2.0,
@@ -211,6 +212,7 @@ def make_plan(
         model: The model (for the MIT scheme candidate).
         lrs: Learning rates instead of the effort's grid.
         race_path: The race file (default under ``$BUDGETSEARCH_CACHE/race/``, by key).
+        race_storage: A database URL to keep the race in instead (shared across machines).
         baseline_scores: Scores of the baselines' selectors (:func:`race_candidates`).
         progress: Progress bars.
         flush_seconds: The search's write interval.
@@ -234,9 +236,10 @@ def make_plan(
                                           seed=search.seed, baseline_scores=baseline_scores)
     key = race_key(data_key=data_key or {}, recipe=recipe, settings=settings,
                    candidates=candidates)
-    path = race_path if race_path is not None else default_race_path(key)
+    path = None if race_storage is not None else (
+        race_path if race_path is not None else default_race_path(key))
     rr = race(runner, candidates, recipe=recipe, settings=settings, path=path, key=key,
-              progress=progress)
+              storage=race_storage, progress=progress)
     data = getattr(runner, "data", None)
     if isinstance(data, Mapping) and "val" in data:
         rr.stats["val_images"] = len(data["val"][1])
@@ -253,6 +256,6 @@ def make_plan(
     plan = plan.with_(recipe=rr.recipe, provenance={
         **plan.provenance, "effort": effort.name, "race": {
             **rr.provenance(), "skipped": skipped, "margin": outcome.margin(),
-            "file": str(path)}})
+            "file": str(path) if path is not None else None}})
     outcome.plan = plan
     return outcome

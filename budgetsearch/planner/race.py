@@ -212,6 +212,7 @@ def race(
     settings: RaceSettings | None = None,
     path: str | os.PathLike[str] | None = None,
     key: Mapping[str, Any] | None = None,
+    storage: str | None = None,
     progress: bool = True,
     poll_seconds: float = 2.0,
     max_arms: int | None = None,
@@ -230,6 +231,8 @@ def race(
         path: The race file (None: in memory, not resumable). Needs ``key``.
         key: What the results depend on (:func:`race_key`); a file made with another key is
             refused, naming the fields.
+        storage: A database URL (``sqlite:///...``, ``postgresql://...``) to keep the results in
+            instead of ``path``: workers on every machine that reaches it share the race.
         progress: Show a progress bar in epochs trained (rate and ETA).
         poll_seconds: How often to look whether arms other processes claimed are done.
         max_arms: Stop after training this many arms in this call (then
@@ -240,11 +243,11 @@ def race(
         PlanError: No candidates, duplicate names, or the race stopped by ``max_arms``.
         TableError: ``path`` holds a race with another key.
     """
-    from ..contrib.table import SharedTable
+    from ..contrib.table import open_shared
 
     settings = settings or RaceSettings()
     pool = _distinct(candidates)
-    shared = SharedTable(path, dict(key or {})) if path is not None else None
+    shared = open_shared(dict(key or {}), path=path, storage=storage, kind="race")
     memory: dict[str, dict[str, Any]] = {}
     arms = [(c.name, lr) for c in pool.values() for lr in settings.lrs]
     started = time.perf_counter()
@@ -325,7 +328,7 @@ def race(
         winner=pool[name], recipe=recipe.with_(lr=lr, epochs=settings.rungs[-1]), rungs=rungs,
         candidates=dict(pool),
         stats={"arms_trained": trained, "seconds": time.perf_counter() - started,
-               "path": str(path) if path is not None else None}, results=results)
+               "path": str(path) if path is not None else storage}, results=results)
 
 
 def _distinct(candidates: Sequence[Candidate]) -> dict[str, Candidate]:

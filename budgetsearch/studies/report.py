@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
+from ..store import open_store
 from .spec import StudySpec
-from .store import open_store
 
 __all__ = ["COLUMNS", "load_rows", "write_report"]
 

@@ -10,10 +10,10 @@
 - **outdated**: a record made with another configuration (the spec changed): re-run;
 - **pending**: no record: run.
 
-Each cell is claimed in the store before it runs (see :mod:`.store`), so concurrent runs of the
-same study (``--workers N``, or several machines sharing the store) never run a cell twice. A cell
-that raises is recorded as failed with the error's type and message, and the study goes on; an
-interrupt (Ctrl-C, a kill) loses only the running cell, which the next run does again.
+Each cell is claimed in the store before it runs (see :mod:`~budgetsearch.store`), so concurrent
+runs of the same study (``--workers N``, or several machines sharing the store) never run a cell
+twice. A cell that raises is recorded as failed with the error's type and message, and the study
+goes on; an interrupt (Ctrl-C, a kill) loses only the running cell, which the next run does again.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any, TextIO
 
 from .._version import __version__
 from ..errors import BudgetSearchError
+from ..store import FileStore, open_store, worker_id, write_json_atomic
 from .adapters import NotWiredError, PlanFn, TrainFn, run_cell
 from .spec import Cell, StudySpec
-from .store import FileStore, open_store, worker_id, write_json_atomic
 
 __all__ = ["RECORD_SCHEMA", "RunSummary", "cell_status", "run_study"]
 
@@ -89,8 +89,8 @@ def run_study(
         spec: The study.
         workers: Number of worker processes (1: run in this process).
         dry_run: Only print the cells with their status and a time estimate.
-        storage: A database URL shared by several machines (see :mod:`.store`), or None for the
-            results directory.
+        storage: A database URL shared by several machines (see :mod:`~budgetsearch.store`), or
+            None for the results directory.
         retry_failed: Re-run cells whose failure was recorded as permanent too.
         plan_fn: ``plan_fn(cell, ctx) -> Plan`` replacing the default adapter (tests).
         train_fn: ``train_fn(cell, plan, ctx) -> metrics`` replacing the default adapter.

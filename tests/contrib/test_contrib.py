@@ -246,6 +246,34 @@ def test_claims_of_dead_workers_are_taken_over(tmp_path):
         SharedTable(path, {"k": 2})
 
 
+def test_a_table_in_a_database_is_shared_and_resumed_like_a_file(setup, tmp_path, monkeypatch):
+    """--storage: the rows live in the search's database, keyed by a digest of the key; the
+    results equal the file-backed table's; a live worker's claim is skipped, a finished unit
+    is never measured again."""
+    from budgetsearch.contrib import StoreTable
+
+    monkeypatch.setenv("BUDGETSEARCH_CACHE", str(tmp_path / "cache"))
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    units = build_units(setup[1], ratios=(1.0,), axes=("out",), filters=False)
+    in_file = _measure(setup, path=str(tmp_path / "t.json"), units=units)
+    first = _measure(setup, storage=url, units=units, max_units=2)
+    assert first.stats["measured"] == 2
+    rest = _measure(setup, storage=url, units=units)
+    assert rest.stats["measured"] == len(units) - 2
+    for unit, row in in_file.results.items():  # the same numbers through either store
+        assert rest.results[unit]["val_accuracy"] == row["val_accuracy"]
+    assert _measure(setup, storage=url, units=units).stats["measured"] == 0
+
+    table = StoreTable(url, {"model": "m", "k": 1})
+    other = StoreTable(url, {"model": "m", "k": 1})
+    other.me = f"{other.me.split(':')[0]}:{os.getppid()}:x"  # a live process on this host
+    assert other.claim(["a", "b"]) == "a"
+    assert table.claim(["a", "b"]) == "b"  # a is held by a live worker
+    table.record("b", {"val_accuracy": 0.5, "val_loss": 1.0})
+    assert table.done() == {"b"} and table.claim(["b"]) is None
+    assert StoreTable(url, {"model": "m", "k": 2}).done() == set()  # another key: other rows
+
+
 def test_recipe_is_validated():
     assert Recipe.from_dict(Recipe(lr=0.1).to_dict()) == Recipe(lr=0.1)
     for field, value, message in (("lr", 0, "'lr' must be a finite number > 0"),

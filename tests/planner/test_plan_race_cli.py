@@ -93,3 +93,27 @@ def test_effort_rules_are_named_errors(images, tmp_path, capsys):
     assert main([*argv, "--data", str(images), "--lrs", "0.1,x"]) == 2
     assert "--lrs 0.1,x: give distinct learning rates" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_with_a_database_storage_contributions_and_race_live_in_it(images, tmp_path, capsys):
+    """`plan --storage URL` on several machines: the study, the contribution table and the
+    race all live in that database, so a second process with the same arguments trains
+    nothing again."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    out = tmp_path / "plan.json"
+    assert main(_plan(images, out, "--storage", url)) == 0
+    first = load_plan(out)
+    assert first.provenance["race"]["file"] is None
+    assert first.provenance["race"]["arms_trained"] > 0
+    rows = sa.create_engine(url).connect().execute(sa.text(
+        "select study, count(*) from budgetsearch_study_cells group by study")).all()
+    kinds = sorted(name.split(":")[0] for name, _n in rows)
+    assert kinds == ["contrib", "race"]
+    assert not (tmp_path / "cache" / "contrib").exists()  # nothing in the user cache
+    other = tmp_path / "elsewhere.json"
+    assert main(_plan(images, other, "--storage", url)) == 0
+    again = load_plan(other)
+    assert again.provenance["race"]["arms_trained"] == 0 and again.updates == first.updates
+    capsys.readouterr()

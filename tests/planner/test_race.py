@@ -163,3 +163,21 @@ def test_arms_claimed_by_a_live_worker_are_waited_for_not_retrained(tmp_path, mo
                   progress=False)
     assert polls and sorted(c[0] for c in runner.calls) == ["l1", "l2"]
     assert result.winner.name == "b3"  # the other worker's result decided it
+
+
+def test_a_race_in_a_database_resumes_like_one_in_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETSEARCH_CACHE", str(tmp_path / "cache"))
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    settings = RaceSettings(rungs=(1, 2, 4), lrs=(0.00667, 0.02, 0.06))
+    key = race_key(data_key={"model": "fake"}, recipe=Recipe(), settings=settings,
+                   candidates=pool())
+    with pytest.raises(PlanError, match="stopped after 10 arms"):
+        race(FakeRunner(QUALITY, BEST_LR), pool(), recipe=Recipe(), settings=settings,
+             storage=url, key=key, progress=False, max_arms=10)
+    second = FakeRunner(QUALITY, BEST_LR)
+    result = race(second, pool(), recipe=Recipe(), settings=settings, storage=url, key=key,
+                  progress=False)
+    assert len(second.calls) == 26 - 10
+    reference = race(FakeRunner(QUALITY, BEST_LR), pool(), recipe=Recipe(), settings=settings,
+                     progress=False)
+    assert result.rungs == reference.rungs and result.winner == reference.winner

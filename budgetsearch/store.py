@@ -1,18 +1,19 @@
-"""Where a study keeps its cell records and claims: a directory, or a database shared by machines.
+"""Records and claims shared by workers: in a directory, or in a database shared by machines.
 
-Records are JSON documents, one per cell. A worker **claims** a cell before running it and releases
-the claim when done; a claim is atomic, so two workers (processes, or machines sharing the store)
-never run the same cell. A claim whose worker died is **stale** and may be taken over: on the same
-host when the worker's process no longer exists, on any host when its heartbeat (refreshed every
-``heartbeat_s`` while the cell runs) is older than ``stale_after`` seconds.
+What the records are is the caller's: a study's cells (:mod:`budgetsearch.studies`), the units of
+a contribution analysis or the arms of a race (:class:`budgetsearch.contrib.StoreTable`). Records
+are JSON documents, one per id. A worker **claims** an id before working on it and releases the
+claim when done; a claim is atomic, so two workers (processes, or machines sharing the store)
+never work on the same id. A claim whose worker died is **stale** and may be taken over: on the
+same host when the worker's process no longer exists, on any host when its heartbeat (refreshed
+every ``heartbeat_s`` while the work runs) is older than ``stale_after`` seconds.
 
-- :class:`FileStore` (the default): ``cells/<id>.json`` records written atomically (temporary file
-  + rename) and ``cells/<id>.claim`` claim files created with ``O_CREAT | O_EXCL``. Several
-  machines share a study by pointing at one shared directory (NFS, SMB...) with ``--results``.
-- :class:`SqlStore` (``--storage URL``, any SQLAlchemy URL, e.g. the PostgreSQL URL the search's
-  Optuna studies live in): one table row per cell; a claim is an ``INSERT`` or a conditional
-  ``UPDATE`` (atomic in the database); records are stored in the row and also written as files
-  under the local results directory, which ``study report --storage URL`` fills from the database.
+- :class:`FileStore`: ``<dir>/<id>.json`` records written atomically (temporary file + rename)
+  and ``<dir>/<id>.claim`` claim files created with ``O_CREAT | O_EXCL``. Several machines share
+  it by pointing at one shared directory (NFS, SMB...).
+- :class:`SqlStore` (any SQLAlchemy URL, e.g. the PostgreSQL URL the search's Optuna studies live
+  in): one table row per id; a claim is an ``INSERT`` or a conditional ``UPDATE`` (atomic in the
+  database); records are stored in the row and also written as files under a local directory.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .spec import StudyError
+from .errors import StoreError
 
 __all__ = ["FileStore", "SqlStore", "open_store", "worker_id", "write_json_atomic"]
 
@@ -200,7 +201,7 @@ class SqlStore(FileStore):
             )
             meta.create_all(self.engine)
         except sa.exc.SQLAlchemyError as exc:
-            raise StudyError(f"--storage {url}: cannot open the study table: {exc}") from exc
+            raise StoreError(f"--storage {url}: cannot open the table of records: {exc}") from exc
         self.sa, self.study = sa, study
 
     def _where(self, cell_id: str) -> Any:
