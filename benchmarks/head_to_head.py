@@ -45,21 +45,19 @@ import torch
 from budgetsearch import CostModel, LayerGraph, load_model, load_profile
 from budgetsearch._io import atomic_write_text
 from budgetsearch.cli.score import default_normalization
-from budgetsearch.contrib import (
-    PlanRunner,
-    analyse,
-    analysis_key,
-    default_table_path,
-    load_tensors,
-    split_tensors,
-)
+from budgetsearch.contrib import PlanRunner, load_tensors, split_tensors
 from budgetsearch.criteria import fisher_potential, magnitude_scores
 from budgetsearch.data import load_dataset
 from budgetsearch.plan import LayerUpdate
-from budgetsearch.planner import EFFORTS, make_plan, race_candidates
+from budgetsearch.planner import (
+    EFFORTS,
+    contribution_table,
+    make_plan,
+    race_candidates,
+    race_data_key,
+)
 from budgetsearch.recipe import Recipe
 from budgetsearch.search import Search
-from budgetsearch.search.config import scores_digest
 from budgetsearch.units import parse_bytes
 
 SEEDS = (0, 1, 2)
@@ -127,22 +125,18 @@ def main() -> None:
         magnitude = magnitude_scores(model)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
             train[0][:64], train[1][:64]), batch_size=16)
-        fisher = fisher_potential(model, loader, samples=64)
+        fisher = fisher_potential(model, loader, samples=64)  # the first 64 training images
         # the contribution table exactly as `budgetsearch plan` measures it (shared cache)
-        recipe0 = Recipe(seed=0)
-        key = analysis_key(graph=graph, state=model.state_dict(), train=train, val=val,
-                           recipe=recipe0, scores_digest=scores_digest(magnitude))
         t0 = time.perf_counter()
-        table = analyse(model, graph=graph, train=train, val=val, recipe=recipe0,
-                        scores=magnitude, candidates=effort.candidates,
-                        path=str(default_table_path(key, candidates=effort.candidates)))
+        table = contribution_table(model, graph=graph, train=train, val=val, seed=0,
+                                   candidates=effort.candidates)
         contrib_s = time.perf_counter() - t0
         runner = PlanRunner(model, graph=graph, train=train, val=val, extra={"test": test})
         runs = Runs(out / f"runs-{name}.json", runner)
         cm = CostModel(graph, load_profile(args.device), accounting="device", optimizer="sgd")
         base = Recipe(optimizer="sgd", epochs=effort.rungs[-1], batch_size=32, seed=0)
         lrs = effort.settings("sgd").lrs
-        data_key = {k: v for k, v in key.items() if k not in ("recipe", "channel_scores")}
+        data_key = race_data_key(graph=graph, model=model, train=train, val=val)
         for label in args.budgets:
             cell_key = f"{name} {label}"
             if cell_key in cells:

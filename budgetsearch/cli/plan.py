@@ -276,18 +276,16 @@ def run_plan(args: argparse.Namespace) -> int:
     search = Search(scores=scores, check_budgets=False, **common)
     runner = data_key = baseline_scores = None
     if effort.race:
-        from ..contrib import PlanRunner, analysis_key
-        from ..recipe import Recipe
+        from ..contrib import PlanRunner
+        from ..planner import fisher_scores, race_data_key
 
         assert tensors is not None
+        data_key = race_data_key(graph=graph, model=model, train=tensors[0], val=tensors[1])
         runner = PlanRunner(model, graph=graph, train=tensors[0], val=tensors[1])
-        data_key = analysis_key(graph=graph, state=runner.state, train=tensors[0],
-                                val=tensors[1], recipe=Recipe(), scores_digest="")
-        for field in ("recipe", "channel_scores"):
-            data_key.pop(field)
         # TinyTrain and NEq rank channels by Fisher potential: their plans in the race do too
-        baseline_scores = scores if scores.criterion == "fisher" else _fisher_on(
-            model, tensors[0], args)
+        baseline_scores = scores if scores.criterion == "fisher" else fisher_scores(
+            model, tensors[0], samples=args.samples, micro_batch=args.micro_batch,
+            seed=args.seed)
     from ..planner import make_plan
     from ..recipe import Recipe
 
@@ -457,29 +455,23 @@ def _measure(args: argparse.Namespace, model: Any, graph: Any, tensors: Any) -> 
     """The contribution table of ``--contrib``, measured (or resumed) on ``--data``."""
     import time
 
-    from ..contrib import analyse, analysis_key, default_table_path
-    from ..criteria import magnitude_scores
-    from ..recipe import Recipe
-    from ..search.config import scores_digest
+    from ..planner import contribution_table
 
     started = time.perf_counter()
     train, val = tensors
-    recipe = Recipe(seed=args.seed)
-    scores = _load_scores(args, model) if args.scores else magnitude_scores(model)
     shared = _shared_database(args)
-    if args.contrib is None and shared is None:  # one table per model, data and recipe
-        key = analysis_key(graph=graph, state=model.state_dict(), train=train, val=val,
-                           recipe=recipe, scores_digest=scores_digest(scores))
-        args.contrib = str(default_table_path(key, candidates=args.candidates))
-    table = analyse(model, graph=graph, train=train, val=val, recipe=recipe, scores=scores,
-                    candidates=args.candidates, path=None if shared else args.contrib,
-                    storage=shared, progress=not args.no_progress)
+    table = contribution_table(
+        model, graph=graph, train=train, val=val, seed=args.seed, candidates=args.candidates,
+        scores=_load_scores(args, model) if args.scores else None,
+        path=None if shared else args.contrib, storage=shared, progress=not args.no_progress)
     if shared is not None:
         from ..search.storage import redact
 
         if args.contrib is not None:
             table.save(args.contrib)  # a copy of what the workers measured
         args.contrib = f"{redact(shared)} (contribution table)"
+    elif args.contrib is None:
+        args.contrib = str(table.path)
     if table.stats.get("measured"):
         print(f"contributions: {table.stats['measured']} units measured into {args.contrib} "
               f"({time.perf_counter() - started:.0f} s; {len(train[1])} training, "
@@ -491,20 +483,6 @@ def _load_scores(args: argparse.Namespace, model: Any) -> Any:
     from ..criteria import Scores
 
     return Scores.load(args.scores, model=model)
-
-
-def _fisher_on(model: Any, train: Any, args: argparse.Namespace) -> Any:
-    """Fisher potential on the first ``--samples`` training tensors (seeded draw)."""
-    import torch
-
-    from ..criteria import fisher_potential
-
-    n = min(args.samples, len(train[1]))
-    order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(args.seed))[:n]
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(train[0][order], train[1][order]),
-        batch_size=args.micro_batch)
-    return fisher_potential(model, loader, samples=n, micro_batch=args.micro_batch)
 
 
 def _fisher(args: argparse.Namespace, model: Any, graph: Any) -> Any:

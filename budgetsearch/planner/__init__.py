@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .effort import CENTER_LR, EFFORTS, Effort, get_effort, lr_grid
 from .flow import PlanOutcome, make_plan, race_candidates
+from .prepare import contribution_table, fisher_scores, race_data_key
 from .race import Candidate, RaceResult, RaceSettings, default_race_path, race, race_key
 
 __all__ = [
@@ -21,11 +22,14 @@ __all__ = [
     "PlanOutcome",
     "RaceResult",
     "RaceSettings",
+    "contribution_table",
     "default_race_path",
+    "fisher_scores",
     "get_effort",
     "lr_grid",
     "make_plan",
     "race",
     "race_candidates",
+    "race_data_key",
     "race_key",
 ]

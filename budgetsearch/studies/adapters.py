@@ -153,21 +153,22 @@ def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, 
     Every method of the study is then still trained with the study's recipe: the race chooses
     the plan, the study's training compares plans at equal tuning.
     """
-    from ..contrib import PlanRunner, analyse, analysis_key, default_table_path, load_tensors
+    import hashlib
+
+    from ..contrib import PlanRunner, load_tensors
+    from ..planner import contribution_table, race_data_key
     from ..recipe import Recipe
     from ..search import Search
-    from ..search.config import scores_digest
 
     model, graph = ctx.model, ctx.graph
     train, val = load_tensors(ctx.train_data), load_tensors(ctx.val_data)
+    data_key = race_data_key(graph=graph, model=model, train=train, val=val)
+    digest = hashlib.sha256(json.dumps([data_key, cell.seed, effort.candidates],
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    path = ctx.out_dir.parent.parent / "contrib" / f"{cell.model.name}-{digest}.json"
+    table = contribution_table(model, graph=graph, train=train, val=val, seed=cell.seed,
+                               candidates=effort.candidates, path=path, progress=ctx.progress)
     magnitude = ctx.scores("magnitude")
-    base = Recipe(seed=cell.seed)
-    key = analysis_key(graph=graph, state=model.state_dict(), train=train, val=val,
-                       recipe=base, scores_digest=scores_digest(magnitude))
-    path = ctx.out_dir.parent.parent / "contrib" / default_table_path(
-        key, candidates=effort.candidates).name
-    table = analyse(model, graph=graph, train=train, val=val, recipe=base, scores=magnitude,
-                    candidates=effort.candidates, path=str(path), progress=ctx.progress)
     measured = Search(
         cost_model=search.cost_model, scores=magnitude, budget_bytes=search.evaluator.budget_bytes,
         latency_budget_ms=search.evaluator.latency_budget_ms,
@@ -175,7 +176,6 @@ def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, 
         scores_source="magnitude", contributions=table.results, contributions_source=str(path),
         **{k: v for k, v in opts.items() if k in ("space", "sampler", "population_size")})
     t = cell.study.training
-    data_key = {k: v for k, v in key.items() if k not in ("recipe", "channel_scores")}
     return measured, {
         "runner": PlanRunner(model, graph=graph, train=train, val=val),
         "recipe": Recipe(optimizer=str(t.get("optimizer") or search.cost_model.optimizer),
