@@ -102,7 +102,7 @@ def register(subparsers: Any) -> None:
                         "measured contributions, the search, then a race of the best front "
                         "points and every baseline trained on a validation split of --data "
                         "(minutes); thorough: more of each (default: standard with --data, "
-                        "else quick)")
+                        "else quick; quick with --objective fisher)")
     r.add_argument("--lrs", default=None,
                    help="the race's learning rates, comma-separated (default: the effort's "
                         "grid around the optimizer's usual rate, e.g. sgd 0.00667,0.02,0.06)")
@@ -209,7 +209,9 @@ def run_plan(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     from ..planner import get_effort
 
-    effort = get_effort(args.effort or ("standard" if args.data is not None else "quick"))
+    # --objective fisher asks for the fast predicted objective: quick unless --effort says
+    effort = get_effort(args.effort or (
+        "standard" if args.data is not None and args.objective != "fisher" else "quick"))
     if effort.race and args.data is None:
         raise DataError(f"--effort {effort.name} trains the candidate plans on --data: give "
                         "--data, or --effort quick")

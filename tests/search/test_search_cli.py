@@ -104,7 +104,7 @@ def test_plan_with_a_real_fisher_pass_on_synthetic_images(tmp_path, capsys) -> N
     out = tmp_path / "plan.json"
     code = main(["plan", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "96",
                  "--device", "stm32h743", "--data", str(tmp_path / "data"), "--samples", "8",
-                 "--objective", "fisher", "--effort", "quick",
+                 "--objective", "fisher",
                  "--micro-batch", "4", "--budget", "64KB", "--memory-measure", "training",
                  "--trials", "40", "--population", "16", "--no-progress", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
@@ -112,3 +112,4 @@ def test_plan_with_a_real_fisher_pass_on_synthetic_images(tmp_path, capsys) -> N
     assert prov["scores"]["criterion"] == "fisher" and prov["scores"]["samples"] == 8
     assert "fisher on" in prov["scores"]["source"]
     assert prov["objectives"]["training_memory_bytes"] <= 64 * 1024
+    assert prov["effort"] == "quick" and "race" not in prov  # the Fisher proxy alone: fast
