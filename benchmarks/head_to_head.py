@@ -106,11 +106,16 @@ def main() -> None:
     parser.add_argument("--test-samples", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--out", default="studies/results/head_to_head")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only write the report from the finished cells")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells_path = out / "cells.json"
     cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+    if args.report_only:
+        report(cells, out, args)
+        return
     effort = EFFORTS["standard"]
     started = time.perf_counter()
     for name in args.models:
@@ -181,14 +186,21 @@ def main() -> None:
 
 
 def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
-    lines = ["# Head-to-head: the planner's plan against every baseline, same tuning", "",
-             "Command: `.venv/bin/python benchmarks/head_to_head.py "
-             + " ".join(sys.argv[1:]) + "` (see its docstring for the protocol). Test "
-             "accuracy, mean ± std over 3 seeds, each method at the learning rate it chose on "
-             "validation; training memory (device accounting, STM32F746) beside it.", ""]
+    head = ["# Head-to-head: the planner's plan against every baseline, same tuning", "",
+            "Command: `.venv/bin/python benchmarks/head_to_head.py` (see its docstring for the "
+            "protocol). Test accuracy, mean ± std over 3 seeds (batch orders), each method at "
+            "the learning rate it chose on validation (seed 0); training memory (device "
+            "accounting, STM32F746) beside it. `search` is `budgetsearch plan --effort "
+            "standard` (measured objective and race); `search-quick` the search on the Fisher "
+            "proxy without a race.", ""]
     within = ahead = 0
     summary = []
-    for cell_key, cell in cells.items():
+    body: list[str] = []
+    def order(key: str) -> tuple[str, int]:
+        model, _, budget = key.partition(" ")
+        return model, int("".join(c for c in budget if c.isdigit()) or 0)
+
+    for cell_key, cell in sorted(cells.items(), key=lambda kv: order(kv[0])):
         rows = cell["rows"]
         base = {m: r for m, r in rows.items() if not m.startswith("search")}
         best = max(base, key=lambda m: base[m]["test_mean"])
@@ -197,34 +209,32 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
         within += diff >= -1
         ahead += diff >= 1
         summary.append((cell_key, best, diff, cell))
-        lines += [f"## {cell_key} (race winner: {cell['race_winner']}, lr {cell['race_lr']:g}; "
-                  f"plan {cell['plan_seconds']:.0f} s, {cell['race_arms']} arms trained)", "",
-                  "| method | test acc | val acc | lr | training mem | layers |",
-                  "|---|---|---|---|---|---|"]
+        body += [f"## {cell_key}", "",
+                 f"Race winner: {cell['race_winner']} at lr {cell['race_lr']:g} "
+                 f"({cell['race_arms']} arms trained; plan {cell['plan_seconds']:.0f} s on a "
+                 "machine shared with other work).", "",
+                 "| method | test acc | val acc | lr | training mem | layers |",
+                 "|---|---|---|---|---|---|"]
         for m, r in sorted(rows.items(), key=lambda kv: -kv[1]["test_mean"]):
-            lines.append(f"| {m}{' (best baseline)' if m == best else ''} | "
-                         f"{r['test_mean']:.3f} ± {r['test_std']:.3f} | {r['val_mean']:.3f} | "
-                         f"{r['lr']:g} | {r['memory_bytes'] / 1024:.1f} KB | {r['layers']} |")
+            body.append(f"| {m}{' (best baseline)' if m == best else ''} | "
+                        f"{r['test_mean']:.3f} ± {r['test_std']:.3f} | {r['val_mean']:.3f} | "
+                        f"{r['lr']:g} | {r['memory_bytes'] / 1024:.1f} KB | {r['layers']} |")
         for m, why in sorted(cell["skipped"].items()):
-            lines.append(f"\nnot a candidate: {m}: {why[:160]}")
-        lines.append("")
+            body += ["", f"Not a candidate: {m}: {why[:160]}"]
+        body.append("")
     n = len(cells)
-    lines[5:5] = ["## Summary", "",
-                  f"`search` within 1 point of the best baseline (or better) in {within} of "
-                  f"{n} cells, ahead by at least 1 point in {ahead} of {n} (targets: 80 % and "
-                  "a third).", "",
-                  "| cell | best baseline | search − best (points) | search-quick − best |",
-                  "|---|---|---|---|"]
-    at = 10
+    lines = [*head, "## Summary", "",
+             f"`search` within 1 point of the best baseline (or better) in {within} of {n} "
+             f"cells, ahead by at least 1 point in {ahead} of {n} (targets: 80 % and a third).",
+             "", "| cell | best baseline | search − best (points) | search-quick − best |",
+             "|---|---|---|---|"]
     for cell_key, best, diff, cell in summary:
-        q = 100 * (cell["rows"]["search-quick"]["test_mean"]
-                   - cell["rows"][best]["test_mean"])
-        lines.insert(at, f"| {cell_key} | {best} | {diff:+.1f} | {q:+.1f} |")
-        at += 1
-    lines.insert(at, "")
+        q = 100 * (cell["rows"]["search-quick"]["test_mean"] - cell["rows"][best]["test_mean"])
+        lines.append(f"| {cell_key} | {best} | {diff:+.1f} | {q:+.1f} |")
+    lines += ["", "![test accuracy per cell](head_to_head.png)", "", *body]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     plot(summary, out / "head_to_head.png")
-    print("\n".join(lines[:at + 1]))
+    print("\n".join(lines[:len(head) + 6 + len(summary)]))
 
 
 def plot(summary: list[tuple[str, str, float, dict]], path: Path) -> None:
@@ -233,7 +243,7 @@ def plot(summary: list[tuple[str, str, float, dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(summary)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(summary)) + 1.5, 4))
     xs = np.arange(len(summary))
     series = [("search", "C0"), ("search-quick", "C1"), ("best baseline", "C2"),
               ("classifier", "C7")]
@@ -248,7 +258,7 @@ def plot(summary: list[tuple[str, str, float, dict]], path: Path) -> None:
     ax.set_ylabel("test accuracy (3 seeds)")
     lo = min(cell["rows"]["search-quick"]["test_mean"] for *_r, cell in summary)
     ax.set_ylim(max(0.0, lo - 0.1), None)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("planner (standard effort) vs baselines, same learning-rate tuning")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
