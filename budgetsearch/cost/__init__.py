@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from .model import ACCOUNTINGS, CostModel, CostSummary, accounting_for
+from .model import ACCOUNTINGS, MEMORY_MEASURES, CostModel, CostSummary, accounting_for
 from .result import Cost, LayerRow, OpRow
 from .rules import RULES, Accounting, OpContext, OpCost, register_rule, unknown_rule
 
 __all__ = [
     "ACCOUNTINGS",
+    "MEMORY_MEASURES",
     "RULES",
     "Accounting",
     "Cost",

@@ -32,9 +32,13 @@ from .rules import RULES, Accounting, OpContext, OpCost, conv_geometry, unknown_
 if TYPE_CHECKING:
     from ..profiles import DeviceProfile
 
-__all__ = ["ACCOUNTINGS", "CostModel", "CostSummary", "accounting_for"]
+__all__ = ["ACCOUNTINGS", "MEMORY_MEASURES", "CostModel", "CostSummary", "accounting_for"]
 
 ACCOUNTINGS = ("pytorch", "ops", "device")
+
+#: What a memory budget limits: the step's ``peak`` memory, or ``training`` memory (the peak
+#: minus the inference peak: :attr:`CostSummary.training_memory_bytes`).
+MEMORY_MEASURES = ("peak", "training")
 _OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
 _NO_COST = OpCost()
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cost import CostModel, CostSummary
+from ..cost import MEMORY_MEASURES, CostModel, CostSummary
 from ..criteria import Scores
 from ..errors import BudgetError, ScoresError, SearchError
 from ..graph import LayerGraph
@@ -69,7 +69,6 @@ __all__ = [
     "channel_count",
 ]
 
-MEMORY_MEASURES = ("peak", "training")
 THIRD_OBJECTIVES = ("latency", "macs")
 DIRECTIONS = ("maximize", "minimize", "minimize")
 _BIAS = LayerUpdate("bias")

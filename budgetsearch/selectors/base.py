@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..cost import CostModel, CostSummary
+from ..cost import MEMORY_MEASURES, CostModel, CostSummary
 from ..criteria import Scores
 from ..errors import BudgetError, PlanError, ScoresError
 from ..fingerprint import diff_layer_shapes
@@ -54,7 +54,6 @@ __all__ = [
     "select",
 ]
 
-MEMORY_MEASURES = ("peak", "training")
 HEAD_MODES = ("auto", "weight", "bias")
 
 #: Per-layer updates of a plan under construction, by layer name.
