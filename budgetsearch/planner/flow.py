@@ -118,10 +118,11 @@ def race_candidates(
         if updates is None:
             skipped[name] = error or "no plan"
             continue
-        if not ev.measure(updates).feasible:
+        measured = ev.measure(updates)
+        if not measured.feasible:
             skipped[name] = "over the budget"
             continue
-        out.append(_candidate(ev, name, "baseline", updates))
+        out.append(_candidate(name, "baseline", updates, measured))
     # the front points: the best by the objective that are not a baseline's plan already (a
     # search point equal to a baseline races under the baseline's name)
     seen = {c.digest() for c in out}
@@ -131,7 +132,8 @@ def race_candidates(
     for t in ranked:
         if added >= front:
             break
-        c = _candidate(ev, f"search#{t.number}", "search", ev.updates(t.params), trial=t.number)
+        c = _candidate(f"search#{t.number}", "search", ev.updates(t.params),
+                       ev.evaluate(t.params), trial=t.number)
         if c.digest() not in seen:
             seen.add(c.digest())
             out.append(c)
@@ -139,9 +141,9 @@ def race_candidates(
     return out, skipped
 
 
-def _candidate(ev: Any, name: str, source: str, updates: Mapping[str, LayerUpdate],
+def _candidate(name: str, source: str, updates: Mapping[str, LayerUpdate], m: Any,
                trial: int | None = None) -> Candidate:
-    m = ev.measure(updates)
+    """A candidate with the predicted figures of its evaluation ``m`` (measured once)."""
     return Candidate(name=name, source=source, updates=dict(updates),
                      memory_bytes=int(m.memory_bytes), latency_ms=float(m.summary.latency_ms),
                      backward_macs=float(m.summary.backward_macs), predicted=float(m.proxy),
