@@ -103,25 +103,32 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     if isinstance(opts.get("space"), dict):
         opts["space"] = SpaceOptions.from_dict(opts["space"])
     m, d = cell.model, cell.data
+    plan_seed = cell.seed if run.get("plan_seed") is None else int(run["plan_seed"])
     search = Search(
-        cost_model=ctx.cost_model, scores=ctx.scores(cell.method.scores),
+        cost_model=ctx.cost_model, scores=ctx.scores(cell.method.scores, seed=plan_seed),
         budget_bytes=_budget(cell, ctx), latency_budget_ms=cell.budget.latency_ms,
-        memory_measure=cell.study.cost["memory_measure"], seed=cell.seed,
+        memory_measure=cell.study.cost["memory_measure"], seed=plan_seed,
         model={"name": m.name, "weights": m.weights, "mcu_dir": m.mcu_dir,
                "num_classes": len(ctx.train_data.classes),
                "input_size": cell.study.input_size},
         scores_source=f"{cell.method.scores} on {d.source}/{d.train_split} ({d.name})", **opts)
+    # with plan_seed, every seed's cell makes the same plan: its search study and race live
+    # beside the cells, shared, so the first cell does the work and the others read it
+    home = ctx.out_dir if run.get("plan_seed") is None else (
+        ctx.out_dir.parent.parent / "plans" / (cell.id.rsplit("__", 1)[0] + f"__p{plan_seed}"))
+    home.mkdir(parents=True, exist_ok=True)
     storage = ctx.storage if ctx.storage and "://" in ctx.storage and not ctx.storage.startswith(
-        "file://") else f"sqlite:///{(ctx.out_dir / 'search.db').resolve()}"
+        "file://") else f"sqlite:///{(home / 'search.db').resolve()}"
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     from ..planner import get_effort, make_plan
 
     effort = get_effort(str(run.get("effort", "quick")))
     race: dict[str, Any] = {}
     if effort.race:
-        search, race = _measured_search(cell, ctx, search, opts, effort)
+        search, race = _measured_search(cell, ctx, search, opts, effort, seed=plan_seed,
+                                        race_path=home / "race.json")
     outcome = make_plan(search, effort=effort, n_trials=int(run.get("trials", 200)),
-                        storage=storage, study_name=f"{cell.study.name}:{cell.id}",
+                        storage=storage, study_name=f"{cell.study.name}:{home.name}",
                         pick_rule=str(run.get("pick", "best")), progress=ctx.progress,
                         flush_seconds=float(run.get("flush_seconds", 2.0)), **race)
     result = outcome.search
@@ -145,7 +152,7 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
 
 
 def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, Any],
-                     effort: Any) -> tuple[Any, dict[str, Any]]:
+                     effort: Any, *, seed: int, race_path: Path) -> tuple[Any, dict[str, Any]]:
     """For an effort that races: the search on the measured objective (contributions measured
     on the cell's training and validation data, in a table under the study's results shared by
     its cells), and the race's arguments (the runner, its key, the base recipe, the file).
@@ -160,15 +167,15 @@ def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, 
     from ..recipe import Recipe
     from ..search import Search
 
-    model, graph = ctx.model, ctx.graph
+    model, graph = ctx.model_for_seed(seed), ctx.graph
     train, val = load_tensors(ctx.train_data), load_tensors(ctx.val_data)
     data_key = race_data_key(graph=graph, model=model, train=train, val=val)
-    digest = hashlib.sha256(json.dumps([data_key, cell.seed, effort.candidates],
+    digest = hashlib.sha256(json.dumps([data_key, seed, effort.candidates],
                                        sort_keys=True).encode()).hexdigest()[:16]
     path = ctx.out_dir.parent.parent / "contrib" / f"{cell.model.name}-{digest}.json"
-    table = contribution_table(model, graph=graph, train=train, val=val, seed=cell.seed,
+    table = contribution_table(model, graph=graph, train=train, val=val, seed=seed,
                                candidates=effort.candidates, path=path, progress=ctx.progress)
-    magnitude = ctx.scores("magnitude")
+    magnitude = ctx.scores("magnitude", seed=seed)
     measured = Search(
         cost_model=search.cost_model, scores=magnitude, budget_bytes=search.evaluator.budget_bytes,
         latency_budget_ms=search.evaluator.latency_budget_ms,
@@ -179,9 +186,12 @@ def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, 
     return measured, {
         "runner": PlanRunner(model, graph=graph, train=train, val=val),
         "recipe": Recipe(optimizer=str(t.get("optimizer") or search.cost_model.optimizer),
-                         batch_size=int(t["batch_size"]), seed=cell.seed),
-        "data_key": data_key, "model": model, "baseline_scores": ctx.scores("fisher"),
-        "race_path": ctx.out_dir / "race.json"}
+                         batch_size=int(t["batch_size"]), seed=seed,
+                         # the race judges plans as the study trains them
+                         **({"filter_mode": mode} if (mode := cell.method.filter_mode or (
+                             t.get("options") or {}).get("filter_mode")) else {})),
+        "data_key": data_key, "model": model, "baseline_scores": ctx.scores("fisher", seed=seed),
+        "race_path": race_path}
 
 
 def _check_dynamic(cell: Cell) -> str | None:
@@ -211,7 +221,56 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 # ------------------------------------------------------------------------------- training
 def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
-    """Train the plan with the study's recipe; returns the trainer's metrics document."""
+    """Train the plan with the study's recipe; returns the metrics document.
+
+    With ``training.lrs`` the plan is trained once per learning rate of the grid (each run
+    written to ``tuning.json`` in the cell directory as it finishes, so a killed cell resumes),
+    and the run with the best validation accuracy (then the lower validation loss) is the
+    cell's result; its document says the rate (``lr``) and every rate's validation and test
+    accuracy (``tuning``). The test accuracy never enters the choice.
+    """
+    t = cell.study.training
+    grid = t.get("lrs")
+    engine = _train_runner if t.get("engine") == "runner" else _train_trainer
+    if not grid:
+        return engine(cell, plan, ctx, lr=float(cell.method.lr or t["lr"]), out_dir=ctx.out_dir)
+    path = ctx.out_dir / "tuning.json"
+    try:
+        done: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        done = {}
+    for lr in grid:
+        if f"{lr:g}" not in done:
+            done[f"{lr:g}"] = engine(cell, plan, ctx, lr=lr, out_dir=ctx.out_dir / f"lr-{lr:g}")
+            atomic_write_text(path, json.dumps(done, default=str) + "\n")
+    chosen = max(grid, key=lambda lr: _validation_key(done[f"{lr:g}"]))
+    doc = dict(done[f"{chosen:g}"])
+    doc["lr"] = chosen
+    doc["tuning"] = {f"{lr:g}": {"val_accuracy": normalise_metrics(done[f"{lr:g}"])[
+        "best_accuracy"], "test_accuracy": normalise_metrics(done[f"{lr:g}"])["test_accuracy"]}
+        for lr in grid}
+    doc["train_seconds"] = sum(float(done[f"{lr:g}"].get("train_seconds") or 0.0) for lr in grid)
+    ctx.extras["lr"] = chosen
+    return doc
+
+
+def _validation_key(doc: dict[str, Any]) -> tuple[float, float]:
+    """How runs at different learning rates are ranked: validation accuracy, then loss."""
+    import math
+
+    acc = normalise_metrics(doc)["best_accuracy"]
+    loss = doc.get("val_loss")  # the runner's; the trainer's is its best epoch's
+    for row in doc.get("epochs") or []:
+        if isinstance(row, dict) and row.get("epoch") == doc.get("best_epoch"):
+            loss = row.get("val_loss")
+    ok = isinstance(loss, (int, float)) and math.isfinite(loss)
+    return (-1.0 if acc is None else float(acc), -float(loss) if ok else -math.inf)
+
+
+def _train_trainer(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
+                   out_dir: Path) -> dict[str, Any]:
+    """One run of budgetsearch's :class:`~budgetsearch.trainer.Trainer` (best epoch on
+    validation, test at that epoch, measured memory), resuming its checkpoints."""
     try:
         from ..trainer import Trainer
     except ImportError as exc:
@@ -228,13 +287,40 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
     trainer = Trainer(ctx.model, plan, train_data=ctx.train_data, val_data=ctx.val_data,
                       test_data=ctx.test_data,
                       epochs=cell.data.epochs_or(t["epochs"]), batch_size=t["batch_size"],
-                      lr=cell.method.lr or t["lr"], optimizer=t["optimizer"], seed=cell.seed,
-                      out_dir=ctx.out_dir, dynamic=dynamic, cost_model=ctx.cost_model,
+                      lr=lr, optimizer=t["optimizer"], seed=cell.seed,
+                      out_dir=out_dir, dynamic=dynamic, cost_model=ctx.cost_model,
                       progress=ctx.progress, **options)
     doc = trainer.fit(resume=True)
     epochs = doc.get("epochs") or []
     doc["train_seconds"] = sum(float(r.get("epoch_s") or 0.0) for r in epochs)
     return doc
+
+
+def _train_runner(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
+                  out_dir: Path) -> dict[str, Any]:
+    """One run of the planner's :class:`~budgetsearch.contrib.PlanRunner`: the same operators
+    and recipe as the trainer, the frozen prefix's outputs computed once per process and
+    reused, scored after the last epoch (on validation, and on the test split, only reported).
+    No per-epoch choice and no measured memory: the record keeps the cost model's figures."""
+    from ..recipe import Recipe
+
+    del out_dir  # nothing to resume within a run: a run takes seconds to a few minutes
+    t = cell.study.training
+    options = dict(t.get("options") or {})
+    unknown = sorted(set(options) - {"bn", "momentum", "weight_decay", "filter_mode"})
+    if unknown:
+        raise StudyError(f"training.options {', '.join(unknown)}: not used by engine runner "
+                         "(it takes bn, momentum, weight_decay, filter_mode)")
+    recipe = Recipe(optimizer=t["optimizer"], lr=lr, epochs=cell.data.epochs_or(t["epochs"]),
+                    batch_size=t["batch_size"], seed=cell.seed,
+                    filter_mode=options.pop("filter_mode", None) or plan.filter_mode, **options)
+    res = ctx.runner.run(dict(plan.updates), recipe)
+    return {"engine": "runner", "recipe": recipe.to_dict(),
+            "best_accuracy": res["val_accuracy"], "final_accuracy": res["val_accuracy"],
+            "val_loss": res.get("val_loss"), "train_loss": res.get("train_loss"),
+            "test_accuracy": res.get("test_accuracy"),
+            "final_test_accuracy": res.get("test_accuracy"), "test_loss": res.get("test_loss"),
+            "train_seconds": res.get("train_seconds"), "eval_seconds": res.get("eval_seconds")}
 
 
 # ----------------------------------------------------------------------------- summarising

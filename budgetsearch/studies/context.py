@@ -22,6 +22,7 @@ __all__ = ["CellContext"]
 _MODELS: dict[tuple, Any] = {}
 _DATA: dict[tuple, Any] = {}
 _SCORES: dict[tuple, Any] = {}
+_RUNNERS: dict[tuple, Any] = {}
 
 
 class CellContext:
@@ -105,18 +106,46 @@ class CellContext:
         """A fresh copy of the model with a classifier for the data's classes, the classifier
         initialised from the cell's seed alone (so every method of a seed starts from the same
         head, whatever ran before in the process)."""
+        return self.model_for_seed(self.cell.seed)
+
+    def model_for_seed(self, seed: int) -> Any:
+        """A fresh copy of the model with the classifier of another seed (a plan made with a
+        fixed seed is made on that seed's model, whatever seed trains it)."""
         import torch
 
         from ..models import load_model
 
         m = self.cell.model
-        key = (m.name, m.weights, m.mcu_dir, len(self.train_data.classes), self.cell.seed)
+        key = (m.name, m.weights, m.mcu_dir, len(self.train_data.classes), seed)
         if key not in _MODELS:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cell.seed)
+                torch.manual_seed(seed)
                 _MODELS[key] = load_model(m.name, weights=m.weights, num_classes=key[3],
                                           mcu_dir=m.mcu_dir)
         return copy.deepcopy(_MODELS[key])
+
+    @property
+    def runner(self) -> Any:
+        """The planner's :class:`~budgetsearch.contrib.PlanRunner` on the cell's model, training
+        and validation data (the test split as extra data, only reported), kept per process
+        for the cells of the same model, data and seed so that its frozen-prefix cache is
+        reused (runners of other models are dropped)."""
+        import dataclasses
+
+        from ..contrib import PlanRunner, load_tensors
+
+        c = self.cell
+        key = (c.model.name, c.model.weights, c.model.mcu_dir, dataclasses.astuple(c.data),
+               c.study.input_size, c.seed)
+        if key not in _RUNNERS:
+            for other in [k for k in _RUNNERS if k[:3] != key[:3]]:
+                del _RUNNERS[other]
+            test = self.test_data
+            _RUNNERS[key] = PlanRunner(
+                self.model, graph=self.graph, train=load_tensors(self.train_data),
+                val=load_tensors(self.val_data),
+                extra=None if test is None else {"test": load_tensors(test)})
+        return _RUNNERS[key]
 
     @cached_property
     def graph(self) -> Any:
@@ -144,26 +173,29 @@ class CellContext:
             return CostModel(self.graph, load_profile(self.cell.device), accounting=accounting,
                              batch_size=batch_size, optimizer=optimizer)
 
-    def scores(self, criterion: str) -> Any:
+    def scores(self, criterion: str, *, seed: int | None = None) -> Any:
         """The model's scores under a criterion (``fisher`` computed on the training data,
-        cached per process), or None for ``none``."""
+        cached per process), or None for ``none``; with ``seed``, of that seed's model (its
+        classifier) instead of the cell's."""
         from ..criteria import fisher_potential, magnitude_scores, random_scores
 
         if criterion == "none":
             return None
+        seed = self.cell.seed if seed is None else seed
+        model = self.model if seed == self.cell.seed else self.model_for_seed(seed)
         if criterion == "magnitude":
-            return magnitude_scores(self.model)
+            return magnitude_scores(model)
         if criterion == "random":
-            return random_scores(self.model, seed=self.cell.seed)
+            return random_scores(model, seed=seed)
         import torch
 
         c, s = self.cell, self.cell.study.scores
         n = min(int(s["fisher_samples"]), len(self.train_data))
         key = (dataclasses.astuple(c.data), c.model.name, c.model.weights, c.study.input_size, n,
-               c.seed)
+               seed)
         if key not in _SCORES:
             loader = torch.utils.data.DataLoader(self.train_data, batch_size=s["micro_batch"])
-            _SCORES[key] = fisher_potential(self.model, loader, samples=n,
+            _SCORES[key] = fisher_potential(model, loader, samples=n,
                                             micro_batch=s["micro_batch"])
         return _SCORES[key]
 

@@ -29,7 +29,7 @@ COLUMNS = (
     "pred_saved_bytes", "pred_forward_macs", "pred_backward_macs", "pred_latency_ms",
     "trainable_params", "pred_ops_saved_bytes", "measured_saved_bytes", "measured_backward_ms",
     "train_seconds", "mit_memory_bytes", "fits", "updated_layers", "patch_sizes", "proxy",
-    "seconds", "error_type", "error",
+    "seconds", "error_type", "error", "lr",
 )
 _GROUP = ("data", "model", "device")
 
@@ -53,7 +53,7 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
            "mit_memory_bytes": rec.get("mit_memory_bytes"), "fits": rec.get("fits"),
            "updated_layers": rec.get("updated_layers"),
            "patch_sizes": " ".join(map(str, rec.get("patch_sizes") or [])) or None,
-           "proxy": rec.get("proxy"), "seconds": rec.get("seconds"),
+           "proxy": rec.get("proxy"), "seconds": rec.get("seconds"), "lr": rec.get("lr"),
            "error_type": err.get("type"), "error": err.get("message")}
     row.update({k: metrics.get(k) for k in ("measured_saved_bytes", "measured_backward_ms",
                                             "train_seconds")})
@@ -164,7 +164,7 @@ def _results_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
     header = ("budget", "method", "seeds ok/all", "test acc %", "final test acc %",
               "best val acc %", "memory KB",
               "measured saved KB", "predicted saved KB (ops)", "backward MMACs",
-              "train time s")
+              "train time s", "lr chosen")
     for key, group in _groups(rows, _GROUP).items():
         out += [f"### {' · '.join(map(str, key))}", ""]
         lines = []
@@ -178,7 +178,8 @@ def _results_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
                           _fmt(_values(done, "measured_saved_bytes"), 1024),
                           _fmt(_values(done, "pred_ops_saved_bytes"), 1024),
                           _fmt(_values(done, "pred_backward_macs"), 1e6, 3),
-                          _fmt(_values(done, "train_seconds"), 1, 1)))
+                          _fmt(_values(done, "train_seconds"), 1, 1),
+                          " ".join(f"{v:g}" for v in sorted(set(_values(done, "lr")))) or "–"))
         out += [*_table(header, lines), ""]
     return out
 
@@ -224,6 +225,45 @@ def _honest(rows: Sequence[dict[str, Any]]) -> list[str]:
     header = ("data · model · device · budget", "search", "search acc %",
               "best published at ≤ memory", "its acc %", "Δ points", "search ≥ published?")
     return [*out, *_table(header, lines), ""]
+
+
+def _head_to_head(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every search-role method against the best baseline of its budget (any ``published`` or
+    ``baseline`` method, whatever its memory: the strictest comparison), with both memories."""
+    done = [r for r in rows if r["status"] == "done"]
+    lines, verdicts = [], {}
+    for key, group in _groups(done, (*_GROUP, "budget")).items():
+        by_method = _groups(group, ("method",))
+        base = [(statistics.fmean(_pct(v) for v in a), m) for (m,), g in by_method.items()
+                if g[0].get("role") in ("published", "baseline") and (a := _values(g, "accuracy"))]
+        if not base:
+            continue
+        best_mean, best = max(base)
+        for (m,), g in by_method.items():
+            acc = _values(g, "accuracy")
+            if g[0].get("role") != "search" or not acc:
+                continue
+            delta = statistics.fmean(_pct(v) for v in acc) - best_mean
+            verdict = "ahead ≥ 1" if delta >= 1 else "within 1" if delta >= -1 else "behind"
+            verdicts.setdefault(m, []).append(verdict)
+            lines.append((" · ".join(map(str, key)), m, _fmt(acc, pct=True),
+                          _fmt(_values(g, "memory_bytes"), 1024), best,
+                          _fmt(_values(by_method[(best,)], "accuracy"), pct=True),
+                          _fmt(_values(by_method[(best,)], "memory_bytes"), 1024),
+                          f"{delta:+.1f}", verdict))
+    if not lines:
+        return []
+    out = ["## Head-to-head: each search method against the best baseline of its budget", "",
+           "The best baseline is the method (role `published` or `baseline`) with the highest "
+           "mean test accuracy at the budget, whatever memory it uses; Δ is the search's mean "
+           "minus it, in points. Memory is the budgeted measure, predicted.", ""]
+    for m, v in verdicts.items():
+        n, ok, ahead = len(v), sum(x != "behind" for x in v), v.count("ahead ≥ 1")
+        out.append(f"- `{m}`: at least the best baseline minus 1 point in {ok} of {n} budgets "
+                   f"({100 * ok / n:.0f} %), ahead by at least 1 point in {ahead} of {n}.")
+    header = ("data · model · device · budget", "search", "acc %", "memory KB", "best baseline",
+              "its acc %", "its memory KB", "Δ points", "verdict")
+    return [*out, "", *_table(header, lines), ""]
 
 
 def _vs_full(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -387,9 +427,13 @@ def write_report(spec: StudySpec, *, storage: str | None = None, command: str | 
     if spec.description:
         md += [spec.description.strip(), ""]
     d = spec.training
+    lr = (f"lr chosen on validation per cell from {{{', '.join(f'{x:g}' for x in d['lrs'])}}}"
+          if d.get("lrs") else f"lr {d['lr']}")
+    engine = (" on the planner's PlanRunner (frozen prefix cached; scored after the last epoch)"
+              if d.get("engine") == "runner" else "")
     md += [f"{len(rows)} cells: {counts['done']} done, {counts['failed']} failed, "
            f"{counts['pending']} pending. Input {spec.input_size} px; training {d['epochs']} "
-           f"epoch(s), batch {d['batch_size']}, lr {d['lr']}, {d['optimizer']}; cost model "
+           f"epoch(s){engine}, batch {d['batch_size']}, {lr}, {d['optimizer']}; cost model "
            f"{spec.cost['accounting']} accounting, budgets on {spec.cost['memory_measure']} "
            f"memory; seeds {', '.join(map(str, spec.seeds))}."
            + "".join(f" Method {m.name}: lr {m.lr:g}." for m in spec.methods if m.lr), ""]
@@ -401,7 +445,8 @@ def write_report(spec: StudySpec, *, storage: str | None = None, command: str | 
            f", {(x.val_fraction or 0.2) * 100:g} % of it held out for validation / test "
            f"{x.test_split or 'test'} {x.test_size or 'all'}") + f" (seed {x.seed}"
         + (f", {x.epochs} epochs" if x.epochs else "") + ")" for x in spec.data), ""]
-    md += (_results_tables(rows) + _honest(rows) + _proxy_check(rows) + _vs_full(rows)
+    md += (_results_tables(rows) + _head_to_head(rows) + _honest(rows) + _proxy_check(rows)
+           + _vs_full(rows)
            + _predictions(rows))
     md += published_section([m.name for m in spec.models]) + _failures(rows)
     if pngs:

@@ -30,10 +30,17 @@ is a :class:`Cell`. The file (read with ``yaml.safe_load`` only)::
       - search
     seeds: [0, 1, 2]
     training: {epochs: 1, batch_size: 32, lr: 0.05, optimizer: sgd, options: {},
-               keep_artifacts: false}   # options: Trainer's (momentum, bn, every...)
+               keep_artifacts: false,   # options: Trainer's (momentum, bn, every...)
+               lrs: null,               # a grid: each cell trains at every rate, keeps the
+                                        # best on validation (then no method sets its own lr)
+               engine: trainer}         # or runner: the planner's PlanRunner (frozen prefix
+                                        # cached, static plans, final epoch, no measured memory)
     cost: {accounting: device, memory_measure: peak, batch_size: null, optimizer: null}
     scores: {fisher_samples: 128, micro_batch: 16}
-    search: {trials: 200}          # Search options (trials, pick, sampler, space, alpha...)
+    search: {trials: 200}          # Search options (trials, pick, sampler, space, alpha...);
+                                   # effort: quick|standard|thorough; plan_seed: the seed the
+                                   # plan is made with (default the cell's: with it, every
+                                   # seed trains the same plan, raced once)
     exclude:                       # cells not to run: every listed coordinate matches
       - {method: [gf-b2-r4], seed: [1, 2]}
 
@@ -50,13 +57,13 @@ in its plans, which the trainer uses).
 a pattern is left out. Every unknown model, device, method or key is an error naming it and the
 allowed values, raised by :func:`~.validate.load_spec` before any cell runs.
 
-Every choice a training run makes (its best epoch) is made on the validation split carved out of
-the training draw; the test split is only reported (records carry the test accuracy at the best
-validation epoch and the final one). A data variant that names ``val_split`` (with ``val_size``)
-instead validates on that split: the protocol of the studies committed before this rule, kept so
-that their records can still be reported (their accuracy is then the final one, not the best
-over epochs); ``val_split`` together with ``val_fraction``, ``test_split`` or ``test_size`` is
-refused.
+Every choice a training run makes (its best epoch, and with ``training.lrs`` its learning rate)
+is made on the validation split carved out of the training draw; the test split is only
+reported (records carry the test accuracy at the best validation epoch and the final one). A
+data variant that names ``val_split`` (with ``val_size``) instead validates on that split: the
+protocol of the studies committed before this rule, kept so that their records can still be
+reported (their accuracy is then the final one, not the best over epochs); ``val_split``
+together with ``val_fraction``, ``test_split`` or ``test_size`` is refused.
 """
 
 from __future__ import annotations
@@ -92,7 +99,7 @@ UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 #: Search options a study passes to the planner (Search.run, the race) rather than to Search.
-RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort")
+RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort", "plan_seed")
 
 
 class StudyError(BudgetSearchError):
@@ -270,7 +277,8 @@ class Cell:
         return {"data": self.data.hashed(), "model": asdict(self.model), "device": self.device,
                 "budget": asdict(self.budget), "method": method,
                 "seed": self.seed, "input_size": s.input_size, "training": _plain(
-                    {k: v for k, v in s.training.items() if k != "keep_artifacts"}),
+                    {k: v for k, v in s.training.items() if k != "keep_artifacts"
+                     and not (k in _UNSET_UNHASHED_TRAINING and v is None)}),
                 "cost": _plain(s.cost), "scores": _plain(s.scores),
                 "search": _plain(s.search) if self.method.selector is None else None}
 
@@ -288,6 +296,7 @@ def _matches(key: Mapping[str, Any], pattern: Mapping[str, tuple[Any, ...]]) -> 
 #: Method fields added after studies had run: left out of a cell's configuration while unset, so
 #: the records made before them stay current.
 _UNSET_UNHASHED = ("filter_mode",)
+_UNSET_UNHASHED_TRAINING = ("lrs", "engine")
 
 
 def _plain(value: Any) -> Any:

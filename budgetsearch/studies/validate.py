@@ -39,7 +39,10 @@ _MODEL = ("name", "weights", "mcu_dir")
 _DEVICE = ("name", "budgets")
 _BUDGET = ("memory", "latency", "label")
 _METHOD = ("name", "method", "options", "scores", "models", "role", "lr", "filter_mode")
-_TRAINING = ("epochs", "batch_size", "lr", "optimizer", "options", "keep_artifacts")
+_TRAINING = ("epochs", "batch_size", "lr", "optimizer", "options", "keep_artifacts", "lrs",
+             "engine")
+#: How a study trains its plans: budgetsearch's Trainer, or the planner's PlanRunner.
+ENGINES = ("trainer", "runner")
 _COST = ("accounting", "memory_measure", "batch_size", "optimizer")
 _SCORES = ("fisher_samples", "micro_batch")
 
@@ -91,6 +94,7 @@ def validate(data: Any, *, path: str | os.PathLike[str] | None = None,
         raise StudyError(f"{where}: training.lr: expected a positive number, "
                          f"got {training['lr']!r}")
     _choice(training["optimizer"], ("sgd", "momentum", "adam"), f"{where}: training.optimizer")
+    _tuning(training, where)
     cost = _cost(top, where)
     scores = _section(top, "scores", where, _SCORES, {"fisher_samples": 128, "micro_batch": 16})
     for key in _SCORES:
@@ -105,6 +109,17 @@ def validate(data: Any, *, path: str | os.PathLike[str] | None = None,
     base = path.parent if path is not None else Path.cwd()
     out = Path(results_dir) if results_dir is not None else (
         base / top["results_dir"] if top.get("results_dir") else base / "results" / name)
+    if training.get("lrs"):
+        own = [m.name for m in methods if m.lr is not None]
+        if own:
+            raise StudyError(f"{where}: methods {', '.join(own)} set their own lr, but "
+                             "training.lrs tunes every method on the same grid; drop one")
+    if training.get("engine") == "runner":
+        dynamic = [m.name for m in methods if m.dynamic is not None]
+        if dynamic:
+            raise StudyError(f"{where}: training.engine runner trains static plans only; "
+                             f"methods {', '.join(dynamic)} re-plan during training (use "
+                             "engine trainer)")
     exclude = _exclude(top.get("exclude") or [], f"{where}: exclude", {
         "data": [x.name for x in datas], "model": [m.name for m in models],
         "device": [d.name for d in devices],
@@ -321,6 +336,23 @@ def _signature_options(cls: Any, extra: Sequence[str] = ()) -> list[str] | None:
 
     params = inspect.signature(cls.__init__).parameters
     return sorted({*(p for p in params if p not in _SET_BY_STUDY), *extra})
+
+
+def _tuning(training: dict[str, Any], where: str) -> None:
+    """``training.lrs`` (a non-empty list of positive numbers, or absent) and
+    ``training.engine`` (one of :data:`ENGINES`, or absent: the trainer)."""
+    lrs = training.get("lrs")
+    if lrs is not None:
+        if (not isinstance(lrs, list) or not lrs
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                           for x in lrs)):
+            raise StudyError(f"{where}: training.lrs: expected a non-empty list of positive "
+                             f"learning rates (the grid every method is tuned on), got {lrs!r}")
+        if len(set(lrs)) != len(lrs):
+            raise StudyError(f"{where}: training.lrs: {lrs!r} lists a rate twice")
+        training["lrs"] = [float(x) for x in lrs]
+    if training.get("engine") is not None:
+        _choice(training["engine"], ENGINES, f"{where}: training.engine")
 
 
 def _effort(options: Mapping[str, Any], where: str) -> None:

@@ -146,3 +146,56 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
     assert main(["study", "run", str(spec), "--no-progress"]) == 2
     assert "options.effort: unknown value 'heroic'; allowed: quick, standard, thorough" in (
         capsys.readouterr().err)
+
+
+def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, capsys) -> None:
+    """``training.lrs`` with the runner engine: every cell trains at each rate of the grid and
+    keeps the run with the best validation accuracy; ``plan_seed`` makes every seed's search
+    cell train the same plan; a killed cell resumes from its ``tuning.json``."""
+    data = _image_folder(tmp_path / "images", per_class={"train": 10, "test": 4})
+    spec = tmp_path / "tuned.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "tuned",
+        "data": {"name": "img", "source": str(data), "train_split": "train"},
+        "input_size": 32,
+        "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
+        "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
+        "methods": ["tinytl", {"method": "search", "options": {"plan_seed": 0}}],
+        "seeds": [0, 1],
+        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "lrs": [0.0001, 0.05],
+                     "engine": "runner"},
+        "cost": {"memory_measure": "training"},
+        "scores": {"fisher_samples": 8, "micro_batch": 8},
+        "search": {"trials": 12, "population_size": 6},
+    }))
+    assert main(["study", "run", str(spec), "--no-progress"]) == 0, capsys.readouterr().err
+    res = tmp_path / "results" / "tuned"
+    recs = {p.stem: json.loads(p.read_text()) for p in (res / "cells").glob("*.json")}
+    assert len(recs) == 4 and all(r["status"] == "done" for r in recs.values()), recs
+    for r in recs.values():
+        tuning = r["metrics_raw"]["tuning"]
+        assert set(tuning) == {"0.0001", "0.05"} and r["lr"] in (0.0001, 0.05)
+        best = max(t["val_accuracy"] for t in tuning.values())
+        assert tuning[f"{r['lr']:g}"]["val_accuracy"] == best == r["metrics"]["best_accuracy"]
+        assert r["metrics"]["test_accuracy"] == tuning[f"{r['lr']:g}"]["test_accuracy"]
+        assert r["metrics_raw"]["engine"] == "runner"
+    searches = [r for r in recs.values() if r["key"]["method"] == "search"]
+    assert searches[0]["layers"] == searches[1]["layers"]  # one plan, trained by both seeds
+    assert [p.name for p in (res / "plans").iterdir()] == [
+        "img__mcunet-5fps__stm32f746__40KB__search__p0"]
+    assert main(["study", "report", str(spec)]) == 0
+    md = (res / "report.md").read_text()
+    assert "lr chosen on validation per cell from {0.0001, 0.05}" in md
+    assert "## Head-to-head: each search method against the best baseline" in md
+
+    # a killed cell: its record gone, its tuning file kept (one rate doctored to win on
+    # validation): the rerun trains nothing and takes the doctored rate
+    cell_id = next(k for k, r in recs.items() if r["key"]["method"] == "tinytl")
+    tuning_path = res / "cells" / cell_id / "tuning.json"
+    runs = json.loads(tuning_path.read_text())
+    runs["0.0001"].update(best_accuracy=1.0, final_accuracy=1.0, test_accuracy=0.125)
+    tuning_path.write_text(json.dumps(runs))
+    (res / "cells" / f"{cell_id}.json").unlink()
+    assert main(["study", "run", str(spec), "--no-progress"]) == 0
+    rec = json.loads((res / "cells" / f"{cell_id}.json").read_text())
+    assert rec["lr"] == 0.0001 and rec["metrics"]["test_accuracy"] == 0.125

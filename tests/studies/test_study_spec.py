@@ -81,6 +81,15 @@ def test_config_hash_follows_the_recipe() -> None:
     (_with(data={"source": "cifar10", "size": 3}), r"data\[0\]: unknown key\(s\) size"),
     (_with(methods=[{"method": "tinytl", "models": ["resnet18"]}]),
      r"models \(a model of this study\).*'resnet18'"),
+    (_with(training={"lrs": [0.01, -1]}), r"training\.lrs: expected a non-empty list of positive"),
+    (_with(training={"lrs": []}), r"training\.lrs: expected a non-empty list"),
+    (_with(training={"lrs": [0.01, 0.01]}), r"training\.lrs: .* lists a rate twice"),
+    (_with(training={"engine": "rocket"}), r"training\.engine: unknown value 'rocket'; allowed: "
+                                           r"trainer, runner"),
+    (_with(training={"lrs": [0.01, 0.1]}, methods=[{"method": "full", "lr": 0.001}]),
+     r"methods full set their own lr, but training\.lrs tunes every method on the same grid"),
+    (_with(training={"engine": "runner"}, methods=["neq-dynamic"]),
+     r"engine runner trains static plans only; methods neq-dynamic re-plan"),
 ])
 def test_bad_spec_names_the_field_and_the_allowed_values(data, pattern: str) -> None:
     assert re.search(pattern, _error(data)), _error(data)
@@ -169,3 +178,16 @@ def test_an_unset_filter_mode_leaves_the_cell_configuration_as_before(tmp_path) 
                           path=tmp_path / "h.yaml").cells()[0]
     assert set_.config()["method"]["filter_mode"] == "paper"
     assert set_.config_hash() != cell.config_hash()
+
+
+def test_unset_tuning_fields_leave_the_cell_configuration_as_before(tmp_path) -> None:
+    """Records made before ``training.lrs`` and ``training.engine`` existed stay current."""
+    base = {"name": "h", "data": {"source": "cifar10"}, "models": ["mcunet-5fps"],
+            "devices": [{"name": "stm32f746", "budgets": ["64KB"]}], "methods": ["tinytl"]}
+    plain = spec_from_dict(base, path=tmp_path / "h.yaml").cells()[0]
+    assert not {"lrs", "engine"} & set(plain.config()["training"])
+    tuned = spec_from_dict({**base, "training": {"lrs": [0.01, 0.1], "engine": "runner"}},
+                           path=tmp_path / "h.yaml").cells()[0]
+    assert tuned.config()["training"]["lrs"] == [0.01, 0.1]
+    assert tuned.config()["training"]["engine"] == "runner"
+    assert tuned.config_hash() != plain.config_hash()
