@@ -99,18 +99,6 @@ class DeviceProfile:
         object.__setattr__(self, "measured", MappingProxyType(dict(self.measured)))
         object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
 
-    def macs_per_s(self, op_class: str, *, backward: bool = False) -> float:
-        """The MAC rate of an operator class: the measured rate if any, else the peak rate.
-
-        Args:
-            op_class: One of ``conv``, ``depthwise``, ``linear``.
-            backward: Return the backward rate instead of the forward rate.
-        """
-        rate = self.measured.get(op_class)
-        if rate is None:
-            return self.peak_macs_per_s
-        return rate.backward_macs_per_s if backward else rate.forward_macs_per_s
-
 
 def profile_from_dict(data: Any, *, source: str = "<dict>") -> DeviceProfile:
     """Validate a profile mapping (as read from YAML) and build a :class:`DeviceProfile`.

@@ -147,14 +147,12 @@ def test_profile_is_frozen_and_hashable() -> None:
     assert hash(p) == hash(load_profile(BASE))
 
 
-def test_macs_per_s_prefers_measured_rates() -> None:
+def test_measured_rates_are_parsed() -> None:
     data = raw()
     data["measured"] = {"conv": {"forward_macs_per_s": 1e8, "backward_macs_per_s": 5e7}}
     data["sources"]["measured"] = "a bench run"
     p = profile_from_dict(data)
     assert p.measured["conv"] == MeasuredRate(1e8, 5e7)
-    assert p.macs_per_s("conv") == 1e8 and p.macs_per_s("conv", backward=True) == 5e7
-    assert p.macs_per_s("linear") == p.peak_macs_per_s
 
 
 def test_unknown_name_lists_valid_names() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .front import hypervolume, pareto_front, pick, plot_front
 from .objectives import Evaluation, Evaluator, ProxyModel
-from .replan import Replanner, replan
+from .replan import replan
 from .space import PATCH_SIZES, RATIOS, SearchSpace, SpaceOptions
 from .storage import open_storage, write_trials
 from .study import Search, SearchResult
@@ -24,7 +24,6 @@ __all__ = [
     "Evaluation",
     "Evaluator",
     "ProxyModel",
-    "Replanner",
     "Search",
     "SearchResult",
     "SearchSpace",

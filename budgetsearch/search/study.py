@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, InMemoryStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from .._version import __version__
 from ..cost import CostModel
@@ -47,8 +47,6 @@ from .storage import (
 from .warmstart import baseline_plans, baseline_table, sparse_points, warm_points
 
 __all__ = ["Search", "SearchResult"]
-
-_DONE = (TrialState.COMPLETE,)
 
 
 @dataclass

@@ -18,7 +18,7 @@ also live in that database); ``study report --storage URL`` gathers the records.
 from __future__ import annotations
 
 from ..store import FileStore, SqlStore, open_store
-from .adapters import NotWiredError, layer_fractions, run_cell
+from .adapters import layer_fractions, run_cell
 from .context import CellContext
 from .report import COLUMNS, load_rows, write_report
 from .runner import RunSummary, cell_status, run_study
@@ -46,7 +46,6 @@ __all__ = [
     "FileStore",
     "MethodEntry",
     "ModelSpec",
-    "NotWiredError",
     "RunSummary",
     "SqlStore",
     "StudyError",

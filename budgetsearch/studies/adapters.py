@@ -19,9 +19,6 @@ measured saved bytes should equal), measured costs and accuracy, and the per-lay
   ``neq-dynamic`` by NEq velocities with the ``neq`` selector (Quelennec et al.),
   ``search-dynamic`` by the Fisher potential of the current weights with the search's
   re-planning (:func:`budgetsearch.search.replan`).
-
-A part of budgetsearch a cell needs that is missing raises :class:`NotWiredError` (the runner
-records the cell as failed and retries it on the next run).
 """
 
 from __future__ import annotations
@@ -36,17 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
+from ..search import Search, SpaceOptions, replan
+from ..trainer import DYNAMIC_MODES, Trainer
 from .context import CellContext
 from .spec import RUN_OPTIONS, Cell, StudyError
 
-__all__ = ["NotWiredError", "layer_fractions", "normalise_metrics", "plan_summary", "run_cell"]
+__all__ = ["layer_fractions", "normalise_metrics", "plan_summary", "run_cell"]
 
 PlanFn = Callable[[Cell, CellContext], Any]
 TrainFn = Callable[[Cell, Any, CellContext], dict[str, Any]]
-
-
-class NotWiredError(StudyError, NotImplementedError):
-    """A part of budgetsearch the study needs (the search, the trainer) is not available."""
 
 
 # ----------------------------------------------------------------------------------- plans
@@ -93,11 +88,6 @@ def _mit_label(cell: Cell) -> str:
 def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     """The search's chosen plan at the cell's budget; writes ``front.csv`` and
     ``baselines.csv`` into the cell directory."""
-    try:
-        from ..search import Search, SpaceOptions
-    except ImportError as exc:
-        raise NotWiredError(f"method {cell.method.name}: budgetsearch.search is not available "
-                            f"({exc})") from exc
     opts = {**cell.study.search, **cell.method.options}
     run = {k: opts.pop(k) for k in RUN_OPTIONS if k in opts}
     if isinstance(opts.get("space"), dict):
@@ -165,7 +155,6 @@ def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, 
     from ..contrib import PlanRunner, load_tensors
     from ..planner import contribution_table, race_data_key
     from ..recipe import Recipe
-    from ..search import Search
 
     model, graph = ctx.model_for_seed(seed), ctx.graph
     train, val = load_tensors(ctx.train_data), load_tensors(ctx.val_data)
@@ -195,19 +184,15 @@ def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, 
 
 
 def _check_dynamic(cell: Cell) -> str | None:
-    """The trainer's dynamic mode for the cell's method, if the trainer offers it."""
+    """The trainer's dynamic mode for the cell's method.
+
+    Raises:
+        StudyError: If the trainer does not re-plan by the method's scores.
+    """
     dynamic = cell.method.dynamic
-    if dynamic is None:
-        return None
-    try:
-        from ..trainer import DYNAMIC_MODES
-    except ImportError as exc:
-        raise NotWiredError(f"training: budgetsearch.trainer is not available ({exc})") from exc
-    if dynamic not in DYNAMIC_MODES:
-        raise NotWiredError(
-            f"method {cell.method.name}: the trainer re-plans only by {', '.join(DYNAMIC_MODES)}; "
-            f"re-planning by the {dynamic} during training (budgetsearch.search.Replanner) is not "
-            "wired into it yet")
+    if dynamic is not None and dynamic not in DYNAMIC_MODES:
+        raise StudyError(f"method {cell.method.name}: the trainer re-plans only by "
+                         f"{', '.join(DYNAMIC_MODES)}, not by the {dynamic}")
     return dynamic
 
 
@@ -271,18 +256,12 @@ def _train_trainer(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
                    out_dir: Path) -> dict[str, Any]:
     """One run of budgetsearch's :class:`~budgetsearch.trainer.Trainer` (best epoch on
     validation, test at that epoch, measured memory), resuming its checkpoints."""
-    try:
-        from ..trainer import Trainer
-    except ImportError as exc:
-        raise NotWiredError(f"training: budgetsearch.trainer is not available ({exc})") from exc
     dynamic = _check_dynamic(cell)
     t = cell.study.training
     options = dict(t.get("options") or {})
     if dynamic is not None:  # training.options may still say otherwise (e.g. search_trials)
         options.setdefault("replan_method", cell.method.replan_method)
         if options["replan_method"] in ("auto", "search"):
-            from ..search import replan
-
             options.setdefault("search_replan", replan)
     trainer = Trainer(ctx.model, plan, train_data=ctx.train_data, val_data=ctx.val_data,
                       test_data=ctx.test_data,

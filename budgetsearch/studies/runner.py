@@ -5,8 +5,9 @@
 - **done**: a record with status ``done`` made with the cell's current configuration (same
   :meth:`~budgetsearch.studies.spec.Cell.config_hash`): skipped;
 - **failed**: a record with status ``failed``; skipped when the failure is *permanent* (a user
-  error such as :class:`~budgetsearch.errors.BudgetError`, an infeasible budget), re-run when it
-  is not (a missing integration, a crash) or with ``retry_failed``;
+  error such as :class:`~budgetsearch.errors.BudgetError`, an infeasible budget: any
+  :class:`~budgetsearch.errors.BudgetSearchError`), re-run when it is not (a crash: any other
+  exception) or with ``retry_failed``;
 - **outdated**: a record made with another configuration (the spec changed): re-run;
 - **pending**: no record: run.
 
@@ -34,7 +35,7 @@ from typing import Any, TextIO
 from .._version import __version__
 from ..errors import BudgetSearchError
 from ..store import FileStore, open_store, worker_id, write_json_atomic
-from .adapters import NotWiredError, PlanFn, TrainFn, run_cell
+from .adapters import PlanFn, TrainFn, run_cell
 from .spec import Cell, StudySpec
 
 __all__ = ["RECORD_SCHEMA", "RunSummary", "cell_status", "run_study"]
@@ -258,7 +259,7 @@ def _execute(cell: Cell, *, storage: str | None, plan_fn: PlanFn | None,
                               plan_fn=plan_fn, train_fn=train_fn, progress=progress)
         record.update(status="done", **result)
     except Exception as exc:
-        permanent = isinstance(exc, BudgetSearchError) and not isinstance(exc, NotWiredError)
+        permanent = isinstance(exc, BudgetSearchError)
         record.update(status="failed", error={
             "type": type(exc).__name__, "message": str(exc), "permanent": permanent,
             "minimum_bytes": getattr(exc, "minimum_bytes", None),

@@ -20,7 +20,6 @@ from budgetsearch.graph import LayerGraph
 from budgetsearch.plan import LayerUpdate, Plan
 from budgetsearch.studies import (
     FileStore,
-    NotWiredError,
     SqlStore,
     cell_status,
     run_study,
@@ -148,16 +147,17 @@ def test_resume_after_a_kill_between_cells(tmp_path: Path) -> None:
     assert all(r["status"] == "done" for r in _records(spec).values())
 
 
-def test_missing_integration_is_retried_and_spec_changes_rerun_cells(tmp_path: Path) -> None:
+def test_a_crash_is_retried_and_spec_changes_rerun_cells(tmp_path: Path) -> None:
     spec = _spec(tmp_path, methods=[{"name": "a", "method": "tinytl"}], seeds=[0])
 
-    def unwired(cell, plan, ctx):
-        raise NotWiredError("training: not there yet")
+    def crashing(cell, plan, ctx):
+        raise RuntimeError("training: out of host memory")
 
-    run_study(spec, plan_fn=fake_plan, train_fn=unwired, progress=False, out=io.StringIO())
+    run_study(spec, plan_fn=fake_plan, train_fn=crashing, progress=False, out=io.StringIO())
     first = spec.cells()[0]
     rec = _records(spec)[first.id]
     assert rec["status"] == "failed" and not rec["error"]["permanent"]
+    assert rec["error"]["type"] == "RuntimeError" and rec["error"]["traceback"]
     assert cell_status(first, rec) == "retry"
     summary = run_study(spec, plan_fn=fake_plan, train_fn=fake_train, progress=False,
                         out=io.StringIO())
