@@ -15,7 +15,6 @@ import difflib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ._io import atomic_write_text
 from ._profile_schema import (
     _FIELDS,
     KINDS,
@@ -174,7 +174,7 @@ _Dumper.add_representer(float, _represent_float)
 
 
 def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
-    """Write a profile as YAML, atomically (a temporary file, then ``os.replace``).
+    """Write a profile as YAML, atomically (:func:`budgetsearch._io.atomic_write_text`).
 
     Args:
         profile: The profile to write.
@@ -196,18 +196,9 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
     text += yaml.dump(
         profile_to_dict(profile), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=96
     )
-    tmp_name = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
+        atomic_write_text(target, text, encoding="utf-8", fsync=True)
     except OSError as exc:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         raise ProfileError(f"{target}: cannot write device profile: {exc}") from exc
     return target
 

@@ -22,24 +22,15 @@ import contextlib
 import json
 import os
 import socket
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_open
 from .errors import StoreError
 
 __all__ = ["FileStore", "SqlStore", "open_store", "worker_id", "write_json_atomic"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
 
 
 def worker_id() -> str:
@@ -48,18 +39,11 @@ def worker_id() -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write JSON through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644 & ~_UMASK)  # mkstemp makes 0600; records are for everyone to read
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON through a temporary file in the same directory and a rename
+    (:func:`budgetsearch._io.atomic_open`), readable by everyone (``0o644`` less the umask)."""
+    with atomic_open(path, "w", permissions=0o644) as fh:
+        json.dump(data, fh, indent=1, default=_default)
+        fh.write("\n")
     return path
 
 

@@ -21,7 +21,6 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from budgetsearch._io import atomic_open
 from budgetsearch.errors import ModelError
 
 __all__ = [
@@ -140,25 +140,12 @@ def _install(
             return InstallResult(dest, src, "present")
         action = "replaced"
     try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".mobilenet_v2-", suffix=".part")
-    except OSError as exc:
-        raise ModelError(f"cannot write to {dest_dir}: {exc}") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-            copied = _copy_hashed(inp, out)
-            out.flush()
-            os.fsync(out.fileno())
-        if copied != MOBILENET_V2_SHA256:
-            raise ModelError(f"{src} changed while being copied; nothing installed")
-        tmp.chmod(0o644)
-        os.replace(tmp, dest)
+        with atomic_open(dest, "wb", fsync=True, permissions=0o644) as out, \
+                src.open("rb") as inp:
+            if _copy_hashed(inp, out) != MOBILENET_V2_SHA256:
+                raise ModelError(f"{src} changed while being copied; nothing installed")
     except OSError as exc:
         raise ModelError(f"cannot install {dest}: {exc}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return InstallResult(dest, src, action)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from optuna.trial import FrozenTrial
 
+from .._io import atomic_open
 from ..errors import SearchError
 
 __all__ = [
@@ -264,12 +265,9 @@ def plot_front(
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp)
-        tmp.replace(path)
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

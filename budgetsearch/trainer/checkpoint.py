@@ -8,10 +8,10 @@ A checkpoint of epoch E is two files in the checkpoint directory:
 - ``epoch-000E.json``: everything else (epoch, plan, metrics so far, optimizer scalars, Python RNG
   state...), with the SHA-256 of the tensors file.
 
-Each file is written to a temporary name, flushed to disk and renamed over the target, the JSON
-last: a checkpoint exists only once both are complete, and a run killed at any moment leaves the
-previous one intact. :func:`load_latest` takes the newest checkpoint whose JSON parses and whose
-tensors file matches its hash. Nothing is ever unpickled.
+Each file is written to a temporary name, flushed to disk and renamed over the target
+(:mod:`budgetsearch._io`), the JSON last: a checkpoint exists only once both are complete, and a
+run killed at any moment leaves the previous one intact. :func:`load_latest` takes the newest
+checkpoint whose JSON parses and whose tensors file matches its hash. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._io import atomic_path, atomic_write_text
 from ..errors import DataError
 
 __all__ = [
@@ -71,19 +71,6 @@ class Checkpoint:
         return {k[len(head):]: v for k, v in self.tensors.items() if k.startswith(head)}
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -117,15 +104,11 @@ def save_checkpoint(
     stem = f"epoch-{epoch:04d}"
     tensor_path, json_path = directory / f"{stem}.safetensors", directory / f"{stem}.json"
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(tensor_path, lambda tmp: save_file(plain, tmp))
+    with atomic_path(tensor_path, fsync=True) as tmp:
+        save_file(plain, str(tmp))
     doc = {"format": FORMAT_VERSION, "epoch": int(epoch), "tensors": tensor_path.name,
            "sha256": _sha256(tensor_path), **dict(state)}
-    text = json.dumps(doc, indent=1)
-
-    def write_json(tmp: str) -> None:
-        Path(tmp).write_text(text + "\n")
-
-    _atomic_write(json_path, write_json)
+    atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n", fsync=True)
     for old in list_checkpoints(directory)[:-max(1, keep)]:
         old_doc = directory / f"epoch-{old:04d}"
         old_doc.with_suffix(".json").unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .._io import atomic_path
 from ..errors import PlanError
 from ..graph import LayerGraph
 from ..plan import OPTIMIZERS, Plan
@@ -271,8 +272,9 @@ class Trainer:
             doc = self._document(plan, rows, "completed")
             write_metrics(self.out_dir, doc)
             plan.save(self.out_dir / "plan.json")
-            save_file({k: v.detach().contiguous().clone() for k, v in
-                       self.model.state_dict().items()}, str(self.out_dir / "model.safetensors"))
+            with atomic_path(self.out_dir / "model.safetensors") as tmp:
+                save_file({k: v.detach().contiguous().clone() for k, v in
+                           self.model.state_dict().items()}, str(tmp))
         finally:
             bar.close()
             handle.remove()
