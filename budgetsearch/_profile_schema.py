@@ -12,14 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .choices import OP_CLASSES, OPTIMIZERS
 from .errors import BudgetSearchError
 from .units import parse_bytes
 
 SCHEMA_VERSION = 1
 KINDS = ("mcu", "sbc", "gpu", "host")
 WEIGHT_LOCATIONS = ("flash", "ram")
-OPTIMIZERS = ("sgd", "momentum", "adam")
-OP_CLASSES = ("conv", "depthwise", "linear")
 RATE_KEYS = ("forward_macs_per_s", "backward_macs_per_s")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _NUMBER_RE = re.compile(r"^\s*[+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$")

@@ -19,19 +19,27 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_text
+from .choices import (
+    AXES,
+    FILTER_MODES,
+    OPTIMIZERS,
+    UPDATE_MODES,
+    Axis,
+    FilterMode,
+    Optimizer,
+    UpdateMode,
+)
 from .errors import PlanError
 from .fingerprint import diff_layer_shapes, fingerprint
 from .graph import LayerGraph
-from .ops.filtered import MODES as FILTER_OP_MODES
-from .recipe import OPTIMIZERS, Recipe
+from .recipe import Recipe
 
 __all__ = ["SCHEMA_VERSION", "LayerUpdate", "Plan", "load_plan", "plan_schema"]
 
 SCHEMA_VERSION = 1
-MODES = ("bias", "weight")
-AXES = ("out", "in")
-#: Gradient-filter variants: those of the operator (budgetsearch.ops.filtered.MODES).
-FILTER_MODES = FILTER_OP_MODES
+#: How a layer is updated. ``AXES``, ``FILTER_MODES`` and ``OPTIMIZERS`` are importable from here
+#: too; all four are defined in :mod:`budgetsearch.choices`.
+MODES = UPDATE_MODES
 _SCHEMA_PATH = Path(__file__).parent / "schema" / "plan.schema.json"
 
 
@@ -47,9 +55,9 @@ class LayerUpdate:
         patch_size: Gradient-filter patch size r (1 = no filter).
     """
 
-    mode: str = "weight"
+    mode: UpdateMode = "weight"
     channels: tuple[int, ...] | None = None
-    axis: str = "out"
+    axis: Axis = "out"
     patch_size: int = 1
 
     def __post_init__(self) -> None:
@@ -111,8 +119,8 @@ class Plan:
     device: str | None = None
     memory_budget_bytes: int | None = None
     latency_budget_ms: float | None = None
-    optimizer: str = "sgd"
-    filter_mode: str = "normalized"
+    optimizer: Optimizer = "sgd"
+    filter_mode: FilterMode = "normalized"
     predicted: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     recipe: Recipe | None = None

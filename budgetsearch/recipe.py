@@ -12,16 +12,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .choices import BN_MODES, FILTER_MODES, OPTIMIZERS, BnMode, FilterMode, Optimizer
 from .errors import PlanError
-from .ops.filtered import MODES as FILTER_MODES
 
 __all__ = ["BN_MODES", "OPTIMIZERS", "Recipe"]
-
-#: Optimizers a plan can be trained with: SGD, SGD with momentum, Adam.
-OPTIMIZERS = ("sgd", "momentum", "adam")
-
-#: Batch norm during training: frozen on running statistics, or trained on batch statistics.
-BN_MODES = ("frozen", "train")
 
 
 @dataclass(frozen=True)
@@ -40,15 +34,15 @@ class Recipe:
         filter_mode: Gradient-filter variant (see :mod:`budgetsearch.ops.filtered`).
     """
 
-    optimizer: str = "momentum"
+    optimizer: Optimizer = "momentum"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
     epochs: int = 2
     batch_size: int = 32
     seed: int = 0
-    bn: str = "frozen"
-    filter_mode: str = "normalized"
+    bn: BnMode = "frozen"
+    filter_mode: FilterMode = "normalized"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:

@@ -23,6 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..choices import (
+    ACCOUNTINGS,
+    MEMORY_MEASURES,
+    OPTIMIZERS,
+    AccountingName,
+    Optimizer,
+)
 from ..errors import CostError, PlanError
 from ..graph import LayerGraph
 from ..plan import LayerUpdate, Plan
@@ -34,16 +41,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ACCOUNTINGS", "MEMORY_MEASURES", "CostModel", "CostSummary", "accounting_for"]
 
-ACCOUNTINGS = ("pytorch", "ops", "device")
-
-#: What a memory budget limits: the step's ``peak`` memory, or ``training`` memory (the peak
-#: minus the inference peak: :attr:`CostSummary.training_memory_bytes`).
-MEMORY_MEASURES = ("peak", "training")
-_OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}
+#: State tensors per parameter of each optimizer.
+_OPTIMIZER_STATES: dict[Optimizer, int] = {"sgd": 0, "momentum": 1, "adam": 2}
 _NO_COST = OpCost()
 
 
-def accounting_for(profile: DeviceProfile, name: str) -> Accounting:
+def accounting_for(profile: DeviceProfile, name: AccountingName) -> Accounting:
     """The accounting ``name`` on a profile: ``pytorch`` (stock autograd with ``requires_grad``
     freezing), ``ops`` (budgetsearch's operators in PyTorch, fp32) or ``device``.
 
@@ -110,9 +113,9 @@ class CostModel:
         graph: LayerGraph,
         profile: DeviceProfile,
         *,
-        accounting: str = "device",
+        accounting: AccountingName = "device",
         batch_size: int | None = None,
-        optimizer: str | None = None,
+        optimizer: Optimizer | None = None,
         training: bool = True,
         bn_train: bool = False,
         strict: bool = False,
@@ -123,10 +126,10 @@ class CostModel:
         self.acc = accounting_for(profile, accounting)
         # 0 is refused below, not taken for "the profile's default"
         self.batch = int(profile.default_batch_size if batch_size is None else batch_size)
-        self.optimizer = optimizer or profile.default_optimizer
-        if self.optimizer not in _OPTIMIZER_STATES:
+        self.optimizer: Optimizer = optimizer or profile.default_optimizer
+        if self.optimizer not in OPTIMIZERS:
             raise CostError(
-                f"optimizer must be one of {', '.join(_OPTIMIZER_STATES)}; got {self.optimizer!r}"
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"
             )
         if self.batch < 1:
             raise CostError(f"batch size must be >= 1; got {self.batch}")

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..choices import FILTER_MODES
 from ..errors import PlanError
 from .epilogue import Epilogue, constant_maps, map_sums, mask_counts, masked
 from .sparse import (
@@ -72,7 +73,8 @@ __all__ = [
     "filtered_conv2d",
 ]
 
-MODES = ("normalized", "paper", "corrected")
+#: The gradient-filter variants (:data:`budgetsearch.choices.FILTER_MODES`).
+MODES = FILTER_MODES
 
 
 @dataclass(frozen=True)

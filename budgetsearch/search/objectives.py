@@ -51,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from ..cost import MEMORY_MEASURES, CostModel, CostSummary
+from ..choices import MEMORY_MEASURES, THIRD_OBJECTIVES
+from ..cost import CostModel, CostSummary
 from ..criteria import Scores
 from ..errors import BudgetError, ScoresError, SearchError
 from ..graph import LayerGraph
@@ -69,7 +70,6 @@ __all__ = [
     "channel_count",
 ]
 
-THIRD_OBJECTIVES = ("latency", "macs")
 DIRECTIONS = ("maximize", "minimize", "minimize")
 _BIAS = LayerUpdate("bias")
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
+from ..choices import AXES
 from ..errors import SearchError
 from ..graph import LayerGraph
 from ..ops.filtered import check_filterable
@@ -42,7 +43,6 @@ __all__ = ["AXES", "PATCH_SIZES", "RATIOS", "SearchSpace", "SpaceOptions", "Unit
 
 RATIOS: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0)
 PATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8)
-AXES: tuple[str, ...] = ("out", "in")
 GRANULARITIES = ("layer", "block")
 
 

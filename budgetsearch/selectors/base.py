@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..cost import MEMORY_MEASURES, CostModel, CostSummary
+from ..choices import HEAD_MODES, MEMORY_MEASURES
+from ..cost import CostModel, CostSummary
 from ..criteria import Scores
 from ..errors import BudgetError, PlanError, ScoresError
 from ..fingerprint import diff_layer_shapes
@@ -53,8 +54,6 @@ __all__ = [
     "register_method",
     "select",
 ]
-
-HEAD_MODES = ("auto", "weight", "bias")
 
 #: Per-layer updates of a plan under construction, by layer name.
 Updates = dict[str, LayerUpdate]

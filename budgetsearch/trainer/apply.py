@@ -70,12 +70,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..choices import BN_MODES, FILTER_MODES
 from ..errors import PlanError
 from ..graph import LayerGraph
 from ..ops import PlannedConv2d, PlannedLinear, replace_module
-from ..ops.filtered import MODES
 from ..plan import Plan
-from ..recipe import BN_MODES
 from .layers import FrozenBatchNorm, MaskedActivation, masked_activation_for
 
 __all__ = ["BN_MODES", "PlanHandle", "active_plan", "apply_plan", "describe", "remove_plan"]
@@ -222,8 +221,8 @@ def apply_plan(
     if bn not in BN_MODES:
         raise PlanError(f"bn must be one of {', '.join(BN_MODES)}; got {bn!r}")
     mode = filter_mode or plan.filter_mode
-    if mode not in MODES:
-        raise PlanError(f"filter_mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode not in FILTER_MODES:
+        raise PlanError(f"filter_mode must be one of {', '.join(FILTER_MODES)}; got {mode!r}")
     if graph is None:
         graph = LayerGraph.from_model(model, input_size=tuple(plan.input_size),
                                       in_channels=_in_channels(plan), model_name=plan.model)

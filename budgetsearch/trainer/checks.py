@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..choices import BN_MODES, OPTIMIZERS
 from ..cost import CostModel
 from ..errors import BudgetError, DataError, PlanError
 from ..graph import LayerGraph
-from ..plan import OPTIMIZERS, Plan
+from ..plan import Plan
 from ..units import format_bytes
-from .apply import BN_MODES
 from .dynamic import DYNAMIC_MODES
 
 __all__ = [

@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .._io import atomic_path
+from ..choices import OPTIMIZERS
 from ..errors import PlanError
 from ..graph import LayerGraph
-from ..plan import OPTIMIZERS, Plan
+from ..plan import Plan
 from . import checks
 from .apply import PlanHandle, active_plan, apply_plan
 from .checkpoint import (
