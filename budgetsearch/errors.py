@@ -14,6 +14,7 @@ __all__ = [
     "BudgetSearchError",
     "CostError",
     "DataError",
+    "ExportError",
     "GraphError",
     "ModelError",
     "PlanError",
@@ -43,6 +44,10 @@ class GraphError(BudgetSearchError):
 
 class PlanError(BudgetSearchError):
     """A plan is malformed, or does not fit the model it is applied to."""
+
+
+class ExportError(PlanError):
+    """A plan cannot be written for a target runtime (what the runtime cannot express is named)."""
 
 
 class CostError(BudgetSearchError):
