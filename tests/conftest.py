@@ -1,4 +1,5 @@
-"""Fixtures shared by the test packages (search, planner)."""
+"""Fixtures shared by the test packages; the toy models several files build are in
+:mod:`_toys`."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from _toys import conv_pool_linear
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -64,12 +65,9 @@ def test_image_folder(folder):
 
 
 def test_dataset_feeds_the_fisher_criterion(folder):
-    from torch import nn
-
     from budgetsearch.criteria import get_criterion
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    model = conv_pool_linear(2)
     loader = torch.utils.data.DataLoader(load_dataset(folder, image_size=8), batch_size=3)
     scores = get_criterion("fisher", samples=5, micro_batch=2).score(model, loader)
     assert scores.metadata["samples"] == 5 and scores["3"].out_channel.shape == (2,)

@@ -12,10 +12,9 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-import torch
+from _toys import conv_pool_linear
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from budgetsearch.cli import build_parser, main
 from budgetsearch.cli._common import check_update, parse_update
@@ -238,14 +237,8 @@ def test_good_update_forms(text, expected):
     assert check_update(text) == expected
 
 
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 2))
-
-
 def test_update_k_beyond_the_model_names_the_option():
-    graph = LayerGraph.from_model(tiny_model(), input_size=8)
+    graph = LayerGraph.from_model(conv_pool_linear(), input_size=8)
     with pytest.raises(PlanError, match=r"^--update 'last:3': k must be between 1 and 2"):
         parse_update("last:3", graph)
     assert len(parse_update("last:2", graph).updates) == 2
@@ -255,17 +248,17 @@ def test_update_k_beyond_the_model_names_the_option():
     "size", [-5, 0, (8, 0), (-1, 8), (8, 8, 8), 2.5, True, math.nan, math.inf, "8"])
 def test_layer_graph_refuses_bad_input_sizes(size):
     with pytest.raises(GraphError, match="input_size must be a positive integer"):
-        LayerGraph.from_model(tiny_model(), input_size=size)
+        LayerGraph.from_model(conv_pool_linear(), input_size=size)
 
 
 def test_layer_graph_refuses_bad_channels():
     with pytest.raises(GraphError, match="in_channels must be a positive integer"):
-        LayerGraph.from_model(tiny_model(), input_size=8, in_channels=0)
+        LayerGraph.from_model(conv_pool_linear(), input_size=8, in_channels=0)
 
 
 @pytest.mark.parametrize("batch", [0, -1])
 def test_cost_model_refuses_batch_zero(batch):
-    graph = LayerGraph.from_model(tiny_model(), input_size=8)
+    graph = LayerGraph.from_model(conv_pool_linear(), input_size=8)
     with pytest.raises(CostError, match="batch size must be >= 1"):
         CostModel(graph, load_profile("stm32h743"), batch_size=batch)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.fx
+from _toys import conv_pool_linear
 from safetensors.torch import save_file
 from torch import nn
 
@@ -127,9 +128,7 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
 
 def test_register_model_and_auto_head() -> None:
     def tiny() -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
-        )
+        return conv_pool_linear(3, seed=None)
 
     register_model("tiny-test", tiny, overwrite=True)
     with pytest.raises(ModelError, match="already registered"):

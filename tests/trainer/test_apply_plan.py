@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _toys import conv_pool_linear
 from torch import nn
 
 from budgetsearch.errors import PlanError
@@ -277,8 +278,7 @@ def test_remove_restores_exactly_with_updates_merged(kind):
 
 def test_bad_plans_are_refused_and_leave_the_model_untouched():
     model, graph = make_toy()
-    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
-    other(torch.randn(1, 3, SIZE, SIZE))
+    other = conv_pool_linear(2)
     other_graph = LayerGraph.from_model(other, input_size=SIZE)
     with pytest.raises(PlanError, match="another model"):
         apply_plan(model, Plan.full(other_graph), graph=graph)

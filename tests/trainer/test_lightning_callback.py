@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _toys import conv_pool_linear, small_cnn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,17 +26,10 @@ from budgetsearch.trainer.lightning import PlanCallback
 torch.set_num_threads(1)
 
 
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
-                         nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 3))
-
-
 class Module(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.model = net()
+        self.model = small_cnn(3)
         self.seen_planned = False
 
     def training_step(self, batch, _index):
@@ -71,8 +65,7 @@ def test_callback_trains_only_the_plan_and_removes_it(tmp_path):
 
 
 def test_callback_refuses_a_plan_for_another_model():
-    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 2))
+    other = conv_pool_linear(2)
     plan = Plan.full(LayerGraph.from_model(other, input_size=8))
     with pytest.raises(PlanError, match="no submodule"):
         PlanCallback(plan).target(Module())

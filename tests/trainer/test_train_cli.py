@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _toys import small_cnn
 from PIL import Image
 from torch import nn
 
@@ -20,9 +21,7 @@ NAME = "tiny-train-cli"
 
 
 def build() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
-                         nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000))
+    return small_cnn(1000, seed=None)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def setup(tmp_path_factory):
     model[-1] = nn.Linear(8, 2)
     graph = LayerGraph.from_model(model, input_size=12, model_name=NAME)
     plan = Plan.from_layers(graph, {"3": LayerUpdate("weight", channels=(0, 2)),
-                                    "8": LayerUpdate("weight")}, batch_size=4)
+                                    "7": LayerUpdate("weight")}, batch_size=4)
     plan.save(root / "plan.json")
     return root
 

@@ -1,0 +1,45 @@
+"""Toy models shared by several test files (``from _toys import ...``: pyproject.toml puts
+``tests`` on pytest's path).
+
+Tests whose expected numbers are worked out by hand for one architecture keep that architecture
+next to the numbers; only models that several files build alike live here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["conv_pool_linear", "small_cnn"]
+
+
+def conv_pool_linear(num_classes: int = 2, *, seed: int | None = 0) -> nn.Sequential:
+    """Two trainable layers: ``0`` a 3->4 conv (3x3, no padding), global pooling, ``3`` a linear
+    head 4->``num_classes``.
+
+    Args:
+        num_classes: Outputs of the head.
+        seed: Seed of the initial weights (``torch.manual_seed``), or None to draw them from
+            the global generator as it stands.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+
+
+def small_cnn(num_classes: int = 3, *, seed: int | None = 0) -> nn.Sequential:
+    """A strided conv-BN-ReLU6 stem, a 1x1 conv with its own bias and a ReLU, global pooling and a
+    linear head; trainable layers ``0`` (3->8, 3x3, stride 2, no bias), ``3`` (8->8, 1x1) and
+    ``7`` (8->``num_classes``).
+
+    Args:
+        num_classes: Outputs of the head.
+        seed: Seed of the initial weights (``torch.manual_seed``), or None to draw them from
+            the global generator as it stands.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                         nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, num_classes))
