@@ -9,6 +9,7 @@ device, per layer and in total.
 from __future__ import annotations
 
 from ._version import __version__
+from .budget import Budget
 from .cost import Cost, CostModel, CostSummary, register_rule
 from .errors import (
     BudgetError,
@@ -31,6 +32,7 @@ from .selectors import list_methods, mit_memory_bytes, select
 from .trainer import PlanHandle, Trainer, apply_plan, remove_plan
 
 __all__ = [
+    "Budget",
     "BudgetError",
     "BudgetSearchError",
     "Cost",

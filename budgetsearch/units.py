@@ -7,7 +7,7 @@ import re
 
 from .errors import BudgetSearchError
 
-__all__ = ["format_bytes", "parse_bytes", "parse_ms"]
+__all__ = ["format_bytes", "format_kb", "parse_bytes", "parse_ms"]
 
 _BYTE_UNITS = {
     "": 1,
@@ -117,3 +117,9 @@ def format_bytes(n_bytes: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} GB"
+
+
+def format_kb(n_bytes: float) -> str:
+    """Bytes as KB (1024 B) with one decimal, rounded up so the figure is a sufficient budget,
+    e.g. ``format_kb(1000) == '1.0 KB'``."""
+    return f"{math.ceil(n_bytes / 1024 * 10) / 10:.1f} KB"

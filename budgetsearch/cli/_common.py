@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
+from ..budget import Budget
 from ..cost import ACCOUNTINGS, CostModel
 from ..errors import BudgetSearchError, PlanError
 from ..graph import LayerGraph
@@ -222,6 +223,15 @@ def budgets(args: argparse.Namespace, profile: DeviceProfile) -> tuple[int, floa
     latency = (parse_ms(args.latency_budget, what="--latency-budget", positive=True)
                if getattr(args, "latency_budget", None) is not None else None)
     return memory, latency
+
+
+def budget_from_args(args: argparse.Namespace, profile: DeviceProfile) -> Budget:
+    """The :class:`~budgetsearch.budget.Budget` of the arguments: ``--budget`` (the profile's
+    memory when absent), ``--memory-measure`` (``peak`` when the command has none) and
+    ``--latency-budget``."""
+    memory, latency = budgets(args, profile)
+    return Budget(memory_bytes=memory, measure=getattr(args, "memory_measure", "peak"),
+                  latency_ms=latency)
 
 
 def build_model(args: argparse.Namespace) -> tuple[Any, LayerGraph]:

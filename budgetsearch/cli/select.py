@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from ..budget import Budget
+from ..choices import HEAD_MODES, MEMORY_MEASURES
 from ..errors import PlanError
 from ..units import format_bytes
 from ._common import (
@@ -16,7 +18,7 @@ from ._common import (
     add_budget_args,
     add_device_args,
     add_model_args,
-    budgets,
+    budget_from_args,
     build_cost_model,
     int_range,
 )
@@ -45,7 +47,7 @@ def register(subparsers: Any) -> None:
     add_model_args(p)
     add_device_args(p)
     add_budget_args(p)
-    p.add_argument("--memory-measure", choices=("peak", "training"), default="peak",
+    p.add_argument("--memory-measure", choices=MEMORY_MEASURES, default="peak",
                    help="what the budget limits: the step's peak memory (default) or the "
                         "training memory over inference")
     p.add_argument("--scores", default=None,
@@ -64,7 +66,7 @@ def register(subparsers: Any) -> None:
                    help="neq / random: maximum updated weight parameters (classifier excluded)")
     p.add_argument("--n-bias", type=int_range(0, MAX_COUNT), default=None,
                    help="tinytl: number of biases updated before the classifier")
-    p.add_argument("--head", choices=("auto", "weight", "bias"), default=None,
+    p.add_argument("--head", choices=HEAD_MODES, default=None,
                    help="how the classifier is updated (default: the method's)")
     p.add_argument("--out", required=True, help="plan file to write (JSON)")
     p.set_defaults(func=run)
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         options["mcu_dir"] = args.mcu_dir
     model, graph = build_model(args)
     profile = load_profile(args.device)
-    memory, latency = budgets(args, profile)
+    budget = budget_from_args(args, profile)
     cost_model = build_cost_model(args, graph)
     scores = None
     if args.scores is not None:
@@ -108,19 +110,16 @@ def run(args: argparse.Namespace) -> int:
             + ("; at epoch 0 (no velocities yet) use --method random" if spec.name == "neq"
                else "")
         )
-    plan = select(spec.name, cost_model=cost_model, budget_bytes=memory,
-                  latency_budget_ms=latency, scores=scores, seed=args.seed,
-                  memory_measure=args.memory_measure, **options)
+    plan = select(spec.name, cost_model=cost_model, scores=scores, seed=args.seed,
+                  **budget.kwargs(), **options)
     plan.save(args.out)
-    _summary(plan, memory, latency, args, sys.stdout)
+    _summary(plan, budget, args, sys.stdout)
     return 0
 
 
-def _summary(plan: Any, memory: int, latency: float | None, args: argparse.Namespace,
-             out: Any) -> None:
+def _summary(plan: Any, budget: Budget, args: argparse.Namespace, out: Any) -> None:
     pred, prov = plan.predicted, plan.provenance
-    measure = "peak_memory_bytes" if args.memory_measure == "peak" else "training_memory_bytes"
-    used = pred[measure]
+    used = budget.memory(pred)
     updates = plan.updates
     weights = [n for n, u in updates.items() if u.mode == "weight"]
     partial = [n for n in weights if updates[n].channels is not None]
@@ -131,13 +130,14 @@ def _summary(plan: Any, memory: int, latency: float | None, args: argparse.Names
         f"{plan.optimizer}",
         f"layers        {len(updates)} updated: {len(weights)} weights "
         f"({len(partial)} on a channel subset), {len(updates) - len(weights)} bias only",
-        f"memory        {format_bytes(used)} {args.memory_measure} of {format_bytes(memory)} "
+        f"memory        {format_bytes(used)} {budget.measure} of "
+        f"{format_bytes(budget.memory_bytes or 0)} "
         f"budget: {fits}  (peak {format_bytes(pred['peak_memory_bytes'])}, training "
         f"{format_bytes(pred['training_memory_bytes'])})",
         f"backward      {pred['backward_macs'] / 1e6:.2f} M MACs, "
         f"{pred['trainable_params']} trainable parameters",
         f"latency       {pred['latency_ms']:.1f} ms per step"
-        + (f" (budget {latency:.1f} ms)" if latency is not None else ""),
+        + (f" (budget {budget.latency_ms:.1f} ms)" if budget.latency_ms is not None else ""),
     ]
     shown = list(updates.items())
     for name, u in shown[-12:] if len(shown) > 12 else shown:

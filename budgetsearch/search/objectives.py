@@ -51,10 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from ..choices import MEMORY_MEASURES, THIRD_OBJECTIVES
+from ..budget import Budget
+from ..choices import MEMORY_MEASURES, THIRD_OBJECTIVES, MemoryMeasure, ThirdObjective
 from ..cost import CostModel, CostSummary
 from ..criteria import Scores
-from ..errors import BudgetError, ScoresError, SearchError
+from ..errors import PlanError, ScoresError, SearchError
 from ..graph import LayerGraph
 from ..plan import LayerUpdate
 from .space import RATIOS, SearchSpace
@@ -300,6 +301,13 @@ class Evaluator:
         latency_budget_ms: Latency budget per step (None: unconstrained).
         memory_measure: ``peak`` or ``training``.
         third: ``latency`` (ms) or ``macs`` (backward MACs) as the third objective.
+
+    Attributes:
+        budget: The :class:`~budgetsearch.budget.Budget` the three budget arguments make.
+
+    Raises:
+        SearchError: For an unknown memory measure or third objective, or a budget that is not
+            positive.
     """
 
     def __init__(
@@ -310,12 +318,9 @@ class Evaluator:
         cost_model: CostModel,
         budget_bytes: int | None,
         latency_budget_ms: float | None = None,
-        memory_measure: str = "peak",
-        third: str = "latency",
+        memory_measure: MemoryMeasure = "peak",
+        third: ThirdObjective = "latency",
     ) -> None:
-        if memory_measure not in MEMORY_MEASURES:
-            raise SearchError(f"memory_measure must be one of {', '.join(MEMORY_MEASURES)}; "
-                              f"got {memory_measure!r}")
         if third not in THIRD_OBJECTIVES:
             raise SearchError(f"the third objective must be one of "
                               f"{', '.join(THIRD_OBJECTIVES)}; got {third!r}")
@@ -323,12 +328,30 @@ class Evaluator:
                                                               latency_budget_ms)):
             if value is not None and not value > 0:
                 raise SearchError(f"{what} must be positive; got {value}")
+        try:
+            self.budget = Budget(memory_bytes=budget_bytes, measure=memory_measure,
+                                 latency_ms=latency_budget_ms)
+        except PlanError as exc:  # the search's own error class for its arguments
+            raise SearchError(str(exc)) from exc
         self.space, self.proxy, self.cost_model = space, proxy, cost_model
-        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
-        self.latency_budget_ms = None if latency_budget_ms is None else float(latency_budget_ms)
-        self.memory_measure, self.third = memory_measure, third
+        self.third = third
         self.cache: dict[tuple, Evaluation] = {}
         self.hits = 0
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The memory budget in bytes (:attr:`budget`), or None."""
+        return self.budget.memory_bytes
+
+    @property
+    def latency_budget_ms(self) -> float | None:
+        """The latency budget per step (:attr:`budget`), or None."""
+        return self.budget.latency_ms
+
+    @property
+    def memory_measure(self) -> MemoryMeasure:
+        """The memory figure the budget limits (:attr:`budget`)."""
+        return self.budget.measure
 
     @property
     def objective_names(self) -> tuple[str, str, str]:
@@ -342,20 +365,14 @@ class Evaluator:
 
     def memory(self, summary: CostSummary) -> int:
         """The memory figure the budget applies to."""
-        return int(summary.peak_memory_bytes if self.memory_measure == "peak"
-                   else summary.training_memory_bytes)
+        return self.budget.memory(summary)
 
     def measure(self, updates: Mapping[str, LayerUpdate], proxy: float | None = None) -> Evaluation:
         """Objective values and constraints of any set of updates (not cached)."""
         summary = self.cost_model.evaluate(dict(updates), detail=False)
         memory = self.memory(summary)
         third = summary.latency_ms if self.third == "latency" else summary.backward_macs
-        constraints: dict[str, float] = {}
-        if self.budget_bytes is not None:
-            constraints["memory"] = (memory - self.budget_bytes) / self.budget_bytes
-        if self.latency_budget_ms is not None:
-            constraints["latency"] = ((summary.latency_ms - self.latency_budget_ms)
-                                      / self.latency_budget_ms)
+        constraints = self.budget.excess(summary)
         value = self.proxy(updates) if proxy is None else proxy
         return Evaluation(value, memory, float(third), summary, constraints)
 
@@ -401,15 +418,5 @@ class Evaluator:
             BudgetError: Naming the minimum feasible budget (``minimum_bytes`` set).
         """
         mem, lat = self.minimum()
-        measure = "peak memory" if self.memory_measure == "peak" else "training memory"
-        if self.budget_bytes is not None and mem > self.budget_bytes:
-            raise BudgetError(
-                f"no plan of the search space fits the memory budget of {self.budget_bytes} "
-                f"bytes ({self.budget_bytes / 1024:.1f} KB): the cheapest non-empty plan needs "
-                f"{mem} bytes ({math.ceil(mem / 102.4) / 10:.1f} KB) of {measure}; the minimum "
-                f"feasible memory budget is {mem} bytes", minimum_bytes=mem)
-        if self.latency_budget_ms is not None and lat > self.latency_budget_ms:
-            raise BudgetError(
-                f"no plan of the search space fits the latency budget of "
-                f"{self.latency_budget_ms:.4g} ms: the fastest non-empty plan takes {lat:.4g} ms "
-                f"per step", minimum_bytes=mem)
+        if not self.budget.fits({self.budget.field: mem, "latency_ms": lat}):
+            raise self.budget.too_small(need_bytes=mem, need_ms=lat, who="the search space")

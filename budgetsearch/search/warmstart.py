@@ -96,9 +96,8 @@ def baseline_plans(
         if names is not None and name not in names:
             continue
         try:
-            plan = select(method, cost_model=cost_model, budget_bytes=evaluator.budget_bytes,
-                          latency_budget_ms=evaluator.latency_budget_ms, scores=scores,
-                          seed=seed, memory_measure=evaluator.memory_measure, **options)
+            plan = select(method, cost_model=cost_model, scores=scores, seed=seed,
+                          **evaluator.budget.kwargs(), **options)
         except BudgetSearchError as exc:
             out.append(Baseline(name, None, None, error=str(exc)))
             continue

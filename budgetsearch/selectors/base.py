@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,13 +30,15 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..choices import HEAD_MODES, MEMORY_MEASURES
+from ..budget import Budget
+from ..choices import HEAD_MODES, MEMORY_MEASURES, HeadMode, MemoryMeasure
 from ..cost import CostModel, CostSummary
 from ..criteria import Scores
 from ..errors import BudgetError, PlanError, ScoresError
 from ..fingerprint import diff_layer_shapes
 from ..graph import Layer, LayerGraph
 from ..plan import LayerUpdate, Plan
+from ..units import format_kb
 
 __all__ = [
     "HEAD_MODES",
@@ -128,11 +129,6 @@ def get_method(name: str) -> MethodSpec:
     return _METHODS[key]
 
 
-def format_kb(n_bytes: float) -> str:
-    """Bytes as KB (1024 B) with one decimal, rounded up so the figure is a sufficient budget."""
-    return f"{math.ceil(n_bytes / 1024 * 10) / 10:.1f} KB"
-
-
 def channel_params(layer: Layer) -> int:
     """Weight parameters of one output channel: ``C_in/G · K_h · K_w`` (``K²`` for a depthwise
     conv, ``C_in`` for a linear layer); the bias is not counted."""
@@ -147,7 +143,7 @@ def layer_macs(graph: LayerGraph, layer: Layer) -> int:
 
 
 class SelectionContext:
-    """What a method works with: the cost model, the budgets, the scores, the seed.
+    """What a method works with: the cost model, the budget, the scores, the seed.
 
     Args:
         method: Name of the method (for messages).
@@ -158,6 +154,13 @@ class SelectionContext:
         seed: Seed of any random draw.
         memory_measure: ``peak`` (peak memory of a step) or ``training`` (peak minus the
             inference peak: the extra memory training needs).
+
+    Attributes:
+        budget: The :class:`~budgetsearch.budget.Budget` the three budget arguments make.
+
+    Raises:
+        PlanError: For an unknown memory measure or a negative budget.
+        ScoresError: For scores made for another model.
     """
 
     def __init__(
@@ -169,23 +172,15 @@ class SelectionContext:
         latency_budget_ms: float | None,
         scores: Scores | None,
         seed: int,
-        memory_measure: str,
+        memory_measure: MemoryMeasure,
     ) -> None:
-        if memory_measure not in MEMORY_MEASURES:
-            raise PlanError(
-                f"memory_measure must be one of {', '.join(MEMORY_MEASURES)}; got "
-                f"{memory_measure!r}"
-            )
-        if budget_bytes is not None and budget_bytes < 0:
-            raise PlanError(f"the memory budget cannot be negative; got {budget_bytes}")
+        self.budget = Budget(memory_bytes=budget_bytes, measure=memory_measure,
+                             latency_ms=latency_budget_ms)
         self.method = method
         self.cost_model = cost_model
         self.graph: LayerGraph = cost_model.graph
-        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
-        self.latency_budget_ms = None if latency_budget_ms is None else float(latency_budget_ms)
         self.scores = scores
         self.seed = int(seed)
-        self.memory_measure = memory_measure
         names = list(self.graph.layers)
         if not names:
             raise PlanError("the model has no trainable layer")
@@ -201,6 +196,21 @@ class SelectionContext:
                 + "; ".join(diff)
             )
 
+    @property
+    def budget_bytes(self) -> int | None:
+        """The memory budget in bytes (:attr:`budget`), or None."""
+        return self.budget.memory_bytes
+
+    @property
+    def latency_budget_ms(self) -> float | None:
+        """The latency budget per step (:attr:`budget`), or None."""
+        return self.budget.latency_ms
+
+    @property
+    def memory_measure(self) -> MemoryMeasure:
+        """The memory figure the budget limits (:attr:`budget`)."""
+        return self.budget.measure
+
     # ----------------------------------------------------------------------------- measuring
     def cost(self, updates: Mapping[str, LayerUpdate]) -> CostSummary:
         """The cost model's summary of a set of updates (memoised)."""
@@ -213,16 +223,12 @@ class SelectionContext:
 
     def memory(self, summary: CostSummary) -> int:
         """The memory figure the budget applies to."""
-        if self.memory_measure == "peak":
-            return int(summary.peak_memory_bytes)
-        return int(summary.training_memory_bytes)
+        return self.budget.memory(summary)
 
     def fits(self, updates: Mapping[str, LayerUpdate] | CostSummary) -> bool:
         """Whether a set of updates (or its summary) fits the memory and latency budgets."""
         summary = updates if isinstance(updates, CostSummary) else self.cost(updates)
-        if self.budget_bytes is not None and self.memory(summary) > self.budget_bytes:
-            return False
-        return self.latency_budget_ms is None or summary.latency_ms <= self.latency_budget_ms
+        return self.budget.fits(summary)
 
     def largest_fitting(
         self, n: int, build: Callable[[int], Updates], *, lo: int = 0, gallop: bool = False
@@ -260,23 +266,9 @@ class SelectionContext:
     def infeasible(self, cheapest: Mapping[str, LayerUpdate], what: str) -> BudgetError:
         """The error for a budget below the method's cheapest non-empty plan ``cheapest``."""
         summary = self.cost(cheapest)
-        need = self.memory(summary)
-        measure = "peak memory" if self.memory_measure == "peak" else "training memory"
-        parts = []
-        if self.budget_bytes is not None and need > self.budget_bytes:
-            parts.append(f"the memory budget of {self.budget_bytes} bytes "
-                         f"({format_kb(self.budget_bytes)})")
-        if self.latency_budget_ms is not None and summary.latency_ms > self.latency_budget_ms:
-            parts.append(f"the latency budget of {self.latency_budget_ms:.3g} ms")
-        too_small = " and ".join(parts) or "the budget"
-        message = (
-            f"method {self.method}: no plan fits {too_small}; its cheapest non-empty plan "
-            f"({what}) needs {need} bytes ({format_kb(need)}) of {measure}"
-        )
-        if self.latency_budget_ms is not None:
-            message += f" and {summary.latency_ms:.3g} ms per step"
-        message += f"; the minimum feasible memory budget is {need} bytes ({format_kb(need)})"
-        return BudgetError(message, minimum_bytes=need)
+        return self.budget.too_small(need_bytes=self.budget.memory(summary),
+                                     need_ms=summary.latency_ms, who=f"method {self.method}",
+                                     cheapest=what)
 
     # ------------------------------------------------------------------------------- scores
     def require_scores(self, what: str) -> Scores:
@@ -294,7 +286,7 @@ class SelectionContext:
         return self.scores
 
     # --------------------------------------------------------------------------------- head
-    def head_candidates(self, mode: str) -> list[tuple[str, Updates]]:
+    def head_candidates(self, mode: HeadMode) -> list[tuple[str, Updates]]:
         """The head's possible updates under a ``head`` option, preferred first."""
         if mode not in HEAD_MODES:
             raise PlanError(f"head must be one of {', '.join(HEAD_MODES)}; got {mode!r}")
@@ -305,7 +297,7 @@ class SelectionContext:
             return [weight]
         return [bias] if mode == "bias" else [weight, bias]
 
-    def start_with_head(self, mode: str) -> tuple[Updates, str]:
+    def start_with_head(self, mode: HeadMode) -> tuple[Updates, str]:
         """The head's updates that fit, preferring the weight (``auto``); and ``weight`` or
         ``bias``.
 
@@ -328,7 +320,7 @@ def select(
     latency_budget_ms: float | None = None,
     scores: Scores | None = None,
     seed: int = 0,
-    memory_measure: str = "peak",
+    memory_measure: MemoryMeasure = "peak",
     **options: Any,
 ) -> Plan:
     """Choose which layers and channels to train under a memory (and latency) budget.

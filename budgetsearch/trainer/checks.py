@@ -3,6 +3,7 @@ settings), and the fixed data subsets of dynamic re-selection."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -11,12 +12,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..budget import Budget
 from ..choices import BN_MODES, OPTIMIZERS
 from ..cost import CostModel
 from ..errors import BudgetError, DataError, PlanError
 from ..graph import LayerGraph
 from ..plan import Plan
-from ..units import format_bytes
 from .dynamic import DYNAMIC_MODES
 
 __all__ = [
@@ -116,29 +117,31 @@ def check_budget(plan: Plan, cost_model: CostModel | None) -> dict[str, Any] | N
             input size, the bytes needed and the plan's own settings. A plan that already did not
             fit at its own settings (``provenance.fits`` false, e.g. method ``full``) only warns
             when trained at those settings.
+        PlanError: If the plan records an unknown memory measure.
     """
-    budget = plan.memory_budget_bytes
-    if budget is None or cost_model is None:
+    # the latency on the training machine is not the device's: only the memory budget is checked
+    budget = dataclasses.replace(Budget.from_plan(plan), latency_ms=None)
+    if budget.memory_bytes is None or cost_model is None:
         return None
     summary = cost_model.evaluate(dict(plan.updates), detail=False)
-    measure = str(plan.provenance.get("memory_measure", "peak"))
-    used = summary.peak_memory_bytes if measure == "peak" else summary.training_memory_bytes
-    info = {"memory_bytes": int(used), "budget_bytes": int(budget), "measure": measure}
-    if used <= budget:
+    used = budget.memory(summary)
+    info = {"memory_bytes": used, "budget_bytes": budget.memory_bytes, "measure": budget.measure}
+    why = budget.why_not(summary)
+    if why is None:
         return info
     size = tuple(cost_model.graph.input_shape[1:])
     same = cost_model.batch == plan.batch_size and size == tuple(plan.input_size)
     if same and plan.provenance.get("fits") is False:
-        warnings.warn(f"the plan does not fit its own budget ({format_bytes(used)} of {measure} "
-                      f"memory > {format_bytes(budget)}); training it anyway", stacklevel=3)
+        warnings.warn(f"the plan does not fit its own budget ({why}); training it anyway",
+                      stacklevel=3)
         return info
     raise BudgetError(
-        f"the plan's memory budget on {plan.device} is {format_bytes(budget)} ({measure} memory), "
-        f"but a training step at batch size {cost_model.batch}, input {_hw(size)} and optimizer "
-        f"{cost_model.optimizer} needs {format_bytes(used)}; the plan was made for batch size "
-        f"{plan.batch_size} and input {_hw(plan.input_size)}. Use those settings, make a plan for "
-        "these ones, or skip the check (check_budget=False, --ignore-budget)",
-        minimum_bytes=int(used),
+        f"a training step at batch size {cost_model.batch}, input {_hw(size)} and optimizer "
+        f"{cost_model.optimizer} does not fit the plan's memory budget on {plan.device}: {why}; "
+        f"the plan was made for batch size {plan.batch_size} and input {_hw(plan.input_size)}. Use "
+        "those settings, make a plan for these ones, or skip the check (check_budget=False, "
+        "--ignore-budget)",
+        minimum_bytes=used,
     )
 
 

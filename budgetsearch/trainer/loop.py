@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .._io import atomic_path
+from ..budget import Budget
 from ..choices import OPTIMIZERS
 from ..errors import PlanError
 from ..graph import LayerGraph
@@ -191,7 +192,7 @@ class Trainer:
                                 "budget_bytes=")
             self.replanner = Replanner(
                 dynamic, cost_model=self.cost_model, budget_bytes=budget,
-                memory_measure=str(plan.provenance.get("memory_measure", "peak")),
+                memory_measure=Budget.from_plan(plan).measure,
                 probe=probe_inputs(val_data or train_data, neq_probe_samples) if dynamic == "neq"
                 else None,
                 fisher_batches=fisher_batches(train_data, fisher_samples, self.seed)
