@@ -106,6 +106,27 @@ class CostModel:
         bn_train: Whether batch norm runs on batch statistics (else frozen, the default).
         strict: Raise :class:`CostError` on op kinds without a cost rule instead of warning.
         rules: A rule table to use instead of the global one.
+
+    Example:
+        One training step of MCUNet on an STM32F746 (the profile's batch size and optimizer),
+        training every layer or only the last two blocks; neither fits the device's 256 KB:
+
+        >>> from budgetsearch import CostModel, LayerGraph, Plan, load_model, load_profile
+        >>> model = load_model("mcunet-5fps", num_classes=10)
+        >>> graph = LayerGraph.from_model(model, input_size=128)
+        >>> cost_model = CostModel(graph, load_profile("stm32f746"))
+        >>> full = cost_model.evaluate(Plan.full(graph))
+        >>> last = cost_model.evaluate(Plan.last_k_blocks(graph, 2))
+        >>> full.peak_memory_bytes, last.peak_memory_bytes, cost_model.profile.memory_bytes
+        (1787320, 508456, 262144)
+        >>> print(last.format_table(all_layers=False))  # doctest: +ELLIPSIS
+        layer                        update            fwd MMAC  bwd MMAC      saved    params
+        ...
+        blocks.13.pointwise2         weight                1.47      2.95     9.3 KB    92,320
+        classifier                   weight                0.00      0.00      160 B     1,610
+        ...
+        peak memory               496.5 KB  (at blocks_1_act1, forward)
+        ...
     """
 
     def __init__(

@@ -110,6 +110,28 @@ class Search:
 
     Raises:
         BudgetError: If no non-empty plan of the space meets the budgets.
+
+    Example:
+        A short search (16 trials, the baselines' plans among them) for MCUNet on an STM32F746
+        with 64 KB of training memory; its plan captures at least the potential of TinyTrain's:
+
+        >>> import torch
+        >>> from budgetsearch import CostModel, LayerGraph, load_model, load_profile
+        >>> from budgetsearch.criteria import magnitude_scores
+        >>> from budgetsearch.search import Search
+        >>> _ = torch.manual_seed(0)
+        >>> model = load_model("mcunet-5fps", num_classes=10)
+        >>> cost_model = CostModel(LayerGraph.from_model(model, input_size=128),
+        ...                        load_profile("stm32f746"))
+        >>> search = Search(cost_model=cost_model, scores=magnitude_scores(model),
+        ...                 budget_bytes=64 * 1024, memory_measure="training", population_size=8)
+        >>> result = search.run(n_trials=16)
+        >>> result.objective_names
+        ('proxy', 'training_memory_bytes', 'latency_ms')
+        >>> len(result.trials), result.plan.provenance["memory_bytes"] <= 64 * 1024
+        (16, True)
+        >>> result.plan.predicted["proxy"] >= result.baselines["tinytrain"]["metrics"]["proxy"]
+        True
     """
 
     def __init__(

@@ -344,6 +344,24 @@ def select(
         PlanError: Unknown method or option.
         ScoresError: Missing scores, or scores made for another model.
         BudgetError: The budget is below the method's cheapest non-empty plan.
+
+    Example:
+        TinyTrain's choice for MCUNet on an STM32F746 with 64 KB of training memory (what a
+        step needs beyond inference), ranking channels by weight magnitude:
+
+        >>> import torch
+        >>> from budgetsearch import CostModel, LayerGraph, load_model, load_profile, select
+        >>> from budgetsearch.criteria import magnitude_scores
+        >>> _ = torch.manual_seed(0)  # the new classifier's weights, hence its scores
+        >>> model = load_model("mcunet-5fps", num_classes=10)
+        >>> cost_model = CostModel(LayerGraph.from_model(model, input_size=128),
+        ...                        load_profile("stm32f746"))
+        >>> plan = select("tinytrain", cost_model=cost_model, budget_bytes=64 * 1024,
+        ...               scores=magnitude_scores(model), memory_measure="training")
+        >>> plan.provenance["fits"], plan.provenance["memory_bytes"]
+        (True, 65470)
+        >>> len(plan.updated_layers), plan.updated_layers[-1]
+        (11, 'classifier')
     """
     spec = get_method(method)
     defaults = spec.defaults()

@@ -214,6 +214,31 @@ def apply_plan(
         PlanError: The plan is for another model, an option is invalid, a plan is already applied
             to the model, or a layer cannot be trained as planned (e.g. a filter on a linear
             layer).
+
+    Example:
+        One SGD step of MCUNet training 40 output channels of its last conv (and that conv's
+        bias) and its classifier; removing the plan puts the original modules back, trained:
+
+        >>> import torch
+        >>> from budgetsearch import LayerGraph, LayerUpdate, Plan, apply_plan, load_model
+        >>> model = load_model("mcunet-5fps", num_classes=10)
+        >>> graph = LayerGraph.from_model(model, input_size=128)
+        >>> plan = Plan.from_layers(graph, {
+        ...     "blocks.13.pointwise2": LayerUpdate("weight", channels=range(40)),
+        ...     "classifier": LayerUpdate("weight")})
+        >>> before = model.blocks[13].pointwise2.weight.detach().clone()
+        >>> x, y = torch.randn(4, 3, 128, 128), torch.tensor([0, 1, 2, 3])
+        >>> with apply_plan(model, plan, graph=graph) as handle:
+        ...     optimizer = torch.optim.SGD(handle.param_groups(), lr=0.1)
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+        ...     optimizer.step()
+        ...     print(type(model.blocks[13].pointwise2).__name__, handle.trainable_params)
+        PlannedConv2d 24810
+        >>> after = model.blocks[13].pointwise2
+        >>> type(after).__name__, torch.equal(after.weight[40:], before[40:])
+        ('Conv2d', True)
+        >>> torch.equal(after.weight[:40], before[:40])
+        False
     """
     if _ACTIVE.get(model) is not None:
         raise PlanError("a plan is already applied to this model; remove it first "
