@@ -49,7 +49,7 @@ def accuracy(model: torch.nn.Module, data, batch_size: int) -> float:
 def make_plans(model, graph: LayerGraph, train, args) -> dict[str, Plan]:
     cm = CostModel(graph, load_profile(args.device), batch_size=args.batch, optimizer="momentum")
     full = Plan.full(graph)
-    memory = cm.evaluate(dict(full.updates), detail=False).training_memory_bytes
+    memory = cm.summarize(dict(full.updates)).training_memory_bytes
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     probe = DataLoader(Subset(train, order[: args.fisher_samples].tolist()), batch_size=16)
     scores = fisher_potential(model, probe, samples=args.fisher_samples)

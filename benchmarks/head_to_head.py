@@ -167,7 +167,7 @@ def main() -> None:
             rows = {}
             for method, updates in plans.items():
                 row = tune(runs, updates, base, lrs)
-                row["memory_bytes"] = cm.evaluate(updates, detail=False).training_memory_bytes
+                row["memory_bytes"] = cm.summarize(updates).training_memory_bytes
                 row["layers"] = len(updates)
                 rows[method] = row
                 print(f"  {cell_key} {method:<18} lr {row['lr']:<7g} test "

@@ -209,7 +209,7 @@ def main() -> None:
                 rows.append({"plan": plan_name, "updates": updates, "lr": best,
                              "val_accuracy": per_lr[best]["val_accuracy"],
                              "test_accuracy": per_lr[best]["test_accuracy"],
-                             "memory_bytes": cm.evaluate(updates, detail=False)
+                             "memory_bytes": cm.summarize(updates)
                              .training_memory_bytes})
                 print(f"  {name} {label} {plan_name:<22} lr {best:<6} val "
                       f"{rows[-1]['val_accuracy']:.3f} test {rows[-1]['test_accuracy']:.3f} "

@@ -43,7 +43,7 @@ FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.4)
 
 def build_plans(model, graph: LayerGraph, device_cm: CostModel) -> dict[str, Plan]:
     full = Plan.full(graph)
-    train_mem = device_cm.evaluate(dict(full.updates), detail=False).training_memory_bytes
+    train_mem = device_cm.summarize(dict(full.updates)).training_memory_bytes
     scores = magnitude_scores(model)
     plans: dict[str, Plan] = {}
     for frac in FRACTIONS:
@@ -148,7 +148,7 @@ def compare_host_latency(rows: list[dict], plans: dict[str, Plan], graph: LayerG
     print(f"{'plan':<27}{'measured ms':>13}{'predicted ms':>14}{'measured/predicted':>20}")
     measured, predicted = [], []
     for r in rows:
-        pred = cm.evaluate(dict(plans[r["plan"]].updates), detail=False).backward_ms
+        pred = cm.summarize(dict(plans[r["plan"]].updates)).backward_ms
         r["host_predicted_backward_ms"] = pred
         measured.append(r["backward_ms"])
         predicted.append(pred)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in order:
         plan = plans[name]
         stock = measure_saved_bytes(model, graph, plan, batch_size=args.batch)
-        pred = pred_cm.evaluate(dict(plan.updates), detail=False)
+        pred = pred_cm.summarize(dict(plan.updates))
         rows.append({"plan": name, "layers": len(plan.updates), **timings[name],
                      "stock_saved": stock, "predicted_saved": pred.saved_activation_bytes,
                      "predicted_backward_macs": pred.backward_macs,

@@ -76,7 +76,7 @@ def test_excess_is_relative_to_each_budget_set():
 def test_reads_a_full_cost_and_a_plans_predicted_mapping(toy):
     cm, head = toy["cm"], toy["head"]
     updates = {head: LayerUpdate("weight")}
-    full, summary = cm.evaluate(updates), cm.evaluate(updates, detail=False)
+    full, summary = cm.evaluate(updates), cm.summarize(updates)
     for measure in MEMORY_MEASURES:
         budget = Budget(memory_bytes=10**9, measure=measure)
         assert budget.memory(full) == budget.memory(summary)
@@ -132,7 +132,7 @@ def test_too_small_for_latency():
 
 def test_from_plan_and_kwargs_round_trip_through_select(toy):
     cm, head = toy["cm"], toy["head"]
-    need = cm.evaluate({head: LayerUpdate("bias")}, detail=False).training_memory_bytes
+    need = cm.summarize({head: LayerUpdate("bias")}).training_memory_bytes
     budget = Budget(memory_bytes=need, measure="training", latency_ms=1e6)
     plan = select("tinytl", cost_model=cm, **budget.kwargs())
     assert Budget.from_plan(plan) == budget
@@ -166,7 +166,7 @@ def test_trainer_check_names_the_measure(toy):
 
     cm, head = toy["cm"], toy["head"]
     updates = {head: LayerUpdate("weight")}
-    used = cm.evaluate(updates, detail=False).training_memory_bytes
+    used = cm.summarize(updates).training_memory_bytes
     plan = Plan.from_layers(toy["graph"], updates, device="stm32h743", batch_size=2,
                             memory_budget_bytes=used, provenance={"memory_measure": "training"})
     assert check_budget(plan, cm) == {"memory_bytes": used, "budget_bytes": used,
@@ -176,3 +176,12 @@ def test_trainer_check_names_the_measure(toy):
                                           f"budget of {used - 1} bytes") as info:
         check_budget(tight, CostModel(toy["graph"], load_profile("stm32h743"), batch_size=4))
     assert "batch size 4" in str(info.value) and "made for batch size 2" in str(info.value)
+
+
+@pytest.mark.parametrize("module", ["budgetsearch.budget", "budgetsearch.choices"])
+def test_module_examples_run(module):
+    import doctest
+    import importlib
+
+    results = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert results.attempted >= 3 and results.failed == 0

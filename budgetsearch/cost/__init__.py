@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .model import ACCOUNTINGS, MEMORY_MEASURES, CostModel, CostSummary, accounting_for
-from .result import Cost, LayerRow, OpRow
+from .model import ACCOUNTINGS, MEMORY_MEASURES, CostModel, accounting_for
+from .result import Cost, CostSummary, CostTotals, LayerRow, OpRow
 from .rules import RULES, Accounting, OpContext, OpCost, register_rule, unknown_rule
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Cost",
     "CostModel",
     "CostSummary",
+    "CostTotals",
     "LayerRow",
     "OpContext",
     "OpCost",

@@ -1,13 +1,16 @@
-"""The queryable result of a cost evaluation: per op, per layer, by kind, and in total."""
+"""The results of a cost evaluation: the queryable :class:`Cost` (per op, per layer, by kind, and
+in total, as :class:`CostTotals`) and the lighter :class:`CostSummary` a search needs."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
+from ..choices import AccountingName, Optimizer, Phase
 from ..units import format_bytes
 
-__all__ = ["Cost", "LayerRow", "OpRow"]
+__all__ = ["Cost", "CostSummary", "CostTotals", "LayerRow", "OpRow"]
 
 _SUMMED = (
     "forward_macs",
@@ -71,22 +74,71 @@ class LayerRow:
         return self.grad_input_macs + self.grad_weight_macs + self.grad_bias_macs
 
 
-@dataclass
+@dataclass(frozen=True)
+class CostSummary:
+    """The totals of one evaluation that a search needs, without the per-op table
+    (:meth:`budgetsearch.cost.CostModel.summarize`, or :meth:`Cost.summary`).
+
+    ``training_memory_bytes`` is the peak minus the inference peak: the extra memory training
+    needs over running the model. ``latency_ms`` is the forward, ``backward_ms`` and the
+    optimizer step.
+    """
+
+    peak_memory_bytes: int
+    training_memory_bytes: int
+    saved_activation_bytes: int
+    forward_macs: int
+    backward_macs: int
+    latency_ms: float
+    trainable_params: int
+    backward_ms: float
+
+
+@dataclass(frozen=True)
+class CostTotals:
+    """Every total of one training step (:attr:`Cost.totals`); units are in the names.
+
+    ``backward_macs`` is grad-input + grad-weight + grad-bias MACs; ``training_memory_bytes``
+    the peak minus the inference peak; ``saved_activation_bytes`` includes what the loss keeps.
+    """
+
+    forward_macs: int
+    backward_macs: int
+    grad_input_macs: int
+    grad_weight_macs: int
+    grad_bias_macs: int
+    peak_memory_bytes: int
+    training_memory_bytes: int
+    inference_peak_bytes: int
+    saved_activation_bytes: int
+    weight_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    trainable_params: int
+    forward_ms: float
+    backward_ms: float
+    latency_ms: float
+
+
+@dataclass(frozen=True)
 class Cost:
     """What one training step costs under a plan, on a device, under an accounting.
 
-    Query it with :meth:`total`, :meth:`layers`, :meth:`by_kind` and :meth:`layer`; print it with
-    :meth:`format_table`; serialise it with :meth:`to_dict`.
+    A finished, immutable result (:meth:`budgetsearch.cost.CostModel.evaluate`): its totals
+    (:attr:`totals`, also read as attributes such as ``cost.backward_macs``) and its per-layer
+    rows are computed once, on first use. Query it with :meth:`total`, :meth:`layers`,
+    :meth:`by_kind` and :meth:`layer`; print it with :meth:`format_table`; serialise it with
+    :meth:`to_dict`; :meth:`summary` gives the :class:`CostSummary` of the same step.
     """
 
     ops: list[OpRow]
-    accounting: str
+    accounting: AccountingName
     device: str
     batch_size: int
-    optimizer: str
+    optimizer: Optimizer
     peak_memory_bytes: int
     inference_peak_bytes: int
-    peak_phase: str
+    peak_phase: Phase
     peak_op: str
     persistent_bytes: int
     weight_bytes: int
@@ -97,54 +149,120 @@ class Cost:
     updates: dict[str, dict] = field(default_factory=dict)
 
     # ---------------------------------------------------------------------------------- totals
-    def total(self) -> dict[str, Any]:
-        """Totals of the step: MACs, memory, parameters, latency (units in the key names)."""
+    @cached_property
+    def totals(self) -> CostTotals:
+        """The totals of the step: MACs, memory, parameters, latency (computed once)."""
         sums = {k: sum(getattr(r, k) for r in self.ops) for k in _SUMMED}
         backward = sums["grad_input_macs"] + sums["grad_weight_macs"] + sums["grad_bias_macs"]
-        return {
-            "forward_macs": sums["forward_macs"],
-            "backward_macs": backward,
-            "grad_input_macs": sums["grad_input_macs"],
-            "grad_weight_macs": sums["grad_weight_macs"],
-            "grad_bias_macs": sums["grad_bias_macs"],
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "training_memory_bytes": self.peak_memory_bytes - self.inference_peak_bytes,
-            "inference_peak_bytes": self.inference_peak_bytes,
-            "saved_activation_bytes": sums["saved_activation_bytes"] + self.loss_saved_bytes,
-            "weight_bytes": self.weight_bytes,
-            "gradient_bytes": sums["gradient_bytes"],
-            "optimizer_bytes": self.optimizer_bytes,
-            "trainable_params": sums["trainable_params"],
-            "forward_ms": sums["forward_ms"],
-            "backward_ms": sums["backward_ms"],
-            "latency_ms": self.latency_ms,
-        }
+        return CostTotals(
+            forward_macs=sums["forward_macs"],
+            backward_macs=backward,
+            grad_input_macs=sums["grad_input_macs"],
+            grad_weight_macs=sums["grad_weight_macs"],
+            grad_bias_macs=sums["grad_bias_macs"],
+            peak_memory_bytes=self.peak_memory_bytes,
+            training_memory_bytes=self.peak_memory_bytes - self.inference_peak_bytes,
+            inference_peak_bytes=self.inference_peak_bytes,
+            saved_activation_bytes=sums["saved_activation_bytes"] + self.loss_saved_bytes,
+            weight_bytes=self.weight_bytes,
+            gradient_bytes=sums["gradient_bytes"],
+            optimizer_bytes=self.optimizer_bytes,
+            trainable_params=sums["trainable_params"],
+            forward_ms=sums["forward_ms"],
+            backward_ms=sums["backward_ms"],
+            latency_ms=self.latency_ms,
+        )
 
-    def __getattr__(self, name: str) -> Any:
-        # total() keys read as attributes: cost.backward_macs, cost.saved_activation_bytes, ...
-        if name.startswith("_") or name in ("ops",):
-            raise AttributeError(name)
-        totals = self.total()
-        if name in totals:
-            return totals[name]
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+    def total(self) -> dict[str, Any]:
+        """The :attr:`totals` as a dict (units in the key names)."""
+        return asdict(self.totals)
+
+    def summary(self) -> CostSummary:
+        """The :class:`CostSummary` of this step (what ``CostModel.summarize`` returns)."""
+        t = self.totals
+        return CostSummary(
+            peak_memory_bytes=t.peak_memory_bytes,
+            training_memory_bytes=t.training_memory_bytes,
+            saved_activation_bytes=t.saved_activation_bytes,
+            forward_macs=t.forward_macs,
+            backward_macs=t.backward_macs,
+            latency_ms=t.latency_ms,
+            trainable_params=t.trainable_params,
+            backward_ms=t.backward_ms,
+        )
+
+    # the totals that are not fields, read as attributes: cost.backward_macs, ...
+    @property
+    def forward_macs(self) -> int:
+        """Forward MACs of the step (:attr:`totals`)."""
+        return self.totals.forward_macs
+
+    @property
+    def backward_macs(self) -> int:
+        """Backward MACs: grad-input + grad-weight + grad-bias (:attr:`totals`)."""
+        return self.totals.backward_macs
+
+    @property
+    def grad_input_macs(self) -> int:
+        """MACs of the activation gradients (:attr:`totals`)."""
+        return self.totals.grad_input_macs
+
+    @property
+    def grad_weight_macs(self) -> int:
+        """MACs of the weight gradients (:attr:`totals`)."""
+        return self.totals.grad_weight_macs
+
+    @property
+    def grad_bias_macs(self) -> int:
+        """MACs of the bias gradients (:attr:`totals`)."""
+        return self.totals.grad_bias_macs
+
+    @property
+    def training_memory_bytes(self) -> int:
+        """The peak minus the inference peak (:attr:`totals`)."""
+        return self.totals.training_memory_bytes
+
+    @property
+    def saved_activation_bytes(self) -> int:
+        """Bytes saved for the backward pass, the loss's included (:attr:`totals`)."""
+        return self.totals.saved_activation_bytes
+
+    @property
+    def gradient_bytes(self) -> int:
+        """Bytes of the parameter gradients held (:attr:`totals`)."""
+        return self.totals.gradient_bytes
+
+    @property
+    def trainable_params(self) -> int:
+        """Updated parameter elements (:attr:`totals`)."""
+        return self.totals.trainable_params
+
+    @property
+    def forward_ms(self) -> float:
+        """Forward time of the step (:attr:`totals`)."""
+        return self.totals.forward_ms
+
+    @property
+    def backward_ms(self) -> float:
+        """Backward time of the step (:attr:`totals`)."""
+        return self.totals.backward_ms
 
     def by_kind(self) -> dict[str, dict[str, float]]:
         """Memory by kind (activations, weights, gradients, optimizer) and MACs by pass."""
-        t = self.total()
+        t = self.totals
         return {
             "memory_bytes": {
-                "activations": t["saved_activation_bytes"],
-                "weights": t["weight_bytes"],
-                "gradients": t["gradient_bytes"],
-                "optimizer": t["optimizer_bytes"],
+                "activations": t.saved_activation_bytes,
+                "weights": t.weight_bytes,
+                "gradients": t.gradient_bytes,
+                "optimizer": t.optimizer_bytes,
             },
             "macs": {
-                "forward": t["forward_macs"],
-                "backward": t["backward_macs"],
-                "grad_input": t["grad_input_macs"],
-                "grad_weight": t["grad_weight_macs"],
-                "grad_bias": t["grad_bias_macs"],
+                "forward": t.forward_macs,
+                "backward": t.backward_macs,
+                "grad_input": t.grad_input_macs,
+                "grad_weight": t.grad_weight_macs,
+                "grad_bias": t.grad_bias_macs,
             },
         }
 
@@ -152,6 +270,10 @@ class Cost:
     def layers(self) -> list[LayerRow]:
         """One row per trainable layer (with the ops after it), in forward order; ops before the
         first layer are listed as ``(input)``."""
+        return list(self._layer_rows)
+
+    @cached_property
+    def _layer_rows(self) -> tuple[LayerRow, ...]:
         groups: dict[str, list[OpRow]] = {}
         for row in self.ops:
             groups.setdefault(row.layer, []).append(row)
@@ -166,7 +288,7 @@ class Cost:
                 backward=any(r.backward for r in rows),
                 **{k: sum(getattr(r, k) for r in rows) for k in _SUMMED if not k.endswith("_ms")},
             ))
-        return out
+        return tuple(out)
 
     def layer(self, name: str) -> LayerRow:
         """The row of one trainable layer.
@@ -174,11 +296,11 @@ class Cost:
         Raises:
             KeyError: Naming the layer and listing the known ones.
         """
-        for row in self.layers():
+        for row in self._layer_rows:
             if row.name == name:
                 return row
         raise KeyError(f"no layer {name!r} in this cost; layers: "
-                       + ", ".join(r.name for r in self.layers()))
+                       + ", ".join(r.name for r in self._layer_rows))
 
     # ----------------------------------------------------------------------------------- output
     def to_dict(self) -> dict[str, Any]:
@@ -214,25 +336,25 @@ class Cost:
                 f"{row.backward_macs / 1e6:>9.2f} {format_bytes(row.saved_activation_bytes):>10} "
                 f"{row.trainable_params:>9,}"
             )
-        t = self.total()
+        t = self.totals
         lines += [
             "-" * len(head),
             f"device {self.device}, accounting {self.accounting}, batch {self.batch_size}, "
             f"optimizer {self.optimizer}",
-            f"forward MACs        {t['forward_macs'] / 1e6:12.2f} M",
-            f"backward MACs       {t['backward_macs'] / 1e6:12.2f} M  (grad-input "
-            f"{t['grad_input_macs'] / 1e6:.2f} M, grad-weight {t['grad_weight_macs'] / 1e6:.2f} M,"
-            f" grad-bias {t['grad_bias_macs'] / 1e6:.2f} M)",
-            f"saved activations   {format_bytes(t['saved_activation_bytes']):>14}",
-            f"weights in RAM      {format_bytes(t['weight_bytes']):>14}",
-            f"parameter grads     {format_bytes(t['gradient_bytes']):>14}",
-            f"optimizer state     {format_bytes(t['optimizer_bytes']):>14}",
-            f"peak memory         {format_bytes(t['peak_memory_bytes']):>14}  (at {self.peak_op}, "
+            f"forward MACs        {t.forward_macs / 1e6:12.2f} M",
+            f"backward MACs       {t.backward_macs / 1e6:12.2f} M  (grad-input "
+            f"{t.grad_input_macs / 1e6:.2f} M, grad-weight {t.grad_weight_macs / 1e6:.2f} M,"
+            f" grad-bias {t.grad_bias_macs / 1e6:.2f} M)",
+            f"saved activations   {format_bytes(t.saved_activation_bytes):>14}",
+            f"weights in RAM      {format_bytes(t.weight_bytes):>14}",
+            f"parameter grads     {format_bytes(t.gradient_bytes):>14}",
+            f"optimizer state     {format_bytes(t.optimizer_bytes):>14}",
+            f"peak memory         {format_bytes(t.peak_memory_bytes):>14}  (at {self.peak_op}, "
             f"{self.peak_phase})",
-            f"  over inference    {format_bytes(t['training_memory_bytes']):>14}  (inference "
-            f"peak {format_bytes(t['inference_peak_bytes'])})",
-            f"trainable params    {t['trainable_params']:>14,}",
-            f"latency per step    {t['latency_ms']:>11.2f} ms",
+            f"  over inference    {format_bytes(t.training_memory_bytes):>14}  (inference "
+            f"peak {format_bytes(t.inference_peak_bytes)})",
+            f"trainable params    {t.trainable_params:>14,}",
+            f"latency per step    {t.latency_ms:>11.2f} ms",
         ]
         if self.unknown_ops:
             lines.append("warning: no cost rule for " + ", ".join(self.unknown_ops))

@@ -369,7 +369,7 @@ class Evaluator:
 
     def measure(self, updates: Mapping[str, LayerUpdate], proxy: float | None = None) -> Evaluation:
         """Objective values and constraints of any set of updates (not cached)."""
-        summary = self.cost_model.evaluate(dict(updates), detail=False)
+        summary = self.cost_model.summarize(dict(updates))
         memory = self.memory(summary)
         third = summary.latency_ms if self.third == "latency" else summary.backward_macs
         constraints = self.budget.excess(summary)
@@ -406,7 +406,7 @@ class Evaluator:
                     for patch in {patches[0], patches[-1]}:
                         atoms.append(self.proxy.decode({name: (1, axis, patch, False)}))
                 for atom in atoms:
-                    s = self.cost_model.evaluate(atom, detail=False)
+                    s = self.cost_model.summarize(atom)
                     best_mem = min(best_mem, self.memory(s))
                     best_lat = min(best_lat, s.latency_ms)
         return int(best_mem), float(best_lat)

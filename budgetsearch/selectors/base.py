@@ -218,7 +218,7 @@ class SelectionContext:
         hit = self._cache.get(key)
         if hit is None:
             self.evaluations += 1
-            hit = self._cache[key] = self.cost_model.evaluate(dict(updates), detail=False)
+            hit = self._cache[key] = self.cost_model.summarize(dict(updates))
         return hit
 
     def memory(self, summary: CostSummary) -> int:

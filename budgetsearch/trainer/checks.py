@@ -123,7 +123,7 @@ def check_budget(plan: Plan, cost_model: CostModel | None) -> dict[str, Any] | N
     budget = dataclasses.replace(Budget.from_plan(plan), latency_ms=None)
     if budget.memory_bytes is None or cost_model is None:
         return None
-    summary = cost_model.evaluate(dict(plan.updates), detail=False)
+    summary = cost_model.summarize(dict(plan.updates))
     used = budget.memory(summary)
     info = {"memory_bytes": used, "budget_bytes": budget.memory_bytes, "measure": budget.measure}
     why = budget.why_not(summary)

@@ -94,12 +94,12 @@ def test_profile_host_writes_a_loadable_profile(capsys, tmp_path):
     assert profile.name == "myhost" and set(profile.measured) == {"conv", "depthwise", "linear"}
     graph = LayerGraph.from_model(load_model("mcunet-5fps"), input_size=64)
     # measured rates calibrate latency: a slower measured conv rate gives a longer step
-    fast = CostModel(graph, profile).evaluate(Plan.full(graph), detail=False).latency_ms
+    fast = CostModel(graph, profile).summarize(Plan.full(graph)).latency_ms
     import dataclasses
 
     slow_rates = {k: dataclasses.replace(v, forward_macs_per_s=v.forward_macs_per_s / 10,
                                          backward_macs_per_s=v.backward_macs_per_s / 10)
                   for k, v in profile.measured.items()}
-    slow = CostModel(graph, dataclasses.replace(profile, measured=slow_rates)).evaluate(
-        Plan.full(graph), detail=False).latency_ms
+    slow = CostModel(graph, dataclasses.replace(profile, measured=slow_rates)).summarize(
+        Plan.full(graph)).latency_ms
     assert slow > fast

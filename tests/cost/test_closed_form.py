@@ -205,7 +205,7 @@ def test_optimizer_state_and_summary_match(tiny_graph):
     adam = CostModel(tiny_graph, _profile(), optimizer="adam")
     params = sgd.evaluate(plan).trainable_params
     assert adam.evaluate(plan).optimizer_bytes == params * 2 * 4
-    summary = adam.evaluate(plan, detail=False)
+    summary = adam.summarize(plan)
     full = adam.evaluate(plan)
     assert summary.peak_memory_bytes == full.peak_memory_bytes
     assert summary.backward_macs == full.backward_macs
@@ -235,7 +235,7 @@ def test_latency_splits_into_forward_backward_and_optimizer(tiny_graph):
     costs = {}
     for opt in ("sgd", "adam"):
         cm = CostModel(tiny_graph, profile, optimizer=opt)
-        full, summary = cm.evaluate(plan), cm.evaluate(plan, detail=False)
+        full, summary = cm.evaluate(plan), cm.summarize(plan)
         t = full.total()
         assert summary.backward_ms == pytest.approx(t["backward_ms"]) and t["backward_ms"] > 0
         assert t["backward_ms"] == pytest.approx(sum(r.backward_ms for r in full.ops))

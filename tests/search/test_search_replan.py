@@ -18,5 +18,5 @@ def test_replan_from_a_previous_plan(mcunet: dict) -> None:
     scores = random_scores(mcunet["model"], seed=9)
     second = replan(cost_model=mcunet["cm"], scores=scores, budget_bytes=99 * KB,
                     memory_measure="training", trials=60, population_size=20, previous=first)
-    assert mcunet["cm"].evaluate(second, detail=False).training_memory_bytes <= 99 * KB
+    assert mcunet["cm"].summarize(second).training_memory_bytes <= 99 * KB
     assert second.predicted["proxy"] > 0

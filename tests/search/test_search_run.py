@@ -35,7 +35,7 @@ def _check_result(setup: dict, result, budget: int, measure: str, beat: bool = T
     baseline's, and every baseline is Pareto-dominated (proxy, memory) by a front point."""
     plan = result.plan
     Plan.from_dict(plan.to_dict())  # schema-valid
-    cost = setup["cm"].evaluate(plan, detail=False)
+    cost = setup["cm"].summarize(plan)
     memory = cost.peak_memory_bytes if measure == "peak" else cost.training_memory_bytes
     assert memory <= budget
     assert memory == plan.provenance["memory_bytes"]
@@ -89,13 +89,13 @@ def test_same_seed_same_plan(mcu: dict) -> None:
 
 
 def test_latency_budget_and_macs_objective(mcu: dict) -> None:
-    full = mcu["cm"].evaluate(Plan.full(mcu["graph"]), detail=False).latency_ms
-    base = mcu["cm"].evaluate({}, detail=False).latency_ms
+    full = mcu["cm"].summarize(Plan.full(mcu["graph"])).latency_ms
+    base = mcu["cm"].summarize({}).latency_ms
     limit = base + 0.3 * (full - base)
     search = Search(cost_model=mcu["cm"], scores=mcu["random"], budget_bytes=148 * KB,
                     latency_budget_ms=limit, memory_measure="training", third="macs")
     result = search.run(n_trials=60)
-    cost = mcu["cm"].evaluate(result.plan, detail=False)
+    cost = mcu["cm"].summarize(result.plan)
     assert cost.latency_ms <= limit
     assert result.objective_names[2] == "backward_macs"
     assert result.trial.values[2] == cost.backward_macs

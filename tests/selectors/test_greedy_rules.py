@@ -30,7 +30,7 @@ def mcunet() -> dict:
 
 
 def _fits(cm, updates, budget, measure="training") -> bool:
-    s = cm.evaluate(updates, detail=False)
+    s = cm.summarize(updates)
     return (s.training_memory_bytes if measure == "training" else s.peak_memory_bytes) <= budget
 
 

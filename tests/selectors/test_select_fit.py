@@ -64,7 +64,7 @@ SETTINGS = [
 
 
 def _measured(cm: CostModel, plan: Plan, measure: str) -> int:
-    summary = cm.evaluate(plan, detail=False)
+    summary = cm.summarize(plan)
     return summary.peak_memory_bytes if measure == "peak" else summary.training_memory_bytes
 
 
@@ -80,7 +80,7 @@ def test_plans_fit_and_are_reproducible(request, setup, measure, budgets, method
         plan = select(method, cost_model=cm, budget_bytes=budget, scores=sc, seed=3,
                       memory_measure=measure, **options)
         assert _measured(cm, plan, measure) <= budget
-        assert plan.predicted == cm.evaluate(plan, detail=False).__dict__
+        assert plan.predicted == cm.summarize(plan).__dict__
         assert plan.device == cm.profile.name and plan.memory_budget_bytes == budget
         assert plan.batch_size == cm.batch and plan.optimizer == cm.optimizer
         prov = plan.provenance
@@ -126,7 +126,7 @@ def test_minimum_is_the_classifier_bias_for_budgeted_methods(mcunet):
     head = list(mcunet["graph"].layers)[-1]
     from budgetsearch.plan import LayerUpdate
 
-    bias_only = cm.evaluate({head: LayerUpdate("bias")}, detail=False).peak_memory_bytes
+    bias_only = cm.summarize({head: LayerUpdate("bias")}).peak_memory_bytes
     for method, key in (("tinytrain", "fisher"), ("neq", "fisher"), ("mit", "magnitude"),
                         ("random", None), ("tinytl", None)):
         with pytest.raises(BudgetError) as info:

@@ -185,7 +185,7 @@ def test_plan_budget_exceeded_by_the_batch_size(splits, tmp_path):
     model, graph = tiny()
     plan = sparse_plan(graph, device="stm32h743", batch_size=1)
     need = CostModel(graph, load_profile("stm32h743"), batch_size=1, optimizer="momentum") \
-        .evaluate(dict(plan.updates), detail=False).peak_memory_bytes
+        .summarize(dict(plan.updates)).peak_memory_bytes
     plan = plan.with_(memory_budget_bytes=int(need))
     with pytest.raises(BudgetError, match=r"batch size 8.*made for batch size 1"):
         trainer(splits, tmp_path, model=model, plan=plan)
@@ -200,7 +200,7 @@ def test_dynamic_modes_replan_under_the_budget(splits, tmp_path, kind, method):
     model, graph = tiny()
     plan = sparse_plan(graph, device="rpi4", batch_size=8, optimizer="momentum")
     need = CostModel(graph, load_profile("rpi4"), batch_size=8, optimizer="momentum") \
-        .evaluate(dict(plan.updates), detail=False).peak_memory_bytes
+        .summarize(dict(plan.updates)).peak_memory_bytes
     plan = plan.with_(memory_budget_bytes=int(need * 1.02))
     doc = trainer(splits, tmp_path, model=model, plan=plan, epochs=4, dynamic=kind,
                   neq_probe_samples=6, fisher_samples=12, replan_method=method,
@@ -216,7 +216,7 @@ def test_dynamic_modes_replan_under_the_budget(splits, tmp_path, kind, method):
     final = Plan.from_json((tmp_path / "plan.json").read_text())
     assert final.provenance["dynamic"] == kind
     need = CostModel(graph, load_profile("rpi4"), batch_size=8, optimizer="momentum") \
-        .evaluate(dict(final.updates), detail=False).peak_memory_bytes
+        .summarize(dict(final.updates)).peak_memory_bytes
     assert need <= plan.memory_budget_bytes
 
 
@@ -225,7 +225,7 @@ def test_dynamic_neq_resumes_identically(splits, tmp_path):
         model, graph = tiny()
         plan = sparse_plan(graph, device="rpi4", batch_size=8, optimizer="momentum")
         need = CostModel(graph, load_profile("rpi4"), batch_size=8, optimizer="momentum") \
-            .evaluate(dict(plan.updates), detail=False).peak_memory_bytes
+            .summarize(dict(plan.updates)).peak_memory_bytes
         plan = plan.with_(memory_budget_bytes=int(need * 1.02))
         calls = {"n": 0}
 
