@@ -387,7 +387,7 @@ def run_cell(cell: Cell, *, out_dir: str | os.PathLike[str], storage: str | None
         t = cell.study.training
         ops = ctx.cost_model_with(accounting="ops", batch_size=t["batch_size"],
                                   optimizer=t["optimizer"])
-        result["predicted_ops"] = _asdict(ops.evaluate(dict(plan.updates), detail=False))
+        result["predicted_ops"] = _asdict(ops.summarize(dict(plan.updates)))
         result["mit_memory_bytes"] = _mit_bytes(cell, plan, ctx)
     raw = (train_fn or _train)(cell, plan, ctx)
     result["metrics"] = normalise_metrics(raw)
