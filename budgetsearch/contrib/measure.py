@@ -183,8 +183,14 @@ def measure_contributions(
     storage: str | None = None,
     max_units: int | None = None,
     progress: bool = True,
+    poll_seconds: float = 2.0,
 ) -> ContributionTable:
     """Measure units (see :mod:`budgetsearch.contrib`) and return the table.
+
+    With a shared table, a call returns only when every unit is measured: when the units left
+    are all claimed by other live workers, it waits for their results (polling every
+    ``poll_seconds``, and taking over the claim of a worker that died), so that every worker
+    plans from the same complete table.
 
     Args:
         model: The model with its new head, in its initial state (restored on return).
@@ -199,8 +205,10 @@ def measure_contributions(
         path: Table file, shared with other workers and resumed (None: in memory).
         storage: A database URL instead (``sqlite:///...``, ``postgresql://...``): the table
             is shared by workers on every machine that reaches it (:class:`.StoreTable`).
-        max_units: Stop after measuring this many units in this call.
+        max_units: Stop after measuring this many units in this call (the table may then be
+            incomplete).
         progress: Show a progress bar.
+        poll_seconds: How often to look for results of units other workers are measuring.
 
     Returns:
         The table; ``table.stats`` says how this call's time split (cache, train, evaluation).
@@ -235,7 +243,10 @@ def measure_contributions(
             else:
                 unit_key = next((k for k in order if k not in memory), None)
             if unit_key is None:
-                break
+                if shared is None or max_units is not None or set(order) <= shared.done():
+                    break
+                time.sleep(poll_seconds)  # other workers are measuring the rest
+                continue
             try:
                 result = runner.run(by_key[unit_key].updates(graph, channels), recipe)
             except BaseException:

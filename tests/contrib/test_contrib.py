@@ -230,6 +230,30 @@ def test_table_resumes_and_refuses_another_key(setup, tmp_path):
         ContributionTable.load(path)
 
 
+def test_a_worker_waits_for_the_units_another_live_worker_measures(setup, tmp_path):
+    """A shared table is returned complete: units claimed by another live worker are waited
+    for (their results read, not measured again), so every worker plans from the same table."""
+    import threading
+
+    path = tmp_path / "t.json"
+    units = build_units(setup[1], ratios=(1.0,), axes=("out",), filters=False)
+    first = _measure(setup, path=str(path), units=units, max_units=1)  # creates the table
+    other = SharedTable(path, first.key)
+    other.me = {"host": other.me["host"], "pid": os.getppid()}  # a live process, not us
+    theirs = other.claim([u.key for u in units if u.key != "head"][-1:])
+    assert theirs is not None
+    fake = {"val_accuracy": 0.123, "val_loss": 1.0, "train_loss": 1.0, "seconds": 0.0}
+    timer = threading.Timer(1.0, other.record, args=(theirs, fake))
+    timer.start()
+    try:
+        table = _measure(setup, path=str(path), units=units, poll_seconds=0.05)
+    finally:
+        timer.join()
+    assert set(table.results) == {u.key for u in units} | {"head"}
+    assert table.results[theirs]["val_accuracy"] == 0.123  # theirs, waited for
+    assert table.stats["measured"] == len(set(table.results)) - 2  # all but head and theirs
+
+
 def test_claims_of_dead_workers_are_taken_over(tmp_path):
     path = tmp_path / "shared.json"
     table = SharedTable(path, {"k": 1})
@@ -289,7 +313,7 @@ def test_recipe_is_validated():
 def test_contrib_command(tmp_path, capsys):
     from PIL import Image
 
-    register_model("tiny-contrib", lambda: tiny(), overwrite=True)
+    register_model("tiny-contrib", lambda: tiny(), replace=True)
     for c, name in enumerate(("a", "b", "c")):
         folder = tmp_path / "imgs" / name
         folder.mkdir(parents=True)
