@@ -10,7 +10,10 @@ STM32F746, training memory, as the README's first command does, in one run:
 Each in a fresh process, with its own study file, and the CIFAR-10 archive decoded into the
 user cache before the first timing. Prints wall time per run and the stage times the command
 reports (contributions, race). Run: ``.venv/bin/python benchmarks/plan_effort.py`` (about 20
-minutes here). ``--model mbv2-w0.35`` for the other MCU model.
+minutes here). ``--model mbv2-w0.35`` for the other MCU model; for MobileNetV2 on a Raspberry Pi
+4 (the issue's 30-minute target): ``--model mobilenet_v2 --input-size 128 --device rpi4
+--memory-measure peak --budgets 60MB 60MB --latencies 391.7ms 410.1ms`` (the gradient-filtering
+study's k = 2 and k = 4 budgets).
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ def run(argv: list[str], env: dict[str, str]) -> tuple[float, str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mcunet-5fps")
+    parser.add_argument("--device", default="stm32f746")
+    parser.add_argument("--input-size", default=None, help="default: the model's")
+    parser.add_argument("--memory-measure", default="training")
+    parser.add_argument("--budgets", nargs=2, default=["99KB", "148KB"],
+                        help="memory budgets of the cold run (and quick) and the cached run")
+    parser.add_argument("--latencies", nargs=2, default=None,
+                        help="latency budgets of the same two runs (default none)")
     args = parser.parse_args()
     exe = str(Path(sys.executable).with_name("budgetsearch"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,16 +55,21 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", "from budgetsearch.data import load_dataset; "
                         "load_dataset('cifar10', split='train', limit=10)"], check=True)
         base = [exe, "plan", "--model", args.model, "--num-classes", "10", "--data", "cifar10",
-                "--device", "stm32f746", "--memory-measure", "training", "--no-progress"]
+                "--device", args.device, "--memory-measure", args.memory_measure,
+                "--no-progress"] + (["--input-size", args.input_size] if args.input_size else [])
+        first, second = args.budgets
+        lat = args.latencies or [None, None]
         rows = []
         outputs: list[tuple[str, str, str]] = []
-        for label, budget, extra in (("standard, cold cache", "99KB", ["--effort", "standard"]),
-                                     ("standard, table cached", "148KB",
-                                      ["--effort", "standard"]),
-                                     ("quick", "99KB", ["--effort", "quick"])):
-            out = Path(tmp) / f"{label.split(',')[0]}-{budget}.json"
-            seconds, stdout, stderr = run([*base, "--budget", budget, *extra, "--out", str(out)],
-                                          env)
+        for label, budget, latency, extra in (
+                ("standard, cold cache", first, lat[0], ["--effort", "standard"]),
+                ("standard, table cached", second, lat[1], ["--effort", "standard"]),
+                ("quick", first, lat[0], ["--effort", "quick"])):
+            out = Path(tmp) / f"{label.split(',')[0]}-{budget}-{latency}.json"
+            budget_args = ["--budget", budget] + (["--latency-budget", latency] if latency else [])
+            seconds, stdout, stderr = run([*base, *budget_args, *extra, "--out", str(out)], env)
+            if latency:
+                budget = f"{budget} + {latency}"
             contrib = re.search(r"units measured into .* \((\d+) s;", stderr)
             race = re.search(r"race: (\d+) arms over (\d+) rungs \((\d+) trained now, (\d+) s\)",
                              stdout)
