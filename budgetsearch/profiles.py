@@ -11,7 +11,6 @@ dotted field, the expected type and unit, and the allowed values.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -32,6 +31,7 @@ from ._profile_schema import (
     SCHEMA_VERSION,
     _validate,
 )
+from ._registry import unknown_name
 from .errors import ProfileError
 from .units import format_bytes
 
@@ -283,13 +283,11 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
         return _read(path)
     files = _profile_files()
     if text not in files:
-        names = sorted(files)
-        close = difflib.get_close_matches(text, names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ProfileError(
-            f"unknown device profile {text!r}.{hint} Valid names: {', '.join(names) or '(none)'}; "
-            f"or pass a path to a .yaml file (extra directories: ${PROFILES_ENV_VAR})"
-        )
+        # profiles are files found in directories, not registered entries: the error reads as
+        # every registry's does
+        raise unknown_name(
+            "device profile", text, files, error=ProfileError,
+            suffix=f"; or pass a path to a .yaml file (extra directories: ${PROFILES_ENV_VAR})")
     return _read(files[text])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .model import ACCOUNTINGS, MEMORY_MEASURES, CostModel, accounting_for
 from .result import Cost, CostSummary, CostTotals, LayerRow, OpRow
-from .rules import RULES, Accounting, OpContext, OpCost, register_rule, unknown_rule
+from .rules import RULES, Accounting, OpContext, OpCost, Rule, register_rule, unknown_rule
 
 __all__ = [
     "ACCOUNTINGS",
@@ -19,6 +19,7 @@ __all__ = [
     "OpContext",
     "OpCost",
     "OpRow",
+    "Rule",
     "accounting_for",
     "register_rule",
     "unknown_rule",

@@ -19,6 +19,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
@@ -34,7 +35,7 @@ from ..errors import CostError, PlanError
 from ..graph import LayerGraph
 from ..plan import LayerUpdate, Plan
 from .result import Cost, CostSummary, OpRow
-from .rules import RULES, Accounting, OpContext, OpCost, conv_geometry, unknown_rule
+from .rules import RULES, Accounting, OpContext, OpCost, Rule, conv_geometry, unknown_rule
 
 if TYPE_CHECKING:
     from ..profiles import DeviceProfile
@@ -90,7 +91,10 @@ class CostModel:
         training: Whether dropout and stochastic depth are active (model in train mode).
         bn_train: Whether batch norm runs on batch statistics (else frozen, the default).
         strict: Raise :class:`CostError` on op kinds without a cost rule instead of warning.
-        rules: A rule table to use instead of the global one.
+        rules: Cost rules of this model only, by op kind: they are used instead of the globally
+            registered rules of these kinds (or for kinds without one), which stay unchanged
+            for every other cost model (as fvcore's ``FlopCountAnalysis.set_op_handle``). See
+            also :meth:`set_rule`.
 
     Example:
         One training step of MCUNet on an STM32F746 (the profile's batch size and optimizer),
@@ -125,7 +129,7 @@ class CostModel:
         training: bool = True,
         bn_train: bool = False,
         strict: bool = False,
-        rules: Mapping[str, Any] | None = None,
+        rules: Mapping[str, Rule] | None = None,
     ) -> None:
         self.graph = graph
         self.profile = profile
@@ -140,17 +144,53 @@ class CostModel:
         if self.batch < 1:
             raise CostError(f"batch size must be >= 1; got {self.batch}")
         self.training, self.bn_train = training, bn_train
-        self.rules = dict(rules if rules is not None else RULES)
-        self.unknown_ops = sorted({n.kind for n in graph.nodes if n.kind not in self.rules})
+        self._rules: dict[str, Rule] = dict(RULES)
+        for kind, rule in (rules or {}).items():
+            self._rules[kind] = _check_rule(kind, rule)
+        self.unknown_ops = self._unknown_ops()
         if self.unknown_ops:
             msg = (
                 "no cost rule for op kinds " + ", ".join(self.unknown_ops) + "; they are counted "
-                "as saving all their inputs (register a rule with budgetsearch.cost.register_rule)"
+                "as saving all their inputs (register a rule with budgetsearch.cost.register_rule, "
+                "or give this cost model one with rules= or set_rule)"
             )
             if strict:
                 raise CostError(msg)
             warnings.warn(msg, stacklevel=2)
         self._prepare()
+
+    # ----------------------------------------------------------------------------------- rules
+    @property
+    def rules(self) -> Mapping[str, Rule]:
+        """The cost rules this model applies, by op kind (read-only: the registered rules and
+        this model's own)."""
+        return MappingProxyType(self._rules)
+
+    def set_rule(self, kind: str, rule: Rule) -> CostModel:
+        """Use ``rule`` for op kind ``kind`` in this cost model only; the registered rule and
+        every other cost model are unchanged (as fvcore's
+        ``FlopCountAnalysis.set_op_handle``).
+
+        Args:
+            kind: The op kind (the graph's ``OpNode.kind``).
+            rule: A pure function from :class:`~budgetsearch.cost.OpContext` to
+                :class:`~budgetsearch.cost.OpCost`.
+
+        Returns:
+            This cost model, for chaining.
+
+        Raises:
+            CostError: If ``rule`` is not callable.
+        """
+        self._rules[kind] = _check_rule(kind, rule)
+        for node, memo in zip(self._nodes, self._memo, strict=True):
+            if node.kind == kind:
+                memo.clear()
+        self.unknown_ops = self._unknown_ops()
+        return self
+
+    def _unknown_ops(self) -> list[str]:
+        return sorted({n.kind for n in self.graph.nodes if n.kind not in self._rules})
 
     # ----------------------------------------------------------------------------- preparation
     def _prepare(self) -> None:
@@ -309,7 +349,7 @@ class CostModel:
             node = self._nodes[i]
             ctx = OpContext(node, self._inputs[i], self.batch, self.acc, input_grad, wf, inf,
                             bias, r, self.training, self.bn_train)
-            cost = self.rules.get(node.kind, unknown_rule)(ctx)
+            cost = self._rules.get(node.kind, unknown_rule)(ctx)
             hit = memo[key] = (cost, self._backward_ms(node, cost))
         return hit
 
@@ -603,6 +643,13 @@ class _Step:
     peak_pos: int
     parts: dict[str, Any]
     latency_ms: float
+
+
+def _check_rule(kind: str, rule: Any) -> Rule:
+    if not callable(rule):
+        raise CostError(f"the cost rule for {kind!r} must be a function of an OpContext; got "
+                        f"{rule!r}")
+    return rule
 
 
 def _replace_storage(node, storage: int, numel: int):

@@ -1,4 +1,4 @@
-"""Per-operator cost rules: one table of pure functions, extensible by users.
+"""Per-operator cost rules: one registry of pure functions, extensible by users.
 
 Each rule takes an :class:`OpContext` (the op's geometry, the batch size, which of its inputs need a
 gradient, what of its parameters is updated, and the accounting) and returns an :class:`OpCost`:
@@ -20,16 +20,23 @@ a minimal on-device engine keeps (the profile's data types, 1-bit ReLU masks, ba
 into the conv, only the kept input channels of a channel-sparse layer, pooled inputs of filtered
 convs).
 
-Register a rule for a new op kind with :func:`register_rule`; an op kind without a rule is counted
-by :func:`unknown_rule` (it saves all its inputs) and reported by name.
+Every rule is registered by :func:`register_rule`, used as a decorator on its definition (as
+PyTorch registers its FLOP formulas with ``register_flop_formula``); registering an op kind twice
+raises. A rule for a new op kind is registered the same way; to use another rule in one cost model
+only, pass it to that model (``CostModel(..., rules={kind: rule})`` or
+:meth:`~budgetsearch.cost.CostModel.set_rule`) rather than replacing the global one. An op kind
+without a rule is counted by :func:`unknown_rule` (it saves all its inputs) and reported by name.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import overload
 
+from .._registry import Registry
+from ..errors import CostError
 from ..graph import OpNode
 
 __all__ = [
@@ -151,6 +158,46 @@ class OpCost:
 
 Rule = Callable[[OpContext], OpCost]
 
+#: The rule registry, by op kind (the graph's ``OpNode.kind``). Extend with :func:`register_rule`.
+RULES: Registry[Rule] = Registry("cost rule", error=CostError)
+
+
+@overload
+def register_rule(
+    kinds: str | Iterable[str], rule: None = None, *, replace: bool = False
+) -> Callable[[Rule], Rule]: ...
+
+
+@overload
+def register_rule(kinds: str | Iterable[str], rule: Rule, *, replace: bool = False) -> Rule: ...
+
+
+def register_rule(
+    kinds: str | Iterable[str], rule: Rule | None = None, *, replace: bool = False
+) -> Callable[[Rule], Rule] | Rule:
+    """Register a cost rule for one or more op kinds (the graph's ``OpNode.kind``).
+
+    Used as a decorator, ``@register_rule("conv2d")`` or ``@register_rule(["relu6", "gelu"])``
+    above a function from :class:`OpContext` to :class:`OpCost`; or called with the rule,
+    ``register_rule("my_op", my_rule)``.
+
+    Args:
+        kinds: The op kind, or several, e.g. a module class name the graph does not map.
+        rule: The rule; without it a decorator is returned.
+        replace: Replace the rule registered for a kind (for every cost model built after).
+            To use another rule in one cost model only, give it to that model instead
+            (``CostModel(..., rules=...)`` or :meth:`~budgetsearch.cost.CostModel.set_rule`).
+
+    Returns:
+        The rule, or the decorator registering what it decorates.
+
+    Raises:
+        CostError: If a rule is registered for a kind and ``replace`` is false.
+    """
+    names = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    decorate = RULES.register(*names, replace=replace)
+    return decorate if rule is None else decorate(rule)
+
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -187,6 +234,7 @@ def conv_geometry(node: OpNode, inp: OpNode) -> ConvGeometry:
                         in_positions, hw)
 
 
+@register_rule(["conv2d", "linear"])
 def _conv(ctx: OpContext) -> OpCost:
     n, inp = ctx.batch, ctx.inputs[0]
     g = conv_geometry(ctx.node, inp)
@@ -231,6 +279,7 @@ def _planned_conv_saved(ctx: OpContext, g: ConvGeometry, patches: int) -> list:
     return [ctx.tensor(inp)]
 
 
+@register_rule("batch_norm")
 def _batch_norm(ctx: OpContext) -> OpCost:
     channels = int(ctx.node.attrs.get("channels", ctx.node.shape[1]))
     gb = ctx.batch * ctx.node.numel if ctx.bias else 0
@@ -257,38 +306,53 @@ def _stock_saved(ctx: OpContext, saves: str) -> OpCost:
     return OpCost(saved=(ctx.tensor(src),))
 
 
-def _mask_or(saves: str) -> Rule:
+def _mask_or(ctx: OpContext, saves: str) -> OpCost:
     """ReLU-like ops: a 1-bit mask on a device; in PyTorch the input or the result."""
-
-    def rule(ctx: OpContext) -> OpCost:
-        if not (ctx.input_grad and ctx.input_grad[0]):
-            return OpCost()
-        if ctx.acc.planned_ops:  # a bool mask, one byte per element
-            return OpCost(saved=(ctx.private("mask", ctx.batch * ctx.node.numel, 1),))
-        if ctx.acc.stock_autograd:
-            return _stock_saved(ctx, saves)
-        bits = ctx.acc.mask_bits / 8
-        return OpCost(saved=(ctx.private("mask", ctx.batch * ctx.node.numel, bits),))
-
-    return rule
+    if not (ctx.input_grad and ctx.input_grad[0]):
+        return OpCost()
+    if ctx.acc.planned_ops:  # a bool mask, one byte per element
+        return OpCost(saved=(ctx.private("mask", ctx.batch * ctx.node.numel, 1),))
+    if ctx.acc.stock_autograd:
+        return _stock_saved(ctx, saves)
+    bits = ctx.acc.mask_bits / 8
+    return OpCost(saved=(ctx.private("mask", ctx.batch * ctx.node.numel, bits),))
 
 
-def _full(saves: str) -> Rule:
-    """Ops whose backward needs a full tensor: h-swish, h-sigmoid, SiLU (input), sigmoid
-    (result)."""
-
-    def rule(ctx: OpContext) -> OpCost:
-        if not (ctx.input_grad and ctx.input_grad[0]):
-            return OpCost()
-        if ctx.acc.stock_autograd:
-            return _stock_saved(ctx, saves)
-        src = ctx.node if saves == "result" else ctx.inputs[0]
-        return OpCost(saved=(ctx.private(saves, ctx.batch * src.numel,
-                                         ctx.acc.activation_bytes),))
-
-    return rule
+@register_rule("relu")
+def _relu(ctx: OpContext) -> OpCost:
+    """ReLU: a mask; stock autograd keeps its result."""
+    return _mask_or(ctx, "result")
 
 
+@register_rule(["hardtanh", "clamp"])
+def _clamp(ctx: OpContext) -> OpCost:
+    """Hardtanh (ReLU6) and clamp: a mask; stock autograd keeps their input."""
+    return _mask_or(ctx, "input")
+
+
+def _full(ctx: OpContext, saves: str) -> OpCost:
+    """Ops whose backward needs a full tensor: their input or their result."""
+    if not (ctx.input_grad and ctx.input_grad[0]):
+        return OpCost()
+    if ctx.acc.stock_autograd:
+        return _stock_saved(ctx, saves)
+    src = ctx.node if saves == "result" else ctx.inputs[0]
+    return OpCost(saved=(ctx.private(saves, ctx.batch * src.numel, ctx.acc.activation_bytes),))
+
+
+@register_rule(["hardswish", "hardsigmoid", "silu"])
+def _full_input(ctx: OpContext) -> OpCost:
+    """h-swish, h-sigmoid, SiLU: the backward needs the input."""
+    return _full(ctx, "input")
+
+
+@register_rule("sigmoid")
+def _sigmoid(ctx: OpContext) -> OpCost:
+    """Sigmoid: the backward needs the result."""
+    return _full(ctx, "result")
+
+
+@register_rule("mul")
 def _mul(ctx: OpContext) -> OpCost:
     saved = []
     ins, grads = ctx.inputs, ctx.input_grad
@@ -304,11 +368,13 @@ def _mul(ctx: OpContext) -> OpCost:
     return OpCost(saved=tuple(dict(saved).items()))
 
 
+@register_rule(["input", "add", "cat", "view", "mean"])
 def _nothing(ctx: OpContext) -> OpCost:
     """Ops whose backward needs only shapes: add, cat, views, global average pooling."""
     return OpCost()
 
 
+@register_rule(["adaptive_avg_pool2d", "avg_pool2d"])
 def _pool(ctx: OpContext) -> OpCost:
     """Average pooling other than global: PyTorch keeps the input; a device needs only shapes."""
     if not (ctx.input_grad and ctx.input_grad[0]):
@@ -320,6 +386,7 @@ def _pool(ctx: OpContext) -> OpCost:
     return OpCost()
 
 
+@register_rule("max_pool2d")
 def _max_pool(ctx: OpContext) -> OpCost:
     if not (ctx.input_grad and ctx.input_grad[0]):
         return OpCost()
@@ -329,6 +396,7 @@ def _max_pool(ctx: OpContext) -> OpCost:
     return OpCost(saved=(ctx.private("indices", out, 1),))  # index within the window
 
 
+@register_rule("dropout")
 def _dropout(ctx: OpContext) -> OpCost:
     if not (ctx.training and ctx.node.attrs.get("p", 0) > 0 and ctx.input_grad[0]):
         return OpCost()
@@ -338,6 +406,7 @@ def _dropout(ctx: OpContext) -> OpCost:
     return OpCost(saved=(ctx.private("mask", numel, ctx.acc.mask_bits / 8),))
 
 
+@register_rule("stochastic_depth")
 def _stochastic_depth(ctx: OpContext) -> OpCost:
     if not (ctx.training and ctx.node.attrs.get("p", 0) > 0 and ctx.input_grad[0]):
         return OpCost()
@@ -357,45 +426,3 @@ def unknown_rule(ctx: OpContext) -> OpCost:
         ctx.private(f"input{k}", ctx.batch * i.numel, ctx.acc.activation_bytes)
         for k, i in enumerate(ctx.inputs)
     ))
-
-
-#: The rule table, by op kind. Extend with :func:`register_rule`.
-RULES: dict[str, Rule] = {
-    "input": _nothing,
-    "conv2d": _conv,
-    "linear": _conv,
-    "batch_norm": _batch_norm,
-    "relu": _mask_or("result"),
-    "hardtanh": _mask_or("input"),
-    "clamp": _mask_or("input"),
-    "hardswish": _full("input"),
-    "hardsigmoid": _full("input"),
-    "silu": _full("input"),
-    "sigmoid": _full("result"),
-    "mul": _mul,
-    "add": _nothing,
-    "cat": _nothing,
-    "view": _nothing,
-    "mean": _nothing,
-    "adaptive_avg_pool2d": _pool,
-    "avg_pool2d": _pool,
-    "max_pool2d": _max_pool,
-    "dropout": _dropout,
-    "stochastic_depth": _stochastic_depth,
-}
-
-
-def register_rule(kind: str, rule: Rule, *, replace: bool = False) -> None:
-    """Add a cost rule for an op kind (the graph's ``OpNode.kind``).
-
-    Args:
-        kind: The op kind, e.g. a module class name the graph does not map.
-        rule: A pure function from :class:`OpContext` to :class:`OpCost`.
-        replace: Allow replacing an existing rule.
-
-    Raises:
-        ValueError: If a rule exists for the kind and ``replace`` is false.
-    """
-    if kind in RULES and not replace:
-        raise ValueError(f"a cost rule for {kind!r} exists; pass replace=True to override it")
-    RULES[kind] = rule

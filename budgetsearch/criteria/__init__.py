@@ -1,15 +1,20 @@
 """Selection criteria: which layers and channels are worth updating.
 
 Every criterion implements :class:`Criterion` and returns :class:`Scores`. Get one by name with
-:func:`get_criterion` (``fisher``, ``neq``, ``magnitude``, ``random``).
+:func:`get_criterion` (``fisher``, ``neq``, ``magnitude``, ``random``); register another with
+:func:`register_criterion`, a decorator on its class.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..errors import ScoresError
-from .base import Batches, Criterion, trainable_layers
+from .base import (
+    Batches,
+    Criterion,
+    get_criterion,
+    list_criteria,
+    register_criterion,
+    trainable_layers,
+)
 from .fisher import (
     FisherCriterion,
     cross_entropy_sum,
@@ -43,36 +48,7 @@ __all__ = [
     "list_criteria",
     "magnitude_scores",
     "random_scores",
+    "register_criterion",
     "tinytrain_layer_scores",
     "trainable_layers",
 ]
-
-_REGISTRY: dict[str, type[Criterion]] = {
-    cls.name: cls for cls in (FisherCriterion, NEqCriterion, MagnitudeCriterion, RandomCriterion)
-}
-
-
-def list_criteria() -> list[str]:
-    """Names of the registered criteria, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get_criterion(name: str, **options: Any) -> Criterion:
-    """Build a criterion by name.
-
-    Args:
-        name: One of :func:`list_criteria` (case-insensitive).
-        **options: Keyword options of that criterion (e.g. ``samples=128`` for ``fisher``,
-            ``seed=0`` for ``random``).
-
-    Raises:
-        ScoresError: If the name is unknown (listing the known ones) or an option is not
-            accepted by that criterion.
-    """
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise ScoresError(f"unknown criterion {name!r}; known: {', '.join(list_criteria())}")
-    try:
-        return _REGISTRY[key](**options)
-    except TypeError as exc:
-        raise ScoresError(f"criterion {key!r}: bad options {sorted(options)} ({exc})") from exc

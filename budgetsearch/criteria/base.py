@@ -1,16 +1,22 @@
-"""The contract every selection criterion fulfils, and helpers the criteria share."""
+"""The contract every selection criterion fulfils, the criterion registry, and helpers the
+criteria share.
+
+A criterion class is registered under its name by :func:`register_criterion`, a decorator on the
+class; :func:`get_criterion` builds one by name and :func:`list_criteria` lists the names.
+"""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from ..errors import DataError
+from .._registry import Registry
+from ..errors import DataError, ScoresError
 from ..fingerprint import TRAINABLE_LAYER_TYPES
 from ..ops.modules import suspended_epilogues
 from .scores import Scores
@@ -18,8 +24,11 @@ from .scores import Scores
 __all__ = [
     "Batches",
     "Criterion",
+    "get_criterion",
+    "list_criteria",
     "model_dtype_device",
     "preserved_state",
+    "register_criterion",
     "take_samples",
     "trainable_layers",
 ]
@@ -50,7 +59,7 @@ class Criterion(abc.ABC):
           by the model or a numerical failure :class:`~budgetsearch.errors.ScoresError`.
 
     Attributes:
-        name: Registry name of the criterion.
+        name: Registry name of the criterion (set by :func:`register_criterion`).
         needs_data: Whether :meth:`score` reads ``data`` (``False``: it may be ``None``).
     """
 
@@ -76,6 +85,57 @@ class Criterion(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({args})"
+
+
+C = TypeVar("C", bound=type[Criterion])
+
+#: The criterion classes by name (case-insensitive).
+_CRITERIA: Registry[type[Criterion]] = Registry(
+    "criterion", error=ScoresError, normalize=lambda name: name.strip().lower())
+
+
+def register_criterion(name: str, *, replace: bool = False) -> Callable[[C], C]:
+    """A decorator registering a :class:`Criterion` subclass under ``name`` (and setting its
+    ``name``), so that :func:`get_criterion` builds it.
+
+    Args:
+        name: The registry name (case-insensitive).
+        replace: Replace a criterion registered under the name.
+
+    Raises:
+        ScoresError: If the name is taken and ``replace`` is false.
+    """
+    def decorate(cls: C) -> C:
+        _CRITERIA.add(name, cls, replace=replace)
+        cls.name = name.strip().lower()
+        return cls
+
+    return decorate
+
+
+def list_criteria() -> list[str]:
+    """Names of the registered criteria, sorted."""
+    return _CRITERIA.names()
+
+
+def get_criterion(name: str, **options: Any) -> Criterion:
+    """Build a criterion by name.
+
+    Args:
+        name: One of :func:`list_criteria` (case-insensitive).
+        **options: Keyword options of that criterion (e.g. ``samples=128`` for ``fisher``,
+            ``seed=0`` for ``random``).
+
+    Raises:
+        ScoresError: If the name is unknown (listing the known ones) or an option is not
+            accepted by that criterion.
+    """
+    cls = _CRITERIA[name]
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ScoresError(f"criterion {cls.name!r}: bad options {sorted(options)} ({exc})"
+                          ) from exc
 
 
 def trainable_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, ScoresError
-from .base import Batches, Criterion, model_dtype_device, preserved_state, take_samples
+from .base import (
+    Batches,
+    Criterion,
+    model_dtype_device,
+    preserved_state,
+    register_criterion,
+    take_samples,
+)
 from .base import trainable_layers as _layers
 from .memory import MemoryMeter
 from .scores import LayerScores, Scores, input_channels
@@ -397,6 +404,7 @@ def tinytrain_layer_scores(
     return {n: float(potential[n]) / float(c) for n, c in zip(names, cost, strict=True)}
 
 
+@register_criterion("fisher")
 class FisherCriterion(Criterion):
     """Fisher potential criterion (see the module docstring for its conventions).
 
@@ -405,8 +413,6 @@ class FisherCriterion(Criterion):
         micro_batch: Samples per forward/backward pass.
         loss: Per-sample (or summed) loss; cross-entropy summed over samples by default.
     """
-
-    name: ClassVar[str] = "fisher"
 
     def __init__(
         self, *, samples: int | None = 128, micro_batch: int = 16, loss: LossFn | None = None

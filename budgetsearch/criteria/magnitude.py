@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..models.mcu import int8_weight
-from .base import Batches, Criterion, trainable_layers
+from .base import Batches, Criterion, register_criterion, trainable_layers
 from .scores import LayerScores, Scores
 
 __all__ = ["MagnitudeCriterion", "magnitude_scores"]
@@ -52,10 +52,10 @@ def magnitude_scores(model: nn.Module) -> Scores:
     return Scores.for_model(model, criterion="magnitude", layers=layers, metadata=metadata)
 
 
+@register_criterion("magnitude")
 class MagnitudeCriterion(Criterion):
     """Weight-magnitude criterion (see the module docstring); ignores ``data``."""
 
-    name: ClassVar[str] = "magnitude"
     needs_data: ClassVar[bool] = False
 
     def score(self, model: nn.Module, data: Batches | None = None) -> Scores:

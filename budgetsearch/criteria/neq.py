@@ -26,14 +26,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import DataError, ScoresError
-from .base import Batches, Criterion, preserved_state, take_samples, trainable_layers
+from .base import (
+    Batches,
+    Criterion,
+    preserved_state,
+    register_criterion,
+    take_samples,
+    trainable_layers,
+)
 from .scores import LayerScores, Scores
 
 __all__ = ["NEqCriterion", "NEqTracker", "channel_param_counts", "cosine_distance"]
@@ -210,6 +217,7 @@ class NEqTracker:
         return Scores.for_model(self.model, criterion="neq", layers=layers, metadata=metadata)
 
 
+@register_criterion("neq")
 class NEqCriterion(Criterion):
     """NEq velocities over a sequence of weight snapshots (e.g. one state dict per epoch).
 
@@ -223,8 +231,6 @@ class NEqCriterion(Criterion):
         momentum: μ.
         eps: Equilibrium threshold.
     """
-
-    name: ClassVar[str] = "neq"
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import nn
 
-from .base import Batches, Criterion, trainable_layers
+from .base import Batches, Criterion, register_criterion, trainable_layers
 from .scores import LayerScores, Scores, input_channels
 
 __all__ = ["RandomCriterion", "random_scores"]
@@ -29,6 +29,7 @@ def random_scores(model: nn.Module, *, seed: int = 0) -> Scores:
     return Scores.for_model(model, criterion="random", layers=layers, metadata=metadata)
 
 
+@register_criterion("random")
 class RandomCriterion(Criterion):
     """Random scores; ``seed`` fixes them. Ignores ``data``.
 
@@ -36,7 +37,6 @@ class RandomCriterion(Criterion):
         seed: Seed of the numpy generator.
     """
 
-    name: ClassVar[str] = "random"
     needs_data: ClassVar[bool] = False
 
     def __init__(self, *, seed: int = 0) -> None:

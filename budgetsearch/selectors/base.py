@@ -1,7 +1,8 @@
 """The selector registry, the selection context every method works in, and shared helpers.
 
 A selection method is a function ``method(ctx, **options) -> Selection`` registered under a name
-with :func:`register_method`. :func:`select` builds a :class:`SelectionContext` (cost model,
+by :func:`register_method`, a decorator on the function (a name is registered once unless
+``replace=True``). :func:`select` builds a :class:`SelectionContext` (cost model,
 budgets, scores, seed, memory measure), calls the method, checks that the plan it returns fits
 (measured with the cost model, not counted in parameters) and returns a :class:`~budgetsearch.plan.
 Plan` carrying the device, budgets, batch size, optimizer, the predicted costs and its provenance.
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .._registry import Registry
 from .._version import __version__
 from ..budget import Budget
 from ..choices import HEAD_MODES, MEMORY_MEASURES, HeadMode, MemoryMeasure
@@ -97,16 +99,36 @@ class MethodSpec:
         return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
 
 
-_METHODS: dict[str, MethodSpec] = {}
+#: The selection methods by name (case-insensitive).
+_METHODS: Registry[MethodSpec] = Registry(
+    "selection method", error=PlanError, normalize=lambda name: name.strip().lower())
 
 
 def register_method(
-    name: str, *, needs_scores: bool = False, enforces_budget: bool = True, summary: str = ""
+    name: str,
+    *,
+    needs_scores: bool = False,
+    enforces_budget: bool = True,
+    summary: str = "",
+    replace: bool = False,
 ) -> Callable[[Callable[..., Selection]], Callable[..., Selection]]:
-    """Decorator registering ``fn(ctx, *, option=default, ...) -> Selection`` under ``name``."""
+    """Decorator registering ``fn(ctx, *, option=default, ...) -> Selection`` under ``name``.
+
+    Args:
+        name: The method's name (case-insensitive).
+        needs_scores: Whether the method refuses to run without scores.
+        enforces_budget: Whether its plan must fit (``full`` only records whether it does).
+        summary: One line for listings.
+        replace: Replace a method registered under the name.
+
+    Raises:
+        PlanError: If the name is taken and ``replace`` is false.
+    """
 
     def decorate(fn: Callable[..., Selection]) -> Callable[..., Selection]:
-        _METHODS[name] = MethodSpec(name, fn, needs_scores, enforces_budget, summary)
+        key = name.strip().lower()
+        _METHODS.add(key, MethodSpec(key, fn, needs_scores, enforces_budget, summary),
+                     replace=replace)
         return fn
 
     return decorate
@@ -114,7 +136,7 @@ def register_method(
 
 def list_methods() -> list[str]:
     """Names of the registered selection methods, sorted."""
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def get_method(name: str) -> MethodSpec:
@@ -123,10 +145,7 @@ def get_method(name: str) -> MethodSpec:
     Raises:
         PlanError: For an unknown name, listing the known ones.
     """
-    key = str(name).strip().lower()
-    if key not in _METHODS:
-        raise PlanError(f"unknown selection method {name!r}; methods: {', '.join(list_methods())}")
-    return _METHODS[key]
+    return _METHODS[name]
 
 
 def channel_params(layer: Layer) -> int:

@@ -130,7 +130,7 @@ def test_register_model_and_auto_head() -> None:
     def tiny() -> nn.Module:
         return conv_pool_linear(3, seed=None)
 
-    register_model("tiny-test", tiny, overwrite=True)
+    register_model("tiny-test", tiny, replace=True)
     with pytest.raises(ModelError, match="already registered"):
         register_model("tiny-test", tiny)
     model = load_model("tiny-test", num_classes=2)

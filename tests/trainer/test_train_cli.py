@@ -26,7 +26,7 @@ def build() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    register_model(NAME, build, overwrite=True)
+    register_model(NAME, build, replace=True)
     root = tmp_path_factory.mktemp("cli")
     rng = np.random.default_rng(0)
     for c, name in enumerate(("a", "b")):
