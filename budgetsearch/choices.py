@@ -25,6 +25,7 @@ __all__ = [
     "ACCOUNTINGS",
     "AXES",
     "BN_MODES",
+    "ENGINES",
     "FILTER_MODES",
     "HEAD_MODES",
     "MEMORY_MEASURES",
@@ -36,6 +37,7 @@ __all__ = [
     "AccountingName",
     "Axis",
     "BnMode",
+    "Engine",
     "FilterMode",
     "HeadMode",
     "MemoryMeasure",
@@ -69,6 +71,13 @@ BN_MODES: tuple[BnMode, ...] = get_args(BnMode)
 #: device profile's engine and data types).
 AccountingName = Literal["pytorch", "ops", "device"]
 ACCOUNTINGS: tuple[AccountingName, ...] = get_args(AccountingName)
+
+#: What runs the training step an accounting counts (:class:`budgetsearch.cost.Accounting`):
+#: ``autograd`` (stock PyTorch autograd, a plan applied by ``requires_grad`` freezing),
+#: ``ops`` (budgetsearch's operators under PyTorch autograd) or ``device`` (a minimal on-device
+#: training engine).
+Engine = Literal["autograd", "ops", "device"]
+ENGINES: tuple[Engine, ...] = get_args(Engine)
 
 #: How one layer of a plan is updated: its ``bias`` alone, or its ``weight`` (and bias).
 UpdateMode = Literal["bias", "weight"]

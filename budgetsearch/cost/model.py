@@ -49,18 +49,20 @@ _NO_COST = OpCost()
 
 def accounting_for(profile: DeviceProfile, name: AccountingName) -> Accounting:
     """The accounting ``name`` on a profile: ``pytorch`` (stock autograd with ``requires_grad``
-    freezing), ``ops`` (budgetsearch's operators in PyTorch, fp32) or ``device``.
+    freezing, fp32), ``ops`` (budgetsearch's operators in PyTorch, fp32) or ``device`` (the
+    profile's engine and data types).
 
     Raises:
         CostError: For an unknown accounting name.
     """
     if name == "pytorch":
-        return Accounting("pytorch", 4, 4, 4, 4, 4, 8, True, False, False, True)
+        return Accounting(name="pytorch", engine="autograd")
     if name == "ops":
-        return Accounting("ops", 4, 4, 4, 4, 4, 8, True, False, False, True, planned_ops=True)
+        return Accounting(name="ops", engine="ops")
     if name == "device":
         return Accounting(
-            "device",
+            name="device",
+            engine="device",
             activation_bytes=profile.activation_bytes,
             weight_bytes=profile.weight_bytes,
             bias_bytes=profile.bias_bytes,
@@ -70,7 +72,6 @@ def accounting_for(profile: DeviceProfile, name: AccountingName) -> Accounting:
             frozen_weights_in_ram=profile.frozen_weights_in == "ram",
             fold_batchnorm=True,
             in_place_update=profile.in_place_update,
-            stock_autograd=False,
         )
     raise CostError(f"accounting must be one of {', '.join(ACCOUNTINGS)}; got {name!r}")
 
@@ -85,7 +86,8 @@ class CostModel:
     Args:
         graph: The traced model.
         profile: The device profile.
-        accounting: ``device`` (the profile's engine) or ``pytorch`` (stock autograd, fp32).
+        accounting: ``device`` (the profile's engine), ``pytorch`` (stock autograd, fp32),
+            ``ops`` (budgetsearch's operators, fp32), or an :class:`~budgetsearch.cost.Accounting`.
         batch_size: Batch size; the profile's default when None.
         optimizer: ``sgd``, ``momentum`` or ``adam``; the profile's default when None.
         training: Whether dropout and stochastic depth are active (model in train mode).
@@ -123,7 +125,7 @@ class CostModel:
         graph: LayerGraph,
         profile: DeviceProfile,
         *,
-        accounting: AccountingName = "device",
+        accounting: AccountingName | Accounting = "device",
         batch_size: int | None = None,
         optimizer: Optimizer | None = None,
         training: bool = True,
@@ -133,7 +135,8 @@ class CostModel:
     ) -> None:
         self.graph = graph
         self.profile = profile
-        self.acc = accounting_for(profile, accounting)
+        self.acc = (accounting if isinstance(accounting, Accounting)
+                    else accounting_for(profile, accounting))
         # 0 is refused below, not taken for "the profile's default"
         self.batch = int(profile.default_batch_size if batch_size is None else batch_size)
         self.optimizer: Optimizer = optimizer or profile.default_optimizer

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import overload
 
 from .._registry import Registry
+from ..choices import ENGINES, Engine
 from ..errors import CostError
 from ..graph import OpNode
 
@@ -51,12 +52,29 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Accounting:
-    """Byte sizes and engine behaviour an accounting assumes.
+    """Byte sizes and engine behaviour an accounting assumes, built from keyword arguments; the
+    byte sizes default to stock PyTorch's (fp32).
+
+    Example:
+        >>> from budgetsearch.cost import Accounting
+        >>> acc = Accounting(name="int8-engine", engine="device", activation_bytes=1,
+        ...                  weight_bytes=1, mask_bits=1, fold_batchnorm=True)
+        >>> acc.stock_autograd, acc.realises_plan, acc.gradient_bytes
+        (False, True, 4)
 
     Attributes:
-        name: ``pytorch`` or ``device``.
+        name: The accounting's name (``pytorch``, ``ops`` and ``device`` are built by
+            :func:`~budgetsearch.cost.accounting_for`).
+        engine: What runs the step (:data:`~budgetsearch.choices.ENGINES`): ``autograd``, stock
+            PyTorch autograd, keeping tensors as it keeps them (fp32 storages, deduplicated),
+            with a plan applied by ``requires_grad`` freezing; ``ops``, budgetsearch's operators
+            (``budgetsearch.trainer``'s ``apply_plan``) under autograd: channel subsets and
+            gradient filters are realised, frozen layers on the backward path keep no input,
+            frozen batch norm keeps nothing, ReLU-like ops keep a bool mask; ``device``, a
+            minimal on-device engine keeping only what each backward needs, at the byte sizes
+            given here.
         activation_bytes: Bytes per activation element (live or saved).
         weight_bytes: Bytes per weight element.
         bias_bytes: Bytes per bias element.
@@ -68,31 +86,43 @@ class Accounting:
         in_place_update: Whether each weight is updated as its gradient is computed (a fused
             update, as the MIT engine does): one output channel's gradient row is held at a time,
             and only during that layer's backward.
-        stock_autograd: Whether tensors are kept as PyTorch autograd keeps them (fp32 storages,
-            deduplicated), for every op that ``planned_ops`` does not replace.
-        planned_ops: Whether the plan runs on budgetsearch's operators (``budgetsearch.trainer``'s
-            ``apply_plan``): channel subsets and gradient filters are realised, frozen layers on
-            the backward path keep no input, frozen batch norm keeps nothing, ReLU-like ops keep
-            a bool mask.
+
+    Raises:
+        CostError: For an unknown engine.
     """
 
     name: str
-    activation_bytes: float
-    weight_bytes: float
-    bias_bytes: float
-    gradient_bytes: float
-    optimizer_state_bytes: float
-    mask_bits: int
-    frozen_weights_in_ram: bool
-    fold_batchnorm: bool
-    in_place_update: bool
-    stock_autograd: bool
-    planned_ops: bool = False
+    engine: Engine
+    activation_bytes: float = 4
+    weight_bytes: float = 4
+    bias_bytes: float = 4
+    gradient_bytes: float = 4
+    optimizer_state_bytes: float = 4
+    mask_bits: int = 8
+    frozen_weights_in_ram: bool = True
+    fold_batchnorm: bool = False
+    in_place_update: bool = False
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise CostError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+
+    @property
+    def stock_autograd(self) -> bool:
+        """Whether tensors are kept as PyTorch autograd keeps them (engines ``autograd`` and
+        ``ops``), for every op that ``planned_ops`` does not replace."""
+        return self.engine != "device"
+
+    @property
+    def planned_ops(self) -> bool:
+        """Whether the plan runs on budgetsearch's operators (engine ``ops``)."""
+        return self.engine == "ops"
 
     @property
     def realises_plan(self) -> bool:
-        """Whether channel subsets and gradient filters change what is computed and stored."""
-        return self.planned_ops or not self.stock_autograd
+        """Whether channel subsets and gradient filters change what is computed and stored (every
+        engine but stock ``autograd``)."""
+        return self.engine != "autograd"
 
 
 @dataclass(frozen=True)
