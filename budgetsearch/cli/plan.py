@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..budget import Budget
+from ..choices import MEMORY_MEASURES, THIRD_OBJECTIVES
 from ..errors import DataError, SearchError
 from ..units import format_bytes
 from ._common import (
@@ -27,7 +29,7 @@ from ._common import (
     add_budget_args,
     add_device_args,
     add_model_args,
-    budgets,
+    budget_from_args,
     float_range,
     int_range,
     write_text,
@@ -118,10 +120,10 @@ def register(subparsers: Any) -> None:
     s = p.add_argument_group("search")
     s.add_argument("--trials", type=int_range(1, MAX_TRIALS), default=DEFAULT_TRIALS,
                    help=f"finished trials the study should hold (default {DEFAULT_TRIALS})")
-    s.add_argument("--memory-measure", choices=("peak", "training"), default="peak",
+    s.add_argument("--memory-measure", choices=MEMORY_MEASURES, default="peak",
                    help="what the budget limits: peak memory (default) or training memory "
                         "(peak minus the inference peak)")
-    s.add_argument("--third", choices=("latency", "macs"), default="latency",
+    s.add_argument("--third", choices=THIRD_OBJECTIVES, default="latency",
                    help="third objective: latency per step (default) or backward MACs")
     s.add_argument("--granularity", choices=("layer", "block"), default="layer")
     s.add_argument("--last-n", type=int_range(1, MAX_COUNT), default=None,
@@ -201,7 +203,7 @@ def run_plan(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # a replaced classifier head is initialised from it
     model, graph = build_model(args)
     cost_model = build_cost_model(args, graph)
-    memory, latency = budgets(args, load_profile(args.device))
+    budget = budget_from_args(args, load_profile(args.device))
     out = Path(args.out)
     storage = args.storage or f"sqlite:///{out.with_suffix('.study.db').resolve()}"
     storage_kind(storage)  # unknown scheme: refuse before any work
@@ -233,8 +235,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from ..criteria import magnitude_scores
 
     magnitude = magnitude_scores(model)
-    Search(cost_model=cost_model, scores=magnitude, budget_bytes=memory,
-           latency_budget_ms=latency, memory_measure=args.memory_measure, space=space)
+    Search(cost_model=cost_model, scores=magnitude, space=space, **budget.kwargs())
     tensors = _split(args, graph) if args.data is not None and (
         effort.race or objective == "measured") else None
     contributions = (_contributions(args, model, graph, tensors) if objective == "measured"
@@ -244,14 +245,13 @@ def run_plan(args: argparse.Namespace) -> int:
               else f"fisher on {args.data}/{args.split}, {args.samples} samples")
     spec = {"name": args.model, "weights": args.weights, "num_classes": args.num_classes,
             "input_size": int(graph.input_shape[-1]), "mcu_dir": args.mcu_dir}
-    common = dict(cost_model=cost_model, budget_bytes=memory, latency_budget_ms=latency,
-                  memory_measure=args.memory_measure, third=args.third, space=space,
+    common = dict(cost_model=cost_model, **budget.kwargs(), third=args.third, space=space,
                   alpha=args.alpha, bias_credit=args.bias_credit, sampler=args.sampler,
                   seed=args.seed, population_size=args.population, model=spec,
                   scores_source=source, contributions=contributions, decay=args.decay,
                   loss_weight=args.loss_weight,
                   contributions_source=str(args.contrib) if args.contrib else None)
-    name = args.study or _default_study_name(args, memory, latency, source)
+    name = args.study or _default_study_name(args, budget, source)
     probe = Search(scores=magnitude, check_budgets=False, **common).config()
     probe.pop("scores_digest")
     new_file = _sqlite_path(storage)
@@ -307,7 +307,7 @@ def run_plan(args: argparse.Namespace) -> int:
     plan.save(out)
     if args.front_dir:
         _write_front(Path(args.front_dir), result.trials, result.objective_names,
-                     memory, result.baselines, result.trial, name)
+                     budget.memory_bytes, result.baselines, result.trial, name)
     print(summary_table(result) if outcome.race is None else race_table(outcome))
     print(f"wrote {out} (study {name!r} in {result.storage}; "
           f"{time.perf_counter() - started:.1f} s)")
@@ -352,11 +352,12 @@ def _stored_scores(st: Any, name: str, probe: dict, args: argparse.Namespace,
     return scores
 
 
-def _default_study_name(args: argparse.Namespace, memory: int, latency: float | None,
-                        source: str) -> str:
+def _default_study_name(args: argparse.Namespace, budget: Budget, source: str) -> str:
+    """A study name from the arguments: the same arguments continue the same study."""
+    memory = budget.memory_bytes
     key = json.dumps([args.model, args.num_classes, args.input_size, args.device,
-                      args.accounting, args.batch_size, args.optimizer, memory, latency,
-                      args.memory_measure, args.third, args.granularity, args.last_n,
+                      args.accounting, args.batch_size, args.optimizer, memory, budget.latency_ms,
+                      budget.measure, args.third, args.granularity, args.last_n,
                       args.no_filters, args.alpha, args.bias_credit, source,
                       args.scores and str(Path(args.scores).resolve()), args.weights]
                      + ([str(Path(args.contrib).resolve()), args.decay, args.loss_weight]

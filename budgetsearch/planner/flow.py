@@ -160,17 +160,16 @@ def _mit_scheme(search: Any, model: nn.Module | None, seed: int
     name = search.graph.model_name
     if model is None or name not in MIT_SCHEMES:
         return None, None, None
-    budget = search.evaluator.budget_bytes
-    labels = [lab for lab in MIT_SCHEMES[name] if budget is None or int(lab[:-2]) * 1024 <= budget]
+    budget = search.evaluator.budget
+    limit = budget.memory_bytes
+    labels = [lab for lab in MIT_SCHEMES[name] if limit is None or int(lab[:-2]) * 1024 <= limit]
     if not labels:
         return "mit-scheme", None, (f"no published scheme at or below the budget (labels "
                                     f"{', '.join(MIT_SCHEMES[name])})")
     label = max(labels, key=lambda lab: int(lab[:-2]))
     try:
-        plan = select("mit-scheme", cost_model=search.cost_model, budget_bytes=budget,
-                      latency_budget_ms=search.evaluator.latency_budget_ms,
-                      scores=magnitude_scores(model), seed=seed,
-                      memory_measure=search.evaluator.memory_measure, label=label)
+        plan = select("mit-scheme", cost_model=search.cost_model, **budget.kwargs(),
+                      scores=magnitude_scores(model), seed=seed, label=label)
     except BudgetSearchError as exc:
         return f"mit-scheme {label}", None, str(exc)
     return f"mit-scheme {label}", dict(plan.updates), None

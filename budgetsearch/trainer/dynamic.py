@@ -23,12 +23,15 @@ flows search -> plan -> trainer, and a caller above both (the CLI, the studies) 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..budget import Budget
+from ..choices import MemoryMeasure
 from ..cost import CostModel
 from ..criteria import NEqTracker, fisher_potential
 from ..criteria.base import preserved_state
@@ -41,9 +44,10 @@ __all__ = ["DYNAMIC_MODES", "REPLAN_METHODS", "Replanner", "SearchReplan"]
 DYNAMIC_MODES = ("neq", "fisher")
 REPLAN_METHODS = ("auto", "search", "selector")
 
-#: A re-planning function: keyword arguments ``cost_model``, ``scores``, ``budget_bytes``,
-#: ``previous`` (the plan in use), ``trials``, ``seed``, ``memory_measure``; returns a plan or
-#: raises BudgetError / SearchError when nothing fits (:func:`budgetsearch.search.replan`).
+#: A re-planning function: keyword arguments ``cost_model``, ``scores``, ``previous`` (the plan in
+#: use), ``trials``, ``seed`` and the budget's (:meth:`~budgetsearch.budget.Budget.kwargs`:
+#: ``budget_bytes``, ``latency_budget_ms``, ``memory_measure``); returns a plan or raises
+#: BudgetError / SearchError when nothing fits (:func:`budgetsearch.search.replan`).
 SearchReplan = Callable[..., Plan]
 
 
@@ -53,14 +57,19 @@ class Replanner:
     Args:
         kind: ``"neq"`` or ``"fisher"``.
         cost_model: Cost model the selections are measured with.
-        budget_bytes: Memory budget, under ``memory_measure``.
-        memory_measure: ``"peak"`` or ``"training"``.
+        budget: The budget every selection fits (it needs a memory budget).
         probe: NEq's fixed probe inputs (``neq``).
         fisher_batches: Fixed ``(inputs, labels)`` batches for the Fisher pass (``fisher``).
         seed: Seed passed to the selector or the search.
         method: ``auto``, ``search`` or ``selector`` (see the module docstring).
         search_trials: Trials of each search re-plan.
         search_replan: The re-planning function of method ``search`` (:data:`SearchReplan`).
+        budget_bytes: Deprecated: the memory budget, for ``budget``.
+        memory_measure: Deprecated: the memory measure of ``budget_bytes``.
+
+    Raises:
+        PlanError: For an unknown kind or method, a missing memory budget, probe inputs or
+            batches, or method ``search`` without a re-planning function.
     """
 
     def __init__(
@@ -68,15 +77,27 @@ class Replanner:
         kind: str,
         *,
         cost_model: CostModel,
-        budget_bytes: int,
-        memory_measure: str = "peak",
+        budget: Budget | None = None,
         probe: Tensor | None = None,
         fisher_batches: Sequence[tuple[Tensor, Tensor]] = (),
         seed: int = 0,
         method: str = "auto",
         search_trials: int = 100,
         search_replan: SearchReplan | None = None,
+        budget_bytes: int | None = None,
+        memory_measure: MemoryMeasure | None = None,
     ) -> None:
+        if budget_bytes is not None or memory_measure is not None:
+            if budget is not None:
+                raise PlanError("give budget= or the deprecated budget_bytes= and "
+                                "memory_measure=, not both")
+            warnings.warn("Replanner(budget_bytes=..., memory_measure=...) is deprecated: pass "
+                          "budget=Budget(memory_bytes=..., measure=...)", DeprecationWarning,
+                          stacklevel=2)
+            budget = Budget(memory_bytes=budget_bytes, measure=memory_measure or "peak")
+        if budget is None or budget.memory_bytes is None:
+            raise PlanError("dynamic re-selection needs a memory budget: pass "
+                            "budget=Budget(memory_bytes=...)")
         if method not in REPLAN_METHODS:
             raise PlanError(f"method must be one of {', '.join(REPLAN_METHODS)}; got {method!r}")
         if method == "search" and search_replan is None:
@@ -88,8 +109,7 @@ class Replanner:
             raise PlanError("dynamic neq needs probe inputs")
         if kind == "fisher" and not fisher_batches:
             raise PlanError("dynamic fisher needs batches for the Fisher pass")
-        self.kind, self.cost_model = kind, cost_model
-        self.budget_bytes, self.memory_measure = int(budget_bytes), memory_measure
+        self.kind, self.cost_model, self.budget = kind, cost_model, budget
         self.probe, self.fisher_batches = probe, list(fisher_batches)
         self.seed, self.search_trials = seed, int(search_trials)
         self.search_replan = search_replan
@@ -97,6 +117,17 @@ class Replanner:
             if method == "auto" else method
         self.tracker: NEqTracker | None = None
         self.history: list[dict[str, Any]] = []
+
+    @property
+    def budget_bytes(self) -> int:
+        """The memory budget in bytes (:attr:`budget`)."""
+        assert self.budget.memory_bytes is not None
+        return self.budget.memory_bytes
+
+    @property
+    def memory_measure(self) -> MemoryMeasure:
+        """The memory figure the budget limits (:attr:`budget`)."""
+        return self.budget.measure
 
     # --------------------------------------------------------------------------------- NEq
     def start(self, model: nn.Module) -> None:
@@ -130,14 +161,13 @@ class Replanner:
                 assert self.search_replan is not None
                 method = "search"
                 new = self.search_replan(cost_model=self.cost_model, scores=scores,
-                             budget_bytes=self.budget_bytes, previous=plan,
-                             trials=self.search_trials, seed=self.seed + epoch,
-                             memory_measure=self.memory_measure)
+                                         previous=plan, trials=self.search_trials,
+                                         seed=self.seed + epoch, **self.budget.kwargs())
             else:
                 from ..selectors import select
 
-                new = select(method, cost_model=self.cost_model, budget_bytes=self.budget_bytes,
-                             scores=scores, seed=self.seed, memory_measure=self.memory_measure)
+                new = select(method, cost_model=self.cost_model, scores=scores, seed=self.seed,
+                             **self.budget.kwargs())
         except (BudgetError, SearchError) as exc:
             self._note(epoch, "kept", f"no {method} plan fits: {exc}")
             return None

@@ -191,8 +191,8 @@ class Trainer:
                                 "plan names no device or memory budget; pass cost_model= and "
                                 "budget_bytes=")
             self.replanner = Replanner(
-                dynamic, cost_model=self.cost_model, budget_bytes=budget,
-                memory_measure=Budget.from_plan(plan).measure,
+                dynamic, cost_model=self.cost_model,
+                budget=Budget(memory_bytes=budget, measure=Budget.from_plan(plan).measure),
                 probe=probe_inputs(val_data or train_data, neq_probe_samples) if dynamic == "neq"
                 else None,
                 fisher_batches=fisher_batches(train_data, fisher_samples, self.seed)

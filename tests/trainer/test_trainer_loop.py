@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from budgetsearch.budget import Budget
 from budgetsearch.cost import CostModel
 from budgetsearch.data import load_dataset
 from budgetsearch.errors import BudgetError, DataError, PlanError
@@ -289,11 +290,18 @@ def test_the_trainer_never_imports_the_search():
     _model, graph = tiny()
     cm = CostModel(graph, load_profile("rpi4"))
     with pytest.raises(PlanError, match=r"pass search_replan=budgetsearch\.search\.replan"):
-        Replanner("fisher", cost_model=cm, budget_bytes=10**6, method="search",
+        Replanner("fisher", cost_model=cm, budget=Budget(memory_bytes=10**6), method="search",
                   fisher_batches=[(torch.zeros(1, 3, 8, 8), torch.zeros(1).long())])
-    auto = Replanner("fisher", cost_model=cm, budget_bytes=10**6,
+    auto = Replanner("fisher", cost_model=cm, budget=Budget(memory_bytes=10**6),
                      fisher_batches=[(torch.zeros(1, 3, 8, 8), torch.zeros(1).long())])
     assert auto.method == "selector"
-    assert Replanner("fisher", cost_model=cm, budget_bytes=10**6, search_replan=replan,
-                     fisher_batches=[(torch.zeros(1, 3, 8, 8), torch.zeros(1).long())]
-                     ).method == "search"
+    batches = [(torch.zeros(1, 3, 8, 8), torch.zeros(1).long())]
+    assert Replanner("fisher", cost_model=cm, budget=Budget(memory_bytes=10**6),
+                     search_replan=replan, fisher_batches=batches).method == "search"
+    with pytest.warns(DeprecationWarning, match="budget="):
+        old = Replanner("fisher", cost_model=cm, budget_bytes=10**6, memory_measure="training",
+                        fisher_batches=batches)
+    assert old.budget == Budget(memory_bytes=10**6, measure="training")
+    assert (old.budget_bytes, old.memory_measure) == (10**6, "training")
+    with pytest.raises(PlanError, match="needs a memory budget"):
+        Replanner("fisher", cost_model=cm, budget=Budget(latency_ms=5.0), fisher_batches=batches)
