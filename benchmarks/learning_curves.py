@@ -31,8 +31,7 @@ from budgetsearch.contrib import (
 from budgetsearch.criteria import fisher_potential, magnitude_scores
 from budgetsearch.planner import race_candidates
 from budgetsearch.recipe import Recipe
-from budgetsearch.search import Search
-from budgetsearch.search.config import scores_digest
+from budgetsearch.search import Search, scores_digest
 
 
 def main() -> None:

@@ -59,11 +59,14 @@ from budgetsearch.data import load_dataset, split_validation
 from budgetsearch.errors import BudgetSearchError
 from budgetsearch.plan import LayerUpdate
 from budgetsearch.recipe import Recipe
-from budgetsearch.search import ProxyModel, Search
-from budgetsearch.search.config import scores_digest
-from budgetsearch.search.front import feasible
-from budgetsearch.search.measured import MeasuredModel
-from budgetsearch.search.warmstart import baseline_plans
+from budgetsearch.search import (
+    MeasuredModel,
+    ProxyModel,
+    Search,
+    baseline_plans,
+    feasible,
+    scores_digest,
+)
 from budgetsearch.selectors import select
 from budgetsearch.selectors.mit_scheme import MIT_SCHEMES
 from budgetsearch.units import parse_bytes

@@ -29,8 +29,7 @@ from budgetsearch import CostModel, LayerGraph, load_model, load_profile
 from budgetsearch.cli.plan import DEFAULT_TRIALS
 from budgetsearch.criteria import fisher_potential
 from budgetsearch.data import load_dataset
-from budgetsearch.search import Search
-from budgetsearch.search.front import FrontTracker, feasible
+from budgetsearch.search import FrontTracker, Search, feasible
 
 CHECKPOINTS = (100, 300, 1000, 3000)
 

@@ -8,7 +8,8 @@ import pytest
 
 from budgetsearch import _profile_schema, choices, cost, plan, recipe, selectors, trainer
 from budgetsearch.ops import filtered
-from budgetsearch.search import objectives, space
+from budgetsearch.search import _objectives as objectives
+from budgetsearch.search import _space as space
 
 
 @pytest.mark.parametrize(("alias", "name"), [

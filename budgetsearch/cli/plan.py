@@ -187,8 +187,7 @@ def run_plan(args: argparse.Namespace) -> int:
     import time
 
     from ..profiles import load_profile
-    from ..search import Search, SpaceOptions
-    from ..search.storage import open_storage, storage_kind
+    from ..search import Search, SpaceOptions, open_storage, storage_kind
     from ._common import build_cost_model, build_model
 
     started = time.perf_counter()
@@ -331,24 +330,17 @@ def _stored_scores(st: Any, name: str, probe: dict, args: argparse.Namespace,
     Raises:
         SearchError: If the study was made with other settings or other scores.
     """
-    import optuna
+    from ..search import scores_digest, stored_scores
 
-    from ..search.config import diff_config, read_config, scores_digest
-    from ..search.storage import complete_numbers
-
-    if name not in optuna.get_all_study_names(st):
+    found = stored_scores(st, name, config=probe)
+    if found is None:
         return None
-    study = optuna.load_study(study_name=name, storage=st)
-    stored, scores, _ = read_config(study)
-    diff = diff_config(stored, probe)
-    if diff:
-        raise SearchError(f"study {name!r} was made for something else; use another "
-                          "--study name or the same settings: " + "; ".join(diff))
+    scores, finished = found
     if args.scores is not None and scores_digest(_load_scores(args, model)) != scores_digest(
             scores):
         raise SearchError(f"study {name!r} was made with other scores than {args.scores}")
-    print(f"continuing study {name!r} ({len(complete_numbers(study))} trials) with its stored "
-          "scores", file=sys.stderr)
+    print(f"continuing study {name!r} ({finished} trials) with its stored scores",
+          file=sys.stderr)
     return scores
 
 
@@ -427,7 +419,7 @@ def _contributions(args: argparse.Namespace, model: Any, graph: Any,
             channel choice (naming the field).
     """
     from ..contrib import ContributionTable
-    from ..search.config import scores_digest
+    from ..search import scores_digest
 
     if tensors is not None:
         return _measure(args, model, graph, tensors).results
@@ -468,7 +460,7 @@ def _measure(args: argparse.Namespace, model: Any, graph: Any, tensors: Any) -> 
         scores=_load_scores(args, model) if args.scores else None,
         path=None if shared else args.contrib, storage=shared, progress=not args.no_progress)
     if shared is not None:
-        from ..search.storage import redact
+        from ..search import redact
 
         if args.contrib is not None:
             table.save(args.contrib)  # a copy of what the workers measured
@@ -611,7 +603,7 @@ def _short(entry: Any) -> str:
 
 def _write_front(directory: Path, trials: Any, names: Any, budget: int | None,
                  baselines: Any, chosen: Any, title: str) -> None:
-    from ..search.front import front_csv, plot_front, trials_csv
+    from ..search import front_csv, plot_front, trials_csv
 
     directory.mkdir(parents=True, exist_ok=True)
     write_text(directory / "front.csv", front_csv(trials, names))
@@ -624,9 +616,7 @@ def run_front(args: argparse.Namespace) -> int:
     """Write the front of a stored study."""
     import optuna
 
-    from ..search.config import read_config
-    from ..search.front import pareto_front, pick
-    from ..search.storage import load_study, open_storage, redact
+    from ..search import load_study, open_storage, pareto_front, pick, read_config, redact
 
     study = load_study(open_storage(args.storage), args.study, args.storage)
     config, _scores, baselines = read_config(study, with_scores=False)
@@ -646,9 +636,7 @@ def run_worker(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from ..search import Search
-    from ..search.config import read_config
-    from ..search.storage import load_study, open_storage
+    from ..search import Search, load_study, open_storage, read_config
 
     _graceful_sigterm()
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")

@@ -92,8 +92,7 @@ def analyse(
         TableError: A table file made for something else.
     """
     from ..criteria import magnitude_scores
-    from ..search.config import scores_digest
-    from ..search.objectives import ProxyModel
+    from ..search import ProxyModel, scores_digest
 
     scores = scores if scores is not None else magnitude_scores(model)
     proxy = ProxyModel(graph, scores)

@@ -7,7 +7,7 @@ Every unit trains the classifier plus one thing:
   held by the batch norm after a bias-free conv counts);
 - ``weight:LAYER:AXIS:RATIO:rP``: the weight (and bias) of one layer on the top ``RATIO`` of its
   channels along ``AXIS`` (``out`` rows or ``in`` columns, chosen by the same scores and the same
-  rule as the search's, :meth:`~budgetsearch.search.objectives.ProxyModel.channels`), with a
+  rule as the search's, :meth:`~budgetsearch.search.ProxyModel.channels`), with a
   gradient filter of patch size P (1: none). A filtered update is its own unit.
 """
 
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from ..errors import PlanError
 from ..graph import LayerGraph
 from ..plan import LayerUpdate
-from ..search.measured import bias_layers
-from ..search.space import RATIOS, offered_patches
+from ..search import RATIOS, bias_layers, offered_patches
 
 __all__ = ["DEFAULT_RATIOS", "Unit", "bias_layers", "build_units", "parse_unit"]
 

@@ -81,7 +81,7 @@ def race_candidates(
     baseline_scores: Any = None,
 ) -> tuple[list[Candidate], dict[str, str]]:
     """The race's candidates: every baseline's plan that fits the budget (the warm-start
-    selectors of :data:`~budgetsearch.search.warmstart.BASELINES`, the published MIT scheme
+    selectors of :data:`~budgetsearch.search.BASELINES`, the published MIT scheme
     with the largest label within the budget when the model has one, and the classifier
     alone), then the ``front`` best feasible trials by the search's objective whose plans are
     not among them.
@@ -98,8 +98,7 @@ def race_candidates(
     Returns:
         The candidates and, per baseline left out, why.
     """
-    from ..search.front import feasible
-    from ..search.warmstart import baseline_plans
+    from ..search import baseline_plans, feasible
 
     ev = search.evaluator
     out: list[Candidate] = []

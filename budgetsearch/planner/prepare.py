@@ -55,7 +55,7 @@ def contribution_table(
         storage: A database URL instead of a file.
         progress: Show a progress bar.
     """
-    from ..search.config import scores_digest
+    from ..search import scores_digest
 
     recipe = Recipe(seed=seed)
     scores = scores if scores is not None else magnitude_scores(model)

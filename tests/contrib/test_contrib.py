@@ -25,8 +25,7 @@ from budgetsearch.errors import PlanError
 from budgetsearch.graph import LayerGraph
 from budgetsearch.models import register_model
 from budgetsearch.recipe import Recipe
-from budgetsearch.search.config import scores_digest
-from budgetsearch.search.objectives import ProxyModel
+from budgetsearch.search import ProxyModel, scores_digest
 
 torch.set_num_threads(1)
 

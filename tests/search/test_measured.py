@@ -18,13 +18,13 @@ from budgetsearch.plan import LayerUpdate
 from budgetsearch.search import (
     RATIOS,
     Evaluator,
+    MeasuredModel,
     ProxyModel,
     Search,
     SearchSpace,
     SpaceOptions,
+    scores_digest,
 )
-from budgetsearch.search.config import scores_digest
-from budgetsearch.search.measured import MeasuredModel
 
 torch.set_num_threads(1)
 

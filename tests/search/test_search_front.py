@@ -11,16 +11,16 @@ from optuna.distributions import IntDistribution
 from optuna.trial import create_trial
 
 from budgetsearch.errors import SearchError
-from budgetsearch.search.front import (
+from budgetsearch.search import (
     FrontTracker,
     front_csv,
     hypervolume,
     pareto_front,
-    parse_pick,
     pick,
     plot_front,
     trials_csv,
 )
+from budgetsearch.search._front import parse_pick
 
 NAMES = ("proxy", "peak_memory_bytes", "latency_ms")
 

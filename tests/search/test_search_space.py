@@ -13,7 +13,7 @@ from budgetsearch.errors import BudgetError, ScoresError, SearchError
 from budgetsearch.ops.filtered import check_filterable
 from budgetsearch.plan import LayerUpdate, Plan
 from budgetsearch.search import RATIOS, Evaluator, ProxyModel, SearchSpace, SpaceOptions
-from budgetsearch.search.warmstart import sparse_points
+from budgetsearch.search._warmstart import sparse_points
 
 torch.set_num_threads(1)
 
@@ -217,7 +217,7 @@ def test_budget_below_the_cheapest_plan_names_the_minimum(mcu: dict) -> None:
 
 
 def test_local_search_neighbours_stay_in_the_space(mcu: dict) -> None:
-    from budgetsearch.search.local import LocalSearch, neighbour
+    from budgetsearch.search._local import LocalSearch, neighbour
 
     space = SearchSpace(mcu["graph"])
     rng = np.random.default_rng(0)

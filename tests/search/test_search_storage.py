@@ -11,8 +11,15 @@ from optuna.trial import TrialState
 from budgetsearch import CostModel, LayerGraph, load_model, load_profile
 from budgetsearch.criteria import random_scores
 from budgetsearch.errors import SearchError
-from budgetsearch.search import Search, open_storage, write_trials
-from budgetsearch.search.config import CONFIG_KEY, read_config
+from budgetsearch.search import (
+    Search,
+    open_storage,
+    read_config,
+    scores_digest,
+    stored_scores,
+    write_trials,
+)
+from budgetsearch.search._config import CONFIG_KEY
 
 torch.set_num_threads(1)
 KB = 1024
@@ -71,6 +78,12 @@ def test_resume_continues_the_study_without_losing_trials(mcu: dict, tmp_path) -
 def test_a_study_made_for_something_else_is_refused(mcu: dict, tmp_path) -> None:
     url = f"sqlite:///{tmp_path}/m.db"
     _search(mcu).run(n_trials=25, storage=url, study_name="s")
+    # what a continuing run (budgetsearch plan) checks first
+    scores, finished = stored_scores(url, "s", config=_search(mcu).config())
+    assert finished == 25 and scores_digest(scores) == scores_digest(mcu["scores"])
+    assert stored_scores(open_storage(url), "other", config={}) is None
+    with pytest.raises(SearchError, match=r"made for something else.*memory budget \(bytes\)"):
+        stored_scores(url, "s", config=_search(mcu, budget=148 * KB).config())
     with pytest.raises(SearchError, match=r"memory budget \(bytes\): the study has 101376"):
         _search(mcu, budget=148 * KB).run(n_trials=30, storage=url, study_name="s")
     other = load_model("mcunet-5fps", num_classes=7)

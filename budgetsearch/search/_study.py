@@ -1,10 +1,10 @@
 """The Optuna study: sampler, warm start, batched persistence, resume and workers.
 
-:class:`Search` ties a cost model and scores to a :class:`~.space.SearchSpace`, a
-:class:`~.objectives.ProxyModel` and an :class:`~.objectives.Evaluator`. :meth:`Search.run` runs
+:class:`Search` ties a cost model and scores to a :class:`~._space.SearchSpace`, a
+:class:`~._objectives.ProxyModel` and an :class:`~._objectives.Evaluator`. :meth:`Search.run` runs
 trials with ``ask``/``tell`` on an in-memory study seeded with every trial already persisted (so a
 re-run continues the study up to the requested count), and writes finished trials to the
-persistent storage in batches every ``flush_seconds`` and at the end (see :mod:`.storage`). A
+persistent storage in batches every ``flush_seconds`` and at the end (see :mod:`._storage`). A
 process killed mid-run loses at most the trials of its last unflushed interval; the re-run redoes
 them. Several processes may run on one study (``budgetsearch worker``): each writes its own
 trials (trial numbers are assigned by the database, so none is lost or duplicated) and merges the
@@ -30,21 +30,21 @@ from ..cost import CostModel
 from ..criteria import Scores
 from ..errors import SearchError
 from ..plan import LayerUpdate, Plan
-from .config import CONFIG_KEY, build_config, diff_config, read_config, write_config
-from .front import FrontTracker, pareto_front, pick
-from .local import LocalSearch
-from .loop import DONE, TrialLoop, quiet
-from .measured import CALIBRATED_DECAY, CALIBRATED_LOSS_WEIGHT, MeasuredModel
-from .objectives import DIRECTIONS, AccuracyModel, Evaluator, ProxyModel
-from .samplers import SAMPLERS, TimedSampler, make_sampler
-from .space import SearchSpace, SpaceOptions
-from .storage import (
+from ._config import CONFIG_KEY, build_config, diff_config, read_config, write_config
+from ._front import FrontTracker, pareto_front, pick
+from ._local import LocalSearch
+from ._loop import DONE, TrialLoop, quiet
+from ._measured import CALIBRATED_DECAY, CALIBRATED_LOSS_WEIGHT, MeasuredModel
+from ._objectives import DIRECTIONS, AccuracyModel, Evaluator, ProxyModel
+from ._samplers import SAMPLERS, TimedSampler, make_sampler
+from ._space import SearchSpace, SpaceOptions
+from ._storage import (
     load_study,
     open_storage,
     redact,
     storage_url,
 )
-from .warmstart import baseline_plans, baseline_table, sparse_points, warm_points
+from ._warmstart import baseline_plans, baseline_table, sparse_points, warm_points
 
 __all__ = ["Search", "SearchResult"]
 
@@ -98,10 +98,10 @@ class Search:
             ``input_size``, ``mcu_dir``); None for models that are not registered.
         scores_source: How the scores were made, for the record and mismatch checks.
         check_budgets: Refuse budgets no plan meets (skip only when already checked).
-        local_search: Interleave neighbours of the best trials (see :mod:`.local`): every
+        local_search: Interleave neighbours of the best trials (see :mod:`._local`): every
             ``population_size`` trials, ``population_size // 2`` of them.
         contributions: A contribution table's results (``budgetsearch contrib``): the search
-            then maximises the accuracy it predicts (:class:`~.measured.MeasuredModel`) instead
+            then maximises the accuracy it predicts (:class:`~._measured.MeasuredModel`) instead
             of the proxy, and only the measured layers (and the classifier) may have their
             weights updated. None: the proxy.
         decay: The measured model's discount per further weight layer.
@@ -192,7 +192,7 @@ class Search:
 
     # ------------------------------------------------------------------------------- config
     def config(self, *, n_trials: int | None = None) -> dict[str, Any]:
-        """The study configuration (see :mod:`.config`)."""
+        """The study configuration (see :mod:`._config`)."""
         return build_config(self, n_trials=n_trials)
 
     @classmethod
@@ -264,7 +264,7 @@ class Search:
 
         Args:
             n_trials: Target number of finished trials in the study (warm-start trials count).
-            storage: Storage URL (see :mod:`.storage`; ``memory`` keeps nothing), or an opened
+            storage: Storage URL (see :mod:`._storage`; ``memory`` keeps nothing), or an opened
                 Optuna storage (from :func:`.storage.open_storage`).
             study_name: Study name (default: ``budgetsearch``).
             pick_rule: How the plan is chosen (see :func:`.front.pick`).

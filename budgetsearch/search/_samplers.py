@@ -25,7 +25,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 
 from ..errors import SearchError
-from .space import SearchSpace
+from ._space import SearchSpace
 
 __all__ = ["SAMPLERS", "FixedSpaceNSGAII", "TimedSampler", "make_sampler"]
 

@@ -26,8 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from ..criteria import Scores
 from ..errors import SearchError
+from ._storage import complete_numbers
 
 __all__ = [
     "IDENTITY",
@@ -37,6 +40,8 @@ __all__ = [
     "encode_scores",
     "profile_digest",
     "read_config",
+    "scores_digest",
+    "stored_scores",
     "write_config",
 ]
 
@@ -171,6 +176,38 @@ def diff_config(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[str
     return out
 
 
+def stored_scores(
+    storage: Any, study_name: str, *, config: Mapping[str, Any]
+) -> tuple[Scores, int] | None:
+    """The scores a stored study was made with, when it was made for the given configuration:
+    what a run that continues the study searches with.
+
+    Args:
+        storage: A storage URL or an opened storage.
+        study_name: The study.
+        config: The run's configuration (:meth:`~budgetsearch.search.Search.config`); the
+            identity fields it lacks (or a None ``scores_digest``) are not compared.
+
+    Returns:
+        The stored scores and the number of complete trials the study holds, or None when the
+        storage holds no study of that name.
+
+    Raises:
+        SearchError: If the study was made for something else (naming each field that
+            differs), was not made by budgetsearch, or its creation was interrupted.
+    """
+    if study_name not in optuna.get_all_study_names(storage):
+        return None
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    stored, scores, _ = read_config(study)
+    diff = diff_config(stored, config)
+    if diff:
+        raise SearchError(f"study {study_name!r} was made for something else; use another "
+                          "study name or the same settings: " + "; ".join(diff))
+    assert scores is not None
+    return scores, len(complete_numbers(study))
+
+
 def _norm(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
@@ -182,7 +219,7 @@ def _show(value: Any) -> str:
 
 
 def build_config(search: Any, *, n_trials: int | None = None) -> dict[str, Any]:
-    """The configuration of a :class:`~.study.Search` as its study stores it."""
+    """The configuration of a :class:`~._study.Search` as its study stores it."""
     from .._version import __version__
     from ..profiles import profile_to_dict
 

@@ -33,8 +33,8 @@ from ..cost import CostModel
 from ..criteria import Scores
 from ..errors import BudgetSearchError
 from ..plan import LayerUpdate
-from .objectives import Evaluator
-from .space import AXES, RATIOS, SearchSpace
+from ._objectives import Evaluator
+from ._space import AXES, RATIOS, SearchSpace
 
 __all__ = ["BASELINES", "Baseline", "baseline_plans", "sparse_points", "warm_points"]
 

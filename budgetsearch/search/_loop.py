@@ -20,10 +20,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .front import FrontTracker
-from .local import LocalSearch
-from .objectives import Evaluator
-from .storage import complete_numbers, fetch_trials, write_trials
+from ._front import FrontTracker, feasible
+from ._local import LocalSearch
+from ._objectives import Evaluator
+from ._storage import complete_numbers, fetch_trials, write_trials
 
 __all__ = ["TrialLoop", "quiet"]
 
@@ -43,7 +43,7 @@ class TrialLoop:
         flush_seconds: Interval between batched writes.
         on_trial: Called with this process's trial count after each trial.
         tag: Recorded as every new trial's ``worker`` user attribute (who made it).
-        local: Local search enqueuing neighbours of the elite (see :mod:`.local`), or None.
+        local: Local search enqueuing neighbours of the elite (see :mod:`._local`), or None.
     """
 
     def __init__(self, *, study: optuna.Study, work: optuna.Study, evaluator: Evaluator,
@@ -181,11 +181,6 @@ class TrialLoop:
             "evaluation_share": self.t_eval / total,
             "storage_share": self.t_flush / total,
         }
-
-
-def feasible(t: FrozenTrial) -> bool:
-    """Whether a trial's constraints are all satisfied."""
-    return all(v <= 0 for v in t.constraints.values())
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .space import AXES, RATIOS, SearchSpace
+from ._space import AXES, RATIOS, SearchSpace
 
 __all__ = ["LocalSearch", "neighbour"]
 

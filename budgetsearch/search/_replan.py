@@ -16,7 +16,7 @@ from typing import Any
 from ..cost import CostModel
 from ..criteria import Scores
 from ..plan import Plan
-from .study import Search
+from ._study import Search
 
 __all__ = ["replan"]
 
@@ -40,7 +40,7 @@ def replan(
         previous: The plan in use (its nearest space point seeds the search), or None.
         trials: Trials of the search.
         seed: Sampler seed.
-        **options: Further :class:`~.study.Search` options (``latency_budget_ms``,
+        **options: Further :class:`~._study.Search` options (``latency_budget_ms``,
             ``memory_measure``, ``space``...).
     """
     search = Search(cost_model=cost_model, scores=scores, budget_bytes=budget_bytes, seed=seed,

@@ -58,7 +58,7 @@ from ..criteria import Scores
 from ..errors import PlanError, ScoresError, SearchError
 from ..graph import LayerGraph
 from ..plan import LayerUpdate
-from .space import RATIOS, SearchSpace
+from ._space import RATIOS, SearchSpace
 
 __all__ = [
     "DIRECTIONS",
@@ -108,7 +108,7 @@ class AccuracyModel:
     def decode(self, choices: Mapping[str, tuple[int, str, int, bool]]
                ) -> dict[str, LayerUpdate]:
         """The plan updates of a trial's choices, ``{layer: (ratio index, axis, patch, bias)}``
-        (:meth:`~.space.SearchSpace.choices`): the kept channels by :meth:`channels`, all of
+        (:meth:`~._space.SearchSpace.choices`): the kept channels by :meth:`channels`, all of
         them (None) as an update along ``out``; cached per layer choice."""
         out: dict[str, LayerUpdate] = {}
         for layer, (ri, axis, patch, bias) in choices.items():

@@ -44,8 +44,8 @@ import numpy as np
 from ..errors import SearchError
 from ..graph import LayerGraph
 from ..plan import LayerUpdate
-from .objectives import AccuracyModel, ProxyModel
-from .space import RATIOS
+from ._objectives import AccuracyModel, ProxyModel
+from ._space import RATIOS
 
 __all__ = [
     "CALIBRATED_DECAY",

@@ -20,7 +20,7 @@ and :class:`SpaceOptions`:
   whose bias is updated even where the weight is frozen. A layer whose weight is updated always
   updates its bias too (``LayerUpdate("weight")``).
 
-Which channels a ratio selects is decided by the scores (see :mod:`.objectives`), so parameters
+Which channels a ratio selects is decided by the scores (see :mod:`._objectives`), so parameters
 plus scores give a plan deterministically.
 """
 
