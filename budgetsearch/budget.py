@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .cost import Cost, CostSummary
     from .plan import Plan
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "HasBudget"]
 
 #: The field of a cost summary each memory measure reads.
 _FIELDS: dict[MemoryMeasure, str] = {
@@ -205,6 +205,40 @@ class Budget:
         if latency_over:
             message += f", the minimum feasible latency budget {need_ms:.4g} ms"
         return BudgetError(message, minimum_bytes=need_bytes)
+
+
+class HasBudget:
+    """The budget's figures under the names of the older keyword arguments, read from a
+    :class:`Budget` held in ``self.budget``: what the search's evaluator and the selectors'
+    selection context keep for their callers (``budget_bytes``, ``latency_budget_ms`` and
+    ``memory_measure``, the arguments of :meth:`Budget.kwargs`).
+
+    Example:
+        >>> from budgetsearch.budget import Budget, HasBudget
+        >>> class Holder(HasBudget):
+        ...     def __init__(self, budget: Budget) -> None:
+        ...         self.budget = budget
+        >>> h = Holder(Budget(memory_bytes=1024, measure="training"))
+        >>> h.budget_bytes, h.latency_budget_ms, h.memory_measure
+        (1024, None, 'training')
+    """
+
+    budget: Budget
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The memory budget in bytes (:attr:`budget`), or None."""
+        return self.budget.memory_bytes
+
+    @property
+    def latency_budget_ms(self) -> float | None:
+        """The latency budget per step (:attr:`budget`), or None."""
+        return self.budget.latency_ms
+
+    @property
+    def memory_measure(self) -> MemoryMeasure:
+        """The memory figure the budget limits (:attr:`budget`)."""
+        return self.budget.measure
 
 
 def _latency(cost: CostSummary | Cost | Mapping[str, Any]) -> float:

@@ -185,3 +185,14 @@ def test_module_examples_run(module):
 
     results = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert results.attempted >= 3 and results.failed == 0
+
+
+def test_the_evaluator_and_the_selection_context_read_their_budget_in_one_place():
+    """budget_bytes, latency_budget_ms and memory_measure are HasBudget's, read from .budget."""
+    from budgetsearch.budget import HasBudget
+    from budgetsearch.search import Evaluator
+    from budgetsearch.selectors.base import SelectionContext
+
+    for cls in (Evaluator, SelectionContext):
+        assert issubclass(cls, HasBudget)
+        assert not {"budget_bytes", "latency_budget_ms", "memory_measure"} & set(vars(cls))

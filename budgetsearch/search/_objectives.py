@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from ..budget import Budget
+from ..budget import Budget, HasBudget
 from ..choices import MEMORY_MEASURES, THIRD_OBJECTIVES, MemoryMeasure, ThirdObjective
 from ..cost import CostModel, CostSummary
 from ..criteria import Scores
@@ -290,7 +290,7 @@ class Evaluation:
         return all(v <= 0 for v in self.constraints.values())
 
 
-class Evaluator:
+class Evaluator(HasBudget):
     """Parameters -> plan updates -> objective values and constraints, with a cache.
 
     Args:
@@ -303,7 +303,9 @@ class Evaluator:
         third: ``latency`` (ms) or ``macs`` (backward MACs) as the third objective.
 
     Attributes:
-        budget: The :class:`~budgetsearch.budget.Budget` the three budget arguments make.
+        budget: The :class:`~budgetsearch.budget.Budget` the three budget arguments make
+            (read back as ``budget_bytes``, ``latency_budget_ms`` and ``memory_measure``:
+            :class:`~budgetsearch.budget.HasBudget`).
 
     Raises:
         SearchError: For an unknown memory measure or third objective, or a budget that is not
@@ -337,21 +339,6 @@ class Evaluator:
         self.third = third
         self.cache: dict[tuple, Evaluation] = {}
         self.hits = 0
-
-    @property
-    def budget_bytes(self) -> int | None:
-        """The memory budget in bytes (:attr:`budget`), or None."""
-        return self.budget.memory_bytes
-
-    @property
-    def latency_budget_ms(self) -> float | None:
-        """The latency budget per step (:attr:`budget`), or None."""
-        return self.budget.latency_ms
-
-    @property
-    def memory_measure(self) -> MemoryMeasure:
-        """The memory figure the budget limits (:attr:`budget`)."""
-        return self.budget.measure
 
     @property
     def objective_names(self) -> tuple[str, str, str]:

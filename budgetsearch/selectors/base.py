@@ -32,7 +32,7 @@ import numpy as np
 
 from .._registry import Registry
 from .._version import __version__
-from ..budget import Budget
+from ..budget import Budget, HasBudget
 from ..choices import HEAD_MODES, MEMORY_MEASURES, HeadMode, MemoryMeasure
 from ..cost import CostModel, CostSummary
 from ..criteria import Scores
@@ -161,7 +161,7 @@ def layer_macs(graph: LayerGraph, layer: Layer) -> int:
     return positions * layer.weight_numel
 
 
-class SelectionContext:
+class SelectionContext(HasBudget):
     """What a method works with: the cost model, the budget, the scores, the seed.
 
     Args:
@@ -175,7 +175,9 @@ class SelectionContext:
             inference peak: the extra memory training needs).
 
     Attributes:
-        budget: The :class:`~budgetsearch.budget.Budget` the three budget arguments make.
+        budget: The :class:`~budgetsearch.budget.Budget` the three budget arguments make
+            (read back as ``budget_bytes``, ``latency_budget_ms`` and ``memory_measure``:
+            :class:`~budgetsearch.budget.HasBudget`).
 
     Raises:
         PlanError: For an unknown memory measure or a negative budget.
@@ -214,21 +216,6 @@ class SelectionContext:
                 f"{scores.fingerprint}, the model's is {self.graph.fingerprint}): "
                 + "; ".join(diff)
             )
-
-    @property
-    def budget_bytes(self) -> int | None:
-        """The memory budget in bytes (:attr:`budget`), or None."""
-        return self.budget.memory_bytes
-
-    @property
-    def latency_budget_ms(self) -> float | None:
-        """The latency budget per step (:attr:`budget`), or None."""
-        return self.budget.latency_ms
-
-    @property
-    def memory_measure(self) -> MemoryMeasure:
-        """The memory figure the budget limits (:attr:`budget`)."""
-        return self.budget.measure
 
     # ----------------------------------------------------------------------------- measuring
     def cost(self, updates: Mapping[str, LayerUpdate]) -> CostSummary:
