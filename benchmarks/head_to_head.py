@@ -44,10 +44,9 @@ import torch
 
 from budgetsearch import CostModel, LayerGraph, load_model, load_profile
 from budgetsearch._io import atomic_write_text
-from budgetsearch.cli.score import default_normalization
 from budgetsearch.contrib import PlanRunner, load_tensors, split_tensors
 from budgetsearch.criteria import fisher_potential, magnitude_scores
-from budgetsearch.data import load_dataset
+from budgetsearch.data import default_normalization, load_dataset
 from budgetsearch.plan import LayerUpdate
 from budgetsearch.planner import (
     EFFORTS,

@@ -20,7 +20,6 @@ import argparse
 import torch
 
 from budgetsearch import CostModel, LayerGraph, load_model, load_profile
-from budgetsearch.cli.score import default_normalization
 from budgetsearch.contrib import (
     PlanRunner,
     analyse,
@@ -29,6 +28,7 @@ from budgetsearch.contrib import (
     split_tensors,
 )
 from budgetsearch.criteria import fisher_potential, magnitude_scores
+from budgetsearch.data import default_normalization
 from budgetsearch.planner import race_candidates
 from budgetsearch.recipe import Recipe
 from budgetsearch.search import Search, scores_digest

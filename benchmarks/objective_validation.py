@@ -45,7 +45,6 @@ import torch
 
 from budgetsearch import CostModel, LayerGraph, load_model, load_profile
 from budgetsearch._io import atomic_write_text
-from budgetsearch.cli.score import default_normalization
 from budgetsearch.contrib import (
     ContributionTable,
     PlanRunner,
@@ -55,7 +54,7 @@ from budgetsearch.contrib import (
     measure_contributions,
 )
 from budgetsearch.criteria import fisher_potential, magnitude_scores
-from budgetsearch.data import load_dataset, split_validation
+from budgetsearch.data import default_normalization, load_dataset, split_validation
 from budgetsearch.errors import BudgetSearchError
 from budgetsearch.plan import LayerUpdate
 from budgetsearch.recipe import Recipe

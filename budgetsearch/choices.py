@@ -25,6 +25,7 @@ __all__ = [
     "ACCOUNTINGS",
     "AXES",
     "BN_MODES",
+    "EFFORT_NAMES",
     "ENGINES",
     "FILTER_MODES",
     "HEAD_MODES",
@@ -32,11 +33,13 @@ __all__ = [
     "OPTIMIZERS",
     "OP_CLASSES",
     "PHASES",
+    "PLAN_OBJECTIVES",
     "THIRD_OBJECTIVES",
     "UPDATE_MODES",
     "AccountingName",
     "Axis",
     "BnMode",
+    "EffortName",
     "Engine",
     "FilterMode",
     "HeadMode",
@@ -44,6 +47,7 @@ __all__ = [
     "OpClass",
     "Optimizer",
     "Phase",
+    "PlanObjective",
     "ThirdObjective",
     "UpdateMode",
 ]
@@ -95,6 +99,16 @@ HEAD_MODES: tuple[HeadMode, ...] = get_args(HeadMode)
 #: The search's third objective: latency per step (ms) or backward MACs.
 ThirdObjective = Literal["latency", "macs"]
 THIRD_OBJECTIVES: tuple[ThirdObjective, ...] = get_args(ThirdObjective)
+
+#: What the planner's search maximises: the validation accuracy ``measured`` contributions predict
+#: (a contribution table), or the captured ``fisher`` potential (a proxy, nothing trained).
+PlanObjective = Literal["measured", "fisher"]
+PLAN_OBJECTIVES: tuple[PlanObjective, ...] = get_args(PlanObjective)
+
+#: How much measuring and training goes into a plan (:data:`budgetsearch.planner.EFFORTS`):
+#: ``quick`` (the search alone), ``standard`` (measured contributions and a race), ``thorough``.
+EffortName = Literal["quick", "standard", "thorough"]
+EFFORT_NAMES: tuple[EffortName, ...] = get_args(EffortName)
 
 #: Op kinds a device profile measures compute rates for (``measured.<class>``): dense
 #: convolutions, depthwise convolutions and linear layers.

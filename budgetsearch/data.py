@@ -44,13 +44,15 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ._io import atomic_open
-from .errors import DataError
+from .errors import BudgetSearchError, DataError
+from .models import input_spec
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "NORMALIZATIONS",
     "ImageDataset",
     "balanced_draw",
+    "default_normalization",
     "holdout_split",
     "load_dataset",
     "split_validation",
@@ -61,6 +63,20 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "mcu": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+
+
+def default_normalization(model_name: str | None) -> str:
+    """The normalisation a registered model expects: ``mcu`` for models trained on
+    ``(x/255 − 0.5)·2`` inputs, else ``imagenet`` (also for models that are not registered)."""
+    try:
+        spec = input_spec(str(model_name))
+    except BudgetSearchError:
+        return "imagenet"
+    mcu_mean, mcu_std = NORMALIZATIONS["mcu"]
+    same = tuple(spec.mean) == tuple(mcu_mean) and tuple(spec.std) == tuple(mcu_std)
+    return "mcu" if same else "imagenet"
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
 #: Where the Debian package ``dataset-fashion-mnist`` puts its files.

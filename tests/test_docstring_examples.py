@@ -8,13 +8,14 @@ import io
 import pytest
 import torch
 
-from budgetsearch import CostModel, apply_plan, select
+from budgetsearch import CostModel, apply_plan, plan_for, select
 from budgetsearch.search import Search
 
 torch.set_num_threads(1)
 
 #: The objects whose docstring must hold a runnable example.
-DOCUMENTED = {"CostModel": CostModel, "select": select, "Search": Search, "apply_plan": apply_plan}
+DOCUMENTED = {"CostModel": CostModel, "select": select, "Search": Search, "apply_plan": apply_plan,
+              "plan_for": plan_for}
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 

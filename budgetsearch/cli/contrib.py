@@ -125,10 +125,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..contrib import analyse, parse_unit, split_tensors
     from ..criteria import Scores
+    from ..data import default_normalization
     from ..errors import PlanError
     from ..recipe import Recipe
     from ._common import build_model
-    from .score import default_normalization
 
     axes = _csv(args.axes, "--axes")
     bad_axes = set(axes) - {"out", "in"}

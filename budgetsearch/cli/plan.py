@@ -1,8 +1,9 @@
 """``budgetsearch plan``, ``front`` and ``worker``: the budget search from the command line.
 
-``plan`` scores the model (Fisher potential on ``--data``, or ``--scores``), runs or continues the
-study (SQLite next to ``--out`` unless ``--storage`` says otherwise) and writes the chosen plan,
-printing the plan against every baseline. ``front`` writes a study's Pareto front as CSV and PNG.
+``plan`` turns its flags into the arguments of :func:`budgetsearch.planner.plan_for` (which scores
+the model, measures the contributions, runs or continues the study and races the candidates; the
+study is SQLite next to ``--out`` unless ``--storage`` says otherwise), writes the chosen plan and
+prints it against every baseline. ``front`` writes a study's Pareto front as CSV and PNG.
 ``worker`` joins an existing study from any machine that reaches its storage.
 """
 
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..budget import Budget
-from ..choices import MEMORY_MEASURES, THIRD_OBJECTIVES
-from ..errors import DataError, SearchError
+from ..choices import EFFORT_NAMES, MEMORY_MEASURES, PLAN_OBJECTIVES, THIRD_OBJECTIVES
+from ..errors import SearchError
 from ..units import format_bytes
 from ._common import (
     MAX_BATCH_SIZE,
@@ -66,7 +67,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--data", default=None,
                    help="data for the Fisher pass: cifar10, an ImageFolder directory, .tar.gz...")
     g.add_argument("--scores", default=None, help="a scores .npz instead of the Fisher pass")
-    g.add_argument("--objective", choices=("measured", "fisher"), default=None,
+    g.add_argument("--objective", choices=PLAN_OBJECTIVES, default=None,
                    help="what the search maximises: measured (validation accuracy predicted "
                         "from a contribution table, measured on --data first unless --contrib "
                         "names an existing one; default with --data or --contrib) or fisher "
@@ -99,7 +100,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--normalization", choices=("imagenet", "mcu"), default=None,
                    help="input normalisation (default: the model's)")
     r = p.add_argument_group("effort and race")
-    r.add_argument("--effort", choices=("quick", "standard", "thorough"), default=None,
+    r.add_argument("--effort", choices=EFFORT_NAMES, default=None,
                    help="quick: the search on a predicted objective only (seconds); standard: "
                         "measured contributions, the search, then a race of the best front "
                         "points and every baseline trained on a validation split of --data "
@@ -182,23 +183,33 @@ def _graceful_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+#: How the planner's argument errors name the flags (see budgetsearch.planner.choose_effort).
+_FLAGS = {"plan": "plan", "data": "--data", "scores": "--scores FILE", "contrib": "--contrib",
+          "effort": "--effort", "objective": "--objective"}
+
+
 def run_plan(args: argparse.Namespace) -> int:
-    """Score, search, write the plan, print the comparison."""
+    """Score, search, write the plan, print the comparison: the flags become the arguments of
+    :func:`budgetsearch.planner.plan_for`, which does the work."""
     import time
 
+    import torch
+
+    from ..planner import PlanData, choose_effort, plan_for
     from ..profiles import load_profile
-    from ..search import Search, SpaceOptions, open_storage, storage_kind
+    from ..search import SpaceOptions, storage_kind
     from ._common import build_cost_model, build_model
 
     started = time.perf_counter()
     _graceful_sigterm()
-    if args.scores is None and args.data is None and args.contrib is None:
-        raise DataError("plan needs --data (for the contribution analysis or the Fisher "
-                        "pass), --scores FILE or --contrib TABLE")
+    # the effort and objective rules (--objective fisher: quick unless --effort says), before
+    # any work, in the flags' words
+    effort, objective = choose_effort(
+        effort=args.effort, objective=args.objective, data=args.data is not None,
+        scores=args.scores is not None, contrib=args.contrib is not None, names=_FLAGS)
     if args.trials < 1:
         raise SearchError(f"--trials must be at least 1; got {args.trials}")
-    import torch
-
+    lrs = _parse_lrs(args.lrs)
     torch.manual_seed(args.seed)  # a replaced classifier head is initialised from it
     model, graph = build_model(args)
     cost_model = build_cost_model(args, graph)
@@ -208,98 +219,29 @@ def run_plan(args: argparse.Namespace) -> int:
     storage_kind(storage)  # unknown scheme: refuse before any work
     if storage.startswith("sqlite:///"):
         out.parent.mkdir(parents=True, exist_ok=True)
-    from ..planner import get_effort
-
-    # --objective fisher asks for the fast predicted objective: quick unless --effort says
-    effort = get_effort(args.effort or (
-        "standard" if args.data is not None and args.objective != "fisher" else "quick"))
-    if effort.race and args.data is None:
-        raise DataError(f"--effort {effort.name} trains the candidate plans on --data: give "
-                        "--data, or --effort quick")
-    lrs = _parse_lrs(args.lrs)
-    args.candidates = args.candidates or effort.candidates
-    objective = args.objective or (
-        "measured" if args.contrib is not None or (args.data is not None and effort.race)
-        else "fisher")
-    if objective == "fisher" and args.contrib is not None:
-        raise DataError("--contrib goes with --objective measured")
-    if objective == "measured" and args.data is None and args.contrib is None:
-        raise DataError("--objective measured needs --data (to measure the contributions) or "
-                        "--contrib TABLE")
-    args.objective = objective
-    space = SpaceOptions(granularity=args.granularity, last_n=args.last_n,
-                         filters=not args.no_filters)
-    # budgets no plan can meet are refused before any scoring, measuring or file writing (the
-    # scores do not change which plans fit, so cheap magnitude scores do for this check)
-    from ..criteria import magnitude_scores
-
-    magnitude = magnitude_scores(model)
-    Search(cost_model=cost_model, scores=magnitude, space=space, **budget.kwargs())
-    tensors = _split(args, graph) if args.data is not None and (
-        effort.race or objective == "measured") else None
-    contributions = (_contributions(args, model, graph, tensors) if objective == "measured"
-                     else None)
-    source = ("scores file" if args.scores is not None
-              else "weight magnitude" if objective == "measured"
-              else f"fisher on {args.data}/{args.split}, {args.samples} samples")
-    spec = {"name": args.model, "weights": args.weights, "num_classes": args.num_classes,
-            "input_size": int(graph.input_shape[-1]), "mcu_dir": args.mcu_dir}
-    common = dict(cost_model=cost_model, **budget.kwargs(), third=args.third, space=space,
-                  alpha=args.alpha, bias_credit=args.bias_credit, sampler=args.sampler,
-                  seed=args.seed, population_size=args.population, model=spec,
-                  scores_source=source, contributions=contributions, decay=args.decay,
-                  loss_weight=args.loss_weight,
-                  contributions_source=str(args.contrib) if args.contrib else None)
-    name = args.study or _default_study_name(args, budget, source)
-    probe = Search(scores=magnitude, check_budgets=False, **common).config()
-    probe.pop("scores_digest")
-    new_file = _sqlite_path(storage)
-    if new_file is not None and not new_file.exists():
-        # a new SQLite file holds no study: open it (the database layer takes about a second
-        # to import) while the scores are computed
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1) as pool:
-            opening = pool.submit(open_storage, storage)
-            try:
-                scores = _scores(args, model, graph)
-            except BaseException:
-                opening.exception()  # wait, then leave no empty database behind
-                for suffix in ("", "-wal", "-shm", "-journal"):
-                    Path(f"{new_file}{suffix}").unlink(missing_ok=True)
-                raise
-            st = opening.result()
-    else:
-        st = open_storage(storage)
-        scores = _stored_scores(st, name, probe, args, model)
-        if scores is None:
-            scores = _scores(args, model, graph)
-    search = Search(scores=scores, check_budgets=False, **common)
-    runner = data_key = baseline_scores = None
-    if effort.race:
-        from ..contrib import PlanRunner
-        from ..planner import fisher_scores, race_data_key
-
-        assert tensors is not None
-        data_key = race_data_key(graph=graph, model=model, train=tensors[0], val=tensors[1])
-        runner = PlanRunner(model, graph=graph, train=tensors[0], val=tensors[1])
-        # TinyTrain and NEq rank channels by Fisher potential: their plans in the race do too
-        baseline_scores = scores if scores.criterion == "fisher" else fisher_scores(
-            model, tensors[0], samples=args.samples, micro_batch=args.micro_batch,
-            seed=args.seed)
-    from ..planner import make_plan
-    from ..recipe import Recipe
-
-    outcome = make_plan(
-        search, effort=effort, n_trials=args.trials, storage=st, study_name=name,
-        pick_rule=args.pick, runner=runner, data_key=data_key, model=model, lrs=lrs,
-        recipe=Recipe(optimizer=cost_model.optimizer, batch_size=args.train_batch,
-                      seed=args.seed),
-        race_path=args.race_file, baseline_scores=baseline_scores,
-        race_storage=_shared_database(args) if args.race_file is None else None,
-        progress=not args.no_progress,
-        flush_seconds=args.flush_seconds)
+    data = None if args.data is None else PlanData(
+        source=args.data, split=args.split, samples=args.contrib_samples,
+        val_fraction=args.val_fraction, normalization=args.normalization)
+    outcome = plan_for(
+        model=model, cost_model=cost_model, budget=budget, data=data, effort=effort,
+        objective=objective, scores=args.scores, fisher_samples=args.samples,
+        micro_batch=args.micro_batch, contrib=args.contrib, database=_shared_database(args),
+        candidates=args.candidates,
+        search_options={
+            "space": SpaceOptions(granularity=args.granularity, last_n=args.last_n,
+                                  filters=not args.no_filters),
+            "third": args.third, "alpha": args.alpha, "bias_credit": args.bias_credit,
+            "sampler": args.sampler, "population_size": args.population, "decay": args.decay,
+            "loss_weight": args.loss_weight},
+        model_spec={"name": args.model, "weights": args.weights,
+                    "num_classes": args.num_classes, "input_size": int(graph.input_shape[-1]),
+                    "mcu_dir": args.mcu_dir},
+        trials=args.trials, seed=args.seed, storage=storage,
+        study_name=args.study or (lambda config: _default_study_name(args, budget, config)),
+        pick=args.pick, lrs=lrs, train_batch=args.train_batch, race_file=args.race_file,
+        progress=not args.no_progress, flush_seconds=args.flush_seconds, log=_stderr)
     result = outcome.search
+    name = result.study_name
     plan = outcome.plan
     plan = plan.with_(provenance={**plan.provenance, "command_seconds":
                                   time.perf_counter() - started})
@@ -316,57 +258,25 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sqlite_path(storage: str) -> Path | None:
-    if not storage.startswith("sqlite:///"):
-        return None
-    target = storage[len("sqlite:///"):]
-    return None if target in ("", ":memory:") else Path(target)
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
-def _stored_scores(st: Any, name: str, probe: dict, args: argparse.Namespace,
-                   model: Any) -> Any:
-    """The scores of an existing study ``name`` that matches this run, else None.
-
-    Raises:
-        SearchError: If the study was made with other settings or other scores.
-    """
-    from ..search import scores_digest, stored_scores
-
-    found = stored_scores(st, name, config=probe)
-    if found is None:
-        return None
-    scores, finished = found
-    if args.scores is not None and scores_digest(_load_scores(args, model)) != scores_digest(
-            scores):
-        raise SearchError(f"study {name!r} was made with other scores than {args.scores}")
-    print(f"continuing study {name!r} ({finished} trials) with its stored scores",
-          file=sys.stderr)
-    return scores
-
-
-def _default_study_name(args: argparse.Namespace, budget: Budget, source: str) -> str:
-    """A study name from the arguments: the same arguments continue the same study."""
+def _default_study_name(args: argparse.Namespace, budget: Budget,
+                        config: dict[str, Any]) -> str:
+    """A study name from the arguments and where the scores and the contribution table come
+    from (the study's configuration): the same arguments continue the same study."""
     memory = budget.memory_bytes
+    table = (config.get("objective") or {}).get("table_source")
     key = json.dumps([args.model, args.num_classes, args.input_size, args.device,
                       args.accounting, args.batch_size, args.optimizer, memory, budget.latency_ms,
                       budget.measure, args.third, args.granularity, args.last_n,
-                      args.no_filters, args.alpha, args.bias_credit, source,
+                      args.no_filters, args.alpha, args.bias_credit, config["scores_source"],
                       args.scores and str(Path(args.scores).resolve()), args.weights]
-                     + ([str(Path(args.contrib).resolve()), args.decay, args.loss_weight]
-                        if args.contrib else []))
+                     + ([str(Path(table).resolve()), args.decay, args.loss_weight]
+                        if table else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{args.model}-{args.device}-{format_bytes(memory).replace(' ', '')}-{digest}"
-
-
-def _scores(args: argparse.Namespace, model: Any, graph: Any) -> Any:
-    """The channel scores: a file, weight magnitude (with --contrib) or a Fisher pass."""
-    from ..criteria import magnitude_scores
-
-    if args.scores:
-        return _load_scores(args, model)
-    if args.objective == "measured":  # the channels its table is measured with
-        return magnitude_scores(model)
-    return _fisher(args, model, graph)
 
 
 def _shared_database(args: argparse.Namespace) -> str | None:
@@ -395,109 +305,6 @@ def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
         raise SearchError(f"--lrs {text}: give distinct learning rates in (0, 10], "
                           "comma-separated (e.g. 0.005,0.02)")
     return values
-
-
-def _split(args: argparse.Namespace, graph: Any) -> Any:
-    """The training and validation tensors of --data (a seeded, stratified hold-out)."""
-    from ..contrib import split_tensors
-    from .score import default_normalization
-
-    return split_tensors(
-        args.data, graph=graph, normalization=args.normalization
-        or default_normalization(args.model), samples=args.contrib_samples or 1000,
-        val_fraction=args.val_fraction, seed=args.seed, split=args.split,
-        up_to=args.contrib_samples is None)
-
-
-def _contributions(args: argparse.Namespace, model: Any, graph: Any,
-                   tensors: Any) -> dict[str, Any]:
-    """The results of ``--contrib``, after checking the table was made for this model and
-    with the scores that choose the channels here.
-
-    Raises:
-        DataError: A missing or unreadable table, or one made for another model, input size or
-            channel choice (naming the field).
-    """
-    from ..contrib import ContributionTable
-    from ..search import scores_digest
-
-    if tensors is not None:
-        return _measure(args, model, graph, tensors).results
-    if not Path(args.contrib).exists():
-        raise DataError(f"{args.contrib}: no such contribution table; give --data to measure it")
-    from ..contrib import weights_digest
-
-    table = ContributionTable.load(args.contrib)
-    key = table.key
-    size = list(graph.input_shape[1:])
-    checks = (("model_fingerprint", graph.fingerprint, "model"),
-              ("input_size", size, "input size"),
-              ("initial_weights", weights_digest(model.state_dict()),
-               "set of initial weights (--weights, and --seed, which initialises the new head)"),
-              ("channel_scores", scores_digest(_scores(args, model, graph)),
-               "channel scores (run contrib with the same --scores)"))
-    for field, here, what in checks:
-        if key.get(field) != here:
-            raise DataError(f"{args.contrib}: made for another {what}: {field} is "
-                            f"{key.get(field)!r} there, {here!r} here")
-    if "head" not in table.results:
-        raise DataError(f"{args.contrib}: no 'head' measurement yet; finish `budgetsearch "
-                        "contrib` first")
-    return table.results
-
-
-def _measure(args: argparse.Namespace, model: Any, graph: Any, tensors: Any) -> Any:
-    """The contribution table of ``--contrib``, measured (or resumed) on ``--data``."""
-    import time
-
-    from ..planner import contribution_table
-
-    started = time.perf_counter()
-    train, val = tensors
-    shared = _shared_database(args)
-    table = contribution_table(
-        model, graph=graph, train=train, val=val, seed=args.seed, candidates=args.candidates,
-        scores=_load_scores(args, model) if args.scores else None,
-        path=None if shared else args.contrib, storage=shared, progress=not args.no_progress)
-    if shared is not None:
-        from ..search import redact
-
-        if args.contrib is not None:
-            table.save(args.contrib)  # a copy of what the workers measured
-        args.contrib = f"{redact(shared)} (contribution table)"
-    elif args.contrib is None:
-        args.contrib = str(table.path)
-    if table.stats.get("measured"):
-        print(f"contributions: {table.stats['measured']} units measured into {args.contrib} "
-              f"({time.perf_counter() - started:.0f} s; {len(train[1])} training, "
-              f"{len(val[1])} validation images)", file=sys.stderr)
-    return table
-
-
-def _load_scores(args: argparse.Namespace, model: Any) -> Any:
-    from ..criteria import Scores
-
-    return Scores.load(args.scores, model=model)
-
-
-def _fisher(args: argparse.Namespace, model: Any, graph: Any) -> Any:
-    import torch
-
-    from ..criteria import fisher_potential
-    from ..data import load_dataset
-    from .score import default_normalization
-
-    size = int(graph.input_shape[-1])
-    dataset = load_dataset(args.data, split=args.split, image_size=size,
-                           normalization=args.normalization or default_normalization(args.model),
-                           limit=args.samples, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.micro_batch, shuffle=False)
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        loader = tqdm(loader, desc=f"fisher ({len(dataset)} samples)", unit="batch",
-                      leave=False, file=sys.stderr)
-    return fisher_potential(model, loader, samples=len(dataset), micro_batch=args.micro_batch)
 
 
 def summary_table(result: Any) -> str:

@@ -49,21 +49,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def default_normalization(model_name: str) -> str:
-    """``mcu`` for models expecting ``(x/255 − 0.5)·2`` inputs, else ``imagenet``."""
-    from ..data import NORMALIZATIONS
-    from ..errors import BudgetSearchError
-    from ..models import input_spec
-
-    try:
-        spec = input_spec(model_name)
-    except BudgetSearchError:
-        return "imagenet"
-    mcu_mean, mcu_std = NORMALIZATIONS["mcu"]
-    same = tuple(spec.mean) == tuple(mcu_mean) and tuple(spec.std) == tuple(mcu_std)
-    return "mcu" if same else "imagenet"
-
-
 def run(args: argparse.Namespace) -> int:
     """Score the model and write the scores file."""
     from ..criteria import get_criterion
@@ -80,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     model, graph = build_model(args)
     started = time.perf_counter()
     size = int(graph.input_shape[-1])
+    from ..data import default_normalization
+
     normalization = args.normalization or default_normalization(args.model)
     criterion, batches, dataset = _criterion_and_data(args, size, normalization, get_criterion)
     scores = criterion.score(model, batches)

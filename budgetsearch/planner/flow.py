@@ -1,12 +1,12 @@
 """The planner's flow after the scores and contributions: search, race, plan.
 
-:func:`make_plan` is the one library entry point for "the plan that trains best under a budget"
-that ``budgetsearch plan`` and the studies call: it runs (or continues) the search, gathers the
-race's candidates (:func:`race_candidates`: the search's best front points and every baseline's
-plan at the same budget), races them on the validation split (:func:`~.race.race`) and returns
-the winner as a plan that carries its recipe and the race in its provenance. A baseline that
-wins the race is the plan: the planner never hands out a plan that trained worse than one it
-knew of.
+:func:`make_plan` takes a built search (which :func:`~.entry.plan_for`, the entry point that
+``budgetsearch plan`` and the studies call, prepares): it runs (or continues) the search, gathers
+the race's candidates (:func:`race_candidates`: the search's best front points and every
+baseline's plan at the same budget), races them on the validation split (:func:`~.race.race`)
+and returns the winner as a plan that carries its recipe and the race in its provenance. A
+baseline that wins the race is the plan: the planner never hands out a plan that trained worse
+than one it knew of.
 """
 
 from __future__ import annotations

@@ -1,24 +1,33 @@
-"""What the planner measures before it searches: the contribution table, the Fisher scores of the
-baselines, and the key of the data a race is trained on.
+"""What the planner measures before it searches: the contribution table (measured, or an existing
+one checked against the model), the Fisher scores of the baselines, and the key of the data a race
+is trained on.
 
-``budgetsearch plan``, the studies' ``search`` method and the benchmarks all prepare a raced plan
-the same way through these functions.
+:func:`~.entry.plan_for` (which ``budgetsearch plan`` and the studies' ``search`` method call) and
+the benchmarks prepare a raced plan through these functions.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..contrib import ContributionTable, analyse, analysis_key, default_table_path
+from ..contrib import (
+    ContributionTable,
+    analyse,
+    analysis_key,
+    default_table_path,
+    weights_digest,
+)
 from ..criteria import Scores, fisher_potential, magnitude_scores
+from ..errors import DataError
 from ..graph import LayerGraph
 from ..recipe import Recipe
 
-__all__ = ["contribution_table", "fisher_scores", "race_data_key"]
+__all__ = ["contribution_table", "fisher_scores", "load_contributions", "race_data_key"]
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
 
@@ -66,6 +75,49 @@ def contribution_table(
     return analyse(model, graph=graph, train=train, val=val, recipe=recipe, scores=scores,
                    candidates=candidates, path=None if storage else str(path), storage=storage,
                    progress=progress)
+
+
+def load_contributions(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    graph: LayerGraph,
+    scores: Scores,
+) -> ContributionTable:
+    """An existing contribution table, after checking it was made for this model and with the
+    scores that choose the channels here.
+
+    Args:
+        path: The table file (``budgetsearch contrib``).
+        model: The model with its new head, in its initial state.
+        graph: Its layer graph.
+        scores: The scores choosing the kept channels (weight magnitude unless others are given).
+
+    Raises:
+        DataError: A missing or unreadable table, one made for another model, input size, set
+            of initial weights or channel choice (naming the field), or one without its ``head``
+            measurement.
+    """
+    from ..search import scores_digest
+
+    if not Path(path).exists():
+        raise DataError(f"{path}: no such contribution table; give --data to measure it")
+    table = ContributionTable.load(path)
+    key = table.key
+    checks = (("model_fingerprint", graph.fingerprint, "model"),
+              ("input_size", list(graph.input_shape[1:]), "input size"),
+              ("initial_weights", weights_digest(model.state_dict()),
+               "set of initial weights (--weights, and --seed, which initialises the new head)"),
+              ("channel_scores", scores_digest(scores),
+               "channel scores (run contrib with the same --scores)"))
+    for field, here, what in checks:
+        if key.get(field) != here:
+            raise DataError(f"{path}: made for another {what}: {field} is {key.get(field)!r} "
+                            f"there, {here!r} here")
+    if "head" not in table.results:
+        raise DataError(f"{path}: no 'head' measurement yet; finish `budgetsearch contrib` "
+                        "first")
+    return table
 
 
 def fisher_scores(model: nn.Module, train: Tensors, *, samples: int, micro_batch: int,

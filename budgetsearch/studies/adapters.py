@@ -10,9 +10,11 @@ measured saved bytes should equal), measured costs and accuracy, and the per-lay
 - Selectors: :func:`budgetsearch.selectors.select` with the cell's budget and the entry's scores
   (``mit-scheme`` without a label takes the largest published label at or below the budget;
   ``neq-dynamic`` starts from ``random`` at the budget, Quelennec et al.'s epoch-0 rule).
-- Search: :class:`budgetsearch.search.Search` on Fisher scores, its Optuna study in the study's
-  database (``--storage``) or in the cell's own ``search.db``, so a killed cell resumes it; the
-  front and the search's baselines go to ``front.csv`` and ``baselines.csv`` in the cell directory.
+- Search: :func:`budgetsearch.planner.plan_for` (the search on the method's scores, Fisher by
+  default; at an effort that races, on contributions measured on the cell's data, then the race),
+  its Optuna study in the study's database (``--storage``) or in the cell's own ``search.db``, so
+  a killed cell resumes it; the front and the search's baselines go to ``front.csv`` and
+  ``baselines.csv`` in the cell directory.
 - Training: :class:`budgetsearch.trainer.Trainer` with the study's recipe, checking the plan
   against the study's cost model (the budget the plan was made for) and resuming its checkpoints
   when a killed cell runs again. Dynamic methods re-plan during training at the same budget:
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
-from ..search import Search, SpaceOptions, replan
+from ..search import SpaceOptions, replan
 from ..trainer import DYNAMIC_MODES, Trainer
 from .context import CellContext
 from .spec import RUN_OPTIONS, Cell, StudyError
@@ -86,22 +88,24 @@ def _mit_label(cell: Cell) -> str:
 
 
 def _search_plan(cell: Cell, ctx: CellContext) -> Any:
-    """The search's chosen plan at the cell's budget; writes ``front.csv`` and
-    ``baselines.csv`` into the cell directory."""
+    """The search's chosen plan at the cell's budget, by :func:`budgetsearch.planner.plan_for`;
+    writes ``front.csv`` and ``baselines.csv`` into the cell directory.
+
+    At an effort that races, the search is on the measured objective: contributions measured on
+    the cell's training and validation data, in a table under the study's results shared by its
+    cells; the race judges plans with the study's optimizer, batch size and filter mode. Every
+    method of the study is then still trained with the study's recipe: the race chooses the
+    plan, the study's training compares plans at equal tuning.
+    """
+    from ..budget import Budget
+    from ..planner import get_effort, plan_for
+
     opts = {**cell.study.search, **cell.method.options}
     run = {k: opts.pop(k) for k in RUN_OPTIONS if k in opts}
     if isinstance(opts.get("space"), dict):
         opts["space"] = SpaceOptions.from_dict(opts["space"])
     m, d = cell.model, cell.data
     plan_seed = cell.seed if run.get("plan_seed") is None else int(run["plan_seed"])
-    search = Search(
-        cost_model=ctx.cost_model, scores=ctx.scores(cell.method.scores, seed=plan_seed),
-        budget_bytes=_budget(cell, ctx), latency_budget_ms=cell.budget.latency_ms,
-        memory_measure=cell.study.cost["memory_measure"], seed=plan_seed,
-        model={"name": m.name, "weights": m.weights, "mcu_dir": m.mcu_dir,
-               "num_classes": len(ctx.train_data.classes),
-               "input_size": cell.study.input_size},
-        scores_source=f"{cell.method.scores} on {d.source}/{d.train_split} ({d.name})", **opts)
     # with plan_seed, every seed's cell makes the same plan: its search study and race live
     # beside the cells, shared, so the first cell does the work and the others read it
     home = ctx.out_dir if run.get("plan_seed") is None else (
@@ -110,21 +114,30 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     storage = ctx.storage if ctx.storage and "://" in ctx.storage and not ctx.storage.startswith(
         "file://") else f"sqlite:///{(home / 'search.db').resolve()}"
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    from ..planner import get_effort, make_plan
-
     effort = get_effort(str(run.get("effort", "quick")))
-    race: dict[str, Any] = {}
+    model = ctx.model_for_seed(plan_seed)
+    common: dict[str, Any] = dict(
+        model=model, cost_model=ctx.cost_model, effort=effort, seed=plan_seed,
+        budget=Budget(memory_bytes=_budget(cell, ctx), latency_ms=cell.budget.latency_ms,
+                      measure=cell.study.cost["memory_measure"]),
+        model_spec={"name": m.name, "weights": m.weights, "mcu_dir": m.mcu_dir,
+                    "num_classes": len(ctx.train_data.classes),
+                    "input_size": cell.study.input_size},
+        trials=int(run.get("trials", 200)), storage=storage,
+        study_name=f"{cell.study.name}:{home.name}", pick=str(run.get("pick", "best")),
+        progress=ctx.progress, flush_seconds=float(run.get("flush_seconds", 2.0)))
     if effort.race:
-        search, race = _measured_search(cell, ctx, search, opts, effort, seed=plan_seed,
-                                        race_path=home / "race.json")
-    outcome = make_plan(search, effort=effort, n_trials=int(run.get("trials", 200)),
-                        storage=storage, study_name=f"{cell.study.name}:{home.name}",
-                        pick_rule=str(run.get("pick", "best")), progress=ctx.progress,
-                        flush_seconds=float(run.get("flush_seconds", 2.0)), **race)
-    result = outcome.search
+        outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort, seed=plan_seed,
+                                                       home=home, opts=opts))
+    else:
+        outcome = plan_for(**common, objective="fisher", search_options=opts,
+                           scores=ctx.scores(cell.method.scores, seed=plan_seed),
+                           scores_source=f"{cell.method.scores} on {d.source}/{d.train_split} "
+                                         f"({d.name})")
     if outcome.race is not None:
         ctx.extras["race"] = {"winner": outcome.race.winner.name, "lr": outcome.race.recipe.lr,
                               "margin": outcome.margin(), "skipped": outcome.skipped}
+    result = outcome.search
     names = result.objective_names
     _write_csv(ctx.out_dir / "front.csv", ["trial", "proxy", "memory_bytes", names[2], "chosen"],
                [[t.number, *t.values, int(t.number == result.trial.number)]
@@ -141,46 +154,36 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     return outcome.plan
 
 
-def _measured_search(cell: Cell, ctx: CellContext, search: Any, opts: dict[str, Any],
-                     effort: Any, *, seed: int, race_path: Path) -> tuple[Any, dict[str, Any]]:
-    """For an effort that races: the search on the measured objective (contributions measured
-    on the cell's training and validation data, in a table under the study's results shared by
-    its cells), and the race's arguments (the runner, its key, the base recipe, the file).
-
-    Every method of the study is then still trained with the study's recipe: the race chooses
-    the plan, the study's training compares plans at equal tuning.
-    """
+def _race_arguments(cell: Cell, ctx: CellContext, model: Any, effort: Any, *, seed: int,
+                    home: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~budgetsearch.planner.plan_for`'s arguments for a raced plan: the cell's training
+    and validation tensors, the contribution table's file (one per model, data, seed and
+    candidates under the study's ``contrib/``), the magnitude scores its channels are chosen
+    by, the race's base recipe and file, and the baselines' Fisher scores."""
     import hashlib
 
-    from ..contrib import PlanRunner, load_tensors
-    from ..planner import contribution_table, race_data_key
+    from ..contrib import load_tensors
+    from ..planner import race_data_key
     from ..recipe import Recipe
 
-    model, graph = ctx.model_for_seed(seed), ctx.graph
     train, val = load_tensors(ctx.train_data), load_tensors(ctx.val_data)
-    data_key = race_data_key(graph=graph, model=model, train=train, val=val)
+    data_key = race_data_key(graph=ctx.graph, model=model, train=train, val=val)
     digest = hashlib.sha256(json.dumps([data_key, seed, effort.candidates],
                                        sort_keys=True).encode()).hexdigest()[:16]
-    path = ctx.out_dir.parent.parent / "contrib" / f"{cell.model.name}-{digest}.json"
-    table = contribution_table(model, graph=graph, train=train, val=val, seed=seed,
-                               candidates=effort.candidates, path=path, progress=ctx.progress)
-    magnitude = ctx.scores("magnitude", seed=seed)
-    measured = Search(
-        cost_model=search.cost_model, scores=magnitude, budget_bytes=search.evaluator.budget_bytes,
-        latency_budget_ms=search.evaluator.latency_budget_ms,
-        memory_measure=search.evaluator.memory_measure, seed=search.seed, model=search.model,
-        scores_source="magnitude", contributions=table.results, contributions_source=str(path),
-        **{k: v for k, v in opts.items() if k in ("space", "sampler", "population_size")})
     t = cell.study.training
-    return measured, {
-        "runner": PlanRunner(model, graph=graph, train=train, val=val),
-        "recipe": Recipe(optimizer=str(t.get("optimizer") or search.cost_model.optimizer),
+    mode = cell.method.filter_mode or (t.get("options") or {}).get("filter_mode")
+    return {
+        "data": (train, val), "objective": "measured",
+        "contrib": ctx.out_dir.parent.parent / "contrib" / f"{cell.model.name}-{digest}.json",
+        "scores": ctx.scores("magnitude", seed=seed), "scores_source": "magnitude",
+        # the measured search takes the study's space, sampler and population only
+        "search_options": {k: v for k, v in opts.items()
+                           if k in ("space", "sampler", "population_size")},
+        "recipe": Recipe(optimizer=str(t.get("optimizer") or ctx.cost_model.optimizer),
                          batch_size=int(t["batch_size"]), seed=seed,
                          # the race judges plans as the study trains them
-                         **({"filter_mode": mode} if (mode := cell.method.filter_mode or (
-                             t.get("options") or {}).get("filter_mode")) else {})),
-        "data_key": data_key, "model": model, "baseline_scores": ctx.scores("fisher", seed=seed),
-        "race_path": race_path}
+                         **({"filter_mode": mode} if mode else {})),
+        "race_file": home / "race.json", "baseline_scores": ctx.scores("fisher", seed=seed)}
 
 
 def _check_dynamic(cell: Cell) -> str | None:

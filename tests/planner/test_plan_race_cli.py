@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from budgetsearch.cli import main
 from budgetsearch.plan import load_plan
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture
-def images(tmp_path, monkeypatch):
-    monkeypatch.setenv("BUDGETSEARCH_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("a", "b")):
-        folder = tmp_path / "imgs" / name
-        folder.mkdir(parents=True)
-        for i in range(10):
-            pixels = (rng.integers(0, 80, (32, 32, 3)) + 120 * c).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    return tmp_path / "imgs"
 
 
 def _plan(images, out, *extra):

@@ -1,0 +1,140 @@
+"""``budgetsearch.plan_for``, the library's entry point that ``budgetsearch plan`` and the studies
+call: the command line and the library make the same plan from the same inputs; its argument
+rules; a study it continues keeps its stored scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import budgetsearch
+from budgetsearch import Budget, CostModel, LayerGraph, load_model, load_profile
+from budgetsearch.choices import EFFORT_NAMES
+from budgetsearch.cli import main
+from budgetsearch.criteria import magnitude_scores
+from budgetsearch.errors import DataError, PlanError, SearchError
+from budgetsearch.plan import load_plan
+from budgetsearch.planner import EFFORTS, PlanData, choose_effort, plan_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+BUDGET = Budget(memory_bytes=64 * 1024, measure="training")
+
+
+def _model(seed: int = 0) -> tuple[torch.nn.Module, CostModel]:
+    """What `plan --model mcunet-5fps --num-classes 2 --input-size 32 --device stm32h743
+    --seed SEED` builds."""
+    torch.manual_seed(seed)
+    model = load_model("mcunet-5fps", num_classes=2)
+    graph = LayerGraph.from_model(model, input_size=32, model_name="mcunet-5fps")
+    return model, CostModel(graph, load_profile("stm32h743"))
+
+
+def _cli(images, out, *extra):
+    return ["plan", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "32",
+            "--device", "stm32h743", "--data", str(images), "--budget", "64KB",
+            "--memory-measure", "training", "--trials", "30", "--population", "16",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def test_the_entry_point_is_exported_by_the_package():
+    assert budgetsearch.plan_for is plan_for and budgetsearch.PlanData is PlanData
+    assert "plan_for" in budgetsearch.__all__
+    assert tuple(EFFORTS) == EFFORT_NAMES
+
+
+@pytest.mark.parametrize("effort", ["quick", "standard"])
+def test_the_command_line_and_the_library_make_the_same_plan(effort, images, tmp_path, capsys):
+    """quick: the search on Fisher potential measured on the data set, by each side on its own;
+    standard: contributions measured on a split of it, the search on them, the race. The library
+    finds the command's contribution table and race under the same keys (made of the model, its
+    initial weights, the split, the recipe, the channel scores and the candidates), so it trains
+    nothing again; both hand out the same plan, figures and recipe."""
+    out = tmp_path / "cli.json"
+    if effort == "quick":
+        flags = ["--objective", "fisher", "--samples", "8", "--micro-batch", "4"]
+        kwargs = {"objective": "fisher", "fisher_samples": 8, "micro_batch": 4}
+    else:
+        flags = ["--candidates", "last:2", "--lrs", "0.02"]
+        kwargs = {"candidates": "last:2", "lrs": (0.02,)}
+    assert main(_cli(images, out, *flags)) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    cli = load_plan(out)
+
+    model, cost_model = _model()
+    lines: list[str] = []
+    outcome = plan_for(model=model, cost_model=cost_model, budget=BUDGET,
+                       data=PlanData(source=images), trials=30,
+                       search_options={"population_size": 16}, progress=False, log=lines.append,
+                       **kwargs)
+    lib = outcome.plan
+    assert lib.updates == cli.updates and lib.predicted == cli.predicted
+    assert lib.recipe == cli.recipe
+    for key in ("effort", "trial", "trials", "objectives", "scores", "objective", "memory_bytes",
+                "baselines"):
+        assert lib.provenance.get(key) == cli.provenance.get(key), key
+    assert not lines  # no table measured, no study continued (its name is the library's own)
+    assert outcome.search.study_name != cli.provenance["study"]
+    if effort == "quick":
+        assert outcome.race is None and lib.recipe is None
+    else:
+        race, cli_race = lib.provenance["race"], cli.provenance["race"]
+        assert race["file"] == cli_race["file"] and race["arms_trained"] == 0
+        assert cli_race["arms_trained"] > 0
+        assert race["winner"] == cli_race["winner"] and race["rungs"] == cli_race["rungs"]
+
+
+def test_argument_rules_name_the_library_arguments():
+    model, cost_model = _model()
+    base = {"model": model, "cost_model": cost_model, "budget": BUDGET, "progress": False}
+    with pytest.raises(DataError, match=r"^plan_for needs data \(for the contribution analysis "
+                                        r"or the Fisher pass\), scores or contrib TABLE$"):
+        plan_for(**base)
+    with pytest.raises(DataError, match="effort standard trains the candidate plans on data: "
+                                        "give data, or effort quick"):
+        plan_for(**base, scores=magnitude_scores(model), effort="standard")
+    with pytest.raises(DataError, match="contrib goes with objective measured"):
+        plan_for(**base, data="cifar10", objective="fisher", contrib="t.json")
+    with pytest.raises(PlanError, match="unknown objective 'loss'"):
+        plan_for(**base, data="cifar10", objective="loss")
+    with pytest.raises(PlanError, match="search_options seed: set by plan_for itself"):
+        plan_for(**base, scores=magnitude_scores(model), search_options={"seed": 3})
+    with pytest.raises(PlanError, match="data: give a PlanData"):
+        plan_for(**base, data=42)
+    with pytest.raises(SearchError, match="trials must be at least 1"):
+        plan_for(**base, scores=magnitude_scores(model), trials=0)
+    # the command line's flags in the same rules
+    flags = {"plan": "plan", "data": "--data", "scores": "--scores FILE", "contrib": "--contrib",
+             "effort": "--effort", "objective": "--objective"}
+    with pytest.raises(DataError, match=r"--objective measured needs --data .* or --contrib TABLE"):
+        choose_effort(objective="measured", data=False, scores=True, contrib=False, names=flags)
+    assert choose_effort(data=True, scores=False, contrib=False) == (EFFORTS["standard"],
+                                                                    "measured")
+    assert choose_effort(objective="fisher", data=True, scores=False, contrib=False) == (
+        EFFORTS["quick"], "fisher")
+    assert choose_effort(data=False, scores=False, contrib=True) == (EFFORTS["quick"], "measured")
+
+
+def test_a_study_it_continues_keeps_its_stored_scores(tmp_path):
+    """Scores left to compute (a Fisher pass here) are not computed again for a stored study: it
+    continues with the ones it holds; a scores file that differs from them is refused."""
+    model, cost_model = _model()
+    torch.manual_seed(1)
+    tensors = torch.randn(12, 3, 32, 32), torch.arange(12) % 2
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    common = {"model": model, "cost_model": cost_model, "budget": BUDGET, "progress": False,
+              "data": (tensors, tensors), "effort": "quick", "fisher_samples": 8, "storage": url,
+              "search_options": {"population_size": 8}}
+    first = plan_for(**common, trials=12)
+    name = first.search.study_name
+    assert name.startswith("mcunet-5fps-stm32h743-64.0KB-")
+    assert first.plan.provenance["scores"]["source"] == "fisher on the training tensors, 8 samples"
+    lines: list[str] = []
+    again = plan_for(**common, trials=16, log=lines.append)
+    assert again.search.study_name == name and len(again.search.trials) == 16
+    assert lines == [f"continuing study {name!r} (12 trials) with its stored scores"]
+    other = tmp_path / "magnitude.npz"
+    magnitude_scores(model).save(other)
+    with pytest.raises(SearchError, match=r"was made with other scores than .*magnitude\.npz"):
+        plan_for(**common, trials=16, scores=other, study_name=name,
+                 scores_source="fisher on the training tensors, 8 samples")
