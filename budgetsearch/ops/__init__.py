@@ -4,6 +4,11 @@
 - :func:`sparse_conv2d`, :func:`sparse_linear`: weight gradients for chosen channels only.
 - :class:`PlannedConv2d`, :class:`PlannedLinear`: drop-in modules combining both.
 - :class:`Epilogue`: a frozen batch norm and clamp run inside a filtered conv's autograd node.
+
+The operators are PyTorch custom ops with their own backward and fake kernels,
+``torch.ops.budgetsearch.sparse_conv2d``, ``sparse_linear`` and ``filtered_conv2d`` (the epilogue
+included), so that ``torch.export`` keeps them and ``torch.compile`` traces through them
+(:mod:`budgetsearch.ops._library`); the functions and modules here are their Python face.
 """
 
 from __future__ import annotations

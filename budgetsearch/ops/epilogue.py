@@ -13,7 +13,9 @@ the block sums are the mask's counts times that constant.
 What the epilogue saves for backward is what the modules it replaces save: nothing for the affine
 (``scale`` is a buffer), a bool mask for the clamp (one byte per element, as
 :class:`~budgetsearch.trainer.layers.MaskedActivation`). The mask is the one stock autograd uses:
-strictly inside the bounds.
+strictly inside the bounds. The filtered conv op computes it from its clamped output (in its
+``setup_context``): a value strictly inside the bounds is left as it is and one outside becomes a
+bound, so the clamp's output is strictly inside exactly where its input was.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from ..errors import PlanError
 
-__all__ = ["Epilogue", "clamp_mask"]
+__all__ = ["Epilogue", "clamp_mask", "run_epilogue"]
 
 
 @dataclass(frozen=True)
@@ -71,16 +73,37 @@ class Epilogue:
                 ) -> tuple[Tensor, Tensor | None]:
         """(output, clamp mask or None) for the conv output ``y`` (written in place by the clamp);
         ``mask=False`` skips the mask (no backward to come)."""
-        if self.scale is not None:
-            view = (1, -1, 1, 1)
-            offset = self.shift if beta is None else self.shift + beta
-            y = torch.addcmul(offset.view(view), y, self.scale.view(view))  # type: ignore[union-attr]
-        elif beta is not None:
-            y = y + beta.view(1, -1, 1, 1)
+        y = run_epilogue(y, self.scale, self.shift, beta, None, None, clamp=False)
         if not self.clamp:
             return y, None
         kept = clamp_mask(y, self.lo, self.hi, inclusive=False) if mask else None
         return y.clamp_(self.lo, self.hi), kept
+
+
+def run_epilogue(y: Tensor, scale: Tensor | None, shift: Tensor | None, beta: Tensor | None,
+                 lo: float | None, hi: float | None, *, clamp: bool) -> Tensor:
+    """``clamp(y·scale + shift + beta, lo, hi)``, each part only if given (the clamp only if
+    ``clamp``); the clamp writes in place into the affine's result, or into ``y`` without one.
+
+    Args:
+        y: The conv output (N, C, H, W).
+        scale: Per-channel factor, or None (then ``shift`` is None too).
+        shift: Per-channel offset added with the scale.
+        beta: Per-channel offset added last, or None.
+        lo: Lower clamp bound, or None.
+        hi: Upper clamp bound, or None.
+        clamp: Whether to clamp.
+
+    Returns:
+        The epilogue's output.
+    """
+    if scale is not None:
+        view = (1, -1, 1, 1)
+        offset = shift if beta is None else shift + beta  # type: ignore[operator]
+        y = torch.addcmul(offset.view(view), y, scale.view(view))  # type: ignore[union-attr]
+    elif beta is not None:
+        y = y + beta.view(1, -1, 1, 1)
+    return y.clamp_(lo, hi) if clamp else y
 
 
 def clamp_mask(x: Tensor, lo: float | None, hi: float | None, *, inclusive: bool) -> Tensor:

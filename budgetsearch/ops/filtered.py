@@ -53,16 +53,26 @@ from torch import Tensor
 
 from ..choices import FILTER_MODES
 from ..errors import PlanError
-from .epilogue import Epilogue, constant_maps, map_sums, mask_counts, masked
+from ._library import define
+from .epilogue import (
+    Epilogue,
+    clamp_mask,
+    constant_maps,
+    map_sums,
+    mask_counts,
+    masked,
+    run_epilogue,
+)
 from .sparse import (
     ChannelSelection,
     ConvArgs,
     IntPair,
-    _Flags,
     _pair,
     _wanted,
     _weight_outputs,
     conv_args,
+    selection_lists,
+    selection_of,
 )
 
 __all__ = [
@@ -288,8 +298,9 @@ def _patch_counts(geo: FilterGeometry, like: Tensor) -> Tensor | float:
         return float(geo.out_hw[0] * geo.out_hw[1])
     ch = _block_counts(geo.out_hw[0], geo.patch[0], geo.g_pad[0], geo.grid[0])
     cw = _block_counts(geo.out_hw[1], geo.patch[1], geo.g_pad[1], geo.grid[1])
-    counts = torch.tensor(ch, dtype=like.dtype)[:, None] * torch.tensor(cw, dtype=like.dtype)
-    return counts.to(like.device)
+    dev = like.device
+    return (torch.tensor(ch, dtype=like.dtype, device=dev)[:, None]
+            * torch.tensor(cw, dtype=like.dtype, device=dev))
 
 
 def _avg_pool(g: Tensor, geo: FilterGeometry) -> Tensor:
@@ -395,75 +406,114 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, weight_slice: Tensor |
     return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-class _FilteredConv2dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, weight_slice, sel, conv: ConvArgs, patch, scale, flags,
-                border, epilogue: Epilogue | None, beta):
-        y = _conv(x, weight, bias, weight_slice, sel, conv)
-        mask = None
-        if epilogue is not None:
-            y, mask = epilogue.forward(y, beta)
-        ctx.epilogue = epilogue
-        geo = filter_geometry(
-            in_hw=tuple(x.shape[-2:]),
-            out_hw=tuple(y.shape[-2:]),
-            stride=conv.stride,
-            patch_size=patch,
-        )
-        _wanted(ctx, flags, weight_slice is not None)
-        ctx.sel, ctx.geo, ctx.groups, ctx.scale = sel, geo, conv.groups, scale
-        kernel = tuple(weight.shape[2:])
-        ctx.border = (_border_maps(geo, kernel, conv, x)
-                      if border and kernel != (1, 1) else None)
-        need_x = ctx.needs_input_grad[0]
-        x_sum = sel.saved_input(_sum_pool(x, geo)) if ctx.want_w else None
-        # the weight (and slice) by reference: w_sum is formed in the backward, so no new tensor
-        # is kept (a 1x1 conv's w_sum is as large as its weight)
-        ctx.save_for_backward(x_sum, weight if need_x else None,
-                              weight_slice if need_x else None, mask)
-        return y
+# -------------------------------------------------------------- budgetsearch::filtered_conv2d
+# Inputs, in order; the backward returns one gradient per input.
+_X, _WEIGHT, _BIAS, _SLICE, _OUTS, _INS, _STRIDE, _PADDING, _DILATION, _GROUPS = range(10)
+_PATCH, _SCALE, _BORDER, _WEIGHT_GRAD, _BIAS_GRAD = range(10, 15)
+_EP_SCALE, _EP_SHIFT, _EP_BIAS, _LO, _HI, _CLAMP = range(15, 21)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x_sum, weight, weight_slice, mask = ctx.saved_tensors
-        sel, geo, ep = ctx.sel, ctx.geo, ctx.epilogue
-        gx = gb = grad = gbeta = None
-        # block sums of the conv output's gradient: through the epilogue's mask and scale, and
-        # the only pass over g this backward makes (the bias gradients are sums of the sums)
-        sums = _patch_sums(g, geo, mask)
-        if ctx.needs_input_grad[11]:
-            gbeta = sums.sum((0, 2, 3))
-        if ep is not None and ep.scale is not None:
-            sums = sums * ep.scale.view(1, -1, 1, 1)
-        if ctx.want_b:
-            gb = sums.sum((0, 2, 3))
-        if ctx.needs_input_grad[0] or ctx.want_w:
-            g_avg = sums.div_(_patch_counts(geo, g))
-        if ctx.needs_input_grad[0]:
-            w = weight if weight_slice is None else sel.combine(weight, weight_slice)
-            gx_sum = _mix_channels(g_avg, _tap_sum(w), ctx.groups)
+
+def _filtered_conv2d_impl(x: Tensor, weight: Tensor, bias: Tensor | None,
+                          weight_slice: Tensor | None, out_channels: list[int],
+                          in_channels: list[int], stride: list[int], padding: list[int],
+                          dilation: list[int], groups: int, patch_size: list[int], scale: float,
+                          border: bool, weight_grad: bool, bias_grad: bool,
+                          epilogue_scale: Tensor | None, epilogue_shift: Tensor | None,
+                          epilogue_bias: Tensor | None, lo: float | None, hi: float | None,
+                          clamp: bool) -> Tensor:
+    sel = selection_of(weight, groups, out_channels, in_channels)
+    y = _conv(x, weight, bias, weight_slice, sel, _conv_of(stride, padding, dilation, groups))
+    return run_epilogue(y, epilogue_scale, epilogue_shift, epilogue_bias, lo, hi, clamp=clamp)
+
+
+def _conv_of(stride: list[int], padding: list[int], dilation: list[int], groups: int
+             ) -> ConvArgs:
+    return ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)  # type: ignore[arg-type]
+
+
+def _filtered_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    """Saved: ``x_sum`` (if the weight gradient is wanted), the weight and slice by reference (if
+    the input gradient is), the clamp's mask (with a clamp)."""
+    x, weight, weight_slice = inputs[_X], inputs[_WEIGHT], inputs[_SLICE]
+    conv = _conv_of(*inputs[_STRIDE:_PATCH])
+    sel = selection_of(weight, conv.groups, inputs[_OUTS], inputs[_INS])
+    geo = filter_geometry(
+        in_hw=(int(x.shape[-2]), int(x.shape[-1])),
+        out_hw=(int(output.shape[-2]), int(output.shape[-1])),
+        stride=conv.stride,
+        patch_size=tuple(inputs[_PATCH]),  # type: ignore[arg-type]
+    )
+    _wanted(ctx, weight_grad=inputs[_WEIGHT_GRAD], bias_grad=inputs[_BIAS_GRAD],
+            has_slice=weight_slice is not None)
+    ctx.sel, ctx.geo, ctx.groups, ctx.scale = sel, geo, conv.groups, inputs[_SCALE]
+    ctx.ep_scale = inputs[_EP_SCALE]  # a buffer, like the weight: not an activation
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    ctx.border = (_border_maps(geo, kernel, conv, x)
+                  if inputs[_BORDER] and kernel != (1, 1) else None)
+    need_x = ctx.needs_input_grad[_X]
+    x_sum = sel.saved_input(_sum_pool(x, geo)) if ctx.want_w else None
+    mask = (clamp_mask(output, inputs[_LO], inputs[_HI], inclusive=False)
+            if inputs[_CLAMP] else None)
+    # the weight (and slice) by reference: w_sum is formed in the backward, so no new tensor
+    # is kept (a 1x1 conv's w_sum is as large as its weight)
+    ctx.save_for_backward(x_sum, weight if need_x else None,
+                          weight_slice if need_x else None, mask)
+
+
+def _filtered_backward(ctx, g: Tensor) -> tuple:
+    x_sum, weight, weight_slice, mask = ctx.saved_tensors
+    sel, geo, ep_scale = ctx.sel, ctx.geo, ctx.ep_scale
+    gx = gb = grad = gbeta = None
+    # block sums of the conv output's gradient: through the epilogue's mask and scale, and
+    # the only pass over g this backward makes (the bias gradients are sums of the sums)
+    sums = _patch_sums(g, geo, mask)
+    if ctx.needs_input_grad[_EP_BIAS]:
+        gbeta = sums.sum((0, 2, 3))
+    if ep_scale is not None:
+        sums = sums * ep_scale.view(1, -1, 1, 1)
+    if ctx.want_b:
+        gb = sums.sum((0, 2, 3))
+    if ctx.needs_input_grad[_X] or ctx.want_w:
+        g_avg = sums.div_(_patch_counts(geo, g))
+    if ctx.needs_input_grad[_X]:
+        w = weight if weight_slice is None else sel.combine(weight, weight_slice)
+        gx_sum = _mix_channels(g_avg, _tap_sum(w), ctx.groups)
+        if ctx.scale != 1:
+            gx_sum = gx_sum * ctx.scale
+        gx = _replicate(gx_sum, geo)
+        if ctx.border is not None:
+            gx = gx * ctx.border[0]
+    if ctx.want_w:
+        kh, kw = sel.tail
+
+        def grad_fn(xb: Tensor, gb_: Tensor, groups: int, rows: int) -> Tensor:
+            gsum = _cell_products(xb, gb_, groups, rows, geo.cells)
             if ctx.scale != 1:
-                gx_sum = gx_sum * ctx.scale
-            gx = _replicate(gx_sum, geo)
+                gsum = gsum.mul_(ctx.scale)
             if ctx.border is not None:
-                gx = gx * ctx.border[0]
-        if ctx.want_w:
-            kh, kw = sel.tail
+                return gsum[:, :, None, None] * ctx.border[1]
+            if (kh, kw) == (1, 1):
+                return gsum[:, :, None, None]
+            return gsum[:, :, None, None].expand(-1, -1, kh, kw).contiguous()
 
-            def grad_fn(xb: Tensor, gb_: Tensor, groups: int, rows: int) -> Tensor:
-                gsum = _cell_products(xb, gb_, groups, rows, geo.cells)
-                if ctx.scale != 1:
-                    gsum = gsum.mul_(ctx.scale)
-                if ctx.border is not None:
-                    return gsum[:, :, None, None] * ctx.border[1]
-                if (kh, kw) == (1, 1):
-                    return gsum[:, :, None, None]
-                return gsum[:, :, None, None].expand(-1, -1, kh, kw).contiguous()
+        grad = sel.weight_grad(x_sum, g_avg, grad_fn)
+    gw, gs = _weight_outputs(ctx, sel, grad)
+    grads: list[Tensor | None] = [None] * 21
+    grads[_X], grads[_WEIGHT], grads[_BIAS], grads[_SLICE], grads[_EP_BIAS] = gx, gw, gb, gs, gbeta
+    return tuple(grads)
 
-            grad = sel.weight_grad(x_sum, g_avg, grad_fn)
-        gw, gs = _weight_outputs(ctx, sel, grad)
-        return gx, gw, gb, gs, None, None, None, None, None, None, None, gbeta
+
+_filtered_conv2d_op = define(
+    "filtered_conv2d",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_slice, int[] out_channels, "
+    "int[] in_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+    "int[2] patch_size, float scale, bool border, bool weight_grad, bool bias_grad, "
+    "Tensor? epilogue_scale, Tensor? epilogue_shift, Tensor? epilogue_bias, float? lo, "
+    "float? hi, bool clamp) -> Tensor",
+    _filtered_conv2d_impl,
+    setup_context=_filtered_setup,
+    backward=_filtered_backward,
+)
 
 
 def filtered_conv2d(
@@ -553,7 +603,11 @@ def filtered_conv2d(
         y = _conv(x, weight, bias, weight_slice, sel, conv)
         return y if epilogue is None else epilogue.forward(y, epilogue_bias, mask=False)[0]
     scale = 1.0 if mode == "paper" else 1.0 / (conv.stride[0] * conv.stride[1])
-    return _FilteredConv2dFn.apply(
-        x, weight, bias, weight_slice, sel, conv, patch, scale, _Flags(weight_grad, bias_grad),
-        mode == "corrected", epilogue, epilogue_bias,
+    ep = epilogue or Epilogue()
+    return _filtered_conv2d_op(
+        x, weight, bias, weight_slice, *selection_lists(sel), list(conv.stride),
+        list(conv.padding), list(conv.dilation), conv.groups, list(patch), scale,
+        mode == "corrected", weight_grad, bias_grad, ep.scale, ep.shift, epilogue_bias,
+        None if ep.lo is None else float(ep.lo), None if ep.hi is None else float(ep.hi),
+        ep.clamp,
     )

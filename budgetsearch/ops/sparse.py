@@ -7,18 +7,25 @@ buffers: rows mode, the input channels feeding the chosen rows (all of them unle
 columns mode, only the chosen input channels; no weight gradient, nothing of the input (the input
 gradient needs only the weight). The trained part may live in its own small tensor
 (``weight_slice``) so the full weight is a frozen buffer with no gradient buffer.
+
+Both layers are custom ops, ``torch.ops.budgetsearch.sparse_conv2d`` and
+``torch.ops.budgetsearch.sparse_linear`` (:mod:`budgetsearch.ops._library`): the selection
+travels as the int lists ``out_channels`` / ``in_channels`` (at most one non-empty, both empty
+for all channels), the conv arguments as int lists.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PlanError
+from ._library import define, is_eager
 
 __all__ = [
     "ChannelSelection",
@@ -111,15 +118,43 @@ def _index_list(values: Sequence[int] | Tensor, size: int, what: str) -> list[in
     return items
 
 
+class _Index:
+    """Channel positions: a list, and its index tensor made once per device.
+
+    While tracing (fake or functional tensors) the tensor is made afresh, as a constant of the
+    trace; a cached tensor is never a fake one.
+    """
+
+    __slots__ = ("_tensors", "values")
+
+    def __init__(self, values: Sequence[int]) -> None:
+        self.values = list(values)
+        self._tensors: dict[torch.device, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def on(self, like: Tensor) -> Tensor:
+        """The index tensor on ``like``'s device."""
+        if not is_eager(like):
+            return torch.tensor(self.values, dtype=torch.long, device=like.device)
+        t = self._tensors.get(like.device)
+        if t is None:
+            with torch.inference_mode(False):
+                t = torch.tensor(self.values, dtype=torch.long, device=like.device)
+            self._tensors[like.device] = t
+        return t
+
+
 @dataclass(frozen=True)
 class _Bucket:
     """One grouped weight-gradient call covering equally shaped (rows x columns) blocks."""
 
-    x_pos: Tensor | None  # channels of the saved input, in call order (None: all, in order)
-    g_rows: Tensor | None  # channels of the output gradient, in call order (None: all)
+    x_pos: _Index | None  # channels of the saved input, in call order (None: all, in order)
+    g_rows: _Index | None  # channels of the output gradient, in call order (None: all)
     groups: int
     rows: int  # rows of the call's result
-    place: Tensor | None  # where the result goes in the slice (None: it is the whole gradient)
+    place: _Index | None  # where the result goes in the slice (None: it is the whole gradient)
 
 
 class ChannelSelection:
@@ -192,8 +227,8 @@ class ChannelSelection:
             x_ch = list(range(self.c_in))
             specs.append((x_ch, list(range(c_out)), groups, None))
 
-        def as_index(v: list[int] | None, n: int) -> Tensor | None:
-            return None if v is None or v == list(range(n)) else torch.tensor(v, dtype=torch.long)
+        def as_index(v: list[int] | None, n: int) -> _Index | None:
+            return None if v is None or v == list(range(n)) else _Index(v)
 
         self.buckets = [
             _Bucket(
@@ -205,10 +240,10 @@ class ChannelSelection:
             )
             for x_pos, g_rows, n_groups, place in specs
         ]
-        self.x_channels = None if x_ch == list(range(self.c_in)) else torch.tensor(x_ch)
-        self._t_index = torch.tensor(self.index, dtype=torch.long)
-        self._t_group = torch.tensor([c // cpg for c in self.index], dtype=torch.long)
-        self._t_col = torch.tensor([c % cpg for c in self.index], dtype=torch.long)
+        self.x_channels = None if x_ch == list(range(self.c_in)) else _Index(x_ch)
+        self._t_index = _Index(self.index)
+        self._t_group = _Index([c // cpg for c in self.index])
+        self._t_col = _Index([c % cpg for c in self.index])
 
     def __repr__(self) -> str:
         return f"ChannelSelection(kind={self.kind!r}, index={self.index}, shape={self.shape})"
@@ -222,7 +257,7 @@ class ChannelSelection:
         """The channels of ``x`` (dim 1) that the weight gradient needs; ``x`` itself if all."""
         if self.x_channels is None:
             return x
-        return x.index_select(1, self.x_channels.to(x.device))
+        return x.index_select(1, self.x_channels.on(x))
 
     def _view5(self, weight: Tensor) -> Tensor:
         return weight.view(self.groups, self.m, self.cpg, *self.tail)
@@ -232,9 +267,9 @@ class ChannelSelection:
         if self.kind == "all":
             return weight.clone()
         if self.kind == "out":
-            return weight.index_select(0, self._t_index.to(weight.device))
+            return weight.index_select(0, self._t_index.on(weight))
         w5 = self._view5(weight)
-        return w5[self._t_group.to(weight.device), :, self._t_col.to(weight.device)].transpose(0, 1)
+        return w5[self._t_group.on(weight), :, self._t_col.on(weight)].transpose(0, 1)
 
     def combine(self, weight: Tensor, weight_slice: Tensor) -> Tensor:
         """A new full weight: ``weight`` with the trainable part replaced by ``weight_slice``."""
@@ -245,10 +280,9 @@ class ChannelSelection:
         if self.kind == "all":
             return weight_slice
         if self.kind == "out":
-            return weight.index_copy(0, self._t_index.to(weight.device), weight_slice)
+            return weight.index_copy(0, self._t_index.on(weight), weight_slice)
         full = weight.clone()
-        dev = weight.device
-        cols = self._t_group.to(dev), slice(None), self._t_col.to(dev)
+        cols = self._t_group.on(weight), slice(None), self._t_col.on(weight)
         self._view5(full)[cols] = weight_slice.transpose(0, 1)
         return full
 
@@ -260,11 +294,10 @@ class ChannelSelection:
 
     def weight_grad(self, x_saved: Tensor, g: Tensor, grad_fn: WeightGradFn) -> Tensor:
         """The slice's gradient from ``saved_input(x)`` and g: one ``grad_fn`` call per bucket."""
-        dev = g.device
         out: Tensor | None = None
         for b in self.buckets:
-            xb = x_saved if b.x_pos is None else x_saved.index_select(1, b.x_pos.to(dev))
-            gb = g if b.g_rows is None else g.index_select(1, b.g_rows.to(dev))
+            xb = x_saved if b.x_pos is None else x_saved.index_select(1, b.x_pos.on(x_saved))
+            gb = g if b.g_rows is None else g.index_select(1, b.g_rows.on(g))
             res = grad_fn(xb, gb, b.groups, b.rows)
             if self.kind == "in":  # (groups*m, cols, ...) -> (m, groups*cols, ...)
                 cols = res.shape[1]
@@ -274,7 +307,7 @@ class ChannelSelection:
                 return res
             if out is None:
                 out = res.new_empty(self.slice_shape)
-            out.index_copy_(0 if self.kind == "out" else 1, b.place.to(dev), res)
+            out.index_copy_(0 if self.kind == "out" else 1, b.place.on(out), res)
         assert out is not None
         return out
 
@@ -308,17 +341,33 @@ def conv2d_input_grad(x_shape: Sequence[int], weight: Tensor, g: Tensor, conv: C
                               conv.dilation)
 
 
-@dataclass(frozen=True)
-class _Flags:
-    weight_grad: bool
-    bias_grad: bool
+def selection_of(weight: Tensor, groups: int, out_channels: Sequence[int],
+                 in_channels: Sequence[int]) -> ChannelSelection:
+    """The :class:`ChannelSelection` an op's int lists describe (both empty: all channels), made
+    once per weight shape and selection (the ops rebuild it from their arguments every call)."""
+    shape = tuple(int(v) for v in weight.shape)
+    return _cached_selection(shape, int(groups), tuple(int(c) for c in out_channels) or None,
+                             tuple(int(c) for c in in_channels) or None)
 
 
-def _wanted(ctx, flags: _Flags, has_slice: bool) -> None:
-    """Record on ``ctx`` which of the weight (or slice) and bias gradients the backward computes."""
+@functools.lru_cache(maxsize=1024)
+def _cached_selection(shape: tuple[int, ...], groups: int, out_channels: tuple[int, ...] | None,
+                      in_channels: tuple[int, ...] | None) -> ChannelSelection:
+    return ChannelSelection(shape, groups=groups, out_channels=out_channels,
+                            in_channels=in_channels)
+
+
+def selection_lists(sel: ChannelSelection) -> tuple[list[int], list[int]]:
+    """``(out_channels, in_channels)`` of a selection as an op takes them."""
+    return (sel.index if sel.kind == "out" else []), (sel.index if sel.kind == "in" else [])
+
+
+def _wanted(ctx, *, weight_grad: bool, bias_grad: bool, has_slice: bool) -> None:
+    """Record on ``ctx`` which of the weight (or slice) and bias gradients the backward computes
+    (inputs 1, 2 and 3 of an op are the weight, bias and slice)."""
     need_w, need_b, need_s = ctx.needs_input_grad[1:4]
-    ctx.want_w = flags.weight_grad and (need_s if has_slice else need_w)
-    ctx.want_b = flags.bias_grad and need_b
+    ctx.want_w = weight_grad and (need_s if has_slice else need_w)
+    ctx.want_b = bias_grad and need_b
     ctx.has_slice = has_slice
 
 
@@ -329,54 +378,100 @@ def _weight_outputs(ctx, sel: ChannelSelection, grad: Tensor | None) -> tuple:
     return (None, grad) if ctx.has_slice else (sel.scatter(grad), None)
 
 
-class _SparseFn(torch.autograd.Function):
-    """Conv (``conv`` given) or linear layer (``conv`` None) with a channel-sparse backward."""
+def _effective_weight(weight: Tensor, weight_slice: Tensor | None,
+                      sel: ChannelSelection) -> Tensor:
+    return weight if weight_slice is None else sel.combine(weight, weight_slice)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, weight_slice, sel: ChannelSelection, conv, flags):
-        w = weight if weight_slice is None else sel.combine(weight, weight_slice)
+
+# ---------------------------------------------------------------- budgetsearch::sparse_conv2d
+
+def _sparse_conv2d_impl(x: Tensor, weight: Tensor, bias: Tensor | None,
+                        weight_slice: Tensor | None, out_channels: list[int],
+                        in_channels: list[int], stride: list[int], padding: list[int],
+                        dilation: list[int], groups: int, weight_grad: bool,
+                        bias_grad: bool) -> Tensor:
+    sel = selection_of(weight, groups, out_channels, in_channels)
+    return F.conv2d(x, _effective_weight(weight, weight_slice, sel), bias, stride, padding,
+                    dilation, groups)
+
+
+def _sparse_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    """Saved: the input channels the chosen part needs (if its gradient is wanted), and the
+    weight and slice by reference (if the input gradient is)."""
+    x, weight, _bias, weight_slice, outs, ins = inputs[:6]
+    weight_grad, bias_grad = inputs[-2:]
+    conv = None
+    if len(inputs) == 12:  # the conv
+        stride, padding, dilation, groups = inputs[6:10]
+        conv = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), groups)  # type: ignore[arg-type]
+    sel = selection_of(weight, 1 if conv is None else conv.groups, outs, ins)
+    _wanted(ctx, weight_grad=weight_grad, bias_grad=bias_grad, has_slice=weight_slice is not None)
+    ctx.sel, ctx.conv, ctx.x_shape = sel, conv, x.shape
+    x_keep = x if conv is not None else x.reshape(-1, x.shape[-1])
+    need_x = ctx.needs_input_grad[0]
+    ctx.save_for_backward(
+        sel.saved_input(x_keep) if ctx.want_w else None,
+        weight if need_x else None,
+        weight_slice if need_x else None,
+    )
+
+
+def _sparse_backward(ctx, g: Tensor) -> tuple:
+    x_saved, weight, weight_slice = ctx.saved_tensors
+    sel, conv = ctx.sel, ctx.conv
+    gx = gb = grad = None
+    if conv is None:
+        g = g.reshape(-1, g.shape[-1])
+    if ctx.needs_input_grad[0]:
+        w = _effective_weight(weight, weight_slice, sel)
         if conv is None:
-            y, x_keep = F.linear(x, w, bias), x.reshape(-1, x.shape[-1])
+            gx = (g @ w).reshape(ctx.x_shape)
         else:
-            y, x_keep = F.conv2d(x, w, bias, *astuple(conv)), x
-        _wanted(ctx, flags, weight_slice is not None)
-        ctx.sel, ctx.conv, ctx.x_shape = sel, conv, x.shape
-        need_x = ctx.needs_input_grad[0]
-        ctx.save_for_backward(
-            sel.saved_input(x_keep) if ctx.want_w else None,
-            weight if need_x else None,
-            weight_slice if need_x else None,
-        )
-        return y
+            gx = conv2d_input_grad(ctx.x_shape, w, g, conv)
+    if ctx.want_w and conv is None:
+        grad = sel.weight_grad(x_saved, g, lambda xb, gb_, groups, rows: gb_.t() @ xb)
+    elif ctx.want_w:
+        s, p, d = conv.stride, conv.padding, conv.dilation
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x_saved, weight, weight_slice = ctx.saved_tensors
-        sel, conv = ctx.sel, ctx.conv
-        gx = gb = grad = None
-        if conv is None:
-            g = g.reshape(-1, g.shape[-1])
-        if ctx.needs_input_grad[0]:
-            w = weight if weight_slice is None else sel.combine(weight, weight_slice)
-            if conv is None:
-                gx = (g @ w).reshape(ctx.x_shape)
-            else:
-                gx = conv2d_input_grad(ctx.x_shape, w, g, conv)
-        if ctx.want_w and conv is None:
-            grad = sel.weight_grad(x_saved, g, lambda xb, gb_, groups, rows: gb_.t() @ xb)
-        elif ctx.want_w:
-            s, p, d, _ = astuple(conv)
+        def grad_fn(xb: Tensor, gb_: Tensor, groups: int, rows: int) -> Tensor:
+            size = (rows, xb.shape[1] // groups, *sel.tail)
+            return torch.nn.grad.conv2d_weight(xb, size, gb_, s, p, d, groups)
 
-            def grad_fn(xb: Tensor, gb_: Tensor, groups: int, rows: int) -> Tensor:
-                size = (rows, xb.shape[1] // groups, *sel.tail)
-                return torch.nn.grad.conv2d_weight(xb, size, gb_, s, p, d, groups)
+        grad = sel.weight_grad(x_saved, g, grad_fn)
+    if ctx.want_b:
+        gb = g.sum(0) if conv is None else g.sum((0, 2, 3))
+    gw, gs = _weight_outputs(ctx, sel, grad)
+    return (gx, gw, gb, gs) + (None,) * (8 if conv is not None else 4)
 
-            grad = sel.weight_grad(x_saved, g, grad_fn)
-        if ctx.want_b:
-            gb = g.sum(0) if conv is None else g.sum((0, 2, 3))
-        gw, gs = _weight_outputs(ctx, sel, grad)
-        return gx, gw, gb, gs, None, None, None
+
+_sparse_conv2d_op = define(
+    "sparse_conv2d",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_slice, int[] out_channels, "
+    "int[] in_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+    "bool weight_grad, bool bias_grad) -> Tensor",
+    _sparse_conv2d_impl,
+    setup_context=_sparse_setup,
+    backward=_sparse_backward,
+)
+
+
+# ---------------------------------------------------------------- budgetsearch::sparse_linear
+
+def _sparse_linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None,
+                        weight_slice: Tensor | None, out_channels: list[int],
+                        in_channels: list[int], weight_grad: bool, bias_grad: bool) -> Tensor:
+    sel = selection_of(weight, 1, out_channels, in_channels)
+    return F.linear(x, _effective_weight(weight, weight_slice, sel), bias)
+
+
+_sparse_linear_op = define(
+    "sparse_linear",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? weight_slice, int[] out_channels, "
+    "int[] in_channels, bool weight_grad, bool bias_grad) -> Tensor",
+    _sparse_linear_impl,
+    setup_context=_sparse_setup,
+    backward=_sparse_backward,
+)
 
 
 def _check_slice(weight_slice: Tensor | None, sel: ChannelSelection) -> None:
@@ -442,7 +537,9 @@ def sparse_conv2d(
         weight.shape, groups=groups, out_channels=out_channels, in_channels=in_channels
     )
     _check_slice(weight_slice, sel)
-    return _SparseFn.apply(x, weight, bias, weight_slice, sel, conv, _Flags(weight_grad, bias_grad))
+    return _sparse_conv2d_op(x, weight, bias, weight_slice, *selection_lists(sel),
+                             list(conv.stride), list(conv.padding), list(conv.dilation),
+                             conv.groups, weight_grad, bias_grad)
 
 
 def sparse_linear(
@@ -484,4 +581,5 @@ def sparse_linear(
         weight.shape, out_channels=out_channels, in_channels=in_channels
     )
     _check_slice(weight_slice, sel)
-    return _SparseFn.apply(x, weight, bias, weight_slice, sel, None, _Flags(weight_grad, bias_grad))
+    return _sparse_linear_op(x, weight, bias, weight_slice, *selection_lists(sel), weight_grad,
+                             bias_grad)

@@ -19,6 +19,13 @@
 After a gradient-filtered conv, :func:`~budgetsearch.trainer.apply_plan` fuses both into the conv
 (:mod:`budgetsearch.ops.epilogue`): they then pass the conv's output through, since it already
 includes them, refuse any other input, and run as above while the epilogue is suspended.
+
+Both run as custom ops with their own backward (:mod:`budgetsearch.ops._library`),
+``torch.ops.budgetsearch.frozen_batch_norm`` and ``torch.ops.budgetsearch.masked_clamp``, so that
+``torch.export`` keeps their backward and ``torch.compile`` traces them without a graph break. An
+in-place activation stays in place in eager mode through a ``torch.autograd.Function`` (a custom
+op cannot both write into its input and have a backward); under ``torch.compile`` and
+``torch.export``, which functionalise in-place writes anyway, it runs the out-of-place op.
 """
 
 from __future__ import annotations
@@ -31,32 +38,43 @@ from torch import Tensor, nn
 
 from ..errors import PlanError
 from ..models.mcu import Clamp
+from ..ops._library import define
 from ..ops.epilogue import clamp_mask, masked
 
 __all__ = ["FrozenBatchNorm", "MaskedActivation", "masked_activation_for"]
 
 
-class _FrozenBNFn(torch.autograd.Function):
-    """y = x·scale + shift (+ beta); saves only ``scale``, a buffer."""
+def _frozen_bn_impl(x: Tensor, scale: Tensor, shift: Tensor, beta: Tensor | None) -> Tensor:
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    offset = shift if beta is None else shift + beta
+    return torch.addcmul(offset.view(view), x, scale.view(view))
 
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor, beta: Tensor | None) -> Tensor:
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        offset = shift if beta is None else shift + beta
-        ctx.view = view
-        ctx.save_for_backward(scale if ctx.needs_input_grad[0] else None)
-        return torch.addcmul(offset.view(view), x, scale.view(view))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, None, None, Tensor | None]:
-        (scale,) = ctx.saved_tensors
-        gx = g * scale.view(ctx.view) if ctx.needs_input_grad[0] else None
-        gbeta = None
-        if ctx.needs_input_grad[3]:
-            dims = [d for d in range(g.dim()) if d != 1]
-            gbeta = g.sum(dims)
-        return gx, None, None, gbeta
+def _frozen_bn_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    """Saves only ``scale``, a buffer (and only if the input gradient is needed)."""
+    x, scale = inputs[:2]
+    ctx.view = (1, -1) + (1,) * (x.dim() - 2)
+    ctx.save_for_backward(scale if ctx.needs_input_grad[0] else None)
+
+
+def _frozen_bn_backward(ctx, g: Tensor) -> tuple[Tensor | None, None, None, Tensor | None]:
+    (scale,) = ctx.saved_tensors
+    gx = g * scale.view(ctx.view) if ctx.needs_input_grad[0] else None
+    gbeta = None
+    if ctx.needs_input_grad[3]:
+        dims = [d for d in range(g.dim()) if d != 1]
+        gbeta = g.sum(dims)
+    return gx, None, None, gbeta
+
+
+#: ``torch.ops.budgetsearch.frozen_batch_norm``: y = x·scale + shift (+ beta).
+_frozen_bn_op = define(
+    "frozen_batch_norm",
+    "(Tensor x, Tensor scale, Tensor shift, Tensor? beta) -> Tensor",
+    _frozen_bn_impl,
+    setup_context=_frozen_bn_setup,
+    backward=_frozen_bn_backward,
+)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -146,7 +164,7 @@ class FrozenBatchNorm(nn.Module):
             view = (1, -1) + (1,) * (x.dim() - 2)
             offset = self.shift if beta is None else self.shift + beta.detach()
             return torch.addcmul(offset.view(view), x, self.scale.view(view))
-        return _FrozenBNFn.apply(x, self.scale, self.shift, beta)
+        return _frozen_bn_op(x, self.scale, self.shift, beta)
 
     def extra_repr(self) -> str:
         fused = "" if self.fused_into is None else f", fused_into={self.fused_into!r}"
@@ -154,25 +172,47 @@ class FrozenBatchNorm(nn.Module):
 
 
 class _MaskedClampFn(torch.autograd.Function):
-    """clamp(x, lo, hi) whose backward keeps only a bool mask."""
+    """clamp_(x, lo, hi) in place, whose backward keeps only a bool mask (eager mode; a custom op
+    cannot both write into its input and have a backward)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lo: float | None, hi: float | None, inclusive: bool,
-                inplace: bool) -> Tensor:
+    def forward(ctx, x: Tensor, lo: float | None, hi: float | None, inclusive: bool) -> Tensor:
         mask = clamp_mask(x, lo, hi, inclusive=inclusive)
-        if inplace:
-            ctx.mark_dirty(x)
-            y = x.clamp_(lo, hi)
-        else:
-            y = x.clamp(lo, hi)
+        ctx.mark_dirty(x)
+        y = x.clamp_(lo, hi)
         ctx.save_for_backward(mask)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None]:
         (mask,) = ctx.saved_tensors
-        return masked(g, mask), None, None, None, None
+        return masked(g, mask), None, None, None
+
+
+def _masked_clamp_impl(x: Tensor, lo: float | None, hi: float | None, inclusive: bool) -> Tensor:
+    return x.clamp(lo, hi)
+
+
+def _masked_clamp_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    """Saves only the bool mask of where the gradient passes."""
+    x, lo, hi, inclusive = inputs
+    ctx.save_for_backward(clamp_mask(x, lo, hi, inclusive=inclusive))
+
+
+def _masked_clamp_backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None]:
+    (mask,) = ctx.saved_tensors
+    return masked(g, mask), None, None, None
+
+
+#: ``torch.ops.budgetsearch.masked_clamp``: clamp(x, lo, hi), keeping a bool mask for backward.
+_masked_clamp_op = define(
+    "masked_clamp",
+    "(Tensor x, float? lo, float? hi, bool inclusive) -> Tensor",
+    _masked_clamp_impl,
+    setup_context=_masked_clamp_setup,
+    backward=_masked_clamp_backward,
+)
 
 
 def already_applied(module: nn.Module, x: Tensor) -> bool:
@@ -233,7 +273,13 @@ class MaskedActivation(nn.Module):
             return x
         if not (torch.is_grad_enabled() and x.requires_grad):
             return x.clamp_(self.lo, self.hi) if self.inplace else x.clamp(self.lo, self.hi)
-        return _MaskedClampFn.apply(x, self.lo, self.hi, self.inclusive, self.inplace)
+        lo = None if self.lo is None else float(self.lo)
+        hi = None if self.hi is None else float(self.hi)
+        if self.inplace and not torch.compiler.is_compiling():
+            return _MaskedClampFn.apply(x, lo, hi, self.inclusive)
+        # the custom op (out of place: under torch.compile and torch.export, where in-place
+        # writes are functionalised anyway)
+        return _masked_clamp_op(x, lo, hi, self.inclusive)
 
     def extra_repr(self) -> str:
         fused = "" if self.fused_into is None else f", fused_into={self.fused_into!r}"
