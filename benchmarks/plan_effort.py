@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--model", default="mcunet-5fps")
     parser.add_argument("--device", default="stm32f746")
     parser.add_argument("--input-size", default=None, help="default: the model's")
+    parser.add_argument("--weights", default="imagenet",
+                        help="the model's starting weights (torchvision models default to random "
+                             "in the CLI, which nothing learns from here)")
     parser.add_argument("--memory-measure", default="training")
     parser.add_argument("--budgets", nargs=2, default=["99KB", "148KB"],
                         help="memory budgets of the cold run (and quick) and the cached run")
@@ -54,7 +57,8 @@ def main() -> None:
         # decode CIFAR-10 once into the user cache (not timed: it is a one-time step)
         subprocess.run([sys.executable, "-c", "from budgetsearch.data import load_dataset; "
                         "load_dataset('cifar10', split='train', limit=10)"], check=True)
-        base = [exe, "plan", "--model", args.model, "--num-classes", "10", "--data", "cifar10",
+        base = [exe, "plan", "--model", args.model, "--weights", args.weights,
+                "--num-classes", "10", "--data", "cifar10",
                 "--device", args.device, "--memory-measure", args.memory_measure,
                 "--no-progress"] + (["--input-size", args.input_size] if args.input_size else [])
         first, second = args.budgets
