@@ -231,13 +231,14 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
         if f"{lr:g}" not in done:
             done[f"{lr:g}"] = engine(cell, plan, ctx, lr=lr, out_dir=ctx.out_dir / f"lr-{lr:g}")
             atomic_write_text(path, json.dumps(done, default=str) + "\n")
-    chosen = max(grid, key=lambda lr: _validation_key(done[f"{lr:g}"]))
-    doc = dict(done[f"{chosen:g}"])
+    runs = {lr: done[f"{lr:g}"] for lr in grid}
+    chosen = max(grid, key=lambda lr: _validation_key(runs[lr]))
+    doc = dict(runs[chosen])
     doc["lr"] = chosen
-    doc["tuning"] = {f"{lr:g}": {"val_accuracy": normalise_metrics(done[f"{lr:g}"])[
-        "best_accuracy"], "test_accuracy": normalise_metrics(done[f"{lr:g}"])["test_accuracy"]}
-        for lr in grid}
-    doc["train_seconds"] = sum(float(done[f"{lr:g}"].get("train_seconds") or 0.0) for lr in grid)
+    metrics = {lr: normalise_metrics(run) for lr, run in runs.items()}
+    doc["tuning"] = {f"{lr:g}": {"val_accuracy": m["best_accuracy"],
+                                 "test_accuracy": m["test_accuracy"]} for lr, m in metrics.items()}
+    doc["train_seconds"] = sum(float(run.get("train_seconds") or 0.0) for run in runs.values())
     ctx.extras["lr"] = chosen
     return doc
 
