@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["conv_pool_linear", "small_cnn"]
+__all__ = ["conv_pool_linear", "fake_cifar10_archive", "small_cnn"]
 
 
 def conv_pool_linear(num_classes: int = 2, *, seed: int | None = 0) -> nn.Sequential:
@@ -43,3 +43,31 @@ def small_cnn(num_classes: int = 3, *, seed: int | None = 0) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
                          nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(8, num_classes))
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+
+
+def fake_cifar10_archive(path, *, train_per_class: int = 4, test_per_class: int = 2):
+    """Write a tiny stand-in for ``cifar10-jpeg.tar.gz`` (the same layout: ``./<split>/<class>/``
+    with 32x32 images, one grey level per image) so tests that train on "cifar10" do not need
+    the real archive; point ``$BUDGETSEARCH_DATA`` at it. Returns the path."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(path, "w:gz") as tar:
+        for split, n in (("train", train_per_class), ("test", test_per_class)):
+            for c, name in enumerate(CIFAR10_CLASSES):
+                for i in range(n):
+                    buffer = io.BytesIO()
+                    level = (c * 23 + i * 7) % 256
+                    Image.new("RGB", (32, 32), (level, 255 - level, (level * 3) % 256)).save(
+                        buffer, format="PNG")
+                    payload = buffer.getvalue()
+                    info = tarfile.TarInfo(f"./{split}/{name}/{i:04d}.png")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return path

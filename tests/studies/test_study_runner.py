@@ -293,9 +293,14 @@ def test_sql_store_shares_claims_and_records(tmp_path: Path) -> None:
     assert summary.skipped == [cid] and len(summary.ran) == 1
 
 
-def test_dynamic_methods_replan_during_training(tmp_path: Path) -> None:
+def test_dynamic_methods_replan_during_training(tmp_path: Path, monkeypatch) -> None:
     """search-dynamic re-plans by the search on Fisher scores, neq-dynamic by the neq selector on
-    velocities: both train for real and record each re-selection, under the cell's budget."""
+    velocities: both train for real and record each re-selection, under the cell's budget.
+    (On a stand-in CIFAR-10 archive, so that the test needs neither ../shared nor a network.)"""
+    from _toys import fake_cifar10_archive
+
+    monkeypatch.setenv("BUDGETSEARCH_DATA",
+                       str(fake_cifar10_archive(tmp_path / "cifar10-jpeg.tar.gz")))
     from budgetsearch.studies import CellContext
     from budgetsearch.studies.adapters import _make_plan, _train
 
