@@ -183,7 +183,7 @@ def _validate(data: Any) -> tuple[dict[str, Any], list[str]]:
     errors: list[str] = []
     values: dict[str, Any] = {}
     top = {k: s for k, s in _SPECS.items() if "." not in k}
-    top |= dict.fromkeys((*_SECTIONS, "measured", "sources"))  # checked below
+    top |= dict.fromkeys((*_SECTIONS, "measured", "latency", "sources"))  # checked below
     _walk(data, "", top, values, errors)
     for section in _SECTIONS:
         fields = {k.split(".")[1]: s for k, s in _SPECS.items() if k.startswith(section + ".")}
@@ -200,6 +200,13 @@ def _validate(data: Any) -> tuple[dict[str, Any], list[str]]:
                 _walk(
                     rates, f"measured.{op}.", dict.fromkeys(RATE_KEYS, _RATE_SPEC), values, errors
                 )
+    if data.get("latency") is not None:
+        from .latency._model import validate_latency
+
+        latency, problems = validate_latency(data["latency"])
+        errors += problems
+        if latency is not None:
+            values["latency"] = latency
     values["sources"] = _validate_sources(data.get("sources", ...), values, errors)
     name = values.get("name")
     if name is not None and not _NAME_RE.match(name):
@@ -220,7 +227,7 @@ def _validate_sources(raw: Any, values: dict[str, Any], errors: list[str]) -> di
     numeric = [
         k
         for k, v in values.items()
-        if k.startswith("measured.")
+        if k.startswith("measured.") or k == "latency"
         or (v is not None and k not in _UNSOURCED and _SPECS[k].kind in ("int", "number", "size"))
     ]
     tails = ("", *(f".{k}" for k in RATE_KEYS))
@@ -228,6 +235,7 @@ def _validate_sources(raw: Any, values: dict[str, Any], errors: list[str]) -> di
         *_SPECS,
         *_SECTIONS,
         "measured",
+        "latency",
         *(f"measured.{o}{t}" for o in OP_CLASSES for t in tails),
     }
     sources: dict[str, str] = {}

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -36,6 +36,9 @@ from .errors import ProfileError
 from .units import format_bytes
 
 PROFILES_ENV_VAR = "BUDGETSEARCH_PROFILES"
+
+if TYPE_CHECKING:
+    from .latency import LatencyModel
 
 __all__ = [
     "KINDS",
@@ -68,6 +71,9 @@ class DeviceProfile:
     ``memory_bytes`` is the memory available for training (the profile's
     ``memory.training_bytes``); ``flash_bytes`` is None on devices without flash for weights.
     ``measured`` maps an operator class (conv, depthwise, linear) to a :class:`MeasuredRate`;
+    ``latency`` is the measured step-time predictor (:class:`~budgetsearch.latency.LatencyModel`,
+    from ``budgetsearch profile-device``) or None, in which case step times are the analytic
+    roofline over the compute figures;
     ``sources`` maps dotted field paths to where each number comes from; ``path`` is the file the
     profile was read from (not compared for equality).
     """
@@ -91,6 +97,7 @@ class DeviceProfile:
     default_optimizer: str
     in_place_update: bool
     measured: Mapping[str, MeasuredRate] = field(default_factory=dict, hash=False)
+    latency: LatencyModel | None = field(default=None, hash=False)
     sources: Mapping[str, str] = field(default_factory=dict, hash=False)
     notes: str = ""
     path: Path | None = field(default=None, compare=False)
@@ -121,7 +128,8 @@ def profile_from_dict(data: Any, *, source: str = "<dict>") -> DeviceProfile:
         for op in OP_CLASSES
         if f"measured.{op}.{RATE_KEYS[0]}" in values
     }
-    return DeviceProfile(**kwargs, measured=measured, sources=values["sources"])
+    return DeviceProfile(**kwargs, measured=measured, latency=values.get("latency"),
+                         sources=values["sources"])
 
 
 def _size_text(n_bytes: int | None) -> int | str | None:
@@ -152,6 +160,8 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
             op: {k: float(getattr(rate, k)) for k in RATE_KEYS}
             for op, rate in profile.measured.items()
         }
+    if profile.latency is not None:
+        data["latency"] = profile.latency.to_dict()
     data["sources"] = dict(profile.sources)
     return data
 
@@ -262,6 +272,11 @@ def _read(path: Path) -> DeviceProfile:
         raise ProfileError(
             f"{path}: name: expected the file stem {path.stem!r}, got {profile.name!r}"
         )
+    if profile.latency is not None:
+        import torch
+
+        profile.latency.check_runtime(torch_version=str(torch.__version__),
+                                      threads=torch.get_num_threads(), source=str(path))
     return dataclasses.replace(profile, path=path)
 
 

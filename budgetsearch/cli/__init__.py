@@ -20,7 +20,7 @@ from ..errors import BudgetSearchError
 __all__ = ["build_parser", "main"]
 
 _ORDER = ("plan", "cost", "select", "score", "search", "train", "study", "devices", "models",
-          "profile_host")
+          "profile_device", "profile_host")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``profile-host`` command."""
     p = sub.add_parser(
         "profile-host",
-        help="time conv, depthwise conv and linear forward/backward here and write a profile",
+        help="(superseded by profile-device) time conv, depthwise conv and linear "
+             "forward/backward here and write a profile with the analytic latency model",
     )
     p.add_argument("--out", required=True, help="profile file to write (.yaml); its stem is the "
                                                 "profile name")
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from ..profiles import format_profile_table, profile_summary_rows, save_profile
 
     out = Path(args.out)
+    print("note: profile-host writes the analytic latency model only; profile-device also "
+          "times training steps and fits a measured one")
     profile = measure_host(name=out.stem, quick=args.quick, repeats=args.repeats, progress=True)
     save_profile(profile, out)
     print(f"wrote {out}")

@@ -245,7 +245,11 @@ class CostModel:
         self._memo: list[dict[tuple, OpCost]] = [{} for _ in nodes]
         self._filter_ok: set[tuple[str, int]] = set()
         self._input_index = [node.inputs for node in self._nodes]
+        self._latency = getattr(self.profile, "latency", None)
         self._fwd_time = [self._forward_ms(node) for node in self._nodes]
+        self._latency_model = self.latency_model
+        self._step_fixed_ms = (self._latency.predict_ms({"step.calls": 1.0})
+                               if self._latency is not None else 0.0)
         self._forward_ms_total = float(sum(self._fwd_time))
         self._fwd_macs_node = [
             self.batch * conv_geometry(node, self._inputs[node.index][0]).macs_per_sample
@@ -353,7 +357,7 @@ class CostModel:
             ctx = OpContext(node, self._inputs[i], self.batch, self.acc, input_grad, wf, inf,
                             bias, r, self.training, self.bn_train)
             cost = self._rules.get(node.kind, unknown_rule)(ctx)
-            hit = memo[key] = (cost, self._backward_ms(node, cost))
+            hit = memo[key] = (cost, self._backward_ms(node, cost, key))
         return hit
 
     @overload
@@ -412,6 +416,7 @@ class CostModel:
             latency_ms=s.latency_ms,
             trainable_params=int(s.trainable["params"]),
             backward_ms=s.backward_ms,
+            latency_model=self._latency_model,
         )
 
     def _step(self, plan: Plan | Mapping[str, LayerUpdate], *, per_op: bool) -> _Step:
@@ -448,7 +453,8 @@ class CostModel:
             saved_bytes[("loss",)] = self._loss_saved_bytes
         trainable = self._trainable(weight, bias)
         peak, peak_pos, parts = self._peak(rg, saved_first, saved_bytes, weight, bias, trainable)
-        latency = self._forward_ms_total + bwd_ms + self._optimizer_ms(trainable)
+        latency = (self._forward_ms_total + bwd_ms + self._optimizer_ms(trainable)
+                   + self._step_fixed_ms)
         return _Step(weight, bias, rg, costs, saved_first, saved_bytes, int(bwd_macs), bwd_ms,
                      op_ms, trainable, int(peak), peak_pos, parts, latency)
 
@@ -546,7 +552,93 @@ class CostModel:
             return float(rate.backward_macs_per_s if backward else rate.forward_macs_per_s)
         return float(self.profile.peak_macs_per_s)
 
+    @property
+    def latency_model(self) -> str:
+        """Where this cost model's times come from: the profile's measured predictor
+        (``budgetsearch profile-device``), or the analytic roofline over the profile's compute
+        figures (MAC rates, memory bandwidth, a fixed cost per operator)."""
+        if self._latency is not None:
+            return self._latency.describe()
+        return "analytic (roofline over the profile's MAC rates and memory bandwidth)"
+
+    def _group(self, node) -> str:
+        if node.kind == "linear":
+            return "linear"
+        if node.kind == "conv2d":
+            g = int(node.attrs.get("groups", 1))
+            return "depthwise" if g > 1 and g == int(node.attrs.get("in_channels", 0)) else "conv"
+        return "elementwise"
+
+    def _forward_features(self, node) -> dict[str, float]:
+        """The measured predictor's features of one op's forward (fp32, as timed)."""
+        if node.kind == "input":
+            return {}
+        g = self._group(node)
+        nbytes = 4.0 * self.batch * (node.numel + sum(self.graph.nodes[j].numel
+                                                      for j in node.inputs))
+        out = {f"forward.{g}.calls": 1.0}
+        if g != "elementwise":
+            inp = self.graph.nodes[node.inputs[0]]
+            out[f"forward.{g}.macs"] = float(self.batch * conv_geometry(node, inp).macs_per_sample)
+            layer = self.graph.layers.get(node.layer) if node.layer else None
+            if layer is not None:
+                nbytes += 4.0 * layer.weight_numel
+        out[f"forward.{g}.bytes"] = nbytes
+        return out
+
+    def _backward_features(self, node, cost: OpCost, key: tuple) -> dict[str, float]:
+        """The measured predictor's features of one op's backward under the flags ``key``."""
+        g = self._group(node)
+        _input_grad, wf, inf, _bias, r = key
+        saved = float(sum(b for _k, b in cost.saved))
+        out = {f"backward.{g}.calls": 1.0,
+               f"backward.{g}.bytes": 4.0 * self.batch * node.numel * (1 + len(node.inputs))
+               + saved}
+        if g != "elementwise":
+            out[f"backward.{g}.grad_input_macs"] = float(cost.grad_input_macs)
+            out[f"backward.{g}.grad_weight_macs"] = float(cost.grad_weight_macs)
+            if wf > 0 and r > 1:
+                out["backward.filtered.calls"] = 1.0
+                out["backward.filtered.bytes"] = 4.0 * self.batch * node.numel
+            layer = self.graph.layers.get(node.layer) if node.layer else None
+            if wf > 0 and (wf < 1 or inf < 1) and layer is not None:
+                out["backward.sparse.calls"] = 1.0
+                out["backward.sparse.bytes"] = 4.0 * layer.weight_numel
+        return out
+
+    def _optimizer_features(self, trainable) -> dict[str, float]:
+        state = _OPTIMIZER_STATES[self.optimizer]
+        return {"optimizer.bytes": 4.0 * trainable["params"] * (2 + 2 * state)}
+
+    def latency_features(self, plan: Plan | Mapping[str, LayerUpdate]) -> dict[str, float]:
+        """The features of the measured latency predictor summed over one training step of a
+        plan (see :mod:`budgetsearch.latency`): the predictor's step time is their dot product
+        with its coefficients. Used to fit the predictor on timed steps.
+
+        Args:
+            plan: A :class:`Plan`, or a mapping of layer names to :class:`LayerUpdate`.
+        """
+        total: dict[str, float] = {"step.calls": 1.0}
+
+        def add(features: Mapping[str, float]) -> None:
+            for k, v in features.items():
+                total[k] = total.get(k, 0.0) + v
+
+        for node in self._nodes:
+            add(self._forward_features(node))
+        s = self._step(plan, per_op=False)
+        for i, cost in s.costs.items():
+            w = s.weight.get(i)
+            input_grad = tuple(s.rg[j] for j in self._input_index[i])
+            b = i in s.bias
+            key = (input_grad, 0.0, 1.0, b, 1) if w is None else (input_grad, w[0], w[1], b, w[2])
+            add(self._backward_features(self._nodes[i], cost, key))
+        add(self._optimizer_features(s.trainable))
+        return total
+
     def _forward_ms(self, node) -> float:
+        if self._latency is not None:
+            return self._latency.predict_ms(self._forward_features(node))
         if node.kind == "input":
             return 0.0
         macs = 0
@@ -563,7 +655,9 @@ class CostModel:
         t = max(macs / self._rate(node, False), traffic / self.profile.memory_bandwidth_bytes_per_s)
         return 1e3 * t + self.profile.op_overhead_us * 1e-3
 
-    def _backward_ms(self, node, cost: OpCost) -> float:
+    def _backward_ms(self, node, cost: OpCost, key: tuple) -> float:
+        if self._latency is not None:
+            return self._latency.predict_ms(self._backward_features(node, cost, key))
         bw = self.profile.memory_bandwidth_bytes_per_s
         grad_per = 4 if self.acc.stock_autograd else self.acc.gradient_bytes
         traffic = (node.numel * self.batch * grad_per * (1 + len(node.inputs))
@@ -574,6 +668,8 @@ class CostModel:
     def _optimizer_ms(self, trainable) -> float:
         """Optimizer step: per parameter, the weight and gradient move once each (the weight is
         updated in place) and each state tensor is read and written: (2 + 2 x states) accesses."""
+        if self._latency is not None:
+            return self._latency.predict_ms(self._optimizer_features(trainable))
         state = _OPTIMIZER_STATES[self.optimizer]
         per = 4 if self.acc.stock_autograd else self.acc.weight_bytes
         bw = self.profile.memory_bandwidth_bytes_per_s
@@ -625,6 +721,7 @@ class CostModel:
             unknown_ops=list(self.unknown_ops),
             loss_saved_bytes=int(saved_bytes.get(("loss",), 0)),
             updates={k: v.to_dict() for k, v in updates.items()},
+            latency_model=self._latency_model,
         )
 
 

@@ -92,6 +92,7 @@ class CostSummary:
     latency_ms: float
     trainable_params: int
     backward_ms: float
+    latency_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class Cost:
     unknown_ops: list[str] = field(default_factory=list)
     loss_saved_bytes: int = 0
     updates: dict[str, dict] = field(default_factory=dict)
+    latency_model: str = ""
 
     # ---------------------------------------------------------------------------------- totals
     @cached_property
@@ -189,6 +191,7 @@ class Cost:
             latency_ms=t.latency_ms,
             trainable_params=t.trainable_params,
             backward_ms=t.backward_ms,
+            latency_model=self.latency_model,
         )
 
     # the totals that are not fields, read as attributes: cost.backward_macs, ...
@@ -316,6 +319,7 @@ class Cost:
             "device": self.device,
             "batch_size": self.batch_size,
             "optimizer": self.optimizer,
+            "latency_model": self.latency_model,
             "peak": {"phase": self.peak_phase, "op": self.peak_op,
                      "persistent_bytes": self.persistent_bytes},
             "unknown_ops": self.unknown_ops,
@@ -354,7 +358,8 @@ class Cost:
             f"  over inference    {format_bytes(t.training_memory_bytes):>14}  (inference "
             f"peak {format_bytes(t.inference_peak_bytes)})",
             f"trainable params    {t.trainable_params:>14,}",
-            f"latency per step    {t.latency_ms:>11.2f} ms",
+            f"latency per step    {t.latency_ms:>11.2f} ms"
+            + (f"  ({self.latency_model})" if self.latency_model else ""),
         ]
         if self.unknown_ops:
             lines.append("warning: no cost rule for " + ", ".join(self.unknown_ops))

@@ -29,7 +29,7 @@ COLUMNS = (
     "pred_saved_bytes", "pred_forward_macs", "pred_backward_macs", "pred_latency_ms",
     "trainable_params", "pred_ops_saved_bytes", "measured_saved_bytes", "measured_backward_ms",
     "train_seconds", "mit_memory_bytes", "fits", "updated_layers", "patch_sizes", "proxy",
-    "seconds", "error_type", "error", "lr",
+    "seconds", "error_type", "error", "lr", "pred_latency_model",
 )
 _GROUP = ("data", "model", "device")
 
@@ -48,6 +48,9 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
            "pred_forward_macs": pred.get("forward_macs"),
            "pred_backward_macs": pred.get("backward_macs"),
            "pred_latency_ms": pred.get("latency_ms"),
+           # records made before latency models were named were all analytic
+           "pred_latency_model": pred.get("latency_model") or (
+               "analytic" if pred.get("latency_ms") is not None else None),
            "trainable_params": pred.get("trainable_params"),
            "pred_ops_saved_bytes": ops.get("saved_activation_bytes"),
            "mit_memory_bytes": rec.get("mit_memory_bytes"), "fits": rec.get("fits"),
@@ -376,6 +379,11 @@ def _predictions(rows: Sequence[dict[str, Any]]) -> list[str]:
         out += [f"Backward time: the cost model predicts the device's latency, not this host's, "
                 f"so the check is the ordering: Pearson r between predicted backward MACs and "
                 f"measured host backward ms over {len(t)} cells = {corr:.3f}.", ""]
+    models = sorted({str(r["pred_latency_model"]) for r in rows
+                     if r.get("pred_latency_model") and r["status"] == "done"})
+    if models:
+        out += ["Predicted step times (`pred_latency_ms`) come from: "
+                + "; ".join(models) + ".", ""]
     return out
 
 

@@ -1,0 +1,83 @@
+"""profile-device: the designed plans on every calibration model, and the quick mode end to end
+(the CLI writes a profile the cost model then uses; CI runs this)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from budgetsearch import CostModel, LayerGraph, Plan, load_model, load_profile
+from budgetsearch.cli import main
+from budgetsearch.errors import ProfileError
+from budgetsearch.latency import DEFAULT_MODELS, PLAN_FAMILIES, designed_plans, profile_device
+
+
+def _key(plan: Plan) -> str:
+    return json.dumps({k: u.to_dict() for k, u in plan.updates.items()}, sort_keys=True)
+
+
+@pytest.fixture(scope="module", params=DEFAULT_MODELS)
+def model_graph(request):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(request.param, num_classes=10)
+    return request.param, LayerGraph.from_model(model, input_size=64, model_name=request.param)
+
+
+def test_every_family_is_built_and_distinct(model_graph) -> None:
+    _name, graph = model_graph
+    cm = CostModel(graph, load_profile("rpi4"), accounting="ops", batch_size=2)
+    plans = designed_plans(graph, cm, seed=0)
+    assert list(plans) == list(PLAN_FAMILIES)
+    fingerprints = {_key(p) for p in plans.values()}
+    assert len(fingerprints) == len(plans)
+    feats = {k: cm.latency_features(p) for k, p in plans.items()}
+    assert feats["filtered-r2"].get("backward.filtered.calls", 0) > 0
+    assert feats["sparse-out"].get("backward.sparse.calls", 0) > 0
+    assert any(u.axis == "in" for u in plans["sparse-in"].updates.values())
+    # the full plan does the most backward work, the classifier the least
+    bwd = {k: sum(v for f, v in x.items() if f.endswith("_macs")) for k, x in feats.items()}
+    assert bwd["full"] == max(bwd.values()) and bwd["classifier"] == min(bwd.values())
+
+
+def test_same_seed_same_plans(model_graph) -> None:
+    _name, graph = model_graph
+    cm = CostModel(graph, load_profile("rpi4"), accounting="ops", batch_size=2)
+    a = designed_plans(graph, cm, seed=3, families=("mixed", "sparse-out"))
+    b = designed_plans(graph, cm, seed=3, families=("mixed", "sparse-out"))
+    assert {k: _key(p) for k, p in a.items()} == {k: _key(p)
+                                                         for k, p in b.items()}
+
+
+def test_unknown_family_and_bad_arguments_are_named() -> None:
+    graph = LayerGraph.from_model(load_model("mcunet-5fps", num_classes=10), input_size=32)
+    cm = CostModel(graph, load_profile("rpi4"), batch_size=1)
+    with pytest.raises(ProfileError, match="unknown plan family 'huge'; known: classifier"):
+        designed_plans(graph, cm, families=("huge",))
+    with pytest.raises(ProfileError, match="repeats"):
+        profile_device(repeats=0, progress=False)
+    with pytest.raises(ProfileError, match="batch_sizes"):
+        profile_device(batch_sizes=(0,), progress=False)
+
+
+def test_quick_profile_device_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "here.yaml"
+    steps = tmp_path / "steps.json"
+    assert main(["profile-device", "--quick", "--out", str(out), "--steps-json",
+                 str(steps)]) == 0
+    assert "measured (budgetsearch profile-device" in capsys.readouterr().out
+    profile = load_profile(out)
+    lat = profile.latency
+    assert lat is not None and lat.calibration["models"] == ["mcunet-5fps"]
+    assert lat.fit["samples"] == 8 and lat.fit["median_error_pct"] >= 0
+    rows = json.loads(steps.read_text())
+    assert len(rows) == 8 and all(r["measured_ms"] > 0 for r in rows)
+    # the cost model now times steps with it, and says so
+    graph = LayerGraph.from_model(load_model("mcunet-5fps", num_classes=10), input_size=64)
+    cm = CostModel(graph, profile, batch_size=4)
+    summary = cm.summarize(Plan.full(graph))
+    assert summary.latency_ms > 0 and summary.latency_model.startswith("measured")
+    assert summary.latency_ms == pytest.approx(
+        lat.predict_ms(cm.latency_features(Plan.full(graph))))
