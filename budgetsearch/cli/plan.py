@@ -20,6 +20,7 @@ from typing import Any
 from ..budget import Budget
 from ..choices import EFFORT_NAMES, MEMORY_MEASURES, PLAN_OBJECTIVES, THIRD_OBJECTIVES
 from ..errors import SearchError
+from ..planner.race import MAX_LR_EXTENSIONS
 from ..units import format_bytes
 from ._common import (
     MAX_BATCH_SIZE,
@@ -109,6 +110,11 @@ def register(subparsers: Any) -> None:
     r.add_argument("--lrs", default=None,
                    help="the race's learning rates, comma-separated (default: the effort's "
                         "grid around the optimizer's usual rate, e.g. sgd 0.00667,0.02,0.06)")
+    r.add_argument("--lr-extensions", type=int_range(0, MAX_LR_EXTENSIONS), default=None,
+                   help="when a leading candidate's best rate in the race's first rung is the "
+                        "lowest or highest it was tried at, also try it one grid step further, "
+                        "up to this many steps beyond each edge (default: the effort's, 2; 0: "
+                        "the grid only)")
     r.add_argument("--train-batch", type=int_range(1, MAX_BATCH_SIZE), default=32,
                    help="batch size the race trains at, recorded in the plan's recipe (32); "
                         "the budget stays that of --batch-size on the device")
@@ -238,7 +244,8 @@ def run_plan(args: argparse.Namespace) -> int:
                     "mcu_dir": args.mcu_dir},
         trials=args.trials, seed=args.seed, storage=storage,
         study_name=args.study or (lambda config: _default_study_name(args, budget, config)),
-        pick=args.pick, lrs=lrs, train_batch=args.train_batch, race_file=args.race_file,
+        pick=args.pick, lrs=lrs, lr_extensions=args.lr_extensions,
+        train_batch=args.train_batch, race_file=args.race_file,
         progress=not args.no_progress, flush_seconds=args.flush_seconds, log=_stderr)
     result = outcome.search
     name = result.study_name
@@ -389,6 +396,13 @@ def race_table(outcome: Any) -> str:
                      f"{margin['baseline_accuracy']:.4f})")
     for name, why in sorted(outcome.skipped.items()):
         lines.append(f"not raced: {name}: {_short({'error': why})}")
+    added = rr.lr_extension.get("added") or []
+    if added:
+        grid = ", ".join(f"{x:g}" for x in rr.lr_extension["grid"])
+        lines.append(f"beyond the rate grid ({grid}; at most {rr.lr_extension['max_steps']} "
+                     "step(s) each side): " + "; ".join(
+                         f"{a['candidate']} at {a['lr']:g} (best at its {a['edge']} edge "
+                         f"{a['after']:g})" for a in added))
     r = plan.recipe
     st = outcome.search.stats
     lines.append(

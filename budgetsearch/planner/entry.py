@@ -40,6 +40,7 @@ from ..units import format_bytes
 from .effort import Effort, get_effort
 from .flow import PlanOutcome, make_plan
 from .prepare import contribution_table, fisher_scores, load_contributions, race_data_key
+from .race import RaceSettings
 
 __all__ = ["ARGUMENT_NAMES", "DEFAULT_TRIALS", "PlanData", "choose_effort", "plan_for"]
 
@@ -170,6 +171,7 @@ def plan_for(
     study_name: str | Callable[[Mapping[str, Any]], str] | None = None,
     pick: str = "best",
     lrs: Sequence[float] | None = None,
+    lr_extensions: int | None = None,
     train_batch: int | None = None,
     recipe: Recipe | None = None,
     race_file: str | os.PathLike[str] | None = None,
@@ -227,6 +229,10 @@ def plan_for(
             digest of that configuration, so the same arguments continue the same study.
         pick: The search's pick rule (the plan at effort ``quick``).
         lrs: The race's learning rates instead of the effort's grid.
+        lr_extensions: How many rates beyond each edge of the grid a leading candidate is
+            also tried at in the race's first rung when its best rate there lies on that edge
+            (:attr:`~.race.RaceSettings.lr_extensions`); None: the effort's (2 at
+            ``standard`` and ``thorough``), 0: the grid only.
         train_batch: The batch size the race trains at and the plan's recipe records (32); the
             budget stays that of the cost model's batch size.
         recipe: The race's base recipe instead (optimizer, batch size, seed, filter mode).
@@ -279,6 +285,8 @@ def plan_for(
         raise SearchError(f"trials must be at least 1; got {trials}")
     if recipe is not None and train_batch is not None:
         raise PlanError("give the race's batch size either as train_batch or in the recipe")
+    if lr_extensions is not None:
+        RaceSettings(lr_extensions=lr_extensions)  # a bad bound: refused before any work
     say = log or _silent
     graph = cost_model.graph
     source, tensors = _data(data)
@@ -360,6 +368,7 @@ def plan_for(
     return make_plan(
         search, effort=effort, n_trials=trials, storage=opened, study_name=name,
         pick_rule=pick, runner=runner, data_key=data_key, model=model, lrs=lrs,
+        lr_extensions=lr_extensions,
         recipe=recipe or Recipe(optimizer=cost_model.optimizer,
                                 batch_size=32 if train_batch is None else train_batch, seed=seed),
         race_path=race_file, baseline_scores=baseline_scores,

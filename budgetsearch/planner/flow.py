@@ -187,6 +187,7 @@ def make_plan(
     data_key: Mapping[str, Any] | None = None,
     model: nn.Module | None = None,
     lrs: Sequence[float] | None = None,
+    lr_extensions: int | None = None,
     race_path: str | os.PathLike[str] | None = None,
     race_storage: str | None = None,
     baseline_scores: Any = None,
@@ -211,6 +212,8 @@ def make_plan(
             file's key.
         model: The model (for the MIT scheme candidate).
         lrs: Learning rates instead of the effort's grid.
+        lr_extensions: Rates beyond each edge of the grid a leading candidate may be tried at
+            (default the effort's; 0: the grid only).
         race_path: The race file (default under ``$BUDGETSEARCH_CACHE/race/``, by key).
         race_storage: A database URL to keep the race in instead (shared across machines).
         baseline_scores: Scores of the baselines' selectors (:func:`race_candidates`).
@@ -231,7 +234,8 @@ def make_plan(
     if runner is None:
         raise PlanError(f"effort {effort.name} races plans: it needs training data (a runner)")
     recipe = recipe or Recipe(optimizer=search.cost_model.optimizer, seed=search.seed)
-    settings = effort.settings(recipe.optimizer, lrs=tuple(lrs) if lrs else None)
+    settings = effort.settings(recipe.optimizer, lrs=tuple(lrs) if lrs else None,
+                               lr_extensions=lr_extensions)
     candidates, skipped = race_candidates(search, result, front=effort.front, model=model,
                                           seed=search.seed, baseline_scores=baseline_scores)
     key = race_key(data_key=data_key or {}, recipe=recipe, settings=settings,

@@ -9,6 +9,17 @@ arms (at least one) go on to the next rung, which trains them from the start aga
 epochs, and so on. The last rung may train each arm with several seeds (its score is the mean).
 Ties are broken by predicted memory (less first), then validation loss.
 
+**Beyond the grid's edges.** With ``lr_extensions`` > 0, the first rung does not stop at the grid:
+a candidate with an arm among the arms the rung keeps whose best rate is the lowest (highest)
+rate it was tried at is also tried at the next rate below (above): the grid's edge rate divided
+(multiplied) by the ratio of its two lowest (highest) rates, once per step, rounded to 3
+significant digits; at the rung's epochs. This repeats until no kept candidate's best rate lies
+on its edge, or each has gone ``lr_extensions`` steps beyond the grid on that side. The added
+arms compete with the others for the same number of places in the next rung. What was added,
+and why, is recorded in the first rung (``extended``) and in :attr:`RaceResult.lr_extension`.
+The extension is decided from the recorded results alone, so a resumed race and every worker
+make the same decisions.
+
 Every arm's result is written atomically into a keyed file the moment it is known
 (:class:`~budgetsearch.contrib.SharedTable`): a race killed mid-rung resumes without retraining
 finished arms, and several processes racing the same candidates share one file and never train
@@ -40,6 +51,8 @@ __all__ = ["Candidate", "RaceResult", "RaceSettings", "default_race_path", "race
 
 #: Version of the race file's layout (part of its key).
 RACE_VERSION = 1
+#: The most rates beyond each edge of the grid :attr:`RaceSettings.lr_extensions` allows.
+MAX_LR_EXTENSIONS = 8
 
 
 @dataclass(frozen=True)
@@ -91,12 +104,16 @@ class RaceSettings:
         lrs: The learning-rate grid every candidate is tried with.
         keep: Share of the arms kept after each rung but the last, in (0, 1) (at least one).
         final_seeds: Seeds each arm of the last rung is trained with (its score is the mean).
+        lr_extensions: Rates beyond each edge of the grid a candidate may be tried at in the
+            first rung when its best rate there lies on the edge (0: the grid only; see the
+            module docstring). Needs at least two rates in the grid.
     """
 
     rungs: tuple[int, ...] = (2, 4)
     lrs: tuple[float, ...] = (0.00667, 0.02, 0.06)
     keep: float = 1 / 3
     final_seeds: int = 1
+    lr_extensions: int = 0
 
     def __post_init__(self) -> None:
         rungs, lrs = tuple(self.rungs), tuple(self.lrs)
@@ -110,13 +127,25 @@ class RaceSettings:
             raise PlanError(f"race keep share must be in (0, 1); got {self.keep}")
         if not isinstance(self.final_seeds, int) or self.final_seeds < 1:
             raise PlanError(f"race final_seeds must be an integer >= 1; got {self.final_seeds}")
+        if (not isinstance(self.lr_extensions, int) or isinstance(self.lr_extensions, bool)
+                or not 0 <= self.lr_extensions <= MAX_LR_EXTENSIONS):
+            raise PlanError(f"race lr_extensions must be an integer from 0 (the grid only) to "
+                            f"{MAX_LR_EXTENSIONS}; got {self.lr_extensions!r}")
         object.__setattr__(self, "rungs", rungs)
         object.__setattr__(self, "lrs", tuple(float(x) for x in lrs))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"rungs": list(self.rungs), "lrs": list(self.lrs), "keep": self.keep,
-                "final_seeds": self.final_seeds}
+                "final_seeds": self.final_seeds, "lr_extensions": self.lr_extensions}
+
+    def factors(self) -> tuple[float, float] | None:
+        """The geometric steps beyond the grid's low and high edges (the ratios of its two
+        lowest and two highest rates), or None for a grid of one rate."""
+        grid = sorted(self.lrs)
+        if len(grid) < 2:
+            return None
+        return grid[1] / grid[0], grid[-1] / grid[-2]
 
     def epochs_total(self, arms: int) -> int:
         """Epochs the whole race trains for ``arms`` arms at the first rung."""
@@ -141,6 +170,11 @@ class RaceResult:
         stats: ``arms_trained`` (by this process), ``seconds``, ``path``.
         results: Every arm's full result by arm key (``r<rung>:e<epochs>:s<seed>:<name>@lr<lr>``;
             with any data the runner only reports, e.g. ``test_accuracy``).
+        lr_extension: The rates tried beyond the grid's edges: ``grid`` (the grid),
+            ``max_steps`` (:attr:`RaceSettings.lr_extensions`), ``factors`` (the low and high
+            geometric steps) and ``added`` (per added arm: ``candidate``, ``lr``, ``edge``
+            ``low`` or ``high``, ``step`` beyond the grid, ``after`` (the candidate's best rate
+            then) and ``why``).
     """
 
     winner: Candidate
@@ -149,6 +183,7 @@ class RaceResult:
     candidates: dict[str, Candidate]
     stats: dict[str, Any] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lr_extension: dict[str, Any] = field(default_factory=dict)
 
     def final_arms(self) -> dict[str, dict[str, Any]]:
         """The winner's results in the last rung, by seed key (``s<seed>``)."""
@@ -176,7 +211,8 @@ class RaceResult:
         """The race as recorded in the chosen plan's provenance."""
         return {"winner": self.winner.name, "lr": self.recipe.lr, "epochs": self.recipe.epochs,
                 "candidates": [c.describe() for c in self.candidates.values()],
-                "rungs": self.rungs, "arms_trained": self.stats.get("arms_trained"),
+                "rungs": self.rungs, "lr_extension": self.lr_extension,
+                "arms_trained": self.stats.get("arms_trained"),
                 "seconds": self.stats.get("seconds")}
 
 
@@ -185,10 +221,14 @@ def race_key(
     candidates: Sequence[Candidate],
 ) -> dict[str, Any]:
     """What a race's results depend on: the model and data (``data_key``, e.g. a contribution
-    analysis key), the base recipe, the settings and the candidates' updates."""
+    analysis key), the base recipe, the settings and the candidates' updates.
+
+    ``lr_extensions`` is not part of it: an arm's result is keyed by its rung, epochs, seed,
+    candidate and rate, so it is the same with or without the extension, and a race file made
+    before the extension existed (or with another bound) is continued, not refused."""
+    shown = {k: v for k, v in settings.to_dict().items() if k != "lr_extensions"}
     return {"race_version": RACE_VERSION, **dict(data_key), "recipe": recipe.to_dict(),
-            "settings": settings.to_dict(),
-            "candidates": {c.name: c.digest() for c in candidates}}
+            "settings": shown, "candidates": {c.name: c.digest() for c in candidates}}
 
 
 def default_race_path(key: Mapping[str, Any]) -> Path:
@@ -254,66 +294,100 @@ def race(
     bar = _bar(settings.epochs_total(len(arms)), progress)
     trained = 0
     rungs: list[dict[str, Any]] = []
+    added: list[dict[str, Any]] = []
+
+    def train(jobs: Mapping[str, tuple[str, float, int]], epochs: int) -> None:
+        """Train (or wait for other workers to train) every job not yet recorded."""
+        nonlocal trained
+        while True:
+            if shared is not None:
+                job = shared.claim(list(jobs))
+            else:
+                job = next((k for k in jobs if k not in memory), None)
+            if job is None:
+                if shared is None or set(jobs) <= shared.done():
+                    return
+                time.sleep(poll_seconds)  # other workers are training the rest
+                continue
+            if max_arms is not None and trained >= max_arms:
+                if shared is not None:
+                    shared.release(job)
+                raise PlanError(f"race stopped after {trained} arms (max_arms); run it "
+                                "again to finish")
+            name, lr, seed = jobs[job]
+            try:
+                result = runner.run(pool[name].updates,
+                                    recipe.with_(lr=lr, epochs=epochs, seed=seed))
+            except BaseException:
+                if shared is not None:
+                    shared.release(job)
+                raise
+            trained += 1
+            # the scores (validation, and any data only reported, e.g. test) and the time
+            result = {k: v for k, v in result.items()
+                      if k.endswith(("_accuracy", "_loss")) or k == "seconds"}
+            if shared is not None:
+                shared.record(job, result)
+            else:
+                memory[job] = result
+            if on_arm is not None:
+                on_arm(job, result)
+            if bar is not None:
+                bar.update(epochs)
+                bar.set_postfix_str(f"{name[:24]} lr {lr:g}: {result['val_accuracy']:.3f}")
+
+    def score(jobs: Mapping[str, tuple[str, float, int]]
+              ) -> list[tuple[float, int, float, str, float]]:
+        """The arms ranked: (-accuracy, memory, loss, name, lr), best first."""
+        done = shared.table().results if shared is not None else memory
+        scored = []
+        for name, lr in arms:
+            rows = [done[k] for k, (n, x, _s) in jobs.items() if n == name and x == lr]
+            acc = sum(float(r["val_accuracy"]) for r in rows) / len(rows)
+            losses = [r.get("val_loss") for r in rows]
+            loss = (sum(losses) / len(losses) if None not in losses else math.inf)
+            scored.append((-acc, pool[name].memory_bytes, loss, name, lr))
+        scored.sort()
+        return scored
+
     try:
         for i, epochs in enumerate(settings.rungs):
             last = i == len(settings.rungs) - 1
             seeds = [recipe.seed + s for s in range(settings.final_seeds if last else 1)]
+            # places in the next rung, from the arms that entered this one (an extension's
+            # arms compete for them)
+            n_keep = 1 if last else max(1, math.ceil(len(arms) * settings.keep))
             jobs = {_arm_key(i, epochs, s, name, lr): (name, lr, s)
                     for name, lr in arms for s in seeds}
             if bar is not None:
                 bar.set_description(f"race rung {i + 1}/{len(settings.rungs)} "
                                     f"({len(arms)} arms x {epochs} ep)")
-            while True:
-                if shared is not None:
-                    job = shared.claim(list(jobs))
-                else:
-                    job = next((k for k in jobs if k not in memory), None)
-                if job is None:
-                    if shared is None or set(jobs) <= shared.done():
-                        break
-                    time.sleep(poll_seconds)  # other workers are training the rest
-                    continue
-                if max_arms is not None and trained >= max_arms:
-                    if shared is not None:
-                        shared.release(job)
-                    raise PlanError(f"race stopped after {trained} arms (max_arms); run it "
-                                    "again to finish")
-                name, lr, seed = jobs[job]
-                try:
-                    result = runner.run(pool[name].updates,
-                                        recipe.with_(lr=lr, epochs=epochs, seed=seed))
-                except BaseException:
-                    if shared is not None:
-                        shared.release(job)
-                    raise
-                trained += 1
-                # the scores (validation, and any data only reported, e.g. test) and the time
-                result = {k: v for k, v in result.items()
-                          if k.endswith(("_accuracy", "_loss")) or k == "seconds"}
-                if shared is not None:
-                    shared.record(job, result)
-                else:
-                    memory[job] = result
-                if on_arm is not None:
-                    on_arm(job, result)
+            train(jobs, epochs)
+            scored = score(jobs)
+            while i == 0 and settings.lr_extensions > 0:
+                new = _beyond_edges(scored, n_keep, arms, settings)
+                if not new:
+                    break
+                added.extend(new)
+                arms.extend((a["candidate"], a["lr"]) for a in new)
+                fresh = {_arm_key(i, epochs, s, a["candidate"], a["lr"]): (a["candidate"],
+                                                                           a["lr"], s)
+                         for a in new for s in seeds}
+                jobs.update(fresh)
                 if bar is not None:
-                    bar.update(epochs)
-                    bar.set_postfix_str(f"{name[:24]} lr {lr:g}: {result['val_accuracy']:.3f}")
-            done = shared.table().results if shared is not None else memory
-            scored = []
-            for name, lr in arms:
-                rows = [done[k] for k, (n, x, _s) in jobs.items() if n == name and x == lr]
-                acc = sum(float(r["val_accuracy"]) for r in rows) / len(rows)
-                losses = [r.get("val_loss") for r in rows]
-                loss = (sum(losses) / len(losses) if None not in losses else math.inf)
-                scored.append((-acc, pool[name].memory_bytes, loss, name, lr))
-            scored.sort()
-            n_keep = 1 if last else max(1, math.ceil(len(arms) * settings.keep))
+                    bar.total += epochs * len(fresh)
+                    bar.set_description(f"race rung 1/{len(settings.rungs)}: {len(new)} "
+                                        "rate(s) beyond the grid")
+                train(fresh, epochs)
+                scored = score(jobs)
             kept = [(s[3], s[4]) for s in scored[:n_keep]]
-            rungs.append({"epochs": epochs, "seeds": seeds, "arms": [
+            rung: dict[str, Any] = {"epochs": epochs, "seeds": seeds, "arms": [
                 {"candidate": s[3], "lr": s[4], "val_accuracy": -s[0],
                  "val_loss": None if math.isinf(s[2]) else s[2], "kept": (s[3], s[4]) in kept}
-                for s in scored]})
+                for s in scored]}
+            if i == 0 and settings.lr_extensions > 0:
+                rung["extended"] = added
+            rungs.append(rung)
             if bar is not None:  # arms trained by others still count towards the total
                 bar.n = min(bar.total, sum(r["epochs"] * len(r["arms"]) * len(r["seeds"])
                                            for r in rungs))
@@ -324,11 +398,56 @@ def race(
         if bar is not None:
             bar.close()
     name, lr = arms[0]
+    factors = settings.factors()
     return RaceResult(
         winner=pool[name], recipe=recipe.with_(lr=lr, epochs=settings.rungs[-1]), rungs=rungs,
         candidates=dict(pool),
         stats={"arms_trained": trained, "seconds": time.perf_counter() - started,
-               "path": str(path) if path is not None else storage}, results=results)
+               "path": str(path) if path is not None else storage}, results=results,
+        lr_extension={"grid": sorted(settings.lrs), "max_steps": settings.lr_extensions,
+                      "factors": list(factors) if factors else None, "added": added})
+
+
+def _next_rate(edge_lr: float, factor: float, edge: str, step: int) -> float:
+    """``step`` geometric steps beyond the grid's edge rate (down at the low edge), to 3
+    significant digits."""
+    lr = edge_lr / factor**step if edge == "low" else edge_lr * factor**step
+    return float(f"{lr:.3g}")
+
+
+def _beyond_edges(scored: Sequence[tuple[float, int, float, str, float]], n_keep: int,
+                  arms: Sequence[tuple[str, float]], settings: RaceSettings
+                  ) -> list[dict[str, Any]]:
+    """The arms to add beyond the edges (see the module docstring): for each candidate with an
+    arm among the ``n_keep`` best, in rank order, the next rate past the edge its best rate lies
+    on, while it has gone fewer than ``lr_extensions`` steps past that edge of the grid."""
+    factors = settings.factors()
+    if factors is None:
+        return []
+    grid = sorted(settings.lrs)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for *_rank, name, _lr in scored[:n_keep]:
+        if name in seen:
+            continue
+        seen.add(name)
+        best = next(s for s in scored if s[3] == name)  # the candidate's best arm
+        tried = sorted(lr for n, lr in arms if n == name)
+        for edge, end, grid_end, factor, beyond in (
+                ("low", tried[0], grid[0], factors[0], [x for x in tried if x < grid[0]]),
+                ("high", tried[-1], grid[-1], factors[1], [x for x in tried if x > grid[-1]])):
+            if best[4] != end or len(beyond) >= settings.lr_extensions:
+                continue
+            lr = _next_rate(grid_end, factor, edge, len(beyond) + 1)
+            if lr <= 0 or lr in tried:
+                continue
+            out.append({"candidate": name, "lr": lr, "edge": edge, "step": len(beyond) + 1,
+                        "after": end, "why": (
+                            f"its best rate at rung 1 was {end:g} (validation accuracy "
+                            f"{-best[0]:.4f}), the {'lowest' if edge == 'low' else 'highest'} "
+                            "it was tried at")})
+            break
+    return out
 
 
 def _distinct(candidates: Sequence[Candidate]) -> dict[str, Candidate]:

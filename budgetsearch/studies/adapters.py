@@ -128,7 +128,8 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
         progress=ctx.progress, flush_seconds=float(run.get("flush_seconds", 2.0)))
     if effort.race:
         outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort, seed=plan_seed,
-                                                       home=home, opts=opts))
+                                                       home=home, opts=opts),
+                           lr_extensions=run.get("lr_extensions"))
     else:
         outcome = plan_for(**common, objective="fisher", search_options=opts,
                            scores=ctx.scores(cell.method.scores, seed=plan_seed),

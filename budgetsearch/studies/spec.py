@@ -41,6 +41,8 @@ is a :class:`Cell`. The file (read with ``yaml.safe_load`` only)::
                                    # effort: quick|standard|thorough; plan_seed: the seed the
                                    # plan is made with (default the cell's: with it, every
                                    # seed trains the same plan, raced once)
+                                   # lr_extensions: rates the race may try beyond
+                                   # its grid's edges (default the effort's; 0: none)
     exclude:                       # cells not to run: every listed coordinate matches
       - {method: [gf-b2-r4], seed: [1, 2]}
 
@@ -99,7 +101,7 @@ UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 #: Search options a study passes to the planner (Search.run, the race) rather than to Search.
-RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort", "plan_seed")
+RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort", "plan_seed", "lr_extensions")
 
 
 class StudyError(BudgetSearchError):

@@ -356,11 +356,20 @@ def _tuning(training: dict[str, Any], where: str) -> None:
 
 
 def _effort(options: Mapping[str, Any], where: str) -> None:
-    """A search's ``effort`` must be one of the planner's levels."""
+    """A search's ``effort`` must be one of the planner's levels, its ``lr_extensions`` an
+    integer within the race's bound."""
     if "effort" in options:
         from ..planner import EFFORTS
 
         _choice(options["effort"], list(EFFORTS), f"{where}.effort")
+    if "lr_extensions" in options:
+        from ..planner.race import MAX_LR_EXTENSIONS
+
+        value = options["lr_extensions"]
+        if not isinstance(value, int) or isinstance(value, bool) or not (
+                0 <= value <= MAX_LR_EXTENSIONS):
+            raise StudyError(f"{where}.lr_extensions: expected an integer from 0 (the rate "
+                             f"grid only) to {MAX_LR_EXTENSIONS}, got {value!r}")
 
 
 def _search_options() -> list[str] | None:

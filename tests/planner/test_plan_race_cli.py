@@ -30,7 +30,16 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
     assert plan.provenance["effort"] == "standard"
     # the data set has 20 images: all of them, 4 held out for validation
     assert "validation accuracy on 4 held-out images" in printed
-    assert plan.recipe is not None and plan.recipe.lr in (0.01, 0.05)
+    # the grid, and the rates beyond its edges the leaders' best rates led to (the effort's
+    # bound: 2 steps each side; every added rate recorded with its reason)
+    ext = race["lr_extension"]
+    assert ext["grid"] == [0.01, 0.05] and ext["max_steps"] == 2
+    assert race["rungs"][0]["extended"] == ext["added"]
+    raced = {0.01, 0.05} | {a["lr"] for a in ext["added"]}
+    assert {a["lr"] for a in race["rungs"][0]["arms"]} == raced
+    assert raced <= {0.0004, 0.002, 0.01, 0.05, 0.25, 1.25}
+    assert ("beyond the rate grid" in printed) == bool(ext["added"])
+    assert plan.recipe is not None and plan.recipe.lr in raced
     assert plan.recipe.epochs == 4 and plan.recipe.batch_size == 32
     assert plan.recipe.optimizer == plan.optimizer
     # the winner is the best arm of the last rung, and the plan is the winner's updates
@@ -67,6 +76,18 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
         printed.out)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["epochs"]) == plan.recipe.epochs
+    # without the extension: the same race file (the bound is not part of its key), only the
+    # grid's rates raced, nothing of the first rung retrained
+    assert main(_plan(images, out, "--lr-extensions", "0")) == 0
+    grid_only = load_plan(out).provenance["race"]
+    assert grid_only["lr_extension"]["added"] == [] and "extended" not in grid_only["rungs"][0]
+    assert {a["lr"] for a in grid_only["rungs"][0]["arms"]} == {0.01, 0.05}
+    assert grid_only["arms_trained"] <= len(grid_only["rungs"][1]["arms"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_plan(images, tmp_path / "bad.json", "--lr-extensions", "9"))
+    assert "--lr-extensions: must be a non-negative integer from 0 to 8" in (
+        capsys.readouterr().err)
 
 
 def test_effort_rules_are_named_errors(images, tmp_path, capsys):
