@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps_json:
         atomic_write_text(args.steps_json, json.dumps(
             [{"model": s.model, "batch_size": s.batch_size, "plan": s.plan,
-              "measured_ms": s.measured_ms, "features": s.features} for s in steps], indent=1))
+              "measured_ms": s.measured_ms, "times_ms": list(s.times_ms),
+              "features": s.features} for s in steps], indent=1))
     lat = profile.latency
     print(f"wrote {out}: {lat.describe()}")
     print(f"{'model':<16}{'batch':>6}  {'plan':<13}{'measured ms':>12}")

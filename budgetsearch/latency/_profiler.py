@@ -7,7 +7,9 @@ gradient-filtered last blocks with r = 2 and 4; a seeded random mix of frozen, b
 sparse and filtered layers). Each plan is applied with :func:`~budgetsearch.trainer.apply_plan`
 and stepped exactly as the trainer steps (forward, cross-entropy, backward, SGD with momentum),
 plans interleaved round by round so that a change in load touches all of them alike; the median
-step time after one warm-up round is the measurement.
+of the timed steps after one warm-up round is the measurement (a step's time varies by 10-30 %
+from one step to the next even on an idle machine here; the median of 10 is reproducible, the
+fastest step is not: it falls as more steps are timed).
 
 Why whole steps rather than operators timed one by one: on a CPU an operator's time depends on
 what ran before it (caches, the allocator, thread wake-up), and budgetsearch's planned layers fuse
@@ -62,6 +64,9 @@ class TimedStep:
     plan: str
     features: dict[str, float]
     measured_ms: float
+    """The median of the timed steps."""
+    times_ms: tuple[float, ...] = ()
+    """Every timed step, in order."""
 
 
 def _random_channels(rng: random.Random, n: int, fraction: float) -> tuple[int, ...]:
@@ -142,11 +147,12 @@ def designed_plans(graph: Any, cost_model: Any, *, seed: int = 0,
 
 def time_plans(model: Any, graph: Any, plans: dict[str, Any], *, batch_size: int,
                input_size: int, repeats: int, optimizer: str = "momentum",
-               on_step: Any = None) -> dict[str, float]:
-    """Median milliseconds of a training step under each plan, stepped as the trainer does.
+               on_step: Any = None) -> dict[str, list[float]]:
+    """Milliseconds of each timed training step under each plan, stepped as the trainer does.
 
     Every plan trains its own copy of ``model``; plans are interleaved one step each per round,
-    after one warm-up round.
+    after one warm-up round, so a burst of other load slows one round of every plan rather than
+    every step of one plan.
 
     Args:
         model: The model (float, on the CPU).
@@ -196,7 +202,7 @@ def time_plans(model: Any, graph: Any, plans: dict[str, Any], *, batch_size: int
     finally:
         for handle in handles.values():
             handle.remove()
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {name: [1e3 * x for x in t] for name, t in times.items()}
 
 
 def profile_device(
@@ -222,7 +228,7 @@ def profile_device(
         models: Registered model names to calibrate on.
         batch_sizes: Batch sizes to time.
         input_size: Input height and width.
-        repeats: Timed rounds per plan (default 5; 2 with ``quick``).
+        repeats: Timed rounds per plan (default 10; 2 with ``quick``).
         quick: One small model at 64 px, batch sizes 1 and 4, four plan families: a smoke run of
             well under a minute (the coefficients are rough).
         folds: Cross-validation folds for the reported error.
@@ -248,7 +254,7 @@ def profile_device(
     if quick:
         models, batch_sizes, input_size = ("mcunet-5fps",), (1, 4), 64
     families = _QUICK_FAMILIES if quick else PLAN_FAMILIES
-    repeats = repeats if repeats is not None else (2 if quick else 5)
+    repeats = repeats if repeats is not None else (2 if quick else 10)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ProfileError(f"repeats: expected a positive integer, got {repeats!r}")
     bad = [b for b in batch_sizes if isinstance(b, bool) or not isinstance(b, int) or b < 1]
@@ -274,15 +280,22 @@ def profile_device(
             cm = CostModel(graph, base, accounting="ops", batch_size=b, optimizer="momentum")
             work.append((m, model, graph, b, cm, designed_plans(graph, cm, seed=b,
                                                                  families=families)))
-    total = sum(len(p) for *_, p in work) * (repeats + 1)
-    steps: list[TimedStep] = []
+    # Two passes over every (model, batch size), minutes apart, half of the repeats each: a
+    # slow spell of the machine then touches half of a plan's steps, not all of them.
+    halves = (repeats - repeats // 2, repeats // 2) if repeats > 1 else (1,)
+    total = sum(len(p) for *_, p in work) * sum(h + 1 for h in halves)
+    timed: dict[tuple[str, int, str], list[float]] = {}
     with tqdm(total=total, desc="profile-device", unit="step", disable=not progress) as bar:
-        for m, model, graph, b, cm, plans in work:
-            bar.set_postfix_str(f"{m} batch {b}")
-            measured = time_plans(model, graph, plans, batch_size=b, input_size=input_size,
-                                  repeats=repeats, on_step=bar.update)
-            steps += [TimedStep(m, b, p, cm.latency_features(plan), measured[p])
-                      for p, plan in plans.items()]
+        for k, half in enumerate(halves):
+            for m, model, graph, b, _cm, plans in work:
+                bar.set_postfix_str(f"pass {k + 1}: {m} batch {b}")
+                measured = time_plans(model, graph, plans, batch_size=b, input_size=input_size,
+                                      repeats=half, on_step=bar.update)
+                for p, times in measured.items():
+                    timed.setdefault((m, b, p), []).extend(times)
+    steps = [TimedStep(m, b, p, cm.latency_features(plan),
+                       statistics.median(timed[m, b, p]), tuple(timed[m, b, p]))
+             for m, _model, _graph, b, cm, plans in work for p, plan in plans.items()]
     feats = [s.features for s in steps]
     ms = [s.measured_ms for s in steps]
     coef = fit_coefficients(feats, ms)
@@ -300,7 +313,8 @@ def profile_device(
              f"torch {torch.__version__}, {threads} threads")
     data = profile_to_dict(replace(base, latency=latency))
     data["sources"]["latency"] = (
-        f"{stamp}: median of {repeats} training steps (after a warm-up) of each designed plan "
+        f"{stamp}: median of {repeats} training steps (two passes minutes apart, each after "
+        f"a warm-up) of each designed plan "
         f"({', '.join(families)}) of {', '.join(models)} at {input_size} px, batch "
         f"{', '.join(map(str, batch_sizes))}, SGD with momentum, applied with apply_plan; "
         "coefficients by non-negative least squares on relative error; fit: cross-validated "
