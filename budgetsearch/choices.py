@@ -34,6 +34,7 @@ __all__ = [
     "OP_CLASSES",
     "PHASES",
     "PLAN_OBJECTIVES",
+    "PLAN_TARGETS",
     "THIRD_OBJECTIVES",
     "UPDATE_MODES",
     "AccountingName",
@@ -48,6 +49,7 @@ __all__ = [
     "Optimizer",
     "Phase",
     "PlanObjective",
+    "PlanTarget",
     "ThirdObjective",
     "UpdateMode",
 ]
@@ -104,6 +106,13 @@ THIRD_OBJECTIVES: tuple[ThirdObjective, ...] = get_args(ThirdObjective)
 #: (a contribution table), or the captured ``fisher`` potential (a proxy, nothing trained).
 PlanObjective = Literal["measured", "fisher"]
 PLAN_OBJECTIVES: tuple[PlanObjective, ...] = get_args(PlanObjective)
+
+#: What trains the plans a search hands out: ``pytorch`` (budgetsearch's own trainer and
+#: operators, ``apply_plan``: every plan of the space) or ``tte`` (MIT's Tiny Training Engine,
+#: ``budgetsearch export --format tte``: the search space and the race keep to what it can
+#: express).
+PlanTarget = Literal["pytorch", "tte"]
+PLAN_TARGETS: tuple[PlanTarget, ...] = get_args(PlanTarget)
 
 #: How much measuring and training goes into a plan (:data:`budgetsearch.planner.EFFORTS`):
 #: ``quick`` (the search alone), ``standard`` (measured contributions and a race), ``thorough``.

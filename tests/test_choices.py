@@ -37,7 +37,7 @@ def test_constants_are_the_one_definition(alias, name):
 
 def test_tuples_list_their_literal_types_values_as_plain_strings():
     pairs = {name: getattr(choices, name) for name in choices.__all__ if name.isupper()}
-    assert len(pairs) == 14
+    assert len(pairs) == 15
     types = [getattr(choices, name) for name in choices.__all__ if not name.isupper()]
     assert sorted(get_args(t) for t in types) == sorted(pairs.values())
     for values in pairs.values():

@@ -18,8 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ..budget import Budget
-from ..choices import EFFORT_NAMES, MEMORY_MEASURES, PLAN_OBJECTIVES, THIRD_OBJECTIVES
-from ..errors import SearchError
+from ..choices import (
+    EFFORT_NAMES,
+    MEMORY_MEASURES,
+    PLAN_OBJECTIVES,
+    PLAN_TARGETS,
+    THIRD_OBJECTIVES,
+)
+from ..errors import PlanError, SearchError
 from ..planner.race import MAX_LR_EXTENSIONS
 from ..units import format_bytes
 from ._common import (
@@ -136,6 +142,12 @@ def register(subparsers: Any) -> None:
     s.add_argument("--last-n", type=int_range(1, MAX_COUNT), default=None,
                    help="only the last N layers are candidates (smaller space)")
     s.add_argument("--no-filters", action="store_true", help="never use gradient filters")
+    s.add_argument("--target", choices=PLAN_TARGETS, default=None,
+                   help="what trains the plan: pytorch (budgetsearch's trainer, apply_plan; "
+                        "default) or tte (MIT's Tiny Training Engine: the search and the race "
+                        "keep to plans `budgetsearch export --format tte` takes, baselines it "
+                        "cannot express are left out of the race; MCU models, --batch-size 1, "
+                        "the default then)")
     s.add_argument("--alpha", type=float_range(0, 100, low_open=True), default=1.0,
                    help="proxy exponent on the scores, in (0, 100] (1)")
     s.add_argument("--bias-credit", type=float_range(0, 1), default=0.25,
@@ -216,6 +228,11 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise SearchError(f"--trials must be at least 1; got {args.trials}")
     lrs = _parse_lrs(args.lrs)
+    if args.target == "tte":  # the engine trains at batch 1
+        if args.batch_size not in (None, 1):
+            raise PlanError(f"--target tte: the engine trains at batch 1; --batch-size is "
+                            f"{args.batch_size}")
+        args.batch_size = 1
     torch.manual_seed(args.seed)  # a replaced classifier head is initialised from it
     model, graph = build_model(args)
     cost_model = build_cost_model(args, graph)
@@ -230,7 +247,7 @@ def run_plan(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, normalization=args.normalization)
     outcome = plan_for(
         model=model, cost_model=cost_model, budget=budget, data=data, effort=effort,
-        objective=objective, scores=args.scores, fisher_samples=args.samples,
+        objective=objective, target=args.target, scores=args.scores, fisher_samples=args.samples,
         micro_batch=args.micro_batch, contrib=args.contrib, database=_shared_database(args),
         candidates=args.candidates,
         search_options={
@@ -257,6 +274,10 @@ def run_plan(args: argparse.Namespace) -> int:
         _write_front(Path(args.front_dir), result.trials, result.objective_names,
                      budget.memory_bytes, result.baselines, result.trial, name)
     print(summary_table(result) if outcome.race is None else race_table(outcome))
+    if args.target == "tte":
+        print("target tte: the search kept to plans MIT's Tiny Training Engine can express"
+              + ("" if outcome.race is None else " and so did the race's candidates")
+              + f"; export with `budgetsearch export --plan {out} --format tte`")
     print(f"wrote {out} (study {name!r} in {result.storage}; "
           f"{time.perf_counter() - started:.1f} s)")
     if not args.front_dir:
@@ -281,7 +302,9 @@ def _default_study_name(args: argparse.Namespace, budget: Budget,
                       args.no_filters, args.alpha, args.bias_credit, config["scores_source"],
                       args.scores and str(Path(args.scores).resolve()), args.weights]
                      + ([str(Path(table).resolve()), args.decay, args.loss_weight]
-                        if table else []))
+                        if table else [])
+                     + (["target", args.target] if args.target not in (None, "pytorch")
+                        else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{args.model}-{args.device}-{format_bytes(memory).replace(' ', '')}-{digest}"
 

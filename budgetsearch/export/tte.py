@@ -15,8 +15,10 @@ channel subset, the input-channel permutation that puts the plan's channels firs
 the conv's input channels and its producer's output channels before compiling, so that the
 engine's first channels are the plan's). It refuses, with an :class:`~budgetsearch.errors.
 ExportError` naming the layer, whatever the engine cannot express, and says which plans it takes:
-those of ``select --method mit-scheme`` and ``--method mit --head weight`` at batch 1, which
-update the last convs contiguously on input channels and the whole classifier.
+those of ``budgetsearch plan --target tte`` (``plan_for(target="tte")``: the search space and
+the race keep to the engine), and of ``select --method mit-scheme`` and ``--method mit --head
+weight`` at batch 1, which update the last convs contiguously on input channels and the whole
+classifier.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ TTE_FORMAT = "budgetsearch-tte-sparse-update/1"
 #: The ratios the published schemes use; a channel count one of them gives is written as it.
 TTE_RATIOS = (0.125, 0.25, 0.5, 1.0)
 
-_TAKES = ("plans it takes: select --method mit-scheme, or --method mit --head weight, at batch "
-          "1 (biases of the last convs, weights on input channels of 1x1 and depthwise convs, "
-          "the whole classifier, no filter)")
+_TAKES = ("plans it takes: plan with `--target tte` (plan_for(target=\"tte\")), or select "
+          "--method mit-scheme, or --method mit --head weight, at batch 1 (biases of the last "
+          "convs, weights on input channels of 1x1 and depthwise convs, the whole classifier, "
+          "no filter)")
 
 
 def _ratio(k: int, width: int) -> float:
@@ -129,7 +132,8 @@ def to_tte(plan: Plan, *, mcu_dir: str | os.PathLike[str] | None = None) -> dict
                 raise ExportError(f"layer {name} (the classifier): the engine updates all of "
                                   "it or none of it (freeze_fc); the plan updates "
                                   + ("its bias only" if update.mode != "weight"
-                                     else f"{len(update.channels or ())} of its channels"))
+                                     else f"{len(update.channels or ())} of its channels")
+                                  + f" ({_TAKES})")
             continue
         if name not in index:
             raise ExportError(f"layer {name}: not one of the {len(convs)} convs of "

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..budget import Budget
-from ..choices import PLAN_OBJECTIVES, EffortName, PlanObjective
+from ..choices import PLAN_OBJECTIVES, EffortName, PlanObjective, PlanTarget
 from ..contrib import ContributionTable, PlanRunner, split_tensors
 from ..cost import CostModel
 from ..criteria import Scores, fisher_potential, magnitude_scores
@@ -35,12 +35,21 @@ from ..data import default_normalization, load_dataset
 from ..errors import DataError, PlanError, SearchError
 from ..graph import LayerGraph
 from ..recipe import Recipe
-from ..search import Search, open_storage, redact, scores_digest, storage_kind, stored_scores
+from ..search import (
+    Search,
+    SpaceOptions,
+    open_storage,
+    redact,
+    scores_digest,
+    storage_kind,
+    stored_scores,
+)
 from ..units import format_bytes
 from .effort import Effort, get_effort
 from .flow import PlanOutcome, make_plan
 from .prepare import contribution_table, fisher_scores, load_contributions, race_data_key
 from .race import RaceSettings
+from .target import check_target, resolve_target
 
 __all__ = ["ARGUMENT_NAMES", "DEFAULT_TRIALS", "PlanData", "choose_effort", "plan_for"]
 
@@ -156,6 +165,7 @@ def plan_for(
     data: PlanData | tuple[Tensors, Tensors] | str | os.PathLike[str] | None = None,
     effort: EffortName | Effort | None = None,
     objective: PlanObjective | None = None,
+    target: PlanTarget | None = None,
     scores: Scores | str | os.PathLike[str] | None = None,
     scores_source: str | None = None,
     fisher_samples: int = 64,
@@ -196,6 +206,13 @@ def plan_for(
         effort: ``quick``, ``standard`` or ``thorough`` (:func:`choose_effort` for the default).
         objective: ``measured`` (the accuracy a contribution table predicts) or ``fisher`` (the
             captured Fisher potential); default by :func:`choose_effort`.
+        target: What trains the plan: ``pytorch`` (budgetsearch's trainer, ``apply_plan``;
+            every plan) or ``tte`` (MIT's Tiny Training Engine: the search space and the race
+            keep to plans ``budgetsearch export --format tte`` takes, so the model must be one
+            of the MCU models and the cost model at batch 1; baselines the engine cannot
+            express are left out of the race, with the exporter's reason in the outcome's
+            ``skipped``). None: the search space's (``search_options["space"].target``), else
+            ``pytorch``.
         scores: The channel scores, or a scores ``.npz`` file; None: weight magnitude for the
             ``measured`` objective, a Fisher pass on the data for ``fisher``. Scores given as a
             file or left to compute are not computed when the study already exists: it
@@ -256,7 +273,8 @@ def plan_for(
         BudgetError: A budget no plan meets, before any scoring or measuring.
         SearchError: An unknown storage, a stored study made for something else or with other
             scores.
-        PlanError: Bad arguments.
+        PlanError: Bad arguments; an unknown target, or a model or batch size it cannot
+            train.
 
     Example:
         A quick plan (the search on Fisher potential measured on a few images) for MCUNet with a
@@ -294,6 +312,11 @@ def plan_for(
                                       data=data is not None, scores=scores is not None,
                                       contrib=contrib is not None)
     options = _options(search_options)
+    chosen_target = resolve_target(target, options.get("space"))
+    mcu_dir = (model_spec or {}).get("mcu_dir")
+    if chosen_target != "pytorch":
+        check_target(chosen_target, cost_model=cost_model, mcu_dir=mcu_dir)
+        options["space"] = replace(options.get("space") or SpaceOptions(), target=chosen_target)
     if isinstance(storage, str):
         storage_kind(storage)  # an unknown scheme: refused before any work
     # budgets no plan can meet are refused before any scoring, measuring or file writing (the
@@ -373,7 +396,7 @@ def plan_for(
                                 batch_size=32 if train_batch is None else train_batch, seed=seed),
         race_path=race_file, baseline_scores=baseline_scores,
         race_storage=database if race_file is None else None, progress=progress,
-        flush_seconds=flush_seconds)
+        flush_seconds=flush_seconds, target=chosen_target, mcu_dir=mcu_dir)
 
 
 # ------------------------------------------------------------------------------------ helpers

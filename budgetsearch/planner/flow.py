@@ -18,11 +18,13 @@ from typing import Any
 
 from torch import nn
 
+from ..choices import PlanTarget
 from ..errors import BudgetSearchError
 from ..plan import LayerUpdate, Plan
 from ..recipe import Recipe
 from .effort import Effort
 from .race import Candidate, RaceResult, default_race_path, race, race_key
+from .target import target_problem
 
 __all__ = ["PlanOutcome", "make_plan", "race_candidates"]
 
@@ -79,6 +81,8 @@ def race_candidates(
     model: nn.Module | None = None,
     seed: int = 0,
     baseline_scores: Any = None,
+    target: PlanTarget = "pytorch",
+    mcu_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[list[Candidate], dict[str, str]]:
     """The race's candidates: every baseline's plan that fits the budget (the warm-start
     selectors of :data:`~budgetsearch.search.BASELINES`, the published MIT scheme
@@ -94,9 +98,13 @@ def race_candidates(
         seed: Seed of the selectors.
         baseline_scores: Scores the selectors rank channels by (TinyTrain and NEq are defined
             on Fisher potential; default the search's scores).
+        target: ``tte``: only plans MIT's Tiny Training Engine can express enter (judged by
+            :func:`~budgetsearch.export.to_tte`); a baseline it refuses is left out with the
+            exporter's reason (no baseline is converted: none converts exactly).
+        mcu_dir: The MCU model files, when not the shipped ones.
 
     Returns:
-        The candidates and, per baseline left out, why.
+        The candidates and, per baseline (or front point) left out, why.
     """
     from ..search import baseline_plans, feasible
 
@@ -121,6 +129,10 @@ def race_candidates(
         if not measured.feasible:
             skipped[name] = "over the budget"
             continue
+        problem = target_problem(target, updates, search=search, mcu_dir=mcu_dir)
+        if problem is not None:
+            skipped[name] = f"target {target}: {problem}"
+            continue
         out.append(_candidate(name, "baseline", updates, measured))
     # the front points: the best by the objective that are not a baseline's plan already (a
     # search point equal to a baseline races under the baseline's name)
@@ -133,6 +145,10 @@ def race_candidates(
             break
         c = _candidate(f"search#{t.number}", "search", ev.updates(t.params),
                        ev.evaluate(t.params), trial=t.number)
+        problem = target_problem(target, c.updates, search=search, mcu_dir=mcu_dir)
+        if problem is not None:  # not expected: the target's space holds only its plans
+            skipped[c.name] = f"target {target}: {problem}"
+            continue
         if c.digest() not in seen:
             seen.add(c.digest())
             out.append(c)
@@ -193,6 +209,8 @@ def make_plan(
     baseline_scores: Any = None,
     progress: bool = True,
     flush_seconds: float = 2.0,
+    target: PlanTarget = "pytorch",
+    mcu_dir: str | os.PathLike[str] | None = None,
 ) -> PlanOutcome:
     """Search, race and return the plan that trained best (see the module docstring).
 
@@ -219,17 +237,24 @@ def make_plan(
         baseline_scores: Scores of the baselines' selectors (:func:`race_candidates`).
         progress: Progress bars.
         flush_seconds: The search's write interval.
+        target: The runtime the plan is for (:func:`race_candidates`); the search must run on
+            that target's space. Recorded in the plan's provenance when not ``pytorch``.
+        mcu_dir: The MCU model files, when not the shipped ones.
 
     Raises:
-        PlanError: A race without a runner.
+        PlanError: A race without a runner; a plan the target cannot take (a search whose
+            space is not the target's).
         BudgetError: Nothing fits the budget.
     """
     from ..errors import PlanError
 
     result = search.run(n_trials=n_trials, storage=storage, study_name=study_name,
                         pick_rule=pick_rule, progress=progress, flush_seconds=flush_seconds)
+    tagged = {"target": target} if target != "pytorch" else {}
     if not effort.race:
-        plan = result.plan.with_(provenance={**result.plan.provenance, "effort": effort.name})
+        _check_target(target, result.plan, search, mcu_dir)
+        plan = result.plan.with_(provenance={**result.plan.provenance, "effort": effort.name,
+                                             **tagged})
         return PlanOutcome(plan, result)
     if runner is None:
         raise PlanError(f"effort {effort.name} races plans: it needs training data (a runner)")
@@ -237,7 +262,8 @@ def make_plan(
     settings = effort.settings(recipe.optimizer, lrs=tuple(lrs) if lrs else None,
                                lr_extensions=lr_extensions)
     candidates, skipped = race_candidates(search, result, front=effort.front, model=model,
-                                          seed=search.seed, baseline_scores=baseline_scores)
+                                          seed=search.seed, baseline_scores=baseline_scores,
+                                          target=target, mcu_dir=mcu_dir)
     key = race_key(data_key=data_key or {}, recipe=recipe, settings=settings,
                    candidates=candidates)
     path = None if race_storage is not None else (
@@ -257,9 +283,25 @@ def make_plan(
     else:
         plan = search.plan_of(winner.updates, method=winner.name, **common)
     outcome = PlanOutcome(plan, result, rr, skipped)
+    _check_target(target, plan, search, mcu_dir)
     plan = plan.with_(recipe=rr.recipe, provenance={
-        **plan.provenance, "effort": effort.name, "race": {
+        **plan.provenance, "effort": effort.name, **tagged, "race": {
             **rr.provenance(), "skipped": skipped, "margin": outcome.margin(),
             "file": str(path) if path is not None else None}})
     outcome.plan = plan
     return outcome
+
+
+def _check_target(target: PlanTarget, plan: Plan, search: Any,
+                  mcu_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse to hand out a plan the target cannot take.
+
+    Raises:
+        PlanError: The search's space is not the target's (its plans do not all export).
+    """
+    from ..errors import PlanError
+
+    problem = target_problem(target, plan.updates, search=search, mcu_dir=mcu_dir)
+    if problem is not None:
+        raise PlanError(f"target {target}: the chosen plan cannot be exported ({problem}); "
+                        f"search on SpaceOptions(target={target!r})")

@@ -85,15 +85,15 @@ def neighbour(space: SearchSpace, params: Mapping[str, Any], rng: np.random.Gene
         kind = rng.random()
         if kind < 0.35 or not active:  # one unit's ratio up
             u = units[int(rng.integers(len(units)))]
-            p[f"r:{u.name}"] = min(_TOP, int(p[f"r:{u.name}"]) + 1)
+            p[f"r:{u.name}"] = min(_TOP, u.step(int(p[f"r:{u.name}"]), 1))
         elif kind < 0.5:  # one unit's ratio down
             u = active[int(rng.integers(len(active)))]
-            p[f"r:{u.name}"] = int(p[f"r:{u.name}"]) - 1
+            p[f"r:{u.name}"] = u.step(int(p[f"r:{u.name}"]), -1)
         elif kind < 0.7:  # swap: one down, another up
             u = active[int(rng.integers(len(active)))]
-            p[f"r:{u.name}"] = int(p[f"r:{u.name}"]) - 1
+            p[f"r:{u.name}"] = u.step(int(p[f"r:{u.name}"]), -1)
             v = units[int(rng.integers(len(units)))]
-            p[f"r:{v.name}"] = min(_TOP, int(p[f"r:{v.name}"]) + 1)
+            p[f"r:{v.name}"] = min(_TOP, v.step(int(p[f"r:{v.name}"]), 1))
         elif kind < 0.85:  # a gradient filter one size finer or coarser
             options = [u for u in active if len(u.patches) > 1]
             if options:
@@ -101,9 +101,10 @@ def neighbour(space: SearchSpace, params: Mapping[str, Any], rng: np.random.Gene
                 key = f"p:{u.name}"
                 p[key] = int(np.clip(int(p[key]) + (1 if rng.random() < 0.5 else -1), 0,
                                      len(u.patches) - 1))
-        elif kind < 0.95:  # the other channel axis
+        elif kind < 0.95:  # the other channel axis (where the unit has two)
             u = active[int(rng.integers(len(active)))]
-            p[f"a:{u.name}"] = AXES[1 - AXES.index(p[f"a:{u.name}"])]
+            if len(u.axes) > 1:
+                p[f"a:{u.name}"] = AXES[1 - AXES.index(p[f"a:{u.name}"])]
         else:  # bias depth
             step = int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1)
             p["bias_depth"] = int(np.clip(int(p["bias_depth"]) + step, 0,

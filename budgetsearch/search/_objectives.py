@@ -380,22 +380,32 @@ class Evaluator(HasBudget):
 
         Adding an update never lowers a cost, so the minimum is reached by a single-layer plan:
         one bias, or one weight at the smallest ratio, unfiltered or with the coarsest filter
-        (the filter's saving grows with the patch size).
+        (the filter's saving grows with the patch size). Under target ``tte`` by the last conv's
+        bias or the whole classifier (every other plan of that space contains one of them).
         """
         best_mem, best_lat = math.inf, math.inf
-        for unit in self.space.units:
-            for name in unit.layers:
-                atoms: list[dict[str, LayerUpdate]] = []
-                if name in self.space.bias_layers:
-                    atoms.append({name: _BIAS})
-                patches = unit.layer_patches[name]
-                for axis in ("out", "in"):  # no filter, and the coarsest one
-                    for patch in {patches[0], patches[-1]}:
-                        atoms.append(self.proxy.decode({name: (1, axis, patch, False)}))
-                for atom in atoms:
-                    s = self.cost_model.summarize(atom)
-                    best_mem = min(best_mem, self.memory(s))
-                    best_lat = min(best_lat, s.latency_ms)
+        atoms: list[dict[str, LayerUpdate]] = []
+        if self.space.tte:
+            # the engine's smallest plans: the last conv's bias (a run of one, which any run
+            # or weight update of a conv contains), or the classifier updated whole
+            if self.space.bias_layers:
+                atoms.append({self.space.bias_layers[-1]: _BIAS})
+            atoms += [self.proxy.decode({name: (unit.ratios[-1], unit.axes[0], 1, False)})
+                      for unit in self.space.units for name in unit.layers
+                      if name not in self.space.bias_layers]
+        else:
+            for unit in self.space.units:
+                for name in unit.layers:
+                    if name in self.space.bias_layers:
+                        atoms.append({name: _BIAS})
+                    patches = unit.layer_patches[name]
+                    for axis in ("out", "in"):  # no filter, and the coarsest one
+                        for patch in {patches[0], patches[-1]}:
+                            atoms.append(self.proxy.decode({name: (1, axis, patch, False)}))
+        for atom in atoms:
+            s = self.cost_model.summarize(atom)
+            best_mem = min(best_mem, self.memory(s))
+            best_lat = min(best_lat, s.latency_ms)
         return int(best_mem), float(best_lat)
 
     def check_budgets(self) -> None:

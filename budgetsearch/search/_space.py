@@ -22,6 +22,16 @@ and :class:`SpaceOptions`:
 
 Which channels a ratio selects is decided by the scores (see :mod:`._objectives`), so parameters
 plus scores give a plan deterministically.
+
+**Target ``tte``** (:attr:`SpaceOptions.target`): every point decodes to a plan MIT's Tiny
+Training Engine can express (``budgetsearch export --format tte``): no gradient filters;
+channel subsets only on 1x1 and depthwise convs, along input channels (``a:<unit>`` offers only
+``in``; the export's permutation puts the chosen channels first, where the engine trains them);
+a unit with a k x k (dense) conv, the classifier (the last layer) or a linear layer is updated
+whole or not at all (``r:<unit>`` is 0 or 4); ``bias_depth`` counts the convs before the
+classifier only and is the engine's contiguous run of the last convs: a conv is updated only
+inside it (a weight ratio outside it decodes to frozen), and the classifier's bias is never
+updated alone.
 """
 
 from __future__ import annotations
@@ -33,13 +43,14 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
-from ..choices import AXES
+from ..choices import AXES, PLAN_TARGETS, PlanTarget
 from ..errors import SearchError
 from ..graph import LayerGraph
 from ..ops.filtered import check_filterable
 from ..plan import LayerUpdate
 
-__all__ = ["AXES", "PATCH_SIZES", "RATIOS", "SearchSpace", "SpaceOptions", "Unit"]
+__all__ = ["AXES", "PATCH_SIZES", "PLAN_TARGETS", "RATIOS", "SearchSpace", "SpaceOptions", "Unit",
+           "layer_kind"]
 
 RATIOS: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0)
 PATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8)
@@ -57,12 +68,16 @@ class SpaceOptions:
         weight_layers: Only these candidates may have their weight updated; the others are
             bias-only candidates (their biases still count in ``bias_depth``). None: all. A
             measured objective sets it to the layers it has measurements for.
+        target: ``pytorch`` (every plan budgetsearch's trainer runs) or ``tte`` (only plans
+            MIT's Tiny Training Engine can express; see the module docstring; ``filters`` is
+            then False).
     """
 
     granularity: str = "layer"
     last_n: int | None = None
     filters: bool = True
     weight_layers: tuple[str, ...] | None = None
+    target: PlanTarget = "pytorch"
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -73,15 +88,25 @@ class SpaceOptions:
             raise SearchError(f"last_n must be at least 1 (or None for all); got {self.last_n}")
         if self.weight_layers is not None:
             object.__setattr__(self, "weight_layers", tuple(self.weight_layers))
+        if self.target not in PLAN_TARGETS:
+            raise SearchError(f"target must be one of {', '.join(PLAN_TARGETS)}; got "
+                              f"{self.target!r}")
+        if self.target == "tte":  # the engine has no gradient filter
+            object.__setattr__(self, "filters", False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
+        """JSON-ready form (``target`` only when not ``pytorch``: the studies made before it
+        keep their configuration and name)."""
+        out = asdict(self)
+        if self.target == "pytorch":
+            del out["target"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SpaceOptions:
         """Inverse of :meth:`to_dict`."""
-        return cls(**{k: data[k] for k in ("granularity", "last_n", "filters", "weight_layers")
+        return cls(**{k: data[k] for k in ("granularity", "last_n", "filters", "weight_layers",
+                                           "target")
                       if k in data and (k != "weight_layers" or data[k] is not None)})
 
 
@@ -94,16 +119,53 @@ class Unit:
         layers: Its candidate layers, in forward order.
         patches: Patch sizes offered for the unit (always starting with 1).
         layer_patches: Patch sizes offered for each layer of the unit.
+        ratios: The indices into :data:`RATIOS` the unit may take: all of them, or 0 and the
+            last (frozen or whole) under target ``tte`` for a unit with a k x k conv or a linear
+            layer.
+        axes: The channel axes it may take (``in`` alone under target ``tte``).
     """
 
     name: str
     layers: tuple[str, ...]
     patches: tuple[int, ...]
     layer_patches: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    ratios: tuple[int, ...] = tuple(range(len(RATIOS)))
+    axes: tuple[str, ...] = AXES
 
     def patch_for(self, layer: str, patch: int) -> int:
         """The largest patch size offered for ``layer`` not above ``patch``."""
         return max(r for r in self.layer_patches[layer] if r <= patch)
+
+    def ratio(self, index: int, rounding: str = "up") -> int:
+        """The allowed ratio index nearest ``index``: the least one at or above it (``up``) or
+        the greatest at or below it (``down``)."""
+        if index in self.ratios:
+            return index
+        if rounding == "down":
+            return max(r for r in self.ratios if r <= index)
+        return min((r for r in self.ratios if r >= index), default=self.ratios[-1])
+
+    def step(self, index: int, direction: int) -> int:
+        """The next allowed ratio index above (``direction`` 1) or below (-1) ``index``,
+        clipped to the allowed range."""
+        if direction > 0:
+            return min((r for r in self.ratios if r > index), default=self.ratios[-1])
+        return max((r for r in self.ratios if r < index), default=self.ratios[0])
+
+
+def layer_kind(graph: LayerGraph, name: str) -> str:
+    """``pointwise`` (1x1 conv), ``depthwise``, ``conv`` (k x k, dense or grouped) or
+    ``linear``, from a layer's weight shape (the Tiny Training Engine's distinction)."""
+    layer = graph.layers[name]
+    shape = tuple(layer.weight_shape)
+    if len(shape) == 2:
+        return "linear"
+    depthwise = layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+    if len(shape) == 4 and depthwise and shape[2] * shape[3] > 1:
+        return "depthwise"
+    if len(shape) == 4 and shape[2] == shape[3] == 1 and layer.groups == 1:
+        return "pointwise"
+    return "conv"
 
 
 def offered_patches(graph: LayerGraph, name: str) -> tuple[int, ...]:
@@ -170,23 +232,43 @@ class SearchSpace:
         for name in self.weight_candidates:
             key = name if self.options.granularity == "layer" else graph.layers[name].block
             groups.setdefault(key, []).append(name)
+        #: Whether the space keeps to the Tiny Training Engine (see the module docstring).
+        self.tte = self.options.target == "tte"
+        top = len(RATIOS) - 1
+        # tte: the classifier (the last layer, whatever its shape: a 1x1 conv in the MCU
+        # models) and any linear layer are updated whole or not at all, outside the bias run
+        classifier = {names[-1]} | {n for n in names if layer_kind(graph, n) == "linear"}
         self.units: tuple[Unit, ...] = tuple(
             Unit(
                 name=key,
                 layers=tuple(members),
                 patches=tuple(sorted({r for m in members for r in patches[m]})),
                 layer_patches={m: patches[m] for m in members},
+                **({} if not self.tte else {
+                    "axes": ("in",),
+                    "ratios": (0, top) if any(m in classifier or layer_kind(graph, m) == "conv"
+                                              for m in members) else tuple(range(top + 1))}),
             )
             for key, members in groups.items()
         )
-        #: Candidate layers with a bias, in forward order (``bias_depth`` counts from the end).
+        #: Candidate layers with a bias, in forward order (``bias_depth`` counts from the end);
+        #: under target ``tte`` the convs only (the engine's run of the last convs).
         self.bias_layers: tuple[str, ...] = tuple(
             name for name in self.candidates if graph.layers[name].bias_param is not None
+            and not (self.tte and name in classifier)
         )
+        if self.tte:
+            biasless = [n for n in self.candidates if graph.layers[n].bias_param is None
+                        and n not in classifier]
+            if biasless:
+                raise SearchError(f"target tte: convs {', '.join(biasless[:4])} have no bias; "
+                                  "the engine's run of updated convs is a run of biases")
         self.distributions: dict[str, BaseDistribution] = {}
         for unit in self.units:
-            self.distributions[f"r:{unit.name}"] = IntDistribution(0, len(RATIOS) - 1)
-            self.distributions[f"a:{unit.name}"] = CategoricalDistribution(AXES)
+            self.distributions[f"r:{unit.name}"] = (
+                IntDistribution(0, top) if len(unit.ratios) == top + 1
+                else IntDistribution(0, top, step=top))
+            self.distributions[f"a:{unit.name}"] = CategoricalDistribution(unit.axes)
             if len(unit.patches) > 1:
                 self.distributions[f"p:{unit.name}"] = IntDistribution(0, len(unit.patches) - 1)
         self.distributions["bias_depth"] = IntDistribution(0, len(self.bias_layers))
@@ -223,7 +305,10 @@ class SearchSpace:
             pi = int(params.get(f"p:{unit.name}", 0))
             patch = unit.patches[pi]
             for layer in unit.layers:
-                out[layer] = (ri, axis, unit.patch_for(layer, patch), layer in biased)
+                # tte: a conv outside the run of the last convs stays frozen
+                frozen = self.tte and layer not in biased and layer in self.bias_layers
+                out[layer] = (0 if frozen else ri, axis, unit.patch_for(layer, patch),
+                              layer in biased)
         if len(out) < len(self.candidates):  # bias-only candidates
             for layer in self.bias_layers:
                 out.setdefault(layer, (0, "out", 1, layer in biased))
@@ -259,11 +344,12 @@ class SearchSpace:
                 patches.append(update.patch_size)
             if fracs:
                 frac = sum(f * w for f, w in zip(fracs, weights, strict=True)) / sum(weights)
-                ri = _round_ratio(frac, rounding)
-                axis = max(AXES, key=lambda a: (axes.count(a), a == "out"))
+                ri = unit.ratio(_round_ratio(frac, rounding),
+                                "down" if rounding == "down" else "up")
+                axis = max(unit.axes, key=lambda a: (axes.count(a), a == "out"))
                 pi = _nearest_patch(unit.patches, max(patches))
             else:
-                ri, axis, pi = 0, "out", 0
+                ri, axis, pi = 0, unit.axes[0] if self.tte else "out", 0
             params[f"r:{unit.name}"] = ri
             params[f"a:{unit.name}"] = axis
             if len(unit.patches) > 1:
@@ -272,7 +358,9 @@ class SearchSpace:
         weighted = set(self.weight_candidates)
         for i, name in enumerate(reversed(self.bias_layers)):
             update = updates.get(name)
-            if update is not None and (update.mode == "bias" or name not in weighted):
+            # tte: the run reaches the earliest updated conv, whatever its update
+            if update is not None and (update.mode == "bias" or name not in weighted
+                                       or self.tte):
                 depth = i + 1
         params["bias_depth"] = depth
         return {p: params[p] for p in self.param_names}

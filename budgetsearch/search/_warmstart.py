@@ -34,7 +34,7 @@ from ..criteria import Scores
 from ..errors import BudgetSearchError
 from ..plan import LayerUpdate
 from ._objectives import Evaluator
-from ._space import AXES, RATIOS, SearchSpace
+from ._space import RATIOS, SearchSpace
 
 __all__ = ["BASELINES", "Baseline", "baseline_plans", "sparse_points", "warm_points"]
 
@@ -199,12 +199,12 @@ def _moves(space: SearchSpace, params: Mapping[str, Any], *, down: bool) -> list
     for unit in space.units:
         r = int(params[f"r:{unit.name}"])
         if down and r > 0:
-            out.append({**params, f"r:{unit.name}": r - 1})
+            out.append({**params, f"r:{unit.name}": unit.step(r, -1)})
             p = int(params.get(f"p:{unit.name}", 0))
             if p + 1 < len(unit.patches):
                 out.append({**params, f"p:{unit.name}": p + 1})
         if not down and r < top:
-            out.append({**params, f"r:{unit.name}": r + 1})
+            out.append({**params, f"r:{unit.name}": unit.step(r, 1)})
     depth = int(params["bias_depth"])
     if down and depth > 0:
         out.append({**params, "bias_depth": depth - 1})
@@ -224,8 +224,8 @@ def sparse_points(space: SearchSpace, count: int, *, seed: int) -> list[dict]:
         params: dict[str, Any] = {}
         for i, unit in enumerate(units):
             on = i >= len(units) - suffix and rng.random() < p_on
-            params[f"r:{unit.name}"] = int(rng.integers(1, len(RATIOS))) if on else 0
-            params[f"a:{unit.name}"] = AXES[int(rng.integers(0, 2))]
+            params[f"r:{unit.name}"] = unit.ratio(int(rng.integers(1, len(RATIOS)))) if on else 0
+            params[f"a:{unit.name}"] = unit.axes[int(rng.integers(0, 2)) % len(unit.axes)]
             if len(unit.patches) > 1:
                 params[f"p:{unit.name}"] = int(rng.integers(0, len(unit.patches)))
         params["bias_depth"] = int(rng.integers(0, len(space.bias_layers) + 1))

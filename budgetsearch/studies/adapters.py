@@ -125,6 +125,7 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
                     "input_size": cell.study.input_size},
         trials=int(run.get("trials", 200)), storage=storage,
         study_name=f"{cell.study.name}:{home.name}", pick=str(run.get("pick", "best")),
+        target=run.get("target"),
         progress=ctx.progress, flush_seconds=float(run.get("flush_seconds", 2.0)))
     if effort.race:
         outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort, seed=plan_seed,

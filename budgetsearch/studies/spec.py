@@ -43,6 +43,7 @@ is a :class:`Cell`. The file (read with ``yaml.safe_load`` only)::
                                    # seed trains the same plan, raced once)
                                    # lr_extensions: rates the race may try beyond
                                    # its grid's edges (default the effort's; 0: none)
+                                   # target: pytorch|tte (plans MIT's engine takes)
     exclude:                       # cells not to run: every listed coordinate matches
       - {method: [gf-b2-r4], seed: [1, 2]}
 
@@ -101,7 +102,8 @@ UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 #: Search options a study passes to the planner (Search.run, the race) rather than to Search.
-RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort", "plan_seed", "lr_extensions")
+RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort", "plan_seed", "lr_extensions",
+               "target")
 
 
 class StudyError(BudgetSearchError):

@@ -356,12 +356,16 @@ def _tuning(training: dict[str, Any], where: str) -> None:
 
 
 def _effort(options: Mapping[str, Any], where: str) -> None:
-    """A search's ``effort`` must be one of the planner's levels, its ``lr_extensions`` an
-    integer within the race's bound."""
+    """A search's ``effort`` must be one of the planner's levels, its ``target`` a known
+    target, its ``lr_extensions`` an integer within the race's bound."""
     if "effort" in options:
         from ..planner import EFFORTS
 
         _choice(options["effort"], list(EFFORTS), f"{where}.effort")
+    if "target" in options:
+        from ..choices import PLAN_TARGETS
+
+        _choice(options["target"], PLAN_TARGETS, f"{where}.target")
     if "lr_extensions" in options:
         from ..planner.race import MAX_LR_EXTENSIONS
 
