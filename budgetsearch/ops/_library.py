@@ -17,12 +17,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NAMESPACE", "define", "is_eager"]
+__all__ = ["IMPLS", "NAMESPACE", "define", "is_eager"]
 
 #: The namespace of the operators: ``torch.ops.budgetsearch.<name>``.
 NAMESPACE = "budgetsearch"
 
 _EAGER_TYPES = (Tensor, nn.Parameter)
+
+#: Each operator's forward by name (``impl`` of :func:`define`): plain tensor operators, which a
+#: graph pass can trace in place of the operator's node where its backward is already in the
+#: graph (the ExecuTorch export, :mod:`budgetsearch.export.executorch`).
+IMPLS: dict[str, Callable[..., Tensor]] = {}
 
 
 def define(name: str, schema: str, impl: Callable[..., Tensor], *,
@@ -43,6 +48,7 @@ def define(name: str, schema: str, impl: Callable[..., Tensor], *,
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
     op.register_fake(impl)
     op.register_autograd(backward, setup_context=setup_context)
+    IMPLS[name] = impl
     return op
 
 

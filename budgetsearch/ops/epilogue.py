@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PlanError
+from ._library import is_eager
 
 __all__ = ["Epilogue", "clamp_mask", "run_epilogue"]
 
@@ -103,7 +104,9 @@ def run_epilogue(y: Tensor, scale: Tensor | None, shift: Tensor | None, beta: Te
         y = torch.addcmul(offset.view(view), y, scale.view(view))  # type: ignore[union-attr]
     elif beta is not None:
         y = y + beta.view(1, -1, 1, 1)
-    return y.clamp_(lo, hi) if clamp else y
+    if not clamp:
+        return y
+    return y.clamp_(lo, hi) if is_eager(y) else y.clamp(lo, hi)  # a trace keeps no in-place op
 
 
 def clamp_mask(x: Tensor, lo: float | None, hi: float | None, *, inclusive: bool) -> Tensor:
@@ -111,7 +114,9 @@ def clamp_mask(x: Tensor, lo: float | None, hi: float | None, *, inclusive: bool
     ``inclusive``); all True without bounds."""
     above, below = (torch.ge, torch.le) if inclusive else (torch.gt, torch.lt)
     if lo is not None and hi is not None:
-        return above(x, lo).logical_and_(below(x, hi))
+        inside = above(x, lo)
+        # in place in eager mode; out of place while tracing (see filtered._block_sums)
+        return (inside.logical_and_ if is_eager(x) else inside.logical_and)(below(x, hi))
     if lo is not None:
         return above(x, lo)
     if hi is not None:
@@ -123,6 +128,8 @@ def masked(g: Tensor, mask: Tensor) -> Tensor:
     """g where the mask is set, else 0, as a new tensor: the mask as 0/1 in g's dtype (a uint8
     view converts faster than bool), times g in place; on the CPU this beats ``g * mask`` and
     ``g.masked_fill(~mask, 0)`` (the backward times of ``benchmarks/training_step.py``)."""
+    if not is_eager(g):  # the same product; a trace for ExecuTorch has no dtype view kernel
+        return mask.to(g.dtype) * g
     return mask.view(torch.uint8).to(g.dtype).mul_(g)
 
 

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from ..choices import FILTER_MODES
 from ..errors import PlanError
-from ._library import define
+from ._library import define, is_eager
 from .epilogue import (
     Epilogue,
     clamp_mask,
@@ -228,7 +228,9 @@ def _block_sums(t: Tensor, dim: int, block: int, pad: int, cells: int) -> Tensor
     """Sums of ``t`` along ``dim`` over ``cells`` blocks of ``block``, the first starting at -pad.
 
     Positions outside ``t`` add nothing. One strided in-place add per position within a block,
-    much faster on CPU than ``avg_pool2d`` and needing no padded copy of ``t``.
+    much faster on CPU than ``avg_pool2d`` and needing no padded copy of ``t``. While tracing,
+    the same additions out of place: ``torch.export``'s joint forward-backward trace keeps the
+    in-place ops of a custom op's ``setup_context`` as dead nodes its verifier refuses.
     """
     size = t.shape[dim]
     if _one_cell(size, block, pad, cells):  # a plain sum
@@ -236,6 +238,7 @@ def _block_sums(t: Tensor, dim: int, block: int, pad: int, cells: int) -> Tensor
     shape = list(t.shape)
     shape[dim] = cells
     out = t.new_zeros(shape)
+    eager = is_eager(t)
     for j in range(block):
         first = j - pad  # row j of cell 0
         i0 = 0 if first >= 0 else -(first // block)  # first cell whose row j lies inside t
@@ -244,7 +247,10 @@ def _block_sums(t: Tensor, dim: int, block: int, pad: int, cells: int) -> Tensor
         if count > 0:
             src = t.narrow(dim, start, (count - 1) * block + 1)
             src = src[(slice(None),) * dim + (slice(None, None, block),)]
-            out.narrow(dim, i0, count).add_(src)
+            if eager:
+                out.narrow(dim, i0, count).add_(src)
+            else:  # the same sums, out of place (a trace keeps no in-place op)
+                out = out.slice_scatter(out.narrow(dim, i0, count) + src, dim, i0, i0 + count)
     return out
 
 
@@ -394,8 +400,8 @@ def _border_maps(geo: FilterGeometry, kernel: tuple[int, int], conv: ConvArgs, l
                             sum(_block_counts(geo.in_hw[i], geo.block[i], geo.x_pad[i],
                                               geo.grid[i])))
             for i in range(2)]
-    t = [(torch.tensor(a, dtype=like.dtype, device=like.device),
-          torch.tensor(b, dtype=like.dtype, device=like.device)) for a, b in maps]
+    t = [(torch.as_tensor(a, dtype=like.dtype, device=like.device),
+          torch.as_tensor(b, dtype=like.dtype, device=like.device)) for a, b in maps]
     return t[0][0][:, None] * t[1][0][None, :], t[0][1][:, None] * t[1][1][None, :]
 
 

@@ -136,8 +136,8 @@ class _Index:
 
     def on(self, like: Tensor) -> Tensor:
         """The index tensor on ``like``'s device."""
-        if not is_eager(like):
-            return torch.tensor(self.values, dtype=torch.long, device=like.device)
+        if not is_eager(like):  # as_tensor: torch.tensor leaves a dead detach_ in a joint trace
+            return torch.as_tensor(self.values, dtype=torch.long, device=like.device)
         t = self._tensors.get(like.device)
         if t is None:
             with torch.inference_mode(False):
@@ -281,6 +281,11 @@ class ChannelSelection:
             return weight_slice
         if self.kind == "out":
             return weight.index_copy(0, self._t_index.on(weight), weight_slice)
+        if not is_eager(weight):  # the same values out of place (a trace keeps no in-place op)
+            rows = torch.arange(self.m, device=weight.device)[None, :]
+            cols5 = self._t_group.on(weight)[:, None], rows, self._t_col.on(weight)[:, None]
+            return self._view5(weight).index_put(cols5, weight_slice.transpose(0, 1)).view(
+                self.shape)
         full = weight.clone()
         cols = self._t_group.on(weight), slice(None), self._t_col.on(weight)
         self._view5(full)[cols] = weight_slice.transpose(0, 1)
