@@ -20,7 +20,10 @@ from budgetsearch.export import executorch as et_export
 from budgetsearch.ops import PlannedConv2d, PlannedLinear
 
 torch.set_num_threads(1)
-STEPS, LR, TOL = 5, 0.01, 1e-5
+STEPS, TOL = 5, 1e-5
+# SGD's learning rate: on the pretrained models, a rate that keeps five steps on random batches
+# from diverging (where float32 summation-order differences grow with the loss)
+LR, LR_PRETRAINED = 0.01, 0.002
 
 
 class SmallNet(nn.Module):
@@ -93,12 +96,12 @@ def _batches(plan: Plan, classes: int) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 def check_export(model: nn.Module, plan: Plan, graph: LayerGraph, tmp_path, *, prefix: str,
-                 classes: int) -> dict:
+                 classes: int, lr: float = LR) -> tuple[dict, int]:
     """Export, train five steps in ExecuTorch and in eager PyTorch, compare; returns the
     manifest and the number of frozen weights found in the training program."""
     original = copy.deepcopy(model)
     result = et_export.to_executorch(plan, model=model, out_dir=tmp_path, graph=graph,
-                                     prefix=prefix, optimizer="sgd", lr=LR, dropout=False)
+                                     prefix=prefix, optimizer="sgd", lr=lr, dropout=False)
     manifest = result.manifest
     # the model handed in is untouched
     for (n, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(),
@@ -111,7 +114,7 @@ def check_export(model: nn.Module, plan: Plan, graph: LayerGraph, tmp_path, *, p
     for m in reference.modules():
         if isinstance(m, nn.Dropout):
             m.eval()
-    optimizer = torch.optim.SGD(handle.param_groups(), lr=LR)
+    optimizer = torch.optim.SGD(handle.param_groups(), lr=lr)
     trainer = et_export.ExecuTorchTrainer(tmp_path)
     for step, (x, y) in enumerate(_batches(plan, classes)):
         got = trainer.step(x, y)
@@ -180,7 +183,8 @@ def test_mcunet(runtime, tmp_path, kind):
     torch.manual_seed(0)
     model = load_model("mcunet-5fps", num_classes=10)
     plan, graph = _plan(model, kind, name="mcunet-5fps", size=48, batch=2)
-    check_export(model, plan, graph, tmp_path, prefix="xnnpack", classes=10)
+    check_export(model, plan, graph, tmp_path, prefix="xnnpack", classes=10,
+                 lr=LR_PRETRAINED)
 
 
 @pytest.mark.slow
@@ -189,7 +193,8 @@ def test_mcunet_slow(runtime, tmp_path, kind):
     torch.manual_seed(0)
     model = load_model("mcunet-5fps", num_classes=10)
     plan, graph = _plan(model, kind, name="mcunet-5fps", size=64, batch=4)
-    check_export(model, plan, graph, tmp_path, prefix="xnnpack", classes=10)
+    check_export(model, plan, graph, tmp_path, prefix="xnnpack", classes=10,
+                 lr=LR_PRETRAINED)
 
 
 @pytest.mark.slow
@@ -199,7 +204,7 @@ def test_mobilenet_v2(runtime, tmp_path, kind):
     model = load_model("mobilenet_v2", weights="imagenet", num_classes=10)
     plan, graph = _plan(model, kind, name="mobilenet_v2", size=64, batch=2)
     check_export(model, plan, graph, tmp_path, prefix="xnnpack" if kind != "mixed" else "none",
-                 classes=10)
+                 classes=10, lr=LR_PRETRAINED)
 
 
 def test_adam_plan_and_empty_plan_are_refused(runtime, tmp_path):
