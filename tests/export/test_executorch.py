@@ -96,12 +96,13 @@ def _batches(plan: Plan, classes: int) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 def check_export(model: nn.Module, plan: Plan, graph: LayerGraph, tmp_path, *, prefix: str,
-                 classes: int, lr: float = LR) -> tuple[dict, int]:
+                 classes: int, lr: float = LR, momentum: float = 0.0) -> tuple[dict, int]:
     """Export, train five steps in ExecuTorch and in eager PyTorch, compare; returns the
     manifest and the number of frozen weights found in the training program."""
     original = copy.deepcopy(model)
     result = et_export.to_executorch(plan, model=model, out_dir=tmp_path, graph=graph,
-                                     prefix=prefix, optimizer="sgd", lr=lr, dropout=False)
+                                     prefix=prefix, optimizer="momentum" if momentum else "sgd",
+                                     lr=lr, momentum=momentum, dropout=False)
     manifest = result.manifest
     # the model handed in is untouched
     for (n, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(),
@@ -114,7 +115,7 @@ def check_export(model: nn.Module, plan: Plan, graph: LayerGraph, tmp_path, *, p
     for m in reference.modules():
         if isinstance(m, nn.Dropout):
             m.eval()
-    optimizer = torch.optim.SGD(handle.param_groups(), lr=lr)
+    optimizer = torch.optim.SGD(handle.param_groups(), lr=lr, momentum=momentum)
     trainer = et_export.ExecuTorchTrainer(tmp_path)
     for step, (x, y) in enumerate(_batches(plan, classes)):
         got = trainer.step(x, y)
@@ -176,6 +177,15 @@ def test_small_model_without_prefix(runtime, tmp_path):
     assert frozen == 4  # the stem and depthwise convs, the 1x1 conv and head beside slices
     assert manifest["programs"]["prefix"] is None
     assert not (tmp_path / "prefix.pte").exists()
+
+
+def test_momentum_matches_eager(runtime, tmp_path):
+    """The runtime's SGD with momentum steps as torch.optim.SGD does."""
+    model = small_net()
+    plan, graph = _plan(model, "mixed", name=None, size=16, batch=4)
+    manifest, _ = check_export(model, plan, graph, tmp_path, prefix="none", classes=5,
+                               momentum=0.9)
+    assert manifest["optimizer"]["momentum"] == 0.9
 
 
 @pytest.mark.parametrize("kind", ["mixed", "bias-only"])
