@@ -258,9 +258,7 @@ def _own_attributes(split: torch.fx.GraphModule, call: torch.fx.Node,
     rest: list[Any] = []
     for ph, arg in zip(placeholders, call.args, strict=True):
         if getattr(arg, "op", None) == "get_attr":
-            value = split.get_parameter(arg.target) if isinstance(
-                _attr(split, arg.target), nn.Parameter) else _attr(split, arg.target)
-            _set_attr(sub, arg.target, value)
+            _set_attr(sub, arg.target, _attr(split, arg.target))
             with sub.graph.inserting_before(ph):
                 node = sub.graph.get_attr(arg.target)
             node.meta = dict(ph.meta)
