@@ -274,6 +274,7 @@ def run_plan(args: argparse.Namespace) -> int:
         _write_front(Path(args.front_dir), result.trials, result.objective_names,
                      budget.memory_bytes, result.baselines, result.trial, name)
     print(summary_table(result) if outcome.race is None else race_table(outcome))
+    print(f"latency model: {cost_model.latency_model}")
     if args.target == "tte":
         print("target tte: the search kept to plans MIT's Tiny Training Engine can express"
               + ("" if outcome.race is None else " and so did the race's candidates")

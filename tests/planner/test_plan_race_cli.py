@@ -30,6 +30,9 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
     assert plan.provenance["effort"] == "standard"
     # the data set has 20 images: all of them, 4 held out for validation
     assert "validation accuracy on 4 held-out images" in printed
+    # the shipped profiles carry no measured latency model, and plan says which one it used
+    assert "latency model: analytic" in printed
+    assert plan.predicted["latency_model"].startswith("analytic")
     # the grid, and the rates beyond its edges the leaders' best rates led to (the effort's
     # bound: 2 steps each side; every added rate recorded with its reason)
     ext = race["lr_extension"]
