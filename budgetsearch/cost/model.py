@@ -437,7 +437,7 @@ class CostModel:
             if w is None and not b and True not in input_grad:
                 continue  # no backward here: the forward cost is plan-independent
             rg[i] = True
-            key = (input_grad, 0.0, 1.0, b, 1) if w is None else (input_grad, w[0], w[1], b, w[2])
+            key = _flags_key(input_grad, w, b)
             cost, ms = self._op_cost(i, key)
             costs[i] = cost
             bwd_macs += cost.backward_macs
@@ -541,13 +541,8 @@ class CostModel:
 
     def _rate(self, node, backward: bool) -> float:
         measured = getattr(self.profile, "measured", None) or {}
-        cls = None
-        if node.kind == "linear":
-            cls = "linear"
-        elif node.kind == "conv2d":
-            g = int(node.attrs.get("groups", 1))
-            cls = "depthwise" if g > 1 and g == int(node.attrs.get("in_channels", 0)) else "conv"
-        rate = measured.get(cls) if cls else None
+        group = self._group(node)
+        rate = measured.get(group) if group != "elementwise" else None
         if rate is not None:
             return float(rate.backward_macs_per_s if backward else rate.forward_macs_per_s)
         return float(self.profile.peak_macs_per_s)
@@ -631,8 +626,7 @@ class CostModel:
             w = s.weight.get(i)
             input_grad = tuple(s.rg[j] for j in self._input_index[i])
             b = i in s.bias
-            key = (input_grad, 0.0, 1.0, b, 1) if w is None else (input_grad, w[0], w[1], b, w[2])
-            add(self._backward_features(self._nodes[i], cost, key))
+            add(self._backward_features(self._nodes[i], cost, _flags_key(input_grad, w, b)))
         add(self._optimizer_features(s.trainable))
         return total
 
@@ -723,6 +717,14 @@ class CostModel:
             updates={k: v.to_dict() for k, v in updates.items()},
             latency_model=self._latency_model,
         )
+
+
+def _flags_key(input_grad: tuple[bool, ...], weight: tuple | None, bias: bool) -> tuple:
+    """An op's flags as the rules see them: (input grads, weight fraction, input-channel
+    fraction, bias trained, patch size); ``weight`` is the plan's (fraction, in-fraction, r)."""
+    if weight is None:
+        return (input_grad, 0.0, 1.0, bias, 1)
+    return (input_grad, weight[0], weight[1], bias, weight[2])
 
 
 @dataclass
