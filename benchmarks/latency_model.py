@@ -5,10 +5,10 @@ plans users run (full fine-tuning; TinyTL bias-only; the last 3 and the last 8 l
 channel-sparse ``neq`` plans at two memory budgets; the last 2 blocks gradient-filtered with
 r = 2 and the last 3 with r = 4; the ``tinytrain`` selector; the search's quick plan), times each
 whole training step exactly as the trainer runs it (``apply_plan``, forward, cross-entropy,
-backward, SGD with momentum; plans interleaved round by round; the median of two passes of
-``--reps`` steps after a warm-up, as the profile measures, the passes minutes apart so that
-their agreement shows the noise floor of a step time here) and prints measured /
-predicted for the measured latency model of the profile
+backward, SGD with momentum; every plan of every model and batch size visited in turn, each
+visit one untimed step and two timed ones, as the profile measures; the median of ``--reps``
+timed steps, their first half against their second showing the noise floor of a step time
+here) and prints measured / predicted for the measured latency model of the profile
 (``budgetsearch profile-device``) and, beside it, for the analytic roofline of the same
 profile's compute figures.
 
@@ -36,7 +36,7 @@ from budgetsearch import CostModel, LayerGraph, Plan, load_model, load_profile, 
 from budgetsearch.budget import Budget
 from budgetsearch.criteria import magnitude_scores
 from budgetsearch.errors import BudgetSearchError
-from budgetsearch.latency import time_plans
+from budgetsearch.latency import TimingGroup, time_plan_groups
 from budgetsearch.trainer import tune_host_allocator
 
 TOLERANCE = 0.15
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="mobilenet_v2,mcunet-5fps")
     parser.add_argument("--batches", default="32,1")
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=10, help="timed steps per plan")
     parser.add_argument("--device", default="rpi4", help="profile whose budgets the plans use")
     parser.add_argument("--out", default=None, help="directory for latency_model.md/.json/.png")
     args = parser.parse_args(argv)
@@ -100,28 +100,27 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             groups.append((name, model, graph, batch,
                            build_plans(model, graph, args.device, batch)))
-    # two passes over every group, minutes apart: pass 2 against pass 1 is the noise floor
-    passes: list[dict] = [{}, {}]
-    for k in range(2):
-        for name, model, graph, batch, plans in groups:
-            print(f"pass {k + 1}: {name} batch {batch}: {len(plans)} plans x {args.reps + 1} "
-                  "steps", file=sys.stderr)
-            passes[k][name, batch] = time_plans(model, graph, plans, batch_size=batch,
-                                                input_size=args.size, repeats=args.reps)
+    # every plan of every group visited in turn, the visits spread over minutes: the first
+    # half of a plan's timed steps against the second is the noise floor
+    print(f"{sum(len(g[4]) for g in groups)} plans x {args.reps} timed steps", file=sys.stderr)
+    timed = time_plan_groups([TimingGroup(model=model, graph=graph, plans=plans,
+                                          batch_size=batch, input_size=args.size)
+                              for _name, model, graph, batch, plans in groups],
+                             repeats=args.reps)
+    half = args.reps // 2
     rows = []
-    for name, _model, graph, batch, plans in groups:
+    for (name, _model, graph, batch, plans), times in zip(groups, timed, strict=True):
         measured_cm = CostModel(graph, profile, accounting="ops", batch_size=batch,
                                 optimizer="momentum")
         analytic_cm = CostModel(graph, analytic, accounting="ops", batch_size=batch,
                                 optimizer="momentum")
         for plan_name, plan in plans.items():
-            first = passes[0][name, batch][plan_name]
-            second = passes[1][name, batch][plan_name]
+            first, second = times[plan_name][:half], times[plan_name][half:]
             rows.append({"model": name, "batch": batch, "plan": plan_name,
                          "measured_ms": statistics.median(first + second),
                          "fastest_ms": min(first + second),
-                         "pass1_ms": statistics.median(first),
-                         "pass2_ms": statistics.median(second),
+                         "first_half_ms": statistics.median(first),
+                         "second_half_ms": statistics.median(second),
                          "predicted_ms": measured_cm.summarize(plan).latency_ms,
                          "analytic_ms": analytic_cm.summarize(plan).latency_ms,
                          "times_ms": first + second,
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [r["measured_ms"] / r["predicted_ms"] for r in rows]
     roof = [r["measured_ms"] / r["analytic_ms"] for r in rows]
     roof_within = sum(abs(x - 1) <= TOLERANCE for x in roof)
-    repeat = [r["pass2_ms"] / r["pass1_ms"] for r in rows]
+    repeat = [r["second_half_ms"] / r["first_half_ms"] for r in rows]
     repeat_within = sum(abs(x - 1) <= TOLERANCE for x in repeat)
     lines = [
         f"# Measured against predicted training-step time ({len(rows)} plans)",
@@ -139,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.venv/bin/python benchmarks/latency_model.py --profile {args.profile} "
         f"--models {args.models} --batches {args.batches} --size {args.size} --reps {args.reps}`",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; step = apply_plan, "
-        "forward, cross-entropy, backward, SGD with momentum; each plan is timed in two passes "
-        f"of {args.reps} steps after a warm-up (plans interleaved round by round, the passes "
-        "minutes apart); measured = the median step of both passes (the profile measures the "
-        "same way), the fastest beside it.",
+        f"forward, cross-entropy, backward, SGD with momentum; {args.reps} timed steps per plan, "
+        "every plan of every model and batch size visited in turn, each visit one untimed "
+        "step and two timed ones (the profile measures the same way); measured = the median "
+        "step, the fastest beside it.",
         "",
         "| model | batch | plan | measured ms | (fastest) | predicted ms | measured/predicted | "
         "analytic ms | measured/analytic |",
@@ -162,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{min(ratios):.2f} to {max(ratios):.2f}, median {statistics.median(ratios):.2f}.",
         f"Analytic roofline: {roof_within} of {len(rows)} within ±{TOLERANCE:.0%}; "
         f"measured/analytic {min(roof):.2f} to {max(roof):.2f}.",
-        f"The measurement against itself (the median step of pass 2 over that of pass 1, "
-        f"minutes apart, same process): {repeat_within} of {len(rows)} within ±{TOLERANCE:.0%}, "
+        f"The measurement against itself (the median of the second half of a plan's timed "
+        f"steps over that of the first half, minutes apart): {repeat_within} of {len(rows)} within "
+        f"±{TOLERANCE:.0%}, "
         f"{min(repeat):.2f} to {max(repeat):.2f}, median |deviation| "
         f"{statistics.median(abs(x - 1) for x in repeat):.1%}: the noise floor of a step time "
         "on this machine.",

@@ -21,9 +21,12 @@ from ._profiler import (
     DEFAULT_MODELS,
     PLAN_FAMILIES,
     TimedStep,
+    TimingGroup,
     designed_plans,
     profile_device,
+    time_plan_groups,
     time_plans,
+    timed_step_count,
 )
 
 __all__ = [
@@ -36,11 +39,14 @@ __all__ = [
     "LatencyModel",
     "LatencyModelWarning",
     "TimedStep",
+    "TimingGroup",
     "coefficient_name",
     "cross_validate",
     "designed_plans",
     "fit_coefficients",
     "nnls",
     "profile_device",
+    "time_plan_groups",
     "time_plans",
+    "timed_step_count",
 ]

@@ -5,11 +5,14 @@ operator group's forward and backward parts on and off (the classifier alone; bi
 third of the layers; everything; channel-sparse updates along the output and the input axis;
 gradient-filtered last blocks with r = 2 and 4; a seeded random mix of frozen, bias, full,
 sparse and filtered layers). Each plan is applied with :func:`~budgetsearch.trainer.apply_plan`
-and stepped exactly as the trainer steps (forward, cross-entropy, backward, SGD with momentum),
-plans interleaved round by round so that a change in load touches all of them alike; the median
-of the timed steps after one warm-up round is the measurement (a step's time varies by 10-30 %
-from one step to the next even on an idle machine here; the median of 10 is reproducible, the
-fastest step is not: it falls as more steps are timed).
+and stepped exactly as the trainer steps (forward, cross-entropy, backward, SGD with momentum).
+Every plan of every model and batch size steps once per round (:func:`time_plan_groups`), so
+the medians of all plans are taken over the same minutes: this machine's speed drifts by 10-30 %
+over minutes even when idle, and a profile timed model after model fitted those drifts into the
+coefficients. Each visit to a plan steps it once untimed before its timed steps, because a step
+right after another model's step finds that model's weights in the caches (at batch 1 it is up to
+twice as slow here) and a training loop does not. The median of the timed steps is the
+measurement; the fastest step is not, because it falls as more steps are timed.
 
 Why whole steps rather than operators timed one by one: on a CPU an operator's time depends on
 what ran before it (caches, the allocator, thread wake-up), and budgetsearch's planned layers fuse
@@ -22,12 +25,13 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import gc
 import platform
 import random
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,9 +46,12 @@ __all__ = [
     "DEFAULT_MODELS",
     "PLAN_FAMILIES",
     "TimedStep",
+    "TimingGroup",
     "designed_plans",
     "profile_device",
+    "time_plan_groups",
     "time_plans",
+    "timed_step_count",
 ]
 
 DEFAULT_MODELS = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3", "mobilenet_v2")
@@ -145,14 +152,118 @@ def designed_plans(graph: Any, cost_model: Any, *, seed: int = 0,
     return plans
 
 
-def time_plans(model: Any, graph: Any, plans: dict[str, Any], *, batch_size: int,
+@dataclass(frozen=True)
+class TimingGroup:
+    """Plans of one model at one batch size and input size, to be timed together.
+
+    Attributes:
+        model: The model (float, on the CPU); every plan trains its own copy.
+        graph: Its layer graph.
+        plans: Plans by name.
+        batch_size: Samples per step.
+        input_size: Input height and width.
+    """
+
+    model: Any
+    graph: Any
+    plans: Mapping[str, Any]
+    batch_size: int
+    input_size: int
+
+
+def time_plan_groups(groups: Sequence[TimingGroup], *, repeats: int, burst: int = 2,
+                     optimizer: str = "momentum",
+                     on_step: Any = None) -> list[dict[str, list[float]]]:
+    """Milliseconds of ``repeats`` timed training steps of each plan of each group, stepped as
+    the trainer does, the plans visited in turn.
+
+    A visit to a plan is one untimed step followed by ``burst`` timed steps of that plan: the
+    timed steps find the plan's weights, its shapes and the allocator's blocks as a training
+    loop finds them, not as the previous plan left them (at batch 1 a step after another
+    model's step is up to twice as slow here). A round visits every plan of every group once,
+    and rounds repeat until each plan has ``repeats`` timed steps, so the medians of all plans
+    are taken over the same minutes and a slow spell of the machine touches them alike.
+
+    Args:
+        groups: The groups to time.
+        repeats: Timed steps per plan.
+        burst: Timed steps per visit.
+        optimizer: ``sgd``, ``momentum`` (SGD with momentum 0.9) or ``adam``.
+        on_step: Called after each step, untimed ones included (for a progress bar).
+
+    Returns:
+        Per group (in order), each plan's step times in milliseconds, in the order timed.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..trainer import apply_plan
+
+    gen = torch.Generator().manual_seed(0)
+    data, copies, handles, opts = [], [], [], []
+    times: list[dict[str, list[float]]] = [{name: [] for name in g.plans} for g in groups]
+    try:
+        for g in groups:
+            classes = int(g.graph.nodes[-1].shape[-1])
+            data.append((torch.randn(g.batch_size, 3, g.input_size, g.input_size, generator=gen),
+                         torch.randint(0, classes, (g.batch_size,), generator=gen)))
+            nets, hs, os_ = {}, {}, {}
+            copies.append(nets)
+            handles.append(hs)
+            opts.append(os_)
+            for name, plan in g.plans.items():
+                nets[name] = copy.deepcopy(g.model).train()
+                hs[name] = apply_plan(nets[name], plan, graph=g.graph)
+                params = hs[name].param_groups()
+                if optimizer == "adam":
+                    os_[name] = torch.optim.Adam(params, lr=0.0)
+                else:
+                    os_[name] = torch.optim.SGD(params, lr=0.0,
+                                                momentum=0.9 if optimizer == "momentum" else 0.0)
+
+        def step(k: int, name: str) -> float:
+            (x, y), net, opt = data[k], copies[k][name], opts[k][name]
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            elapsed = time.perf_counter() - start
+            del loss
+            if on_step is not None:
+                on_step()
+            return elapsed
+
+        # The copies are long-lived: keep the cyclic collector from walking all of them during
+        # the timed steps (a training loop holds one model, not dozens).
+        gc.collect()
+        gc.freeze()
+        done = 0
+        while done < repeats:
+            n = min(burst, repeats - done)
+            for k, g in enumerate(groups):
+                for name in g.plans:
+                    step(k, name)
+                    times[k][name].extend(1e3 * step(k, name) for _ in range(n))
+            done += n
+    finally:
+        gc.unfreeze()
+        for hs in handles:
+            for handle in hs.values():
+                handle.remove()
+    return times
+
+
+def timed_step_count(plans: int, *, repeats: int, burst: int = 2) -> int:
+    """Steps :func:`time_plan_groups` runs for ``plans`` plans in all, untimed ones included."""
+    return plans * (repeats + -(-repeats // burst))
+
+
+def time_plans(model: Any, graph: Any, plans: Mapping[str, Any], *, batch_size: int,
                input_size: int, repeats: int, optimizer: str = "momentum",
                on_step: Any = None) -> dict[str, list[float]]:
-    """Milliseconds of each timed training step under each plan, stepped as the trainer does.
-
-    Every plan trains its own copy of ``model``; plans are interleaved one step each per round,
-    after one warm-up round, so a burst of other load slows one round of every plan rather than
-    every step of one plan.
+    """Milliseconds of ``repeats`` timed training steps under each plan of one model, stepped
+    as the trainer does: :func:`time_plan_groups` with one group.
 
     Args:
         model: The model (float, on the CPU).
@@ -160,49 +271,13 @@ def time_plans(model: Any, graph: Any, plans: dict[str, Any], *, batch_size: int
         plans: Plans by name.
         batch_size: Samples per step.
         input_size: Input height and width.
-        repeats: Timed rounds.
+        repeats: Timed steps per plan.
         optimizer: ``sgd``, ``momentum`` (SGD with momentum 0.9) or ``adam``.
         on_step: Called after each step (for a progress bar).
     """
-    import torch
-    import torch.nn.functional as F
-
-    from ..trainer import apply_plan
-
-    classes = int(graph.nodes[-1].shape[-1])
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, input_size, input_size, generator=gen)
-    y = torch.randint(0, classes, (batch_size,), generator=gen)
-    copies, handles, opts = {}, {}, {}
-    times: dict[str, list[float]] = {name: [] for name in plans}
-    try:
-        for name, plan in plans.items():
-            copies[name] = copy.deepcopy(model).train()
-            handles[name] = apply_plan(copies[name], plan, graph=graph)
-            groups = handles[name].param_groups()
-            if optimizer == "adam":
-                opts[name] = torch.optim.Adam(groups, lr=0.0)
-            else:
-                opts[name] = torch.optim.SGD(groups, lr=0.0,
-                                             momentum=0.9 if optimizer == "momentum" else 0.0)
-        for rnd in range(repeats + 1):
-            for name in plans:
-                net, opt = copies[name], opts[name]
-                start = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(net(x), y)
-                loss.backward()
-                opt.step()
-                elapsed = time.perf_counter() - start
-                del loss
-                if rnd:
-                    times[name].append(elapsed)
-                if on_step is not None:
-                    on_step()
-    finally:
-        for handle in handles.values():
-            handle.remove()
-    return {name: [1e3 * x for x in t] for name, t in times.items()}
+    group = TimingGroup(model=model, graph=graph, plans=plans, batch_size=batch_size,
+                        input_size=input_size)
+    return time_plan_groups([group], repeats=repeats, optimizer=optimizer, on_step=on_step)[0]
 
 
 def profile_device(
@@ -280,19 +355,17 @@ def profile_device(
             cm = CostModel(graph, base, accounting="ops", batch_size=b, optimizer="momentum")
             work.append((m, model, graph, b, cm, designed_plans(graph, cm, seed=b,
                                                                  families=families)))
-    # Two passes over every (model, batch size), minutes apart, half of the repeats each: a
-    # slow spell of the machine then touches half of a plan's steps, not all of them.
-    halves = (repeats - repeats // 2, repeats // 2) if repeats > 1 else (1,)
-    total = sum(len(p) for *_, p in work) * sum(h + 1 for h in halves)
-    timed: dict[tuple[str, int, str], list[float]] = {}
-    with tqdm(total=total, desc="profile-device", unit="step", disable=not progress) as bar:
-        for k, half in enumerate(halves):
-            for m, model, graph, b, _cm, plans in work:
-                bar.set_postfix_str(f"pass {k + 1}: {m} batch {b}")
-                measured = time_plans(model, graph, plans, batch_size=b, input_size=input_size,
-                                      repeats=half, on_step=bar.update)
-                for p, times in measured.items():
-                    timed.setdefault((m, b, p), []).extend(times)
+    # Every plan of every (model, batch size) visited in turn, so that all medians are taken
+    # over the same minutes and a slow spell of the machine touches every plan alike.
+    groups = [TimingGroup(model=model, graph=graph, plans=plans, batch_size=b,
+                          input_size=input_size) for _m, model, graph, b, _cm, plans in work]
+    total = timed_step_count(sum(len(p) for *_, p in work), repeats=repeats)
+    with tqdm(total=total, desc="profile-device", unit="step",
+              disable=not progress) as bar:
+        measured = time_plan_groups(groups, repeats=repeats, on_step=bar.update)
+    timed = {(m, b, p): t for (m, _model, _graph, b, _cm, _plans), group in zip(work, measured,
+                                                                                 strict=True)
+             for p, t in group.items()}
     steps = [TimedStep(m, b, p, cm.latency_features(plan),
                        statistics.median(timed[m, b, p]), tuple(timed[m, b, p]))
              for m, _model, _graph, b, cm, plans in work for p, plan in plans.items()]
@@ -313,8 +386,8 @@ def profile_device(
              f"torch {torch.__version__}, {threads} threads")
     data = profile_to_dict(replace(base, latency=latency))
     data["sources"]["latency"] = (
-        f"{stamp}: median of {repeats} training steps (two passes minutes apart, each after "
-        f"a warm-up) of each designed plan "
+        f"{stamp}: median of {repeats} training steps (every plan visited in turn, each visit "
+        f"one untimed step and two timed ones) of each designed plan "
         f"({', '.join(families)}) of {', '.join(models)} at {input_size} px, batch "
         f"{', '.join(map(str, batch_sizes))}, SGD with momentum, applied with apply_plan; "
         "coefficients by non-negative least squares on relative error; fit: cross-validated "

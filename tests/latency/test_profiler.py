@@ -81,3 +81,34 @@ def test_quick_profile_device_end_to_end(tmp_path, capsys) -> None:
     assert summary.latency_ms > 0 and summary.latency_model.startswith("measured")
     assert summary.latency_ms == pytest.approx(
         lat.predict_ms(cm.latency_features(Plan.full(graph))))
+
+
+def test_time_plan_groups_round_robin_and_leaves_models_untouched() -> None:
+    """Every plan of every group gets its timed steps, each visit one untimed step before them;
+    the caller's models are copied, never trained, and no hook is left behind."""
+    import torch
+
+    from budgetsearch.latency import TimingGroup, time_plan_groups, timed_step_count
+
+    torch.manual_seed(0)
+    groups, before = [], []
+    for name, batch in (("mcunet-5fps", 1), ("mcunet-5fps", 3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = load_model(name, num_classes=10).eval()
+        graph = LayerGraph.from_model(model, input_size=32, model_name=name)
+        plans = {"classifier": Plan.last_k_layers(graph, 1), "bias": Plan.bias_only(graph)}
+        groups.append(TimingGroup(model=model, graph=graph, plans=plans, batch_size=batch,
+                                  input_size=32))
+        before.append({k: v.clone() for k, v in model.state_dict().items()})
+    calls = []
+    out = time_plan_groups(groups, repeats=3, on_step=lambda: calls.append(1))
+    assert [sorted(t) for t in out] == [["bias", "classifier"]] * 2
+    assert all(len(v) == 3 and all(x > 0 for x in v) for t in out for v in t.values())
+    # 4 plans, each: a visit of 1 untimed + 2 timed steps, then one of 1 untimed + 1 timed
+    assert len(calls) == 4 * 5 == timed_step_count(4, repeats=3)
+    for g, state in zip(groups, before, strict=True):
+        assert not g.model.training
+        assert all(torch.equal(state[k], v) for k, v in g.model.state_dict().items())
+        assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                       for m in g.model.modules())
