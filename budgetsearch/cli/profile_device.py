@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{','.join(map(str, DEFAULT_BATCH_SIZES))})")
     p.add_argument("--input-size", type=int_range(8, 1024, unit="pixels"), default=128)
     p.add_argument("--repeats", type=int_range(1, _MAX_REPEATS), default=None,
-                   help="timed steps per plan after a warm-up (default 5)")
+                   help="timed steps per plan (default 10; 2 with --quick); each visit to a plan "
+                        "steps it once untimed first")
     p.add_argument("--quick", action="store_true",
                    help="one small model at 64 px, batch 1 and 4, four plans (well under a "
                         "minute; rough coefficients): a smoke run")

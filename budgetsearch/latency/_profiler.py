@@ -303,7 +303,7 @@ def profile_device(
         models: Registered model names to calibrate on.
         batch_sizes: Batch sizes to time.
         input_size: Input height and width.
-        repeats: Timed rounds per plan (default 10; 2 with ``quick``).
+        repeats: Timed steps per plan (default 10; 2 with ``quick``).
         quick: One small model at 64 px, batch sizes 1 and 4, four plan families: a smoke run of
             well under a minute (the coefficients are rough).
         folds: Cross-validation folds for the reported error.
