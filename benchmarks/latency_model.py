@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Analytic roofline: {roof_within} of {len(rows)} within ±{TOLERANCE:.0%}; "
         f"measured/analytic {min(roof):.2f} to {max(roof):.2f}.",
         f"The measurement against itself (the median of the second half of a plan's timed "
-        f"steps over that of the first half, minutes apart): {repeat_within} of {len(rows)} within "
+        f"steps over that of the first half, timed in the first and the second half of the "
+        f"run): {repeat_within} of {len(rows)} within "
         f"±{TOLERANCE:.0%}, "
         f"{min(repeat):.2f} to {max(repeat):.2f}, median |deviation| "
         f"{statistics.median(abs(x - 1) for x in repeat):.1%}: the noise floor of a step time "

@@ -6,8 +6,8 @@ third of the layers; everything; channel-sparse updates along the output and the
 gradient-filtered last blocks with r = 2 and 4; a seeded random mix of frozen, bias, full,
 sparse and filtered layers). Each plan is applied with :func:`~budgetsearch.trainer.apply_plan`
 and stepped exactly as the trainer steps (forward, cross-entropy, backward, SGD with momentum).
-Every plan of every model and batch size steps once per round (:func:`time_plan_groups`), so
-the medians of all plans are taken over the same minutes: this machine's speed drifts by 10-30 %
+Every plan of every model and batch size is visited once per round (:func:`time_plan_groups`),
+so the medians of all plans are taken over the same minutes: this machine's speed drifts by 10-30 %
 over minutes even when idle, and a profile timed model after model fitted those drifts into the
 coefficients. Each visit to a plan steps it once untimed before its timed steps, because a step
 right after another model's step finds that model's weights in the caches (at batch 1 it is up to
