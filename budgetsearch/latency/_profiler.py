@@ -183,6 +183,8 @@ def time_plan_groups(groups: Sequence[TimingGroup], *, repeats: int, burst: int 
     model's step is up to twice as slow here). A round visits every plan of every group once,
     and rounds repeat until each plan has ``repeats`` timed steps, so the medians of all plans
     are taken over the same minutes and a slow spell of the machine touches them alike.
+    The garbage collector's generations are frozen over the timed steps (and thawed after)
+    unless the caller has frozen objects of its own, which are left as they are.
 
     Args:
         groups: The groups to time.
@@ -200,6 +202,8 @@ def time_plan_groups(groups: Sequence[TimingGroup], *, repeats: int, burst: int 
     from ..trainer import apply_plan
 
     gen = torch.Generator().manual_seed(0)
+    # gc.unfreeze() thaws every frozen object: freeze only when the caller has frozen none
+    freeze = gc.get_freeze_count() == 0
     data, copies, handles, opts = [], [], [], []
     times: list[dict[str, list[float]]] = [{name: [] for name in g.plans} for g in groups]
     try:
@@ -236,8 +240,9 @@ def time_plan_groups(groups: Sequence[TimingGroup], *, repeats: int, burst: int 
 
         # The copies are long-lived: keep the cyclic collector from walking all of them during
         # the timed steps (a training loop holds one model, not dozens).
-        gc.collect()
-        gc.freeze()
+        if freeze:
+            gc.collect()
+            gc.freeze()
         done = 0
         while done < repeats:
             n = min(burst, repeats - done)
@@ -247,7 +252,8 @@ def time_plan_groups(groups: Sequence[TimingGroup], *, repeats: int, burst: int 
                     times[k][name].extend(1e3 * step(k, name) for _ in range(n))
             done += n
     finally:
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
         for hs in handles:
             for handle in hs.values():
                 handle.remove()

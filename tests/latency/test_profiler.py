@@ -112,3 +112,32 @@ def test_time_plan_groups_round_robin_and_leaves_models_untouched() -> None:
         assert all(torch.equal(state[k], v) for k, v in g.model.state_dict().items())
         assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                        for m in g.model.modules())
+
+
+@pytest.mark.parametrize("caller_froze", [False, True])
+def test_time_plans_freezes_the_collector_only_when_the_caller_has_not(caller_froze) -> None:
+    """The timed steps run with the collector's objects frozen and thawed after; objects the
+    caller froze stay frozen (gc.unfreeze would thaw them all), and nothing is frozen anew."""
+    import gc
+
+    from budgetsearch.latency import time_plans
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model("mcunet-5fps", num_classes=10)
+    graph = LayerGraph.from_model(model, input_size=32, model_name="mcunet-5fps")
+    during = []
+    gc.unfreeze()
+    try:
+        if caller_froze:
+            gc.freeze()
+        before = gc.get_freeze_count()
+        time_plans(model, graph, {"classifier": Plan.last_k_layers(graph, 1)}, batch_size=1,
+                   input_size=32, repeats=1, on_step=lambda: during.append(gc.get_freeze_count()))
+        assert gc.get_freeze_count() == before
+        if caller_froze:
+            assert all(n == before for n in during)
+        else:
+            assert before == 0 and during[-1] > 0
+    finally:
+        gc.unfreeze()
