@@ -16,8 +16,9 @@ measurements of the same plan over the same minutes: how far apart they are is t
 measurement itself. The median of the first half of its timed steps against the second half's
 adds the drift of the machine's speed over the run. The speed varies over seconds and the two
 steps of a visit move together, so a plan's median rests on its visits, not its steps: the
-default of 20 timed steps is 10 visits (with 10, this machine put 31 to 34 of 40 plans within
-15 % in three runs on one day and 40 of 40 with 20).
+default of 20 timed steps is 10 visits. The speed also moves between minutes, which no profile
+can know: ``--runs N`` times every plan N times back to back and prints each run's level (its
+median measured/predicted) beside its count.
 
 The calibration plans of ``profile-device`` are other plans (random channels, other depths, a
 random mix; see ``budgetsearch.latency``): none of the plans here was timed to fit the model.
