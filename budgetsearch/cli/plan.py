@@ -418,6 +418,15 @@ def race_table(outcome: Any) -> str:
                      f"by {margin['points']:+.1f} points of validation accuracy after "
                      f"{margin['epochs']} epoch(s) ({margin['winner_accuracy']:.4f} against "
                      f"{margin['baseline_accuracy']:.4f})")
+    sep = outcome.separation()
+    if sep is not None and not sep["clear"]:
+        lines.append(
+            f"the race could not separate {rr.winner.name} from {sep['runner_up']}: a lead of "
+            f"{sep['lead_images']:g} of {sep['val_images']} validation images "
+            f"({sep['lead_points']:+.1f} points) is less than one standard error of an accuracy "
+            f"on {sep['val_images']} images ({sep['standard_error_points']:.1f} points); they "
+            "train alike as far as this split can tell (a larger --val-fraction or more data "
+            "would decide)")
     for name, why in sorted(outcome.skipped.items()):
         lines.append(f"not raced: {name}: {_short({'error': why})}")
     added = rr.lr_extension.get("added") or []

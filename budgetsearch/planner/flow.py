@@ -11,6 +11,7 @@ than one it knew of.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,37 @@ class PlanOutcome:
         return {"baseline": name, "rung": rung_i, "epochs": rr.rungs[rung_i]["epochs"],
                 "winner_accuracy": mine, "baseline_accuracy": acc,
                 "points": 100 * (mine - acc)}
+
+    def separation(self) -> dict[str, Any] | None:
+        """How clearly the race chose its winner: at the furthest rung another candidate
+        reached, the winner's best arm against the best other candidate's (``runner_up``,
+        ``rung``, ``epochs``, ``winner_accuracy``, ``runner_up_accuracy``, ``lead_points``),
+        with the validation split's size (``val_images``, ``lead_images``) and one standard
+        error of an accuracy like the winner's on that many images (``standard_error_points``:
+        100·sqrt(p(1 − p)/n) with p = (k + 1)/(n + 2) for k of n images right, so that a
+        perfect score on a few images is not certain). ``clear`` says whether the lead is
+        positive and at least that error; when it is not, the split cannot tell the two apart.
+        None without a race, with a single candidate, or when the split's size is unknown."""
+        if self.race is None or not self.race.stats.get("val_images"):
+            return None
+        rr = self.race
+        n = int(rr.stats["val_images"])
+        for i in range(len(rr.rungs) - 1, -1, -1):
+            arms = rr.rungs[i]["arms"]
+            others = [a for a in arms if a["candidate"] != rr.winner.name]
+            mine = [a["val_accuracy"] for a in arms if a["candidate"] == rr.winner.name]
+            if others and mine:
+                best = max(others, key=lambda a: a["val_accuracy"])
+                p, q = max(mine), best["val_accuracy"]
+                smoothed = (p * n + 1) / (n + 2)
+                se = 100 * math.sqrt(smoothed * (1 - smoothed) / n)
+                lead = 100 * (p - q)
+                return {"runner_up": best["candidate"], "rung": i,
+                        "epochs": rr.rungs[i]["epochs"], "winner_accuracy": p,
+                        "runner_up_accuracy": q, "lead_points": lead, "val_images": n,
+                        "lead_images": round((p - q) * n, 1), "standard_error_points": se,
+                        "clear": lead > 0 and lead >= se}
+        return None
 
 
 def race_candidates(
@@ -287,6 +319,7 @@ def make_plan(
     plan = plan.with_(recipe=rr.recipe, provenance={
         **plan.provenance, "effort": effort.name, **tagged, "race": {
             **rr.provenance(), "skipped": skipped, "margin": outcome.margin(),
+            "separation": outcome.separation(),
             "file": str(path) if path is not None else None}})
     outcome.plan = plan
     return outcome

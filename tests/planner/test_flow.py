@@ -139,3 +139,44 @@ def test_margin_compares_at_the_furthest_rung_a_baseline_reached():
     assert margin["baseline"] == "b2" and margin["epochs"] == 4
     assert margin["points"] == pytest.approx(15.0)
 
+
+
+def test_separation_weighs_the_lead_against_the_split_size():
+    """The winner's lead over the best other candidate at the furthest rung another reached,
+    against one standard error of its accuracy on the validation split: 0.80 against 0.78 is
+    2 of 100 images, less than 100·sqrt(p(1 − p)/100) = 4.04 points with p = 81/102; on
+    10,000 images (0.40 points) it is clear; 4 of 4 right is not certain."""
+    def c(name, source):
+        return Candidate(name=name, source=source, updates={name: LayerUpdate("bias")},
+                         memory_bytes=1, latency_ms=1.0, backward_macs=1.0)
+
+    cands = {"s": c("s", "search"), "b": c("b", "baseline"), "t": c("t", "search")}
+    rungs = [{"epochs": 2, "seeds": [0], "arms": [
+                 {"candidate": "s", "lr": 0.1, "val_accuracy": 0.7},
+                 {"candidate": "t", "lr": 0.1, "val_accuracy": 0.65},
+                 {"candidate": "b", "lr": 0.1, "val_accuracy": 0.6}]},
+             {"epochs": 4, "seeds": [0], "arms": [
+                 {"candidate": "s", "lr": 0.1, "val_accuracy": 0.8},
+                 {"candidate": "s", "lr": 0.3, "val_accuracy": 0.5},
+                 {"candidate": "t", "lr": 0.1, "val_accuracy": 0.78}]},
+             {"epochs": 8, "seeds": [0], "arms": [
+                 {"candidate": "s", "lr": 0.1, "val_accuracy": 0.9}]}]
+    rr = RaceResult(winner=cands["s"], recipe=Recipe(), rungs=rungs, candidates=cands)
+    outcome = PlanOutcome(plan=None, search=None, race=rr)
+    assert outcome.separation() is None  # the split's size unknown
+    rr.stats["val_images"] = 100
+    sep = outcome.separation()
+    # the last rung holds the winner alone: the comparison is at the rung before
+    assert sep["runner_up"] == "t" and sep["rung"] == 1 and sep["epochs"] == 4
+    assert sep["lead_points"] == pytest.approx(2.0) and sep["lead_images"] == 2.0
+    assert sep["standard_error_points"] == pytest.approx(100 * (81 * 21 / 102**2 / 100) ** 0.5)
+    assert 4.0 < sep["standard_error_points"] < 4.1 and not sep["clear"]
+    rr.stats["val_images"] = 10_000
+    sep = outcome.separation()
+    assert sep["standard_error_points"] == pytest.approx(0.4, abs=0.001) and sep["clear"]
+    rungs[1]["arms"][0]["val_accuracy"] = 1.0  # 4 of 4 against 0.78: 22 points, se 18.6, not 0
+    rr.stats["val_images"] = 4
+    sep = outcome.separation()
+    assert sep["standard_error_points"] == pytest.approx(100 * (5 / 36 / 4) ** 0.5)
+    assert sep["lead_images"] == 0.9 and sep["clear"]
+    assert PlanOutcome(plan=None, search=None).separation() is None

@@ -58,6 +58,9 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
     assert plan.provenance["method"] == ("search" if winner["source"] == "search"
                                          else winner["name"])
     assert race["margin"]["baseline"] in names
+    sep = race["separation"]
+    assert sep["val_images"] == 4 and sep["runner_up"] in names
+    assert ("the race could not separate" in printed) == (not sep["clear"])
     assert "val acc" in printed and ("beat the best baseline" in printed
                                      or "a baseline won the race" in printed)
     first_arms = race["arms_trained"]
