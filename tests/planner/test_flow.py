@@ -120,12 +120,14 @@ def test_quick_effort_is_the_search_pick_and_a_race_needs_a_runner(search):
         make_plan(search, effort=EFFORTS["standard"], n_trials=60, progress=False)
 
 
-def test_margin_compares_at_the_furthest_rung_a_baseline_reached():
-    def c(name, source):
-        return Candidate(name=name, source=source, updates={name: LayerUpdate("bias")},
-                         memory_bytes=1, latency_ms=1.0, backward_macs=1.0)
+def _cand(name, source):
+    return Candidate(name=name, source=source, updates={name: LayerUpdate("bias")},
+                     memory_bytes=1, latency_ms=1.0, backward_macs=1.0)
 
-    cands = {"s": c("s", "search"), "b1": c("b1", "baseline"), "b2": c("b2", "baseline")}
+
+def test_margin_compares_at_the_furthest_rung_a_baseline_reached():
+    cands = {"s": _cand("s", "search"), "b1": _cand("b1", "baseline"),
+             "b2": _cand("b2", "baseline")}
     rungs = [{"epochs": 2, "seeds": [0], "arms": [
                  {"candidate": "b1", "lr": 0.1, "val_accuracy": 0.7},
                  {"candidate": "s", "lr": 0.1, "val_accuracy": 0.6},
@@ -146,11 +148,7 @@ def test_separation_weighs_the_lead_against_the_split_size():
     against one standard error of its accuracy on the validation split: 0.80 against 0.78 is
     2 of 100 images, less than 100·sqrt(p(1 − p)/100) = 4.04 points with p = 81/102; on
     10,000 images (0.40 points) it is clear; 4 of 4 right is not certain."""
-    def c(name, source):
-        return Candidate(name=name, source=source, updates={name: LayerUpdate("bias")},
-                         memory_bytes=1, latency_ms=1.0, backward_macs=1.0)
-
-    cands = {"s": c("s", "search"), "b": c("b", "baseline"), "t": c("t", "search")}
+    cands = {"s": _cand("s", "search"), "b": _cand("b", "baseline"), "t": _cand("t", "search")}
     rungs = [{"epochs": 2, "seeds": [0], "arms": [
                  {"candidate": "s", "lr": 0.1, "val_accuracy": 0.7},
                  {"candidate": "t", "lr": 0.1, "val_accuracy": 0.65},
