@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="directory for latency_model.md/.json/.png")
     args = parser.parse_args(argv)
     tune_host_allocator()
-    warnings.simplefilter("ignore")
     profile = load_profile(args.profile)  # warns (shown) if fitted under another torch/threads
+    warnings.simplefilter("ignore")
     if profile.latency is None:
         parser.error(f"{args.profile} has no measured latency model: make it with "
                      "budgetsearch profile-device")
