@@ -5,9 +5,9 @@ Reads every race file under the given results directories (the studies' ``plans/
 and the head-to-head's ``races/*.json``), rebuilds each race's rungs from its arm keys, and
 prints, per race, the winner's best validation accuracy at the furthest rung another candidate
 reached, the runner-up's, the lead in images, and one standard error of an accuracy like the
-winner's on that many images (the same figures as ``PlanOutcome.separation``, which new plans
-record in their provenance). A lead below that error means the split could not tell the two
-apart. Nothing is trained.
+winner's on that many images (``budgetsearch.planner.separation_figures``, as
+``PlanOutcome.separation``, which new plans record in their provenance). A lead below that error
+means the split could not tell the two apart. Nothing is trained.
 
     .venv/bin/python benchmarks/race_separation.py studies/results/mcu_budgets_tuned \\
         studies/results/gradient_filtering_tuned studies/results/head_to_head \\
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
+
+from budgetsearch._io import atomic_write_text
+from budgetsearch.planner import separation_figures
 
 ARM = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+)$")
 IMAGES = re.compile(r"\((\d+) images\)")
@@ -38,32 +40,27 @@ def separation(results: dict[str, dict], val_images: int) -> dict | None:
             float(row["val_accuracy"]))
     if not rungs:
         return None
-    last = max(rungs)
-    arms = {k: sum(v) / len(v) for k, v in rungs[last].items()}
+    # per rung, each candidate's best arm (over learning rates)
+    best: dict[int, dict[str, float]] = {}
+    for i, arms in rungs.items():
+        row = best.setdefault(i, {})
+        for (name, _lr), accs in arms.items():
+            acc = sum(accs) / len(accs)
+            row[name] = max(acc, row.get(name, acc))
+    top = best[max(best)]
+    winner = max(top, key=top.get)
     # ties at the top are broken by predicted memory, which race files do not keep: a tied
     # winner is named with the candidates it tied with (the lead is 0 either way)
-    winner = max(arms, key=arms.get)[0]
-    tied = sorted({name for (name, _lr), a in arms.items()
-                   if name != winner and a == arms[max(arms, key=arms.get)]})
-    for i in sorted(rungs, reverse=True):
-        arms = {k: sum(v) / len(v) for k, v in rungs[i].items()}
-        mine = [a for (name, _lr), a in arms.items() if name == winner]
-        others: dict[str, float] = {}
-        for (name, _lr), a in arms.items():
-            if name != winner:
-                others[name] = max(a, others.get(name, a))
-        if mine and others:
-            p = max(mine)
+    tied = sorted(name for name, acc in top.items() if name != winner and acc == top[winner])
+    label = " / ".join(sorted([winner, *tied])) + " (tied)" if tied else winner
+    for i in sorted(best, reverse=True):
+        others = {name: acc for name, acc in best[i].items() if name != winner}
+        if winner in best[i] and others:
             runner_up = max(others, key=others.get)
-            q = others[runner_up]
-            smoothed = (p * val_images + 1) / (val_images + 2)
-            se = 100 * math.sqrt(smoothed * (1 - smoothed) / val_images)
-            label = " / ".join(sorted([winner, *tied])) + " (tied)" if tied else winner
             return {"winner": label, "runner_up": runner_up, "rung": i,
-                    "winner_accuracy": p, "runner_up_accuracy": q,
-                    "lead_images": round((p - q) * val_images, 1),
-                    "lead_points": 100 * (p - q), "standard_error_points": se,
-                    "clear": p > q and 100 * (p - q) >= se}
+                    **separation_figures(winner_accuracy=best[i][winner],
+                                         runner_up_accuracy=others[runner_up],
+                                         val_images=val_images)}
     return None
 
 
@@ -115,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from budgetsearch._io import atomic_write_text
-
         atomic_write_text(Path(args.out), text + "\n")
     return 0
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .effort import CENTER_LR, EFFORTS, Effort, get_effort, lr_grid
 from .entry import ARGUMENT_NAMES, DEFAULT_TRIALS, PlanData, choose_effort, plan_for
-from .flow import PlanOutcome, make_plan, race_candidates
+from .flow import PlanOutcome, make_plan, race_candidates, separation_figures
 from .prepare import contribution_table, fisher_scores, load_contributions, race_data_key
 from .race import Candidate, RaceResult, RaceSettings, default_race_path, race, race_key
 
@@ -42,4 +42,5 @@ __all__ = [
     "race_candidates",
     "race_data_key",
     "race_key",
+    "separation_figures",
 ]

@@ -27,7 +27,7 @@ from .effort import Effort
 from .race import Candidate, RaceResult, default_race_path, race, race_key
 from .target import target_problem
 
-__all__ = ["PlanOutcome", "make_plan", "race_candidates"]
+__all__ = ["PlanOutcome", "make_plan", "race_candidates", "separation_figures"]
 
 
 @dataclass
@@ -77,12 +77,9 @@ class PlanOutcome:
         """How clearly the race chose its winner: at the furthest rung another candidate
         reached, the winner's best arm against the best other candidate's (``runner_up``,
         ``rung``, ``epochs``, ``winner_accuracy``, ``runner_up_accuracy``, ``lead_points``),
-        with the validation split's size (``val_images``, ``lead_images``) and one standard
-        error of an accuracy like the winner's on that many images (``standard_error_points``:
-        100·sqrt(p(1 − p)/n) with p = (k + 1)/(n + 2) for k of n images right, so that a
-        perfect score on a few images is not certain). ``clear`` says whether the lead is
-        positive and at least that error; when it is not, the split cannot tell the two apart.
-        None without a race, with a single candidate, or when the split's size is unknown."""
+        with the figures of :func:`separation_figures` (``val_images``, ``lead_images``,
+        ``standard_error_points``, ``clear``). None without a race, with a single candidate,
+        or when the split's size is unknown."""
         if self.race is None or not self.race.stats.get("val_images"):
             return None
         rr = self.race
@@ -93,16 +90,38 @@ class PlanOutcome:
             mine = [a["val_accuracy"] for a in arms if a["candidate"] == rr.winner.name]
             if others and mine:
                 best = max(others, key=lambda a: a["val_accuracy"])
-                p, q = max(mine), best["val_accuracy"]
-                smoothed = (p * n + 1) / (n + 2)
-                se = 100 * math.sqrt(smoothed * (1 - smoothed) / n)
-                lead = 100 * (p - q)
                 return {"runner_up": best["candidate"], "rung": i,
-                        "epochs": rr.rungs[i]["epochs"], "winner_accuracy": p,
-                        "runner_up_accuracy": q, "lead_points": lead, "val_images": n,
-                        "lead_images": round((p - q) * n, 1), "standard_error_points": se,
-                        "clear": lead > 0 and lead >= se}
+                        "epochs": rr.rungs[i]["epochs"],
+                        **separation_figures(winner_accuracy=max(mine),
+                                             runner_up_accuracy=best["val_accuracy"],
+                                             val_images=n)}
         return None
+
+
+def separation_figures(*, winner_accuracy: float, runner_up_accuracy: float,
+                       val_images: int) -> dict[str, Any]:
+    """A lead in validation accuracy against the split's noise.
+
+    Args:
+        winner_accuracy: The winner's validation accuracy (a fraction).
+        runner_up_accuracy: The runner-up's.
+        val_images: Images in the validation split.
+
+    Returns:
+        ``winner_accuracy``, ``runner_up_accuracy``, ``val_images``, ``lead_points``,
+        ``lead_images``, ``standard_error_points`` (one standard error of an accuracy like the
+        winner's on that many images: 100·sqrt(p(1 − p)/n) with p = (k + 1)/(n + 2) for k of n
+        images right, so that a perfect score on a few images is not certain) and ``clear``
+        (the lead is positive and at least that error; when it is not, the split cannot tell
+        the two apart).
+    """
+    p, q, n = winner_accuracy, runner_up_accuracy, val_images
+    smoothed = (p * n + 1) / (n + 2)
+    se = 100 * math.sqrt(smoothed * (1 - smoothed) / n)
+    lead = 100 * (p - q)
+    return {"winner_accuracy": p, "runner_up_accuracy": q, "val_images": n,
+            "lead_points": lead, "lead_images": round((p - q) * n, 1),
+            "standard_error_points": se, "clear": lead > 0 and lead >= se}
 
 
 def race_candidates(
