@@ -56,6 +56,7 @@ __all__ = [
     "holdout_split",
     "load_dataset",
     "split_validation",
+    "stratified_folds",
 ]
 
 #: Mean and standard deviation (on the 0..1 scale) of each normalisation.
@@ -623,6 +624,41 @@ def holdout_split(
     held_out = np.sort(np.concatenate(held))
     kept = np.setdiff1d(np.arange(n), held_out, assume_unique=True)
     return kept, held_out
+
+
+def stratified_folds(
+    targets: Sequence[int] | np.ndarray, folds: int, *, seed: int
+) -> list[np.ndarray]:
+    """Deal samples into ``folds`` stratified, seeded folds (for cross-validation).
+
+    Each class's samples are shuffled and dealt round-robin, starting at the fold after the
+    one the previous class ended on, so every fold has each class's share (within one sample)
+    and the fold sizes differ by at most one.
+
+    Args:
+        targets: Label of every sample.
+        folds: Number of folds, 2..len(targets).
+        seed: Seed of the deal.
+
+    Returns:
+        The positions of each fold, each sorted; together they are every position once.
+
+    Raises:
+        DataError: If ``folds`` is below 2 or above the number of samples.
+    """
+    labels = np.asarray(targets, dtype=np.int64)
+    n = len(labels)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= n:
+        raise DataError(f"cannot deal {n} samples into {folds!r} folds: give 2 to {n} folds")
+    rng = np.random.default_rng(seed)
+    dealt: list[list[int]] = [[] for _ in range(int(folds))]
+    start = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        for i, pos in enumerate(members):
+            dealt[(start + i) % folds].append(int(pos))
+        start = (start + len(members)) % folds
+    return [np.sort(np.asarray(f, dtype=np.int64)) for f in dealt]
 
 
 def split_validation(

@@ -18,7 +18,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import budgetsearch.data as data_module
-from budgetsearch.data import balanced_draw, holdout_split, load_dataset, split_validation
+from budgetsearch.data import (
+    balanced_draw,
+    holdout_split,
+    load_dataset,
+    split_validation,
+    stratified_folds,
+)
 from budgetsearch.errors import DataError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
@@ -317,6 +323,36 @@ def test_holdout_split_is_stratified(sizes, fraction, seed):
     got = np.bincount(targets[held], minlength=len(sizes))
     share = np.array(sizes) * holdout / n
     assert (np.abs(got - share) < 1).all()  # each class's share, rounded one way or the other
+
+
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda s: sum(s) > 1),
+    folds=st.integers(2, 12),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=200, deadline=None)
+def test_stratified_folds_deal_every_sample_once_by_class(sizes, folds, seed):
+    targets = np.repeat(np.arange(len(sizes)), sizes)
+    n = len(targets)
+    folds = min(folds, n)
+    parts = stratified_folds(targets, folds, seed=seed)
+    assert len(parts) == folds
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+    lengths = [len(p) for p in parts]
+    assert max(lengths) - min(lengths) <= 1
+    for part in parts:
+        assert part.tolist() == sorted(part.tolist())
+        got = np.bincount(targets[part], minlength=len(sizes))
+        share = np.array(sizes) / folds
+        assert (np.abs(got - share) < 1).all()  # each class's share, within one sample
+    again = stratified_folds(targets, folds, seed=seed)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_stratified_folds_errors():
+    for bad in (1, 5, True, 2.0):
+        with pytest.raises(DataError, match=r"cannot deal 4 samples into .* folds: give 2 to 4"):
+            stratified_folds([0, 0, 1, 1], bad, seed=0)
 
 
 def test_split_validation_and_its_errors(folder):

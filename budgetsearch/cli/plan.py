@@ -26,7 +26,7 @@ from ..choices import (
     THIRD_OBJECTIVES,
 )
 from ..errors import PlanError, SearchError
-from ..planner.race import MAX_LR_EXTENSIONS
+from ..planner.race import MAX_FOLDS, MAX_LR_EXTENSIONS
 from ..units import format_bytes
 from ._common import (
     MAX_BATCH_SIZE,
@@ -121,6 +121,11 @@ def register(subparsers: Any) -> None:
                         "lowest or highest it was tried at, also try it one grid step further, "
                         "up to this many steps beyond each edge (default: the effort's, 2; 0: "
                         "the grid only)")
+    r.add_argument("--race-folds", type=int_range(1, MAX_FOLDS), default=None,
+                   help="score the race's arms by cross-validation on this many folds of the "
+                        "training and validation images pooled (1: the validation split as it "
+                        "is; default: folds of the split's size when it holds fewer than 200 "
+                        "images, else 1)")
     r.add_argument("--train-batch", type=int_range(1, MAX_BATCH_SIZE), default=32,
                    help="batch size the race trains at, recorded in the plan's recipe (32); "
                         "the budget stays that of --batch-size on the device")
@@ -261,7 +266,7 @@ def run_plan(args: argparse.Namespace) -> int:
                     "mcu_dir": args.mcu_dir},
         trials=args.trials, seed=args.seed, storage=storage,
         study_name=args.study or (lambda config: _default_study_name(args, budget, config)),
-        pick=args.pick, lrs=lrs, lr_extensions=args.lr_extensions,
+        pick=args.pick, lrs=lrs, lr_extensions=args.lr_extensions, race_folds=args.race_folds,
         train_batch=args.train_batch, race_file=args.race_file,
         progress=not args.no_progress, flush_seconds=args.flush_seconds, log=_stderr)
     result = outcome.search
@@ -418,6 +423,11 @@ def race_table(outcome: Any) -> str:
                      f"by {margin['points']:+.1f} points of validation accuracy after "
                      f"{margin['epochs']} epoch(s) ({margin['winner_accuracy']:.4f} against "
                      f"{margin['baseline_accuracy']:.4f})")
+    if rr.folds > 1:
+        lines.append(f"the race cross-validated every arm on {rr.folds} folds: each trained on "
+                     f"the other folds and validated on its own, so the validation accuracies "
+                     f"are over all {rr.stats.get('val_images')} training and validation images "
+                     "(--race-folds 1: the validation split alone)")
     sep = outcome.separation()
     if sep is not None and not sep["clear"]:
         lines.append(
@@ -425,8 +435,8 @@ def race_table(outcome: Any) -> str:
             f"{sep['lead_images']:g} of {sep['val_images']} validation images "
             f"({sep['lead_points']:+.1f} points) is less than one standard error of an accuracy "
             f"on {sep['val_images']} images ({sep['standard_error_points']:.1f} points); they "
-            "train alike as far as this split can tell (a larger --val-fraction or more data "
-            "would decide)")
+            "train alike as far as this split can tell (more data would decide"
+            + (")" if rr.folds > 1 else ", or a larger --val-fraction, or --race-folds)"))
     for name, why in sorted(outcome.skipped.items()):
         lines.append(f"not raced: {name}: {_short({'error': why})}")
     added = rr.lr_extension.get("added") or []
@@ -440,10 +450,12 @@ def race_table(outcome: Any) -> str:
     st = outcome.search.stats
     lines.append(
         f"recipe: {r.optimizer} lr {r.lr:g}, {r.epochs} epochs at batch "
-        f"{r.batch_size} (validation accuracy on {rr.stats.get('val_images', 'the')} held-out "
-        f"images; val acc of a candidate is at the last rung it reached)")
+        f"{r.batch_size} (validation accuracy on {rr.stats.get('val_images', 'the')} "
+        + ("held-out images" if rr.folds == 1 else f"images, {rr.folds}-fold cross-validated")
+        + "; val acc of a candidate is at the last rung it reached)")
     lines.append(
-        f"race: {sum(len(x['arms']) * len(x['seeds']) for x in rr.rungs)} arms over "
+        f"race: {sum(len(x['arms']) * len(x['seeds']) for x in rr.rungs)} arms"
+        + ("" if rr.folds == 1 else f" x {rr.folds} folds") + " over "
         f"{len(rr.rungs)} rungs ({rr.stats['arms_trained']} trained now, "
         f"{rr.stats['seconds']:.0f} s); study {outcome.search.study_name!r}: "
         f"{len(outcome.search.trials)} trials (+{st['new_trials']} now)")

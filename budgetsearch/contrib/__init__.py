@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .analysis import analyse, split_tensors
 from .measure import (
+    FoldRunner,
     PlanRunner,
     analysis_key,
     candidate_layers,
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_RATIOS",
     "ContributionTable",
     "Cut",
+    "FoldRunner",
     "PlanRunner",
     "PrefixSplit",
     "SharedTable",

@@ -31,6 +31,7 @@ from .table import ContributionTable, open_shared
 from .units import Unit, build_units
 
 __all__ = [
+    "FoldRunner",
     "PlanRunner",
     "analysis_key",
     "candidate_layers",
@@ -300,6 +301,7 @@ class PlanRunner:
         self._cut: Cut = self.split.cuts[0]
         self._features = {name: x for name, (x, _y) in self.data.items()}
         self.stats = {"cache_seconds": 0.0, "train_seconds": 0.0, "eval_seconds": 0.0}
+        self._pooled_at: torch.Tensor | None = None  # training + validation features at the cut
 
     def cut_for(self, layers: Sequence[str], recipe: Recipe) -> Cut:
         """Where the cached prefix ends for a plan updating ``layers``."""
@@ -314,7 +316,7 @@ class PlanRunner:
         if cut.position < self._cut.position:  # behind us: start again from the input
             self._cut = self.split.cuts[0]
             self._features = {name: x for name, (x, _y) in self.data.items()}
-        start, self._features = self._features, {}
+        start, self._features, self._pooled_at = self._features, {}, None
         for name in list(start):
             self._features[name] = self.split.features(self.model, self._cut, cut, start.pop(name))
         self._cut = cut
@@ -332,11 +334,49 @@ class PlanRunner:
             recipe: How to train it.
 
         Returns:
-            ``val_accuracy``, ``val_loss`` (None when not finite), ``train_loss`` (mean of the
-            last epoch, None when not finite), the same for every extra data set
-            (``<name>_accuracy``, ``<name>_loss``), ``train_seconds``, ``eval_seconds``,
-            ``seconds``, ``cut`` and ``layers``.
+            ``val_accuracy``, ``val_loss`` (None when not finite), ``val_images``,
+            ``train_loss`` (mean of the last epoch, None when not finite), the same for every
+            extra data set (``<name>_accuracy``, ``<name>_loss``), ``train_seconds``,
+            ``eval_seconds``, ``seconds``, ``cut`` and ``layers``.
         """
+        return self._run(updates, recipe, rows=None)
+
+    def folds(self, folds: int, *, seed: int) -> list[FoldRunner]:
+        """Cross-validation views of this runner: the training and validation data pooled
+        (training first) and dealt into ``folds`` stratified folds
+        (:func:`~budgetsearch.data.stratified_folds`). The j-th view trains on every fold but
+        the j-th and scores ``val_*`` on the j-th, so over the views every pooled image is
+        validated on once. Extra data sets are scored by every view as by :meth:`run`. The
+        views share this runner's frozen-prefix cache.
+
+        Args:
+            folds: Number of folds, 2..the pooled images.
+            seed: Seed of the deal.
+
+        Raises:
+            DataError: Too few images for ``folds``.
+        """
+        from ..data import stratified_folds
+
+        labels = torch.cat([self.data["train"][1], self.data["val"][1]])
+        parts = stratified_folds(labels.numpy(), folds, seed=seed)
+        every = np.arange(len(labels))
+        return [FoldRunner(self, index=j, folds=folds,
+                           train_rows=torch.from_numpy(np.setdiff1d(every, part)),
+                           val_rows=torch.from_numpy(part))
+                for j, part in enumerate(parts)]
+
+    def _pooled(self) -> torch.Tensor:
+        """The training and validation features at the current cut, concatenated (kept until
+        the cut moves)."""
+        if self._pooled_at is None:
+            self._pooled_at = torch.cat([self._features["train"], self._features["val"]])
+        return self._pooled_at
+
+    def _run(self, updates: Mapping[str, Any], recipe: Recipe,
+             rows: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+        """:meth:`run`, or with ``rows`` (positions in the pooled training and validation
+        data) a fold's run: train on ``rows[0]``, score ``val_*`` on ``rows[1]``."""
         from ..trainer import apply_plan
         from ..trainer.loop import build_optimizer
 
@@ -345,7 +385,17 @@ class PlanRunner:
         cut = self.cut_for(list(plan.updates), recipe)
         self._move_to(cut)
         model, feats = self.model, self._features
-        y_train = self.data["train"][1]
+        if rows is None:
+            x_train, y_train = feats["train"], self.data["train"][1]
+            scored = {name: (feats[name], y) for name, (_x, y) in self.data.items()
+                      if name != "train"}
+        else:
+            pooled = self._pooled()
+            labels = torch.cat([self.data["train"][1], self.data["val"][1]])
+            x_train, y_train = pooled[rows[0]], labels[rows[0]]
+            scored = {name: (feats[name], y) for name, (_x, y) in self.data.items()
+                      if name not in ("train", "val")}
+            scored = {"val": (pooled[rows[1]], labels[rows[1]]), **scored}
         model.load_state_dict(self.state)
         torch.manual_seed(recipe.seed)  # dropout
         handle = apply_plan(model, plan, bn=recipe.bn, graph=self.graph)
@@ -363,7 +413,7 @@ class PlanRunner:
                 losses = []
                 for i in range(0, n, recipe.batch_size):
                     idx = perm[i:i + recipe.batch_size]
-                    loss = F.cross_entropy(net(feats["train"][idx]), y_train[idx])
+                    loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
                     if opt is not None:
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
@@ -372,13 +422,11 @@ class PlanRunner:
             t1 = time.perf_counter()
             model.eval()
             with torch.no_grad():
-                for name, (_x, y) in self.data.items():
-                    if name == "train":
-                        continue
+                for name, (x, y) in scored.items():
                     correct, total = 0, 0.0
                     for i in range(0, len(y), 256):
                         # a copy: an in-place op after the cut must not change the cache
-                        logits = net(feats[name][i:i + 256].clone())
+                        logits = net(x[i:i + 256].clone())
                         total += float(F.cross_entropy(logits, y[i:i + 256], reduction="sum"))
                         correct += int((logits.argmax(1) == y[i:i + 256]).sum())
                     mean = total / len(y)
@@ -393,6 +441,7 @@ class PlanRunner:
         train_loss = float(np.mean(losses)) if losses else None
         return {
             **scores,
+            "val_images": len(scored["val"][1]),
             "train_loss": train_loss if train_loss is not None and math.isfinite(train_loss)
             else None,
             "train_seconds": t1 - t0,
@@ -401,6 +450,29 @@ class PlanRunner:
             "cut": cut.name,
             "layers": len(plan.updates),
         }
+
+
+class FoldRunner:
+    """One fold of a :class:`PlanRunner`'s cross-validation (:meth:`PlanRunner.folds`): trains
+    on every other fold, scores ``val_*`` on its own.
+
+    Attributes:
+        runner: The runner it is a view of.
+        index: Its fold's number, from 0.
+        folds: How many folds there are.
+        train_rows: Positions of its training images in the pooled data.
+        val_rows: Positions of its validation images.
+    """
+
+    def __init__(self, runner: PlanRunner, *, index: int, folds: int,
+                 train_rows: torch.Tensor, val_rows: torch.Tensor) -> None:
+        self.runner, self.index, self.folds = runner, index, folds
+        self.train_rows, self.val_rows = train_rows, val_rows
+
+    def run(self, updates: Mapping[str, Any], recipe: Recipe) -> dict[str, Any]:
+        """Train one plan on the other folds and score it on this one (the results of
+        :meth:`PlanRunner.run`)."""
+        return self.runner._run(updates, recipe, rows=(self.train_rows, self.val_rows))
 
 
 def _bar(total: int, progress: bool) -> Any:

@@ -6,13 +6,14 @@ studies call: from a model, its cost model, a :class:`~budgetsearch.budget.Budge
 (:class:`PlanData` or tensors) it measures what the effort asks for (:mod:`.prepare`: the
 contribution table, the baselines' Fisher scores), then :func:`make_plan` runs the search on a
 predicted objective, races the best front points and every baseline's plan on a validation split
-(:mod:`.race`) and hands out the winner with the recipe it won with. :mod:`.effort` names how much
-goes into it (``quick``, ``standard``, ``thorough``; :func:`choose_effort` the defaults).
+(cross-validated when the split is small; :mod:`.race`) and hands out the winner with the recipe
+it won with. :mod:`.effort` names how much goes into it (``quick``, ``standard``, ``thorough``;
+:func:`choose_effort` the defaults).
 """
 
 from __future__ import annotations
 
-from .effort import CENTER_LR, EFFORTS, Effort, get_effort, lr_grid
+from .effort import CENTER_LR, EFFORTS, Effort, get_effort, lr_grid, race_folds
 from .entry import ARGUMENT_NAMES, DEFAULT_TRIALS, PlanData, choose_effort, plan_for
 from .flow import PlanOutcome, make_plan, race_candidates, separation_figures
 from .prepare import contribution_table, fisher_scores, load_contributions, race_data_key
@@ -41,6 +42,7 @@ __all__ = [
     "race",
     "race_candidates",
     "race_data_key",
+    "race_folds",
     "race_key",
     "separation_figures",
 ]

@@ -182,6 +182,7 @@ def plan_for(
     pick: str = "best",
     lrs: Sequence[float] | None = None,
     lr_extensions: int | None = None,
+    race_folds: int | None = None,
     train_batch: int | None = None,
     recipe: Recipe | None = None,
     race_file: str | os.PathLike[str] | None = None,
@@ -250,6 +251,10 @@ def plan_for(
             also tried at in the race's first rung when its best rate there lies on that edge
             (:attr:`~.race.RaceSettings.lr_extensions`); None: the effort's (2 at
             ``standard`` and ``thorough``), 0: the grid only.
+        race_folds: Folds the race cross-validates on, over the training and validation
+            tensors pooled (1: the validation split as it is); None: by the effort's rule
+            (:func:`~.effort.race_folds`: folds of about the split's size when it holds fewer
+            than 200 images).
         train_batch: The batch size the race trains at and the plan's recipe records (32); the
             budget stays that of the cost model's batch size.
         recipe: The race's base recipe instead (optimizer, batch size, seed, filter mode).
@@ -305,6 +310,8 @@ def plan_for(
         raise PlanError("give the race's batch size either as train_batch or in the recipe")
     if lr_extensions is not None:
         RaceSettings(lr_extensions=lr_extensions)  # a bad bound: refused before any work
+    if race_folds is not None:
+        RaceSettings(folds=race_folds)
     say = log or _silent
     graph = cost_model.graph
     source, tensors = _data(data)
@@ -391,7 +398,7 @@ def plan_for(
     return make_plan(
         search, effort=effort, n_trials=trials, storage=opened, study_name=name,
         pick_rule=pick, runner=runner, data_key=data_key, model=model, lrs=lrs,
-        lr_extensions=lr_extensions,
+        lr_extensions=lr_extensions, folds=race_folds,
         recipe=recipe or Recipe(optimizer=cost_model.optimizer,
                                 batch_size=32 if train_batch is None else train_batch, seed=seed),
         race_path=race_file, baseline_scores=baseline_scores,

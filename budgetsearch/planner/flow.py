@@ -23,7 +23,7 @@ from ..choices import PlanTarget
 from ..errors import BudgetSearchError
 from ..plan import LayerUpdate, Plan
 from ..recipe import Recipe
-from .effort import Effort
+from .effort import Effort, race_folds
 from .race import Candidate, RaceResult, default_race_path, race, race_key
 from .target import target_problem
 
@@ -255,6 +255,7 @@ def make_plan(
     model: nn.Module | None = None,
     lrs: Sequence[float] | None = None,
     lr_extensions: int | None = None,
+    folds: int | None = None,
     race_path: str | os.PathLike[str] | None = None,
     race_storage: str | None = None,
     baseline_scores: Any = None,
@@ -283,6 +284,9 @@ def make_plan(
         lrs: Learning rates instead of the effort's grid.
         lr_extensions: Rates beyond each edge of the grid a leading candidate may be tried at
             (default the effort's; 0: the grid only).
+        folds: Folds the race cross-validates on (1: the runner's validation split as it
+            is); None: by the effort's rule (:func:`~.effort.race_folds`) on the sizes of the
+            runner's splits.
         race_path: The race file (default under ``$BUDGETSEARCH_CACHE/race/``, by key).
         race_storage: A database URL to keep the race in instead (shared across machines).
         baseline_scores: Scores of the baselines' selectors (:func:`race_candidates`).
@@ -310,8 +314,13 @@ def make_plan(
     if runner is None:
         raise PlanError(f"effort {effort.name} races plans: it needs training data (a runner)")
     recipe = recipe or Recipe(optimizer=search.cost_model.optimizer, seed=search.seed)
+    if folds is None:
+        data = getattr(runner, "data", None)
+        folds = race_folds(train_images=len(data["train"][1]), val_images=len(data["val"][1]),
+                           below=effort.cv_below) if (
+            isinstance(data, Mapping) and "train" in data and "val" in data) else 1
     settings = effort.settings(recipe.optimizer, lrs=tuple(lrs) if lrs else None,
-                               lr_extensions=lr_extensions)
+                               lr_extensions=lr_extensions, folds=folds)
     candidates, skipped = race_candidates(search, result, front=effort.front, model=model,
                                           seed=search.seed, baseline_scores=baseline_scores,
                                           target=target, mcu_dir=mcu_dir)
@@ -321,9 +330,6 @@ def make_plan(
         race_path if race_path is not None else default_race_path(key))
     rr = race(runner, candidates, recipe=recipe, settings=settings, path=path, key=key,
               storage=race_storage, progress=progress)
-    data = getattr(runner, "data", None)
-    if isinstance(data, Mapping) and "val" in data:
-        rr.stats["val_images"] = len(data["val"][1])
     winner = rr.winner
     common = dict(study_name=result.study_name, storage=result.storage, pick_rule=pick_rule,
                   baselines=result.baselines, n_trials=len(result.trials),

@@ -9,6 +9,14 @@ arms (at least one) go on to the next rung, which trains them from the start aga
 epochs, and so on. The last rung may train each arm with several seeds (its score is the mean).
 Ties are broken by predicted memory (less first), then validation loss.
 
+**Cross-validated rungs.** With ``folds`` > 1, the training and validation data are pooled and
+dealt into that many stratified folds (:meth:`~budgetsearch.contrib.PlanRunner.folds`, seeded by
+the recipe's seed, so every worker deals the same folds); an arm is trained once per fold, on the
+other folds, and scored on its fold, and its score is the accuracy over all pooled images (each
+validated on once). A small validation split is the race's weak point: on 50 images one standard
+error of an accuracy near 50 % is 7 points, more than most leads; five folds of the same 250
+images validate on all 250 for five times the training.
+
 **Beyond the grid's edges.** With ``lr_extensions`` > 0, the first rung does not stop at the grid:
 a candidate with an arm among the arms the rung keeps whose best rate is the lowest (highest)
 rate it was tried at is also tried at the next rate below (above): the grid's edge rate divided
@@ -53,6 +61,8 @@ __all__ = ["Candidate", "RaceResult", "RaceSettings", "default_race_path", "race
 RACE_VERSION = 1
 #: The most rates beyond each edge of the grid :attr:`RaceSettings.lr_extensions` allows.
 MAX_LR_EXTENSIONS = 8
+#: The most folds :attr:`RaceSettings.folds` allows.
+MAX_FOLDS = 20
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,8 @@ class RaceSettings:
         lr_extensions: Rates beyond each edge of the grid a candidate may be tried at in the
             first rung when its best rate there lies on the edge (0: the grid only; see the
             module docstring). Needs at least two rates in the grid.
+        folds: 1: train on the training split, score on the validation split; k > 1: score
+            every arm by k-fold cross-validation over both (see the module docstring).
     """
 
     rungs: tuple[int, ...] = (2, 4)
@@ -114,6 +126,7 @@ class RaceSettings:
     keep: float = 1 / 3
     final_seeds: int = 1
     lr_extensions: int = 0
+    folds: int = 1
 
     def __post_init__(self) -> None:
         rungs, lrs = tuple(self.rungs), tuple(self.lrs)
@@ -131,13 +144,18 @@ class RaceSettings:
                 or not 0 <= self.lr_extensions <= MAX_LR_EXTENSIONS):
             raise PlanError(f"race lr_extensions must be an integer from 0 (the grid only) to "
                             f"{MAX_LR_EXTENSIONS}; got {self.lr_extensions!r}")
+        if (not isinstance(self.folds, int) or isinstance(self.folds, bool)
+                or not 1 <= self.folds <= MAX_FOLDS):
+            raise PlanError(f"race folds must be an integer from 1 (the validation split) to "
+                            f"{MAX_FOLDS}; got {self.folds!r}")
         object.__setattr__(self, "rungs", rungs)
         object.__setattr__(self, "lrs", tuple(float(x) for x in lrs))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"rungs": list(self.rungs), "lrs": list(self.lrs), "keep": self.keep,
-                "final_seeds": self.final_seeds, "lr_extensions": self.lr_extensions}
+                "final_seeds": self.final_seeds, "lr_extensions": self.lr_extensions,
+                "folds": self.folds}
 
     def factors(self) -> tuple[float, float] | None:
         """The geometric steps beyond the grid's low and high edges (the ratios of its two
@@ -148,11 +166,12 @@ class RaceSettings:
         return grid[1] / grid[0], grid[-1] / grid[-2]
 
     def epochs_total(self, arms: int) -> int:
-        """Epochs the whole race trains for ``arms`` arms at the first rung."""
+        """Epochs the whole race trains for ``arms`` arms at the first rung (every fold's
+        training counted)."""
         total, alive = 0, arms
         for i, epochs in enumerate(self.rungs):
             last = i == len(self.rungs) - 1
-            total += alive * epochs * (self.final_seeds if last else 1)
+            total += alive * epochs * (self.final_seeds if last else 1) * self.folds
             alive = max(1, math.ceil(alive * self.keep))
         return total
 
@@ -168,8 +187,9 @@ class RaceResult:
             ``val_accuracy``, ``val_loss`` and ``kept`` (went on / won).
         candidates: The candidates raced, by name.
         stats: ``arms_trained`` (by this process), ``seconds``, ``path``.
-        results: Every arm's full result by arm key (``r<rung>:e<epochs>:s<seed>:<name>@lr<lr>``;
-            with any data the runner only reports, e.g. ``test_accuracy``).
+        results: Every arm's full result by arm key (``r<rung>:e<epochs>:s<seed>:<name>@lr<lr>``,
+            with ``:f<fold>`` appended in a cross-validated race; with any data the runner only
+            reports, e.g. ``test_accuracy``).
         lr_extension: The rates tried beyond the grid's edges: ``grid`` (the grid),
             ``max_steps`` (:attr:`RaceSettings.lr_extensions`), ``factors`` (the low and high
             geometric steps) and ``added`` (per added arm: ``candidate``, ``lr``, ``edge``
@@ -184,14 +204,17 @@ class RaceResult:
     stats: dict[str, Any] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     lr_extension: dict[str, Any] = field(default_factory=dict)
+    folds: int = 1
 
     def final_arms(self) -> dict[str, dict[str, Any]]:
-        """The winner's results in the last rung, by seed key (``s<seed>``)."""
+        """The winner's results in the last rung, by seed key (``s<seed>``, with ``:f<fold>``
+        in a cross-validated race)."""
         last = len(self.rungs) - 1
         epochs = self.rungs[-1]["epochs"]
-        return {f"s{seed}": self.results[_arm_key(last, epochs, seed, self.winner.name,
-                                                  self.recipe.lr)]
-                for seed in self.rungs[-1]["seeds"]}
+        folds = [None] if self.folds == 1 else list(range(self.folds))
+        return {f"s{seed}" + ("" if f is None else f":f{f}"): self.results[
+                    _arm_key(last, epochs, seed, self.winner.name, self.recipe.lr, f)]
+                for seed in self.rungs[-1]["seeds"] for f in folds}
 
     def best(self) -> dict[str, dict[str, Any]]:
         """Per candidate: its best arm at the furthest rung it reached (``rung``, ``lr``,
@@ -212,6 +235,7 @@ class RaceResult:
         return {"winner": self.winner.name, "lr": self.recipe.lr, "epochs": self.recipe.epochs,
                 "candidates": [c.describe() for c in self.candidates.values()],
                 "rungs": self.rungs, "lr_extension": self.lr_extension,
+                "folds": self.folds, "val_images": self.stats.get("val_images"),
                 "arms_trained": self.stats.get("arms_trained"),
                 "seconds": self.stats.get("seconds")}
 
@@ -225,8 +249,11 @@ def race_key(
 
     ``lr_extensions`` is not part of it: an arm's result is keyed by its rung, epochs, seed,
     candidate and rate, so it is the same with or without the extension, and a race file made
-    before the extension existed (or with another bound) is continued, not refused."""
-    shown = {k: v for k, v in settings.to_dict().items() if k != "lr_extensions"}
+    before the extension existed (or with another bound) is continued, not refused. ``folds``
+    is part of it only above 1, so a race file made before folds existed is continued by a
+    race on the validation split."""
+    shown = {k: v for k, v in settings.to_dict().items()
+             if k != "lr_extensions" and (k != "folds" or v != 1)}
     return {"race_version": RACE_VERSION, **dict(data_key), "recipe": recipe.to_dict(),
             "settings": shown, "candidates": {c.name: c.digest() for c in candidates}}
 
@@ -240,8 +267,9 @@ def default_race_path(key: Mapping[str, Any]) -> Path:
     return root / "race" / f"{key.get('model') or 'model'}-{digest}.json"
 
 
-def _arm_key(rung: int, epochs: int, seed: int, name: str, lr: float) -> str:
-    return f"r{rung}:e{epochs}:s{seed}:{name}@lr{lr:g}"
+def _arm_key(rung: int, epochs: int, seed: int, name: str, lr: float,
+             fold: int | None = None) -> str:
+    return f"r{rung}:e{epochs}:s{seed}:{name}@lr{lr:g}" + ("" if fold is None else f":f{fold}")
 
 
 def race(
@@ -262,7 +290,8 @@ def race(
 
     Args:
         runner: Trains a plan: ``runner.run(updates, recipe) -> {"val_accuracy", "val_loss",
-            ...}`` (a :class:`~budgetsearch.contrib.PlanRunner`).
+            ...}`` (a :class:`~budgetsearch.contrib.PlanRunner`); for ``settings.folds`` > 1
+            also ``runner.folds(k, seed=...)`` -> k such runners, one per fold.
         candidates: The plans, with distinct names; candidates with the same updates are raced
             once (the first keeps its name, the others become its aliases).
         recipe: The base recipe: every arm trains with it, at the arm's learning rate, the
@@ -280,13 +309,16 @@ def race(
         on_arm: Called with each arm key and result this process trains.
 
     Raises:
-        PlanError: No candidates, duplicate names, or the race stopped by ``max_arms``.
+        PlanError: No candidates, duplicate names, a cross-validated race with a runner that
+            cannot deal folds, or the race stopped by ``max_arms``.
         TableError: ``path`` holds a race with another key.
     """
     from ..contrib.table import open_shared
 
     settings = settings or RaceSettings()
     pool = _distinct(candidates)
+    views, val_images = _views(runner, settings.folds, seed=recipe.seed)
+    folds: list[int | None] = [None] if settings.folds == 1 else list(range(settings.folds))
     shared = open_shared(dict(key or {}), path=path, storage=storage, kind="race")
     memory: dict[str, dict[str, Any]] = {}
     arms = [(c.name, lr) for c in pool.values() for lr in settings.lrs]
@@ -296,7 +328,7 @@ def race(
     rungs: list[dict[str, Any]] = []
     added: list[dict[str, Any]] = []
 
-    def train(jobs: Mapping[str, tuple[str, float, int]], epochs: int) -> None:
+    def train(jobs: Mapping[str, tuple[str, float, int, int | None]], epochs: int) -> None:
         """Train (or wait for other workers to train) every job not yet recorded."""
         nonlocal trained
         while True:
@@ -314,10 +346,10 @@ def race(
                     shared.release(job)
                 raise PlanError(f"race stopped after {trained} arms (max_arms); run it "
                                 "again to finish")
-            name, lr, seed = jobs[job]
+            name, lr, seed, fold = jobs[job]
             try:
-                result = runner.run(pool[name].updates,
-                                    recipe.with_(lr=lr, epochs=epochs, seed=seed))
+                result = views[fold or 0].run(pool[name].updates,
+                                              recipe.with_(lr=lr, epochs=epochs, seed=seed))
             except BaseException:
                 if shared is not None:
                     shared.release(job)
@@ -325,7 +357,7 @@ def race(
             trained += 1
             # the scores (validation, and any data only reported, e.g. test) and the time
             result = {k: v for k, v in result.items()
-                      if k.endswith(("_accuracy", "_loss")) or k == "seconds"}
+                      if k.endswith(("_accuracy", "_loss")) or k in ("seconds", "val_images")}
             if shared is not None:
                 shared.record(job, result)
             else:
@@ -336,16 +368,20 @@ def race(
                 bar.update(epochs)
                 bar.set_postfix_str(f"{name[:24]} lr {lr:g}: {result['val_accuracy']:.3f}")
 
-    def score(jobs: Mapping[str, tuple[str, float, int]]
+    def score(jobs: Mapping[str, tuple[str, float, int, int | None]]
               ) -> list[tuple[float, int, float, str, float]]:
-        """The arms ranked: (-accuracy, memory, loss, name, lr), best first."""
+        """The arms ranked: (-accuracy, memory, loss, name, lr), best first. An arm's accuracy
+        and loss are over all its runs (seeds, folds), each weighted by its validation images."""
         done = shared.table().results if shared is not None else memory
         scored = []
         for name, lr in arms:
-            rows = [done[k] for k, (n, x, _s) in jobs.items() if n == name and x == lr]
-            acc = sum(float(r["val_accuracy"]) for r in rows) / len(rows)
+            rows = [done[k] for k, (n, x, _s, _f) in jobs.items() if n == name and x == lr]
+            weights = [float(r.get("val_images") or 1) for r in rows]
+            acc = sum(w * float(r["val_accuracy"]) for w, r in zip(weights, rows, strict=True)
+                      ) / sum(weights)
             losses = [r.get("val_loss") for r in rows]
-            loss = (sum(losses) / len(losses) if None not in losses else math.inf)
+            loss = (sum(w * v for w, v in zip(weights, losses, strict=True)) / sum(weights)
+                    if None not in losses else math.inf)
             scored.append((-acc, pool[name].memory_bytes, loss, name, lr))
         scored.sort()
         return scored
@@ -357,8 +393,8 @@ def race(
             # places in the next rung, from the arms that entered this one (an extension's
             # arms compete for them)
             n_keep = 1 if last else max(1, math.ceil(len(arms) * settings.keep))
-            jobs = {_arm_key(i, epochs, s, name, lr): (name, lr, s)
-                    for name, lr in arms for s in seeds}
+            jobs = {_arm_key(i, epochs, s, name, lr, f): (name, lr, s, f)
+                    for name, lr in arms for s in seeds for f in folds}
             if bar is not None:
                 bar.set_description(f"race rung {i + 1}/{len(settings.rungs)} "
                                     f"({len(arms)} arms x {epochs} ep)")
@@ -370,9 +406,8 @@ def race(
                     break
                 added.extend(new)
                 arms.extend((a["candidate"], a["lr"]) for a in new)
-                fresh = {_arm_key(i, epochs, s, a["candidate"], a["lr"]): (a["candidate"],
-                                                                           a["lr"], s)
-                         for a in new for s in seeds}
+                fresh = {_arm_key(i, epochs, s, a["candidate"], a["lr"], f): (
+                    a["candidate"], a["lr"], s, f) for a in new for s in seeds for f in folds}
                 jobs.update(fresh)
                 if bar is not None:
                     bar.total += epochs * len(fresh)
@@ -390,7 +425,7 @@ def race(
             rungs.append(rung)
             if bar is not None:  # arms trained by others still count towards the total
                 bar.n = min(bar.total, sum(r["epochs"] * len(r["arms"]) * len(r["seeds"])
-                                           for r in rungs))
+                                           * len(folds) for r in rungs))
                 bar.refresh()
             arms = kept
         results = dict(shared.table().results if shared is not None else memory)
@@ -403,9 +438,30 @@ def race(
         winner=pool[name], recipe=recipe.with_(lr=lr, epochs=settings.rungs[-1]), rungs=rungs,
         candidates=dict(pool),
         stats={"arms_trained": trained, "seconds": time.perf_counter() - started,
-               "path": str(path) if path is not None else storage}, results=results,
+               "path": str(path) if path is not None else storage,
+               **({"val_images": val_images} if val_images is not None else {})},
+        results=results, folds=settings.folds,
         lr_extension={"grid": sorted(settings.lrs), "max_steps": settings.lr_extensions,
                       "factors": list(factors) if factors else None, "added": added})
+
+
+def _views(runner: Any, folds: int, *, seed: int) -> tuple[list[Any], int | None]:
+    """The runners an arm is trained by (the runner itself, or one per fold) and the images
+    an arm is validated on in all (None when the runner does not say).
+
+    Raises:
+        PlanError: ``folds`` > 1 and the runner cannot deal folds.
+    """
+    if folds == 1:
+        data = getattr(runner, "data", None)
+        n = len(data["val"][1]) if isinstance(data, Mapping) and "val" in data else None
+        return [runner], n
+    if not callable(getattr(runner, "folds", None)):
+        raise PlanError(f"a race on {folds} folds needs a runner that deals folds (a "
+                        f"PlanRunner); {type(runner).__name__} has no folds()")
+    views = list(runner.folds(folds, seed=seed))
+    sizes = [len(v.val_rows) if hasattr(v, "val_rows") else None for v in views]
+    return views, None if None in sizes else sum(s for s in sizes if s is not None)
 
 
 def _next_rate(edge_lr: float, factor: float, edge: str, step: int) -> float:

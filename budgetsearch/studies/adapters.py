@@ -130,7 +130,8 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     if effort.race:
         outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort, seed=plan_seed,
                                                        home=home, opts=opts),
-                           lr_extensions=run.get("lr_extensions"))
+                           lr_extensions=run.get("lr_extensions"),
+                           race_folds=run.get("race_folds"))
     else:
         outcome = plan_for(**common, objective="fisher", search_options=opts,
                            scores=ctx.scores(cell.method.scores, seed=plan_seed),
@@ -138,7 +139,9 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
                                          f"({d.name})")
     if outcome.race is not None:
         ctx.extras["race"] = {"winner": outcome.race.winner.name, "lr": outcome.race.recipe.lr,
-                              "margin": outcome.margin(), "skipped": outcome.skipped}
+                              "margin": outcome.margin(), "skipped": outcome.skipped,
+                              "folds": outcome.race.folds,
+                              "separation": outcome.separation()}
     result = outcome.search
     names = result.objective_names
     _write_csv(ctx.out_dir / "front.csv", ["trial", "proxy", "memory_bytes", names[2], "chosen"],

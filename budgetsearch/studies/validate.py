@@ -357,7 +357,7 @@ def _tuning(training: dict[str, Any], where: str) -> None:
 
 def _effort(options: Mapping[str, Any], where: str) -> None:
     """A search's ``effort`` must be one of the planner's levels, its ``target`` a known
-    target, its ``lr_extensions`` an integer within the race's bound."""
+    target, its ``lr_extensions`` and ``race_folds`` integers within the race's bounds."""
     if "effort" in options:
         from ..planner import EFFORTS
 
@@ -374,6 +374,13 @@ def _effort(options: Mapping[str, Any], where: str) -> None:
                 0 <= value <= MAX_LR_EXTENSIONS):
             raise StudyError(f"{where}.lr_extensions: expected an integer from 0 (the rate "
                              f"grid only) to {MAX_LR_EXTENSIONS}, got {value!r}")
+    if "race_folds" in options:
+        from ..planner.race import MAX_FOLDS
+
+        value = options["race_folds"]
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_FOLDS:
+            raise StudyError(f"{where}.race_folds: expected an integer from 1 (the validation "
+                             f"split as it is) to {MAX_FOLDS}, got {value!r}")
 
 
 def _search_options() -> list[str] | None:

@@ -21,7 +21,7 @@ from budgetsearch.contrib import (
     parse_unit,
 )
 from budgetsearch.criteria import magnitude_scores
-from budgetsearch.errors import PlanError
+from budgetsearch.errors import DataError, PlanError
 from budgetsearch.graph import LayerGraph
 from budgetsearch.models import register_model
 from budgetsearch.recipe import Recipe
@@ -354,6 +354,40 @@ def test_plan_runner_trains_any_plan_and_reports_extra_data(setup):
         assert got["val_loss"] == pytest.approx(loss, rel=1e-5)
         assert 0 <= got["test_accuracy"] <= 1 and got["test_loss"] > 0
     assert runner.stats["cache_seconds"] > 0
+
+
+def test_a_fold_trains_as_a_runner_built_on_that_split_would(setup):
+    """Fold j of the pooled 24 + 12 images (dealt into 3 stratified folds) gives exactly the
+    scores of a PlanRunner whose training data are the other folds (in pooled order) and whose
+    validation data is fold j; extra data is scored as by run()."""
+    from budgetsearch.contrib import PlanRunner
+    from budgetsearch.plan import LayerUpdate
+
+    model, graph, _, _ = setup
+    train, val, test = data(24, 0), data(12, 1), data(9, 7)
+    runner = PlanRunner(model, graph=graph, train=train, val=val, extra={"test": test})
+    views = runner.folds(3, seed=5)
+    assert [v.index for v in views] == [0, 1, 2] and {v.folds for v in views} == {3}
+    rows = sorted(int(i) for v in views for i in v.val_rows)
+    assert rows == list(range(36))  # every pooled image validated on once
+    x = torch.cat([train[0], val[0]])
+    y = torch.cat([train[1], val[1]])
+    recipe = Recipe(epochs=1, batch_size=8, lr=0.05)
+    for updates in ({"9": LayerUpdate("weight")}, {"3.conv": LayerUpdate("bias"),
+                                                   "9": LayerUpdate("weight")}):
+        for view in (views[0], views[2]):
+            got = view.run(updates, recipe)
+            tr, va = view.train_rows, view.val_rows
+            assert sorted(set(tr.tolist()) | set(va.tolist())) == list(range(36))
+            direct = PlanRunner(model, graph=graph, train=(x[tr], y[tr]), val=(x[va], y[va]),
+                                extra={"test": test}).run(updates, recipe)
+            assert got["val_images"] == len(va) == 12
+            for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "train_loss"):
+                assert got[k] == pytest.approx(direct[k], rel=1e-5), k
+    # the runner itself still trains on its own split
+    assert runner.run({"9": LayerUpdate("weight")}, recipe)["val_images"] == 12
+    with pytest.raises(DataError, match="cannot deal 36 samples into 37 folds: give 2 to 36"):
+        runner.folds(37, seed=0)
 
 
 def test_two_worker_processes_share_one_table(tmp_path, capfd):

@@ -13,12 +13,14 @@ from budgetsearch.plan import load_plan
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _plan(images, out, *extra):
+def _plan(images, out, *extra, folds="1"):
+    """The plan command on the 20 test images (16 training, 4 validation); the race on the
+    validation split as it is unless ``folds`` is None (the default rule: cross-validated)."""
     return ["plan", "--model", "mcunet-5fps", "--num-classes", "2", "--input-size", "32",
             "--device", "stm32h743", "--data", str(images), "--candidates", "last:2",
             "--budget", "64KB", "--memory-measure", "training", "--trials", "40",
             "--population", "16", "--lrs", "0.01,0.05", "--no-progress", "--out", str(out),
-            *extra]
+            *(() if folds is None else ("--race-folds", folds)), *extra]
 
 
 def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path, capsys):
@@ -94,6 +96,33 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
         main(_plan(images, tmp_path / "bad.json", "--lr-extensions", "9"))
     assert "--lr-extensions: must be a non-negative integer from 0 to 8" in (
         capsys.readouterr().err)
+
+
+def test_a_small_validation_split_is_cross_validated_by_default(images, tmp_path, capsys):
+    """4 validation images (< 200): the race deals the 20 images into folds of 4 (5 folds),
+    trains every arm once per fold and scores it on all 20; the files remember every fold, so
+    the same command again trains nothing."""
+    out = tmp_path / "plan.json"
+    assert main(_plan(images, out, "--lr-extensions", "0", folds=None)) == 0
+    printed = capsys.readouterr().out
+    race = load_plan(out).provenance["race"]
+    assert race["folds"] == 5 and race["val_images"] == 20
+    assert race["separation"]["val_images"] == 20
+    arms = sum(len(r["arms"]) for r in race["rungs"])
+    assert race["arms_trained"] == 5 * arms
+    # every arm's score is over the 20 images: a whole number of them
+    for rung in race["rungs"]:
+        for arm in rung["arms"]:
+            assert abs(arm["val_accuracy"] * 20 - round(arm["val_accuracy"] * 20)) < 1e-9
+    assert "validation accuracy on 20 images, 5-fold cross-validated" in printed
+    assert "the race cross-validated every arm on 5 folds" in printed
+    assert f"{arms} arms x 5 folds over" in printed
+    assert main(_plan(images, out, "--lr-extensions", "0", folds=None)) == 0
+    assert load_plan(out).provenance["race"]["arms_trained"] == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_plan(images, tmp_path / "bad.json", folds="0"))
+    assert "--race-folds: must be" in capsys.readouterr().err
 
 
 def test_effort_rules_are_named_errors(images, tmp_path, capsys):

@@ -95,6 +95,87 @@ def test_final_rung_averages_seeds():
     assert result.rungs[-1]["seeds"] == [5, 6]
 
 
+FOLD_SCORES = {("l1", 0): 0.9, ("l2", 0): 0.5, ("l1", 1): 0.0, ("l2", 1): 1.0}
+
+
+class FoldedRunner:
+    """Two folds of 10 and 2 validation images; on fold 0 candidate ``a`` is right on 9 of 10
+    and ``b`` on 5, on fold 1 ``a`` on none of 2 and ``b`` on both."""
+
+    def __init__(self) -> None:
+        self.dealt: list[tuple[int, int]] = []
+        self.calls: list[tuple[str, int]] = []
+
+    def folds(self, k, *, seed):
+        self.dealt.append((k, seed))
+        return [self.View(self, j, 10 if j == 0 else 2) for j in range(k)]
+
+    class View:
+        def __init__(self, parent, index, size) -> None:
+            self.parent, self.index, self.val_rows = parent, index, list(range(size))
+
+        def run(self, updates, recipe):
+            (layer,) = [k for k in updates if k != "head"]
+            self.parent.calls.append((layer, self.index))
+            acc = FOLD_SCORES[(layer, self.index)]
+            return {"val_accuracy": acc, "val_loss": 1 - acc, "seconds": 0.0,
+                    "val_images": len(self.val_rows), "train_loss": 0.1}
+
+
+def test_a_cross_validated_race_scores_an_arm_over_every_folds_images(tmp_path):
+    """a: 9 + 0 of 12 images (0.75); b: 5 + 2 of 12 (0.583). The mean of the folds' accuracies
+    would rank them the other way (0.45 against 0.75): the score weighs each fold by its
+    images. Every arm is trained once per fold, keyed by its fold; the file resumes."""
+    a, b = cand("a", "l1"), cand("b", "l2")
+    settings = RaceSettings(rungs=(1, 2), lrs=(0.02,), keep=0.5, folds=2)
+    key = race_key(data_key={"model": "fake"}, recipe=Recipe(seed=3), settings=settings,
+                   candidates=[a, b])
+    path = tmp_path / "race.json"
+    runner = FoldedRunner()
+    result = race(runner, [a, b], recipe=Recipe(seed=3), settings=settings, path=path, key=key,
+                  progress=False)
+    assert runner.dealt == [(2, 3)]  # dealt once, by the recipe's seed
+    assert result.winner.name == "a" and result.folds == 2
+    first = result.rungs[0]["arms"]
+    assert [(x["candidate"], x["val_accuracy"]) for x in first] == [
+        ("a", pytest.approx(0.75)), ("b", pytest.approx(7 / 12))]
+    assert first[0]["val_loss"] == pytest.approx(0.25)
+    # rung 1: both arms on both folds; rung 2: a on both folds
+    assert sorted(runner.calls) == sorted([("l1", 0), ("l1", 1), ("l2", 0), ("l2", 1),
+                                           ("l1", 0), ("l1", 1)])
+    assert sorted(result.final_arms()) == ["s3:f0", "s3:f1"]
+    assert result.stats["val_images"] == 12
+    assert result.provenance()["folds"] == 2 and result.provenance()["val_images"] == 12
+    assert {k.rsplit(":", 1)[1] for k in json.loads(path.read_text())["results"]} == {"f0",
+                                                                                       "f1"}
+    again = FoldedRunner()
+    race(again, [a, b], recipe=Recipe(seed=3), settings=settings, path=path, key=key,
+         progress=False)
+    assert again.calls == []
+    assert settings.epochs_total(2) == (2 * 1 + 1 * 2) * 2
+    # the key: folds only above 1, so files made before folds existed are continued
+    one = race_key(data_key={}, recipe=Recipe(), settings=RaceSettings(), candidates=[a])
+    assert "folds" not in one["settings"] and key["settings"]["folds"] == 2
+    with pytest.raises(PlanError, match="a race on 2 folds needs a runner that deals folds"):
+        race(FakeRunner(QUALITY, BEST_LR), [a, b], recipe=Recipe(), settings=settings,
+             progress=False)
+    for bad in (0, 21, True, 2.5):
+        with pytest.raises(PlanError, match=r"race folds must be an integer from 1"):
+            RaceSettings(folds=bad)
+
+
+def test_race_folds_rule():
+    from budgetsearch.planner import race_folds
+
+    assert race_folds(train_images=200, val_images=50, below=200) == 5
+    assert race_folds(train_images=800, val_images=200, below=200) == 1
+    assert race_folds(train_images=16, val_images=4, below=200) == 5
+    assert race_folds(train_images=3, val_images=1, below=200) == 4
+    assert race_folds(train_images=1000, val_images=2, below=200) == 20  # MAX_FOLDS
+    assert race_folds(train_images=5, val_images=5, below=200) == 2
+    assert race_folds(train_images=200, val_images=50, below=0) == 1
+
+
 def test_bad_settings_and_candidates_are_named_errors():
     with pytest.raises(PlanError, match="rungs must be increasing"):
         RaceSettings(rungs=(2, 1))

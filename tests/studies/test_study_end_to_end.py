@@ -140,12 +140,20 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
     assert plan["objective"]["name"] == "predicted_accuracy"  # the measured objective
     assert len(list((res / "contrib").glob("mcunet-5fps-*.json"))) == 1
     assert 0 <= rec["metrics"]["test_accuracy"] <= 1
+    # a validation split this small (under 200 images) is cross-validated by default
+    assert rec["race"]["folds"] == plan["race"]["folds"] > 1
+    assert rec["race"]["separation"]["val_images"] == plan["race"]["val_images"]
     bad = yaml.safe_load(spec.read_text())
     bad["methods"] = [{"method": "search", "options": {"effort": "heroic"}}]
     spec.write_text(yaml.safe_dump(bad))
     assert main(["study", "run", str(spec), "--no-progress"]) == 2
     assert "options.effort: unknown value 'heroic'; allowed: quick, standard, thorough" in (
         capsys.readouterr().err)
+    bad["methods"] = [{"method": "search", "options": {"effort": "standard", "race_folds": 0}}]
+    spec.write_text(yaml.safe_dump(bad))
+    assert main(["study", "run", str(spec), "--no-progress"]) == 2
+    assert ("options.race_folds: expected an integer from 1 (the validation split as it is) "
+            "to 20, got 0") in capsys.readouterr().err
 
 
 def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, capsys) -> None:
