@@ -129,9 +129,9 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
         progress=ctx.progress, flush_seconds=float(run.get("flush_seconds", 2.0)))
     if effort.race:
         outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort, seed=plan_seed,
-                                                       home=home, opts=opts),
-                           lr_extensions=run.get("lr_extensions"),
-                           race_folds=run.get("race_folds"))
+                                                       home=home, opts=opts,
+                                                       folds=run.get("race_folds")),
+                           lr_extensions=run.get("lr_extensions"))
     else:
         outcome = plan_for(**common, objective="fisher", search_options=opts,
                            scores=ctx.scores(cell.method.scores, seed=plan_seed),
@@ -160,18 +160,23 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
 
 
 def _race_arguments(cell: Cell, ctx: CellContext, model: Any, effort: Any, *, seed: int,
-                    home: Path, opts: dict[str, Any]) -> dict[str, Any]:
+                    home: Path, opts: dict[str, Any], folds: int | None) -> dict[str, Any]:
     """:func:`~budgetsearch.planner.plan_for`'s arguments for a raced plan: the cell's training
     and validation tensors, the contribution table's file (one per model, data, seed and
     candidates under the study's ``contrib/``), the magnitude scores its channels are chosen
-    by, the race's base recipe and file, and the baselines' Fisher scores."""
+    by, the race's base recipe, folds (``folds``, else the effort's rule) and file
+    (``race.json`` on the validation split, ``race-<k>fold.json`` cross-validated, so that
+    the two are kept side by side), and the baselines' Fisher scores."""
     import hashlib
 
     from ..contrib import load_tensors
-    from ..planner import race_data_key
+    from ..planner import race_data_key, race_folds
     from ..recipe import Recipe
 
     train, val = load_tensors(ctx.train_data), load_tensors(ctx.val_data)
+    if folds is None:
+        folds = race_folds(train_images=len(train[1]), val_images=len(val[1]),
+                           below=effort.cv_below)
     data_key = race_data_key(graph=ctx.graph, model=model, train=train, val=val)
     digest = hashlib.sha256(json.dumps([data_key, seed, effort.candidates],
                                        sort_keys=True).encode()).hexdigest()[:16]
@@ -188,7 +193,9 @@ def _race_arguments(cell: Cell, ctx: CellContext, model: Any, effort: Any, *, se
                          batch_size=int(t["batch_size"]), seed=seed,
                          # the race judges plans as the study trains them
                          **({"filter_mode": mode} if mode else {})),
-        "race_file": home / "race.json", "baseline_scores": ctx.scores("fisher", seed=seed)}
+        "race_folds": folds,
+        "race_file": home / ("race.json" if folds == 1 else f"race-{folds}fold.json"),
+        "baseline_scores": ctx.scores("fisher", seed=seed)}
 
 
 def _check_dynamic(cell: Cell) -> str | None:

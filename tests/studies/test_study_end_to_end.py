@@ -142,6 +142,9 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
     assert 0 <= rec["metrics"]["test_accuracy"] <= 1
     # a validation split this small (under 200 images) is cross-validated by default
     assert rec["race"]["folds"] == plan["race"]["folds"] > 1
+    # its file is named by its folds, beside (not over) a race on the split as it is
+    k = plan["race"]["folds"]
+    assert [p.name for p in res.rglob("race*.json")] == [f"race-{k}fold.json"]
     assert rec["race"]["separation"]["val_images"] == plan["race"]["val_images"]
     bad = yaml.safe_load(spec.read_text())
     bad["methods"] = [{"method": "search", "options": {"effort": "heroic"}}]
