@@ -1,8 +1,10 @@
 """How clearly each recorded race chose its winner: the lead over the runner-up against the
 validation split's standard error.
 
-Reads every race file under the given results directories (the studies' ``plans/*/race.json``
-and the head-to-head's ``races/*.json``), rebuilds each race's rungs from its arm keys, and
+Reads every race file under the given results directories (the studies' ``plans/*/race.json``,
+their cross-validated ``plans/*/race-<k>fold.json`` and the head-to-head's ``races/*.json``),
+rebuilds each race's rungs from its arm keys (a cross-validated arm's folds pooled: its accuracy
+is over all the images it was validated on), and
 prints, per race, the winner's best validation accuracy at the furthest rung another candidate
 reached, the runner-up's, the lead in images, and one standard error of an accuracy like the
 winner's on that many images (``budgetsearch.planner.separation_figures``, as
@@ -25,27 +27,29 @@ from pathlib import Path
 from budgetsearch._io import atomic_write_text
 from budgetsearch.planner import separation_figures
 
-ARM = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+)$")
+ARM = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+))?$")
+RACE_FILE = re.compile(r"^race(-\d+fold)?\.json$")
 IMAGES = re.compile(r"\((\d+) images\)")
 
 
 def separation(results: dict[str, dict], val_images: int) -> dict | None:
-    """The winner against the runner-up, from a race file's arm results (seeds averaged)."""
-    rungs: dict[int, dict[tuple[str, float], list[float]]] = {}
+    """The winner against the runner-up, from a race file's arm results (seeds averaged, folds
+    weighted by their validation images)."""
+    rungs: dict[int, dict[tuple[str, float], list[tuple[float, float]]]] = {}
     for key, row in results.items():
         m = ARM.match(key)
         if m is None or row.get("val_accuracy") is None:
             continue
         rungs.setdefault(int(m[1]), {}).setdefault((m[4], float(m[5])), []).append(
-            float(row["val_accuracy"]))
+            (float(row["val_accuracy"]), float(row.get("val_images") or 1)))
     if not rungs:
         return None
     # per rung, each candidate's best arm (over learning rates)
     best: dict[int, dict[str, float]] = {}
     for i, arms in rungs.items():
         row = best.setdefault(i, {})
-        for (name, _lr), accs in arms.items():
-            acc = sum(accs) / len(accs)
+        for (name, _lr), runs in arms.items():
+            acc = sum(a * w for a, w in runs) / sum(w for _a, w in runs)
             row[name] = max(acc, row.get(name, acc))
     top = best[max(best)]
     winner = max(top, key=top.get)
@@ -72,20 +76,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for d in args.dirs:
         for path in sorted(Path(d).rglob("*.json")):
-            if path.name != "race.json" and path.parent.name != "races":
+            if not RACE_FILE.match(path.name) and path.parent.name != "races":
                 continue
             data = json.loads(path.read_text())
             if not isinstance(data, dict) or "results" not in data or "key" not in data:
                 continue
-            m = IMAGES.search(str(data["key"].get("val_data", "")))
-            if m is None:
-                print(f"{path}: no validation size in its key; skipped", file=sys.stderr)
+            key = data["key"]
+            folds = int((key.get("settings") or {}).get("folds", 1))
+            # a cross-validated race validates on the training and validation images pooled
+            parts = [IMAGES.search(str(key.get(k, "")))
+                     for k in (("train_data", "val_data") if folds > 1 else ("val_data",))]
+            if None in parts:
+                print(f"{path}: no data sizes in its key; skipped", file=sys.stderr)
                 continue
-            sep = separation(data["results"], int(m[1]))
+            n = sum(int(m[1]) for m in parts if m is not None)
+            sep = separation(data["results"], n)
             if sep is None:
                 continue
-            cell = path.parent.name if path.name == "race.json" else path.stem
-            rows.append({"race": f"{Path(d).name}/{cell}", "val_images": int(m[1]), **sep})
+            cell = path.parent.name if path.parent.name != "races" else path.stem
+            if folds > 1:
+                cell += f" ({folds} folds)"
+            rows.append({"race": f"{Path(d).name}/{cell}", "val_images": n, "folds": folds,
+                         **sep})
     if not rows:
         parser.error("no race files found")
     lines = [
@@ -96,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Per race: at the furthest rung another candidate reached, the winner's best validation "
         "accuracy (seeds averaged) against the runner-up's; one standard error of an accuracy "
-        "like the winner's on the validation split (100·sqrt(p(1 − p)/n), p = (k + 1)/(n + 2)).",
+        "like the winner's on the validation split (100·sqrt(p(1 − p)/n), p = (k + 1)/(n + 2)). "
+        "A cross-validated race (k folds) validates every arm on all its training and "
+        "validation images, so n is their number.",
         "",
         "| race | validation images | winner | acc | runner-up | acc | lead (images) | "
         "standard error (points) | clear |",
@@ -109,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['standard_error_points']:.1f} | {'yes' if r['clear'] else 'no'} |")
     clear = sum(r["clear"] for r in rows)
     lines += ["", f"The lead was at least one standard error in {clear} of {len(rows)} races."]
+    for label, group in (("on the validation split", [r for r in rows if r["folds"] == 1]),
+                         ("cross-validated", [r for r in rows if r["folds"] > 1])):
+        if group and len(group) < len(rows):
+            lines.append(f"- {label}: {sum(r['clear'] for r in group)} of {len(group)}.")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -307,8 +307,12 @@ def test_balanced_draw_spreads_evenly_over_the_classes(sizes, fraction, seed):
     assert np.array_equal(keep, balanced_draw(targets, count, seed=seed))
 
 
+#: Per-class sample counts of a labelled set with at least two samples.
+CLASS_SIZES = st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda s: sum(s) > 1)
+
+
 @given(
-    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda s: sum(s) > 1),
+    sizes=CLASS_SIZES,
     fraction=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
@@ -325,19 +329,14 @@ def test_holdout_split_is_stratified(sizes, fraction, seed):
     assert (np.abs(got - share) < 1).all()  # each class's share, rounded one way or the other
 
 
-@given(
-    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda s: sum(s) > 1),
-    folds=st.integers(2, 12),
-    seed=st.integers(0, 2**16),
-)
+@given(sizes=CLASS_SIZES, folds=st.integers(2, 12), seed=st.integers(0, 2**16))
 @settings(max_examples=200, deadline=None)
 def test_stratified_folds_deal_every_sample_once_by_class(sizes, folds, seed):
     targets = np.repeat(np.arange(len(sizes)), sizes)
-    n = len(targets)
-    folds = min(folds, n)
+    folds = min(folds, len(targets))
     parts = stratified_folds(targets, folds, seed=seed)
     assert len(parts) == folds
-    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(targets)))
     lengths = [len(p) for p in parts]
     assert max(lengths) - min(lengths) <= 1
     for part in parts:
