@@ -35,13 +35,13 @@ IMAGES = re.compile(r"\((\d+) images\)")
 def separation(results: dict[str, dict], val_images: int) -> dict | None:
     """The winner against the runner-up, from a race file's arm results (seeds averaged, folds
     weighted by their validation images)."""
-    rungs: dict[int, dict[tuple[str, float], list[tuple[float, float]]]] = {}
+    rungs: dict[int, dict[tuple[str, float], list[tuple[float, int | None]]]] = {}
     for key, row in results.items():
         m = ARM.match(key)
         if m is None or row.get("val_accuracy") is None:
             continue
         rungs.setdefault(int(m[1]), {}).setdefault((m[4], float(m[5])), []).append(
-            (float(row["val_accuracy"]), float(row.get("val_images") or 1)))
+            (float(row["val_accuracy"]), row.get("val_images")))
     if not rungs:
         return None
     # per rung, each candidate's best arm (over learning rates)
@@ -49,7 +49,10 @@ def separation(results: dict[str, dict], val_images: int) -> dict | None:
     for i, arms in rungs.items():
         row = best.setdefault(i, {})
         for (name, _lr), runs in arms.items():
-            acc = sum(a * w for a, w in runs) / sum(w for _a, w in runs)
+            # weighed by images; rows from before val_images was recorded: all equal
+            weights = [float(w) for _a, w in runs] if all(w for _a, w in runs) else [1.0] * len(
+                runs)
+            acc = sum(a * w for (a, _w), w in zip(runs, weights, strict=True)) / sum(weights)
             row[name] = max(acc, row.get(name, acc))
     top = best[max(best)]
     winner = max(top, key=top.get)

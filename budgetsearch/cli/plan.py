@@ -125,7 +125,8 @@ def register(subparsers: Any) -> None:
                    help="score the race's arms by cross-validation on this many folds of the "
                         "training and validation images pooled (1: the validation split as it "
                         "is; default: folds of the split's size when it holds fewer than 200 "
-                        "images, else 1)")
+                        "images, else 1; a --race-file made with other folds is refused: give "
+                        "its folds or another file)")
     r.add_argument("--train-batch", type=int_range(1, MAX_BATCH_SIZE), default=32,
                    help="batch size the race trains at, recorded in the plan's recipe (32); "
                         "the budget stays that of --batch-size on the device")

@@ -78,8 +78,9 @@ class PlanOutcome:
         reached, the winner's best arm against the best other candidate's (``runner_up``,
         ``rung``, ``epochs``, ``winner_accuracy``, ``runner_up_accuracy``, ``lead_points``),
         with the figures of :func:`separation_figures` (``val_images``, ``lead_images``,
-        ``standard_error_points``, ``clear``). None without a race, with a single candidate,
-        or when the split's size is unknown."""
+        ``standard_error_points``, ``clear``; ``val_images`` counts every image an arm was
+        validated on: the pooled training and validation images of a cross-validated race).
+        None without a race, with a single candidate, or when that number is unknown."""
         if self.race is None or not self.race.stats.get("val_images"):
             return None
         rr = self.race
@@ -105,7 +106,8 @@ def separation_figures(*, winner_accuracy: float, runner_up_accuracy: float,
     Args:
         winner_accuracy: The winner's validation accuracy (a fraction).
         runner_up_accuracy: The runner-up's.
-        val_images: Images in the validation split.
+        val_images: Images the accuracies are over (the validation split, or every pooled
+            image of a cross-validated race).
 
     Returns:
         ``winner_accuracy``, ``runner_up_accuracy``, ``val_images``, ``lead_points``,
@@ -286,7 +288,7 @@ def make_plan(
             (default the effort's; 0: the grid only).
         folds: Folds the race cross-validates on (1: the runner's validation split as it
             is); None: by the effort's rule (:func:`~.effort.race_folds`) on the sizes of the
-            runner's splits.
+            runner's splits when the runner can deal folds, else 1.
         race_path: The race file (default under ``$BUDGETSEARCH_CACHE/race/``, by key).
         race_storage: A database URL to keep the race in instead (shared across machines).
         baseline_scores: Scores of the baselines' selectors (:func:`race_candidates`).
@@ -318,7 +320,8 @@ def make_plan(
         data = getattr(runner, "data", None)
         folds = race_folds(train_images=len(data["train"][1]), val_images=len(data["val"][1]),
                            below=effort.cv_below) if (
-            isinstance(data, Mapping) and "train" in data and "val" in data) else 1
+            isinstance(data, Mapping) and "train" in data and "val" in data
+            and callable(getattr(runner, "folds", None))) else 1
     settings = effort.settings(recipe.optimizer, lrs=tuple(lrs) if lrs else None,
                                lr_extensions=lr_extensions, folds=folds)
     candidates, skipped = race_candidates(search, result, front=effort.front, model=model,

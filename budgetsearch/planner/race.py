@@ -13,9 +13,9 @@ Ties are broken by predicted memory (less first), then validation loss.
 dealt into that many stratified folds (:meth:`~budgetsearch.contrib.PlanRunner.folds`, seeded by
 the recipe's seed, so every worker deals the same folds); an arm is trained once per fold, on the
 other folds, and scored on its fold, and its score is the accuracy over all pooled images (each
-validated on once). A small validation split is the race's weak point: on 50 images one standard
-error of an accuracy near 50 % is 7 points, more than most leads; five folds of the same 250
-images validate on all 250 for five times the training.
+validated on once per seed). A small validation split is the race's weak point: on 50 images one
+standard error of an accuracy near 50 % is 7 points, more than most leads; five folds of the same
+250 images validate on all 250 for five times the training.
 
 **Beyond the grid's edges.** With ``lr_extensions`` > 0, the first rung does not stop at the grid:
 a candidate with an arm among the arms the rung keeps whose best rate is the lowest (highest)
@@ -296,7 +296,8 @@ def race(
             once (the first keeps its name, the others become its aliases).
         recipe: The base recipe: every arm trains with it, at the arm's learning rate, the
             rung's epochs and seed ``recipe.seed + i`` for the i-th seed of the last rung.
-        settings: Rungs, learning rates, keep share, seeds of the last rung.
+        settings: Rungs, learning rates, keep share, seeds of the last rung, rate extensions,
+            folds.
         path: The race file (None: in memory, not resumable). Needs ``key``.
         key: What the results depend on (:func:`race_key`); a file made with another key is
             refused, naming the fields.
@@ -304,7 +305,8 @@ def race(
             instead of ``path``: workers on every machine that reaches it share the race.
         progress: Show a progress bar in epochs trained (rate and ETA).
         poll_seconds: How often to look whether arms other processes claimed are done.
-        max_arms: Stop after training this many arms in this call (then
+        max_arms: Stop after this many trainings in this call (one per fold of a
+            cross-validated arm, so a stop may fall between an arm's folds; then
             :class:`~budgetsearch.errors.PlanError` says the race is unfinished).
         on_arm: Called with each arm key and result this process trains.
 
@@ -376,7 +378,9 @@ def race(
         scored = []
         for name, lr in arms:
             rows = [done[k] for k, (n, x, _s, _f) in jobs.items() if n == name and x == lr]
-            weights = [float(r.get("val_images") or 1) for r in rows]
+            # weighed by images; a row from before val_images was recorded: all rows equal
+            weights = ([float(r["val_images"]) for r in rows]
+                       if all(r.get("val_images") for r in rows) else [1.0] * len(rows))
             acc = sum(w * float(r["val_accuracy"]) for w, r in zip(weights, rows, strict=True)
                       ) / sum(weights)
             losses = [r.get("val_loss") for r in rows]

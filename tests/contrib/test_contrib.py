@@ -379,6 +379,7 @@ def test_a_fold_trains_as_a_runner_built_on_that_split_would(setup):
             got = view.run(updates, recipe)
             tr, va = view.train_rows, view.val_rows
             assert sorted(set(tr.tolist()) | set(va.tolist())) == list(range(36))
+            assert not set(tr.tolist()) & set(va.tolist()) and len(tr) == 24
             direct = PlanRunner(model, graph=graph, train=(x[tr], y[tr]), val=(x[va], y[va]),
                                 extra={"test": test}).run(updates, recipe)
             assert got["val_images"] == len(va) == 12

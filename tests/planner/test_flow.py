@@ -74,8 +74,17 @@ def test_candidates_are_every_fitting_baseline_then_distinct_front_points(search
     del why
 
 
+class SmallSplit(HeadFirst):
+    """HeadFirst with 16 training and 4 validation labels, and no folds(): the race cannot
+    cross-validate on it, so the effort's rule keeps the split as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = {"train": (None, [0] * 16), "val": (None, [0] * 4)}
+
+
 def test_a_baseline_that_wins_the_race_is_the_plan(search, mcunet, tmp_path):
-    outcome = make_plan(search, effort=EFFORTS["standard"], n_trials=60, runner=HeadFirst(),
+    outcome = make_plan(search, effort=EFFORTS["standard"], n_trials=60, runner=SmallSplit(),
                         model=mcunet["model"], recipe=Recipe(optimizer="sgd"), lrs=(0.01, 0.02),
                         race_path=tmp_path / "race.json", progress=False)
     plan = outcome.plan
@@ -86,6 +95,7 @@ def test_a_baseline_that_wins_the_race_is_the_plan(search, mcunet, tmp_path):
     assert plan.provenance["race"]["margin"]["points"] == 0
     assert plan.provenance["effort"] == "standard"
     assert plan.device == "stm32h743" and plan.memory_budget_bytes == 100 * 1024
+    assert outcome.race.folds == 1 and plan.provenance["race"]["val_images"] == 4
 
 
 def test_a_search_plan_that_wins_records_its_trial_and_margin(search, mcunet, tmp_path):

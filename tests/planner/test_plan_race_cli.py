@@ -110,10 +110,6 @@ def test_a_small_validation_split_is_cross_validated_by_default(images, tmp_path
     assert race["separation"]["val_images"] == 20
     arms = sum(len(r["arms"]) for r in race["rungs"])
     assert race["arms_trained"] == 5 * arms
-    # every arm's score is over the 20 images: a whole number of them
-    for rung in race["rungs"]:
-        for arm in rung["arms"]:
-            assert abs(arm["val_accuracy"] * 20 - round(arm["val_accuracy"] * 20)) < 1e-9
     assert "validation accuracy on 20 images, 5-fold cross-validated" in printed
     assert "the race cross-validated every arm on 5 folds" in printed
     assert f"{arms} arms x 5 folds over" in printed

@@ -164,6 +164,24 @@ def test_a_cross_validated_race_scores_an_arm_over_every_folds_images(tmp_path):
             RaceSettings(folds=bad)
 
 
+def test_an_arm_with_a_run_of_unknown_size_weighs_its_runs_equally():
+    """A run recorded without ``val_images`` (a file from before it was recorded) cannot be
+    weighed: the arm's runs then count equally, a = (0.9 + 0) / 2, b = (0.5 + 1) / 2."""
+
+    class Unsized(FoldedRunner):
+        def folds(self, k, *, seed):
+            views = super().folds(k, seed=seed)
+            plain = views[1].run
+            views[1].run = lambda u, r: {k: v for k, v in plain(u, r).items()
+                                         if k != "val_images"}
+            return views
+
+    result = race(Unsized(), [cand("a", "l1"), cand("b", "l2")], recipe=Recipe(),
+                  settings=RaceSettings(rungs=(1,), lrs=(0.02,), folds=2), progress=False)
+    assert [(x["candidate"], x["val_accuracy"]) for x in result.rungs[0]["arms"]] == [
+        ("b", pytest.approx(0.75)), ("a", pytest.approx(0.45))]
+
+
 def test_race_folds_rule():
     from budgetsearch.planner import race_folds
 
