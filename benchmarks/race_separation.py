@@ -26,6 +26,7 @@ from pathlib import Path
 
 from budgetsearch._io import atomic_write_text
 from budgetsearch.planner import separation_figures
+from budgetsearch.planner.race import pooled_mean
 
 ARM = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+))?$")
 RACE_FILE = re.compile(r"^race(-\d+fold)?\.json$")
@@ -35,7 +36,7 @@ IMAGES = re.compile(r"\((\d+) images\)")
 def separation(results: dict[str, dict], val_images: int) -> dict | None:
     """The winner against the runner-up, from a race file's arm results (seeds averaged, folds
     weighted by their validation images)."""
-    rungs: dict[int, dict[tuple[str, float], list[tuple[float, int | None]]]] = {}
+    rungs: dict[int, dict[tuple[str, float], list[tuple[float, int | None]]]] = {}  # (acc, n)
     for key, row in results.items():
         m = ARM.match(key)
         if m is None or row.get("val_accuracy") is None:
@@ -49,10 +50,7 @@ def separation(results: dict[str, dict], val_images: int) -> dict | None:
     for i, arms in rungs.items():
         row = best.setdefault(i, {})
         for (name, _lr), runs in arms.items():
-            # weighed by images; rows from before val_images was recorded: all equal
-            weights = [float(w) for _a, w in runs] if all(w for _a, w in runs) else [1.0] * len(
-                runs)
-            acc = sum(a * w for (a, _w), w in zip(runs, weights, strict=True)) / sum(weights)
+            acc = pooled_mean([a for a, _n in runs], [n for _a, n in runs])
             row[name] = max(acc, row.get(name, acc))
     top = best[max(best)]
     winner = max(top, key=top.get)

@@ -302,6 +302,7 @@ class PlanRunner:
         self._features = {name: x for name, (x, _y) in self.data.items()}
         self.stats = {"cache_seconds": 0.0, "train_seconds": 0.0, "eval_seconds": 0.0}
         self._pooled_at: torch.Tensor | None = None  # training + validation features at the cut
+        self._pooled_labels = torch.cat([train[1], val[1]])  # their labels (folds deal these)
 
     def cut_for(self, layers: Sequence[str], recipe: Recipe) -> Cut:
         """Where the cached prefix ends for a plan updating ``layers``."""
@@ -358,9 +359,8 @@ class PlanRunner:
         """
         from ..data import stratified_folds
 
-        labels = torch.cat([self.data["train"][1], self.data["val"][1]])
-        parts = stratified_folds(labels.numpy(), folds, seed=seed)
-        every = np.arange(len(labels))
+        parts = stratified_folds(self._pooled_labels.numpy(), folds, seed=seed)
+        every = np.arange(len(self._pooled_labels))
         return [FoldRunner(self, index=j, folds=folds,
                            train_rows=torch.from_numpy(np.setdiff1d(every, part)),
                            val_rows=torch.from_numpy(part))
@@ -390,8 +390,7 @@ class PlanRunner:
             scored = {name: (feats[name], y) for name, (_x, y) in self.data.items()
                       if name != "train"}
         else:
-            pooled = self._pooled()
-            labels = torch.cat([self.data["train"][1], self.data["val"][1]])
+            pooled, labels = self._pooled(), self._pooled_labels
             x_train, y_train = pooled[rows[0]], labels[rows[0]]
             scored = {name: (feats[name], y) for name, (_x, y) in self.data.items()
                       if name not in ("train", "val")}

@@ -55,7 +55,8 @@ from ..errors import PlanError
 from ..plan import LayerUpdate
 from ..recipe import Recipe
 
-__all__ = ["Candidate", "RaceResult", "RaceSettings", "default_race_path", "race", "race_key"]
+__all__ = ["Candidate", "RaceResult", "RaceSettings", "default_race_path", "pooled_mean", "race",
+           "race_key"]
 
 #: Version of the race file's layout (part of its key).
 RACE_VERSION = 1
@@ -378,14 +379,10 @@ def race(
         scored = []
         for name, lr in arms:
             rows = [done[k] for k, (n, x, _s, _f) in jobs.items() if n == name and x == lr]
-            # weighed by images; a row from before val_images was recorded: all rows equal
-            weights = ([float(r["val_images"]) for r in rows]
-                       if all(r.get("val_images") for r in rows) else [1.0] * len(rows))
-            acc = sum(w * float(r["val_accuracy"]) for w, r in zip(weights, rows, strict=True)
-                      ) / sum(weights)
+            images = [r.get("val_images") for r in rows]
+            acc = pooled_mean([float(r["val_accuracy"]) for r in rows], images)
             losses = [r.get("val_loss") for r in rows]
-            loss = (sum(w * v for w, v in zip(weights, losses, strict=True)) / sum(weights)
-                    if None not in losses else math.inf)
+            loss = pooled_mean(losses, images) if None not in losses else math.inf
             scored.append((-acc, pool[name].memory_bytes, loss, name, lr))
         scored.sort()
         return scored
@@ -449,6 +446,14 @@ def race(
                       "factors": list(factors) if factors else None, "added": added})
 
 
+def pooled_mean(values: Sequence[float], images: Sequence[int | None]) -> float:
+    """The mean of an arm's per-run scores (seeds, folds), each weighted by the images it was
+    validated on: the score over all of them. When any run's count is unknown (recorded before
+    counts were), every run counts equally."""
+    weights = [float(n) for n in images] if all(images) else [1.0] * len(values)
+    return sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
+
+
 def _views(runner: Any, folds: int, *, seed: int) -> tuple[list[Any], int | None]:
     """The runners an arm is trained by (the runner itself, or one per fold) and the images
     an arm is validated on in all (None when the runner does not say).
@@ -464,8 +469,9 @@ def _views(runner: Any, folds: int, *, seed: int) -> tuple[list[Any], int | None
         raise PlanError(f"a race on {folds} folds needs a runner that deals folds (a "
                         f"PlanRunner); {type(runner).__name__} has no folds()")
     views = list(runner.folds(folds, seed=seed))
-    sizes = [len(v.val_rows) if hasattr(v, "val_rows") else None for v in views]
-    return views, None if None in sizes else sum(s for s in sizes if s is not None)
+    if not all(hasattr(v, "val_rows") for v in views):
+        return views, None
+    return views, sum(len(v.val_rows) for v in views)
 
 
 def _next_rate(edge_lr: float, factor: float, edge: str, step: int) -> float:
