@@ -105,6 +105,7 @@ class FoldedRunner:
     def __init__(self) -> None:
         self.dealt: list[tuple[int, int]] = []
         self.calls: list[tuple[str, int]] = []
+        self.seeds: list[tuple[str, int, int, int]] = []  # (layer, epochs, fold, seed)
 
     def folds(self, k, *, seed):
         self.dealt.append((k, seed))
@@ -117,6 +118,7 @@ class FoldedRunner:
         def run(self, updates, recipe):
             (layer,) = [k for k in updates if k != "head"]
             self.parent.calls.append((layer, self.index))
+            self.parent.seeds.append((layer, recipe.epochs, self.index, recipe.seed))
             acc = FOLD_SCORES[(layer, self.index)]
             return {"val_accuracy": acc, "val_loss": 1 - acc, "seconds": 0.0,
                     "val_images": len(self.val_rows), "train_loss": 0.1}
@@ -162,6 +164,29 @@ def test_a_cross_validated_race_scores_an_arm_over_every_folds_images(tmp_path):
     for bad in (0, 21, True, 2.5):
         with pytest.raises(PlanError, match=r"race folds must be an integer from 1"):
             RaceSettings(folds=bad)
+
+
+def test_each_fold_trains_with_its_own_batch_order():
+    """Fold j trains with the arm's seed + j * FOLD_SEED_STRIDE: fold 0 as an uncrossed race
+    would, the others with batch orders of their own, and no two (seed, fold) pairs of the last
+    rung's seeds share one. The stride is part of a cross-validated race's key (a race whose
+    folds all used the arm's seed is refused, not continued), and only of such a race's."""
+    from budgetsearch.planner.race import FOLD_SEED_STRIDE, fold_seed
+
+    runner = FoldedRunner()
+    settings = RaceSettings(rungs=(1, 2), lrs=(0.02,), keep=0.5, final_seeds=2, folds=2)
+    race(runner, [cand("a", "l1"), cand("b", "l2")], recipe=Recipe(seed=7), settings=settings,
+         progress=False)
+    s = FOLD_SEED_STRIDE
+    assert sorted(runner.seeds) == sorted([
+        ("l1", 1, 0, 7), ("l1", 1, 1, 7 + s), ("l2", 1, 0, 7), ("l2", 1, 1, 7 + s),
+        ("l1", 2, 0, 7), ("l1", 2, 1, 7 + s), ("l1", 2, 0, 8), ("l1", 2, 1, 8 + s)])
+    assert fold_seed(7, None) == 7 and fold_seed(7, 3) == 7 + 3 * s
+    key = race_key(data_key={}, recipe=Recipe(), settings=settings, candidates=[cand("a", "l1")])
+    assert key["settings"]["fold_seed_stride"] == s
+    plain = race_key(data_key={}, recipe=Recipe(), settings=RaceSettings(),
+                     candidates=[cand("a", "l1")])
+    assert "fold_seed_stride" not in plain["settings"]
 
 
 def test_an_arm_with_a_run_of_unknown_size_weighs_its_runs_equally():
