@@ -15,8 +15,9 @@ folds of about the validation split's size (at most 20 folds), so every image is
 and every fold trains on about as many images as the training split holds. Why 200: in the
 committed MCU studies (issue 12) the raced plan was within a point of the best baseline in 15 of 18
 cells with 200 validation images and in 3 of 9 with 50, where the race's leads were smaller than
-the split's standard error (``studies/results/race_separation.md``); cross-validated, the 9 were
-within a point in 5 (``studies/results/FINDINGS.md``, section 0b).
+the split's standard error (``studies/results/race_separation.md``); cross-validated (each fold
+with its own batch order), the 9 were within a point in 6 (``studies/results/FINDINGS.md``,
+section 0b).
 
 Why the grid extends past its edges: in the committed studies MobileNetV2's best rate was the
 lowest of the grid (a grid centred on a rate that suits MCUNet), so the true best lay outside

@@ -16,12 +16,12 @@ other folds, and scored on its fold, and its score is the accuracy over all pool
 validated on once per seed). A small validation split is the race's weak point: on 50 images one
 standard error of an accuracy near 50 % is 7 points, more than most leads; five folds of the same
 250 images validate on all 250 for five times the training. Fold j trains with the arm's seed plus
-``j *`` :data:`FOLD_SEED_STRIDE` (fold 0 with the arm's seed itself), so the folds' batch orders
-are independent draws and the score averages over them as well as over the images: with one seed
-for every fold, a plan that the seed's batch order happens to suit, or not, is favoured, or not,
-in every fold at once. (On ProxylessNAS-w0.3 with 200 training images, one published MIT scheme at
-lr 0.02 tested at 28.2 % with batch order 0 and 28.1–48.1 % with orders 0–4;
-``benchmarks/fold_orders.py``.)
+``j *`` :data:`FOLD_SEED_STRIDE` (fold 0 with the arm's seed itself), so the folds' training
+draws (batch order, dropout) are independent and the score averages over them as well as over the
+images: with one seed for every fold, a plan that the seed's draw happens to suit, or not, is
+favoured, or not, in every fold at once. (On ProxylessNAS-w0.3 with 200 training images, one
+published MIT scheme at lr 0.02 tested at 28.2 % with training seed 0 and 28.1–48.1 % with seeds
+0–4, the same model; ``benchmarks/fold_orders.py``.)
 
 **Beyond the grid's edges.** With ``lr_extensions`` > 0, the first rung does not stop at the grid:
 a candidate with an arm among the arms the rung keeps whose best rate is the lowest (highest)
@@ -158,6 +158,9 @@ class RaceSettings:
                 or not 1 <= self.folds <= MAX_FOLDS):
             raise PlanError(f"race folds must be an integer from 1 (the validation split) to "
                             f"{MAX_FOLDS}; got {self.folds!r}")
+        if self.folds > 1 and self.final_seeds > FOLD_SEED_STRIDE:  # fold seeds would collide
+            raise PlanError(f"a cross-validated race takes at most {FOLD_SEED_STRIDE} "
+                            f"final_seeds; got {self.final_seeds}")
         object.__setattr__(self, "rungs", rungs)
         object.__setattr__(self, "lrs", tuple(float(x) for x in lrs))
 

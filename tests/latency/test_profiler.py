@@ -117,7 +117,9 @@ def test_time_plan_groups_round_robin_and_leaves_models_untouched() -> None:
 @pytest.mark.parametrize("caller_froze", [False, True])
 def test_time_plans_freezes_the_collector_only_when_the_caller_has_not(caller_froze) -> None:
     """The timed steps run with the collector's objects frozen and thawed after; objects the
-    caller froze stay frozen (gc.unfreeze would thaw them all), and nothing is frozen anew."""
+    caller froze stay frozen (gc.unfreeze would thaw them all), and nothing is frozen anew.
+    A frozen object that dies meanwhile leaves the count, so with the caller's objects frozen
+    the count may fall by a few, never to zero, and never rises."""
     import gc
 
     from budgetsearch.latency import time_plans
@@ -134,10 +136,11 @@ def test_time_plans_freezes_the_collector_only_when_the_caller_has_not(caller_fr
         before = gc.get_freeze_count()
         time_plans(model, graph, {"classifier": Plan.last_k_layers(graph, 1)}, batch_size=1,
                    input_size=32, repeats=1, on_step=lambda: during.append(gc.get_freeze_count()))
-        assert gc.get_freeze_count() == before
         if caller_froze:
-            assert all(n == before for n in during)
+            assert before // 2 < gc.get_freeze_count() <= before
+            assert all(before // 2 < n <= before for n in during)
         else:
+            assert gc.get_freeze_count() == 0
             assert before == 0 and during[-1] > 0
     finally:
         gc.unfreeze()

@@ -166,7 +166,7 @@ def test_a_cross_validated_race_scores_an_arm_over_every_folds_images(tmp_path):
             RaceSettings(folds=bad)
 
 
-def test_each_fold_trains_with_its_own_batch_order():
+def test_each_fold_trains_with_its_own_batch_order(tmp_path):
     """Fold j trains with the arm's seed + j * FOLD_SEED_STRIDE: fold 0 as an uncrossed race
     would, the others with batch orders of their own, and no two (seed, fold) pairs of the last
     rung's seeds share one. The stride is part of a cross-validated race's key (a race whose
@@ -187,6 +187,16 @@ def test_each_fold_trains_with_its_own_batch_order():
     plain = race_key(data_key={}, recipe=Recipe(), settings=RaceSettings(),
                      candidates=[cand("a", "l1")])
     assert "fold_seed_stride" not in plain["settings"]
+    # a file of a race whose folds all trained with the arm's seed (its key has no stride)
+    old = {**key, "settings": {k: v for k, v in key["settings"].items()
+                               if k != "fold_seed_stride"}}
+    SharedTable(tmp_path / "race.json", old)
+    with pytest.raises(TableError, match="settings"):
+        race(FoldedRunner(), [cand("a", "l1")], recipe=Recipe(), settings=settings,
+             path=tmp_path / "race.json", key=key, progress=False)
+    with pytest.raises(PlanError, match="at most 1000 final_seeds"):
+        RaceSettings(folds=2, final_seeds=s + 1)
+    assert RaceSettings(folds=1, final_seeds=s + 1).final_seeds == s + 1
 
 
 def test_an_arm_with_a_run_of_unknown_size_weighs_its_runs_equally():
