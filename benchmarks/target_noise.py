@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetsearch._io import atomic_write_text
+from budgetsearch._io import atomic_open, atomic_write_text
 
 STUDIES = ("mcu_budgets_tuned", "gradient_filtering_tuned")
 BASELINE_ROLES = ("published", "baseline")
@@ -71,15 +71,17 @@ class Cell:
         """The best baseline by mean, ties to the larger name (as the study reports pick)."""
         return max((self.means[m], m) for m in self.baselines)[1]
 
+    def scale(self, dev: np.ndarray) -> float:
+        """What per-seed deviations (of a mean, or of a difference of means) are divided by to
+        give a standard error of a mean over ``seeds``: sqrt((their count - 1) * seeds)."""
+        return math.sqrt(max(len(dev) - 1, 1) * self.seeds)
+
     def draws(self, z: np.ndarray) -> dict[str, np.ndarray]:
         """Means drawn jointly: z holds one standard normal per (draw, seed of the deviations);
         each method's draws have its seed spread over ``seeds`` and the methods' covariance
         over the seeds."""
-        out = {}
-        for m, dev in self.devs.items():
-            scale = math.sqrt(max(len(dev) - 1, 1) * self.seeds)
-            out[m] = self.means[m] + z[:, :len(dev)] @ dev / scale
-        return out
+        return {m: self.means[m] + z[:, :len(dev)] @ dev / self.scale(dev)
+                for m, dev in self.devs.items()}
 
 
 def _devs(values: dict[int, float]) -> np.ndarray:
@@ -141,7 +143,7 @@ def delta_and_error(cell: Cell) -> tuple[float, float, str]:
     baseline's name."""
     best = cell.best()
     diff = cell.devs["search"] - cell.devs[best]
-    err = float(np.linalg.norm(diff)) / math.sqrt(max(len(diff) - 1, 1) * cell.seeds)
+    err = float(np.linalg.norm(diff)) / cell.scale(diff)
     return cell.means["search"] - cell.means[best], err, best
 
 
@@ -176,10 +178,9 @@ def plot(rows: list[tuple[str, float, float]], path: Path) -> None:
     ax.set_xlabel("search − best baseline, test accuracy points (± 2 standard errors)")
     ax.set_title("Δ per cell against the targets' lines at −1 and +1", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,8 +104,12 @@ class FoldedRunner:
 
     def __init__(self) -> None:
         self.dealt: list[tuple[int, int]] = []
-        self.calls: list[tuple[str, int]] = []
         self.seeds: list[tuple[str, int, int, int]] = []  # (layer, epochs, fold, seed)
+
+    @property
+    def calls(self) -> list[tuple[str, int]]:
+        """(layer, fold) of every training."""
+        return [(layer, fold) for layer, _epochs, fold, _seed in self.seeds]
 
     def folds(self, k, *, seed):
         self.dealt.append((k, seed))
@@ -117,7 +121,6 @@ class FoldedRunner:
 
         def run(self, updates, recipe):
             (layer,) = [k for k in updates if k != "head"]
-            self.parent.calls.append((layer, self.index))
             self.parent.seeds.append((layer, recipe.epochs, self.index, recipe.seed))
             acc = FOLD_SCORES[(layer, self.index)]
             return {"val_accuracy": acc, "val_loss": 1 - acc, "seconds": 0.0,
