@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from budgetsearch.contrib import PlanRunner, load_tensors
     from budgetsearch.recipe import Recipe
-    from budgetsearch.studies.adapters import _make_plan
+    from budgetsearch.studies import cell_plan
     from budgetsearch.studies.context import CellContext
     from budgetsearch.studies.validate import load_spec
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         for cid in args.cells:
             cell = cells[cid]
             ctx = CellContext(cell, out_dir=Path(tmp) / cid)
-            plan = _make_plan(cell, ctx)
+            plan = cell_plan(cell, ctx)
             data = {"train": load_tensors(ctx.train_data), "val": load_tensors(ctx.val_data),
                     "extra": {"test": load_tensors(ctx.test_data)}}
             runners = {s: PlanRunner(ctx.model_for_seed(s), graph=ctx.graph, **data)

@@ -18,7 +18,7 @@ also live in that database); ``study report --storage URL`` gathers the records.
 from __future__ import annotations
 
 from ..store import FileStore, SqlStore, open_store
-from .adapters import layer_fractions, run_cell
+from .adapters import cell_plan, layer_fractions, run_cell
 from .context import CellContext
 from .report import COLUMNS, load_rows, write_report
 from .runner import RunSummary, cell_status, run_study
@@ -50,6 +50,7 @@ __all__ = [
     "SqlStore",
     "StudyError",
     "StudySpec",
+    "cell_plan",
     "cell_status",
     "layer_fractions",
     "load_rows",

@@ -2,7 +2,7 @@
 selectors, the search and the trainer.
 
 :func:`run_cell` calls a plan function ``plan_fn(cell, ctx) -> Plan`` and a train function
-``train_fn(cell, plan, ctx) -> metrics`` (by default :func:`_make_plan` and :func:`_train`) and
+``train_fn(cell, plan, ctx) -> metrics`` (by default :func:`cell_plan` and :func:`_train`) and
 turns their results into the cell's record: predicted costs (the plan's, from the study's cost
 model; and under the ``ops`` accounting at the training batch size, which is what the trainer's
 measured saved bytes should equal), measured costs and accuracy, and the per-layer update map.
@@ -40,15 +40,31 @@ from ..trainer import DYNAMIC_MODES, Trainer
 from .context import CellContext
 from .spec import RUN_OPTIONS, Cell, StudyError
 
-__all__ = ["layer_fractions", "normalise_metrics", "plan_summary", "run_cell"]
+__all__ = ["cell_plan", "layer_fractions", "normalise_metrics", "plan_summary", "run_cell"]
 
 PlanFn = Callable[[Cell, CellContext], Any]
 TrainFn = Callable[[Cell, Any, CellContext], dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------------- plans
-def _make_plan(cell: Cell, ctx: CellContext) -> Any:
-    """The cell's plan: a selector's, a published MIT scheme, or the search's."""
+def cell_plan(cell: Cell, ctx: CellContext) -> Any:
+    """The plan a study trains in ``cell``: a selector's, a published MIT scheme, or the
+    search's, made exactly as :func:`run_cell` makes it (so that a benchmark can re-train a
+    cell's plan under other conditions).
+
+    Args:
+        cell: The cell, from :meth:`StudySpec.cells`.
+        ctx: The cell's context (model, data, cost model, scores); the search writes its
+            ``front.csv`` and ``baselines.csv`` into ``ctx.out_dir``, and a raced plan with
+            ``plan_seed`` reads and writes the race beside the study's cells.
+
+    Returns:
+        The :class:`~budgetsearch.plan.Plan`.
+
+    Raises:
+        StudyError: The method re-plans during training by scores the trainer does not take.
+        BudgetError: No plan of the method fits the cell's budget.
+    """
     from ..selectors import select
 
     entry = cell.method
@@ -393,7 +409,7 @@ def run_cell(cell: Cell, *, out_dir: str | os.PathLike[str], storage: str | None
     out_dir = Path(out_dir)
     _prepare_dir(cell, out_dir)
     ctx = CellContext(cell, out_dir=out_dir, storage=storage, progress=progress)
-    plan = (plan_fn or _make_plan)(cell, ctx)
+    plan = (plan_fn or cell_plan)(cell, ctx)
     if cell.method.filter_mode:
         plan = plan.with_(filter_mode=cell.method.filter_mode)
     plan.save(out_dir / "plan.json")

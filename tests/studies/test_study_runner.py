@@ -301,8 +301,8 @@ def test_dynamic_methods_replan_during_training(tmp_path: Path, monkeypatch) -> 
 
     monkeypatch.setenv("BUDGETSEARCH_DATA",
                        str(fake_cifar10_archive(tmp_path / "cifar10-jpeg.tar.gz")))
-    from budgetsearch.studies import CellContext
-    from budgetsearch.studies.adapters import _make_plan, _train
+    from budgetsearch.studies import CellContext, cell_plan
+    from budgetsearch.studies.adapters import _train
 
     spec = spec_from_dict({
         "name": "dyn", "data": {"source": "cifar10", "train_size": 16, "test_size": 8},
@@ -319,7 +319,7 @@ def test_dynamic_methods_replan_during_training(tmp_path: Path, monkeypatch) -> 
             "search-dynamic": ("fisher", "search"), "neq-dynamic": ("neq", "selector")}[
             cell.method.name]
         ctx = CellContext(cell, out_dir=tmp_path / cell.id)
-        plan = _make_plan(cell, ctx)
+        plan = cell_plan(cell, ctx)
         doc = _train(cell, plan, ctx)
         assert doc["config"]["replan_method"] == cell.method.replan_method
         history[cell.method.name] = doc["dynamic"]
