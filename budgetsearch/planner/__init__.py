@@ -17,7 +17,15 @@ from .effort import CENTER_LR, EFFORTS, Effort, get_effort, lr_grid, race_folds
 from .entry import ARGUMENT_NAMES, DEFAULT_TRIALS, PlanData, choose_effort, plan_for
 from .flow import PlanOutcome, make_plan, race_candidates, separation_figures
 from .prepare import contribution_table, fisher_scores, load_contributions, race_data_key
-from .race import Candidate, RaceResult, RaceSettings, default_race_path, race, race_key
+from .race import (
+    Candidate,
+    RaceResult,
+    RaceSettings,
+    default_race_path,
+    race,
+    race_key,
+    updates_digest,
+)
 
 __all__ = [
     "ARGUMENT_NAMES",
@@ -45,4 +53,5 @@ __all__ = [
     "race_folds",
     "race_key",
     "separation_figures",
+    "updates_digest",
 ]

@@ -62,7 +62,7 @@ from ..plan import LayerUpdate
 from ..recipe import Recipe
 
 __all__ = ["FOLD_SEED_STRIDE", "Candidate", "RaceResult", "RaceSettings", "default_race_path",
-           "fold_seed", "pooled_mean", "race", "race_key"]
+           "fold_seed", "pooled_mean", "race", "race_key", "updates_digest"]
 
 #: Version of the race file's layout (part of its key).
 RACE_VERSION = 1
@@ -102,10 +102,9 @@ class Candidate:
     aliases: tuple[str, ...] = ()
 
     def digest(self) -> str:
-        """A digest of the updates (two candidates with the same digest train identically)."""
-        text = json.dumps({k: u.to_dict() for k, u in sorted(self.updates.items())},
-                          sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """A digest of the updates (two candidates with the same digest train identically):
+        :func:`updates_digest`."""
+        return updates_digest(self.updates)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (without the updates)."""
@@ -460,6 +459,14 @@ def race(
         results=results, folds=settings.folds,
         lr_extension={"grid": sorted(settings.lrs), "max_steps": settings.lr_extensions,
                       "factors": list(factors) if factors else None, "added": added})
+
+
+def updates_digest(updates: Mapping[str, LayerUpdate]) -> str:
+    """The digest a race file names a candidate's plan by (its key's ``candidates``): 12 hex
+    digits of the SHA-256 of the updates' JSON form, so that a plan file's updates
+    (``load_plan(path).updates``) can be matched to a race's arms."""
+    text = json.dumps({k: u.to_dict() for k, u in sorted(updates.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def fold_seed(seed: int, fold: int | None) -> int:

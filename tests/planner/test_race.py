@@ -318,3 +318,28 @@ def test_a_race_in_a_database_resumes_like_one_in_a_file(tmp_path, monkeypatch):
     reference = race(FakeRunner(QUALITY, BEST_LR), pool(), recipe=Recipe(), settings=settings,
                      progress=False)
     assert result.rungs == reference.rungs and result.winner == reference.winner
+
+
+def test_a_plan_files_updates_are_matched_to_the_race_files_candidate_by_digest(tmp_path):
+    from _toys import small_cnn
+
+    from budgetsearch.graph import LayerGraph
+    from budgetsearch.plan import Plan, load_plan
+    from budgetsearch.planner import updates_digest
+
+    graph = LayerGraph.from_model(small_cnn(), input_size=(16, 16), model_name="toy")
+    chosen = {"7": LayerUpdate("bias"), "0": LayerUpdate("weight", channels=(0, 1)),
+              "3": LayerUpdate("weight", patch_size=2)}
+    plan = Plan.from_layers(graph, chosen)
+    plan.save(tmp_path / "plan.json")
+    loaded = load_plan(tmp_path / "plan.json").updates
+    c = Candidate(name="search#3", source="search", updates=chosen, memory_bytes=1,
+                  latency_ms=1.0, backward_macs=1.0)
+    key = race_key(data_key={}, recipe=Recipe(), settings=RaceSettings(), candidates=[c])
+    # the key names the candidate by the digest of its updates, whatever their order
+    assert key["candidates"] == {"search#3": c.digest()} == {"search#3": updates_digest(loaded)}
+    assert updates_digest(dict(reversed(list(chosen.items())))) == c.digest()
+    # and a different plan, even by one channel or one patch size, has another digest
+    for other in ({**chosen, "0": LayerUpdate("weight", channels=(0, 2))},
+                  {**chosen, "3": LayerUpdate("weight")}):
+        assert updates_digest(other) != c.digest()
