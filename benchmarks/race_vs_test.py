@@ -1,34 +1,35 @@
-"""Does the race rank plans as the test split does? Each raced study cell's arms against the test.
+"""Does the race rank plans as the test split does? Raced study cells' arms against the test.
 
-A study's ``search`` cell hands out the plan that won its race (``plans/<cell>__p0/race*.json``),
-and the study then trains every method, baselines included, at each learning rate of its grid,
-with every seed, keeping per seed the rate that scores best on validation. So the study's
-``tuning.json`` files hold, for every method and seed, the test accuracy at *each* rate of the
-grid. Where a race arm (a candidate at one rate) trained the same plan as a study method (the
-same updates, by the race's candidate digest, for every seed: the seed-independent baselines
-such as TinyTL, last-k, the classifier, the published MIT scheme and the hand placements of
-gradient filtering, and the race's winner, which is the ``search`` method's plan), this script
-sets the arm's race score beside that method's mean test accuracy over the seeds at the arm's
-rate. Nothing is trained and nothing is chosen on the test split; the test figures are read to
-judge the race after the fact.
+A study's ``search`` cell hands out the plan that won its race
+(``plans/<data>__<model>__<device>__<budget>__search__p0/race.json``, or ``race-<k>fold.json``
+when it was cross-validated), and the study then trains every method, baselines included, at
+each learning rate of its grid with every seed, keeping per seed the rate that scores best on
+validation. So the study's ``tuning.json`` files hold, for every method and seed, the test
+accuracy at *each* rate of the grid. Nothing is trained here and nothing is chosen on the
+test split; the test figures are read to judge the race after the fact.
 
-Per cell it prints:
+Per cell (over the seeds every method finished) it prints:
 
-- ρ, the Spearman correlation between the race's scores of the matched arms at the first rung
-  (every arm trains there) and their test means: how well the race ranks plans and rates;
-- the race's winner, its score at the last rung and its test mean at the race's rate (when
-  that rate is in the study's grid), and at the rate of the grid where its test mean is best;
-- the baseline (role ``published`` or ``baseline``, any plan) and rate with the best test
-  mean;
+- ρ, the Spearman correlation between the race's first-rung scores (2 epochs; every arm trains
+  there) and the test means of the arms a study method trained with the same plan for every
+  seed (by the race's candidate digest, :func:`budgetsearch.planner.updates_digest`): the
+  seed-independent baselines among the race's candidates (TinyTL, last-k, the classifier, the
+  published MIT scheme) and the winner (the ``search`` method's plan), one point per
+  (candidate, rate). The race's other front points were never trained by the study, so ρ is
+  over baselines and the winner only;
+- the race's winner (marked when it is a baseline's plan), its score at the last rung, its
+  test mean at the race's rate (when that rate is in the study's grid) and at the rate of the
+  grid where its test mean is best;
+- the baseline (role ``published`` or ``baseline``, any method, the hand placements of
+  gradient filtering included) and rate with the best test mean;
 - Δ as the study reports it (``search`` minus the best baseline, each seed at the rate its
   validation chose), and Δ with each side at its best rate on test: what separates the plans
   when no rate is chosen badly. Both oracle columns choose on test and are there to take the
   rate out of the comparison, not to be quoted as results; the baseline's side is the best of
-  six to fifteen plans at three rates, so it is biased upwards more than the winner's.
+  every baseline at every rate, so it is biased upwards more than the winner's.
 
-Methods whose plan depends on the seed (TinyTrain, NEq and the MIT selection rank channels by
-the seed's scores) are matched only where every seed's plan is the race's, and the races of
-``benchmarks/head_to_head.py`` are not read (its cells keep the chosen rate's results only).
+The races of ``benchmarks/head_to_head.py`` are not read (its cells keep the chosen rate's
+results only).
 
     .venv/bin/python benchmarks/race_vs_test.py studies/results \\
         [--studies mcu_budgets_tuned gradient_filtering_tuned] \\
@@ -38,7 +39,6 @@ the seed's scores) are matched only where every seed's plan is the race's, and t
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import re
 import statistics
@@ -90,18 +90,18 @@ def race_scores(path: Path) -> tuple[dict[tuple[int, str, float], float], dict[s
         acc = sums[(int(rung), name, float(lr))]
         acc[0] += n * float(res["val_accuracy"])
         acc[1] += n
-    cands = doc["key"]["candidates"]
-    digests = ast.literal_eval(cands) if isinstance(cands, str) else dict(cands)
-    return {k: s / n for k, (s, n) in sums.items()}, digests
+    return {k: s / n for k, (s, n) in sums.items()}, dict(doc["key"]["candidates"])
 
 
 def study_groups(root: Path, study: str) -> dict[str, dict[str, dict[int, Path]]]:
-    """The study's cells by (data, model, device, budget) prefix, then method, then seed."""
+    """The study's finished cells by (data, model, device, budget) prefix, then method, then
+    seed (cell directories holding ``tuning.json``)."""
     groups: dict[str, dict[str, dict[int, Path]]] = defaultdict(lambda: defaultdict(dict))
     for rec in sorted((root / study / "cells").glob("*.json")):
         prefix, method, seed = rec.stem.rsplit("__", 2)
         home = rec.parent / rec.stem
-        if (home / "tuning.json").exists():
+        if (home / "tuning.json").exists() and json.loads(rec.read_text()).get(
+                "status") == "done":
             groups[prefix][method][int(seed[1:])] = home
     return groups
 
@@ -118,68 +118,66 @@ def analyse(root: Path, study: str) -> list[dict]:
 
     rows = []
     for prefix, methods in sorted(study_groups(root, study).items()):
+        methods = {m: v for m, v in methods.items() if m not in SKIP}
         if "search" not in methods:
             continue
-        record = json.loads((_record(methods["search"][0])).read_text())
-        race = record.get("race") or {}
+        seeds = sorted(set.intersection(*(set(v) for v in methods.values())))
+        if not seeds:
+            continue
+        homes = {m: [v[s] for s in seeds] for m, v in methods.items()}
+        docs = {m: [json.loads(_record(h).read_text()) for h in hs] for m, hs in homes.items()}
+        race = docs["search"][0].get("race") or {}
+        winner, win_lr = race.get("winner"), race.get("lr")
         folds = int(race.get("folds") or 1)
-        home = root / study / "plans" / f"{prefix}__search__p0"
-        path = home / ("race.json" if folds == 1 else f"race-{folds}fold.json")
-        if not path.exists():
+        path = (root / study / "plans" / f"{prefix}__search__p0"
+                / ("race.json" if folds == 1 else f"race-{folds}fold.json"))
+        if winner is None or win_lr is None or not path.exists():
             continue
         scores, digests = race_scores(path)
-        roles = {m: json.loads(_record(next(iter(seeds.values()))).read_text())["role"]
-                 for m, seeds in methods.items()}
-        tests: dict[str, dict[str, float]] = {}  # method -> rate -> mean test accuracy
-        method_digest: dict[str, str] = {}
-        for method, seeds in methods.items():
-            if method in SKIP:
-                continue
-            ds = {updates_digest(load_plan(d / "plan.json").updates) for d in seeds.values()}
-            if len(ds) != 1:
-                continue  # the plan depends on the seed
-            method_digest[method] = ds.pop()
-            runs = [json.loads((d / "tuning.json").read_text()) for d in seeds.values()]
-            tests[method] = {lr: 100 * statistics.fmean(float(r[lr]["test_accuracy"])
-                                                         for r in runs)
-                             for lr in runs[0]}
-        by_digest = defaultdict(list)
-        for method, d in method_digest.items():
-            by_digest[d].append(method)
-        winner = race.get("winner")
-        matched = []  # (rung, candidate, rate, race score %, method, test %)
+        roles = {m: d[0]["role"] for m, d in docs.items()}
+        plans = {m: {updates_digest(load_plan(h / "plan.json").updates) for h in hs}
+                 for m, hs in homes.items()}
+        if plans["search"] != {digests.get(winner)}:
+            raise SystemExit(f"{path}: the race's winner {winner} is not the plan the study's "
+                             f"search cells of {prefix} trained")
+        # every method's mean test accuracy over the seeds at each rate of the grid
+        tests = {m: {lr: 100 * statistics.fmean(
+            float(json.loads((h / "tuning.json").read_text())[lr]["test_accuracy"])
+            for h in hs) for lr in json.loads((hs[0] / "tuning.json").read_text())}
+            for m, hs in homes.items()}
+        # the race's arms whose plan a study method trained with every seed: one point per
+        # (candidate, rate), the test mean of the methods that trained it
+        same_plan = defaultdict(list)
+        for m, ds in plans.items():
+            if len(ds) == 1:
+                same_plan[next(iter(ds))].append(m)
+        points = []  # (rung, candidate, rate, race score %, test %)
         for (rung, name, lr), score in scores.items():
-            for method in by_digest.get(digests.get(name, ""), []):
-                if method == "search" and name != winner:
-                    continue  # the winner's twin under another name trains the same plan
-                t = tests[method].get(f"{lr:g}")
-                if t is not None:
-                    matched.append((rung, name, lr, 100 * score, method, t))
-        first = [m for m in matched if m[0] == 0]
+            ts = [tests[m][f"{lr:g}"] for m in same_plan.get(digests.get(name, ""), [])
+                  if f"{lr:g}" in tests[m]]
+            if ts:
+                points.append((rung, name, lr, 100 * score, statistics.fmean(ts)))
+        first = [p for p in points if p[0] == 0]
         last = max(r for r, *_ in scores)
-        win_arm = [(s, lr) for (r, n, lr), s in scores.items() if r == last and n == winner]
-        win_score, win_lr = max(win_arm) if win_arm else (None, race.get("lr"))
-        mine = tests.get("search", {})
-        win_test = mine.get(f"{win_lr:g}") if win_lr else None
-        win_best = max(mine.items(), key=lambda kv: kv[1]) if mine else None
-        base = [(lr, t, m) for m, by_lr in tests.items() if m != "search"
-                and roles[m] in ("published", "baseline") for lr, t in by_lr.items()]
-        best_base = max(base, key=lambda b: b[1]) if base else None
-        reported = {m: statistics.fmean(
-            float(json.loads(_record(d).read_text())["metrics"]["test_accuracy"])
-            for d in seeds.values()) * 100 for m, seeds in methods.items()}
+        win_score = scores.get((last, winner, float(win_lr)))
+        mine = tests["search"]
+        win_best = max(mine.items(), key=lambda kv: kv[1])
+        base = [(lr, t, m) for m, by_lr in tests.items()
+                if roles[m] in ("published", "baseline") for lr, t in by_lr.items()]
+        best_base = max(base, key=lambda b: b[1])
+        reported = {m: 100 * statistics.fmean(float(d["metrics"]["test_accuracy"]) for d in ds)
+                    for m, ds in docs.items()}
         base_reported = max(v for m, v in reported.items()
                             if roles[m] in ("published", "baseline"))
         rows.append({
             "cell": f"{study} · {prefix.replace('__', ' · ')}", "folds": folds,
-            "seeds": len(methods["search"]),
-            "rho": spearman([m[3] for m in first], [m[5] for m in first]), "arms": len(first),
-            "winner": winner, "winner_lr": win_lr,
+            "seeds": len(seeds), "rho": spearman([p[3] for p in first], [p[4] for p in first]),
+            "arms": len(first), "winner": winner, "winner_lr": float(win_lr),
+            "winner_is_baseline": not winner.startswith("search#"),  # front points' names
             "winner_score": None if win_score is None else 100 * win_score,
-            "winner_test": win_test, "winner_best": win_best, "best_base": best_base,
-            "delta_reported": reported["search"] - base_reported,
-            "delta_plan": (None if win_best is None or best_base is None
-                           else win_best[1] - best_base[1])})
+            "winner_test": mine.get(f"{float(win_lr):g}"), "winner_best": win_best,
+            "best_base": best_base, "delta_reported": reported["search"] - base_reported,
+            "delta_plan": win_best[1] - best_base[1]})
     return rows
 
 
@@ -193,30 +191,34 @@ def render(rows: list[dict], command: str) -> str:
            "test accuracies the mean over the study's seeds at one learning rate; ρ over the "
            "arms matched at the first rung; Δ in points. Columns marked *oracle* choose a "
            "rate (and a baseline) on test, for comparison only.", "",
-           "| cell | folds | seeds | ρ (arms) | race winner @ rate (score) | its test | "
+           "| cell | folds | seeds | ρ (arms) | race winner @ rate (score at the last rung) | "
+           "its test | "
            "its best rate, *oracle* | best baseline @ rate, *oracle* | Δ reported | Δ, each "
            "at its best rate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, w = r["best_base"], r["winner_best"]
         out.append(
             f"| {r['cell']} | {r['folds']} | {r['seeds']} | {_f(r['rho'], '{:+.2f}')} "
-            f"({r['arms']}) | {r['winner']} @ {_f(r['winner_lr'], '{:g}')} "
+            f"({r['arms']}) | {r['winner']}{' (a baseline)' if r['winner_is_baseline'] else ''}"
+            f" @ {_f(r['winner_lr'], '{:g}')} "
             f"({_f(r['winner_score'])}) | {_f(r['winner_test'])} | "
             + (f"{w[0]}: {w[1]:.1f}" if w else "–") + " | "
             + (f"{b[2]} @ {b[0]}: {b[1]:.1f}" if b else "–")
             + f" | {r['delta_reported']:+.1f} | {_f(r['delta_plan'], '{:+.1f}')} |")
     rhos = [r["rho"] for r in rows if r["rho"] is not None]
-    plan = [r["delta_plan"] for r in rows if r["delta_plan"] is not None]
-    same = [r for r in rows if r["winner_best"] and r["winner_lr"] is not None
-            and r["winner_best"][0] == f"{r['winner_lr']:g}"]
+    own = [r for r in rows if not r["winner_is_baseline"]]
+    same = [r for r in rows if r["winner_best"][0] == f"{r['winner_lr']:g}"]
     out += ["", f"- {len(rows)} cells; ρ median {statistics.median(rhos):+.2f}, from "
                 f"{min(rhos):+.2f} to {max(rhos):+.2f}." if rhos else "",
-            f"- The race's rate is the winner's best rate on test in {len(same)} of "
+            f"- The race's rate is the winner's best rate of the grid on test in {len(same)} of "
             f"{len(rows)} cells.",
-            f"- Δ, each at its best rate, ≥ −1 in {sum(d >= -1 for d in plan)} of {len(plan)} "
-            f"cells and ≥ +1 in {sum(d >= 1 for d in plan)}; Δ reported ≥ −1 in "
-            f"{sum(r['delta_reported'] >= -1 for r in rows)} and ≥ +1 in "
-            f"{sum(r['delta_reported'] >= 1 for r in rows)}.", ""]
+            f"- In {len(rows) - len(own)} cells the winner is a baseline's plan (its Δ is that "
+            f"baseline's against the best one). In the other {len(own)}, Δ with each side at "
+            f"its best rate is ≥ −1 in {sum(r['delta_plan'] >= -1 for r in own)} and ≥ +1 in "
+            f"{sum(r['delta_plan'] >= 1 for r in own)}; Δ as reported is ≥ −1 in "
+            f"{sum(r['delta_reported'] >= -1 for r in own)} and ≥ +1 in "
+            f"{sum(r['delta_reported'] >= 1 for r in own)}. No standard errors: 3 to 5 seeds "
+            "(`target_noise.md` has Δ's paired errors).", ""]
     return "\n".join(out)
 
 

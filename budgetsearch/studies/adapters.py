@@ -49,14 +49,17 @@ TrainFn = Callable[[Cell, Any, CellContext], dict[str, Any]]
 # ----------------------------------------------------------------------------------- plans
 def cell_plan(cell: Cell, ctx: CellContext) -> Any:
     """The plan a study trains in ``cell``: a selector's, a published MIT scheme, or the
-    search's, made exactly as :func:`run_cell` makes it (so that a benchmark can re-train a
-    cell's plan under other conditions).
+    search's, with the method's ``filter_mode``, as :func:`run_cell` makes it (so that a
+    benchmark can re-train a cell's plan under other conditions).
 
     Args:
         cell: The cell, from :meth:`StudySpec.cells`.
-        ctx: The cell's context (model, data, cost model, scores); the search writes its
-            ``front.csv`` and ``baselines.csv`` into ``ctx.out_dir``, and a raced plan with
-            ``plan_seed`` reads and writes the race beside the study's cells.
+        ctx: The cell's context (model, data, cost model, scores). Side effects: the search
+            writes ``front.csv`` and ``baselines.csv`` into ``ctx.out_dir`` and its Optuna
+            study into ``search.db`` there (with ``plan_seed``: beside the study's cells, under
+            ``plans/``, with the race file, shared by the seeds), a raced plan measures or
+            reads the contribution table under the study's ``contrib/``, and figures the
+            record reports go to ``ctx.extras``.
 
     Returns:
         The :class:`~budgetsearch.plan.Plan`.
@@ -65,6 +68,13 @@ def cell_plan(cell: Cell, ctx: CellContext) -> Any:
         StudyError: The method re-plans during training by scores the trainer does not take.
         BudgetError: No plan of the method fits the cell's budget.
     """
+    plan = _method_plan(cell, ctx)
+    mode = cell.method.filter_mode
+    return plan.with_(filter_mode=mode) if mode else plan
+
+
+def _method_plan(cell: Cell, ctx: CellContext) -> Any:
+    """:func:`cell_plan` before the method's filter mode."""
     from ..selectors import select
 
     entry = cell.method
@@ -410,7 +420,7 @@ def run_cell(cell: Cell, *, out_dir: str | os.PathLike[str], storage: str | None
     _prepare_dir(cell, out_dir)
     ctx = CellContext(cell, out_dir=out_dir, storage=storage, progress=progress)
     plan = (plan_fn or cell_plan)(cell, ctx)
-    if cell.method.filter_mode:
+    if cell.method.filter_mode:  # a plan function's plan too
         plan = plan.with_(filter_mode=cell.method.filter_mode)
     plan.save(out_dir / "plan.json")
     result: dict[str, Any] = {**plan_summary(plan), "layers": layer_fractions(plan),

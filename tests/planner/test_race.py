@@ -343,3 +343,22 @@ def test_a_plan_files_updates_are_matched_to_the_race_files_candidate_by_digest(
     for other in ({**chosen, "0": LayerUpdate("weight", channels=(0, 2))},
                   {**chosen, "3": LayerUpdate("weight")}):
         assert updates_digest(other) != c.digest()
+
+
+def test_the_digest_matches_the_committed_race_files():
+    """The studies' race files name candidates by this digest: a change of its format would
+    stop plan files being matched to them (``benchmarks/race_vs_test.py``)."""
+    from pathlib import Path
+
+    from budgetsearch.plan import load_plan
+    from budgetsearch.planner import updates_digest
+
+    root = Path(__file__).resolve().parents[2] / "studies" / "results" / "mcu_budgets_tuned"
+    cell = "c10-250__mcunet-5fps__stm32f746__49KB"
+    key = json.loads((root / "plans" / f"{cell}__search__p0" / "race-5fold.json").read_text())
+    names = key["key"]["candidates"]
+    for method, candidate in (("tinytl", "tinytl"), ("mit-scheme", "mit-scheme 49KB"),
+                              ("classifier", "classifier")):
+        plan = load_plan(root / "cells" / f"{cell}__{method}__s0" / "plan.json")
+        assert updates_digest(plan.updates) == names[candidate], method
+    assert names["tinytl"] != names["classifier"]

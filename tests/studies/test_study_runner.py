@@ -346,3 +346,28 @@ def test_a_methods_filter_mode_is_recorded_in_its_plans(tmp_path: Path) -> None:
     for cell in spec.cells():
         saved = json.loads((spec.cells_dir / cell.id / "plan.json").read_text())
         assert saved["filter_mode"] == seen[cell.method.name]
+
+
+def test_cell_plan_is_the_plan_run_cell_trains_filter_mode_included(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    from _toys import fake_cifar10_archive
+
+    monkeypatch.setenv("BUDGETSEARCH_DATA",
+                       str(fake_cifar10_archive(tmp_path / "cifar10-jpeg.tar.gz")))
+    from budgetsearch.studies import CellContext, cell_plan
+
+    spec = spec_from_dict({
+        "name": "modes", "data": {"source": "cifar10", "train_size": 16, "test_size": 8},
+        "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
+        "devices": [{"name": "stm32f746", "budgets": ["400KB"]}],
+        "methods": [{"name": "gf", "method": "last-k",
+                     "options": {"k": 2, "blocks": True, "patch_size": 2},
+                     "filter_mode": "corrected"},
+                    {"name": "plain", "method": "last-k", "options": {"k": 2}}],
+        "seeds": [0], "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        "cost": {"memory_measure": "peak"}}, path=tmp_path / "modes.yaml")
+    for cell in spec.cells():
+        plan = cell_plan(cell, CellContext(cell, out_dir=tmp_path / cell.id))
+        assert plan.filter_mode == {"gf": "corrected", "plain": "normalized"}[cell.method.name]
+        if cell.method.name == "gf":
+            assert {u.patch_size for u in plan.updates.values()} - {1} == {2}
