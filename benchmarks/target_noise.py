@@ -2,10 +2,11 @@
 
 Issue 12 asks that ``search`` be at least the best baseline minus 1 point in 80 % of the
 (model x budget) cells and ahead of it by at least 1 point in a third, where "the best
-baseline" is the baseline with the highest mean test accuracy over 3 seeds. That best is a
-maximum over six to nine noisy means, so it is biased upwards, and 3 seeds measure each
-difference with an error. This script measures what the targets would give planners of known
-quality under that noise, from the committed per-seed results. Nothing is trained.
+baseline" is the baseline with the highest mean test accuracy over the cell's seeds (3, or 5
+where the studies added seeds). That best is a maximum over six to nine noisy means, so it is
+biased upwards, and a few seeds measure each difference with an error. This script measures
+what the targets would give planners of known quality under that noise, from the committed
+per-seed results. Nothing is trained.
 
 For each cell of the head-to-head (``head_to_head/cells.json``) and of the two studies
 (``<study>/results.csv``; methods of role ``published`` or ``baseline`` are the baselines) it
@@ -16,9 +17,10 @@ prints:
   method of a cell the same new head and the same batch order, and a seed that suits one plan
   tends to suit the others (MCUNet-5fps at 49 KB, 1,000 images: the search 67.6 / 64.8 / 59.0 %,
   TinyTL 65.8 / 63.3 / 58.1 % with seeds 0 / 1 / 2), so the differences vary less than either
-  method. With 3 seeds each error rests on 2 degrees of freedom: a rough figure. Methods run
-  with one seed (the Jetson Nano) borrow the per-seed deviations of the same method at the
-  same budget on another device of the study (the Raspberry Pi 4).
+  method. With n seeds each error rests on n - 1 degrees of freedom: a rough figure. A method
+  run with one seed borrows the per-seed deviations of the same method at the same budget on
+  another device of the study (the Jetson Nano's from the Raspberry Pi 4, when the Jetson had
+  one seed).
 - Under a plug-in model (each method's true accuracy is its observed mean; the methods' means
   over the seeds are drawn jointly, normal, with the observed covariance over the seeds), the
   probability that Δ is at least -1 and at least +1 for
