@@ -8,7 +8,7 @@ validation. So the study's ``tuning.json`` files hold, for every method and seed
 accuracy at *each* rate of the grid. Nothing is trained here and nothing is chosen on the
 test split; the test figures are read to judge the race after the fact.
 
-Per cell (over the seeds every method finished) it prints:
+Per cell (over the search's seeds, and the methods that finished all of them) it prints:
 
 - ρ, the Spearman correlation between the race's first-rung scores (2 epochs; every arm trains
   there) and the test means of the arms a study method trained with the same plan for every
@@ -121,9 +121,10 @@ def analyse(root: Path, study: str) -> list[dict]:
         methods = {m: v for m, v in methods.items() if m not in SKIP}
         if "search" not in methods:
             continue
-        seeds = sorted(set.intersection(*(set(v) for v in methods.values())))
-        if not seeds:
-            continue
+        # the search's seeds, and the methods that finished all of them (a reference run
+        # once, such as full fine-tuning, is left out rather than cutting the seeds to one)
+        seeds = sorted(methods["search"])
+        methods = {m: v for m, v in methods.items() if set(seeds) <= set(v)}
         homes = {m: [v[s] for s in seeds] for m, v in methods.items()}
         docs = {m: [json.loads(_record(h).read_text()) for h in hs] for m, hs in homes.items()}
         race = docs["search"][0].get("race") or {}
