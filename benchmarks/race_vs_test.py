@@ -52,28 +52,12 @@ SKIP = ("search-quick",)  # a plan of its own, never raced
 
 def spearman(a: list[float], b: list[float]) -> float | None:
     """Spearman's ρ with average ranks for ties; None for fewer than 3 pairs or no spread."""
-    if len(a) < 3:
+    from budgetsearch.studies.report import average_ranks
+
+    ra, rb = average_ranks(a), average_ranks(b)
+    if len(a) < 3 or len(set(ra)) < 2 or len(set(rb)) < 2:
         return None
-
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = sum((x - ma) ** 2 for x in ra)
-    vb = sum((y - mb) ** 2 for y in rb)
-    return None if va == 0 or vb == 0 else cov / (va * vb) ** 0.5
+    return statistics.correlation(ra, rb)
 
 
 def race_scores(path: Path) -> tuple[dict[tuple[int, str, float], float], dict[str, str]]:

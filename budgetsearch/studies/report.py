@@ -19,7 +19,7 @@ from .._io import atomic_write_text
 from ..store import open_store
 from .spec import StudySpec
 
-__all__ = ["COLUMNS", "load_rows", "write_report"]
+__all__ = ["COLUMNS", "average_ranks", "load_rows", "write_report"]
 
 COLUMNS = (
     "cell_id", "status", "data", "model", "device", "budget", "budget_bytes",
@@ -305,8 +305,9 @@ def _frac(a: Sequence[float], b: Sequence[float]) -> str:
     return f"{statistics.fmean(a) / statistics.fmean(b):.3f}"
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
-    """Ranks 0..n-1, ties given their mean rank."""
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 0..n-1, ties given their mean rank (Pearson's correlation of two such rank lists
+    is Spearman's ρ)."""
     order = sorted(range(len(values)), key=lambda i: values[i])
     ranks = [0.0] * len(values)
     i = 0
@@ -331,7 +332,7 @@ def _proxy_check(rows: Sequence[dict[str, Any]]) -> list[str]:
             groups.setdefault(key, []).append((float(r["proxy"]), float(r["accuracy"])))
     table = []
     for key, pairs in groups.items():
-        proxy, acc = _ranks([p for p, _ in pairs]), _ranks([a for _, a in pairs])
+        proxy, acc = average_ranks([p for p, _ in pairs]), average_ranks([a for _, a in pairs])
         if len(pairs) < 4 or len(set(proxy)) < 2 or len(set(acc)) < 2:
             continue
         table.append((" · ".join(map(str, key)), len(pairs),

@@ -142,9 +142,9 @@ def test_measured_saved_bytes_are_those_of_the_first_epoch(tmp_path: Path) -> No
 
 
 def test_proxy_check_gives_the_rank_correlation_per_budget() -> None:
-    from budgetsearch.studies.report import _proxy_check, _ranks
+    from budgetsearch.studies.report import _proxy_check, average_ranks
 
-    assert _ranks([3.0, 1.0, 2.0, 1.0]) == [3.0, 0.5, 2.0, 0.5]
+    assert average_ranks([3.0, 1.0, 2.0, 1.0]) == [3.0, 0.5, 2.0, 0.5]
     base = {"status": "done", "role": "published", "data": "d", "model": "m", "device": "x"}
     rows = [{**base, "budget": "b1", "proxy": p, "accuracy": a}
             for p, a in [(0.1, 0.9), (0.2, 0.8), (0.3, 0.7), (0.4, 0.6)]]
