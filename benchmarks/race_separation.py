@@ -26,9 +26,8 @@ from pathlib import Path
 
 from budgetsearch._io import atomic_write_text
 from budgetsearch.planner import separation_figures
-from budgetsearch.planner.race import pooled_mean
+from budgetsearch.planner.race import arm_scores
 
-ARM = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+))?$")
 RACE_FILE = re.compile(r"^race(-\d+fold)?\.json$")
 IMAGES = re.compile(r"\((\d+) images\)")
 
@@ -36,22 +35,14 @@ IMAGES = re.compile(r"\((\d+) images\)")
 def separation(results: dict[str, dict], val_images: int) -> dict | None:
     """The winner against the runner-up, from a race file's arm results (seeds averaged, folds
     weighted by their validation images)."""
-    rungs: dict[int, dict[tuple[str, float], list[tuple[float, int | None]]]] = {}  # (acc, n)
-    for key, row in results.items():
-        m = ARM.match(key)
-        if m is None or row.get("val_accuracy") is None:
-            continue
-        rungs.setdefault(int(m[1]), {}).setdefault((m[4], float(m[5])), []).append(
-            (float(row["val_accuracy"]), row.get("val_images")))
-    if not rungs:
+    scores = arm_scores(results)
+    if not scores:
         return None
     # per rung, each candidate's best arm (over learning rates)
     best: dict[int, dict[str, float]] = {}
-    for i, arms in rungs.items():
+    for (i, name, _lr), acc in scores.items():
         row = best.setdefault(i, {})
-        for (name, _lr), runs in arms.items():
-            acc = pooled_mean([a for a, _n in runs], [n for _a, n in runs])
-            row[name] = max(acc, row.get(name, acc))
+        row[name] = max(acc, row.get(name, acc))
     top = best[max(best)]
     winner = max(top, key=top.get)
     # ties at the top are broken by predicted memory, which race files do not keep: a tied

@@ -40,13 +40,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-ARM = re.compile(r"r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+)(?::f(\d+))?$")
 SKIP = ("search-quick",)  # a plan of its own, never raced
 
 
@@ -58,23 +56,6 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     if len(a) < 3 or len(set(ra)) < 2 or len(set(rb)) < 2:
         return None
     return statistics.correlation(ra, rb)
-
-
-def race_scores(path: Path) -> tuple[dict[tuple[int, str, float], float], dict[str, str]]:
-    """Every arm's score by (rung, candidate, rate): its accuracy over all its runs (seeds,
-    folds), each weighted by its validation images; and the candidates' digests."""
-    doc = json.loads(path.read_text())
-    sums: dict[tuple[int, str, float], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for key, res in doc["results"].items():
-        m = ARM.match(key)
-        if m is None or res.get("val_accuracy") is None:
-            continue
-        rung, _e, _s, name, lr, _f = m.groups()
-        n = float(res.get("val_images") or 1)
-        acc = sums[(int(rung), name, float(lr))]
-        acc[0] += n * float(res["val_accuracy"])
-        acc[1] += n
-    return {k: s / n for k, (s, n) in sums.items()}, dict(doc["key"]["candidates"])
 
 
 def study_groups(root: Path, study: str) -> dict[str, dict[str, dict[int, Path]]]:
@@ -99,6 +80,7 @@ def analyse(root: Path, study: str) -> list[dict]:
     """One row per raced ``search`` cell group of the study (see the module docstring)."""
     from budgetsearch.plan import load_plan
     from budgetsearch.planner import updates_digest
+    from budgetsearch.planner.race import arm_scores
 
     rows = []
     for prefix, methods in sorted(study_groups(root, study).items()):
@@ -118,7 +100,8 @@ def analyse(root: Path, study: str) -> list[dict]:
                 / ("race.json" if folds == 1 else f"race-{folds}fold.json"))
         if winner is None or win_lr is None or not path.exists():
             continue
-        scores, digests = race_scores(path)
+        doc = json.loads(path.read_text())
+        scores, digests = arm_scores(doc["results"]), dict(doc["key"]["candidates"])
         roles = {m: d[0]["role"] for m, d in docs.items()}
         plans = {m: {updates_digest(load_plan(h / "plan.json").updates) for h in hs}
                  for m, hs in homes.items()}

@@ -50,6 +50,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -61,8 +62,8 @@ from ..errors import PlanError
 from ..plan import LayerUpdate
 from ..recipe import Recipe
 
-__all__ = ["FOLD_SEED_STRIDE", "Candidate", "RaceResult", "RaceSettings", "default_race_path",
-           "fold_seed", "pooled_mean", "race", "race_key", "updates_digest"]
+__all__ = ["FOLD_SEED_STRIDE", "Candidate", "RaceResult", "RaceSettings", "arm_scores",
+           "default_race_path", "fold_seed", "pooled_mean", "race", "race_key", "updates_digest"]
 
 #: Version of the race file's layout (part of its key).
 RACE_VERSION = 1
@@ -285,6 +286,24 @@ def default_race_path(key: Mapping[str, Any]) -> Path:
 def _arm_key(rung: int, epochs: int, seed: int, name: str, lr: float,
              fold: int | None = None) -> str:
     return f"r{rung}:e{epochs}:s{seed}:{name}@lr{lr:g}" + ("" if fold is None else f":f{fold}")
+
+
+#: :func:`_arm_key`'s form: rung, epochs, seed, candidate, rate, and the fold if any.
+_ARM_KEY = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+))?$")
+
+
+def arm_scores(results: Mapping[str, Mapping[str, Any]]) -> dict[tuple[int, str, float], float]:
+    """Every arm's score from a race file's ``results``, by (rung, candidate, rate): its
+    validation accuracy over all its runs (seeds, folds), pooled as the race pools them
+    (:func:`pooled_mean`). Entries that are not arms or have no accuracy are skipped."""
+    runs: dict[tuple[int, str, float], list[tuple[float, int | None]]] = {}
+    for key, row in results.items():
+        m = _ARM_KEY.match(key)
+        if m is None or row.get("val_accuracy") is None:
+            continue
+        runs.setdefault((int(m[1]), m[4], float(m[5])), []).append(
+            (float(row["val_accuracy"]), row.get("val_images")))
+    return {arm: pooled_mean([a for a, _n in r], [n for _a, n in r]) for arm, r in runs.items()}
 
 
 def race(
