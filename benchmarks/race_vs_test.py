@@ -58,22 +58,20 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return statistics.correlation(ra, rb)
 
 
-def study_groups(root: Path, study: str) -> dict[str, dict[str, dict[int, Path]]]:
+Cells = dict[str, dict[str, dict[int, tuple[Path, dict]]]]
+
+
+def study_groups(root: Path, study: str) -> Cells:
     """The study's finished cells by (data, model, device, budget) prefix, then method, then
-    seed (cell directories holding ``tuning.json``)."""
-    groups: dict[str, dict[str, dict[int, Path]]] = defaultdict(lambda: defaultdict(dict))
+    seed: each cell's directory (holding ``tuning.json``) and its record."""
+    groups: Cells = defaultdict(lambda: defaultdict(dict))
     for rec in sorted((root / study / "cells").glob("*.json")):
         prefix, method, seed = rec.stem.rsplit("__", 2)
-        home = rec.parent / rec.stem
-        if (home / "tuning.json").exists() and json.loads(rec.read_text()).get(
-                "status") == "done":
-            groups[prefix][method][int(seed[1:])] = home
+        home = rec.parent / rec.stem  # cell ids hold dots: no with_suffix
+        doc = json.loads(rec.read_text())
+        if (home / "tuning.json").exists() and doc.get("status") == "done":
+            groups[prefix][method][int(seed[1:])] = (home, doc)
     return groups
-
-
-def _record(home: Path) -> Path:
-    """A cell's record beside its directory (cell ids hold dots: no ``with_suffix``)."""
-    return home.parent / f"{home.name}.json"
 
 
 def analyse(root: Path, study: str) -> list[dict]:
@@ -91,8 +89,8 @@ def analyse(root: Path, study: str) -> list[dict]:
         # once, such as full fine-tuning, is left out rather than cutting the seeds to one)
         seeds = sorted(methods["search"])
         methods = {m: v for m, v in methods.items() if set(seeds) <= set(v)}
-        homes = {m: [v[s] for s in seeds] for m, v in methods.items()}
-        docs = {m: [json.loads(_record(h).read_text()) for h in hs] for m, hs in homes.items()}
+        homes = {m: [v[s][0] for s in seeds] for m, v in methods.items()}
+        docs = {m: [v[s][1] for s in seeds] for m, v in methods.items()}
         race = docs["search"][0].get("race") or {}
         winner, win_lr = race.get("winner"), race.get("lr")
         folds = int(race.get("folds") or 1)
@@ -109,10 +107,10 @@ def analyse(root: Path, study: str) -> list[dict]:
             raise SystemExit(f"{path}: the race's winner {winner} is not the plan the study's "
                              f"search cells of {prefix} trained")
         # every method's mean test accuracy over the seeds at each rate of the grid
-        tests = {m: {lr: 100 * statistics.fmean(
-            float(json.loads((h / "tuning.json").read_text())[lr]["test_accuracy"])
-            for h in hs) for lr in json.loads((hs[0] / "tuning.json").read_text())}
-            for m, hs in homes.items()}
+        tunings = {m: [json.loads((h / "tuning.json").read_text()) for h in hs]
+                   for m, hs in homes.items()}
+        tests = {m: {lr: 100 * statistics.fmean(float(t[lr]["test_accuracy"]) for t in ts)
+                     for lr in ts[0]} for m, ts in tunings.items()}
         # the race's arms whose plan a study method trained with every seed: one point per
         # (candidate, rate), the test mean of the methods that trained it
         same_plan = defaultdict(list)

@@ -68,7 +68,11 @@ def cell_plan(cell: Cell, ctx: CellContext) -> Any:
         StudyError: The method re-plans during training by scores the trainer does not take.
         BudgetError: No plan of the method fits the cell's budget.
     """
-    plan = _method_plan(cell, ctx)
+    return _with_filter_mode(cell, _method_plan(cell, ctx))
+
+
+def _with_filter_mode(cell: Cell, plan: Any) -> Any:
+    """The plan with the method's ``filter_mode``, if it sets one."""
     mode = cell.method.filter_mode
     return plan.with_(filter_mode=mode) if mode else plan
 
@@ -419,9 +423,7 @@ def run_cell(cell: Cell, *, out_dir: str | os.PathLike[str], storage: str | None
     out_dir = Path(out_dir)
     _prepare_dir(cell, out_dir)
     ctx = CellContext(cell, out_dir=out_dir, storage=storage, progress=progress)
-    plan = (plan_fn or cell_plan)(cell, ctx)
-    if cell.method.filter_mode:  # a plan function's plan too
-        plan = plan.with_(filter_mode=cell.method.filter_mode)
+    plan = cell_plan(cell, ctx) if plan_fn is None else _with_filter_mode(cell, plan_fn(cell, ctx))
     plan.save(out_dir / "plan.json")
     result: dict[str, Any] = {**plan_summary(plan), "layers": layer_fractions(plan),
                               "plan_file": f"{out_dir.name}/plan.json"}

@@ -293,26 +293,34 @@ def test_sql_store_shares_claims_and_records(tmp_path: Path) -> None:
     assert summary.skipped == [cid] and len(summary.ran) == 1
 
 
-def test_dynamic_methods_replan_during_training(tmp_path: Path, monkeypatch) -> None:
-    """search-dynamic re-plans by the search on Fisher scores, neq-dynamic by the neq selector on
-    velocities: both train for real and record each re-selection, under the cell's budget.
-    (On a stand-in CIFAR-10 archive, so that the test needs neither ../shared nor a network.)"""
+def _fake_cifar_spec(tmp_path: Path, monkeypatch, *, name: str, budget: str, **fields):
+    """A one-seed study of MCUNet-5fps (32 px) on the STM32F746 at ``budget`` over a stand-in
+    CIFAR-10 archive (``BUDGETSEARCH_DATA`` set to it), ``fields`` added to the study file."""
     from _toys import fake_cifar10_archive
 
     monkeypatch.setenv("BUDGETSEARCH_DATA",
                        str(fake_cifar10_archive(tmp_path / "cifar10-jpeg.tar.gz")))
+    return spec_from_dict({
+        "name": name, "data": {"source": "cifar10", "train_size": 16, "test_size": 8},
+        "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
+        "devices": [{"name": "stm32f746", "budgets": [budget]}], "seeds": [0],
+        "cost": {"memory_measure": "peak"}, **fields}, path=tmp_path / f"{name}.yaml")
+
+
+def test_dynamic_methods_replan_during_training(tmp_path: Path, monkeypatch) -> None:
+    """search-dynamic re-plans by the search on Fisher scores, neq-dynamic by the neq selector on
+    velocities: both train for real and record each re-selection, under the cell's budget.
+    (On a stand-in CIFAR-10 archive, so that the test needs neither ../shared nor a network.)"""
     from budgetsearch.studies import CellContext, cell_plan
     from budgetsearch.studies.adapters import _train
 
-    spec = spec_from_dict({
-        "name": "dyn", "data": {"source": "cifar10", "train_size": 16, "test_size": 8},
-        "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
-        "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
-        "methods": ["search-dynamic", "neq-dynamic"], "seeds": [0],
-        "training": {"epochs": 4, "batch_size": 8, "lr": 0.01,
-                     "options": {"search_trials": 20, "fisher_samples": 8}},
-        "cost": {"memory_measure": "peak"}, "scores": {"fisher_samples": 8, "micro_batch": 8},
-        "search": {"trials": 20, "population_size": 6}}, path=tmp_path / "dyn.yaml")
+    spec = _fake_cifar_spec(
+        tmp_path, monkeypatch, name="dyn", budget="40KB",
+        methods=["search-dynamic", "neq-dynamic"],
+        training={"epochs": 4, "batch_size": 8, "lr": 0.01,
+                  "options": {"search_trials": 20, "fisher_samples": 8}},
+        scores={"fisher_samples": 8, "micro_batch": 8},
+        search={"trials": 20, "population_size": 6})
     history = {}
     for cell in spec.cells():
         assert (cell.method.dynamic, cell.method.replan_method) == {
@@ -350,22 +358,15 @@ def test_a_methods_filter_mode_is_recorded_in_its_plans(tmp_path: Path) -> None:
 
 def test_cell_plan_is_the_plan_run_cell_trains_filter_mode_included(tmp_path: Path,
                                                                      monkeypatch) -> None:
-    from _toys import fake_cifar10_archive
-
-    monkeypatch.setenv("BUDGETSEARCH_DATA",
-                       str(fake_cifar10_archive(tmp_path / "cifar10-jpeg.tar.gz")))
     from budgetsearch.studies import CellContext, cell_plan
 
-    spec = spec_from_dict({
-        "name": "modes", "data": {"source": "cifar10", "train_size": 16, "test_size": 8},
-        "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
-        "devices": [{"name": "stm32f746", "budgets": ["400KB"]}],
-        "methods": [{"name": "gf", "method": "last-k",
-                     "options": {"k": 2, "blocks": True, "patch_size": 2},
-                     "filter_mode": "corrected"},
-                    {"name": "plain", "method": "last-k", "options": {"k": 2}}],
-        "seeds": [0], "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
-        "cost": {"memory_measure": "peak"}}, path=tmp_path / "modes.yaml")
+    spec = _fake_cifar_spec(
+        tmp_path, monkeypatch, name="modes", budget="400KB",
+        methods=[{"name": "gf", "method": "last-k",
+                  "options": {"k": 2, "blocks": True, "patch_size": 2},
+                  "filter_mode": "corrected"},
+                 {"name": "plain", "method": "last-k", "options": {"k": 2}}],
+        training={"epochs": 1, "batch_size": 8, "lr": 0.01})
     for cell in spec.cells():
         plan = cell_plan(cell, CellContext(cell, out_dir=tmp_path / cell.id))
         assert plan.filter_mode == {"gf": "corrected", "plain": "normalized"}[cell.method.name]
