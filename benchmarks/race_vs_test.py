@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -136,6 +137,8 @@ def analyse(root: Path, study: str) -> list[dict]:
         base_reported = max(v for m, v in reported.items()
                             if roles[m] in ("published", "baseline"))
         rows.append({
+            "full": full_schedule_rate(scores, tunings["search"][0], winner, win_lr, folds)
+            if seeds[0] == 0 else None,
             "cell": f"{study} · {prefix.replace('__', ' · ')}", "folds": folds,
             "seeds": len(seeds), "rho": spearman([p[3] for p in first], [p[4] for p in first]),
             "arms": len(first), "winner": winner, "winner_lr": float(win_lr),
@@ -147,8 +150,37 @@ def analyse(root: Path, study: str) -> list[dict]:
     return rows
 
 
+def full_schedule_rate(scores: dict, tuning0: dict, winner: str, win_lr: float, folds: int
+                       ) -> dict | None:
+    """The rate the race's winner scores best at on validation after the full schedule with
+    the race's seed: from the study's seed-0 ``search`` run at each rate (the same plan,
+    split, recipe and seed as the race's last rung), ranked as the race ranks (accuracy, then
+    loss). ``reproduced`` says whether that run scored what the race's last rung recorded for
+    the winner at its rate (when not, the two trainings differ numerically and the comparison
+    is weaker). None for a cross-validated race (its validation is not the study's)."""
+    if folds != 1:
+        return None
+    runs = {float(k): v for k, v in tuning0.items()}
+    best = min(runs, key=lambda lr: (-float(runs[lr]["best_accuracy"]),
+                                     float(runs[lr].get("val_loss") or math.inf), lr))
+    last = max(r for r, *_ in scores)
+    recorded = scores.get((last, winner, float(win_lr)))
+    mine = runs.get(float(win_lr), {}).get("best_accuracy")
+    return {"lr": best, "val": 100 * float(runs[best]["best_accuracy"]),
+            "val_at_race_lr": None if mine is None else 100 * float(mine),
+            "reproduced": recorded is not None and mine is not None
+            and abs(recorded - float(mine)) < 1e-9}
+
+
 def _f(v: float | None, fmt: str = "{:.1f}") -> str:
     return "–" if v is None else fmt.format(v)
+
+
+def _full(f: dict | None) -> str:
+    if f is None:
+        return "–"
+    return (f"{_f(f['val_at_race_lr'])} / {f['val']:.1f} @ {f['lr']:g}"
+            + ("" if f["reproduced"] else " †"))
 
 
 def render(rows: list[dict], command: str) -> str:
@@ -158,26 +190,36 @@ def render(rows: list[dict], command: str) -> str:
            "arms matched at the first rung; Δ in points. Columns marked *oracle* choose a "
            "rate (and a baseline) on test, for comparison only.", "",
            "| cell | folds | seeds | ρ (arms) | race winner @ rate (score at the last rung) | "
+           "its seed-0 validation after the full schedule: at the race's rate / best @ rate | "
            "its test | "
            "its best rate, *oracle* | best baseline @ rate, *oracle* | Δ reported | Δ, each "
-           "at its best rate |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "at its best rate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, w = r["best_base"], r["winner_best"]
         out.append(
             f"| {r['cell']} | {r['folds']} | {r['seeds']} | {_f(r['rho'], '{:+.2f}')} "
             f"({r['arms']}) | {r['winner']}{' (a baseline)' if r['winner_is_baseline'] else ''}"
             f" @ {_f(r['winner_lr'], '{:g}')} "
-            f"({_f(r['winner_score'])}) | {_f(r['winner_test'])} | "
+            f"({_f(r['winner_score'])}) | {_full(r['full'])} | {_f(r['winner_test'])} | "
             + (f"{w[0]}: {w[1]:.1f}" if w else "–") + " | "
             + (f"{b[2]} @ {b[0]}: {b[1]:.1f}" if b else "–")
             + f" | {r['delta_reported']:+.1f} | {_f(r['delta_plan'], '{:+.1f}')} |")
     rhos = [r["rho"] for r in rows if r["rho"] is not None]
     own = [r for r in rows if not r["winner_is_baseline"]]
     same = [r for r in rows if r["winner_best"][0] == f"{r['winner_lr']:g}"]
+    full = [r for r in rows if r["full"] is not None]
+    kept = [r for r in full if r["full"]["lr"] == r["winner_lr"]]
     out += ["", f"- {len(rows)} cells; ρ median {statistics.median(rhos):+.2f}, from "
                 f"{min(rhos):+.2f} to {max(rhos):+.2f}." if rhos else "",
             f"- The race's rate is the winner's best rate of the grid on test in {len(same)} of "
             f"{len(rows)} cells.",
+            f"- Validation alone, after the full schedule (column *seed-0 validation*, "
+            f"`full_schedule_rate`): in {len(kept)} of the {len(full)} races on the validation "
+            "split, the winner's plan trained by the study with the race's seed for the full "
+            "epochs scores best on validation at the race's rate (ties broken by loss, as the "
+            "race does); the study's run reproduces the race's last-rung score in "
+            f"{sum(r['full']['reproduced'] for r in full)} of them (the others are marked †: "
+            "the same recipe, a numerically different training).",
             f"- In {len(rows) - len(own)} cells the winner is a baseline's plan (its Δ is that "
             f"baseline's against the best one). In the other {len(own)}, Δ with each side at "
             f"its best rate is ≥ −1 in {sum(r['delta_plan'] >= -1 for r in own)} and ≥ +1 in "

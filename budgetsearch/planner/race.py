@@ -292,17 +292,19 @@ def _arm_key(rung: int, epochs: int, seed: int, name: str, lr: float,
 _ARM_KEY = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+))?$")
 
 
-def arm_scores(results: Mapping[str, Mapping[str, Any]]) -> dict[tuple[int, str, float], float]:
+def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_accuracy"
+               ) -> dict[tuple[int, str, float], float]:
     """Every arm's score from a race file's ``results``, by (rung, candidate, rate): its
-    validation accuracy over all its runs (seeds, folds), pooled as the race pools them
-    (:func:`pooled_mean`). Entries that are not arms or have no accuracy are skipped."""
+    ``metric`` (validation accuracy; or e.g. ``val_loss``) over all its runs (seeds, folds),
+    pooled as the race pools them (:func:`pooled_mean`). Entries that are not arms or have no
+    ``metric`` are skipped."""
     runs: dict[tuple[int, str, float], list[tuple[float, int | None]]] = {}
     for key, row in results.items():
         m = _ARM_KEY.match(key)
-        if m is None or row.get("val_accuracy") is None:
+        if m is None or row.get(metric) is None:
             continue
         runs.setdefault((int(m[1]), m[4], float(m[5])), []).append(
-            (float(row["val_accuracy"]), row.get("val_images")))
+            (float(row[metric]), row.get("val_images")))
     return {arm: pooled_mean([a for a, _n in r], [n for _a, n in r]) for arm, r in runs.items()}
 
 

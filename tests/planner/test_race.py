@@ -380,6 +380,11 @@ def test_arm_scores_rebuilds_the_races_pooled_scores_from_its_file(tmp_path):
                 for i, rung in enumerate(result.rungs) for x in rung["arms"]}
     assert arm_scores(results) == pytest.approx(expected)
     assert arm_scores(results)[(0, "a", 0.02)] == pytest.approx(0.75)
+    # any recorded metric, pooled the same way: the race's own losses
+    assert arm_scores(results, metric="val_loss") == pytest.approx(
+        {(i, x["candidate"], x["lr"]): x["val_loss"]
+         for i, rung in enumerate(result.rungs) for x in rung["arms"]})
+    assert arm_scores(results, metric="val_loss")[(0, "a", 0.02)] == pytest.approx(0.25)
     # entries that are not arms, or have no accuracy, are left out
     assert arm_scores({**results, "note": {"val_accuracy": 1.0},
                        "r0:e1:s3:c@lr0.02": {"val_accuracy": None}}) == arm_scores(results)
