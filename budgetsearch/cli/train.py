@@ -56,6 +56,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=None,
                    help="learning rate in (0, 10] (default: the plan's recipe, else 0.01, "
                         "0.001 with adam)")
+    p.add_argument("--lrs", type=float_range(0, 10, low_open=True), nargs="+", default=None,
+                   metavar="LR",
+                   help="train once per learning rate (each run in --out/lr-<rate>) and keep "
+                        "the run with the best validation accuracy, then the lower validation "
+                        "loss; written to --out/lrs.json (instead of --lr)")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=None,
                    help="default: the plan's recipe, else the plan's optimizer")
     p.add_argument("--momentum", type=float_range(0, 1, high_open=True), default=None,
@@ -225,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.system_allocator:
         tune_host_allocator()
+    if args.lrs is not None:
+        if args.lr is not None:
+            raise PlanError("give --lr or --lrs, not both")
+        if len(set(args.lrs)) != len(args.lrs):
+            raise PlanError(f"--lrs: each rate once; got {' '.join(f'{x:g}' for x in args.lrs)}")
     plan = load_plan(args.plan)
     _apply_recipe(args, plan)
     height, width = plan.input_size
@@ -245,29 +255,64 @@ def run(args: argparse.Namespace) -> int:
     from ..trainer.checks import dataset_classes
 
     classes = dataset_classes(train) or []
-    torch.manual_seed(args.seed)  # the new head's initialisation
-    model = load_model(args.model, weights=args.weights,
-                       num_classes=args.num_classes or len(classes) or None,
-                       mcu_dir=args.mcu_dir)
     optimizer = args.optimizer or plan.optimizer
-    lr = args.lr if args.lr is not None else (1e-3 if optimizer == "adam" else 0.01)
-    trainer = Trainer(
-        model, plan, train_data=train, val_data=val, test_data=test, epochs=args.epochs,
-        out_dir=args.out,
-        batch_size=args.batch_size, lr=lr, optimizer=optimizer, momentum=args.momentum,
-        weight_decay=args.weight_decay, seed=args.seed, dynamic=args.dynamic, every=args.every,
-        budget_bytes=parse_bytes(args.budget, what="--budget") if args.budget else None,
-        bn=args.bn, filter_mode=args.filter_mode, check_budget=not args.ignore_budget,
-        progress=not args.no_progress, threads=args.threads, replan_method=args.replan,
-        search_trials=args.search_trials, search_replan=_search_replan(args.replan))
+    default_lr = args.lr if args.lr is not None else (1e-3 if optimizer == "adam" else 0.01)
+    rates = list(args.lrs) if args.lrs is not None else [default_lr]
+    if args.lrs is not None:
+        args.recipe_used = [f for f in args.recipe_used if f != "lr"]
     out = sys.stdout
+    docs: dict[float, dict[str, Any]] = {}
+    for i, lr in enumerate(rates):
+        run_dir = Path(args.out) if args.lrs is None else Path(args.out) / f"lr-{lr:g}"
+        torch.manual_seed(args.seed)  # the new head's initialisation, the same for every rate
+        model = load_model(args.model, weights=args.weights,
+                           num_classes=args.num_classes or len(classes) or None,
+                           mcu_dir=args.mcu_dir)
+        trainer = Trainer(
+            model, plan, train_data=train, val_data=val, test_data=test, epochs=args.epochs,
+            out_dir=run_dir,
+            batch_size=args.batch_size, lr=lr, optimizer=optimizer, momentum=args.momentum,
+            weight_decay=args.weight_decay, seed=args.seed, dynamic=args.dynamic,
+            every=args.every,
+            budget_bytes=parse_bytes(args.budget, what="--budget") if args.budget else None,
+            bn=args.bn, filter_mode=args.filter_mode, check_budget=not args.ignore_budget,
+            progress=not args.no_progress, threads=args.threads, replan_method=args.replan,
+            search_trials=args.search_trials, search_replan=_search_replan(args.replan))
+        if i == 0:
+            _describe(out, args, plan, trainer, train=train, val=val, test=test,
+                      classes=classes, size=size, optimizer=optimizer, rates=rates)
+        doc = docs[lr] = trainer.fit(resume=args.resume)
+        best, final = doc["best_val_accuracy"], doc["final_val_accuracy"]
+        tested = ""
+        if doc.get("final_test_accuracy") is not None:
+            tested = (f"; test accuracy {doc['final_test_accuracy']:.4f} final, "
+                      f"{doc['test_accuracy_at_best_epoch']:.4f} at the best validation epoch")
+        out.write(
+            ("" if args.lrs is None else f"lr {lr:g}: ")
+            + f"done: final val accuracy {final:.4f}, best {best:.4f} (epoch "
+            f"{doc['best_epoch']}){tested}; "
+            f"{doc['images_per_s']:.1f} img/s; saved activations "
+            f"{format_bytes(doc['saved_activation_bytes'])}/step; backward "
+            f"{doc['backward_ms']:.0f} ms/step\nwrote {run_dir / 'metrics.json'}\n"
+        )
+    if args.lrs is not None:
+        _keep_best(out, Path(args.out), docs)
+    return 0
+
+
+def _describe(out: Any, args: argparse.Namespace, plan: Any, trainer: Any, *, train: Any,
+              val: Any, test: Any, classes: list[str], size: int, optimizer: str,
+              rates: list[float]) -> None:
+    """The run's header: data, batch, optimizer and rate(s), recipe fields used, budget."""
+    from ..units import format_bytes
+
     out.write(f"training {args.model} ({len(plan.updates)} layers updated, "
               f"{plan.provenance.get('method', 'plan')}) on {len(train)} images of "
               f"{len(classes)} classes, validating on {len(val)}"
               f"{'' if args.val_data else ' (held out of the training data)'}"
               f"{f', testing on {len(test)} (only reported)' if test is not None else ''}; "
               f"{size}px, batch "
-              f"{trainer.batch_size}, {optimizer} lr {lr:g}\n")
+              f"{trainer.batch_size}, {optimizer} lr {', '.join(f'{x:g}' for x in rates)}\n")
     if args.recipe_used:
         out.write("from the plan's recipe: " + ", ".join(
             f"{f} {getattr(args, f)}" for f in args.recipe_used) + "\n")
@@ -278,17 +323,29 @@ def run(args: argparse.Namespace) -> int:
               f"at {trainer.batch_size} here)")
         out.write(f"budget on {plan.device}: {format_bytes(b['memory_bytes'])} of "
                   f"{format_bytes(b['budget_bytes'])} ({b['measure']} memory){at}\n")
-    doc = trainer.fit(resume=args.resume)
-    best, final = doc["best_val_accuracy"], doc["final_val_accuracy"]
-    tested = ""
-    if doc.get("final_test_accuracy") is not None:
-        tested = (f"; test accuracy {doc['final_test_accuracy']:.4f} final, "
-                  f"{doc['test_accuracy_at_best_epoch']:.4f} at the best validation epoch")
-    out.write(
-        f"done: final val accuracy {final:.4f}, best {best:.4f} (epoch {doc['best_epoch']})"
-        f"{tested}; "
-        f"{doc['images_per_s']:.1f} img/s; saved activations "
-        f"{format_bytes(doc['saved_activation_bytes'])}/step; backward "
-        f"{doc['backward_ms']:.0f} ms/step\nwrote {Path(args.out) / 'metrics.json'}\n"
-    )
-    return 0
+
+
+def _keep_best(out: Any, root: Path, docs: dict[float, dict[str, Any]]) -> None:
+    """Choose among the runs of ``--lrs`` on validation alone (:func:`~budgetsearch.trainer.
+    metrics.validation_key`; equal runs: the lower rate), write ``lrs.json`` and say which."""
+    import json
+
+    from .._io import atomic_write_text
+    from ..trainer.metrics import validation_key
+
+    chosen = max(docs, key=lambda lr: (*validation_key(docs[lr]), -lr))
+    summary = {
+        "chosen": {"lr": chosen, "dir": f"lr-{chosen:g}"},
+        "rule": "best validation accuracy (at the run's best epoch), then the lower "
+                "validation loss, then the lower rate; test data never enters the choice",
+        "runs": {f"{lr:g}": {k: doc.get(k) for k in (
+            "status", "best_val_accuracy", "best_epoch", "final_val_accuracy",
+            "test_accuracy_at_best_epoch", "final_test_accuracy")}
+            for lr, doc in docs.items()}}
+    atomic_write_text(root / "lrs.json", json.dumps(summary, indent=2) + "\n")
+    doc = docs[chosen]
+    tested = ("" if doc.get("test_accuracy_at_best_epoch") is None else
+              f", test accuracy {doc['test_accuracy_at_best_epoch']:.4f} at that epoch")
+    out.write(f"kept lr {chosen:g} (validation accuracy {doc['best_val_accuracy']:.4f}, "
+              f"epoch {doc['best_epoch']}{tested}): {root / f'lr-{chosen:g}'}\n"
+              f"wrote {root / 'lrs.json'}\n")

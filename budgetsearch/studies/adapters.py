@@ -37,6 +37,7 @@ from typing import Any
 from .._io import atomic_write_text
 from ..search import SpaceOptions, replan
 from ..trainer import DYNAMIC_MODES, Trainer
+from ..trainer.metrics import validation_key
 from .context import CellContext
 from .spec import RUN_OPTIONS, Cell, StudyError
 
@@ -274,7 +275,7 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
             done[f"{lr:g}"] = engine(cell, plan, ctx, lr=lr, out_dir=ctx.out_dir / f"lr-{lr:g}")
             atomic_write_text(path, json.dumps(done, default=str) + "\n")
     runs = {lr: done[f"{lr:g}"] for lr in grid}
-    chosen = max(grid, key=lambda lr: _validation_key(runs[lr]))
+    chosen = max(grid, key=lambda lr: validation_key(runs[lr]))
     doc = dict(runs[chosen])
     doc["lr"] = chosen
     metrics = {lr: normalise_metrics(run) for lr, run in runs.items()}
@@ -283,19 +284,6 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
     doc["train_seconds"] = sum(float(run.get("train_seconds") or 0.0) for run in runs.values())
     ctx.extras["lr"] = chosen
     return doc
-
-
-def _validation_key(doc: dict[str, Any]) -> tuple[float, float]:
-    """How runs at different learning rates are ranked: validation accuracy, then loss."""
-    import math
-
-    acc = normalise_metrics(doc)["best_accuracy"]
-    loss = doc.get("val_loss")  # the runner's; the trainer's is its best epoch's
-    for row in doc.get("epochs") or []:
-        if isinstance(row, dict) and row.get("epoch") == doc.get("best_epoch"):
-            loss = row.get("val_loss")
-    ok = isinstance(loss, (int, float)) and math.isfinite(loss)
-    return (-1.0 if acc is None else float(acc), -float(loss) if ok else -math.inf)
 
 
 def _train_trainer(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,

@@ -23,7 +23,7 @@ from typing import Any
 
 from .._io import atomic_write_text
 
-__all__ = ["EPOCH_FIELDS", "epoch_line", "summarize", "write_metrics"]
+__all__ = ["EPOCH_FIELDS", "epoch_line", "summarize", "validation_key", "write_metrics"]
 
 #: Columns of ``metrics.csv``, one row per epoch (epochs counted from 1).
 EPOCH_FIELDS = (
@@ -65,6 +65,20 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "saved_activation_bytes": rows[-1].get("saved_activation_bytes"),
         "backward_ms": _mean([r.get("backward_ms") for r in rows]),
     }
+
+
+def validation_key(doc: Mapping[str, Any]) -> tuple[float, float]:
+    """How runs of the same plan (at different learning rates) are ranked, higher first: the
+    best validation accuracy (``best_val_accuracy``, or a runner's ``best_accuracy``; -1 when
+    there is none), then the lower validation loss (the run's ``val_loss``, or its best
+    epoch's; a missing or non-finite loss ranks last)."""
+    acc = next((v for v in (doc.get("best_accuracy"), doc.get("best_val_accuracy"))
+                if _finite(v)), None)
+    loss = doc.get("val_loss")
+    for row in doc.get("epochs") or []:
+        if isinstance(row, Mapping) and row.get("epoch") == doc.get("best_epoch"):
+            loss = row.get("val_loss")
+    return (-1.0 if acc is None else float(acc), -float(loss) if _finite(loss) else -math.inf)
 
 
 def write_metrics(out_dir: str | os.PathLike[str], document: Mapping[str, Any]) -> None:

@@ -118,3 +118,50 @@ def test_a_bad_recipe_in_a_plan_file_is_named(setup, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(doc))
     with pytest.raises(PlanError, match=r"field recipe\.lr"):
         load_plan(tmp_path / "p.json")
+
+
+def test_lrs_trains_once_per_rate_and_keeps_the_best_on_validation(setup, capsys):
+    from budgetsearch.trainer.metrics import validation_key
+
+    root = setup
+    args = ["train", "--model", NAME, "--plan", str(root / "plan.json"), "--data",
+            str(root / "flat"), "--epochs", "1", "--seed", "1", "--threads", "1",
+            "--no-progress"]
+    code, out, err = run(capsys, *args, "--lrs", "0.001", "0.3", "--out", str(root / "lrs"))
+    assert code == 0, err
+    assert "sgd lr 0.001, 0.3" in out
+    docs = {lr: json.loads((root / "lrs" / f"lr-{lr}" / "metrics.json").read_text())
+            for lr in ("0.001", "0.3")}
+    assert {d["config"]["lr"] for d in docs.values()} == {0.001, 0.3}
+    # the same head and batch order for every rate: a rate alone sets them apart
+    single = ["--lr", "0.3", "--out", str(root / "lrs-single")]
+    assert run(capsys, *args, *single)[0] == 0
+    alone = json.loads((root / "lrs-single" / "metrics.json").read_text())
+    assert alone["epochs"][0]["val_loss"] == docs["0.3"]["epochs"][0]["val_loss"]
+    summary = json.loads((root / "lrs" / "lrs.json").read_text())
+    assert validation_key(docs["0.001"]) != validation_key(docs["0.3"])  # a real choice
+    best = max(docs, key=lambda lr: (*validation_key(docs[lr]), -float(lr)))
+    assert summary["chosen"] == {"lr": float(best), "dir": f"lr-{best}"}
+    assert set(summary["runs"]) == {"0.001", "0.3"}
+    assert f"kept lr {best}" in out
+    # both at once, or a rate twice, is refused before anything trains
+    code, _, err = run(capsys, *args, "--lr", "0.1", "--lrs", "0.1", "0.2", "--out",
+                       str(root / "bad-lrs"))
+    assert code == 2 and "give --lr or --lrs, not both" in err
+    code, _, err = run(capsys, *args, "--lrs", "0.1", "0.1", "--out", str(root / "bad-lrs"))
+    assert code == 2 and "each rate once" in err
+    assert not (root / "bad-lrs").exists()
+
+
+def test_validation_key_ranks_accuracy_then_loss():
+    from budgetsearch.trainer.metrics import validation_key
+
+    trainer_doc = {"best_val_accuracy": 0.5, "best_epoch": 2,
+                   "epochs": [{"epoch": 1, "val_loss": 0.1}, {"epoch": 2, "val_loss": 0.7}]}
+    runner_doc = {"best_accuracy": 0.5, "val_loss": 0.6}
+    assert validation_key(trainer_doc) == (0.5, -0.7)  # the best epoch's loss
+    assert validation_key(runner_doc) > validation_key(trainer_doc)
+    assert validation_key({"best_accuracy": 0.6, "val_loss": float("nan")}) > validation_key(
+        runner_doc)
+    assert validation_key({"best_accuracy": 0.6, "val_loss": float("nan")})[1] == float("-inf")
+    assert validation_key({}) == (-1.0, float("-inf"))
