@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import BudgetSearchError, DataError, PlanError
+from ..errors import BudgetSearchError, DataError, PlanError, TrainingError
 
 __all__ = ["Splits", "load_splits", "register", "run"]
 
@@ -60,7 +60,8 @@ def register(subparsers: Any) -> None:
                    metavar="LR",
                    help="train once per learning rate (each run in --out/lr-<rate>) and keep "
                         "the run with the best validation accuracy, then the lower validation "
-                        "loss; written to --out/lrs.json (instead of --lr)")
+                        "loss, leaving out rates that diverge; written to --out/lrs.json "
+                        "(instead of --lr)")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=None,
                    help="default: the plan's recipe, else the plan's optimizer")
     p.add_argument("--momentum", type=float_range(0, 1, high_open=True), default=None,
@@ -262,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
         args.recipe_used = [f for f in args.recipe_used if f != "lr"]
     out = sys.stdout
     docs: dict[float, dict[str, Any]] = {}
+    failed: dict[float, str] = {}
     for i, lr in enumerate(rates):
         run_dir = Path(args.out) if args.lrs is None else Path(args.out) / f"lr-{lr:g}"
         torch.manual_seed(args.seed)  # the new head's initialisation, the same for every rate
@@ -281,7 +283,14 @@ def run(args: argparse.Namespace) -> int:
         if i == 0:
             _describe(out, args, plan, trainer, train=train, val=val, test=test,
                       classes=classes, size=size, optimizer=optimizer, rates=rates)
-        doc = docs[lr] = trainer.fit(resume=args.resume)
+        try:
+            doc = docs[lr] = trainer.fit(resume=args.resume)
+        except TrainingError as exc:  # a rate that diverged is left out, the others go on
+            if args.lrs is None or exc.epoch is None:  # not a divergence: a directory in the way
+                raise
+            failed[lr] = str(exc)
+            out.write(f"lr {lr:g}: not kept: {exc}\n")
+            continue
         best, final = doc["best_val_accuracy"], doc["final_val_accuracy"]
         tested = ""
         if doc.get("final_test_accuracy") is not None:
@@ -296,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
             f"{doc['backward_ms']:.0f} ms/step\nwrote {run_dir / 'metrics.json'}\n"
         )
     if args.lrs is not None:
-        _keep_best(out, Path(args.out), docs)
+        _keep_best(out, Path(args.out), docs, failed)
     return 0
 
 
@@ -325,14 +334,23 @@ def _describe(out: Any, args: argparse.Namespace, plan: Any, trainer: Any, *, tr
                   f"{format_bytes(b['budget_bytes'])} ({b['measure']} memory){at}\n")
 
 
-def _keep_best(out: Any, root: Path, docs: dict[float, dict[str, Any]]) -> None:
-    """Choose among the runs of ``--lrs`` on validation alone (:func:`~budgetsearch.trainer.
-    metrics.validation_key`; equal runs: the lower rate), write ``lrs.json`` and say which."""
+def _keep_best(out: Any, root: Path, docs: dict[float, dict[str, Any]],
+               failed: dict[float, str]) -> None:
+    """Choose among the finished runs of ``--lrs`` on validation alone
+    (:func:`~budgetsearch.trainer.metrics.validation_key`; equal runs: the lower rate), write
+    ``lrs.json`` (with the rates that diverged, and why) and say which.
+
+    Raises:
+        TrainingError: Every rate diverged.
+    """
     import json
 
     from .._io import atomic_write_text
     from ..trainer.metrics import validation_key
 
+    if not docs:
+        raise TrainingError("every rate of --lrs diverged (" + "; ".join(
+            f"lr {lr:g}: {why}" for lr, why in failed.items()) + ")")
     chosen = max(docs, key=lambda lr: (*validation_key(docs[lr]), -lr))
     summary = {
         "chosen": {"lr": chosen, "dir": f"lr-{chosen:g}"},
@@ -341,7 +359,8 @@ def _keep_best(out: Any, root: Path, docs: dict[float, dict[str, Any]]) -> None:
         "runs": {f"{lr:g}": {k: doc.get(k) for k in (
             "status", "best_val_accuracy", "best_epoch", "final_val_accuracy",
             "test_accuracy_at_best_epoch", "final_test_accuracy")}
-            for lr, doc in docs.items()}}
+            for lr, doc in docs.items()},
+        "diverged": {f"{lr:g}": why for lr, why in failed.items()}}
     atomic_write_text(root / "lrs.json", json.dumps(summary, indent=2) + "\n")
     doc = docs[chosen]
     tested = ("" if doc.get("test_accuracy_at_best_epoch") is None else

@@ -165,3 +165,31 @@ def test_validation_key_ranks_accuracy_then_loss():
         runner_doc)
     assert validation_key({"best_accuracy": 0.6, "val_loss": float("nan")})[1] == float("-inf")
     assert validation_key({}) == (-1.0, float("-inf"))
+
+
+def test_lrs_leaves_out_a_rate_that_diverges(setup, capsys, monkeypatch):
+    from budgetsearch.errors import TrainingError
+    from budgetsearch.trainer import Trainer
+
+    fit = Trainer.fit
+
+    def diverging(self, **kwargs):
+        if self.lr == 0.3:
+            raise TrainingError("the training loss became nan", epoch=1, step=2)
+        return fit(self, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", diverging)
+    root = setup
+    args = ["train", "--model", NAME, "--plan", str(root / "plan.json"), "--data",
+            str(root / "flat"), "--epochs", "1", "--threads", "1", "--no-progress"]
+    code, out, err = run(capsys, *args, "--lrs", "0.3", "0.01", "--out", str(root / "div"))
+    assert code == 0, err
+    summary = json.loads((root / "div" / "lrs.json").read_text())
+    assert summary["chosen"]["lr"] == 0.01 and set(summary["runs"]) == {"0.01"}
+    assert "loss became nan" in summary["diverged"]["0.3"]
+    assert "lr 0.3: not kept" in out
+    code, _, err = run(capsys, *args, "--lrs", "0.3", "--out", str(root / "div-all"))
+    assert code == 2 and "every rate of --lrs diverged" in err
+    # a run directory in the way is not a divergence: it stops the command
+    code, _, err = run(capsys, *args, "--lrs", "0.3", "0.01", "--out", str(root / "div"))
+    assert code == 2 and "already holds checkpoints" in err
