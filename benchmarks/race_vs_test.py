@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
@@ -154,15 +153,17 @@ def full_schedule_rate(scores: dict, tuning0: dict, winner: str, win_lr: float, 
                        ) -> dict | None:
     """The rate the race's winner scores best at on validation after the full schedule with
     the race's seed: from the study's seed-0 ``search`` run at each rate (the same plan,
-    split, recipe and seed as the race's last rung), ranked as the race ranks (accuracy, then
-    loss). ``reproduced`` says whether that run scored what the race's last rung recorded for
+    split, recipe and seed as the race's last rung), ranked as the race and the study rank
+    (:func:`budgetsearch.trainer.metrics.validation_key`: accuracy, then loss; then the lower
+    rate). ``reproduced`` says whether that run scored what the race's last rung recorded for
     the winner at its rate (when not, the two trainings differ numerically and the comparison
     is weaker). None for a cross-validated race (its validation is not the study's)."""
     if folds != 1:
         return None
+    from budgetsearch.trainer.metrics import validation_key
+
     runs = {float(k): v for k, v in tuning0.items()}
-    best = min(runs, key=lambda lr: (-float(runs[lr]["best_accuracy"]),
-                                     float(runs[lr].get("val_loss") or math.inf), lr))
+    best = max(runs, key=lambda lr: (*validation_key(runs[lr]), -lr))
     last = max(r for r, *_ in scores)
     recorded = scores.get((last, winner, float(win_lr)))
     mine = runs.get(float(win_lr), {}).get("best_accuracy")
