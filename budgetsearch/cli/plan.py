@@ -287,6 +287,13 @@ def run_plan(args: argparse.Namespace) -> int:
               + f"; export with `budgetsearch export --plan {out} --format tte`")
     print(f"wrote {out} (study {name!r} in {result.storage}; "
           f"{time.perf_counter() - started:.1f} s)")
+    if outcome.race is not None:
+        rates = ", ".join(f"{x:g}" for x in outcome.race.winner_lrs())
+        same = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (
+            ("model", args.model), ("num_classes", args.num_classes), ("data", args.data),
+            ("input_size", args.input_size)) if v is not None)
+        print(f"train it once at each rate its race tried it at ({rates}) and keep the run "
+              f"that validates best: budgetsearch train --plan {out} {same} --lrs --out DIR")
     if not args.front_dir:
         print(f"front (CSV + PNG): budgetsearch front --study {name} --storage "
               f"{result.storage} --out DIR (or --front-dir DIR here)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,12 +57,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=None,
                    help="learning rate in (0, 10] (default: the plan's recipe, else 0.01, "
                         "0.001 with adam)")
-    p.add_argument("--lrs", type=float_range(0, 10, low_open=True), nargs="+", default=None,
+    p.add_argument("--lrs", type=float_range(0, 10, low_open=True), nargs="*", default=None,
                    metavar="LR",
                    help="train once per learning rate (each run in --out/lr-<rate>) and keep "
                         "the run with the best validation accuracy, then the lower validation "
                         "loss, leaving out rates that diverge; written to --out/lrs.json "
-                        "(instead of --lr)")
+                        "(instead of --lr). Without rates: the rates the plan's race tried "
+                        "its winner at, best first")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=None,
                    help="default: the plan's recipe, else the plan's optimizer")
     p.add_argument("--momentum", type=float_range(0, 1, high_open=True), default=None,
@@ -210,6 +212,31 @@ def _apply_recipe(args: argparse.Namespace, plan: Any) -> None:
     args.recipe_used = sorted(set(fields) - given) if recipe is not None else []
 
 
+def _raced_lrs(plan: Any, *, source: str) -> list[float]:
+    """The learning rates a plan's race tried its winner at, best first (``winner_lrs`` in the
+    race's provenance), for ``--lrs`` without values.
+
+    Raises:
+        PlanError: The plan records no such rates (naming ``source``, why and what to give).
+    """
+    race = plan.provenance.get("race")
+    rates = race.get("winner_lrs") if isinstance(race, dict) else None
+    if rates is None:
+        why = ("it was not raced" if race is None else
+               "its race predates the record of the winner's rates")
+        raise PlanError(f"{source}: --lrs without rates trains at the rates the plan's race "
+                        f"tried its winner at, and this plan records none ({why}; plans of "
+                        "`plan --effort standard|thorough` do): give the rates, e.g. --lrs "
+                        "0.00667 0.02 0.06")
+    if (not isinstance(rates, list) or not rates
+            or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                   or not math.isfinite(x) or not 0 < x <= 10 for x in rates)
+            or len(set(rates)) != len(rates)):
+        raise PlanError(f"{source}: provenance.race.winner_lrs must be a list of distinct "
+                        f"learning rates in (0, 10]; got {rates!r}")
+    return [float(x) for x in rates]
+
+
 def _search_replan(method: str) -> Any:
     """The search's re-planning function for ``--replan auto|search`` (the trainer does not
     import the search; this command, above both, connects them)."""
@@ -237,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
         if len(set(args.lrs)) != len(args.lrs):
             raise PlanError(f"--lrs: each rate once; got {' '.join(f'{x:g}' for x in args.lrs)}")
     plan = load_plan(args.plan)
+    if args.lrs == []:
+        args.lrs = _raced_lrs(plan, source=args.plan)
     _apply_recipe(args, plan)
     height, width = plan.input_size
     size = args.input_size or height

@@ -65,6 +65,14 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
     assert ("the race could not separate" in printed) == (not sep["clear"])
     assert "val acc" in printed and ("beat the best baseline" in printed
                                      or "a baseline won the race" in printed)
+    # the rates to train it at: the one it won with first, then its other raced rates
+    lrs = race["winner_lrs"]
+    assert lrs[0] == plan.recipe.lr and len(set(lrs)) == len(lrs)
+    assert set(lrs) == {a["lr"] for a in race["rungs"][0]["arms"]
+                        if a["candidate"] == race["winner"]}
+    (hint,) = [line for line in printed.splitlines() if line.startswith("train it once")]
+    assert "(" + ", ".join(f"{x:g}" for x in lrs) + ")" in hint
+    command = hint.split(": budgetsearch ", 1)[1].split()
     first_arms = race["arms_trained"]
     assert first_arms == sum(len(r["arms"]) for r in race["rungs"])
 
@@ -84,6 +92,11 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
         printed.out)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["epochs"]) == plan.recipe.epochs
+    # the command plan printed trains it at each of those rates and keeps one
+    command[command.index("DIR")] = str(tmp_path / "lrs")
+    assert main([*command, "--epochs", "1", "--no-progress"]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "lrs" / "lrs.json").read_text())
+    assert set(summary["runs"]) | set(summary["diverged"]) == {f"{x:g}" for x in lrs}
     # without the extension: the same race file (the bound is not part of its key), only the
     # grid's rates raced, nothing of the first rung retrained
     assert main(_plan(images, out, "--lr-extensions", "0")) == 0

@@ -67,6 +67,25 @@ def test_successive_halving_keeps_the_best_third_and_picks_the_best_arm():
     assert best["s2"]["rung"] == 2 and best["b5"]["rung"] == 0
 
 
+def test_the_winners_rates_put_the_rate_it_won_with_first():
+    class Drifting(FakeRunner):
+        """The best rate is 0.06 after 1 epoch and 0.00667 after 2."""
+
+        def run(self, updates, recipe):
+            self.best_lr = {"l1": 0.06 if recipe.epochs == 1 else 0.00667, "l2": 0.02}
+            return super().run(updates, recipe)
+
+    result = race(Drifting({"l1": 0.9, "l2": 0.5}, {}), [cand("s1", "l1"), cand("b2", "l2")],
+                  recipe=Recipe(optimizer="sgd"),
+                  settings=RaceSettings(rungs=(1, 2), lrs=(0.00667, 0.02, 0.06), keep=0.5),
+                  progress=False)
+    first = [a["lr"] for a in result.rungs[0]["arms"] if a["candidate"] == "s1"]
+    assert first == [0.06, 0.02, 0.00667]  # the first rung's order for the winner
+    assert result.winner.name == "s1" and result.recipe.lr == 0.00667
+    assert result.winner_lrs() == [0.00667, 0.06, 0.02]
+    assert result.provenance()["winner_lrs"] == [0.00667, 0.06, 0.02]
+
+
 def test_ties_go_to_less_memory_and_duplicates_race_once():
     runner = FakeRunner({"l1": 0.7}, {"l1": 0.02})
     a = cand("s-big", "l1", memory=500)

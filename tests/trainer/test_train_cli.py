@@ -193,3 +193,33 @@ def test_lrs_leaves_out_a_rate_that_diverges(setup, capsys, monkeypatch):
     # a run directory in the way is not a divergence: it stops the command
     code, _, err = run(capsys, *args, "--lrs", "0.3", "0.01", "--out", str(root / "div"))
     assert code == 2 and "already holds checkpoints" in err
+
+
+def test_lrs_without_rates_takes_the_rates_the_plans_race_tried(setup, capsys, tmp_path):
+    from budgetsearch.plan import load_plan
+
+    root = setup
+    plan = load_plan(root / "plan.json")
+    raced = plan.with_(provenance={**plan.provenance, "race": {
+        "winner": "last-k", "lr": 0.3, "winner_lrs": [0.3, 0.001]}})
+    raced.save(tmp_path / "raced.json")
+    args = ["train", "--model", NAME, "--data", str(root / "flat"), "--epochs", "1",
+            "--threads", "1", "--no-progress"]
+    code, out, err = run(capsys, *args, "--plan", str(tmp_path / "raced.json"), "--lrs",
+                         "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "sgd lr 0.3, 0.001" in out
+    assert set(json.loads((tmp_path / "run" / "lrs.json").read_text())["runs"]) == {
+        "0.3", "0.001"}
+    # a plan that was not raced, or whose record is malformed, is named with what to give
+    code, _, err = run(capsys, *args, "--plan", str(root / "plan.json"), "--lrs",
+                       "--out", str(tmp_path / "none"))
+    assert code == 2 and "plan.json: --lrs without rates" in err and "not raced" in err
+    assert "e.g. --lrs 0.00667 0.02 0.06" in err
+    for bad in ([], [0.1, 0.1], [0.1, -1], ["0.1"], 0.1):
+        plan.with_(provenance={**plan.provenance, "race": {"winner_lrs": bad}}).save(
+            tmp_path / "bad.json")
+        code, _, err = run(capsys, *args, "--plan", str(tmp_path / "bad.json"), "--lrs",
+                           "--out", str(tmp_path / "bad"))
+        assert code == 2 and "bad.json: provenance.race.winner_lrs must be" in err, bad
+    assert not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
