@@ -26,7 +26,7 @@ from ..choices import (
     THIRD_OBJECTIVES,
 )
 from ..errors import PlanError, SearchError
-from ..planner.race import MAX_FOLDS, MAX_LR_EXTENSIONS
+from ..planner.race import MAX_FINAL, MAX_FOLDS, MAX_LR_EXTENSIONS
 from ..units import format_bytes
 from ._common import (
     MAX_BATCH_SIZE,
@@ -127,6 +127,11 @@ def register(subparsers: Any) -> None:
                         "is; default: folds of the split's size when it holds fewer than 200 "
                         "images, else 1; a --race-file made with other folds is refused: give "
                         "its folds or another file)")
+    r.add_argument("--race-final", type=_final_count, default=None,
+                   help="after a race on the validation split, train the best arm of each of "
+                        "this many of the last rung's best candidates again by cross-"
+                        "validation on folds of the pooled images and keep the best (0: no "
+                        "final; default: the effort's, 4 at standard, 6 at thorough)")
     r.add_argument("--train-batch", type=int_range(1, MAX_BATCH_SIZE), default=32,
                    help="batch size the race trains at, recorded in the plan's recipe (32); "
                         "the budget stays that of --batch-size on the device")
@@ -268,6 +273,7 @@ def run_plan(args: argparse.Namespace) -> int:
         trials=args.trials, seed=args.seed, storage=storage,
         study_name=args.study or (lambda config: _default_study_name(args, budget, config)),
         pick=args.pick, lrs=lrs, lr_extensions=args.lr_extensions, race_folds=args.race_folds,
+        race_final=args.race_final,
         train_batch=args.train_batch, race_file=args.race_file,
         progress=not args.no_progress, flush_seconds=args.flush_seconds, log=_stderr)
     result = outcome.search
@@ -298,6 +304,18 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"front (CSV + PNG): budgetsearch front --study {name} --storage "
               f"{result.storage} --out DIR (or --front-dir DIR here)")
     return 0
+
+
+def _final_count(text: str) -> int:
+    """``--race-final``: 0 (no final) or 2 to :data:`MAX_FINAL` candidates."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value not in (0, *range(2, MAX_FINAL + 1)):
+        raise argparse.ArgumentTypeError(f"must be 0 (no final) or an integer from 2 to "
+                                         f"{MAX_FINAL}; got {text!r}")
+    return value
 
 
 def _stderr(line: str) -> None:
@@ -431,6 +449,13 @@ def race_table(outcome: Any) -> str:
                      f"by {margin['points']:+.1f} points of validation accuracy after "
                      f"{margin['epochs']} epoch(s) ({margin['winner_accuracy']:.4f} against "
                      f"{margin['baseline_accuracy']:.4f})")
+    final = rr.final()
+    if final is not None:
+        lines.append(
+            f"the final cross-validated the {len(final['arms'])} best candidates of the last "
+            f"rung (each at its best rate there) on {final['folds']} folds of all "
+            f"{final['val_images']} training and validation images, and {rr.winner.name} won "
+            f"it; their val acc is the final's (--race-final 0: no final)")
     if rr.folds > 1:
         lines.append(f"the race cross-validated every arm on {rr.folds} folds: each trained on "
                      f"the other folds and validated on its own, so the validation accuracies "
@@ -444,7 +469,8 @@ def race_table(outcome: Any) -> str:
             f"({sep['lead_points']:+.1f} points) is less than one standard error of an accuracy "
             f"on {sep['val_images']} images ({sep['standard_error_points']:.1f} points); they "
             "train alike as far as this split can tell (more data would decide"
-            + (")" if rr.folds > 1 else ", or a larger --val-fraction, or --race-folds)"))
+            + (")" if rr.folds > 1 or final is not None
+               else ", or a larger --val-fraction, or --race-folds)"))
     for name, why in sorted(outcome.skipped.items()):
         lines.append(f"not raced: {name}: {_short({'error': why})}")
     added = rr.lr_extension.get("added") or []
@@ -460,11 +486,16 @@ def race_table(outcome: Any) -> str:
         f"recipe: {r.optimizer} lr {r.lr:g}, {r.epochs} epochs at batch "
         f"{r.batch_size} (validation accuracy on {rr.stats.get('val_images', 'the')} "
         + ("held-out images" if rr.folds == 1 else f"images, {rr.folds}-fold cross-validated")
+        + ("" if final is None else f"; the final's on {final['val_images']} images, "
+           f"{final['folds']}-fold cross-validated")
         + "; val acc of a candidate is at the last rung it reached)")
     lines.append(
-        f"race: {sum(len(x['arms']) * len(x['seeds']) for x in rr.rungs)} arms"
-        + ("" if rr.folds == 1 else f" x {rr.folds} folds") + " over "
-        f"{len(rr.rungs)} rungs ({rr.stats['arms_trained']} trained now, "
+        f"race: {sum(len(x['arms']) * len(x['seeds']) for x in rr.rungs if x is not final)} "
+        "arms" + ("" if rr.folds == 1 else f" x {rr.folds} folds") + " over "
+        f"{len(rr.rungs) - (final is not None)} rungs"
+        + ("" if final is None else f" and a final of {len(final['arms'])} x {final['folds']} "
+           "folds")
+        + f" ({rr.stats['arms_trained']} trained now, "
         f"{rr.stats['seconds']:.0f} s); study {outcome.search.study_name!r}: "
         f"{len(outcome.search.trials)} trials (+{st['new_trials']} now)")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ it won with. :mod:`.effort` names how much goes into it (``quick``, ``standard``
 
 from __future__ import annotations
 
-from .effort import CENTER_LR, EFFORTS, Effort, get_effort, lr_grid, race_folds
+from .effort import CENTER_LR, EFFORTS, Effort, final_folds, get_effort, lr_grid, race_folds
 from .entry import ARGUMENT_NAMES, DEFAULT_TRIALS, PlanData, choose_effort, plan_for
 from .flow import PlanOutcome, make_plan, race_candidates, separation_figures
 from .prepare import contribution_table, fisher_scores, load_contributions, race_data_key
@@ -41,6 +41,7 @@ __all__ = [
     "choose_effort",
     "contribution_table",
     "default_race_path",
+    "final_folds",
     "fisher_scores",
     "get_effort",
     "load_contributions",

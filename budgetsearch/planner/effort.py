@@ -19,6 +19,16 @@ the split's standard error (``studies/results/race_separation.md``); cross-valid
 with its own batch order), the 9 were within a point in 6 (``studies/results/FINDINGS.md``,
 section 0b).
 
+A race on the validation split (200 or more images) ends with a cross-validated final
+(:attr:`~.race.RaceSettings.final_candidates`): the best arm of each of the last rung's 4 best
+candidates (6 at ``thorough``) is trained again on folds of about the validation split's size
+over the pooled images (:func:`final_folds`: 5 for 800 training and 200 validation images), and
+the best of them there wins. Why: the gradient-filtering races on 200 validation images handed
+out plans 1.1-1.2 points below the best baseline, their leads under one standard error; cross-
+validated from the first rung, they handed out the best baseline's plan in all 8 cells, whose
+arm the first rung on the split had kept every time (``benchmarks/race_final.py``). The final
+trains a few arms five times, not every arm.
+
 Why the grid extends past its edges: in the committed studies MobileNetV2's best rate was the
 lowest of the grid (a grid centred on a rate that suits MCUNet), so the true best lay outside
 it; a fixed grid wide enough for every model would train every candidate at rates most of them
@@ -39,7 +49,8 @@ from ..errors import PlanError
 from ..recipe import OPTIMIZERS
 from .race import MAX_FOLDS, RaceSettings
 
-__all__ = ["CENTER_LR", "EFFORTS", "Effort", "get_effort", "lr_grid", "race_folds"]
+__all__ = ["CENTER_LR", "EFFORTS", "Effort", "final_folds", "get_effort", "lr_grid",
+           "race_folds"]
 
 #: The middle of each optimizer's learning-rate grid. SGD 0.02 is what the committed studies
 #: trained MCUNet-5fps and MobileNetV2-w0.35 with (chosen on validation among 0.005 / 0.02 in
@@ -63,6 +74,8 @@ class Effort:
             (:attr:`~.race.RaceSettings.lr_extensions`; 0: the grid only).
         cv_below: The race cross-validates when the validation split holds fewer images than
             this (:func:`race_folds`; 0: never).
+        final: Candidates of a race on the validation split's cross-validated final
+            (:attr:`~.race.RaceSettings.final_candidates`; 0: no final).
     """
 
     name: str
@@ -74,24 +87,28 @@ class Effort:
     candidates: str = "top:6"
     lr_extensions: int = 2
     cv_below: int = 200
+    final: int = 4
 
     def settings(self, optimizer: str, *, lrs: tuple[float, ...] | None = None,
-                 lr_extensions: int | None = None, folds: int = 1) -> RaceSettings:
+                 lr_extensions: int | None = None, folds: int = 1,
+                 final: int | None = None, final_folds: int = 5) -> RaceSettings:
         """The race settings for an optimizer (``lrs`` replaces the grid, ``lr_extensions``
-        the effort's bound on the rates tried beyond it; ``folds`` as in
-        :class:`~.race.RaceSettings`)."""
+        the effort's bound on the rates tried beyond it, ``final`` its finalists; ``folds``
+        and ``final_folds`` as in :class:`~.race.RaceSettings`)."""
         return RaceSettings(rungs=self.rungs, lrs=lrs or lr_grid(optimizer, self.lr_factors),
                             final_seeds=self.final_seeds,
                             lr_extensions=(self.lr_extensions if lr_extensions is None
-                                           else lr_extensions), folds=folds)
+                                           else lr_extensions), folds=folds,
+                            final_candidates=self.final if final is None else final,
+                            final_folds=final_folds)
 
 
 EFFORTS: dict[str, Effort] = {
-    "quick": Effort("quick", race=False, lr_extensions=0),
+    "quick": Effort("quick", race=False, lr_extensions=0, final=0),
     "standard": Effort("standard", race=True),
     "thorough": Effort("thorough", race=True, rungs=(2, 4, 8),
                        lr_factors=(0.25, 0.5, 1.0, 2.0, 4.0), final_seeds=2, front=8,
-                       candidates="top:10"),
+                       candidates="top:10", final=6),
 }
 
 
@@ -126,4 +143,13 @@ def race_folds(*, train_images: int, val_images: int, below: int) -> int:
     :data:`~.race.MAX_FOLDS` (200 training and 50 validation images: 5 folds of 50)."""
     if val_images >= below or val_images < 1:
         return 1
+    return min(MAX_FOLDS, max(2, round((train_images + val_images) / val_images)))
+
+
+def final_folds(*, train_images: int, val_images: int) -> int:
+    """The folds of a race's cross-validated final: folds of about the validation split's size
+    over the pooled images, ``round((train + val) / val)``, at least 2 and at most
+    :data:`~.race.MAX_FOLDS` (800 training and 200 validation images: 5 folds of 200)."""
+    if val_images < 1:
+        return 2
     return min(MAX_FOLDS, max(2, round((train_images + val_images) / val_images)))

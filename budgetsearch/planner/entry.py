@@ -183,6 +183,7 @@ def plan_for(
     lrs: Sequence[float] | None = None,
     lr_extensions: int | None = None,
     race_folds: int | None = None,
+    race_final: int | None = None,
     train_batch: int | None = None,
     recipe: Recipe | None = None,
     race_file: str | os.PathLike[str] | None = None,
@@ -255,6 +256,9 @@ def plan_for(
             tensors pooled (1: the validation split as it is); None: by the effort's rule
             (:func:`~.effort.race_folds`: folds of about the split's size when it holds fewer
             than 200 images).
+        race_final: Candidates in the cross-validated final of a race on the validation
+            split (:attr:`~.race.RaceSettings.final_candidates`; 0: no final); None: the
+            effort's (4 at ``standard``, 6 at ``thorough``).
         train_batch: The batch size the race trains at and the plan's recipe records (32); the
             budget stays that of the cost model's batch size.
         recipe: The race's base recipe instead (optimizer, batch size, seed, filter mode).
@@ -312,6 +316,8 @@ def plan_for(
         RaceSettings(lr_extensions=lr_extensions)  # a bad bound: refused before any work
     if race_folds is not None:
         RaceSettings(folds=race_folds)
+    if race_final is not None:
+        RaceSettings(final_candidates=race_final)
     say = log or _silent
     graph = cost_model.graph
     source, tensors = _data(data)
@@ -398,7 +404,7 @@ def plan_for(
     return make_plan(
         search, effort=effort, n_trials=trials, storage=opened, study_name=name,
         pick_rule=pick, runner=runner, data_key=data_key, model=model, lrs=lrs,
-        lr_extensions=lr_extensions, folds=race_folds,
+        lr_extensions=lr_extensions, folds=race_folds, final=race_final,
         recipe=recipe or Recipe(optimizer=cost_model.optimizer,
                                 batch_size=32 if train_batch is None else train_batch, seed=seed),
         race_path=race_file, baseline_scores=baseline_scores,

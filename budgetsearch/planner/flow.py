@@ -23,7 +23,7 @@ from ..choices import PlanTarget
 from ..errors import BudgetSearchError
 from ..plan import LayerUpdate, Plan
 from ..recipe import Recipe
-from .effort import Effort, race_folds
+from .effort import Effort, final_folds, race_folds
 from .race import Candidate, RaceResult, default_race_path, race, race_key
 from .target import target_problem
 
@@ -84,8 +84,8 @@ class PlanOutcome:
         if self.race is None or not self.race.stats.get("val_images"):
             return None
         rr = self.race
-        n = int(rr.stats["val_images"])
         for i in range(len(rr.rungs) - 1, -1, -1):
+            n = int(rr.rungs[i].get("val_images") or rr.stats["val_images"])
             arms = rr.rungs[i]["arms"]
             others = [a for a in arms if a["candidate"] != rr.winner.name]
             mine = [a["val_accuracy"] for a in arms if a["candidate"] == rr.winner.name]
@@ -258,6 +258,7 @@ def make_plan(
     lrs: Sequence[float] | None = None,
     lr_extensions: int | None = None,
     folds: int | None = None,
+    final: int | None = None,
     race_path: str | os.PathLike[str] | None = None,
     race_storage: str | None = None,
     baseline_scores: Any = None,
@@ -289,6 +290,10 @@ def make_plan(
         folds: Folds the race cross-validates on (1: the runner's validation split as it
             is); None: by the effort's rule (:func:`~.effort.race_folds`) on the sizes of the
             runner's splits when the runner can deal folds, else 1.
+        final: Candidates in the cross-validated final of a race on the validation split
+            (:attr:`~.race.RaceSettings.final_candidates`; 0: none); None: the effort's. Its
+            folds: :func:`~.effort.final_folds` on the runner's splits. No final when the
+            runner cannot deal folds.
         race_path: The race file (default under ``$BUDGETSEARCH_CACHE/race/``, by key).
         race_storage: A database URL to keep the race in instead (shared across machines).
         baseline_scores: Scores of the baselines' selectors (:func:`race_candidates`).
@@ -316,14 +321,17 @@ def make_plan(
     if runner is None:
         raise PlanError(f"effort {effort.name} races plans: it needs training data (a runner)")
     recipe = recipe or Recipe(optimizer=search.cost_model.optimizer, seed=search.seed)
+    data = getattr(runner, "data", None)
+    sizes = ({"train_images": len(data["train"][1]), "val_images": len(data["val"][1])}
+             if isinstance(data, Mapping) and "train" in data and "val" in data
+             and callable(getattr(runner, "folds", None)) else None)
     if folds is None:
-        data = getattr(runner, "data", None)
-        folds = race_folds(train_images=len(data["train"][1]), val_images=len(data["val"][1]),
-                           below=effort.cv_below) if (
-            isinstance(data, Mapping) and "train" in data and "val" in data
-            and callable(getattr(runner, "folds", None))) else 1
+        folds = 1 if sizes is None else race_folds(**sizes, below=effort.cv_below)
+    if sizes is None:  # a runner that cannot deal folds has no cross-validated final
+        final = 0
     settings = effort.settings(recipe.optimizer, lrs=tuple(lrs) if lrs else None,
-                               lr_extensions=lr_extensions, folds=folds)
+                               lr_extensions=lr_extensions, folds=folds, final=final,
+                               final_folds=final_folds(**sizes) if sizes else 5)
     candidates, skipped = race_candidates(search, result, front=effort.front, model=model,
                                           seed=search.seed, baseline_scores=baseline_scores,
                                           target=target, mcu_dir=mcu_dir)

@@ -23,6 +23,19 @@ favoured, or not, in every fold at once. (On ProxylessNAS-w0.3 with 200 training
 published MIT scheme at lr 0.02 tested at 28.2 % with training seed 0 and 28.1–48.1 % with seeds
 0–4, the same model; ``benchmarks/fold_orders.py``.)
 
+**The cross-validated final.** With ``final_candidates`` > 0 and a race on the validation split
+(``folds`` 1), the last rung does not decide alone: the best arm of each of its best
+``final_candidates`` candidates (distinct plans, in the rung's order) is trained again at the
+last rung's epochs and seeds on ``final_folds`` folds of the pooled training and validation
+images, as a cross-validated race would, and the best of them by its score over all the pooled
+images wins (ties as above). Why: on the 200 validation images of the gradient-filtering study
+the race's leads were under one standard error, and in all 8 of its cells the arm a race
+cross-validated from its first rung chose was among the arms the first rung on the split kept
+(``benchmarks/race_final.py``); the final spends the folds' cost on a few arms instead of all.
+The final is recorded as one more rung (``final``: true, with its ``folds`` and ``val_images``);
+its arm keys carry the fold count (``:f<j>of<k>``), and the final's settings are not part of the
+race's key, so a race file made without a final is continued by one.
+
 **Beyond the grid's edges.** With ``lr_extensions`` > 0, the first rung does not stop at the grid:
 a candidate with an arm among the arms the rung keeps whose best rate is the lowest (highest)
 rate it was tried at is also tried at the next rate below (above): the grid's edge rate divided
@@ -62,7 +75,8 @@ from ..errors import PlanError
 from ..plan import LayerUpdate
 from ..recipe import Recipe
 
-__all__ = ["FOLD_SEED_STRIDE", "Candidate", "RaceResult", "RaceSettings", "arm_scores",
+__all__ = ["FOLD_SEED_STRIDE", "MAX_FINAL", "Candidate", "RaceResult", "RaceSettings",
+           "arm_scores",
            "default_race_path", "fold_seed", "pooled_mean", "race", "race_key", "updates_digest"]
 
 #: Version of the race file's layout (part of its key).
@@ -71,6 +85,8 @@ RACE_VERSION = 1
 MAX_LR_EXTENSIONS = 8
 #: The most folds :attr:`RaceSettings.folds` allows.
 MAX_FOLDS = 20
+#: The most candidates :attr:`RaceSettings.final_candidates` allows.
+MAX_FINAL = 20
 #: Fold j of a cross-validated arm trains with the arm's seed plus j times this (far above any
 #: seed count of a last rung, so no two (seed, fold) pairs share a batch order).
 FOLD_SEED_STRIDE = 1000
@@ -129,6 +145,10 @@ class RaceSettings:
             module docstring). Needs at least two rates in the grid.
         folds: 1: train on the training split, score on the validation split; k > 1: score
             every arm by k-fold cross-validation over both (see the module docstring).
+        final_candidates: Candidates of the last rung (each at its best rate there) raced
+            again in a cross-validated final when ``folds`` is 1 (0: no final; otherwise at
+            least 2; see the module docstring).
+        final_folds: Folds of the final, 2 to :data:`MAX_FOLDS`.
     """
 
     rungs: tuple[int, ...] = (2, 4)
@@ -137,6 +157,8 @@ class RaceSettings:
     final_seeds: int = 1
     lr_extensions: int = 0
     folds: int = 1
+    final_candidates: int = 0
+    final_folds: int = 5
 
     def __post_init__(self) -> None:
         rungs, lrs = tuple(self.rungs), tuple(self.lrs)
@@ -158,6 +180,14 @@ class RaceSettings:
                 or not 1 <= self.folds <= MAX_FOLDS):
             raise PlanError(f"race folds must be an integer from 1 (the validation split) to "
                             f"{MAX_FOLDS}; got {self.folds!r}")
+        if (not isinstance(self.final_candidates, int) or isinstance(self.final_candidates, bool)
+                or self.final_candidates not in (0, *range(2, MAX_FINAL + 1))):
+            raise PlanError(f"race final_candidates must be 0 (no final) or an integer from 2 "
+                            f"to {MAX_FINAL}; got {self.final_candidates!r}")
+        if (not isinstance(self.final_folds, int) or isinstance(self.final_folds, bool)
+                or not 2 <= self.final_folds <= MAX_FOLDS):
+            raise PlanError(f"race final_folds must be an integer from 2 to {MAX_FOLDS}; got "
+                            f"{self.final_folds!r}")
         if self.folds > 1 and self.final_seeds > FOLD_SEED_STRIDE:  # fold seeds would collide
             raise PlanError(f"a cross-validated race takes at most {FOLD_SEED_STRIDE} "
                             f"final_seeds; got {self.final_seeds}")
@@ -168,7 +198,14 @@ class RaceSettings:
         """JSON-ready form."""
         return {"rungs": list(self.rungs), "lrs": list(self.lrs), "keep": self.keep,
                 "final_seeds": self.final_seeds, "lr_extensions": self.lr_extensions,
-                "folds": self.folds}
+                "folds": self.folds, "final_candidates": self.final_candidates,
+                "final_folds": self.final_folds}
+
+    @property
+    def has_final(self) -> bool:
+        """Whether the race ends with a cross-validated final (a race on the validation split
+        with ``final_candidates`` > 0)."""
+        return self.folds == 1 and self.final_candidates > 0
 
     def factors(self) -> tuple[float, float] | None:
         """The geometric steps beyond the grid's low and high edges (the ratios of its two
@@ -181,11 +218,14 @@ class RaceSettings:
     def epochs_total(self, arms: int) -> int:
         """Epochs the whole race trains for ``arms`` arms at the first rung (every fold's
         training counted)."""
-        total, alive = 0, arms
+        total, alive, entering = 0, arms, arms
         for i, epochs in enumerate(self.rungs):
             last = i == len(self.rungs) - 1
             total += alive * epochs * (self.final_seeds if last else 1) * self.folds
-            alive = max(1, math.ceil(alive * self.keep))
+            entering, alive = alive, max(1, math.ceil(alive * self.keep))
+        if self.has_final:  # at most this many finalists (one arm per candidate)
+            total += (min(self.final_candidates, entering) * self.rungs[-1] * self.final_seeds
+                      * self.final_folds)
         return total
 
 
@@ -223,11 +263,19 @@ class RaceResult:
         """The winner's results in the last rung, by seed key (``s<seed>``, with ``:f<fold>``
         in a cross-validated race)."""
         last = len(self.rungs) - 1
-        epochs = self.rungs[-1]["epochs"]
-        folds = [None] if self.folds == 1 else list(range(self.folds))
+        rung = self.rungs[-1]
+        k = rung.get("folds", self.folds)
+        folds = [None] if k == 1 else list(range(k))
+        of = k if rung.get("final") else None
         return {f"s{seed}" + ("" if f is None else f":f{f}"): self.results[
-                    _arm_key(last, epochs, seed, self.winner.name, self.recipe.lr, f)]
-                for seed in self.rungs[-1]["seeds"] for f in folds}
+                    _arm_key(last, rung["epochs"], seed, self.winner.name, self.recipe.lr, f,
+                             of=of)]
+                for seed in rung["seeds"] for f in folds}
+
+    def final(self) -> dict[str, Any] | None:
+        """The cross-validated final's rung (the last, marked ``final``), or None when the
+        race had none."""
+        return self.rungs[-1] if self.rungs and self.rungs[-1].get("final") else None
 
     def best(self) -> dict[str, dict[str, Any]]:
         """Per candidate: its best arm at the furthest rung it reached (``rung``, ``lr``,
@@ -275,12 +323,14 @@ def race_key(
 
     ``lr_extensions`` is not part of it: an arm's result is keyed by its rung, epochs, seed,
     candidate and rate, so it is the same with or without the extension, and a race file made
-    before the extension existed (or with another bound) is continued, not refused. ``folds``
+    before the extension existed (or with another bound) is continued, not refused. Nor are
+    the final's settings: its arms' keys carry their fold count. ``folds``
     is part of it only above 1, so a race file made before folds existed is continued by a
     race on the validation split; with it comes ``fold_seed_stride``
     (:data:`FOLD_SEED_STRIDE`)."""
     shown = {k: v for k, v in settings.to_dict().items()
-             if k != "lr_extensions" and (k != "folds" or v != 1)}
+             if k not in ("lr_extensions", "final_candidates", "final_folds")
+             and (k != "folds" or v != 1)}
     if settings.folds > 1:  # a race whose folds all trained with the arm's seed is not continued
         shown["fold_seed_stride"] = FOLD_SEED_STRIDE
     return {"race_version": RACE_VERSION, **dict(data_key), "recipe": recipe.to_dict(),
@@ -297,12 +347,16 @@ def default_race_path(key: Mapping[str, Any]) -> Path:
 
 
 def _arm_key(rung: int, epochs: int, seed: int, name: str, lr: float,
-             fold: int | None = None) -> str:
-    return f"r{rung}:e{epochs}:s{seed}:{name}@lr{lr:g}" + ("" if fold is None else f":f{fold}")
+             fold: int | None = None, *, of: int | None = None) -> str:
+    """An arm's key; ``of``: the fold count, in the keys of the cross-validated final (whose
+    folds are not part of the race's key)."""
+    tail = "" if fold is None else f":f{fold}" + ("" if of is None else f"of{of}")
+    return f"r{rung}:e{epochs}:s{seed}:{name}@lr{lr:g}" + tail
 
 
-#: :func:`_arm_key`'s form: rung, epochs, seed, candidate, rate, and the fold if any.
-_ARM_KEY = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+))?$")
+#: :func:`_arm_key`'s form: rung, epochs, seed, candidate, rate, and the fold if any (with the
+#: fold count in the final's keys).
+_ARM_KEY = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+)(?:of\d+)?)?$")
 
 
 def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_accuracy"
@@ -369,6 +423,10 @@ def race(
 
     settings = settings or RaceSettings()
     pool = _distinct(candidates)
+    if settings.has_final and not callable(getattr(runner, "folds", None)):
+        raise PlanError(f"a cross-validated final needs a runner that deals folds (a "
+                        f"PlanRunner); {type(runner).__name__} has no folds() (final_candidates "
+                        "0: no final)")
     views, val_images = _views(runner, settings.folds, seed=recipe.seed)
     folds: list[int | None] = [None] if settings.folds == 1 else list(range(settings.folds))
     shared = open_shared(dict(key or {}), path=path, storage=storage, kind="race")
@@ -380,9 +438,12 @@ def race(
     rungs: list[dict[str, Any]] = []
     added: list[dict[str, Any]] = []
 
-    def train(jobs: Mapping[str, tuple[str, float, int, int | None]], epochs: int) -> None:
-        """Train (or wait for other workers to train) every job not yet recorded."""
+    def train(jobs: Mapping[str, tuple[str, float, int, int | None]], epochs: int,
+              on: Sequence[Any] | None = None) -> None:
+        """Train (or wait for other workers to train) every job not yet recorded (a job's
+        fold j on ``on[j]``, by default the race's views)."""
         nonlocal trained
+        on = views if on is None else on
         while True:
             if shared is not None:
                 job = shared.claim(list(jobs))
@@ -400,7 +461,7 @@ def race(
                                 "again to finish")
             name, lr, seed, fold = jobs[job]
             try:
-                result = views[fold or 0].run(pool[name].updates, recipe.with_(
+                result = on[fold or 0].run(pool[name].updates, recipe.with_(
                     lr=lr, epochs=epochs, seed=fold_seed(seed, fold)))
             except BaseException:
                 if shared is not None:
@@ -436,6 +497,25 @@ def race(
         scored.sort()
         return scored
 
+    def final(finalists: list[tuple[str, float]], last: Mapping[str, Any]) -> dict[str, Any]:
+        """Train the finalists on the final's folds and rank them (the final's rung)."""
+        nonlocal arms
+        k, epochs, seeds = settings.final_folds, last["epochs"], last["seeds"]
+        on, images = _views(runner, k, seed=recipe.seed)
+        index = len(settings.rungs)
+        jobs = {_arm_key(index, epochs, s, name, lr, f, of=k): (name, lr, s, f)
+                for name, lr in finalists for s in seeds for f in range(k)}
+        if bar is not None:
+            bar.set_description(f"race final ({len(finalists)} arms x {epochs} ep x {k} folds)")
+        train(jobs, epochs, on)
+        arms = finalists
+        scored = score(jobs)
+        return {"epochs": epochs, "seeds": seeds, "final": True, "folds": k,
+                "val_images": images, "arms": [
+                    {"candidate": s[3], "lr": s[4], "val_accuracy": -s[0],
+                     "val_loss": None if math.isinf(s[2]) else s[2], "kept": j == 0}
+                    for j, s in enumerate(scored)]}
+
     try:
         for i, epochs in enumerate(settings.rungs):
             last = i == len(settings.rungs) - 1
@@ -466,6 +546,14 @@ def race(
                 train(fresh, epochs)
                 scored = score(jobs)
             kept = [(s[3], s[4]) for s in scored[:n_keep]]
+            if last and settings.has_final:  # the finalists: each candidate's best arm
+                finalists: list[tuple[str, float]] = []
+                for s in scored:
+                    if s[3] not in {name for name, _lr in finalists}:
+                        finalists.append((s[3], s[4]))
+                finalists = finalists[:settings.final_candidates]
+                if len(finalists) > 1:
+                    kept = finalists
             rung: dict[str, Any] = {"epochs": epochs, "seeds": seeds, "arms": [
                 {"candidate": s[3], "lr": s[4], "val_accuracy": -s[0],
                  "val_loss": None if math.isinf(s[2]) else s[2], "kept": (s[3], s[4]) in kept}
@@ -478,6 +566,9 @@ def race(
                                            * len(folds) for r in rungs))
                 bar.refresh()
             arms = kept
+        if len(arms) > 1:  # the cross-validated final among the last rung's finalists
+            rungs.append(final(arms, rungs[-1]))
+            arms = [next((a["candidate"], a["lr"]) for a in rungs[-1]["arms"] if a["kept"])]
         results = dict(shared.table().results if shared is not None else memory)
     finally:
         if bar is not None:

@@ -162,7 +162,8 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
         outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort, seed=plan_seed,
                                                        home=home, opts=opts,
                                                        folds=run.get("race_folds")),
-                           lr_extensions=run.get("lr_extensions"))
+                           lr_extensions=run.get("lr_extensions"),
+                           race_final=run.get("race_final"))
     else:
         outcome = plan_for(**common, objective="fisher", search_options=opts,
                            scores=ctx.scores(cell.method.scores, seed=plan_seed),
@@ -172,6 +173,7 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
         ctx.extras["race"] = {"winner": outcome.race.winner.name, "lr": outcome.race.recipe.lr,
                               "margin": outcome.margin(), "skipped": outcome.skipped,
                               "folds": outcome.race.folds,
+                              "final": _final_summary(outcome.race),
                               "separation": outcome.separation()}
     result = outcome.search
     names = result.objective_names
@@ -188,6 +190,16 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
                               "hypervolume": result.hypervolume, "chosen": result.trial.number,
                               "stats": result.stats, "effort": effort.name})
     return outcome.plan
+
+
+def _final_summary(race: Any) -> dict[str, Any] | None:
+    """The race's cross-validated final in a cell's extras: its folds, images and arms."""
+    final = race.final()
+    if final is None:
+        return None
+    return {"folds": final["folds"], "val_images": final["val_images"],
+            "arms": [{k: a[k] for k in ("candidate", "lr", "val_accuracy")}
+                     for a in final["arms"]]}
 
 
 def _race_arguments(cell: Cell, ctx: CellContext, model: Any, effort: Any, *, seed: int,

@@ -45,6 +45,9 @@ is a :class:`Cell`. The file (read with ``yaml.safe_load`` only)::
                                    # its grid's edges (default the effort's; 0: none)
                                    # race_folds: folds the race cross-validates on (1:
                                    # the validation split; default: 5-ish below 200 images)
+                                   # race_final: candidates in the cross-validated final
+                                   # of a race on the validation split (0: none; default
+                                   # the effort's)
                                    # target: pytorch|tte (plans MIT's engine takes)
     exclude:                       # cells not to run: every listed coordinate matches
       - {method: [gf-b2-r4], seed: [1, 2]}
@@ -105,7 +108,7 @@ UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 #: Search options a study passes to the planner (Search.run, the race) rather than to Search.
 RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort", "plan_seed", "lr_extensions",
-               "race_folds", "target")
+               "race_folds", "race_final", "target")
 
 
 class StudyError(BudgetSearchError):

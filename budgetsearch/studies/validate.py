@@ -357,7 +357,8 @@ def _tuning(training: dict[str, Any], where: str) -> None:
 
 def _effort(options: Mapping[str, Any], where: str) -> None:
     """A search's ``effort`` must be one of the planner's levels, its ``target`` a known
-    target, its ``lr_extensions`` and ``race_folds`` integers within the race's bounds."""
+    target, its ``lr_extensions``, ``race_folds`` and ``race_final`` integers within the race's
+    bounds."""
     if "effort" in options:
         from ..planner import EFFORTS
 
@@ -374,6 +375,14 @@ def _effort(options: Mapping[str, Any], where: str) -> None:
                 0 <= value <= MAX_LR_EXTENSIONS):
             raise StudyError(f"{where}.lr_extensions: expected an integer from 0 (the rate "
                              f"grid only) to {MAX_LR_EXTENSIONS}, got {value!r}")
+    if "race_final" in options:
+        from ..planner.race import MAX_FINAL
+
+        value = options["race_final"]
+        if (not isinstance(value, int) or isinstance(value, bool)
+                or value not in (0, *range(2, MAX_FINAL + 1))):
+            raise StudyError(f"{where}.race_final: expected 0 (no final) or an integer from 2 "
+                             f"to {MAX_FINAL}, got {value!r}")
     if "race_folds" in options:
         from ..planner.race import MAX_FOLDS
 

@@ -24,8 +24,10 @@ def _plan(images, out, *extra, folds="1"):
 
 
 def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path, capsys):
+    """The race on the validation split without its cross-validated final first (the final
+    is tested at the end, continuing the same race file)."""
     out = tmp_path / "plan.json"
-    assert main(_plan(images, out)) == 0
+    assert main(_plan(images, out, "--race-final", "0")) == 0
     printed = capsys.readouterr().out
     plan = load_plan(out)
     race = plan.provenance["race"]
@@ -77,7 +79,7 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
     assert first_arms == sum(len(r["arms"]) for r in race["rungs"])
 
     # the same command again: the study and the race are found, nothing is retrained
-    assert main(_plan(images, out)) == 0
+    assert main(_plan(images, out, "--race-final", "0")) == 0
     again = load_plan(out)
     assert again.provenance["race"]["arms_trained"] == 0
     assert again.updates == plan.updates and again.recipe == plan.recipe
@@ -99,12 +101,38 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
     assert set(summary["runs"]) | set(summary["diverged"]) == {f"{x:g}" for x in lrs}
     # without the extension: the same race file (the bound is not part of its key), only the
     # grid's rates raced, nothing of the first rung retrained
-    assert main(_plan(images, out, "--lr-extensions", "0")) == 0
+    assert main(_plan(images, out, "--lr-extensions", "0", "--race-final", "0")) == 0
     grid_only = load_plan(out).provenance["race"]
     assert grid_only["lr_extension"]["added"] == [] and "extended" not in grid_only["rungs"][0]
     assert {a["lr"] for a in grid_only["rungs"][0]["arms"]} == {0.01, 0.05}
     assert grid_only["arms_trained"] <= len(grid_only["rungs"][1]["arms"])
     capsys.readouterr()
+
+    # the default: the same race (its file continued) and then the cross-validated final, the
+    # best arm of each of the last rung's 4 best candidates on 5 folds of the 20 images
+    assert main(_plan(images, out)) == 0
+    printed = capsys.readouterr().out
+    with_final = load_plan(out).provenance["race"]
+    last, final = with_final["rungs"][-2], with_final["rungs"][-1]
+    assert final["final"] and final["folds"] == 5 and final["val_images"] == 20
+    # the last rung as it was, but for which arms went on
+    assert [{**a, "kept": None} for a in last["arms"]] == [
+        {**a, "kept": None} for a in race["rungs"][-1]["arms"]]
+    best_arms: list[tuple[str, float]] = []
+    for a in last["arms"]:
+        if a["candidate"] not in {c for c, _lr in best_arms}:
+            best_arms.append((a["candidate"], a["lr"]))
+    assert {(a["candidate"], a["lr"]) for a in final["arms"]} == set(best_arms[:4])
+    assert [(a["candidate"], a["lr"]) for a in last["arms"] if a["kept"]] == best_arms[:4]
+    assert with_final["arms_trained"] == 5 * len(final["arms"])  # only the final trained
+    assert final["arms"][0]["kept"] and final["arms"][0]["candidate"] == with_final["winner"]
+    assert with_final["separation"]["val_images"] == 20
+    assert "the final cross-validated the 4 best candidates" in printed
+    assert load_plan(out).recipe.lr == final["arms"][0]["lr"]
+    with pytest.raises(SystemExit):
+        main(_plan(images, tmp_path / "bad.json", "--race-final", "1"))
+    assert "--race-final: must be 0 (no final) or an integer from 2 to 20" in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(_plan(images, tmp_path / "bad.json", "--lr-extensions", "9"))
     assert "--lr-extensions: must be a non-negative integer from 0 to 8" in (

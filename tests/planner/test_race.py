@@ -221,6 +221,84 @@ def test_each_fold_trains_with_its_own_batch_order(tmp_path):
     assert RaceSettings(folds=1, final_seeds=s + 1).final_seeds == s + 1
 
 
+SPLIT_SCORES = {"l1": 0.7, "l2": 0.8, "l3": 0.5}
+
+
+class SplitThenFolds(FoldedRunner):
+    """On the validation split ``b`` (l2) leads ``a`` (l1), and ``c`` (l3) trails; on the
+    folds ``a`` is right on 9 of 12 images and ``b`` on 7 (FOLD_SCORES)."""
+
+    def run(self, updates, recipe):
+        (layer,) = [k for k in updates if k != "head"]
+        self.seeds.append((layer, recipe.epochs, -1, recipe.seed))
+        acc = SPLIT_SCORES[layer] - (0.05 if recipe.lr != 0.02 else 0.0)
+        return {"val_accuracy": acc, "val_loss": 1 - acc, "seconds": 0.0, "val_images": 50}
+
+
+def test_the_cross_validated_final_decides_among_the_last_rungs_best_candidates(tmp_path):
+    """Rungs on the split keep b@0.02, a@0.02 and b@0.01 (0.8, 0.7, 0.75 ranked 0.8, 0.75,
+    0.7); the final takes each of the 2 best candidates' best arm (b@0.02, a@0.02), trains them
+    on 2 folds of the pooled images, and a wins there (0.75 against 0.583 of 12 images). A race
+    file made without a final has the same key and is continued: only the final trains."""
+    cands = [cand("a", "l1"), cand("b", "l2"), cand("c", "l3")]
+    plain = RaceSettings(rungs=(1, 2), lrs=(0.01, 0.02), keep=0.5)
+    settings = RaceSettings(rungs=(1, 2), lrs=(0.01, 0.02), keep=0.5, final_candidates=2,
+                            final_folds=2)
+    key = race_key(data_key={"model": "fake"}, recipe=Recipe(seed=3), settings=settings,
+                   candidates=cands)
+    assert key == race_key(data_key={"model": "fake"}, recipe=Recipe(seed=3), settings=plain,
+                           candidates=cands)
+    path = tmp_path / "race.json"
+    before = race(SplitThenFolds(), cands, recipe=Recipe(seed=3), settings=plain, path=path,
+                  key=key, progress=False)
+    assert before.winner.name == "b" and before.final() is None
+    runner = SplitThenFolds()
+    result = race(runner, cands, recipe=Recipe(seed=3), settings=settings, path=path, key=key,
+                  progress=False)
+    assert sorted(runner.calls) == [("l1", 0), ("l1", 1), ("l2", 0), ("l2", 1)]
+    assert runner.dealt == [(2, 3)]
+    assert result.winner.name == "a" and result.recipe.lr == 0.02 and result.recipe.epochs == 2
+    last, final = result.rungs[-2], result.final()
+    assert final is result.rungs[-1] and final["folds"] == 2 and final["val_images"] == 12
+    assert [(a["candidate"], a["lr"], a["kept"]) for a in last["arms"]] == [
+        ("b", 0.02, True), ("b", 0.01, False), ("a", 0.02, True)]
+    assert [(a["candidate"], a["val_accuracy"], a["kept"]) for a in final["arms"]] == [
+        ("a", pytest.approx(0.75), True), ("b", pytest.approx(7 / 12), False)]
+    assert sorted(result.final_arms()) == ["s3:f0", "s3:f1"]
+    assert result.final_arms()["s3:f0"]["val_images"] == 10
+    assert result.winner_lrs() == [0.02, 0.01]
+    keys = json.loads(path.read_text())["results"]
+    assert "r2:e2:s3:a@lr0.02:f1of2" in keys and "r2:e2:s3:b@lr0.02:f0of2" in keys
+    from budgetsearch.planner.race import arm_scores
+
+    assert arm_scores(keys)[(2, "a", 0.02)] == pytest.approx(0.75)
+    assert settings.epochs_total(6) == 6 * 1 + 3 * 2 + 2 * 2 * 2
+    # again: nothing trains
+    again = SplitThenFolds()
+    assert race(again, cands, recipe=Recipe(seed=3), settings=settings, path=path, key=key,
+                progress=False).winner.name == "a" and again.calls == []
+
+
+def test_the_final_needs_two_candidates_a_split_race_and_a_runner_that_deals_folds():
+    one = race(SplitThenFolds(), [cand("b", "l2")], recipe=Recipe(),
+               settings=RaceSettings(rungs=(1,), lrs=(0.02, 0.01), final_candidates=4),
+               progress=False)
+    assert one.final() is None and one.winner.name == "b"  # one candidate: no final
+    folded = RaceSettings(rungs=(1,), lrs=(0.02,), folds=2, final_candidates=4)
+    assert not folded.has_final  # a cross-validated race needs no final
+    assert race(FoldedRunner(), [cand("a", "l1"), cand("b", "l2")], recipe=Recipe(),
+                settings=folded, progress=False).final() is None
+    with pytest.raises(PlanError, match="a cross-validated final needs a runner that deals"):
+        race(FakeRunner(QUALITY, BEST_LR), pool(), recipe=Recipe(),
+             settings=RaceSettings(rungs=(1,), final_candidates=2), progress=False)
+    for bad in (1, -1, 21, True, 2.0):
+        with pytest.raises(PlanError, match=r"final_candidates must be 0 \(no final\) or"):
+            RaceSettings(final_candidates=bad)
+    for bad in (1, 21, False):
+        with pytest.raises(PlanError, match="final_folds must be an integer from 2 to 20"):
+            RaceSettings(final_folds=bad)
+
+
 def test_an_arm_with_a_run_of_unknown_size_weighs_its_runs_equally():
     """A run recorded without ``val_images`` (a file from before it was recorded) cannot be
     weighed: the arm's runs then count equally, a = (0.9 + 0) / 2, b = (0.5 + 1) / 2."""
@@ -249,6 +327,22 @@ def test_race_folds_rule():
     assert race_folds(train_images=1000, val_images=2, below=200) == 20  # MAX_FOLDS
     assert race_folds(train_images=5, val_images=5, below=200) == 2
     assert race_folds(train_images=200, val_images=50, below=0) == 1
+
+
+def test_final_folds_rule_and_the_efforts_finals():
+    from budgetsearch.planner import EFFORTS, final_folds
+
+    assert final_folds(train_images=800, val_images=200) == 5
+    assert final_folds(train_images=16, val_images=4) == 5
+    assert final_folds(train_images=600, val_images=400) == 2  # round(2.5) = 2
+    assert final_folds(train_images=1000, val_images=2) == 20  # MAX_FOLDS
+    assert final_folds(train_images=10, val_images=0) == 2
+    assert {n: e.final for n, e in EFFORTS.items()} == {"quick": 0, "standard": 4,
+                                                         "thorough": 6}
+    s = EFFORTS["standard"].settings("sgd", final_folds=3)
+    assert s.final_candidates == 4 and s.final_folds == 3 and s.has_final
+    assert EFFORTS["standard"].settings("sgd", final=0).has_final is False
+    assert not EFFORTS["standard"].settings("sgd", folds=5).has_final
 
 
 def test_bad_settings_and_candidates_are_named_errors():

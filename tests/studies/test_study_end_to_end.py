@@ -157,6 +157,11 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
     assert main(["study", "run", str(spec), "--no-progress"]) == 2
     assert ("options.race_folds: expected an integer from 1 (the validation split as it is) "
             "to 20, got 0") in capsys.readouterr().err
+    bad["methods"] = [{"method": "search", "options": {"effort": "standard", "race_final": 1}}]
+    spec.write_text(yaml.safe_dump(bad))
+    assert main(["study", "run", str(spec), "--no-progress"]) == 2
+    assert ("options.race_final: expected 0 (no final) or an integer from 2 to 20, got 1") in (
+        capsys.readouterr().err)
 
 
 def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, capsys) -> None:
