@@ -30,11 +30,15 @@ from budgetsearch.planner.race import arm_scores
 
 RACE_FILE = re.compile(r"^race(-\d+fold)?\.json$")
 IMAGES = re.compile(r"\((\d+) images\)")
+FINAL_KEY = re.compile(r":f\d+of\d+$")
 
 
-def separation(results: dict[str, dict], val_images: int) -> dict | None:
+def separation(results: dict[str, dict], val_images: int,
+               final_images: int | None = None) -> dict | None:
     """The winner against the runner-up, from a race file's arm results (seeds averaged, folds
-    weighted by their validation images)."""
+    weighted by their validation images); the rung of a cross-validated final (arm keys
+    ``:f<j>of<k>``) is validated on ``final_images``, the pooled images."""
+    finals = {int(k.split(":", 1)[0][1:]) for k in results if FINAL_KEY.search(k)}
     scores = arm_scores(results)
     if not scores:
         return None
@@ -56,7 +60,8 @@ def separation(results: dict[str, dict], val_images: int) -> dict | None:
             return {"winner": label, "runner_up": runner_up, "rung": i,
                     **separation_figures(winner_accuracy=best[i][winner],
                                          runner_up_accuracy=others[runner_up],
-                                         val_images=val_images)}
+                                         val_images=(final_images or val_images)
+                                         if i in finals else val_images)}
     return None
 
 
@@ -82,14 +87,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path}: no data sizes in its key; skipped", file=sys.stderr)
                 continue
             n = sum(int(m[1]) for m in parts if m is not None)
-            sep = separation(data["results"], n)
+            pooled = [IMAGES.search(str(key.get(k, ""))) for k in ("train_data", "val_data")]
+            sep = separation(data["results"], n, None if None in pooled else sum(
+                int(m[1]) for m in pooled if m is not None))
             if sep is None:
                 continue
             cell = path.parent.name if path.parent.name != "races" else path.stem
             if folds > 1:
                 cell += f" ({folds} folds)"
-            rows.append({"race": f"{Path(d).name}/{cell}", "val_images": n, "folds": folds,
-                         **sep})
+            if sep["rung"] in {int(k.split(":", 1)[0][1:]) for k in data["results"]
+                               if FINAL_KEY.search(k)}:
+                cell += " (final cross-validated)"
+            rows.append({"race": f"{Path(d).name}/{cell}", "val_images": sep["val_images"],
+                         "folds": folds, **sep})
     if not rows:
         parser.error("no race files found")
     lines = [
