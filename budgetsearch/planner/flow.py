@@ -5,9 +5,9 @@
 the race's candidates (:func:`race_candidates`: the search's best front points and every
 baseline's plan at the same budget), races them on the validation split (:func:`~.race.race`;
 cross-validated when the split is small, else ending with a cross-validated final among the
-last rung's best candidates) and returns the winner as a plan that carries its recipe and the race in its provenance. A
-baseline that wins the race is the plan: the planner never hands out a plan that trained worse
-than one it knew of.
+last rung's best candidates) and returns the winner as a plan that carries its recipe and the
+race in its provenance. A baseline that wins the race is the plan: the planner never hands out
+a plan that trained worse than one it knew of.
 """
 
 from __future__ import annotations

@@ -28,10 +28,11 @@ published MIT scheme at lr 0.02 tested at 28.2 % with training seed 0 and 28.1â€
 ``final_candidates`` candidates (distinct plans, in the rung's order) is trained again at the
 last rung's epochs and seeds on ``final_folds`` folds of the pooled training and validation
 images, as a cross-validated race would, and the best of them by its score over all the pooled
-images wins (ties as above). Why: on the 200 validation images of the gradient-filtering study
-the race's leads were under one standard error, and in all 8 of its cells the arm a race
-cross-validated from its first rung chose was among the arms the first rung on the split kept
-(``benchmarks/race_final.py``); the final spends the folds' cost on a few arms instead of all.
+images wins (ties as above). Why: on 200 validation images the race's leads are mostly under one
+standard error, and in the 12 study cells raced both ways the arm a race cross-validated from
+its first rung chose was always among the arms the first rung on the split kept, its plan among
+the 4 finalists in 11 (``benchmarks/race_final.py``, ``studies/results/race_final.md``): the
+final spends the folds' cost on a few arms instead of all.
 The final is recorded as one more rung (``final``: true, with its ``folds`` and ``val_images``);
 its arm keys carry the fold count (``:f<j>of<k>``), and the final's settings are not part of the
 race's key, so a race file made without a final is continued by one.
