@@ -11,12 +11,6 @@ MIT budgets:
    - ``search``: ``budgetsearch plan --effort standard`` through the library entry point
      (:func:`budgetsearch.planner.make_plan`): contributions measured on the split, the search
      on the measured objective, the race of its best front points and every baseline;
-   - ``search-final``: the same, with the race's cross-validated final (the standard effort's
-     default since it was added: the best arm of each of the last rung's 4 best candidates
-     trained again on 5 folds of the 1,000 images, the best there wins); ``search`` is the
-     race without it (``--race-final 0``), as the cells were first run. A cell recorded before
-     ``search-final`` existed gets that row added: the race file is continued (the final is not
-     part of its key), so only the final and the new plan's runs train;
    - ``search-quick``: the search on the Fisher proxy alone (``--effort quick``), no race;
    - every baseline the race sees: TinyTrain, NEq (both on Fisher potential, 64 images), MIT
      selection, TinyTL, last-k, last-k filtered (r = 4), the published MIT scheme at or below the
@@ -149,43 +143,24 @@ def main() -> None:
         data_key = race_data_key(graph=graph, model=model, train=train, val=val)
         for label in args.budgets:
             cell_key = f"{name} {label}"
-            if "search-final" in (cells.get(cell_key) or {}).get("rows", {}):
+            if cell_key in cells:
                 continue
             budget = parse_bytes(label)
             common = dict(cost_model=cm, budget_bytes=budget, memory_measure="training",
                           seed=0)
-            race_args = dict(effort=effort, n_trials=args.trials, runner=runner,
-                             recipe=base.with_(epochs=1), data_key=data_key, model=model,
-                             race_path=out / "races" / f"{name}-{label}.json",
-                             baseline_scores=fisher, progress=True)
-
-            if cell_key in cells:  # recorded before the final: add its row
-                t1 = time.perf_counter()
-                final = make_plan(Search(scores=magnitude, contributions=table.results,
-                                         **common), final=None, **race_args)
-                cell = cells[cell_key]
-                row = tune(runs, dict(final.plan.updates), base, lrs)
-                row["memory_bytes"] = cm.summarize(final.plan.updates).training_memory_bytes
-                row["layers"] = len(final.plan.updates)
-                cell["rows"]["search-final"] = row
-                cell["final"] = final_summary(final, time.perf_counter() - t1)
-                atomic_write_text(cells_path, json.dumps(cells, indent=1, sort_keys=True))
-                continue
             t1 = time.perf_counter()
             search = Search(scores=magnitude, contributions=table.results, **common)
-            outcome = make_plan(search, final=0, **race_args)
+            outcome = make_plan(search, effort=effort, n_trials=args.trials, runner=runner,
+                                recipe=base.with_(epochs=1), data_key=data_key, model=model,
+                                race_path=out / "races" / f"{name}-{label}.json",
+                                baseline_scores=fisher, progress=True)
             plan_s = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            final = make_plan(Search(scores=magnitude, contributions=table.results, **common),
-                              final=None, **race_args)
-            final_s = time.perf_counter() - t1
             quick = Search(scores=fisher, **common)
             quick_plan = make_plan(quick, effort=EFFORTS["quick"], n_trials=args.trials,
                                    progress=False).plan
             baselines, skipped = race_candidates(search, outcome.search, front=0, model=model,
                                                  seed=0, baseline_scores=fisher)
             plans = {"search": dict(outcome.plan.updates),
-                     "search-final": dict(final.plan.updates),
                      "search-quick": dict(quick_plan.updates)}
             plans.update({c.name: dict(c.updates) for c in baselines})
             rows = {}
@@ -204,20 +179,9 @@ def main() -> None:
                 "race_winner": race.winner.name if race else None,
                 "race_margin": outcome.margin(), "race_lr": race.recipe.lr if race else None,
                 "plan_seconds": plan_s, "contrib_seconds": contrib_s,
-                "race_arms": race.stats["arms_trained"] if race else 0,
-                "final": final_summary(final, final_s)}
+                "race_arms": race.stats["arms_trained"] if race else 0}
             atomic_write_text(cells_path, json.dumps(cells, indent=1, sort_keys=True))
     report(cells, out, args)
-
-
-def final_summary(outcome: Any, seconds: float) -> dict[str, Any]:
-    """The race's final as a cell records it: its winner, rate, arms and time."""
-    rung = outcome.race.final() if outcome.race is not None else None
-    return {"winner": outcome.race.winner.name if outcome.race else None,
-            "lr": outcome.race.recipe.lr if outcome.race else None,
-            "arms": None if rung is None else [
-                {k: a[k] for k in ("candidate", "lr", "val_accuracy")} for a in rung["arms"]],
-            "folds": None if rung is None else rung["folds"], "seconds": seconds}
 
 
 def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
@@ -227,9 +191,8 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
             "the learning rate it chose on validation (seed 0); training memory (device "
             "accounting, STM32F746) beside it. `search` is `budgetsearch plan --effort "
             "standard` (measured objective and race); `search-quick` the search on the Fisher "
-            "proxy without a race; `search-final` the standard plan with the race's "
-            "cross-validated final (the default since it was added).", ""]
-    within = ahead = within_final = ahead_final = finals = 0
+            "proxy without a race.", ""]
+    within = ahead = 0
     summary = []
     body: list[str] = []
     def order(key: str) -> tuple[str, int]:
@@ -244,21 +207,11 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
         diff = 100 * (s["test_mean"] - base[best]["test_mean"])
         within += diff >= -1
         ahead += diff >= 1
-        if "search-final" in rows:
-            d = 100 * (rows["search-final"]["test_mean"] - base[best]["test_mean"])
-            finals += 1
-            within_final += d >= -1
-            ahead_final += d >= 1
         summary.append((cell_key, best, diff, cell))
         body += [f"## {cell_key}", "",
                  f"Race winner: {cell['race_winner']} at lr {cell['race_lr']:g} "
                  f"({cell['race_arms']} arms trained; plan {cell['plan_seconds']:.0f} s on a "
-                 "machine shared with other work)."
-                 + ("" if not cell.get("final") else
-                    f" With the cross-validated final ({cell['final']['folds']} folds): "
-                    f"{cell['final']['winner']} at lr {cell['final']['lr']:g}, among "
-                    + ", ".join(f"{a['candidate']} ({a['val_accuracy']:.3f})"
-                                for a in cell["final"]["arms"] or []) + "."), "",
+                 "machine shared with other work).", "",
                  "| method | test acc | val acc | lr | training mem | layers |",
                  "|---|---|---|---|---|---|"]
         for m, r in sorted(rows.items(), key=lambda kv: -kv[1]["test_mean"]):
@@ -271,17 +224,12 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
     n = len(cells)
     lines = [*head, "## Summary", "",
              f"`search` within 1 point of the best baseline (or better) in {within} of {n} "
-             f"cells, ahead by at least 1 point in {ahead} of {n} (targets: 80 % and a third)."
-             + ("" if not finals else f" `search-final` (with the race's cross-validated "
-                f"final): within in {within_final} of {finals}, ahead in {ahead_final}."),
-             "", "| cell | best baseline | search − best (points) | search-final − best | "
-             "search-quick − best |", "|---|---|---|---|---|"]
+             f"cells, ahead by at least 1 point in {ahead} of {n} (targets: 80 % and a third).",
+             "", "| cell | best baseline | search − best (points) | search-quick − best |",
+             "|---|---|---|---|"]
     for cell_key, best, diff, cell in summary:
-        rows = cell["rows"]
-        q = 100 * (rows["search-quick"]["test_mean"] - rows[best]["test_mean"])
-        f = ("-" if "search-final" not in rows else
-             f"{100 * (rows['search-final']['test_mean'] - rows[best]['test_mean']):+.1f}")
-        lines.append(f"| {cell_key} | {best} | {diff:+.1f} | {f} | {q:+.1f} |")
+        q = 100 * (cell["rows"]["search-quick"]["test_mean"] - cell["rows"][best]["test_mean"])
+        lines.append(f"| {cell_key} | {best} | {diff:+.1f} | {q:+.1f} |")
     lines += ["", "![test accuracy per cell](head_to_head.png)", "", *body]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     plot(summary, out / "head_to_head.png")
