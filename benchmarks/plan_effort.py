@@ -75,8 +75,8 @@ def main() -> None:
             if latency:
                 budget = f"{budget} + {latency}"
             contrib = re.search(r"units measured into .* \((\d+) s;", stderr)
-            race = re.search(r"race: (\d+) arms over (\d+) rungs \((\d+) trained now, (\d+) s\)",
-                             stdout)
+            race = re.search(r"race: (\d+) arms over (\d+) rungs(?: and a final of \d+ x \d+ "
+                             r"folds)? \((\d+) trained now, (\d+) s\)", stdout)
             chosen = re.search(r"^(the plan .*|a baseline won the race.*)$", stdout, re.M)
             rows.append((label, budget, seconds, contrib.group(1) if contrib else "-",
                          race.group(4) if race else "-", race.group(1) if race else "-",

@@ -13,10 +13,16 @@ the same recipe), it prints:
   finalists the final would take (the best arm of each of the last rung's ``--finalists`` best
   candidates);
 - the final's pick where it can be read off the cross-validated race: a finalist that race
-  trained at its last rung was trained exactly as the final trains it (the same folds, dealt by
-  the recipe's seed, the same fold seeds and epochs), so the final's pick among those is the
-  one with the best pooled score. ``exact`` when every finalist was trained there, else
-  ``partial`` (finalists the cross-validated race had eliminated earlier are unknown).
+  trained at its last rung was trained as the final trains it (the same folds, dealt by the
+  recipe's seed, the same fold seeds and epochs; the committed finals reproduce 164 of the
+  165 fold results they share with the cross-validated races exactly, the other within
+  floating-point noise, 0.67 against 0.665), so
+  the final's pick among those is the one with the best pooled score. ``exact`` when every
+  finalist was trained there, else ``partial`` (finalists the cross-validated race had
+  eliminated earlier are unknown).
+
+Ties are broken by validation loss: race files do not keep the predicted memory the race breaks
+them by first, so in a tie the finalists and the pick may differ from the race's.
 
 Nothing is trained.
 
@@ -36,21 +42,22 @@ from budgetsearch._io import atomic_write_text
 from budgetsearch.planner.race import arm_scores
 
 CV_FILE = re.compile(r"^race-(\d+)fold\.json$")
+FINAL_KEY = re.compile(r":f\d+of\d+$")
 
 
 Score = tuple[float, float]  # (validation accuracy, minus validation loss): higher is better
 
 
 def load(path: Path) -> tuple[dict[tuple[int, str, float], Score], dict[str, str]]:
-    """A race file's pooled arm scores keyed by (rung, digest, rate), and the names by
-    digest (the first name of each digest)."""
+    """A race file's pooled arm scores keyed by (rung, digest, rate), without the arms of a
+    final it may hold (keys ``:f<j>of<k>``), and the names by digest (the name the race
+    trained each plan under)."""
     doc = json.loads(path.read_text())
     digests = dict(doc["key"]["candidates"])
-    names: dict[str, str] = {}
-    for name, digest in digests.items():
-        names.setdefault(digest, name)
-    acc = arm_scores(doc["results"])
-    loss = arm_scores(doc["results"], metric="val_loss")
+    results = {k: v for k, v in doc["results"].items() if not FINAL_KEY.search(k)}
+    acc = arm_scores(results)
+    loss = arm_scores(results, metric="val_loss")
+    names = {digests[n]: n for _i, n, _lr in acc}
     return ({(i, digests[n], lr): (a, -loss[(i, n, lr)]) for (i, n, lr), a in acc.items()},
             names)
 

@@ -56,12 +56,14 @@ def separation(results: dict[str, dict], val_images: int,
     for i in sorted(best, reverse=True):
         others = {name: acc for name, acc in best[i].items() if name != winner}
         if winner in best[i] and others:
+            if i in finals and not final_images:  # the pooled images' count is unknown
+                return None
             runner_up = max(others, key=others.get)
             return {"winner": label, "runner_up": runner_up, "rung": i,
                     **separation_figures(winner_accuracy=best[i][winner],
                                          runner_up_accuracy=others[runner_up],
-                                         val_images=(final_images or val_images)
-                                         if i in finals else val_images)}
+                                         val_images=final_images if i in finals
+                                         else val_images)}
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -295,11 +296,13 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - started:.1f} s)")
     if outcome.race is not None:
         rates = ", ".join(f"{x:g}" for x in outcome.race.winner_lrs())
-        same = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (
-            ("model", args.model), ("num_classes", args.num_classes), ("data", args.data),
+        same = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in (
+            ("model", args.model), ("weights", args.weights), ("mcu_dir", args.mcu_dir),
+            ("num_classes", args.num_classes), ("data", args.data),
             ("input_size", args.input_size)) if v is not None)
         print(f"train it once at each rate its race tried it at ({rates}) and keep the run "
-              f"that validates best: budgetsearch train --plan {out} {same} --lrs --out DIR")
+              f"that validates best: budgetsearch train --plan {shlex.quote(str(out))} {same} "
+              "--lrs --out DIR")
     if not args.front_dir:
         print(f"front (CSV + PNG): budgetsearch front --study {name} --storage "
               f"{result.storage} --out DIR (or --front-dir DIR here)")
@@ -494,7 +497,7 @@ def race_table(outcome: Any) -> str:
         "arms" + ("" if rr.folds == 1 else f" x {rr.folds} folds") + " over "
         f"{len(rr.rungs) - (final is not None)} rungs"
         + ("" if final is None else f" and a final of {len(final['arms'])} x {final['folds']} "
-           "folds")
+           "folds" + ("" if len(final["seeds"]) == 1 else f" x {len(final['seeds'])} seeds"))
         + f" ({rr.stats['arms_trained']} trained now, "
         f"{rr.stats['seconds']:.0f} s); study {outcome.search.study_name!r}: "
         f"{len(outcome.search.trials)} trials (+{st['new_trials']} now)")

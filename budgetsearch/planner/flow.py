@@ -86,11 +86,14 @@ class PlanOutcome:
             return None
         rr = self.race
         for i in range(len(rr.rungs) - 1, -1, -1):
-            n = int(rr.rungs[i].get("val_images") or rr.stats["val_images"])
-            arms = rr.rungs[i]["arms"]
+            rung = rr.rungs[i]
+            n = rung.get("val_images") if rung.get("final") else rr.stats["val_images"]
+            arms = rung["arms"]
             others = [a for a in arms if a["candidate"] != rr.winner.name]
             mine = [a["val_accuracy"] for a in arms if a["candidate"] == rr.winner.name]
             if others and mine:
+                if not n:  # a final whose runner did not count its images
+                    return None
                 best = max(others, key=lambda a: a["val_accuracy"])
                 return {"runner_up": best["candidate"], "rung": i,
                         "epochs": rr.rungs[i]["epochs"],

@@ -173,25 +173,23 @@ class RaceSettings:
             raise PlanError(f"race keep share must be in (0, 1); got {self.keep}")
         if not isinstance(self.final_seeds, int) or self.final_seeds < 1:
             raise PlanError(f"race final_seeds must be an integer >= 1; got {self.final_seeds}")
-        if (not isinstance(self.lr_extensions, int) or isinstance(self.lr_extensions, bool)
-                or not 0 <= self.lr_extensions <= MAX_LR_EXTENSIONS):
+        if not _integer_in(self.lr_extensions, range(MAX_LR_EXTENSIONS + 1)):
             raise PlanError(f"race lr_extensions must be an integer from 0 (the grid only) to "
                             f"{MAX_LR_EXTENSIONS}; got {self.lr_extensions!r}")
-        if (not isinstance(self.folds, int) or isinstance(self.folds, bool)
-                or not 1 <= self.folds <= MAX_FOLDS):
+        if not _integer_in(self.folds, range(1, MAX_FOLDS + 1)):
             raise PlanError(f"race folds must be an integer from 1 (the validation split) to "
                             f"{MAX_FOLDS}; got {self.folds!r}")
-        if (not isinstance(self.final_candidates, int) or isinstance(self.final_candidates, bool)
-                or self.final_candidates not in (0, *range(2, MAX_FINAL + 1))):
+        if not (_integer_in(self.final_candidates, range(1))
+                or _integer_in(self.final_candidates, range(2, MAX_FINAL + 1))):
             raise PlanError(f"race final_candidates must be 0 (no final) or an integer from 2 "
                             f"to {MAX_FINAL}; got {self.final_candidates!r}")
-        if (not isinstance(self.final_folds, int) or isinstance(self.final_folds, bool)
-                or not 2 <= self.final_folds <= MAX_FOLDS):
+        if not _integer_in(self.final_folds, range(2, MAX_FOLDS + 1)):
             raise PlanError(f"race final_folds must be an integer from 2 to {MAX_FOLDS}; got "
                             f"{self.final_folds!r}")
-        if self.folds > 1 and self.final_seeds > FOLD_SEED_STRIDE:  # fold seeds would collide
-            raise PlanError(f"a cross-validated race takes at most {FOLD_SEED_STRIDE} "
-                            f"final_seeds; got {self.final_seeds}")
+        if ((self.folds > 1 or self.has_final)
+                and self.final_seeds > FOLD_SEED_STRIDE):  # fold seeds would collide
+            raise PlanError(f"a cross-validated race (or final) takes at most "
+                            f"{FOLD_SEED_STRIDE} final_seeds; got {self.final_seeds}")
         object.__setattr__(self, "rungs", rungs)
         object.__setattr__(self, "lrs", tuple(float(x) for x in lrs))
 
@@ -242,8 +240,8 @@ class RaceResult:
         candidates: The candidates raced, by name.
         stats: ``arms_trained`` (by this process), ``seconds``, ``path``.
         results: Every arm's full result by arm key (``r<rung>:e<epochs>:s<seed>:<name>@lr<lr>``,
-            with ``:f<fold>`` appended in a cross-validated race; with any data the runner only
-            reports, e.g. ``test_accuracy``).
+            with ``:f<fold>`` appended in a cross-validated race and ``:f<fold>of<folds>`` in
+            the final's; with any data the runner only reports, e.g. ``test_accuracy``).
         lr_extension: The rates tried beyond the grid's edges: ``grid`` (the grid),
             ``max_steps`` (:attr:`RaceSettings.lr_extensions`), ``factors`` (the low and high
             geometric steps) and ``added`` (per added arm: ``candidate``, ``lr``, ``edge``
@@ -362,7 +360,8 @@ _ARM_KEY = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+)(?:
 
 def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_accuracy"
                ) -> dict[tuple[int, str, float], float]:
-    """Every arm's score from a race file's ``results``, by (rung, candidate, rate): its
+    """Every arm's score from a race file's ``results``, by (rung, candidate, rate) (a file
+    whose final ran with different fold counts has them pooled in one score): its
     ``metric`` (validation accuracy; or e.g. ``val_loss``) over all its runs (seeds, folds),
     pooled as the race pools them (:func:`pooled_mean`). Entries that are not arms or have no
     ``metric`` are skipped."""
@@ -402,7 +401,7 @@ def race(
             rung's epochs and seed ``recipe.seed + i`` for the i-th seed of the last rung (on
             fold j, that plus ``j *`` :data:`FOLD_SEED_STRIDE`: :func:`fold_seed`).
         settings: Rungs, learning rates, keep share, seeds of the last rung, rate extensions,
-            folds.
+            folds, the cross-validated final.
         path: The race file (None: in memory, not resumable). Needs ``key``.
         key: What the results depend on (:func:`race_key`); a file made with another key is
             refused, naming the fields.
@@ -416,8 +415,8 @@ def race(
         on_arm: Called with each arm key and result this process trains.
 
     Raises:
-        PlanError: No candidates, duplicate names, a cross-validated race with a runner that
-            cannot deal folds, or the race stopped by ``max_arms``.
+        PlanError: No candidates, duplicate names, a cross-validated race or final with a
+            runner that cannot deal folds, or the race stopped by ``max_arms``.
         TableError: ``path`` holds a race with another key.
     """
     from ..contrib.table import open_shared
@@ -506,9 +505,13 @@ def race(
         index = len(settings.rungs)
         jobs = {_arm_key(index, epochs, s, name, lr, f, of=k): (name, lr, s, f)
                 for name, lr in finalists for s in seeds for f in range(k)}
-        if bar is not None:
+        if bar is not None:  # the total now knows how many finalists there are
+            bar.total = bar.n + epochs * len(jobs)
             bar.set_description(f"race final ({len(finalists)} arms x {epochs} ep x {k} folds)")
         train(jobs, epochs, on)
+        if bar is not None:  # arms other workers trained count too
+            bar.n = bar.total
+            bar.refresh()
         arms = finalists
         scored = score(jobs)
         return {"epochs": epochs, "seeds": seeds, "final": True, "folds": k,
@@ -570,6 +573,9 @@ def race(
         if len(arms) > 1:  # the cross-validated final among the last rung's finalists
             rungs.append(final(arms, rungs[-1]))
             arms = [next((a["candidate"], a["lr"]) for a in rungs[-1]["arms"] if a["kept"])]
+        if bar is not None:  # e.g. no final after all (one candidate in the last rung)
+            bar.total = bar.n
+            bar.refresh()
         results = dict(shared.table().results if shared is not None else memory)
     finally:
         if bar is not None:
@@ -668,6 +674,11 @@ def _beyond_edges(scored: Sequence[tuple[float, int, float, str, float]], n_keep
                             "it was tried at")})
             break
     return out
+
+
+def _integer_in(value: Any, allowed: range) -> bool:
+    """Whether ``value`` is an integer (not a bool) in ``allowed``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in allowed
 
 
 def _distinct(candidates: Sequence[Candidate]) -> dict[str, Candidate]:

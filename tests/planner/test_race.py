@@ -218,6 +218,8 @@ def test_each_fold_trains_with_its_own_batch_order(tmp_path):
              path=tmp_path / "race.json", key=key, progress=False)
     with pytest.raises(PlanError, match="at most 1000 final_seeds"):
         RaceSettings(folds=2, final_seeds=s + 1)
+    with pytest.raises(PlanError, match="at most 1000 final_seeds"):  # the final's folds too
+        RaceSettings(final_candidates=2, final_seeds=s + 1)
     assert RaceSettings(folds=1, final_seeds=s + 1).final_seeds == s + 1
 
 
