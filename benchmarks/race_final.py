@@ -39,10 +39,9 @@ import sys
 from pathlib import Path
 
 from budgetsearch._io import atomic_write_text
-from budgetsearch.planner.race import arm_scores
+from budgetsearch.planner.race import FINAL_ARM_KEY, arm_scores
 
 CV_FILE = re.compile(r"^race-(\d+)fold\.json$")
-FINAL_KEY = re.compile(r":f\d+of\d+$")
 
 
 Score = tuple[float, float]  # (validation accuracy, minus validation loss): higher is better
@@ -54,7 +53,7 @@ def load(path: Path) -> tuple[dict[tuple[int, str, float], Score], dict[str, str
     trained each plan under)."""
     doc = json.loads(path.read_text())
     digests = dict(doc["key"]["candidates"])
-    results = {k: v for k, v in doc["results"].items() if not FINAL_KEY.search(k)}
+    results = {k: v for k, v in doc["results"].items() if not FINAL_ARM_KEY.search(k)}
     acc = arm_scores(results)
     loss = arm_scores(results, metric="val_loss")
     names = {digests[n]: n for _i, n, _lr in acc}

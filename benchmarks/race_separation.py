@@ -26,11 +26,10 @@ from pathlib import Path
 
 from budgetsearch._io import atomic_write_text
 from budgetsearch.planner import separation_figures
-from budgetsearch.planner.race import arm_scores
+from budgetsearch.planner.race import FINAL_ARM_KEY, arm_scores
 
 RACE_FILE = re.compile(r"^race(-\d+fold)?\.json$")
 IMAGES = re.compile(r"\((\d+) images\)")
-FINAL_KEY = re.compile(r":f\d+of\d+$")
 
 
 def separation(results: dict[str, dict], val_images: int,
@@ -38,7 +37,7 @@ def separation(results: dict[str, dict], val_images: int,
     """The winner against the runner-up, from a race file's arm results (seeds averaged, folds
     weighted by their validation images); the rung of a cross-validated final (arm keys
     ``:f<j>of<k>``) is validated on ``final_images``, the pooled images."""
-    finals = {int(k.split(":", 1)[0][1:]) for k in results if FINAL_KEY.search(k)}
+    finals = {int(k.split(":", 1)[0][1:]) for k in results if FINAL_ARM_KEY.search(k)}
     scores = arm_scores(results)
     if not scores:
         return None
@@ -59,7 +58,7 @@ def separation(results: dict[str, dict], val_images: int,
             if i in finals and not final_images:  # the pooled images' count is unknown
                 return None
             runner_up = max(others, key=others.get)
-            return {"winner": label, "runner_up": runner_up, "rung": i,
+            return {"winner": label, "runner_up": runner_up, "rung": i, "final": i in finals,
                     **separation_figures(winner_accuracy=best[i][winner],
                                          runner_up_accuracy=others[runner_up],
                                          val_images=final_images if i in finals
@@ -97,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             cell = path.parent.name if path.parent.name != "races" else path.stem
             if folds > 1:
                 cell += f" ({folds} folds)"
-            if sep["rung"] in {int(k.split(":", 1)[0][1:]) for k in data["results"]
-                               if FINAL_KEY.search(k)}:
+            if sep["final"]:
                 cell += " (final cross-validated)"
             rows.append({"race": f"{Path(d).name}/{cell}", "val_images": sep["val_images"],
                          "folds": folds, **sep})

@@ -27,7 +27,7 @@ from ..choices import (
     THIRD_OBJECTIVES,
 )
 from ..errors import PlanError, SearchError
-from ..planner.race import MAX_FINAL, MAX_FOLDS, MAX_LR_EXTENSIONS
+from ..planner.race import MAX_FINAL, MAX_FOLDS, MAX_LR_EXTENSIONS, final_count_ok
 from ..units import format_bytes
 from ._common import (
     MAX_BATCH_SIZE,
@@ -315,7 +315,7 @@ def _final_count(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if value not in (0, *range(2, MAX_FINAL + 1)):
+    if not final_count_ok(value):
         raise argparse.ArgumentTypeError(f"must be 0 (no final) or an integer from 2 to "
                                          f"{MAX_FINAL}; got {text!r}")
     return value

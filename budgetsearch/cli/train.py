@@ -293,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     docs: dict[float, dict[str, Any]] = {}
     failed: dict[float, str] = {}
+    budget_bytes = parse_bytes(args.budget, what="--budget") if args.budget else None
     for i, lr in enumerate(rates):
         run_dir = Path(args.out) if args.lrs is None else Path(args.out) / f"lr-{lr:g}"
         torch.manual_seed(args.seed)  # the new head's initialisation, the same for every rate
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=lr, optimizer=optimizer, momentum=args.momentum,
             weight_decay=args.weight_decay, seed=args.seed, dynamic=args.dynamic,
             every=args.every,
-            budget_bytes=parse_bytes(args.budget, what="--budget") if args.budget else None,
+            budget_bytes=budget_bytes,
             bn=args.bn, filter_mode=args.filter_mode, check_budget=not args.ignore_budget,
             progress=not args.no_progress, threads=args.threads, replan_method=args.replan,
             search_trials=args.search_trials, search_replan=_search_replan(args.replan))

@@ -145,7 +145,7 @@ def race_folds(*, train_images: int, val_images: int, below: int) -> int:
     :data:`~.race.MAX_FOLDS` (200 training and 50 validation images: 5 folds of 50)."""
     if val_images >= below or val_images < 1:
         return 1
-    return min(MAX_FOLDS, max(2, round((train_images + val_images) / val_images)))
+    return final_folds(train_images=train_images, val_images=val_images)
 
 
 def final_folds(*, train_images: int, val_images: int) -> int:

@@ -76,9 +76,9 @@ from ..errors import PlanError
 from ..plan import LayerUpdate
 from ..recipe import Recipe
 
-__all__ = ["FOLD_SEED_STRIDE", "MAX_FINAL", "Candidate", "RaceResult", "RaceSettings",
-           "arm_scores",
-           "default_race_path", "fold_seed", "pooled_mean", "race", "race_key", "updates_digest"]
+__all__ = ["FINAL_ARM_KEY", "FOLD_SEED_STRIDE", "MAX_FINAL", "Candidate", "RaceResult",
+           "RaceSettings", "arm_scores", "default_race_path", "final_count_ok", "fold_seed",
+           "pooled_mean", "race", "race_key", "updates_digest"]
 
 #: Version of the race file's layout (part of its key).
 RACE_VERSION = 1
@@ -88,6 +88,8 @@ MAX_LR_EXTENSIONS = 8
 MAX_FOLDS = 20
 #: The most candidates :attr:`RaceSettings.final_candidates` allows.
 MAX_FINAL = 20
+#: The tail of a cross-validated final's arm keys (``:f<fold>of<folds>``; see :func:`_arm_key`).
+FINAL_ARM_KEY = re.compile(r":f\d+of\d+$")
 #: Fold j of a cross-validated arm trains with the arm's seed plus j times this (far above any
 #: seed count of a last rung, so no two (seed, fold) pairs share a batch order).
 FOLD_SEED_STRIDE = 1000
@@ -179,8 +181,7 @@ class RaceSettings:
         if not _integer_in(self.folds, range(1, MAX_FOLDS + 1)):
             raise PlanError(f"race folds must be an integer from 1 (the validation split) to "
                             f"{MAX_FOLDS}; got {self.folds!r}")
-        if not (_integer_in(self.final_candidates, range(1))
-                or _integer_in(self.final_candidates, range(2, MAX_FINAL + 1))):
+        if not final_count_ok(self.final_candidates):
             raise PlanError(f"race final_candidates must be 0 (no final) or an integer from 2 "
                             f"to {MAX_FINAL}; got {self.final_candidates!r}")
         if not _integer_in(self.final_folds, range(2, MAX_FOLDS + 1)):
@@ -674,6 +675,12 @@ def _beyond_edges(scored: Sequence[tuple[float, int, float, str, float]], n_keep
                             "it was tried at")})
             break
     return out
+
+
+def final_count_ok(value: Any) -> bool:
+    """Whether ``value`` is an allowed :attr:`RaceSettings.final_candidates`: 0 (no final) or
+    an integer from 2 to :data:`MAX_FINAL`."""
+    return _integer_in(value, range(1)) or _integer_in(value, range(2, MAX_FINAL + 1))
 
 
 def _integer_in(value: Any, allowed: range) -> bool:

@@ -376,11 +376,10 @@ def _effort(options: Mapping[str, Any], where: str) -> None:
             raise StudyError(f"{where}.lr_extensions: expected an integer from 0 (the rate "
                              f"grid only) to {MAX_LR_EXTENSIONS}, got {value!r}")
     if "race_final" in options:
-        from ..planner.race import MAX_FINAL
+        from ..planner.race import MAX_FINAL, final_count_ok
 
         value = options["race_final"]
-        if (not isinstance(value, int) or isinstance(value, bool)
-                or value not in (0, *range(2, MAX_FINAL + 1))):
+        if not final_count_ok(value):
             raise StudyError(f"{where}.race_final: expected 0 (no final) or an integer from 2 "
                              f"to {MAX_FINAL}, got {value!r}")
     if "race_folds" in options:
