@@ -10,7 +10,11 @@ MIT budgets:
 2. methods, each a plan at the budget:
    - ``search``: ``budgetsearch plan --effort standard`` through the library entry point
      (:func:`budgetsearch.planner.make_plan`): contributions measured on the split, the search
-     on the measured objective, the race of its best front points and every baseline;
+     on the measured objective, the race of its best front points and every baseline on the
+     validation split, and the race's cross-validated final among its 4 best candidates
+     (5 folds of the pooled training and validation images);
+   - ``search-split``: the plan that race would hand out without its final (the last rung's
+     leader on the validation split), to read what the final changes;
    - ``search-quick``: the search on the Fisher proxy alone (``--effort quick``), no race;
    - every baseline the race sees: TinyTrain, NEq (both on Fisher potential, 64 images), MIT
      selection, TinyTL, last-k, last-k filtered (r = 4), the published MIT scheme at or below the
@@ -23,9 +27,11 @@ MIT budgets:
    ``search`` is within 1 point of it or ahead by at least 1 point.
 
 ``runs-<model>.json`` is written after every training run (a killed benchmark resumes; a plan
-shared by two methods or budgets is trained once); ``report.md``, ``cells.json`` and
-``head_to_head.png`` at the end. Run: ``.venv/bin/python benchmarks/head_to_head.py`` (about an
-hour on the 2-core machine; ``--models mcunet-5fps --budgets 99KB`` for one cell).
+shared by two methods or budgets is trained once); ``cells.json`` after every cell (merged with
+what other processes wrote, so one process per model may run at once); ``report.md`` and
+``head_to_head.png`` at the end. Run: ``.venv/bin/python benchmarks/head_to_head.py`` (about two
+hours on the 2-core machine; ``--models mcunet-5fps --budgets 99KB`` for one cell, and one
+process per model with ``--models`` to use both cores).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from budgetsearch.data import default_normalization, load_dataset
 from budgetsearch.plan import LayerUpdate
 from budgetsearch.planner import (
     EFFORTS,
+    Candidate,
+    RaceResult,
     contribution_table,
     make_plan,
     race_candidates,
@@ -160,7 +168,10 @@ def main() -> None:
                                    progress=False).plan
             baselines, skipped = race_candidates(search, outcome.search, front=0, model=model,
                                                  seed=0, baseline_scores=fisher)
+            race = outcome.race
             plans = {"search": dict(outcome.plan.updates),
+                     "search-split": dict(split_pick(race).updates if race
+                                          else outcome.plan.updates),
                      "search-quick": dict(quick_plan.updates)}
             plans.update({c.name: dict(c.updates) for c in baselines})
             rows = {}
@@ -173,15 +184,30 @@ def main() -> None:
                       f"{row['test_mean']:.3f}±{row['test_std']:.3f} mem "
                       f"{row['memory_bytes'] / 1024:.1f} KB "
                       f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-            race = outcome.race
-            cells[cell_key] = {
+            final = race.final() if race else None
+            cell = {
                 "budget_bytes": budget, "rows": rows, "skipped": skipped,
                 "race_winner": race.winner.name if race else None,
+                "race_split_winner": split_pick(race).name if race else None,
+                "race_finalists": [a["candidate"] for a in final["arms"]] if final else [],
+                "race_final_folds": final["folds"] if final else None,
                 "race_margin": outcome.margin(), "race_lr": race.recipe.lr if race else None,
                 "plan_seconds": plan_s, "contrib_seconds": contrib_s,
                 "race_arms": race.stats["arms_trained"] if race else 0}
+            # other processes (one per model) write their cells to the same file
+            cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+            cells[cell_key] = cell
             atomic_write_text(cells_path, json.dumps(cells, indent=1, sort_keys=True))
+    cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}
     report(cells, out, args)
+
+
+def split_pick(race: RaceResult) -> Candidate:
+    """The candidate the race led with on the validation split: its winner without a final,
+    else the leader of the last rung before the final."""
+    if race.final() is None:
+        return race.winner
+    return race.candidates[race.rungs[-2]["arms"][0]["candidate"]]
 
 
 def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
@@ -190,8 +216,9 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
             "protocol). Test accuracy, mean ± std over 3 seeds (batch orders), each method at "
             "the learning rate it chose on validation (seed 0); training memory (device "
             "accounting, STM32F746) beside it. `search` is `budgetsearch plan --effort "
-            "standard` (measured objective and race); `search-quick` the search on the Fisher "
-            "proxy without a race.", ""]
+            "standard` (measured objective, race on the validation split, cross-validated "
+            "final); `search-split` the plan the race led with on the split before its final; "
+            "`search-quick` the search on the Fisher proxy without a race.", ""]
     within = ahead = 0
     summary = []
     body: list[str] = []
@@ -208,10 +235,15 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
         within += diff >= -1
         ahead += diff >= 1
         summary.append((cell_key, best, diff, cell))
+        finalists = cell.get("race_finalists") or []
+        final = (f" Its final ({cell['race_final_folds']} folds of the pooled images) among "
+                 f"{', '.join(finalists)}; on the split it led with "
+                 f"{cell['race_split_winner']}." if finalists else "")
         body += [f"## {cell_key}", "",
                  f"Race winner: {cell['race_winner']} at lr {cell['race_lr']:g} "
-                 f"({cell['race_arms']} arms trained; plan {cell['plan_seconds']:.0f} s on a "
-                 "machine shared with other work).", "",
+                 f"({cell['race_arms']} arms trained; plan {cell['plan_seconds']:.0f} s, "
+                 f"contributions {cell['contrib_seconds']:.0f} s, one process per model on "
+                 f"the 2-core machine).{final}", "",
                  "| method | test acc | val acc | lr | training mem | layers |",
                  "|---|---|---|---|---|---|"]
         for m, r in sorted(rows.items(), key=lambda kv: -kv[1]["test_mean"]):
@@ -225,11 +257,16 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
     lines = [*head, "## Summary", "",
              f"`search` within 1 point of the best baseline (or better) in {within} of {n} "
              f"cells, ahead by at least 1 point in {ahead} of {n} (targets: 80 % and a third).",
-             "", "| cell | best baseline | search − best (points) | search-quick − best |",
-             "|---|---|---|---|"]
+             "", "| cell | best baseline | search − best (points) | search-split − best "
+             "| search-quick − best | search memory / best's |",
+             "|---|---|---|---|---|---|"]
     for cell_key, best, diff, cell in summary:
-        q = 100 * (cell["rows"]["search-quick"]["test_mean"] - cell["rows"][best]["test_mean"])
-        lines.append(f"| {cell_key} | {best} | {diff:+.1f} | {q:+.1f} |")
+        rows = cell["rows"]
+        def gap(method: str, rows: dict = rows, best: str = best) -> str:
+            return f"{100 * (rows[method]['test_mean'] - rows[best]['test_mean']):+.1f}"
+        mem = rows["search"]["memory_bytes"] / rows[best]["memory_bytes"]
+        lines.append(f"| {cell_key} | {best} | {diff:+.1f} | {gap('search-split')} | "
+                     f"{gap('search-quick')} | {mem:.2f} |")
     lines += ["", "![test accuracy per cell](head_to_head.png)", "", *body]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     plot(summary, out / "head_to_head.png")
