@@ -242,8 +242,8 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
         body += [f"## {cell_key}", "",
                  f"Race winner: {cell['race_winner']} at lr {cell['race_lr']:g} "
                  f"({cell['race_arms']} arms trained; plan {cell['plan_seconds']:.0f} s, "
-                 f"contributions {cell['contrib_seconds']:.0f} s, one process per model on "
-                 f"the 2-core machine).{final}", "",
+                 f"the model's contributions {cell['contrib_seconds']:.0f} s once; one process "
+                 f"per model on the 2-core machine).{final}", "",
                  "| method | test acc | val acc | lr | training mem | layers |",
                  "|---|---|---|---|---|---|"]
         for m, r in sorted(rows.items(), key=lambda kv: -kv[1]["test_mean"]):

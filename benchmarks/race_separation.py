@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['standard_error_points']:.1f} | {'yes' if r['clear'] else 'no'} |")
     clear = sum(r["clear"] for r in rows)
     lines += ["", f"The lead was at least one standard error in {clear} of {len(rows)} races."]
-    for label, group in (("on the validation split", [r for r in rows if r["folds"] == 1]),
-                         ("cross-validated", [r for r in rows if r["folds"] > 1])):
+    for label, group in (
+            ("on the validation split", [r for r in rows if r["folds"] == 1 and not r["final"]]),
+            ("by the race's cross-validated final", [r for r in rows if r["final"]]),
+            ("cross-validated from the first rung", [r for r in rows if r["folds"] > 1])):
         if group and len(group) < len(rows):
             lines.append(f"- {label}: {sum(r['clear'] for r in group)} of {len(group)}.")
     text = "\n".join(lines)

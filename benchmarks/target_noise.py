@@ -34,7 +34,7 @@ With ``--out``, ``target_noise.png`` beside it plots every cell's Δ with two st
 The sums over the cells are the expected counts to set against the targets (22 and 9 of 27).
 
     .venv/bin/python benchmarks/target_noise.py studies/results \\
-        [--draws 200000] [--seed 0] [--out studies/results/target_noise.md]
+        [--draws 200000] [--seed 0] [--prefer search-final] [--out studies/results/target_noise.md]
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ def head_to_head_cells(path: Path) -> list[Cell]:
     data = json.loads(path.read_text())
     cells = []
     for name, cell in sorted(data.items()):
+        # the plan and the baselines (search-quick and search-split are other planners)
         rows = {m: dict(enumerate(100 * v for v in r["test_by_seed"]))
-                for m, r in cell["rows"].items() if m != "search-quick"}
+                for m, r in cell["rows"].items() if m == "search" or not m.startswith("search")}
         base = sorted(m for m in rows if m != "search")
         cells.append(Cell(f"head-to-head · {name}", len(rows["search"]),
                           {m: statistics.fmean(v.values()) for m, v in rows.items()},
@@ -105,10 +106,13 @@ def head_to_head_cells(path: Path) -> list[Cell]:
     return cells
 
 
-def study_cells(path: Path, study: str) -> list[Cell]:
-    """A study's cells (``results.csv``): the ``search`` method against its baselines. A
-    method run with one seed borrows the per-seed deviations of the same method at the same
-    budget on another device of the study (the Jetson Nano's from the Raspberry Pi 4)."""
+def study_cells(path: Path, study: str, prefer: str | None = None) -> list[Cell]:
+    """A study's cells (``results.csv``): the ``search`` method against its baselines, or
+    ``prefer`` in the cells that ran it (``search-final``: the standard effort since its race
+    gained the cross-validated final; the scarce-data cells' races cross-validate from the
+    first rung and ran ``search`` only). A method run with one seed borrows the per-seed
+    deviations of the same method at the same budget on another device of the study (the
+    Jetson Nano's from the Raspberry Pi 4)."""
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["status"] == "done" and r["accuracy"]]
     by_cell: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
@@ -133,10 +137,14 @@ def study_cells(path: Path, study: str) -> list[Cell]:
         if "search" not in methods:
             continue
         base = sorted(m for m in methods if roles[m] in BASELINE_ROLES)
-        used = ["search", *base]
-        cells.append(Cell(f"{study} · {' · '.join(key)}", len(methods["search"]),
-                          {m: statistics.fmean(methods[m].values()) for m in used},
-                          {m: devs(key, m) for m in used}, base))
+        plan = prefer if prefer in methods else "search"
+        name = f"{study} · {' · '.join(key)}" + (f" ({plan})" if plan != "search" else "")
+        # the plan's rows under the name "search"
+        cells.append(Cell(name, len(methods[plan]),
+                          {"search": statistics.fmean(methods[plan].values()),
+                           **{m: statistics.fmean(methods[m].values()) for m in base}},
+                          {"search": devs(key, plan), **{m: devs(key, m) for m in base}},
+                          base))
     return cells
 
 
@@ -191,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--prefer", default="search-final",
+                        help="the studies' method that stands for the planner where a cell "
+                             "ran it (else `search`); `search` for the race without its final")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
 
     cells = head_to_head_cells(args.results / "head_to_head" / "cells.json")
     for study in STUDIES:
-        cells += study_cells(args.results / study / "results.csv", study)
+        cells += study_cells(args.results / study / "results.csv", study, args.prefer)
 
     scenarios = ["oracle", *(f"+{lead:g}" for lead in LEADS)]
     counts = {s: np.zeros((2, args.draws), dtype=np.int32) for s in scenarios}  # within, ahead
@@ -246,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         "# Seed noise against issue 12's targets",
         "",
         "Command: `.venv/bin/python benchmarks/target_noise.py studies/results "
-        f"--draws {args.draws} --seed {args.seed}` (see its docstring). Test accuracy in "
+        f"--draws {args.draws} --seed {args.seed} --prefer {args.prefer}` (see its "
+        "docstring; the studies' cells that ran it count `" + args.prefer + "` as the planner, "
+        "the head-to-head's `search` is the standard effort with its final). Test accuracy in "
         "points; Δ = `search` minus the best baseline by mean over seeds; SE its standard "
         "error from the per-seed differences (paired); P the plug-in model's probabilities.",
         "",
