@@ -29,9 +29,11 @@ MIT budgets:
 ``runs-<model>.json`` is written after every training run (a killed benchmark resumes; a plan
 shared by two methods or budgets is trained once); ``cells.json`` after every cell (merged with
 what other processes wrote, so one process per model may run at once); ``report.md`` and
-``head_to_head.png`` at the end. Run: ``.venv/bin/python benchmarks/head_to_head.py`` (about two
-hours on the 2-core machine; ``--models mcunet-5fps --budgets 99KB`` for one cell, and one
-process per model with ``--models`` to use both cores).
+``head_to_head.png`` at the end. Run: ``.venv/bin/python benchmarks/head_to_head.py`` (about an
+hour and a half on the 2-core machine; ``--models mcunet-5fps --budgets 99KB`` for one cell).
+The committed run: one process per model at once, ``--models mcunet-5fps`` and ``--models
+mbv2-w0.35``, each with one torch thread (``OMP_NUM_THREADS=1``, as ``--threads 1`` now; 35
+and 42 min); the thread count is recorded per cell.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 
 from budgetsearch import CostModel, LayerGraph, load_model, load_profile
-from budgetsearch._io import atomic_write_text
+from budgetsearch._io import atomic_write_text, locked
 from budgetsearch.contrib import PlanRunner, load_tensors, split_tensors
 from budgetsearch.criteria import fisher_potential, magnitude_scores
 from budgetsearch.data import default_normalization, load_dataset
@@ -115,7 +117,12 @@ def main() -> None:
     parser.add_argument("--out", default="studies/results/head_to_head")
     parser.add_argument("--report-only", action="store_true",
                         help="only write the report from the finished cells")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); recorded per cell, since a "
+                             "plan of several layers trains differently at another count")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells_path = out / "cells.json"
@@ -193,13 +200,23 @@ def main() -> None:
                 "race_final_folds": final["folds"] if final else None,
                 "race_margin": outcome.margin(), "race_lr": race.recipe.lr if race else None,
                 "plan_seconds": plan_s, "contrib_seconds": contrib_s,
+                "threads": torch.get_num_threads(),
                 "race_arms": race.stats["arms_trained"] if race else 0}
             # other processes (one per model) write their cells to the same file
-            cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}
-            cells[cell_key] = cell
-            atomic_write_text(cells_path, json.dumps(cells, indent=1, sort_keys=True))
+            with locked(cells_path):
+                cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+                cells[cell_key] = cell
+                atomic_write_text(cells_path, json.dumps(cells, indent=1, sort_keys=True))
     cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}
     report(cells, out, args)
+
+
+def _gap(rows: dict[str, dict[str, Any]], method: str, best: str) -> str:
+    """``method``'s mean test accuracy minus ``best``'s, in points ("–" for a cell run before
+    the method was)."""
+    if method not in rows:
+        return "–"
+    return f"{100 * (rows[method]['test_mean'] - rows[best]['test_mean']):+.1f}"
 
 
 def split_pick(race: RaceResult) -> Candidate:
@@ -242,8 +259,9 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
         body += [f"## {cell_key}", "",
                  f"Race winner: {cell['race_winner']} at lr {cell['race_lr']:g} "
                  f"({cell['race_arms']} arms trained; plan {cell['plan_seconds']:.0f} s, "
-                 f"the model's contributions {cell['contrib_seconds']:.0f} s once; one process "
-                 f"per model on the 2-core machine).{final}", "",
+                 f"the model's contributions {cell['contrib_seconds']:.0f} s once"
+                 + (f"; {cell['threads']} torch thread(s)" if "threads" in cell else "")
+                 + f").{final}", "",
                  "| method | test acc | val acc | lr | training mem | layers |",
                  "|---|---|---|---|---|---|"]
         for m, r in sorted(rows.items(), key=lambda kv: -kv[1]["test_mean"]):
@@ -262,11 +280,9 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
              "|---|---|---|---|---|---|"]
     for cell_key, best, diff, cell in summary:
         rows = cell["rows"]
-        def gap(method: str, rows: dict = rows, best: str = best) -> str:
-            return f"{100 * (rows[method]['test_mean'] - rows[best]['test_mean']):+.1f}"
         mem = rows["search"]["memory_bytes"] / rows[best]["memory_bytes"]
-        lines.append(f"| {cell_key} | {best} | {diff:+.1f} | {gap('search-split')} | "
-                     f"{gap('search-quick')} | {mem:.2f} |")
+        lines.append(f"| {cell_key} | {best} | {diff:+.1f} | {_gap(rows, 'search-split', best)} "
+                     f"| {_gap(rows, 'search-quick', best)} | {mem:.2f} |")
     lines += ["", "![test accuracy per cell](head_to_head.png)", "", *body]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     plot(summary, out / "head_to_head.png")

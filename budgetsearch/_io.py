@@ -10,11 +10,13 @@ existing target keeps its mode, a new file gets ``0o666`` less the umask (not th
 - :func:`atomic_open`: a file object to write to (text or bytes);
 - :func:`atomic_path`: a temporary path, for writers that take a file name (safetensors'
   ``save_file``);
-- :func:`atomic_write_text`, :func:`atomic_write_bytes`: a whole file at once.
+- :func:`atomic_write_text`, :func:`atomic_write_bytes`: a whole file at once;
+- :func:`locked`: an exclusive lock for a read-modify-write of a file several processes share.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import tempfile
@@ -154,3 +156,21 @@ def atomic_write_bytes(
     with atomic_open(path, "wb", fsync=fsync, permissions=permissions) as handle:
         handle.write(data)
     return Path(path)
+
+
+@contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``<path>.lock`` beside ``path`` (its
+    folder created), for one process's read-modify-write of a file other processes share.
+
+    Args:
+        path: The shared file; the lock file is its name plus ``.lock``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -16,6 +16,7 @@ from budgetsearch._io import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
+    locked,
 )
 
 
@@ -87,3 +88,19 @@ def test_permissions_are_those_open_gives(tmp_path: Path) -> None:
     assert _mode(new) == 0o640
     atomic_write_text(new, "z", permissions=0o644)  # unless asked otherwise
     assert _mode(new) == 0o644 & ~UMASK
+
+
+def test_locked_holds_an_exclusive_lock_beside_the_file_until_the_block_ends(
+        tmp_path: Path) -> None:
+    import fcntl
+
+    shared = tmp_path / "sub" / "cells.json"
+    with locked(shared):
+        lock = shared.parent / "cells.json.lock"
+        assert lock.exists() and not shared.exists()  # the folder made, the file untouched
+        # another open file description is another holder: it must wait
+        with open(lock, "a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock, "a") as other:  # released
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_UN)

@@ -58,6 +58,7 @@ __all__ = [
 #: Fisher pass included, takes 6.2-6.7 s on the idle 2-core reference machine
 #: (benchmarks/search_speed.py), within the 10 s the command is meant to take.
 DEFAULT_TRIALS = 100
+_MAX_THREADS = 1024
 _MAX_POPULATION = 100_000
 
 
@@ -175,6 +176,11 @@ def register(subparsers: Any) -> None:
     _add_storage_args(p, required=False)
     p.add_argument("--front-dir", default=None, help="also write the front CSV and PNG here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int_range(1, _MAX_THREADS), default=None,
+                   help="torch threads while measuring and racing, 1 to "
+                        f"{_MAX_THREADS} (default: torch's). A plan of several layers does not "
+                        "train bit-for-bit alike at another count, so to repeat a race give "
+                        "the count its plan's provenance (race.threads) names")
     p.add_argument("--out", required=True, help="plan file to write (JSON)")
     p.set_defaults(func=run_plan)
 
@@ -220,7 +226,22 @@ _FLAGS = {"plan": "plan", "data": "--data", "scores": "--scores FILE", "contrib"
 
 def run_plan(args: argparse.Namespace) -> int:
     """Score, search, write the plan, print the comparison: the flags become the arguments of
-    :func:`budgetsearch.planner.plan_for`, which does the work."""
+    :func:`budgetsearch.planner.plan_for`, which does the work (with ``--threads``, at that
+    torch thread count, restored after)."""
+    import torch
+
+    if args.threads is None:
+        return _run_plan(args)
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run_plan(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    """:func:`run_plan` at the thread count it set."""
     import time
 
     import torch
@@ -499,9 +520,17 @@ def race_table(outcome: Any) -> str:
         + ("" if final is None else f" and a final of {len(final['arms'])} x {final['folds']} "
            "folds" + ("" if len(final["seeds"]) == 1 else f" x {len(final['seeds'])} seeds"))
         + f" ({rr.stats['arms_trained']} trained now, "
-        f"{rr.stats['seconds']:.0f} s); study {outcome.search.study_name!r}: "
+        f"{rr.stats['seconds']:.0f} s{_threads(rr.threads())}); "
+        f"study {outcome.search.study_name!r}: "
         f"{len(outcome.search.trials)} trials (+{st['new_trials']} now)")
     return "\n".join(lines)
+
+
+def _threads(counts: list[int]) -> str:
+    """The race's thread counts for its summary line ("" when none were recorded)."""
+    if not counts:
+        return ""
+    return ", " + " and ".join(map(str, counts)) + f" thread{'s' * (counts != [1])}"
 
 
 def _short(entry: Any) -> str:

@@ -338,7 +338,9 @@ class PlanRunner:
             ``val_accuracy``, ``val_loss`` (None when not finite), ``val_images``,
             ``train_loss`` (mean of the last epoch, None when not finite), the same for every
             extra data set (``<name>_accuracy``, ``<name>_loss``), ``train_seconds``,
-            ``eval_seconds``, ``seconds``, ``cut`` and ``layers``.
+            ``eval_seconds``, ``seconds``, ``cut``, ``layers`` and ``threads`` (torch's
+            intra-op threads it trained with: a plan of several layers does not train
+            bit-for-bit alike at another count, ``benchmarks/thread_reproducibility.py``).
         """
         return self._run(updates, recipe, rows=None)
 
@@ -448,6 +450,7 @@ class PlanRunner:
             "seconds": t2 - t0,
             "cut": cut.name,
             "layers": len(plan.updates),
+            "threads": torch.get_num_threads(),
         }
 
 

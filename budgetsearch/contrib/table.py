@@ -10,18 +10,16 @@ it claimed, and a claim whose process has died (same host) is taken over.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, locked
 from ..errors import DataError
 
 __all__ = [
@@ -184,17 +182,6 @@ def _read(path: Path) -> dict[str, Any] | None:
     return doc
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _alive(claim: Mapping[str, Any]) -> bool:
     if claim.get("host") != socket.gethostname():
         return True  # another machine's worker: trust its claim
@@ -219,7 +206,7 @@ class SharedTable:
         self.path = Path(path)
         self.key = dict(key)
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
-        with _locked(self.path):
+        with locked(self.path):
             doc = _read(self.path)
             if doc is None:
                 self._write({"version": TABLE_VERSION, "key": self.key, "results": {},
@@ -239,13 +226,13 @@ class SharedTable:
 
     def done(self) -> set[str]:
         """Units measured so far."""
-        with _locked(self.path):
+        with locked(self.path):
             return set(self._doc()["results"])
 
     def claim(self, order: Sequence[str]) -> str | None:
         """Take the first unit of ``order`` that is neither measured nor claimed by a live
         worker (None when none is left)."""
-        with _locked(self.path):
+        with locked(self.path):
             doc = self._doc()
             for unit in order:
                 if unit in doc["results"]:
@@ -260,7 +247,7 @@ class SharedTable:
 
     def record(self, unit: str, result: Mapping[str, Any]) -> None:
         """Store a unit's result and drop its claim."""
-        with _locked(self.path):
+        with locked(self.path):
             doc = self._doc()
             doc["results"][unit] = dict(result)
             doc["claims"].pop(unit, None)
@@ -268,7 +255,7 @@ class SharedTable:
 
     def release(self, unit: str) -> None:
         """Give a claimed unit back (on an interruption)."""
-        with _locked(self.path):
+        with locked(self.path):
             doc = self._doc()
             if self._mine(doc["claims"].get(unit) or {}):
                 doc["claims"].pop(unit, None)
@@ -279,7 +266,7 @@ class SharedTable:
 
     def table(self) -> ContributionTable:
         """The table as it is now."""
-        with _locked(self.path):
+        with locked(self.path):
             doc = self._doc()
         return ContributionTable(doc["key"], doc["results"], path=self.path)
 

@@ -240,9 +240,11 @@ class RaceResult:
             ``val_accuracy``, ``val_loss`` and ``kept`` (went on / won).
         candidates: The candidates raced, by name.
         stats: ``arms_trained`` (by this process), ``seconds``, ``path``.
-        results: Every arm's full result by arm key (``r<rung>:e<epochs>:s<seed>:<name>@lr<lr>``,
+        results: Every arm's result by arm key (``r<rung>:e<epochs>:s<seed>:<name>@lr<lr>``,
             with ``:f<fold>`` appended in a cross-validated race and ``:f<fold>of<folds>`` in
-            the final's; with any data the runner only reports, e.g. ``test_accuracy``).
+            the final's): the runner's ``*_accuracy`` and ``*_loss`` (with any data it only
+            reports, e.g. ``test_accuracy``), ``seconds``, ``val_images`` and ``threads``
+            where it gave them; its other keys are not kept.
         lr_extension: The rates tried beyond the grid's edges: ``grid`` (the grid),
             ``max_steps`` (:attr:`RaceSettings.lr_extensions`), ``factors`` (the low and high
             geometric steps) and ``added`` (per added arm: ``candidate``, ``lr``, ``edge``
@@ -303,6 +305,14 @@ class RaceResult:
                  if arm["candidate"] == self.winner.name]
         return [self.recipe.lr, *(lr for lr in first if lr != self.recipe.lr)]
 
+    def threads(self) -> list[int]:
+        """The torch thread counts the race's arms trained with, as their results recorded
+        them (by any worker; arms recorded before the count was kept say nothing). Near-equal
+        arms can swap places at another count: training a plan of several layers is not
+        bit-for-bit the same across counts."""
+        return sorted({int(r["threads"]) for r in self.results.values()
+                       if isinstance(r.get("threads"), int)})
+
     def provenance(self) -> dict[str, Any]:
         """The race as recorded in the chosen plan's provenance."""
         return {"winner": self.winner.name, "lr": self.recipe.lr, "epochs": self.recipe.epochs,
@@ -311,7 +321,7 @@ class RaceResult:
                 "rungs": self.rungs, "lr_extension": self.lr_extension,
                 "folds": self.folds, "val_images": self.stats.get("val_images"),
                 "arms_trained": self.stats.get("arms_trained"),
-                "seconds": self.stats.get("seconds")}
+                "seconds": self.stats.get("seconds"), "threads": self.threads()}
 
 
 def race_key(
@@ -394,8 +404,9 @@ def race(
 
     Args:
         runner: Trains a plan: ``runner.run(updates, recipe) -> {"val_accuracy", "val_loss",
-            ...}`` (a :class:`~budgetsearch.contrib.PlanRunner`); for ``settings.folds`` > 1
-            also ``runner.folds(k, seed=...)`` -> k such runners, one per fold.
+            ...}`` (a :class:`~budgetsearch.contrib.PlanRunner`; optionally ``val_images``
+            and ``threads``, the torch thread count it trained with); for ``settings.folds``
+            > 1 also ``runner.folds(k, seed=...)`` -> k such runners, one per fold.
         candidates: The plans, with distinct names; candidates with the same updates are raced
             once (the first keeps its name, the others become its aliases).
         recipe: The base recipe: every arm trains with it, at the arm's learning rate, the
@@ -471,7 +482,8 @@ def race(
             trained += 1
             # the scores (validation, and any data only reported, e.g. test) and the time
             result = {k: v for k, v in result.items()
-                      if k.endswith(("_accuracy", "_loss")) or k in ("seconds", "val_images")}
+                      if k.endswith(("_accuracy", "_loss"))
+                      or k in ("seconds", "val_images", "threads")}
             if shared is not None:
                 shared.record(job, result)
             else:

@@ -356,6 +356,24 @@ def test_plan_runner_trains_any_plan_and_reports_extra_data(setup):
     assert runner.stats["cache_seconds"] > 0
 
 
+def test_plan_runner_records_the_thread_count_it_trained_with(setup):
+    from budgetsearch.contrib import PlanRunner
+    from budgetsearch.plan import LayerUpdate
+
+    model, graph, _, _ = setup
+    runner = PlanRunner(model, graph=graph, train=data(24, 0), val=data(12, 1))
+    recipe = Recipe(epochs=1, batch_size=8, lr=0.05)
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    try:
+        torch.set_num_threads(other)
+        got = runner.run({"9": LayerUpdate("weight")}, recipe)
+    finally:
+        torch.set_num_threads(before)
+    assert got["threads"] == other
+    assert runner.run({"9": LayerUpdate("weight")}, recipe)["threads"] == before
+
+
 def test_a_fold_trains_as_a_runner_built_on_that_split_would(setup):
     """Fold j of the pooled 24 + 12 images (dealt into 3 stratified folds) gives exactly the
     scores of a PlanRunner whose training data are the other folds (in pooled order) and whose

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from budgetsearch.cli import main
 from budgetsearch.plan import load_plan
@@ -77,6 +78,11 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
     command = hint.split(": budgetsearch ", 1)[1].split()
     first_arms = race["arms_trained"]
     assert first_arms == sum(len(r["arms"]) for r in race["rungs"])
+    # every arm trained here, at this process's thread count; the summary line says it
+    threads = torch.get_num_threads()
+    assert race["threads"] == [threads]
+    (line,) = [x for x in printed.splitlines() if x.startswith("race: ")]
+    assert f" s, {threads} thread" in line
 
     # the same command again: the study and the race are found, nothing is retrained
     assert main(_plan(images, out, "--race-final", "0")) == 0
@@ -142,11 +148,18 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
 def test_a_small_validation_split_is_cross_validated_by_default(images, tmp_path, capsys):
     """4 validation images (< 200): the race deals the 20 images into folds of 4 (5 folds),
     trains every arm once per fold and scores it on all 20; the files remember every fold, so
-    the same command again trains nothing."""
+    the same command again trains nothing. The first run trains at another thread count
+    (``--threads``, restored after), which the race file keeps for the run that reads it."""
     out = tmp_path / "plan.json"
-    assert main(_plan(images, out, "--lr-extensions", "0", folds=None)) == 0
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    assert main(_plan(images, out, "--lr-extensions", "0", "--threads", str(other),
+                      folds=None)) == 0
+    assert torch.get_num_threads() == before
     printed = capsys.readouterr().out
     race = load_plan(out).provenance["race"]
+    assert race["threads"] == [other]
+    assert f" s, {other} thread{'s' * (other != 1)}); study" in printed
     assert race["folds"] == 5 and race["val_images"] == 20
     assert race["separation"]["val_images"] == 20
     arms = sum(len(r["arms"]) for r in race["rungs"])
@@ -155,8 +168,13 @@ def test_a_small_validation_split_is_cross_validated_by_default(images, tmp_path
     assert "the race cross-validated every arm on 5 folds" in printed
     assert f"{arms} arms x 5 folds over" in printed
     assert main(_plan(images, out, "--lr-extensions", "0", folds=None)) == 0
-    assert load_plan(out).provenance["race"]["arms_trained"] == 0
+    again = load_plan(out).provenance["race"]
+    assert again["arms_trained"] == 0 and again["threads"] == [other]
     capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_plan(images, tmp_path / "bad.json", "--threads", "0"))
+    assert "--threads: must be a positive integer from 1 to 1,024, got 0" in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(_plan(images, tmp_path / "bad.json", folds="0"))
     assert "--race-folds: must be" in capsys.readouterr().err

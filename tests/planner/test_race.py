@@ -67,6 +67,28 @@ def test_successive_halving_keeps_the_best_third_and_picks_the_best_arm():
     assert best["s2"]["rung"] == 2 and best["b5"]["rung"] == 0
 
 
+class ThreadedRunner(FakeRunner):
+    """A FakeRunner that reports a thread count per learning rate, as workers on machines
+    with different counts would."""
+
+    def run(self, updates, recipe):
+        return {**super().run(updates, recipe), "threads": 1 if recipe.lr < 0.05 else 4,
+                "train_seconds": 0.0}
+
+
+def test_the_race_keeps_each_arms_thread_count_and_the_provenance_lists_them():
+    settings = RaceSettings(rungs=(1, 2), lrs=(0.02, 0.06))
+    result = race(ThreadedRunner(QUALITY, BEST_LR), pool(), recipe=Recipe(optimizer="sgd"),
+                  settings=settings, progress=False)
+    assert {r["threads"] for r in result.results.values()} == {1, 4}
+    assert all("train_seconds" not in r for r in result.results.values())  # not kept
+    assert result.threads() == [1, 4] and result.provenance()["threads"] == [1, 4]
+    # arms recorded without a count (older race files, other runners) say nothing
+    plain = race(FakeRunner(QUALITY, BEST_LR), pool(), recipe=Recipe(optimizer="sgd"),
+                 settings=settings, progress=False)
+    assert plain.threads() == [] and plain.provenance()["threads"] == []
+
+
 def test_the_winners_rates_put_the_rate_it_won_with_first():
     class Drifting(FakeRunner):
         """The best rate is 0.06 after 1 epoch and 0.00667 after 2."""
