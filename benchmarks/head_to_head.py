@@ -31,11 +31,13 @@ MIT budgets:
 ``runs-<model>.json`` is written after every training run (a killed benchmark resumes; a plan
 shared by two methods or budgets is trained once); ``cells.json`` after every cell (merged with
 what other processes wrote, so one process per model may run at once); ``report.md`` and
-``head_to_head.png`` at the end. Run: ``.venv/bin/python benchmarks/head_to_head.py`` (about an
-hour and a half on the 2-core machine; ``--models mcunet-5fps --budgets 99KB`` for one cell).
-The committed run: one process per model at once, ``--models mcunet-5fps`` and ``--models
-mbv2-w0.35``, each with one torch thread (``OMP_NUM_THREADS=1``, as ``--threads 1`` now; 35
-and 42 min); the thread count is recorded per cell.
+``head_to_head.png`` at the end. Run: ``.venv/bin/python benchmarks/head_to_head.py`` (about two
+hours in one process on the 2-core machine; ``--models mcunet-5fps --budgets 99KB`` for one
+cell). ``--retune`` trains the finished cells' plans again under the tuning, reusing the race
+and runs files. The committed run: one process per model at once (``--models mcunet-5fps``,
+``--models mbv2-w0.35``), each with one torch thread (``OMP_NUM_THREADS=1``, as ``--threads 1``
+now): 35 and 42 min of planning and first tuning (seed 0's rate), then 20 min of ``--retune``
+for the per-seed tuning. The thread count is recorded per cell.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ from budgetsearch.planner import (
 )
 from budgetsearch.recipe import Recipe
 from budgetsearch.search import Search
+from budgetsearch.trainer.metrics import validation_key
 from budgetsearch.units import parse_bytes
 
 SEEDS = (0, 1, 2)
@@ -98,14 +100,17 @@ class Runs:
 def tune(runs: Runs, updates: dict[str, LayerUpdate], base: Recipe,
          lrs: tuple[float, ...]) -> dict[str, Any]:
     """Every seed trained at every rate; per seed the run that validates best (``lrs``, and
-    the test accuracies), as ``budgetsearch train --lrs`` and the studies' ``training.lrs``
-    choose; and under ``seed0`` the benchmark's first protocol, seed 0's rate (``lr``) for
-    every seed."""
+    the test accuracies; ``val_mean`` is the mean of those best validation scores), ranked as
+    ``budgetsearch train --lrs`` and the studies' ``training.lrs`` rank runs
+    (:func:`~budgetsearch.trainer.metrics.validation_key`: accuracy, then the lower loss);
+    ``val_by_lr`` is seed 0's validation accuracy at each rate; and under ``seed0`` the
+    benchmark's first protocol, seed 0's rate (``lr``) for every seed."""
     grid = {(lr, s): runs.get(updates, base.with_(lr=lr, seed=s)) for lr in lrs for s in SEEDS}
 
     def rank(lr: float, seed: int) -> tuple[float, float]:
         run = grid[(lr, seed)]
-        return run["val_accuracy"], -(run["val_loss"] or math.inf)
+        return validation_key({"best_accuracy": run["val_accuracy"],
+                               "val_loss": run["val_loss"]})
 
     chosen = [max(lrs, key=lambda x, s=s: rank(x, s)) for s in SEEDS]
     picked = [grid[(lr, s)] for lr, s in zip(chosen, SEEDS, strict=True)]
@@ -208,7 +213,8 @@ def main() -> None:
                 row["memory_bytes"] = cm.summarize(updates).training_memory_bytes
                 row["layers"] = len(updates)
                 rows[method] = row
-                print(f"  {cell_key} {method:<18} lr {row['lr']:<7g} test "
+                print(f"  {cell_key} {method:<18} lrs {','.join(f'{x:g}' for x in row['lrs'])} "
+                      "test "
                       f"{row['test_mean']:.3f}±{row['test_std']:.3f} mem "
                       f"{row['memory_bytes'] / 1024:.1f} KB "
                       f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
@@ -223,6 +229,10 @@ def main() -> None:
                 "plan_seconds": plan_s, "contrib_seconds": contrib_s,
                 "threads": torch.get_num_threads(),
                 "race_arms": race.stats["arms_trained"] if race else 0}
+            if old is not None and old.get("threads", torch.get_num_threads()) != (
+                    torch.get_num_threads()):  # the runs file would mix thread counts
+                raise SystemExit(f"{cell_key}: planned and trained with {old['threads']} "
+                                 f"thread(s); --retune it with --threads {old['threads']}")
             if old is not None:  # a re-tuned cell keeps what its planning measured
                 cell.update({k: old[k] for k in ("plan_seconds", "contrib_seconds",
                                                  "race_arms", "threads") if k in old})
@@ -258,7 +268,8 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
             "trained at every rate of the grid with every seed, and per seed the run that "
             "validates best kept (as `budgetsearch train --lrs` and the studies do); in the "
             "last column, every seed at the rate seed 0 chose (the benchmark's first "
-            "protocol). Training memory (device accounting, STM32F746) beside it. "
+            "protocol). val acc: the mean of each seed's best validation accuracy (the "
+            "one it was chosen on). Training memory (device accounting, STM32F746) beside it. "
             "`search` is `budgetsearch plan --effort "
             "standard` (measured objective, race on the validation split, cross-validated "
             "final); `search-split` the plan the race led with on the split before its final; "
