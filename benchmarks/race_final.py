@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from budgetsearch._io import atomic_write_text
-from budgetsearch.planner.race import FINAL_ARM_KEY, arm_scores
+from budgetsearch.planner.race import FINAL_ARM_KEY, arm_scores, best_arm_each
 
 CV_FILE = re.compile(r"^race-(\d+)fold\.json$")
 
@@ -68,11 +68,7 @@ def finalists(scores: dict[tuple[int, str, float], Score], rung: int, count: int
     by first)."""
     ranked = sorted(((score, d, lr) for (i, d, lr), score in scores.items() if i == rung),
                     key=lambda t: t[0], reverse=True)
-    out: list[tuple[str, float]] = []
-    for _score, d, lr in ranked:
-        if d not in {x for x, _ in out}:
-            out.append((d, lr))
-    return out[:count]
+    return best_arm_each(((d, lr) for _score, d, lr in ranked), count)
 
 
 def compare(split_path: Path, cv_path: Path, count: int) -> dict:

@@ -31,6 +31,7 @@ __all__ = [
     "MAX_PARAMS",
     "MAX_SAMPLES",
     "MAX_SEED",
+    "MAX_THREADS",
     "MAX_TRIALS",
     "add_budget_args",
     "add_device_args",
@@ -71,6 +72,8 @@ MAX_SEED = 2**32 - 1
 MAX_BUDGET_BYTES = 1 << 40
 #: Latency budgets per training step: one hour.
 MAX_LATENCY_MS = 3_600_000.0
+#: Torch intra-op threads (``--threads``).
+MAX_THREADS = 1024
 
 
 def _shown(text: str) -> str:

@@ -20,6 +20,7 @@ from ._common import (
     MAX_COUNT,
     MAX_EPOCHS,
     MAX_SEED,
+    MAX_THREADS,
     add_model_args,
     float_range,
     int_range,
@@ -87,7 +88,7 @@ def register(subparsers: Any) -> None:
                    help="scores .npz choosing the kept channels (default: weight magnitude)")
     p.add_argument("--workers", type=int_range(1, 64), default=1,
                    help="processes measuring into the same table (1)")
-    p.add_argument("--threads", type=int_range(1, 1024), default=None,
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=None,
                    help="torch threads per worker (default: cores / workers)")
     p.add_argument("--max-units", type=int_range(1, MAX_COUNT), default=None,
                    help="stop after this many units (per worker)")

@@ -34,6 +34,7 @@ from ._common import (
     MAX_COUNT,
     MAX_SAMPLES,
     MAX_SEED,
+    MAX_THREADS,
     MAX_TRIALS,
     add_budget_args,
     add_device_args,
@@ -58,7 +59,6 @@ __all__ = [
 #: Fisher pass included, takes 6.2-6.7 s on the idle 2-core reference machine
 #: (benchmarks/search_speed.py), within the 10 s the command is meant to take.
 DEFAULT_TRIALS = 100
-_MAX_THREADS = 1024
 _MAX_POPULATION = 100_000
 
 
@@ -176,9 +176,9 @@ def register(subparsers: Any) -> None:
     _add_storage_args(p, required=False)
     p.add_argument("--front-dir", default=None, help="also write the front CSV and PNG here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int_range(1, _MAX_THREADS), default=None,
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=None,
                    help="torch threads while measuring and racing, 1 to "
-                        f"{_MAX_THREADS} (default: torch's). A plan of several layers does not "
+                        f"{MAX_THREADS} (default: torch's). A plan of several layers does not "
                         "train bit-for-bit alike at another count, so to repeat a race give "
                         "the count its plan's provenance (race.threads) names")
     p.add_argument("--out", required=True, help="plan file to write (JSON)")

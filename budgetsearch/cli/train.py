@@ -14,7 +14,6 @@ __all__ = ["Splits", "load_splits", "register", "run"]
 
 _VAL_SPLITS = ("test", "val", "validation", "valid")
 _REGISTRY_SETS = ("cifar10", "cifar-10", "fashion-mnist", "fashionmnist", "fmnist", "mnist")
-_MAX_THREADS = 1024
 
 
 def register(subparsers: Any) -> None:
@@ -24,6 +23,7 @@ def register(subparsers: Any) -> None:
         MAX_EPOCHS,
         MAX_SAMPLES,
         MAX_SEED,
+        MAX_THREADS,
         MAX_TRIALS,
         add_model_args,
         float_range,
@@ -97,8 +97,8 @@ def register(subparsers: Any) -> None:
                         "--val-fraction); with --val-data, a class-balanced subset of it")
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=None,
                    help="seed of the splits, the head and the batch order (the recipe's, else 0)")
-    p.add_argument("--threads", type=int_range(1, _MAX_THREADS), default=None,
-                   help=f"torch threads during training, 1 to {_MAX_THREADS}")
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), default=None,
+                   help=f"torch threads during training, 1 to {MAX_THREADS}")
     p.add_argument("--ignore-budget", action="store_true",
                    help="train even if this batch / input size exceeds the plan's budget")
     p.add_argument("--resume", action="store_true",

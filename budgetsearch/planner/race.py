@@ -67,7 +67,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,8 @@ from ..plan import LayerUpdate
 from ..recipe import Recipe
 
 __all__ = ["FINAL_ARM_KEY", "FOLD_SEED_STRIDE", "MAX_FINAL", "Candidate", "RaceResult",
-           "RaceSettings", "arm_scores", "default_race_path", "final_count_ok", "fold_seed",
-           "pooled_mean", "race", "race_key", "updates_digest"]
+           "RaceSettings", "arm_scores", "best_arm_each", "default_race_path", "final_count_ok",
+           "fold_seed", "pooled_mean", "race", "race_key", "updates_digest"]
 
 #: Version of the race file's layout (part of its key).
 RACE_VERSION = 1
@@ -564,11 +564,8 @@ def race(
                 scored = score(jobs)
             kept = [(s[3], s[4]) for s in scored[:n_keep]]
             if last and settings.has_final:  # the finalists: each candidate's best arm
-                finalists: list[tuple[str, float]] = []
-                for s in scored:
-                    if s[3] not in {name for name, _lr in finalists}:
-                        finalists.append((s[3], s[4]))
-                finalists = finalists[:settings.final_candidates]
+                finalists = best_arm_each(((s[3], s[4]) for s in scored),
+                                          settings.final_candidates)
                 if len(finalists) > 1:
                     kept = finalists
             rung: dict[str, Any] = {"epochs": epochs, "seeds": seeds, "arms": [
@@ -687,6 +684,15 @@ def _beyond_edges(scored: Sequence[tuple[float, int, float, str, float]], n_keep
                             "it was tried at")})
             break
     return out
+
+
+def best_arm_each(ranked: Iterable[tuple[str, float]], count: int) -> list[tuple[str, float]]:
+    """The final's finalists: from arms ``(candidate, lr)`` ranked best first, each
+    candidate's first (its best) arm, for the ``count`` best candidates, best first."""
+    best: dict[str, float] = {}
+    for name, lr in ranked:
+        best.setdefault(name, lr)
+    return list(best.items())[:count]
 
 
 def final_count_ok(value: Any) -> bool:

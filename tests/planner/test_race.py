@@ -525,3 +525,13 @@ def test_arm_scores_rebuilds_the_races_pooled_scores_from_its_file(tmp_path):
     # entries that are not arms, or have no accuracy, are left out
     assert arm_scores({**results, "note": {"val_accuracy": 1.0},
                        "r0:e1:s3:c@lr0.02": {"val_accuracy": None}}) == arm_scores(results)
+
+
+def test_best_arm_each_keeps_each_candidates_first_arm_in_rank_order():
+    from budgetsearch.planner.race import best_arm_each
+
+    ranked = [("a", 0.02), ("b", 0.06), ("a", 0.06), ("c", 0.00667), ("b", 0.02), ("d", 0.02)]
+    assert best_arm_each(ranked, 3) == [("a", 0.02), ("b", 0.06), ("c", 0.00667)]
+    assert best_arm_each(ranked, 10) == [("a", 0.02), ("b", 0.06), ("c", 0.00667),
+                                         ("d", 0.02)]
+    assert best_arm_each([], 4) == []
