@@ -26,6 +26,7 @@ measured saved bytes should equal), measured costs and accuracy, and the per-lay
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -146,6 +147,8 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
         "file://") else f"sqlite:///{(home / 'search.db').resolve()}"
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     effort = get_effort(str(run.get("effort", "quick")))
+    if run.get("race_rungs") is not None:  # the race judged at the study's schedule
+        effort = dataclasses.replace(effort, rungs=tuple(int(e) for e in run["race_rungs"]))
     model = ctx.model_for_seed(plan_seed)
     common: dict[str, Any] = dict(
         model=model, cost_model=ctx.cost_model, effort=effort, seed=plan_seed,

@@ -48,6 +48,9 @@ is a :class:`Cell`. The file (read with ``yaml.safe_load`` only)::
                                    # race_final: candidates in the cross-validated final
                                    # of a race on the validation split (0: none; default
                                    # the effort's)
+                                   # race_rungs: the race's rungs in epochs, replacing
+                                   # the effort's (e.g. [2, 4]: thorough's race judged at
+                                   # the study's 4 epochs, not its own 8)
                                    # target: pytorch|tte (plans MIT's engine takes)
     exclude:                       # cells not to run: every listed coordinate matches
       - {method: [gf-b2-r4], seed: [1, 2]}
@@ -108,7 +111,7 @@ UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 #: Search options a study passes to the planner (Search.run, the race) rather than to Search.
 RUN_OPTIONS = ("trials", "pick", "flush_seconds", "effort", "plan_seed", "lr_extensions",
-               "race_folds", "race_final", "target")
+               "race_folds", "race_final", "race_rungs", "target")
 
 
 class StudyError(BudgetSearchError):

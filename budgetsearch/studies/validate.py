@@ -5,6 +5,7 @@ Every message names the file, the field (``methods[2].options``) and the allowed
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -358,7 +359,7 @@ def _tuning(training: dict[str, Any], where: str) -> None:
 def _effort(options: Mapping[str, Any], where: str) -> None:
     """A search's ``effort`` must be one of the planner's levels, its ``target`` a known
     target, its ``lr_extensions``, ``race_folds`` and ``race_final`` integers within the race's
-    bounds."""
+    bounds, its ``race_rungs`` increasing positive epoch counts."""
     if "effort" in options:
         from ..planner import EFFORTS
 
@@ -389,6 +390,13 @@ def _effort(options: Mapping[str, Any], where: str) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_FOLDS:
             raise StudyError(f"{where}.race_folds: expected an integer from 1 (the validation "
                              f"split as it is) to {MAX_FOLDS}, got {value!r}")
+    if "race_rungs" in options:
+        value = options["race_rungs"]
+        if not isinstance(value, list) or not value or any(
+                not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in value) or any(
+                b <= a for a, b in itertools.pairwise(value)):
+            raise StudyError(f"{where}.race_rungs: expected a list of increasing positive "
+                             f"epoch counts (e.g. [2, 4]), got {value!r}")
 
 
 def _search_options() -> list[str] | None:

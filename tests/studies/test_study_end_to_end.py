@@ -115,7 +115,8 @@ def test_each_cell_starts_from_a_head_set_by_its_seed_alone(tmp_path: Path) -> N
 
 def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, capsys) -> None:
     """Method ``search`` with ``effort: standard``: contributions measured on the cell's carved
-    training/validation data (one table for the study), the race, the winner trained."""
+    training/validation data (one table for the study), the race (its rungs the study's
+    ``race_rungs``), the winner trained."""
     data = _image_folder(tmp_path / "images", per_class={"train": 10, "test": 4})
     spec = tmp_path / "raced.yaml"
     spec.write_text(yaml.safe_dump({
@@ -124,7 +125,8 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
         "input_size": 32,
         "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
         "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
-        "methods": [{"method": "search", "options": {"effort": "standard"}}],
+        "methods": [{"method": "search", "options": {"effort": "standard",
+                                                      "race_rungs": [1, 2]}}],
         "seeds": [0],
         "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
         "cost": {"memory_measure": "training"},
@@ -137,6 +139,9 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
     assert rec["status"] == "done", rec.get("error")
     plan = rec["provenance"]
     assert plan["effort"] == "standard" and plan["race"]["winner"]
+    # race_rungs replaced the effort's (2, 4); the recipe's epochs are the last rung's
+    assert [r["epochs"] for r in plan["race"]["rungs"] if not r.get("final")][:2] == [1, 2]
+    assert plan["race"]["epochs"] == 2
     assert plan["objective"]["name"] == "predicted_accuracy"  # the measured objective
     assert len(list((res / "contrib").glob("mcunet-5fps-*.json"))) == 1
     assert 0 <= rec["metrics"]["test_accuracy"] <= 1
@@ -162,6 +167,13 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
     assert main(["study", "run", str(spec), "--no-progress"]) == 2
     assert ("options.race_final: expected 0 (no final) or an integer from 2 to 20, got 1") in (
         capsys.readouterr().err)
+    for rungs in ([4, 2], [], [0, 2], 4, [2, True]):
+        bad["methods"] = [{"method": "search", "options": {"effort": "thorough",
+                                                          "race_rungs": rungs}}]
+        spec.write_text(yaml.safe_dump(bad))
+        assert main(["study", "run", str(spec), "--no-progress"]) == 2
+        assert ("options.race_rungs: expected a list of increasing positive epoch counts "
+                f"(e.g. [2, 4]), got {rungs!r}") in capsys.readouterr().err
 
 
 def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, capsys) -> None:
