@@ -32,7 +32,9 @@ prints:
 The planner is the standard effort as it is now: the studies' ``search-final`` where a cell ran
 it (its race ending with the cross-validated final), else their ``search``, and the
 head-to-head's ``search``. ``--prefer search`` counts the races without their final instead
-(the studies' ``search`` and the head-to-head's ``search-split``).
+(the studies' ``search`` and the head-to-head's ``search-split``). ``--prefer`` takes a
+comma-separated list, first found first: ``search-thorough,search-final`` counts the thorough
+effort in the cells that ran it.
 
 With ``--out``, ``target_noise.png`` beside it plots every cell's Δ with two standard errors.
 
@@ -112,9 +114,9 @@ def head_to_head_cells(path: Path, plan: str = "search") -> list[Cell]:
     return cells
 
 
-def study_cells(path: Path, study: str, prefer: str | None = None) -> list[Cell]:
+def study_cells(path: Path, study: str, prefer: tuple[str, ...] = ()) -> list[Cell]:
     """A study's cells (``results.csv``): the ``search`` method against its baselines, or
-    ``prefer`` in the cells that ran it (``search-final``: the standard effort since its race
+    the first of ``prefer`` a cell ran (``search-final``: the standard effort since its race
     gained the cross-validated final; the scarce-data cells' races cross-validate from the
     first rung and ran ``search`` only). A method run with one seed borrows the per-seed
     deviations of the same method at the same budget on another device of the study (the
@@ -143,7 +145,7 @@ def study_cells(path: Path, study: str, prefer: str | None = None) -> list[Cell]
         if "search" not in methods:
             continue
         base = sorted(m for m in methods if roles[m] in BASELINE_ROLES)
-        plan = prefer if prefer in methods else "search"
+        plan = next((m for m in prefer if m in methods), "search")
         name = f"{study} · {' · '.join(key)}" + (f" ({plan})" if plan != "search" else "")
         # the plan's rows under the name "search"
         cells.append(Cell(name, len(methods[plan]),
@@ -207,16 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--prefer", default="search-final",
                         help="the studies' method that stands for the planner where a cell "
-                             "ran it (else `search`); `search`: the races without their final "
-                             "everywhere (the head-to-head's `search-split`)")
+                             "ran it (else `search`); a comma-separated list: the first a cell "
+                             "ran; `search`: the races without their final everywhere (the "
+                             "head-to-head's `search-split`)")
     args = parser.parse_args(argv)
+    prefer = tuple(m.strip() for m in args.prefer.split(",") if m.strip())
     rng = np.random.default_rng(args.seed)
 
     # the head-to-head's `search` has the final; its `search-split` is the race without it
     cells = head_to_head_cells(args.results / "head_to_head" / "cells.json",
-                               "search-split" if args.prefer == "search" else "search")
+                               "search-split" if prefer == ("search",) else "search")
     for study in STUDIES:
-        cells += study_cells(args.results / study / "results.csv", study, args.prefer)
+        cells += study_cells(args.results / study / "results.csv", study, prefer)
 
     scenarios = ["oracle", *(f"+{lead:g}" for lead in LEADS)]
     counts = {s: np.zeros((2, args.draws), dtype=np.int32) for s in scenarios}  # within, ahead
@@ -267,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Command: `.venv/bin/python benchmarks/target_noise.py studies/results "
         f"--draws {args.draws} --seed {args.seed} --prefer {args.prefer}` (see its "
-        "docstring; the studies' cells that ran it count `" + args.prefer + "` as the planner, "
-        + ("the head-to-head's `search-split`" if args.prefer == "search" else
+        "docstring; the studies' cells that ran it count "
+        + " or else ".join(f"`{m}`" for m in prefer) + " as the planner, "
+        + ("the head-to-head's `search-split`" if prefer == ("search",) else
            "the head-to-head's `search` (the standard effort with its final)")
         + "). Test accuracy in "
         "points; Δ = `search` minus the best baseline by mean over seeds; SE its standard "

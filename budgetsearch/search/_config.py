@@ -163,14 +163,26 @@ def read_config(study: Any, *, with_scores: bool = True) -> tuple[dict, Scores |
     return config, scores, dict(attrs.get(BASELINES_KEY) or {})
 
 
+# parts of an identity field that say where something was read from, not what it is: the
+# measured objective's table is identified by its digest, so a study moved or copied with its
+# contribution table (another path, e.g. a study's results under another --results) goes on
+_LOCATION_KEYS: dict[str, tuple[str, ...]] = {"objective": ("table_source",)}
+
+
 def diff_config(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
     """The identity fields that differ, as readable phrases (fields missing from ``given`` are
-    not compared)."""
+    not compared; nor are the file locations of :data:`_LOCATION_KEYS`)."""
+    def content(key: str, value: Any) -> Any:
+        drop = _LOCATION_KEYS.get(key, ())
+        if drop and isinstance(value, Mapping):
+            return {k: v for k, v in value.items() if k not in drop}
+        return value
+
     out = []
     for key, label in IDENTITY:
         if key not in given or (key == "scores_digest" and given[key] is None):
             continue
-        a, b = stored.get(key), given.get(key)
+        a, b = content(key, stored.get(key)), content(key, given.get(key))
         if _norm(a) != _norm(b):
             out.append(f"{label}: the study has {_show(a)}, this run {_show(b)}")
     return out

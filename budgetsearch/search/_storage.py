@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from optuna.distributions import distribution_to_json
 from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from .._io import locked
 from ..errors import SearchError
 
 __all__ = [
@@ -106,17 +108,25 @@ def open_storage(url: str) -> BaseStorage:
             raise SearchError(f"cannot open journal storage {shown}: {exc}") from None
     engine_kwargs: dict[str, Any] = {}
     url = _with_driver(url)
+    db_file: Path | None = None
     if kind == "sqlite":
         target = url.split("://", 1)[1][1:]
         if target and target != ":memory:":
-            parent = Path(target).expanduser().parent
-            if not parent.is_dir():
-                raise SearchError(f"storage {shown}: directory {parent} does not exist")
+            db_file = Path(target).expanduser()
+            if not db_file.parent.is_dir():
+                raise SearchError(f"storage {shown}: directory {db_file.parent} does not exist")
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs)
+        if db_file is not None:
+            # Optuna creates the schema of a new database without guarding against another
+            # process doing the same ("table studies already exists"): processes opening one
+            # file take turns (the lock file is <db>.lock)
+            with locked(db_file):
+                storage = RDBStorage(url, engine_kwargs=engine_kwargs)
+        else:
+            storage = _rdb_storage(url, engine_kwargs)
     except ImportError as exc:
         scheme, _, driver = url.split("://", 1)[0].lower().partition("+")
         if driver:
@@ -133,6 +143,22 @@ def open_storage(url: str) -> BaseStorage:
     if kind == "sqlite":
         _tune_sqlite(storage)
     return storage
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], *, attempts: int = 3,
+                 pause_s: float = 0.5) -> RDBStorage:
+    """An :class:`~optuna.storages.RDBStorage` on a database server, tried again when another
+    process was creating the same new schema at the same moment (the error says a table or
+    row already exists; once that process is done, opening succeeds)."""
+    for attempt in range(attempts - 1):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs)
+        except Exception as exc:
+            text = str(getattr(exc, "orig", None) or exc).lower()
+            if not any(s in text for s in ("already exists", "duplicate", "unique")):
+                raise
+            time.sleep(pause_s * (attempt + 1))
+    return RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 def _with_driver(url: str) -> str:

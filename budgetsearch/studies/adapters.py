@@ -294,8 +294,11 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
     doc = dict(runs[chosen])
     doc["lr"] = chosen
     metrics = {lr: normalise_metrics(run) for lr, run in runs.items()}
+    # the thread count beside each run: a run at another count does not repeat bit for bit
     doc["tuning"] = {f"{lr:g}": {"val_accuracy": m["best_accuracy"],
-                                 "test_accuracy": m["test_accuracy"]} for lr, m in metrics.items()}
+                                 "test_accuracy": m["test_accuracy"],
+                                 "threads": runs[lr].get("threads")}
+                     for lr, m in metrics.items()}
     doc["train_seconds"] = sum(float(run.get("train_seconds") or 0.0) for run in runs.values())
     ctx.extras["lr"] = chosen
     return doc
@@ -319,6 +322,10 @@ def _train_trainer(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
                       out_dir=out_dir, dynamic=dynamic, cost_model=ctx.cost_model,
                       progress=ctx.progress, **options)
     doc = trainer.fit(resume=True)
+    if "threads" not in doc:
+        import torch
+
+        doc["threads"] = int(trainer.threads) if trainer.threads else torch.get_num_threads()
     epochs = doc.get("epochs") or []
     doc["train_seconds"] = sum(float(r.get("epoch_s") or 0.0) for r in epochs)
     return doc
@@ -348,7 +355,8 @@ def _train_runner(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
             "val_loss": res.get("val_loss"), "train_loss": res.get("train_loss"),
             "test_accuracy": res.get("test_accuracy"),
             "final_test_accuracy": res.get("test_accuracy"), "test_loss": res.get("test_loss"),
-            "train_seconds": res.get("train_seconds"), "eval_seconds": res.get("eval_seconds")}
+            "train_seconds": res.get("train_seconds"), "eval_seconds": res.get("eval_seconds"),
+            "threads": res.get("threads")}
 
 
 # ----------------------------------------------------------------------------- summarising

@@ -145,6 +145,9 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
     assert plan["objective"]["name"] == "predicted_accuracy"  # the measured objective
     assert len(list((res / "contrib").glob("mcunet-5fps-*.json"))) == 1
     assert 0 <= rec["metrics"]["test_accuracy"] <= 1
+    import torch
+
+    assert rec["metrics_raw"]["threads"] == torch.get_num_threads()  # the trainer's run
     # a validation split this small (under 200 images) is cross-validated by default
     assert rec["race"]["folds"] == plan["race"]["folds"] > 1
     # its file is named by its folds, beside (not over) a race on the split as it is
@@ -207,6 +210,9 @@ def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, cap
         assert tuning[f"{r['lr']:g}"]["val_accuracy"] == best == r["metrics"]["best_accuracy"]
         assert r["metrics"]["test_accuracy"] == tuning[f"{r['lr']:g}"]["test_accuracy"]
         assert r["metrics_raw"]["engine"] == "runner"
+        # each run's thread count is recorded (another count does not repeat bit for bit)
+        assert all(isinstance(t["threads"], int) and t["threads"] >= 1
+                   for t in tuning.values()), tuning
     searches = [r for r in recs.values() if r["key"]["method"] == "search"]
     assert searches[0]["layers"] == searches[1]["layers"]  # one plan, trained by both seeds
     assert [p.name for p in (res / "plans").iterdir()] == [
