@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         "# Committed study cells trained again",
         "",
         f"Command: `.venv/bin/python benchmarks/rerun_cells.py {args.spec} "
-        f"{' '.join(args.cells)} --threads {args.threads}`. {equal} of {len(rows)} runs "
+        f"{' '.join(args.cells)}"
+        + (" --results COPY" if args.results else "")
+        + f" --threads {args.threads}` (COPY: a copy of the study's results). {equal} of "
+        f"{len(rows)} runs "
         "equal the record.",
         "", *lines, ""])
     print(text)

@@ -36,7 +36,7 @@ head-to-head's ``search``. ``--prefer search`` counts the races without their fi
 comma-separated list, first found first: ``search-thorough,search-final`` counts the thorough
 effort in the cells that ran it.
 
-With ``--out``, ``target_noise.png`` beside it plots every cell's Δ with two standard errors.
+With ``--out``, a PNG of the same name beside it plots every cell's Δ with two standard errors.
 
 The sums over the cells are the expected counts to set against the targets (22 and 9 of 27).
 
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         "Command: `.venv/bin/python benchmarks/target_noise.py studies/results "
         f"--draws {args.draws} --seed {args.seed} --prefer {args.prefer}` (see its "
         "docstring; the studies' cells that ran it count "
-        + " or else ".join(f"`{m}`" for m in prefer) + " as the planner, "
+        + " or else ".join(f"`{m}`" for m in dict.fromkeys([*prefer, "search"]))
+        + " as the planner, "
         + ("the head-to-head's `search-split`" if prefer == ("search",) else
            "the head-to-head's `search` (the standard effort with its final)")
         + "). Test accuracy in "
@@ -281,13 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *summary,
         "",
-        *(["![Δ per cell](target_noise.png)", ""] if args.out else []),
+        *([f"![Δ per cell]({args.out.with_suffix('.png').name})", ""] if args.out else []),
         *lines,
         "",
     ])
     if args.out:
         atomic_write_text(args.out, text)
-        plot(points, args.out.with_name("target_noise.png"))
+        plot(points, args.out.with_suffix(".png"))
     sys.stdout.write(text)
     return 0
 
