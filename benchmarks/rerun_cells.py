@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 
-def rerun(spec_path: Path, cell_ids: list[str], *, results: Path | None,
+def rerun(spec_path: Path, cell_ids: list[str], *, results: Path,
           threads: int) -> list[dict[str, Any]]:
     """Each cell's recorded and new accuracy per rate."""
     import torch
@@ -40,7 +40,7 @@ def rerun(spec_path: Path, cell_ids: list[str], *, results: Path | None,
     from budgetsearch.studies import CellContext, cell_plan, load_spec
 
     spec = load_spec(spec_path)
-    res = results or spec_path.parent / "results" / spec.name
+    res = results
     cells = {c.id: c for c in spec.cells()}
     unknown = [c for c in cell_ids if c not in cells]
     if unknown:
@@ -52,6 +52,8 @@ def rerun(spec_path: Path, cell_ids: list[str], *, results: Path | None,
         tuning = record["metrics_raw"]["tuning"]
         if cell.study.training.get("engine") != "runner":
             raise SystemExit(f"{cid}: engine {cell.study.training.get('engine')!r}; only runner")
+        if not cell.study.training.get("lrs"):
+            raise SystemExit(f"{spec_path}: training.lrs is not set; the study has no rate grid")
         ctx = CellContext(cell, out_dir=res / "cells" / cid)
         plan = cell_plan(cell, ctx)
         t = cell.study.training
@@ -76,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", type=Path, help="the study file")
     parser.add_argument("cells", nargs="+", help="cell ids (cells/<id>.json)")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="results directory (default <spec dir>/results/<name>)")
+    parser.add_argument("--results", type=Path, required=True,
+                        help="a copy of the study's results directory (a search cell's plan, "
+                             "made again, rewrites its front.csv and baselines.csv)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -116,11 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Committed study cells trained again",
         "",
         f"Command: `.venv/bin/python benchmarks/rerun_cells.py {args.spec} "
-        f"{' '.join(args.cells)}"
-        + (" --results COPY" if args.results else "")
-        + f" --threads {args.threads}` (COPY: a copy of the study's results). {equal} of "
-        f"{len(rows)} runs "
-        "equal the record.",
+        f"{' '.join(args.cells)} --results COPY --threads {args.threads}` (COPY: a copy of "
+        f"the study's results). {equal} of {len(rows)} runs equal the record.",
         "", *lines, ""])
     print(text)
     if args.out:

@@ -214,11 +214,13 @@ def main(argv: list[str] | None = None) -> int:
                              "head-to-head's `search-split`)")
     args = parser.parse_args(argv)
     prefer = tuple(m.strip() for m in args.prefer.split(",") if m.strip())
+    if args.out is not None and args.out.suffix.lower() == ".png":
+        parser.error("--out: the report's Markdown file (its plot goes beside it as .png)")
     rng = np.random.default_rng(args.seed)
 
     # the head-to-head's `search` has the final; its `search-split` is the race without it
     cells = head_to_head_cells(args.results / "head_to_head" / "cells.json",
-                               "search-split" if prefer == ("search",) else "search")
+                               "search-split" if prefer[:1] == ("search",) else "search")
     for study in STUDIES:
         cells += study_cells(args.results / study / "results.csv", study, prefer)
 
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "docstring; the studies' cells that ran it count "
         + " or else ".join(f"`{m}`" for m in dict.fromkeys([*prefer, "search"]))
         + " as the planner, "
-        + ("the head-to-head's `search-split`" if prefer == ("search",) else
+        + ("the head-to-head's `search-split`" if prefer[:1] == ("search",) else
            "the head-to-head's `search` (the standard effort with its final)")
         + "). Test accuracy in "
         "points; Δ = `search` minus the best baseline by mean over seeds; SE its standard "

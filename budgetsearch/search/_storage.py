@@ -20,6 +20,7 @@ samplers' generation attributes, so a continued study is a true continuation.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -110,19 +111,22 @@ def open_storage(url: str) -> BaseStorage:
     url = _with_driver(url)
     db_file: Path | None = None
     if kind == "sqlite":
-        target = url.split("://", 1)[1][1:]
+        from sqlalchemy.engine import make_url
+
+        target = make_url(url).database  # the file SQLAlchemy opens (no query string)
         if target and target != ":memory:":
-            db_file = Path(target).expanduser()
+            db_file = Path(target).resolve()  # one lock however the file is spelled
             if not db_file.parent.is_dir():
                 raise SearchError(f"storage {shown}: directory {db_file.parent} does not exist")
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        if db_file is not None:
+        if db_file is not None and os.access(db_file.parent, os.W_OK):
             # Optuna creates the schema of a new database without guarding against another
             # process doing the same ("table studies already exists"): processes opening one
-            # file take turns (the lock file is <db>.lock)
+            # file take turns (the lock file is <db>.lock; a read-only folder holds no new
+            # database and gets no lock file)
             with locked(db_file):
                 storage = RDBStorage(url, engine_kwargs=engine_kwargs)
         else:

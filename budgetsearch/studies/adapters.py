@@ -148,6 +148,9 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     effort = get_effort(str(run.get("effort", "quick")))
     if run.get("race_rungs") is not None:  # the race judged at the study's schedule
+        if not effort.race:
+            raise StudyError(f"method {cell.method.name}: race_rungs needs an effort that "
+                             f"races (standard or thorough), not {effort.name}")
         effort = dataclasses.replace(effort, rungs=tuple(int(e) for e in run["race_rungs"]))
     model = ctx.model_for_seed(plan_seed)
     common: dict[str, Any] = dict(

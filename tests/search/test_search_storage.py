@@ -228,3 +228,12 @@ def test_a_moved_contribution_table_is_the_same_objective() -> None:
     assert phrase.startswith("accuracy objective: the study has") and "0000000000000000" in phrase
     assert diff_config({"model": "a"}, {"model": "b"}) == [
         "model: the study has a, this run b"]
+
+
+def test_the_lock_is_beside_the_file_sqlalchemy_opens(tmp_path, monkeypatch) -> None:
+    """A relative URL with a query string locks the database file itself (resolved), so every
+    spelling of one file shares one lock."""
+    monkeypatch.chdir(tmp_path)
+    open_storage("sqlite:///sub/../a.db?timeout=5")
+    assert (tmp_path / "a.db").exists() and (tmp_path / "a.db.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.db", "a.db.lock"]

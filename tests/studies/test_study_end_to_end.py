@@ -177,6 +177,16 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
         assert main(["study", "run", str(spec), "--no-progress"]) == 2
         assert ("options.race_rungs: expected a list of increasing positive epoch counts "
                 f"(e.g. [2, 4]), got {rungs!r}") in capsys.readouterr().err
+    # rungs for an effort that does not race: the cell fails, naming the method and effort
+    bad["methods"] = [{"name": "q", "method": "search",
+                       "options": {"effort": "quick", "race_rungs": [2, 4]}}]
+    spec.write_text(yaml.safe_dump(bad))
+    main(["study", "run", str(spec), "--no-progress"])
+    capsys.readouterr()
+    (failed,) = [json.loads(p.read_text()) for p in (res / "cells").glob("*__q__*.json")]
+    assert failed["status"] == "failed"
+    assert ("method q: race_rungs needs an effort that races (standard or thorough), not "
+            "quick") in failed["error"]["message"]
 
 
 def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, capsys) -> None:
