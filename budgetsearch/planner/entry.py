@@ -532,8 +532,8 @@ def _open_with_scores(storage: Any, name: str, probe: Mapping[str, Any], *,
             try:
                 scores = compute()
             except BaseException:
-                opening.exception()  # wait, then leave no empty database behind
-                for suffix in ("", "-wal", "-shm", "-journal"):
+                opening.exception()  # wait, then leave no empty database (or its lock) behind
+                for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
                     Path(f"{new_file}{suffix}").unlink(missing_ok=True)
                 raise
             return opening.result(), scores
