@@ -78,7 +78,7 @@ from ..recipe import Recipe
 
 __all__ = ["FINAL_ARM_KEY", "FOLD_SEED_STRIDE", "MAX_FINAL", "Candidate", "RaceResult",
            "RaceSettings", "arm_scores", "best_arm_each", "default_race_path", "final_count_ok",
-           "fold_seed", "pooled_mean", "race", "race_key", "updates_digest"]
+           "fold_seed", "pooled_mean", "race", "race_key", "rungs_ok", "updates_digest"]
 
 #: Version of the race file's layout (part of its key).
 RACE_VERSION = 1
@@ -165,8 +165,7 @@ class RaceSettings:
 
     def __post_init__(self) -> None:
         rungs, lrs = tuple(self.rungs), tuple(self.lrs)
-        if not rungs or any(not isinstance(e, int) or e < 1 for e in rungs) or any(
-                b <= a for a, b in itertools.pairwise(rungs)):
+        if not rungs_ok(rungs):
             raise PlanError(f"race rungs must be increasing positive epoch counts; got {rungs}")
         if not lrs or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)
                           for x in lrs) or len(set(lrs)) != len(lrs):
@@ -699,6 +698,14 @@ def final_count_ok(value: Any) -> bool:
     """Whether ``value`` is an allowed :attr:`RaceSettings.final_candidates`: 0 (no final) or
     an integer from 2 to :data:`MAX_FINAL`."""
     return _integer_in(value, range(1)) or _integer_in(value, range(2, MAX_FINAL + 1))
+
+
+def rungs_ok(value: Sequence[Any]) -> bool:
+    """Whether ``value`` is an allowed :attr:`RaceSettings.rungs`: one or more increasing
+    epoch counts, integers (not bools) from 1."""
+    return bool(value) and all(
+        isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in value) and all(
+        b > a for a, b in itertools.pairwise(value))
 
 
 def _integer_in(value: Any, allowed: range) -> bool:

@@ -5,7 +5,6 @@ Every message names the file, the field (``methods[2].options``) and the allowed
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -391,10 +390,10 @@ def _effort(options: Mapping[str, Any], where: str) -> None:
             raise StudyError(f"{where}.race_folds: expected an integer from 1 (the validation "
                              f"split as it is) to {MAX_FOLDS}, got {value!r}")
     if "race_rungs" in options:
+        from ..planner.race import rungs_ok
+
         value = options["race_rungs"]
-        if not isinstance(value, list) or not value or any(
-                not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in value) or any(
-                b <= a for a, b in itertools.pairwise(value)):
+        if not isinstance(value, list) or not rungs_ok(value):
             raise StudyError(f"{where}.race_rungs: expected a list of increasing positive "
                              f"epoch counts (e.g. [2, 4]), got {value!r}")
 

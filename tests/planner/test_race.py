@@ -370,8 +370,9 @@ def test_final_folds_rule_and_the_efforts_finals():
 
 
 def test_bad_settings_and_candidates_are_named_errors():
-    with pytest.raises(PlanError, match="rungs must be increasing"):
-        RaceSettings(rungs=(2, 1))
+    for rungs in ((2, 1), (), (0, 2), (True, 2), (2.0, 4)):  # one rule with the study files'
+        with pytest.raises(PlanError, match="rungs must be increasing"):
+            RaceSettings(rungs=rungs)
     with pytest.raises(PlanError, match="learning rates must be distinct"):
         RaceSettings(lrs=(0.1, 0.1))
     with pytest.raises(PlanError, match="keep share"):
