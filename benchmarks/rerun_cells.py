@@ -36,11 +36,9 @@ def rerun(spec_path: Path, cell_ids: list[str], *, results: Path,
     import torch
 
     torch.set_num_threads(threads)
-    from budgetsearch.recipe import Recipe
-    from budgetsearch.studies import CellContext, cell_plan, load_spec
+    from budgetsearch.studies import CellContext, cell_plan, load_spec, runner_recipe
 
     spec = load_spec(spec_path)
-    res = results
     cells = {c.id: c for c in spec.cells()}
     unknown = [c for c in cell_ids if c not in cells]
     if unknown:
@@ -48,22 +46,16 @@ def rerun(spec_path: Path, cell_ids: list[str], *, results: Path,
     rows = []
     for cid in cell_ids:
         cell = cells[cid]
-        record = json.loads((res / "cells" / f"{cid}.json").read_text())
+        record = json.loads((results / "cells" / f"{cid}.json").read_text())
         tuning = record["metrics_raw"]["tuning"]
         if cell.study.training.get("engine") != "runner":
             raise SystemExit(f"{cid}: engine {cell.study.training.get('engine')!r}; only runner")
         if not cell.study.training.get("lrs"):
             raise SystemExit(f"{spec_path}: training.lrs is not set; the study has no rate grid")
-        ctx = CellContext(cell, out_dir=res / "cells" / cid)
+        ctx = CellContext(cell, out_dir=results / "cells" / cid)
         plan = cell_plan(cell, ctx)
-        t = cell.study.training
-        options = dict(t.get("options") or {})
-        mode = options.pop("filter_mode", None) or plan.filter_mode
-        for lr in t["lrs"]:  # as the study's runner engine makes the recipe
-            recipe = Recipe(optimizer=t["optimizer"], lr=lr,
-                            epochs=cell.data.epochs_or(t["epochs"]),
-                            batch_size=t["batch_size"], seed=cell.seed, filter_mode=mode,
-                            **options)
+        for lr in cell.study.training["lrs"]:
+            recipe = runner_recipe(cell, plan, lr=lr)  # as the study's runner engine
             new = ctx.runner.run(dict(plan.updates), recipe)
             old = tuning[f"{lr:g}"]
             rows.append({"cell": cid, "method": cell.method.name, "lr": lr,

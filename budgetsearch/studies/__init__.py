@@ -18,7 +18,7 @@ also live in that database); ``study report --storage URL`` gathers the records.
 from __future__ import annotations
 
 from ..store import FileStore, SqlStore, open_store
-from .adapters import cell_plan, layer_fractions, run_cell
+from .adapters import cell_plan, layer_fractions, run_cell, runner_recipe
 from .context import CellContext
 from .report import COLUMNS, load_rows, write_report
 from .runner import RunSummary, cell_status, run_study
@@ -58,6 +58,7 @@ __all__ = [
     "open_store",
     "run_cell",
     "run_study",
+    "runner_recipe",
     "spec_from_dict",
     "write_report",
 ]

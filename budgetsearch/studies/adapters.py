@@ -42,7 +42,8 @@ from ..trainer.metrics import validation_key
 from .context import CellContext
 from .spec import RUN_OPTIONS, Cell, StudyError
 
-__all__ = ["cell_plan", "layer_fractions", "normalise_metrics", "plan_summary", "run_cell"]
+__all__ = ["cell_plan", "layer_fractions", "normalise_metrics", "plan_summary", "run_cell",
+           "runner_recipe"]
 
 PlanFn = Callable[[Cell, CellContext], Any]
 TrainFn = Callable[[Cell, Any, CellContext], dict[str, Any]]
@@ -334,24 +335,36 @@ def _train_trainer(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
     return doc
 
 
-def _train_runner(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
-                  out_dir: Path) -> dict[str, Any]:
-    """One run of the planner's :class:`~budgetsearch.contrib.PlanRunner`: the same operators
-    and recipe as the trainer, the frozen prefix's outputs computed once per process and
-    reused, scored after the last epoch (on validation, and on the test split, only reported).
-    No per-epoch choice and no measured memory: the record keeps the cost model's figures."""
+def runner_recipe(cell: Cell, plan: Any, *, lr: float) -> Any:
+    """The recipe a study's ``runner`` engine trains ``plan`` with in ``cell`` at rate ``lr``
+    (its optimizer, epochs, batch size and options; the cell's seed; the plan's filter mode
+    unless the options name one), so that a benchmark can train a cell's run again.
+
+    Raises:
+        StudyError: ``training.options`` holds an option the runner does not take.
+    """
     from ..recipe import Recipe
 
-    del out_dir  # nothing to resume within a run: a run takes seconds to a few minutes
     t = cell.study.training
     options = dict(t.get("options") or {})
     unknown = sorted(set(options) - {"bn", "momentum", "weight_decay", "filter_mode"})
     if unknown:
         raise StudyError(f"training.options {', '.join(unknown)}: not used by engine runner "
                          "(it takes bn, momentum, weight_decay, filter_mode)")
-    recipe = Recipe(optimizer=t["optimizer"], lr=lr, epochs=cell.data.epochs_or(t["epochs"]),
-                    batch_size=t["batch_size"], seed=cell.seed,
-                    filter_mode=options.pop("filter_mode", None) or plan.filter_mode, **options)
+    return Recipe(optimizer=t["optimizer"], lr=lr, epochs=cell.data.epochs_or(t["epochs"]),
+                  batch_size=t["batch_size"], seed=cell.seed,
+                  filter_mode=options.pop("filter_mode", None) or plan.filter_mode, **options)
+
+
+def _train_runner(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
+                  out_dir: Path) -> dict[str, Any]:
+    """One run of the planner's :class:`~budgetsearch.contrib.PlanRunner`: the same operators
+    and recipe as the trainer (:func:`runner_recipe`), the frozen prefix's outputs computed
+    once per process and reused, scored after the last epoch (on validation, and on the test
+    split, only reported). No per-epoch choice and no measured memory: the record keeps the
+    cost model's figures."""
+    del out_dir  # nothing to resume within a run: a run takes seconds to a few minutes
+    recipe = runner_recipe(cell, plan, lr=lr)
     res = ctx.runner.run(dict(plan.updates), recipe)
     return {"engine": "runner", "recipe": recipe.to_dict(),
             "best_accuracy": res["val_accuracy"], "final_accuracy": res["val_accuracy"],
