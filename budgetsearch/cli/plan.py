@@ -228,16 +228,10 @@ def run_plan(args: argparse.Namespace) -> int:
     """Score, search, write the plan, print the comparison: the flags become the arguments of
     :func:`budgetsearch.planner.plan_for`, which does the work (with ``--threads``, at that
     torch thread count, restored after)."""
-    import torch
+    from .._threads import torch_threads
 
-    if args.threads is None:
+    with torch_threads(args.threads):
         return _run_plan(args)
-    before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run_plan(args)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run_plan(args: argparse.Namespace) -> int:

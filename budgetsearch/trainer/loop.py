@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .._io import atomic_path
+from .._threads import torch_threads
 from ..budget import Budget
 from ..choices import OPTIMIZERS
 from ..errors import PlanError
@@ -211,13 +212,15 @@ class Trainer:
             TrainingError: The loss became NaN/inf (the last good checkpoint is kept), or
                 ``out_dir`` holds another run's checkpoints and ``resume`` is False.
         """
+        with torch_threads(self.threads or None):
+            return self._fit(resume=resume)
+
+    def _fit(self, *, resume: bool) -> dict[str, Any]:
+        """:meth:`fit` at the thread count it set."""
         ckpt_dir = self.out_dir / "checkpoints"
         if not resume and list_checkpoints(ckpt_dir):
             raise TrainingError(f"{self.out_dir} already holds checkpoints of a run; resume it "
                                 "(resume=True, --resume) or choose another output directory")
-        old_threads = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(int(self.threads))
         ckpt = load_latest(ckpt_dir) if resume else None
         if resume and ckpt is None:
             warnings.warn(f"no checkpoint in {ckpt_dir}; starting from scratch", stacklevel=2)
@@ -280,7 +283,6 @@ class Trainer:
         finally:
             bar.close()
             handle.remove()
-            torch.set_num_threads(old_threads)
         return doc
 
     # ------------------------------------------------------------------------------ pieces
