@@ -6,8 +6,9 @@ fresh process, at the thread count given: the plan is the cell's own
 (:func:`budgetsearch.studies.cell_plan`: a selector's plan made again, a search's read back from
 its stored search and race, which trains nothing when they are complete), the data, head and
 recipe the study's; only the ``runner`` engine is supported. It prints, per cell and rate, the
-recorded and the new validation and test accuracy and whether they are equal, and per cell the
-rate the cell chose and the one the new runs would choose. Point ``--results`` at a copy of the
+recorded and the new validation and test accuracy and whether they are equal, the CPU kernels
+the run was recorded with (records before they were kept say nothing), and per cell the rate the
+cell chose and the one the new runs would choose. Point ``--results`` at a copy of the
 results directory: a search cell's plan, made again, rewrites its ``front.csv`` and
 ``baselines.csv``.
 
@@ -16,18 +17,27 @@ results directory: a search cell's plan, made again, rewrites its ``front.csv`` 
         studies/mcu_budgets_tuned.yaml CELL_ID [CELL_ID ...] --results /tmp/copy \\
         [--threads 1] [--out FILE]
 
+To train on other kernels than this CPU's best, set ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` in the environment (both: ATen and oneDNN each pick their own; the
+output's header names the kernels it ran on, :func:`budgetsearch._threads.cpu_kernels`).
+
 Why: the thorough effort's plan on MCUNet-5fps at 49 KB with scarce data is the plan the
 standard effort handed out (the same layers and channels), yet their committed cells test
-apart (``studies/results/FINDINGS.md``, section 0b).
+apart (``studies/results/FINDINGS.md``, section 0b). The cause: runs recorded on a host
+without AVX-512 repeat here only on AVX2 kernels (``studies/results/rerun_cells_avx2.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+# what lowers torch's kernels (set before torch is imported); named in the output's command
+_KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 def rerun(spec_path: Path, cell_ids: list[str], *, results: Path,
@@ -62,6 +72,7 @@ def rerun(spec_path: Path, cell_ids: list[str], *, results: Path,
                          "old_val": old["val_accuracy"], "new_val": new["val_accuracy"],
                          "new_val_loss": new.get("val_loss"), "old_test": old["test_accuracy"],
                          "new_test": new["test_accuracy"], "chosen": record["lr"],
+                         "old_kernels": old.get("kernels") or "-",
                          "chosen_test": record["metrics"]["test_accuracy"]})
     return rows
 
@@ -83,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     from budgetsearch.trainer.metrics import validation_key
 
     rows = rerun(args.spec, args.cells, results=args.results, threads=args.threads)
-    lines = ["| cell | lr | val recorded | val now | test recorded | test now | equal |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| cell | lr | val recorded | val now | test recorded | test now | equal "
+             "| kernels recorded |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = r["old_val"] == r["new_val"] and r["old_test"] == r["new_test"]
         lines.append(f"| {r['cell']} | {r['lr']:g} | {r['old_val']:.3f} | {r['new_val']:.3f} "
-                     f"| {r['old_test']:.3f} | {r['new_test']:.3f} | {'yes' if same else 'no'} |")
+                     f"| {r['old_test']:.3f} | {r['new_test']:.3f} | {'yes' if same else 'no'} "
+                     f"| {r['old_kernels']} |")
     lines += ["", "Per cell, the rate chosen on validation (the study's rule, "
               "`trainer.metrics.validation_key`) and its test accuracy, as recorded and now:", "",
               "| cell | lr recorded | test recorded | lr now | test now |", "|---|---|---|---|---|"]
@@ -107,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {method} | {len(pairs)} | {100 * np.mean([a for a, _ in pairs]):.1f} | "
                      f"{100 * np.mean([b for _, b in pairs]):.1f} |")
     equal = sum(r["old_val"] == r["new_val"] and r["old_test"] == r["new_test"] for r in rows)
+    from budgetsearch._threads import cpu_kernels
+
+    caps = " ".join(f"{k}={os.environ[k]}" for k in _KERNEL_ENV if os.environ.get(k))
     text = "\n".join([
         "# Committed study cells trained again",
         "",
-        f"Command: `.venv/bin/python benchmarks/rerun_cells.py {args.spec} "
-        f"{' '.join(args.cells)} --results COPY --threads {args.threads}` (COPY: a copy of "
-        f"the study's results). {equal} of {len(rows)} runs equal the record.",
+        f"Command: `{caps + ' ' if caps else ''}.venv/bin/python benchmarks/rerun_cells.py "
+        f"{args.spec} {' '.join(args.cells)} --results COPY --threads {args.threads}` (COPY: a "
+        f"copy of the study's results). Kernels: {cpu_kernels()}. {equal} of {len(rows)} runs "
+        "equal the record.",
         "", *lines, ""])
     print(text)
     if args.out:

@@ -1,16 +1,28 @@
-"""torch's intra-op thread count for a block of work, restored after it.
+"""What a CPU run's bits depend on besides its seed: torch's thread count and the kernels.
 
 A plan of several layers does not train bit-for-bit alike at another thread count
 (``benchmarks/thread_reproducibility.py``), so the commands that take ``--threads`` and the
 trainer set it for their work only and put the caller's count back, also on an error.
+
+Nor does it train alike with other vector kernels: ATen and oneDNN pick theirs by the CPU's
+instruction set (AVX2 or AVX-512), and the two round sums differently. Committed study runs
+recorded on a host without AVX-512 repeat bit for bit on one with it only when both libraries
+are held to AVX2 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, set before torch is
+imported; ``studies/results/rerun_cells.md``). Records name the kernels with
+:func:`cpu_kernels` so that a run can be repeated on the kernels it was made with.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["torch_threads"]
+__all__ = ["cpu_kernels", "torch_threads"]
+
+# oneDNN's cap on its instruction set; the DNNL_ spelling is the older one, read when the
+# ONEDNN_ one is not set
+_ONEDNN_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 @contextmanager
@@ -31,3 +43,18 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels torch computes with in this process, for a run's record.
+
+    Returns:
+        ``"aten=<ISA> onednn=<cap>"``: ATen's kernel level as torch reports it (``AVX512``,
+        ``AVX2``, ``DEFAULT``, ...; ``ATEN_CPU_CAPABILITY`` lowers it) and oneDNN's cap as
+        ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) sets it, ``auto`` when unset (oneDNN
+        then takes the best the CPU has, as ATen does).
+    """
+    import torch
+
+    onednn = next((os.environ[k].upper() for k in _ONEDNN_ENV if os.environ.get(k)), "auto")
+    return f"aten={torch.backends.cpu.get_cpu_capability()} onednn={onednn}"

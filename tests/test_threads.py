@@ -1,11 +1,16 @@
-"""torch_threads: the count set for the block, the caller's restored after, also on an error."""
+"""torch_threads: the count set for the block, the caller's restored after, also on an error;
+cpu_kernels: the kernels a run's record names."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from budgetsearch._threads import torch_threads
+from budgetsearch._threads import cpu_kernels, torch_threads
 
 
 def test_the_count_is_set_inside_and_restored_after_even_on_an_error() -> None:
@@ -25,3 +30,23 @@ def test_none_leaves_the_count_alone() -> None:
     with torch_threads(None):
         assert torch.get_num_threads() == before
     assert torch.get_num_threads() == before
+
+
+def test_cpu_kernels_names_atens_level_and_onednns_cap(monkeypatch) -> None:
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    aten = f"aten={torch.backends.cpu.get_cpu_capability()}"
+    assert cpu_kernels() == f"{aten} onednn=auto"
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")  # the older spelling
+    assert cpu_kernels() == f"{aten} onednn=AVX2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")  # the newer one wins
+    assert cpu_kernels() == f"{aten} onednn=AVX512_CORE"
+
+
+def test_cpu_kernels_follows_aten_cpu_capability_set_before_torch_starts() -> None:
+    # the level is fixed when torch is imported: a fresh process told to use the plain kernels
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    out = subprocess.run([sys.executable, "-c",
+                          "from budgetsearch._threads import cpu_kernels; print(cpu_kernels())"],
+                         env=env, capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "aten=DEFAULT onednn=SSE41"

@@ -514,17 +514,18 @@ def race_table(outcome: Any) -> str:
         + ("" if final is None else f" and a final of {len(final['arms'])} x {final['folds']} "
            "folds" + ("" if len(final["seeds"]) == 1 else f" x {len(final['seeds'])} seeds"))
         + f" ({rr.stats['arms_trained']} trained now, "
-        f"{rr.stats['seconds']:.0f} s{_threads(rr.threads())}); "
+        f"{rr.stats['seconds']:.0f} s{_threads(rr.threads(), rr.kernels())}); "
         f"study {outcome.search.study_name!r}: "
         f"{len(outcome.search.trials)} trials (+{st['new_trials']} now)")
     return "\n".join(lines)
 
 
-def _threads(counts: list[int]) -> str:
-    """The race's thread counts for its summary line ("" when none were recorded)."""
-    if not counts:
-        return ""
-    return ", " + " and ".join(map(str, counts)) + f" thread{'s' * (counts != [1])}"
+def _threads(counts: list[int], kernels: list[str]) -> str:
+    """The race's thread counts and CPU kernels for its summary line ("" for what none of its
+    arms recorded)."""
+    text = "" if not counts else (", " + " and ".join(map(str, counts))
+                                  + f" thread{'s' * (counts != [1])}")
+    return text + "".join(f", {k}" for k in kernels)
 
 
 def _short(entry: Any) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._threads import cpu_kernels
 from ..errors import DataError, PlanError
 from ..graph import LayerGraph
 from ..plan import Plan
@@ -338,9 +339,11 @@ class PlanRunner:
             ``val_accuracy``, ``val_loss`` (None when not finite), ``val_images``,
             ``train_loss`` (mean of the last epoch, None when not finite), the same for every
             extra data set (``<name>_accuracy``, ``<name>_loss``), ``train_seconds``,
-            ``eval_seconds``, ``seconds``, ``cut``, ``layers`` and ``threads`` (torch's
+            ``eval_seconds``, ``seconds``, ``cut``, ``layers``, ``threads`` (torch's
             intra-op threads it trained with: a plan of several layers does not train
-            bit-for-bit alike at another count, ``benchmarks/thread_reproducibility.py``).
+            bit-for-bit alike at another count, ``benchmarks/thread_reproducibility.py``)
+            and ``kernels`` (the CPU kernels, :func:`budgetsearch._threads.cpu_kernels`:
+            nor does it on other vector kernels).
         """
         return self._run(updates, recipe, rows=None)
 
@@ -451,6 +454,7 @@ class PlanRunner:
             "cut": cut.name,
             "layers": len(plan.updates),
             "threads": torch.get_num_threads(),
+            "kernels": cpu_kernels(),
         }
 
 

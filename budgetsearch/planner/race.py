@@ -242,8 +242,8 @@ class RaceResult:
         results: Every arm's result by arm key (``r<rung>:e<epochs>:s<seed>:<name>@lr<lr>``,
             with ``:f<fold>`` appended in a cross-validated race and ``:f<fold>of<folds>`` in
             the final's): the runner's ``*_accuracy`` and ``*_loss`` (with any data it only
-            reports, e.g. ``test_accuracy``), ``seconds``, ``val_images`` and ``threads``
-            where it gave them; its other keys are not kept.
+            reports, e.g. ``test_accuracy``), ``seconds``, ``val_images``, ``threads`` and
+            ``kernels`` where it gave them; its other keys are not kept.
         lr_extension: The rates tried beyond the grid's edges: ``grid`` (the grid),
             ``max_steps`` (:attr:`RaceSettings.lr_extensions`), ``factors`` (the low and high
             geometric steps) and ``added`` (per added arm: ``candidate``, ``lr``, ``edge``
@@ -312,6 +312,14 @@ class RaceResult:
         return sorted({int(r["threads"]) for r in self.results.values()
                        if isinstance(r.get("threads"), int)})
 
+    def kernels(self) -> list[str]:
+        """The CPU kernels the race's arms trained with (:func:`budgetsearch._threads.
+        cpu_kernels`), as their results recorded them; like :meth:`threads`, arms recorded
+        before they were kept say nothing. Another instruction set rounds sums otherwise, so
+        near-equal arms can swap places on another host."""
+        return sorted({r["kernels"] for r in self.results.values()
+                       if isinstance(r.get("kernels"), str)})
+
     def provenance(self) -> dict[str, Any]:
         """The race as recorded in the chosen plan's provenance."""
         return {"winner": self.winner.name, "lr": self.recipe.lr, "epochs": self.recipe.epochs,
@@ -320,7 +328,8 @@ class RaceResult:
                 "rungs": self.rungs, "lr_extension": self.lr_extension,
                 "folds": self.folds, "val_images": self.stats.get("val_images"),
                 "arms_trained": self.stats.get("arms_trained"),
-                "seconds": self.stats.get("seconds"), "threads": self.threads()}
+                "seconds": self.stats.get("seconds"), "threads": self.threads(),
+                "kernels": self.kernels()}
 
 
 def race_key(
@@ -403,9 +412,10 @@ def race(
 
     Args:
         runner: Trains a plan: ``runner.run(updates, recipe) -> {"val_accuracy", "val_loss",
-            ...}`` (a :class:`~budgetsearch.contrib.PlanRunner`; optionally ``val_images``
-            and ``threads``, the torch thread count it trained with); for ``settings.folds``
-            > 1 also ``runner.folds(k, seed=...)`` -> k such runners, one per fold.
+            ...}`` (a :class:`~budgetsearch.contrib.PlanRunner`; optionally ``val_images``,
+            ``threads``, the torch thread count it trained with, and ``kernels``, the CPU
+            kernels); for ``settings.folds`` > 1 also ``runner.folds(k, seed=...)`` -> k such
+            runners, one per fold.
         candidates: The plans, with distinct names; candidates with the same updates are raced
             once (the first keeps its name, the others become its aliases).
         recipe: The base recipe: every arm trains with it, at the arm's learning rate, the
@@ -482,7 +492,7 @@ def race(
             # the scores (validation, and any data only reported, e.g. test) and the time
             result = {k: v for k, v in result.items()
                       if k.endswith(("_accuracy", "_loss"))
-                      or k in ("seconds", "val_images", "threads")}
+                      or k in ("seconds", "val_images", "threads", "kernels")}
             if shared is not None:
                 shared.record(job, result)
             else:

@@ -298,10 +298,12 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
     doc = dict(runs[chosen])
     doc["lr"] = chosen
     metrics = {lr: normalise_metrics(run) for lr, run in runs.items()}
-    # the thread count beside each run: a run at another count does not repeat bit for bit
+    # the thread count and CPU kernels beside each run: a run at another count, or on another
+    # instruction set, does not repeat bit for bit
     doc["tuning"] = {f"{lr:g}": {"val_accuracy": m["best_accuracy"],
                                  "test_accuracy": m["test_accuracy"],
-                                 "threads": runs[lr].get("threads")}
+                                 "threads": runs[lr].get("threads"),
+                                 "kernels": runs[lr].get("kernels")}
                      for lr, m in metrics.items()}
     doc["train_seconds"] = sum(float(run.get("train_seconds") or 0.0) for run in runs.values())
     ctx.extras["lr"] = chosen
@@ -330,6 +332,7 @@ def _train_trainer(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
         import torch
 
         doc["threads"] = int(trainer.threads) if trainer.threads else torch.get_num_threads()
+    doc.setdefault("kernels", (doc.get("config") or {}).get("kernels"))
     epochs = doc.get("epochs") or []
     doc["train_seconds"] = sum(float(r.get("epoch_s") or 0.0) for r in epochs)
     return doc
@@ -372,7 +375,7 @@ def _train_runner(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
             "test_accuracy": res.get("test_accuracy"),
             "final_test_accuracy": res.get("test_accuracy"), "test_loss": res.get("test_loss"),
             "train_seconds": res.get("train_seconds"), "eval_seconds": res.get("eval_seconds"),
-            "threads": res.get("threads")}
+            "threads": res.get("threads"), "kernels": res.get("kernels")}
 
 
 # ----------------------------------------------------------------------------- summarising

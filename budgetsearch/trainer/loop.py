@@ -8,8 +8,9 @@ state-dict keys).
 Determinism: ``fit`` seeds torch and Python's ``random`` with ``seed``; each epoch's shuffling uses
 its own generator seeded from (seed, epoch), so a resumed run draws the same batches; dropout draws
 from the global RNG, whose state is checkpointed. Data loading runs in the main process. Results are
-bit-identical for a fixed number of threads (``threads``); CPU kernels may sum in another order
-with another thread count.
+bit-identical for a fixed number of threads (``threads``) and the same CPU kernels (the run's
+``config.kernels``, :func:`budgetsearch._threads.cpu_kernels`); CPU kernels may sum in another
+order with another thread count, and AVX2 and AVX-512 kernels round differently.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .._io import atomic_path
-from .._threads import torch_threads
+from .._threads import cpu_kernels, torch_threads
 from ..budget import Budget
 from ..choices import OPTIMIZERS
 from ..errors import PlanError
@@ -406,7 +407,8 @@ class Trainer:
                 "every": self.every,
                 "replan_method": self.replanner.method if self.replanner else None,
                 "bn": self.bn, "filter_mode": self.filter_mode,
-                "threads": self.threads, "train_samples": len(self.train_data),
+                "threads": self.threads, "kernels": cpu_kernels(),
+                "train_samples": len(self.train_data),
                 "val_samples": len(self.val_data) if self.val_data is not None else 0,
                 "test_samples": len(self.test_data) if self.test_data is not None else 0,
                 "input_size": list(self.graph.input_shape[1:])}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from budgetsearch._threads import cpu_kernels
 from budgetsearch.cli import main
 from budgetsearch.contrib import (
     ContributionTable,
@@ -372,6 +373,7 @@ def test_plan_runner_records_the_thread_count_it_trained_with(setup):
         torch.set_num_threads(before)
     assert got["threads"] == other
     assert runner.run({"9": LayerUpdate("weight")}, recipe)["threads"] == before
+    assert got["kernels"] == cpu_kernels()  # and the CPU kernels it trained with
 
 
 def test_a_fold_trains_as_a_runner_built_on_that_split_would(setup):

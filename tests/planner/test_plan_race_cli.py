@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from budgetsearch._threads import cpu_kernels
 from budgetsearch.cli import main
 from budgetsearch.plan import load_plan
 
@@ -80,9 +81,9 @@ def test_standard_effort_races_and_the_plan_carries_its_recipe(images, tmp_path,
     assert first_arms == sum(len(r["arms"]) for r in race["rungs"])
     # every arm trained here, at this process's thread count; the summary line says it
     threads = torch.get_num_threads()
-    assert race["threads"] == [threads]
+    assert race["threads"] == [threads] and race["kernels"] == [cpu_kernels()]
     (line,) = [x for x in printed.splitlines() if x.startswith("race: ")]
-    assert f" s, {threads} thread" in line
+    assert f" s, {threads} thread" in line and f", {cpu_kernels()})" in line
 
     # the same command again: the study and the race are found, nothing is retrained
     assert main(_plan(images, out, "--race-final", "0")) == 0
@@ -159,7 +160,7 @@ def test_a_small_validation_split_is_cross_validated_by_default(images, tmp_path
     printed = capsys.readouterr().out
     race = load_plan(out).provenance["race"]
     assert race["threads"] == [other]
-    assert f" s, {other} thread{'s' * (other != 1)}); study" in printed
+    assert f" s, {other} thread{'s' * (other != 1)}, {cpu_kernels()}); study" in printed
     assert race["folds"] == 5 and race["val_images"] == 20
     assert race["separation"]["val_images"] == 20
     arms = sum(len(r["arms"]) for r in race["rungs"])

@@ -73,6 +73,7 @@ class ThreadedRunner(FakeRunner):
 
     def run(self, updates, recipe):
         return {**super().run(updates, recipe), "threads": 1 if recipe.lr < 0.05 else 4,
+                "kernels": f"aten=AVX{2 if recipe.lr < 0.05 else 512} onednn=auto",
                 "train_seconds": 0.0}
 
 
@@ -83,10 +84,13 @@ def test_the_race_keeps_each_arms_thread_count_and_the_provenance_lists_them():
     assert {r["threads"] for r in result.results.values()} == {1, 4}
     assert all("train_seconds" not in r for r in result.results.values())  # not kept
     assert result.threads() == [1, 4] and result.provenance()["threads"] == [1, 4]
+    kernels = ["aten=AVX2 onednn=auto", "aten=AVX512 onednn=auto"]
+    assert result.kernels() == kernels and result.provenance()["kernels"] == kernels
     # arms recorded without a count (older race files, other runners) say nothing
     plain = race(FakeRunner(QUALITY, BEST_LR), pool(), recipe=Recipe(optimizer="sgd"),
                  settings=settings, progress=False)
     assert plain.threads() == [] and plain.provenance()["threads"] == []
+    assert plain.kernels() == [] and plain.provenance()["kernels"] == []
 
 
 def test_the_winners_rates_put_the_rate_it_won_with_first():

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from budgetsearch._threads import cpu_kernels
 from budgetsearch.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,6 +149,7 @@ def test_a_raced_search_in_a_study_goes_through_the_planner(tmp_path: Path, caps
     import torch
 
     assert rec["metrics_raw"]["threads"] == torch.get_num_threads()  # the trainer's run
+    assert rec["metrics_raw"]["kernels"] == cpu_kernels()
     # a validation split this small (under 200 images) is cross-validated by default
     assert rec["race"]["folds"] == plan["race"]["folds"] > 1
     # its file is named by its folds, beside (not over) a race on the split as it is
@@ -223,6 +225,7 @@ def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, cap
         # each run's thread count is recorded (another count does not repeat bit for bit)
         assert all(isinstance(t["threads"], int) and t["threads"] >= 1
                    for t in tuning.values()), tuning
+        assert all(t["kernels"] == cpu_kernels() for t in tuning.values()), tuning
     searches = [r for r in recs.values() if r["key"]["method"] == "search"]
     assert searches[0]["layers"] == searches[1]["layers"]  # one plan, trained by both seeds
     assert [p.name for p in (res / "plans").iterdir()] == [
