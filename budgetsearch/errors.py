@@ -75,7 +75,17 @@ class BudgetError(PlanError):
 
 
 class SearchError(BudgetSearchError):
-    """A search study cannot be created, opened or continued (storage, mismatch)."""
+    """A search study cannot be created, opened or continued (storage, mismatch).
+
+    Attributes:
+        transient: True when trying again later may succeed (the storage's database could not
+            be reached or was busy), False for a mistake in the input (a missing folder, a
+            driver not installed, a study made for something else).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class StoreError(BudgetSearchError):

@@ -121,7 +121,18 @@ def _numbers(text: str, option: str, kind: type) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, split, pick units, measure (in ``--workers`` processes), print the table."""
+    """Load, split, pick units, measure (in ``--workers`` processes), print the table; torch's
+    thread count is ``--threads`` (default cores / workers) for the work and the caller's
+    after it, also on an error."""
+    from .._threads import torch_threads
+
+    workers = args.workers
+    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    with torch_threads(threads):
+        return _measure(args, workers=workers, threads=threads)
+
+
+def _measure(args: argparse.Namespace, *, workers: int, threads: int) -> int:
     import torch
 
     from ..contrib import analyse, parse_unit, split_tensors
@@ -135,9 +146,6 @@ def run(args: argparse.Namespace) -> int:
     bad_axes = set(axes) - {"out", "in"}
     if bad_axes:  # refused before the model and the data are loaded
         raise DataError(f"--axes: {', '.join(sorted(bad_axes))} unknown; use out and/or in")
-    workers = args.workers
-    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
-    torch.set_num_threads(threads)
     recipe = Recipe(optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
                     batch_size=args.batch_size, seed=args.seed, filter_mode=args.filter_mode)
     torch.manual_seed(args.seed)  # the new head

@@ -140,9 +140,14 @@ def open_storage(url: str) -> BaseStorage:
         why = f"; install {hint}" if hint else f" ({exc.__cause__ or exc})"
         raise SearchError(f"storage {shown}: the database driver is not installed{why}") from None
     except Exception as exc:  # sqlalchemy errors: unreachable server, bad credentials...
+        from sqlalchemy.exc import OperationalError
+
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise SearchError(
-            f"cannot open storage {shown}: {detail[0] if detail else type(exc).__name__}"
+            f"cannot open storage {shown}: {detail[0] if detail else type(exc).__name__}",
+            # a server that did not answer or a file that was busy may open later; a file
+            # that is not a database will not
+            transient=isinstance(exc, OperationalError),
         ) from None
     if kind == "sqlite":
         _tune_sqlite(storage)

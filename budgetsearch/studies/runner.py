@@ -6,8 +6,9 @@
   :meth:`~budgetsearch.studies.spec.Cell.config_hash`): skipped;
 - **failed**: a record with status ``failed``; skipped when the failure is *permanent* (a user
   error such as :class:`~budgetsearch.errors.BudgetError`, an infeasible budget: any
-  :class:`~budgetsearch.errors.BudgetSearchError`), re-run when it is not (a crash: any other
-  exception) or with ``retry_failed``;
+  :class:`~budgetsearch.errors.BudgetSearchError` not marked ``transient``), re-run when it
+  is not (a crash: any other exception; a storage that could not be opened) or with
+  ``retry_failed``;
 - **outdated**: a record made with another configuration (the spec changed): re-run;
 - **pending**: no record: run.
 
@@ -259,7 +260,10 @@ def _execute(cell: Cell, *, storage: str | None, plan_fn: PlanFn | None,
                               plan_fn=plan_fn, train_fn=train_fn, progress=progress)
         record.update(status="done", **result)
     except Exception as exc:
-        permanent = isinstance(exc, BudgetSearchError)
+        # a user's mistake stays failed until --retry-failed; an error that says trying later
+        # may succeed (a search storage that could not be opened now) is run again
+        permanent = (isinstance(exc, BudgetSearchError)
+                     and not getattr(exc, "transient", False))
         record.update(status="failed", error={
             "type": type(exc).__name__, "message": str(exc), "permanent": permanent,
             "minimum_bytes": getattr(exc, "minimum_bytes", None),

@@ -324,9 +324,13 @@ def test_contrib_command(tmp_path, capsys):
             "--data", str(tmp_path / "imgs"), "--samples", "30", "--epochs", "1",
             "--batch-size", "8", "--candidates", "top:1", "--ratios", "0.5,1", "--no-filters",
             "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    assert main([*argv, "--threads", str(other)]) == 0
+    assert torch.get_num_threads() == before  # the count was --threads for the command only
     printed = capsys.readouterr()
     assert "24 training and 6 validation images" in printed.err
+    assert f"1 worker(s) x {other} thread(s)" in printed.err
     doc = json.loads(out.read_text())
     assert "head" in doc["results"] and any(k.startswith("weight:") for k in doc["results"])
     assert main([*argv, "--lr", "0.5"]) == 2

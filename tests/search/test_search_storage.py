@@ -41,14 +41,22 @@ def test_bad_urls_are_refused_before_anything_is_written(tmp_path) -> None:
         open_storage("redis://localhost/0")
     with pytest.raises(SearchError, match="unknown storage URL"):
         open_storage(str(tmp_path / "plain.db"))
-    with pytest.raises(SearchError, match="does not exist"):
+    with pytest.raises(SearchError, match="does not exist") as missing:
         open_storage(f"sqlite:///{tmp_path}/missing/dir/s.db")
+    assert not missing.value.transient  # a mistake: trying again will not help
     with pytest.raises(SearchError, match="does not exist"):
         open_storage(f"journal:///{tmp_path}/missing/s.log")
     with pytest.raises(SearchError) as info:  # nobody listens on port 1; or no driver
         open_storage("postgresql://user:hunter2@127.0.0.1:1/db")
     assert "hunter2" not in str(info.value) and "***" in str(info.value)
+    # a server that did not answer may answer later; a driver not installed will not appear
+    assert info.value.transient == ("not installed" not in str(info.value))
     assert list(tmp_path.iterdir()) == []
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database " * 20)
+    with pytest.raises(SearchError, match=r"cannot open storage .*not a database") as bad:
+        open_storage(f"sqlite:///{garbage}")
+    assert not bad.value.transient
 
 
 def test_resume_continues_the_study_without_losing_trials(mcu: dict, tmp_path) -> None:

@@ -159,6 +159,17 @@ def test_a_crash_is_retried_and_spec_changes_rerun_cells(tmp_path: Path) -> None
     assert rec["status"] == "failed" and not rec["error"]["permanent"]
     assert rec["error"]["type"] == "RuntimeError" and rec["error"]["traceback"]
     assert cell_status(first, rec) == "retry"
+    # a storage that could not be opened now (a server down) is tried again, not given up on
+    from budgetsearch.errors import SearchError
+
+    def unreachable(cell, plan, ctx):
+        raise SearchError("cannot open storage postgresql://db: connection refused",
+                          transient=True)
+
+    run_study(spec, plan_fn=fake_plan, train_fn=unreachable, progress=False, out=io.StringIO())
+    rec = _records(spec)[first.id]
+    assert rec["error"]["type"] == "SearchError" and not rec["error"]["permanent"]
+    assert cell_status(first, rec) == "retry"
     summary = run_study(spec, plan_fn=fake_plan, train_fn=fake_train, progress=False,
                         out=io.StringIO())
     assert len(summary.ran) == 2
