@@ -29,7 +29,7 @@ COLUMNS = (
     "pred_saved_bytes", "pred_forward_macs", "pred_backward_macs", "pred_latency_ms",
     "trainable_params", "pred_ops_saved_bytes", "measured_saved_bytes", "measured_backward_ms",
     "train_seconds", "mit_memory_bytes", "fits", "updated_layers", "patch_sizes", "proxy",
-    "seconds", "error_type", "error", "lr", "pred_latency_model",
+    "seconds", "error_type", "error", "lr", "pred_latency_model", "threads", "kernels",
 )
 _GROUP = ("data", "model", "device")
 
@@ -61,6 +61,7 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
     row.update({k: metrics.get(k) for k in ("measured_saved_bytes", "measured_backward_ms",
                                             "train_seconds")})
     row.update(_accuracies(metrics))
+    row.update(_compute(rec))
     first = _first_epoch(rec)
     if isinstance(first.get("saved_activation_bytes"), (int, float)):
         # the first epoch trains the cell's own plan, the one predicted_ops is for (a dynamic
@@ -81,6 +82,52 @@ def _accuracies(metrics: dict[str, Any]) -> dict[str, Any]:
     final = metrics.get("final_accuracy")
     return {"accuracy": final, "final_test_accuracy": final, "best_val_accuracy": None,
             "protocol": "legacy" if final is not None else None}
+
+
+def _compute(rec: dict[str, Any]) -> dict[str, Any]:
+    """The torch thread count(s) and CPU kernels a cell's runs trained with, as its record
+    says (every rate's run of a tuned cell; the run of an untuned one), joined by ``;`` when
+    they differ; None where the record does not say (made before they were kept)."""
+    raw = rec.get("metrics_raw") or {}
+    runs = list((raw.get("tuning") or {}).values()) or [raw]
+    found = {}
+    for key in ("threads", "kernels"):
+        values = {str(r[key]) for r in runs if isinstance(r, dict) and r.get(key) is not None}
+        found[key] = ";".join(sorted(values)) or None
+    return found
+
+
+def _configurations(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """How the runs were computed (threads, kernels), and every budget whose methods were
+    trained on more than one: a run repeats bit for bit only on the same thread count and
+    kernels, so such a budget compares methods across configurations as well as plans."""
+    done = [r for r in rows if r["status"] == "done"]
+    if not any(r.get("threads") or r.get("kernels") for r in done):
+        return []
+
+    def config(r: dict[str, Any]) -> str:
+        if not (r.get("threads") or r.get("kernels")):
+            return "not recorded"
+        return f"{r.get('threads') or '?'} thread(s), {r.get('kernels') or 'kernels ?'}"
+
+    counts: dict[str, int] = {}
+    for r in done:
+        counts[config(r)] = counts.get(config(r), 0) + 1
+    out = ["## Training configurations", "",
+           "Cells by the torch thread count and CPU kernels their runs recorded "
+           "(`threads`, `kernels` in results.csv; a run repeats bit for bit only on the same "
+           "of both, `benchmarks/rerun_cells.py`):", "",
+           *_table(("configuration", "cells"), sorted(counts.items())), ""]
+    mixed = []
+    for key, group in _groups(done, (*_GROUP, "budget")).items():
+        known = {config(r) for r in group} - {"not recorded"}
+        if len(known) > 1:
+            mixed.append((" · ".join(map(str, key)), "; ".join(sorted(known))))
+    if mixed:
+        out += ["Budgets whose methods were trained on more than one configuration (their "
+                "head-to-head compares configurations as well as plans):", "",
+                *_table(("data · model · device · budget", "configurations"), mixed), ""]
+    return out
 
 
 def _first_epoch(rec: dict[str, Any]) -> dict[str, Any]:
@@ -456,7 +503,7 @@ def write_report(spec: StudySpec, *, storage: str | None = None, command: str | 
         + (f", {x.epochs} epochs" if x.epochs else "") + ")" for x in spec.data), ""]
     md += (_results_tables(rows) + _head_to_head(rows) + _honest(rows) + _proxy_check(rows)
            + _vs_full(rows)
-           + _predictions(rows))
+           + _predictions(rows) + _configurations(rows))
     md += published_section([m.name for m in spec.models]) + _failures(rows)
     if pngs:
         md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in pngs.items()] + [""]

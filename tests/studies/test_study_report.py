@@ -108,6 +108,42 @@ def test_report_files_from_fake_results(tmp_path: Path) -> None:
     assert names == {"accuracy_vs_memory", "pareto", "update_map"}
     for p in pngs:
         assert p.read_bytes()[:8] == PNG and f"]({p.name})" in md
+    assert "## Training configurations" not in md  # no record says how it was computed
+
+
+def test_the_report_names_each_cells_threads_and_kernels_and_flags_mixed_budgets(
+        tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    _fill(spec)
+    avx2, avx512 = "aten=AVX2 onednn=AVX2", "aten=AVX512 onednn=auto"
+    for cell in spec.cells():
+        path = spec.cells_dir / f"{cell.id}.json"
+        rec = json.loads(path.read_text())
+        if rec["status"] != "done" or cell.method.name == "full":
+            continue  # full says nothing: made before the fields were kept
+        # at 64 KB every method on AVX2 with 1 thread; at 128 KB the search on AVX-512, and
+        # tinytrain's seed 2 with one rate at 2 threads
+        kernels = avx512 if cell.budget.label == "128KB" and cell.method.name == "search" else avx2
+        two = cell.budget.label == "128KB" and cell.method.name == "tinytrain" and cell.seed == 2
+        rec["metrics_raw"] = {"tuning": {
+            "0.01": {"test_accuracy": 0.5, "threads": 1, "kernels": kernels},
+            "0.1": {"test_accuracy": 0.5, "threads": 2 if two else 1, "kernels": kernels}}}
+        path.write_text(json.dumps(rec))
+    write_report(spec, plots=False)
+    with (spec.results_dir / "results.csv").open() as fh:
+        rows = {r["cell_id"]: r for r in csv.DictReader(fh)}
+    two = rows["default__mcunet-5fps__stm32f746__128KB__tinytrain__s2"]
+    assert (two["threads"], two["kernels"]) == ("1;2", avx2)
+    assert rows["default__mcunet-5fps__stm32f746__64KB__full__s0"]["kernels"] == ""
+    md = (spec.results_dir / "report.md").read_text()
+    section = md.split("## Training configurations")[1]
+    assert f"| 1 thread(s), {avx2} | 11 |" in section  # 64 KB: 6; 128 KB: tinytrain 2, tinytl 3
+    assert f"| 1 thread(s), {avx512} | 3 |" in section
+    assert f"| 1;2 thread(s), {avx2} | 1 |" in section
+    assert "| not recorded | 6 |" in section  # full, both budgets
+    (mixed,) = [x for x in section.splitlines() if x.startswith("| default · ")]
+    assert mixed.startswith("| default · mcunet-5fps · stm32f746 · 128KB | ")
+    assert avx512 in mixed and "1;2 thread(s)" in mixed
 
 
 def test_report_of_a_study_with_no_results_yet(tmp_path: Path, capsys) -> None:
