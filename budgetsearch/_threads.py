@@ -8,8 +8,9 @@ Nor does it train alike with other vector kernels: ATen and oneDNN pick theirs b
 instruction set (AVX2 or AVX-512), and the two round sums differently. Committed study runs
 recorded on a host without AVX-512 repeat bit for bit on one with it only when both libraries
 are held to AVX2 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, set before torch is
-imported; ``studies/results/rerun_cells.md``). Records name the kernels with
-:func:`cpu_kernels` so that a run can be repeated on the kernels it was made with.
+imported; ``studies/results/rerun_cells_avx2.md``; runs recorded at another thread count need
+that count too). Records name the kernels with :func:`cpu_kernels` so that a run can be
+repeated on the kernels it was made with.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["cpu_kernels", "torch_threads"]
 
@@ -49,12 +51,32 @@ def cpu_kernels() -> str:
     """The CPU kernels torch computes with in this process, for a run's record.
 
     Returns:
-        ``"aten=<ISA> onednn=<cap>"``: ATen's kernel level as torch reports it (``AVX512``,
-        ``AVX2``, ``DEFAULT``, ...; ``ATEN_CPU_CAPABILITY`` lowers it) and oneDNN's cap as
-        ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) sets it, ``auto`` when unset (oneDNN
-        then takes the best the CPU has, as ATen does).
+        ``"aten=<ISA> onednn=<cap> cpu=<flags>"``: ATen's kernel level as torch reports it
+        (``AVX512``, ``AVX2``, ``DEFAULT``, ...; ``ATEN_CPU_CAPABILITY`` lowers it), oneDNN's
+        cap as ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) sets it, ``auto`` when unset
+        (oneDNN then takes the best the CPU has), and what the CPU has, which ``auto`` stands
+        for: ``avx512``, ``avx2`` or ``base``, with ``+vnni``, ``+bf16`` and ``+amx`` where
+        present (``?`` where torch cannot say).
     """
     import torch
 
     onednn = next((os.environ[k].upper() for k in _ONEDNN_ENV if os.environ.get(k)), "auto")
-    return f"aten={torch.backends.cpu.get_cpu_capability()} onednn={onednn}"
+    return (f"aten={torch.backends.cpu.get_cpu_capability()} onednn={onednn} "
+            f"cpu={_cpu_flags(torch)}")
+
+
+def _cpu_flags(torch: Any) -> str:
+    """The vector instruction sets this CPU has, as torch's CPU probes report them."""
+    probe = getattr(torch, "cpu", None)
+
+    def has(name: str) -> bool:
+        return bool(getattr(probe, name, lambda: False)())
+
+    if not hasattr(probe, "_is_avx512_supported"):
+        return "?"
+    base = "avx512" if has("_is_avx512_supported") else "avx2" if has("_is_avx2_supported") \
+        else "base"
+    extras = [tag for tag, name in (("vnni", "_is_vnni_supported"),
+                                    ("bf16", "_is_avx512_bf16_supported"),
+                                    ("amx", "_is_amx_tile_supported")) if has(name)]
+    return "+".join([base, *extras])

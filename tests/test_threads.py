@@ -3,14 +3,16 @@ cpu_kernels: the kernels a run's record names."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from budgetsearch._threads import cpu_kernels, torch_threads
+from budgetsearch._threads import _cpu_flags, cpu_kernels, torch_threads
 
 
 def test_the_count_is_set_inside_and_restored_after_even_on_an_error() -> None:
@@ -36,11 +38,28 @@ def test_cpu_kernels_names_atens_level_and_onednns_cap(monkeypatch) -> None:
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(name, raising=False)
     aten = f"aten={torch.backends.cpu.get_cpu_capability()}"
-    assert cpu_kernels() == f"{aten} onednn=auto"
+    cpu = f"cpu={_cpu_flags(torch)}"
+    assert cpu_kernels() == f"{aten} onednn=auto {cpu}"
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")  # the older spelling
-    assert cpu_kernels() == f"{aten} onednn=AVX2"
+    assert cpu_kernels() == f"{aten} onednn=AVX2 {cpu}"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")  # the newer one wins
-    assert cpu_kernels() == f"{aten} onednn=AVX512_CORE"
+    assert cpu_kernels() == f"{aten} onednn=AVX512_CORE {cpu}"
+
+
+def test_cpu_flags_name_the_best_vector_set_and_its_extras() -> None:
+    def fake(**present: bool) -> SimpleNamespace:
+        names = ("_is_avx512_supported", "_is_avx2_supported", "_is_vnni_supported",
+                 "_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        answers = {n: bool(present.get(n)) for n in names}
+        return SimpleNamespace(cpu=SimpleNamespace(
+            **{n: functools.partial(answers.get, n) for n in names}))
+
+    assert _cpu_flags(fake(_is_avx2_supported=True)) == "avx2"
+    assert _cpu_flags(fake(_is_avx512_supported=True, _is_avx2_supported=True,
+                           _is_vnni_supported=True, _is_amx_tile_supported=True)) == \
+        "avx512+vnni+amx"
+    assert _cpu_flags(fake()) == "base"
+    assert _cpu_flags(SimpleNamespace(cpu=SimpleNamespace())) == "?"  # a torch without probes
 
 
 def test_cpu_kernels_follows_aten_cpu_capability_set_before_torch_starts() -> None:
@@ -49,4 +68,4 @@ def test_cpu_kernels_follows_aten_cpu_capability_set_before_torch_starts() -> No
     out = subprocess.run([sys.executable, "-c",
                           "from budgetsearch._threads import cpu_kernels; print(cpu_kernels())"],
                          env=env, capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.strip() == "aten=DEFAULT onednn=SSE41"
+    assert out.stdout.strip().startswith("aten=DEFAULT onednn=SSE41 cpu=")

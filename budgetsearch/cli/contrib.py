@@ -121,9 +121,10 @@ def _numbers(text: str, option: str, kind: type) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, split, pick units, measure (in ``--workers`` processes), print the table; torch's
-    thread count is ``--threads`` (default cores / workers) for the work and the caller's
-    after it, also on an error."""
+    """Measure the contributions at ``--threads`` (default cores / workers) torch threads.
+
+    The caller's thread count is put back after the work, also on an error.
+    """
     from .._threads import torch_threads
 
     workers = args.workers
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(args: argparse.Namespace, *, workers: int, threads: int) -> int:
+    """Load, split, pick units, measure (in ``workers`` processes), print the table."""
     import torch
 
     from ..contrib import analyse, parse_unit, split_tensors

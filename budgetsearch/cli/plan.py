@@ -514,13 +514,13 @@ def race_table(outcome: Any) -> str:
         + ("" if final is None else f" and a final of {len(final['arms'])} x {final['folds']} "
            "folds" + ("" if len(final["seeds"]) == 1 else f" x {len(final['seeds'])} seeds"))
         + f" ({rr.stats['arms_trained']} trained now, "
-        f"{rr.stats['seconds']:.0f} s{_threads(rr.threads(), rr.kernels())}); "
+        f"{rr.stats['seconds']:.0f} s{_threads(rr.threads(), kernels=rr.kernels())}); "
         f"study {outcome.search.study_name!r}: "
         f"{len(outcome.search.trials)} trials (+{st['new_trials']} now)")
     return "\n".join(lines)
 
 
-def _threads(counts: list[int], kernels: list[str]) -> str:
+def _threads(counts: list[int], *, kernels: list[str]) -> str:
     """The race's thread counts and CPU kernels for its summary line ("" for what none of its
     arms recorded)."""
     text = "" if not counts else (", " + " and ".join(map(str, counts))

@@ -313,10 +313,10 @@ class RaceResult:
                        if isinstance(r.get("threads"), int)})
 
     def kernels(self) -> list[str]:
-        """The CPU kernels the race's arms trained with (:func:`budgetsearch._threads.
-        cpu_kernels`), as their results recorded them; like :meth:`threads`, arms recorded
-        before they were kept say nothing. Another instruction set rounds sums otherwise, so
-        near-equal arms can swap places on another host."""
+        """The CPU kernels the race's arms trained with (as ``cpu_kernels`` of
+        ``budgetsearch._threads`` names them), as their results recorded them; like
+        :meth:`threads`, arms recorded before they were kept say nothing. Another instruction
+        set rounds sums otherwise, so near-equal arms can swap places on another host."""
         return sorted({r["kernels"] for r in self.results.values()
                        if isinstance(r.get("kernels"), str)})
 

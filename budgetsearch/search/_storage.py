@@ -140,18 +140,32 @@ def open_storage(url: str) -> BaseStorage:
         why = f"; install {hint}" if hint else f" ({exc.__cause__ or exc})"
         raise SearchError(f"storage {shown}: the database driver is not installed{why}") from None
     except Exception as exc:  # sqlalchemy errors: unreachable server, bad credentials...
-        from sqlalchemy.exc import OperationalError
-
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise SearchError(
             f"cannot open storage {shown}: {detail[0] if detail else type(exc).__name__}",
-            # a server that did not answer or a file that was busy may open later; a file
-            # that is not a database will not
-            transient=isinstance(exc, OperationalError),
+            transient=_may_pass(exc),
         ) from None
     if kind == "sqlite":
         _tune_sqlite(storage)
     return storage
+
+
+# what a database says when it is down, unreachable or busy now (and may not be later); a wrong
+# password, an unknown database or a file that is not a database says none of these
+_PASSING = ("could not connect", "connection refused", "timed out",
+            "timeout", "database is locked", "server closed the connection",
+            "connection reset", "too many connections", "the database system is starting up")
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """True when a database error says trying again later may succeed (a SQLAlchemy
+    ``OperationalError`` whose message names a server down, unreachable or busy)."""
+    from sqlalchemy.exc import OperationalError
+
+    if not isinstance(exc, OperationalError):
+        return False
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return any(s in text for s in _PASSING)
 
 
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any], *, attempts: int = 3,
@@ -232,7 +246,8 @@ def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int
     except Exception as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise SearchError(f"writing {len(trials)} trials to the study failed: "
-                          f"{detail[0] if detail else type(exc).__name__}") from None
+                          f"{detail[0] if detail else type(exc).__name__}",
+                          transient=_may_pass(exc)) from None
 
 
 def _write_rdb(backend: RDBStorage, study_id: int, trials: Sequence[FrozenTrial]) -> list[int]:

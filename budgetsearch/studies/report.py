@@ -92,8 +92,8 @@ def _compute(rec: dict[str, Any]) -> dict[str, Any]:
     runs = list((raw.get("tuning") or {}).values()) or [raw]
     found = {}
     for key in ("threads", "kernels"):
-        values = {str(r[key]) for r in runs if isinstance(r, dict) and r.get(key) is not None}
-        found[key] = ";".join(sorted(values)) or None
+        values = {r[key] for r in runs if isinstance(r, dict) and r.get(key) is not None}
+        found[key] = ";".join(map(str, sorted(values, key=lambda v: (str(type(v)), v)))) or None
     return found
 
 

@@ -335,7 +335,9 @@ def test_contrib_command(tmp_path, capsys):
     assert "head" in doc["results"] and any(k.startswith("weight:") for k in doc["results"])
     assert main([*argv, "--lr", "0.5"]) == 2
     assert "was measured for something else (recipe" in capsys.readouterr().err
-    assert main([*argv[:-3], "--candidates", "nope", "--out", str(out)]) == 2
+    assert main([*argv[:-3], "--candidates", "nope", "--out", str(out), "--threads",
+                 str(other)]) == 2
+    assert torch.get_num_threads() == before  # put back after an error too
     err = capsys.readouterr().err
     assert "--candidates nope: not trainable layers before the classifier" in err
 

@@ -59,6 +59,26 @@ def test_bad_urls_are_refused_before_anything_is_written(tmp_path) -> None:
     assert not bad.value.transient
 
 
+def test_only_a_database_down_or_busy_is_worth_trying_again() -> None:
+    from sqlalchemy.exc import DatabaseError, OperationalError
+
+    from budgetsearch.search._storage import _may_pass
+
+    def op(text: str) -> OperationalError:
+        return OperationalError("SELECT 1", {}, Exception(text))
+
+    assert _may_pass(op("database is locked"))
+    assert _may_pass(op('connection to server at "db" (10.0.0.2), port 5432 failed: '
+                        "Connection refused"))
+    assert _may_pass(op("could not connect to server: Connection timed out"))
+    assert not _may_pass(op('connection to server failed: FATAL: password authentication '
+                            'failed for user "u"'))
+    assert not _may_pass(op('FATAL: database "nope" does not exist'))
+    assert not _may_pass(op("unable to open database file"))  # a folder it cannot write
+    assert not _may_pass(DatabaseError("SELECT 1", {}, Exception("file is not a database")))
+    assert not _may_pass(RuntimeError("database is locked"))  # not a database error at all
+
+
 def test_resume_continues_the_study_without_losing_trials(mcu: dict, tmp_path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     first = _search(mcu).run(n_trials=50, storage=url, study_name="s", flush_seconds=0.02)
