@@ -36,9 +36,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# what lowers torch's kernels (set before torch is imported); named in the output's command
-_KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-
 
 def rerun(spec_path: Path, cell_ids: list[str], *, results: Path,
           threads: int) -> list[dict[str, Any]]:
@@ -119,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {method} | {len(pairs)} | {100 * np.mean([a for a, _ in pairs]):.1f} | "
                      f"{100 * np.mean([b for _, b in pairs]):.1f} |")
     equal = sum(r["old_val"] == r["new_val"] and r["old_test"] == r["new_test"] for r in rows)
-    from budgetsearch._threads import cpu_kernels
+    from budgetsearch._threads import KERNEL_ENV, cpu_kernels
 
-    caps = " ".join(f"{k}={os.environ[k]}" for k in _KERNEL_ENV if os.environ.get(k))
+    # what lowered torch's kernels, named in the output's command
+    caps = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if os.environ.get(k))
     text = "\n".join([
         "# Committed study cells trained again",
         "",

@@ -20,11 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["cpu_kernels", "torch_threads"]
+__all__ = ["KERNEL_ENV", "cpu_kernels", "torch_threads"]
 
 # oneDNN's cap on its instruction set; the DNNL_ spelling is the older one, read when the
 # ONEDNN_ one is not set
 _ONEDNN_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+#: The environment variables that lower torch's kernels (read when torch is imported).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", *_ONEDNN_ENV)
 
 
 @contextmanager

@@ -140,11 +140,8 @@ def open_storage(url: str) -> BaseStorage:
         why = f"; install {hint}" if hint else f" ({exc.__cause__ or exc})"
         raise SearchError(f"storage {shown}: the database driver is not installed{why}") from None
     except Exception as exc:  # sqlalchemy errors: unreachable server, bad credentials...
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise SearchError(
-            f"cannot open storage {shown}: {detail[0] if detail else type(exc).__name__}",
-            transient=_may_pass(exc),
-        ) from None
+        raise SearchError(f"cannot open storage {shown}: {_first_line(exc)}",
+                          transient=_may_pass(exc)) from None
     if kind == "sqlite":
         _tune_sqlite(storage)
     return storage
@@ -164,8 +161,19 @@ def _may_pass(exc: BaseException) -> bool:
 
     if not isinstance(exc, OperationalError):
         return False
-    text = str(getattr(exc, "orig", None) or exc).lower()
+    text = _db_message(exc).lower()
     return any(s in text for s in _PASSING)
+
+
+def _db_message(exc: BaseException) -> str:
+    """The database driver's own message (SQLAlchemy wraps it in ``orig``), else the error's."""
+    return str(getattr(exc, "orig", None) or exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of :func:`_db_message`, or the error's type when it says nothing."""
+    lines = _db_message(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any], *, attempts: int = 3,
@@ -177,7 +185,7 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any], *, attempts: int = 3,
         try:
             return RDBStorage(url, engine_kwargs=engine_kwargs)
         except Exception as exc:
-            text = str(getattr(exc, "orig", None) or exc).lower()
+            text = _db_message(exc).lower()
             if not any(s in text for s in ("already exists", "duplicate", "unique")):
                 raise
             time.sleep(pause_s * (attempt + 1))
@@ -244,10 +252,8 @@ def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int
     except SearchError:
         raise
     except Exception as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise SearchError(f"writing {len(trials)} trials to the study failed: "
-                          f"{detail[0] if detail else type(exc).__name__}",
-                          transient=_may_pass(exc)) from None
+                          f"{_first_line(exc)}", transient=_may_pass(exc)) from None
 
 
 def _write_rdb(backend: RDBStorage, study_id: int, trials: Sequence[FrozenTrial]) -> list[int]:

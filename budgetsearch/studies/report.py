@@ -61,7 +61,7 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
     row.update({k: metrics.get(k) for k in ("measured_saved_bytes", "measured_backward_ms",
                                             "train_seconds")})
     row.update(_accuracies(metrics))
-    row.update(_compute(rec))
+    row.update(_run_configuration(rec))
     first = _first_epoch(rec)
     if isinstance(first.get("saved_activation_bytes"), (int, float)):
         # the first epoch trains the cell's own plan, the one predicted_ops is for (a dynamic
@@ -84,7 +84,7 @@ def _accuracies(metrics: dict[str, Any]) -> dict[str, Any]:
             "protocol": "legacy" if final is not None else None}
 
 
-def _compute(rec: dict[str, Any]) -> dict[str, Any]:
+def _run_configuration(rec: dict[str, Any]) -> dict[str, Any]:
     """The torch thread count(s) and CPU kernels a cell's runs trained with, as its record
     says (every rate's run of a tuned cell; the run of an untuned one), joined by ``;`` when
     they differ; None where the record does not say (made before they were kept)."""
