@@ -37,7 +37,10 @@ cell). ``--retune`` trains the finished cells' plans again under the tuning, reu
 and runs files. The committed run: one process per model at once (``--models mcunet-5fps``,
 ``--models mbv2-w0.35``), each with one torch thread (``OMP_NUM_THREADS=1``, as ``--threads 1``
 now): 35 and 42 min of planning and first tuning (seed 0's rate), then 20 min of ``--retune``
-for the per-seed tuning. The thread count is recorded per cell.
+for the per-seed tuning. The thread count and the CPU kernels
+(``budgetsearch._threads.cpu_kernels``) are recorded per cell, and ``--retune`` refuses a cell
+recorded with another count or other kernels (the committed cells predate the kernels' record;
+they ran on this host's AVX-512 kernels, FINDINGS section 0c).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import torch
 
 from budgetsearch import CostModel, LayerGraph, load_model, load_profile
 from budgetsearch._io import atomic_write_text, locked
+from budgetsearch._threads import KERNEL_ENV, cpu_kernels
 from budgetsearch.contrib import PlanRunner, load_tensors, split_tensors
 from budgetsearch.criteria import fisher_potential, magnitude_scores
 from budgetsearch.data import default_normalization, load_dataset
@@ -227,15 +231,21 @@ def main() -> None:
                 "race_final_folds": final["folds"] if final else None,
                 "race_margin": outcome.margin(), "race_lr": race.recipe.lr if race else None,
                 "plan_seconds": plan_s, "contrib_seconds": contrib_s,
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "kernels": cpu_kernels(),
                 "race_arms": race.stats["arms_trained"] if race else 0}
             if old is not None and old.get("threads", torch.get_num_threads()) != (
                     torch.get_num_threads()):  # the runs file would mix thread counts
                 raise SystemExit(f"{cell_key}: planned and trained with {old['threads']} "
                                  f"thread(s); --retune it with --threads {old['threads']}")
+            if old is not None and old.get("kernels", cell["kernels"]) != cell["kernels"]:
+                raise SystemExit(f"{cell_key}: planned and trained on kernels {old['kernels']}, "
+                                 f"this process computes with {cell['kernels']}; --retune it "
+                                 f"with the environment variables {', '.join(KERNEL_ENV)} set "
+                                 "as they were (see budgetsearch._threads)")
             if old is not None:  # a re-tuned cell keeps what its planning measured
                 cell.update({k: old[k] for k in ("plan_seconds", "contrib_seconds",
-                                                 "race_arms", "threads") if k in old})
+                                                 "race_arms", "threads", "kernels")
+                             if k in old})
             # other processes (one per model) write their cells to the same file
             with locked(cells_path):
                 cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}
@@ -305,6 +315,7 @@ def report(cells: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
                  f"({cell['race_arms']} arms trained; plan {cell['plan_seconds']:.0f} s, "
                  f"the model's contributions {cell['contrib_seconds']:.0f} s once"
                  + (f"; {cell['threads']} torch thread(s)" if "threads" in cell else "")
+                 + (f", kernels {cell['kernels']}" if "kernels" in cell else "")
                  + f").{final}", "",
                  "| method | test acc | val acc | lr per seed | training mem | layers | "
                  "test acc, seed 0's lr |",

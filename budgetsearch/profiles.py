@@ -275,8 +275,11 @@ def _read(path: Path) -> DeviceProfile:
     if profile.latency is not None:
         import torch
 
+        from ._threads import cpu_kernels
+
         profile.latency.check_runtime(torch_version=str(torch.__version__),
-                                      threads=torch.get_num_threads(), source=str(path))
+                                      threads=torch.get_num_threads(), source=str(path),
+                                      kernels=cpu_kernels())
     return dataclasses.replace(profile, path=path)
 
 

@@ -85,8 +85,8 @@ _CALIBRATION_KEYS = ("models", "batch_sizes", "input_size", "plans", "repeats")
 
 
 class LatencyModelWarning(UserWarning):
-    """A measured latency model is used where its timings may not hold (another torch version
-    or thread count than it was fitted with)."""
+    """A measured latency model is used where its timings may not hold (another torch version,
+    thread count or CPU kernels than it was fitted with)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ class LatencyModel:
         coefficients: Milliseconds per unit of each feature, by feature name (:data:`FEATURES`).
         torch_version: The PyTorch version the steps were timed with.
         threads: ``torch.get_num_threads()`` while timing.
+        kernels: The CPU kernels torch timed with (:func:`budgetsearch._threads.cpu_kernels`,
+            e.g. ``aten=AVX2 onednn=AVX2 cpu=avx512``); None in profiles made before it was
+            recorded.
         fit: How well the predictor reproduces timed steps it was not fitted on: ``samples``
             (timed steps), ``folds`` (cross-validation folds) and the median, 90th-percentile
             and largest absolute error in percent.
@@ -109,6 +112,7 @@ class LatencyModel:
     threads: int
     fit: Mapping[str, float] = field(default_factory=dict)
     calibration: Mapping[str, Any] = field(default_factory=dict)
+    kernels: str | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.coefficients) - set(FEATURES))
@@ -135,19 +139,32 @@ class LatencyModel:
         return (f"measured (budgetsearch profile-device, torch {self.torch_version}, "
                 f"{self.threads} threads{err})")
 
-    def check_runtime(self, *, torch_version: str, threads: int, source: str) -> None:
+    def check_runtime(self, *, torch_version: str, threads: int, source: str,
+                      kernels: str | None = None) -> None:
         """Warn (:class:`LatencyModelWarning`) when timings were made under another torch
-        version or thread count than the caller's."""
+        version, thread count or CPU kernels than the caller's.
+
+        Args:
+            torch_version: The caller's ``torch.__version__``.
+            threads: The caller's ``torch.get_num_threads()``.
+            source: Where the model was read from, for the message.
+            kernels: The caller's :func:`~budgetsearch._threads.cpu_kernels`; not compared
+                when None or when the model did not record its own.
+        """
         problems = []
         if torch_version.split("+")[0] != self.torch_version.split("+")[0]:
             problems.append(f"torch {self.torch_version} (this process runs {torch_version})")
         if threads != self.threads:
             problems.append(f"{self.threads} threads (this process uses {threads})")
+        if kernels is not None and self.kernels is not None and kernels != self.kernels:
+            problems.append(f"CPU kernels {self.kernels} (this process computes with "
+                            f"{kernels})")
         if problems:
             warnings.warn(
                 f"{source}: the measured latency model was fitted with " + " and ".join(problems)
-                + "; its step times may not hold here (re-run budgetsearch profile-device, or set "
-                "torch.set_num_threads to match)", LatencyModelWarning, stacklevel=3)
+                + "; its step times may not hold here (re-run budgetsearch profile-device, or "
+                "match torch.set_num_threads and the kernel variables "
+                "ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)", LatencyModelWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------ (de)serial
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +173,7 @@ class LatencyModel:
             "model": LATENCY_MODEL_KIND,
             "torch_version": self.torch_version,
             "threads": self.threads,
+            **({"kernels": self.kernels} if self.kernels is not None else {}),
             "coefficients": {coefficient_name(f): float(v)
                              for f, v in self.coefficients.items()},
             "fit": dict(self.fit),
@@ -183,9 +201,10 @@ def validate_latency(data: Any, *, prefix: str = "latency.") -> tuple[LatencyMod
     errors: list[str] = []
     if not isinstance(data, Mapping):
         return None, [f"{prefix.rstrip('.')}: expected a mapping with keys model, "
-                      f"torch_version, threads, coefficients, fit, calibration; got "
-                      f"{type(data).__name__}"]
-    allowed = ("model", "torch_version", "threads", "coefficients", "fit", "calibration")
+                      f"torch_version, threads, coefficients, fit, calibration (and "
+                      f"optionally kernels); got {type(data).__name__}"]
+    allowed = ("model", "torch_version", "threads", "kernels", "coefficients", "fit",
+               "calibration")
     errors += [f"{prefix}{k}: unknown key; allowed keys: {', '.join(allowed)}"
                for k in data if k not in allowed]
     if data.get("model") != LATENCY_MODEL_KIND:
@@ -197,6 +216,10 @@ def validate_latency(data: Any, *, prefix: str = "latency.") -> tuple[LatencyMod
     threads = data.get("threads")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         errors.append(f"{prefix}threads: expected a positive integer, got {threads!r}")
+    kernels = data.get("kernels")
+    if kernels is not None and (not isinstance(kernels, str) or not kernels.strip()):
+        errors.append(f"{prefix}kernels: expected the CPU kernels as a string such as "
+                      f"'aten=AVX2 onednn=auto cpu=avx2' (or no key), got {kernels!r}")
     coefs: dict[str, float] = {}
     raw = data.get("coefficients")
     if not isinstance(raw, Mapping):
@@ -231,4 +254,4 @@ def validate_latency(data: Any, *, prefix: str = "latency.") -> tuple[LatencyMod
     if errors:
         return None, errors
     return LatencyModel(coefficients=coefs, torch_version=version, threads=threads, fit=fit,
-                        calibration=calibration), []
+                        calibration=calibration, kernels=kernels), []

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .._threads import cpu_kernels
 from ..errors import PlanError, ProfileError
 from ._fit import cross_validate, fit_coefficients
 from ._model import LatencyModel
@@ -386,10 +387,11 @@ def profile_device(
            "max_error_pct": round(100 * float(err.max()), 2)}
     latency = LatencyModel(
         coefficients=coef, torch_version=str(torch.__version__), threads=threads, fit=fit,
+        kernels=cpu_kernels(),
         calibration={"models": list(models), "batch_sizes": list(batch_sizes),
                      "input_size": input_size, "plans": list(families), "repeats": repeats})
     stamp = (f"measured by budgetsearch profile-device on {_dt.date.today().isoformat()}, "
-             f"torch {torch.__version__}, {threads} threads")
+             f"torch {torch.__version__}, {threads} threads, kernels {latency.kernels}")
     data = profile_to_dict(replace(base, latency=latency))
     data["sources"]["latency"] = (
         f"{stamp}: median of {repeats} training steps (every plan visited in turn, each visit "

@@ -1,6 +1,6 @@
 """The measured latency model: its profile section (round trip, every bad field named), the
-warnings when it is used under another torch version or thread count, and the cost model using
-it (closed forms on a toy model)."""
+warnings when it is used under another torch version, thread count or CPU kernels, and the cost
+model using it (closed forms on a toy model)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 from _toys import small_cnn
 
 from budgetsearch import CostModel, LayerGraph, Plan, load_profile
+from budgetsearch._threads import cpu_kernels
 from budgetsearch.errors import ProfileError
 from budgetsearch.latency import FEATURES, LatencyModel, LatencyModelWarning, coefficient_name
 from budgetsearch.profiles import profile_from_dict, profile_to_dict, save_profile
@@ -38,11 +39,12 @@ def _profile(latency: LatencyModel | None):
 
 
 def test_round_trip_through_a_profile_file(tmp_path) -> None:
-    lat = _model({f: 1e-3 * (i + 1) for i, f in enumerate(FEATURES)})
+    lat = _model({f: 1e-3 * (i + 1) for i, f in enumerate(FEATURES)}, kernels=cpu_kernels())
     profile = _profile(lat)
     path = save_profile(dataclasses.replace(profile, name="mine"), tmp_path / "mine.yaml")
     loaded = load_profile(path)
     assert loaded.latency == lat
+    assert loaded.latency.kernels == cpu_kernels()
     raw = yaml.safe_load(path.read_text())["latency"]
     assert raw["coefficients"]["forward.conv.ms_per_mac"] == pytest.approx(
         lat.coefficients["forward.conv.macs"])
@@ -69,6 +71,7 @@ def _section() -> dict:
      "latency.coefficients.forward.gpu.ms_per_call: unknown coefficient"),
     (lambda d: d.__setitem__("model", "random-forest"), "latency.model: expected"),
     (lambda d: d.__setitem__("threads", 0), "latency.threads: expected a positive integer"),
+    (lambda d: d.__setitem__("kernels", 5), "latency.kernels: expected the CPU kernels"),
     (lambda d: d.pop("fit"), "latency.fit: expected a mapping with keys samples"),
     (lambda d: d.__setitem__("colour", 1), "latency.colour: unknown key"),
 ])
@@ -105,6 +108,8 @@ def test_the_latency_section_needs_a_source() -> None:
 @pytest.mark.parametrize(("change", "words"), [
     ({"torch_version": "1.13.0"}, "torch 1.13.0"),
     ({"threads": torch.get_num_threads() + 3}, f"{torch.get_num_threads() + 3} threads"),
+    ({"kernels": "aten=DEFAULT onednn=SSE41 cpu=base"},
+     "CPU kernels aten=DEFAULT onednn=SSE41 cpu=base \\(this process computes with aten="),
 ])
 def test_loading_a_model_fitted_elsewhere_warns(change, words, tmp_path) -> None:
     profile = dataclasses.replace(_profile(_model({"step.calls": 1.0}, **change)), name="other")
@@ -113,8 +118,12 @@ def test_loading_a_model_fitted_elsewhere_warns(change, words, tmp_path) -> None
         load_profile(path)
 
 
-def test_loading_a_model_fitted_here_does_not_warn(tmp_path) -> None:
-    profile = dataclasses.replace(_profile(_model({"step.calls": 1.0})), name="here")
+@pytest.mark.parametrize("kernels", [None, "here"])
+def test_loading_a_model_fitted_here_does_not_warn(kernels, tmp_path) -> None:
+    """Kernels are compared when the profile recorded them; older profiles have none."""
+    recorded = cpu_kernels() if kernels == "here" else None
+    profile = dataclasses.replace(_profile(_model({"step.calls": 1.0}, kernels=recorded)),
+                                  name="here")
     path = save_profile(profile, tmp_path / "here.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("error", LatencyModelWarning)

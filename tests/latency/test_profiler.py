@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 from budgetsearch import CostModel, LayerGraph, Plan, load_model, load_profile
+from budgetsearch._threads import cpu_kernels
 from budgetsearch.cli import main
 from budgetsearch.errors import ProfileError
 from budgetsearch.latency import DEFAULT_MODELS, PLAN_FAMILIES, designed_plans, profile_device
@@ -72,6 +73,8 @@ def test_quick_profile_device_end_to_end(tmp_path, capsys) -> None:
     lat = profile.latency
     assert lat is not None and lat.calibration["models"] == ["mcunet-5fps"]
     assert lat.fit["samples"] == 8 and lat.fit["median_error_pct"] >= 0
+    assert lat.kernels == cpu_kernels()
+    assert f"kernels {cpu_kernels()}" in profile.sources["latency"]
     rows = json.loads(steps.read_text())
     assert len(rows) == 8 and all(r["measured_ms"] > 0 for r in rows)
     # the cost model now times steps with it, and says so
