@@ -7,7 +7,8 @@ draw (``studies/results/race_vs_test.md``: MobileNetV2-w0.35 at 49 KB, the searc
 42.7 % at the race's rate and 39.8 % as the study's choices left it). The race of the search
 cell is cross-validated on the 250 pooled images; the methods it is compared with are not.
 
-This applies the race's rule to every method (``search-quick`` left out), the search's plan
+This applies the race's rule to every method (the planner's other variants, ``search-quick``,
+``search-thorough``, ``search-final`` and ``search-cv``, left out), the search's plan
 included: per cell (data,
 model, device, budget) and method, seed 0's plan (``cells/<cell>__s0/plan.json``, what the
 study trained) is trained at each rate of the grid on ``--folds`` stratified folds of the pooled
@@ -43,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("published", "baseline")  # the record roles a search is compared against
-SKIP = ("search-quick",)  # not compared with the baselines here (a plan of its own)
+# the planner's other efforts and variants: only ``search`` (the standard effort) is compared
+SKIP = ("search-quick", "search-thorough", "search-final", "search-cv")
 
 
 def cell_groups(spec: Any, data: set[str] | None
