@@ -42,8 +42,8 @@ from ..trainer.metrics import validation_key
 from .context import CellContext
 from .spec import RUN_OPTIONS, Cell, StudyError
 
-__all__ = ["cell_plan", "layer_fractions", "normalise_metrics", "plan_summary", "run_cell",
-           "runner_recipe"]
+__all__ = ["cell_plan", "layer_fractions", "name_mixed_configurations", "normalise_metrics",
+           "plan_summary", "run_cell", "runner_recipe"]
 
 PlanFn = Callable[[Cell, CellContext], Any]
 TrainFn = Callable[[Cell, Any, CellContext], dict[str, Any]]
@@ -333,9 +333,22 @@ def _train_trainer(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
 
         doc["threads"] = int(trainer.threads) if trainer.threads else torch.get_num_threads()
     doc.setdefault("kernels", (doc.get("config") or {}).get("kernels"))
+    name_mixed_configurations(doc)
     epochs = doc.get("epochs") or []
     doc["train_seconds"] = sum(float(r.get("epoch_s") or 0.0) for r in epochs)
     return doc
+
+
+def name_mixed_configurations(doc: dict[str, Any]) -> None:
+    """Set a trainer run's ``threads`` and ``kernels`` to every configuration its epochs
+    trained with, joined by ``;``, when a resume changed them (each epoch row records its own;
+    rows from before they were recorded are skipped). A run of one configuration is left as
+    it is."""
+    mixed = {(r.get("threads"), r["kernels"]) for r in doc.get("epochs") or []
+             if isinstance(r, dict) and "kernels" in r}
+    if len(mixed) > 1:
+        doc["threads"] = ";".join(sorted({str(t) for t, _ in mixed}))
+        doc["kernels"] = ";".join(sorted({k for _, k in mixed}))
 
 
 def runner_recipe(cell: Cell, plan: Any, *, lr: float) -> Any:

@@ -92,7 +92,9 @@ def _run_configuration(rec: dict[str, Any]) -> dict[str, Any]:
     runs = list((raw.get("tuning") or {}).values()) or [raw]
     found = {}
     for key in ("threads", "kernels"):
-        values = {r[key] for r in runs if isinstance(r, dict) and r.get(key) is not None}
+        values = {int(part) if part.isdigit() else part
+                  for r in runs if isinstance(r, dict) and r.get(key) is not None
+                  for part in str(r[key]).split(";")}  # a resumed run may name several
         found[key] = ";".join(map(str, sorted(values, key=lambda v: (str(type(v)), v)))) or None
     return found
 

@@ -10,7 +10,9 @@ its own generator seeded from (seed, epoch), so a resumed run draws the same bat
 from the global RNG, whose state is checkpointed. Data loading runs in the main process. Results are
 bit-identical for a fixed number of threads (``threads``) and the same CPU kernels (the run's
 ``config.kernels``, :func:`budgetsearch._threads.cpu_kernels`); CPU kernels may sum in another
-order with another thread count, and AVX2 and AVX-512 kernels round differently.
+order with another thread count, and AVX2 and AVX-512 kernels round differently. Each epoch row
+records the thread count and kernels it trained with (``threads``, ``kernels``), and resuming a
+run under others warns, naming the epochs that trained otherwise.
 """
 
 from __future__ import annotations
@@ -225,6 +227,9 @@ class Trainer:
         ckpt = load_latest(ckpt_dir) if resume else None
         if resume and ckpt is None:
             warnings.warn(f"no checkpoint in {ckpt_dir}; starting from scratch", stacklevel=2)
+        # each epoch row records the thread count and kernels it trained with, so that a run
+        # resumed under others says which epochs trained how
+        config = {"threads": torch.get_num_threads(), "kernels": cpu_kernels()}
         plan, rows, start = self.plan, [], 0
         torch.manual_seed(self.seed)
         random.seed(self.seed)
@@ -235,6 +240,13 @@ class Trainer:
             plan = Plan.from_dict(ckpt.state["plan"], source=str(ckpt.path))
             plan.validate(self.graph)
             rows, start = list(ckpt.state.get("epochs", [])), ckpt.epoch
+            other = _other_configurations(rows, config)
+            if other:
+                warnings.warn(
+                    f"{self.out_dir}: resuming a run whose {other}; this process trains with "
+                    f"{config['threads']} thread(s) on {config['kernels']}, so the run will not "
+                    "repeat an uninterrupted one bit for bit (each epoch row records its own "
+                    "threads and kernels)", stacklevel=2)
             if self.replanner is not None:
                 self.replanner.load_state(ckpt.section("dynamic"), ckpt.state.get("dynamic", {}))
         elif self.replanner is not None:
@@ -263,7 +275,7 @@ class Trainer:
                 if self.test_data is not None:
                     row.update(self._evaluate(self.test_data, "test"))
                 row.update(trainable_params=handle.trainable_params,
-                           updated_layers=len(plan.updates), replanned=False)
+                           updated_layers=len(plan.updates), replanned=False, **config)
                 if self.replanner is not None:
                     self.replanner.record(self.model, self.graph)
                     if (epoch + 1) % self.every == 0 and epoch + 1 < self.epochs:
@@ -425,6 +437,20 @@ class Trainer:
             doc["dynamic"] = self.replanner.history
         doc.update(summarize(rows))
         return doc
+
+
+def _other_configurations(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """Which of the checkpoint's epochs trained with another thread count or other kernels
+    than ``config`` ("" when none did; rows written before these were recorded are skipped)."""
+    other: dict[tuple[Any, Any], list[int]] = {}
+    for row in rows:
+        if "kernels" not in row:
+            continue
+        key = (row.get("threads"), row["kernels"])
+        if key != (config["threads"], config["kernels"]):
+            other.setdefault(key, []).append(int(row["epoch"]))
+    return "; ".join(f"epoch(s) {', '.join(map(str, epochs))} trained with {threads} "
+                     f"thread(s) on {kernels}" for (threads, kernels), epochs in other.items())
 
 
 def _last(ckpt_dir: Path) -> Path | None:

@@ -127,7 +127,8 @@ def test_the_report_names_each_cells_threads_and_kernels_and_flags_mixed_budgets
         two = cell.budget.label == "128KB" and cell.method.name == "tinytrain" and cell.seed == 2
         rec["metrics_raw"] = {"tuning": {
             "0.01": {"test_accuracy": 0.5, "threads": 1, "kernels": kernels},
-            "0.1": {"test_accuracy": 0.5, "threads": 2 if two else 1, "kernels": kernels}}}
+            # seed 2's run at 0.1 was resumed at 2 threads (name_mixed_configurations)
+            "0.1": {"test_accuracy": 0.5, "threads": "1;2" if two else 1, "kernels": kernels}}}
         path.write_text(json.dumps(rec))
     write_report(spec, plots=False)
     with (spec.results_dir / "results.csv").open() as fh:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from budgetsearch._threads import cpu_kernels
 from budgetsearch.budget import Budget
 from budgetsearch.cost import CostModel
 from budgetsearch.data import load_dataset
@@ -81,8 +83,9 @@ def trainer(splits, out, *, model=None, plan=None, epochs=2, **kw) -> Trainer:
     train, val = splits
     kw.setdefault("lr", 0.05)
     kw.setdefault("seed", 3)
+    kw.setdefault("threads", 1)
     return Trainer(model, plan, train_data=train, val_data=val, epochs=epochs, batch_size=8,
-                   optimizer="momentum", out_dir=out, progress=False, threads=1, **kw)
+                   optimizer="momentum", out_dir=out, progress=False, **kw)
 
 
 def strip(rows):
@@ -142,6 +145,35 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(splits, tmp_path):
         resume=True)
     assert resumed["status"] == "completed"
     assert strip(resumed["epochs"]) == strip(full["epochs"])
+
+
+def test_epochs_record_their_threads_and_kernels_and_a_resume_under_others_warns(
+        splits, tmp_path):
+    first = trainer(splits, tmp_path, epochs=1).fit()
+    assert [(r["threads"], r["kernels"]) for r in first["epochs"]] == [(1, cpu_kernels())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same configuration: no warning
+        same = trainer(splits, tmp_path, epochs=2).fit(resume=True)
+    assert [r["threads"] for r in same["epochs"]] == [1, 1]
+    with pytest.warns(UserWarning, match=(
+            r"resuming a run whose epoch\(s\) 1, 2 trained with 1 thread\(s\) on "
+            r"aten=.*; this process trains with 2 thread\(s\)")):
+        mixed = trainer(splits, tmp_path, epochs=3, threads=2).fit(resume=True)
+    assert [r["threads"] for r in mixed["epochs"]] == [1, 1, 2]
+    assert torch.get_num_threads() == 1  # the trainer put the caller's count back
+
+
+def test_resuming_a_run_recorded_before_kernels_were_kept_does_not_warn(splits, tmp_path):
+    trainer(splits, tmp_path, epochs=1).fit()
+    path = tmp_path / "checkpoints" / "epoch-0001.json"
+    state = json.loads(path.read_text())
+    for row in state["epochs"]:
+        row.pop("threads"), row.pop("kernels")
+    path.write_text(json.dumps(state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        doc = trainer(splits, tmp_path, epochs=2, threads=2).fit(resume=True)
+    assert "kernels" not in doc["epochs"][0] and doc["epochs"][1]["threads"] == 2
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(splits, tmp_path):
