@@ -4,12 +4,12 @@ A tuned study (``training.lrs``) trains every method at each rate of its grid wi
 and keeps, per seed, the rate whose run scores best on the validation split. In the scarce-data
 variant that split is 50 images: one image is 2 points, and a rate chosen on it is close to a
 draw (``studies/results/race_vs_test.md``: MobileNetV2-w0.35 at 49 KB, the search's plan tests
-42.7 % at the race's rate and 39.8 % as the study's choices left it). The race of the search
+42.7 % at the race's rate and 39.6 % as the study's choices left it). The race of the search
 cell is cross-validated on the 250 pooled images; the methods it is compared with are not.
 
-This applies the race's rule to every method (the planner's other variants, ``search-quick``,
-``search-thorough``, ``search-final`` and ``search-cv``, left out), the search's plan
-included: per cell (data,
+This applies the race's rule to every method (the planner's other variants, every method of
+kind ``search`` but ``search`` itself, e.g. ``search-quick`` and ``search-thorough``, left
+out), the search's plan included: per cell (data,
 model, device, budget) and method, seed 0's plan (``cells/<cell>__s0/plan.json``, what the
 study trained) is trained at each rate of the grid on ``--folds`` stratified folds of the pooled
 training and validation images (:meth:`budgetsearch.contrib.PlanRunner.folds`, dealt with seed
@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("published", "baseline")  # the record roles a search is compared against
-# the planner's other efforts and variants: only ``search`` (the standard effort) is compared
-SKIP = ("search-quick", "search-thorough", "search-final", "search-cv")
+# the planner's other efforts and variants (every method of kind search but the one named
+# ``search``, the standard effort) are not compared here
+PLANNER = "search"
 
 
 def cell_groups(spec: Any, data: set[str] | None
@@ -55,7 +56,8 @@ def cell_groups(spec: Any, data: set[str] | None
     groups: dict[str, dict[str, Any]] = defaultdict(dict)
     seeds: dict[str, list[int]] = defaultdict(list)
     for cell in spec.cells():
-        if cell.method.name in SKIP or (data is not None and cell.data.name not in data):
+        other_variant = cell.method.method == PLANNER and cell.method.name != PLANNER
+        if other_variant or (data is not None and cell.data.name not in data):
             continue
         prefix = cell.id.rsplit("__", 2)[0]
         if cell.seed == 0:

@@ -190,6 +190,16 @@ def main() -> None:
             old = cells.get(cell_key)
             if old is not None and not args.retune:
                 continue
+            # before anything trains: the runs file would cache runs of another configuration
+            if old is not None and old.get("threads", torch.get_num_threads()) != (
+                    torch.get_num_threads()):
+                raise SystemExit(f"{cell_key}: planned and trained with {old['threads']} "
+                                 f"thread(s); --retune it with --threads {old['threads']}")
+            if old is not None and old.get("kernels", cpu_kernels()) != cpu_kernels():
+                raise SystemExit(f"{cell_key}: planned and trained on kernels {old['kernels']}, "
+                                 f"this process computes with {cpu_kernels()}; --retune it "
+                                 f"with the environment variables {', '.join(KERNEL_ENV)} set "
+                                 "as they were (see budgetsearch._threads)")
             budget = parse_bytes(label)
             common = dict(cost_model=cm, budget_bytes=budget, memory_measure="training",
                           seed=0)
@@ -233,19 +243,13 @@ def main() -> None:
                 "plan_seconds": plan_s, "contrib_seconds": contrib_s,
                 "threads": torch.get_num_threads(), "kernels": cpu_kernels(),
                 "race_arms": race.stats["arms_trained"] if race else 0}
-            if old is not None and old.get("threads", torch.get_num_threads()) != (
-                    torch.get_num_threads()):  # the runs file would mix thread counts
-                raise SystemExit(f"{cell_key}: planned and trained with {old['threads']} "
-                                 f"thread(s); --retune it with --threads {old['threads']}")
-            if old is not None and old.get("kernels", cell["kernels"]) != cell["kernels"]:
-                raise SystemExit(f"{cell_key}: planned and trained on kernels {old['kernels']}, "
-                                 f"this process computes with {cell['kernels']}; --retune it "
-                                 f"with the environment variables {', '.join(KERNEL_ENV)} set "
-                                 "as they were (see budgetsearch._threads)")
             if old is not None:  # a re-tuned cell keeps what its planning measured
                 cell.update({k: old[k] for k in ("plan_seconds", "contrib_seconds",
                                                  "race_arms", "threads", "kernels")
                              if k in old})
+                if "kernels" not in old:  # planned before kernels were recorded
+                    del cell["kernels"]
+                cell["retune_kernels"] = cpu_kernels()  # what the test runs trained on
             # other processes (one per model) write their cells to the same file
             with locked(cells_path):
                 cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}

@@ -340,15 +340,18 @@ def _train_trainer(cell: Cell, plan: Any, ctx: CellContext, *, lr: float,
 
 
 def name_mixed_configurations(doc: dict[str, Any]) -> None:
-    """Set a trainer run's ``threads`` and ``kernels`` to every configuration its epochs
-    trained with, joined by ``;``, when a resume changed them (each epoch row records its own;
-    rows from before they were recorded are skipped). A run of one configuration is left as
-    it is."""
-    mixed = {(r.get("threads"), r["kernels"]) for r in doc.get("epochs") or []
-             if isinstance(r, dict) and "kernels" in r}
-    if len(mixed) > 1:
-        doc["threads"] = ";".join(sorted({str(t) for t, _ in mixed}))
-        doc["kernels"] = ";".join(sorted({k for _, k in mixed}))
+    """Set a trainer run's ``threads`` and ``kernels`` from its epoch rows, which record what
+    each epoch trained with: the one configuration, or every one joined by ``;`` when a resume
+    changed them (threads in numeric order). A run whose rows do not record them (made before
+    they were kept) is left as it is."""
+    configs = {(r.get("threads"), r["kernels"]) for r in doc.get("epochs") or []
+               if isinstance(r, dict) and "kernels" in r}
+    if not configs:
+        return
+    threads = sorted({t for t, _ in configs if t is not None})
+    doc["threads"] = (threads[0] if len(threads) == 1 else
+                      ";".join(map(str, threads)) or doc.get("threads"))
+    doc["kernels"] = ";".join(sorted({k for _, k in configs}))
 
 
 def runner_recipe(cell: Cell, plan: Any, *, lr: float) -> Any:

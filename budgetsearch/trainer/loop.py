@@ -240,13 +240,13 @@ class Trainer:
             plan = Plan.from_dict(ckpt.state["plan"], source=str(ckpt.path))
             plan.validate(self.graph)
             rows, start = list(ckpt.state.get("epochs", [])), ckpt.epoch
-            other = _other_configurations(rows, config)
-            if other:
+            other = _other_configurations(rows, config, ckpt.state.get("config") or {})
+            if other and start < self.epochs:
                 warnings.warn(
                     f"{self.out_dir}: resuming a run whose {other}; this process trains with "
                     f"{config['threads']} thread(s) on {config['kernels']}, so the run will not "
                     "repeat an uninterrupted one bit for bit (each epoch row records its own "
-                    "threads and kernels)", stacklevel=2)
+                    "threads and kernels)", stacklevel=3)
             if self.replanner is not None:
                 self.replanner.load_state(ckpt.section("dynamic"), ckpt.state.get("dynamic", {}))
         elif self.replanner is not None:
@@ -439,18 +439,34 @@ class Trainer:
         return doc
 
 
-def _other_configurations(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+def _other_configurations(rows: list[dict[str, Any]], config: dict[str, Any],
+                          recorded: dict[str, Any]) -> str:
     """Which of the checkpoint's epochs trained with another thread count or other kernels
-    than ``config`` ("" when none did; rows written before these were recorded are skipped)."""
+    than ``config`` ("" when none did, or when neither the rows nor the checkpoint's
+    ``recorded`` config say). Rows written before epochs recorded them take the checkpoint's
+    config (its ``threads`` is the requested count, None when the run left it as it was);
+    kernels recorded before the CPU's flags were kept are compared on ``aten=``/``onednn=``."""
     other: dict[tuple[Any, Any], list[int]] = {}
     for row in rows:
-        if "kernels" not in row:
+        threads = row.get("threads", recorded.get("threads"))
+        kernels = row.get("kernels", recorded.get("kernels"))
+        if kernels is None:
             continue
-        key = (row.get("threads"), row["kernels"])
-        if key != (config["threads"], config["kernels"]):
-            other.setdefault(key, []).append(int(row["epoch"]))
-    return "; ".join(f"epoch(s) {', '.join(map(str, epochs))} trained with {threads} "
-                     f"thread(s) on {kernels}" for (threads, kernels), epochs in other.items())
+        same_threads = threads is None or threads == config["threads"]
+        if not (same_threads and _same_kernels(kernels, config["kernels"])):
+            other.setdefault((threads, kernels), []).append(int(row["epoch"]))
+    return "; ".join(f"epoch(s) {', '.join(map(str, epochs))} trained with "
+                     f"{threads if threads is not None else '?'} thread(s) on {kernels}"
+                     for (threads, kernels), epochs in other.items())
+
+
+def _same_kernels(a: str, b: str) -> bool:
+    """Whether two :func:`~budgetsearch._threads.cpu_kernels` records name the same kernels;
+    without ``cpu=`` in one of them (older records), on the libraries' settings alone."""
+    if "cpu=" in a and "cpu=" in b:
+        return a == b
+    return ([p for p in a.split() if not p.startswith("cpu=")]
+            == [p for p in b.split() if not p.startswith("cpu=")])
 
 
 def _last(ckpt_dir: Path) -> Path | None:

@@ -43,6 +43,8 @@ EPOCH_FIELDS = (
     "trainable_params",
     "updated_layers",
     "replanned",
+    "threads",
+    "kernels",
 )
 
 

@@ -14,18 +14,21 @@ def _doc(*configs) -> dict:
 
 
 def test_a_run_resumed_under_other_threads_and_kernels_names_every_one() -> None:
-    doc = _doc((1, AVX2), (1, AVX2), (2, AVX512))
+    doc = _doc((1, AVX2), (2, AVX2), (10, AVX512))
     name_mixed_configurations(doc)
-    assert (doc["threads"], doc["kernels"]) == ("1;2", f"{AVX2};{AVX512}")
+    assert (doc["threads"], doc["kernels"]) == ("1;2;10", f"{AVX2};{AVX512}")
 
 
-def test_a_run_of_one_configuration_is_left_as_it_is() -> None:
-    doc = _doc((1, AVX2), (1, AVX2))
+def test_the_epochs_not_the_last_process_say_how_a_run_trained() -> None:
+    doc = _doc((2, AVX512), (2, AVX512))  # resumed, with nothing left to train, at 1 on AVX2
     name_mixed_configurations(doc)
-    assert (doc["threads"], doc["kernels"]) == (1, AVX2)
+    assert (doc["threads"], doc["kernels"]) == (2, AVX512)
 
 
 def test_epochs_recorded_before_the_fields_were_kept_are_skipped() -> None:
-    doc = _doc((None, None), (2, AVX2))
+    doc = _doc((None, None), (2, AVX512))
     name_mixed_configurations(doc)
-    assert (doc["threads"], doc["kernels"]) == (1, AVX2)
+    assert (doc["threads"], doc["kernels"]) == (2, AVX512)
+    old = _doc((None, None), (None, None))
+    name_mixed_configurations(old)
+    assert (old["threads"], old["kernels"]) == (1, AVX2)

@@ -163,17 +163,47 @@ def test_epochs_record_their_threads_and_kernels_and_a_resume_under_others_warns
     assert torch.get_num_threads() == 1  # the trainer put the caller's count back
 
 
-def test_resuming_a_run_recorded_before_kernels_were_kept_does_not_warn(splits, tmp_path):
-    trainer(splits, tmp_path, epochs=1).fit()
-    path = tmp_path / "checkpoints" / "epoch-0001.json"
+def _strip_epoch_configurations(run) -> dict:
+    """Strip the epoch rows of the run's first checkpoint, as written before epochs recorded their
+    threads and kernels; returns the checkpoint's state, to be edited and written back."""
+    path = run / "checkpoints" / "epoch-0001.json"
     state = json.loads(path.read_text())
     for row in state["epochs"]:
         row.pop("threads"), row.pop("kernels")
-    path.write_text(json.dumps(state))
+    return state
+
+
+@pytest.mark.parametrize(("recorded", "warns"), [
+    ({"threads": 1, "kernels": None}, False),  # nothing recorded: nothing to compare
+    ({"threads": None, "kernels": "__here__"}, False),  # the same kernels, threads not set
+    ({"threads": 1, "kernels": "aten=DEFAULT onednn=auto"}, True),  # other kernels, no cpu=
+])
+def test_resuming_a_checkpoint_from_before_epochs_recorded_them_reads_its_config(
+        splits, tmp_path, recorded, warns):
+    trainer(splits, tmp_path, epochs=1).fit()
+    state = _strip_epoch_configurations(tmp_path)
+    here = cpu_kernels()
+    kernels = recorded["kernels"]
+    if kernels == "__here__":  # as recorded before the CPU's flags were kept
+        kernels = " ".join(p for p in here.split() if not p.startswith("cpu="))
+    state["config"].update(threads=recorded["threads"], kernels=kernels)
+    (tmp_path / "checkpoints" / "epoch-0001.json").write_text(json.dumps(state))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        doc = trainer(splits, tmp_path, epochs=2, threads=1).fit(resume=True)
+    said = [str(w.message) for w in caught if "resuming a run whose" in str(w.message)]
+    assert bool(said) is warns, said
+    if warns:
+        assert "epoch(s) 1 trained with 1 thread(s) on aten=DEFAULT onednn=auto" in said[0]
+    assert "kernels" not in doc["epochs"][0] and doc["epochs"][1]["kernels"] == here
+
+
+def test_resuming_with_nothing_left_to_train_does_not_warn(splits, tmp_path):
+    trainer(splits, tmp_path, epochs=1).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        doc = trainer(splits, tmp_path, epochs=2, threads=2).fit(resume=True)
-    assert "kernels" not in doc["epochs"][0] and doc["epochs"][1]["threads"] == 2
+        doc = trainer(splits, tmp_path, epochs=1, threads=2).fit(resume=True)
+    assert [r["threads"] for r in doc["epochs"]] == [1]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(splits, tmp_path):
