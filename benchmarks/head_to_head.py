@@ -58,7 +58,7 @@ import torch
 
 from budgetsearch import CostModel, LayerGraph, load_model, load_profile
 from budgetsearch._io import atomic_write_text, locked
-from budgetsearch._threads import KERNEL_ENV, cpu_kernels
+from budgetsearch._threads import KERNEL_ENV, cpu_kernels, same_kernels
 from budgetsearch.contrib import PlanRunner, load_tensors, split_tensors
 from budgetsearch.criteria import fisher_potential, magnitude_scores
 from budgetsearch.data import default_normalization, load_dataset
@@ -195,7 +195,8 @@ def main() -> None:
                     torch.get_num_threads()):
                 raise SystemExit(f"{cell_key}: planned and trained with {old['threads']} "
                                  f"thread(s); --retune it with --threads {old['threads']}")
-            if old is not None and old.get("kernels", cpu_kernels()) != cpu_kernels():
+            if old is not None and not same_kernels(old.get("kernels", cpu_kernels()),
+                                                    cpu_kernels()):
                 raise SystemExit(f"{cell_key}: planned and trained on kernels {old['kernels']}, "
                                  f"this process computes with {cpu_kernels()}; --retune it "
                                  f"with the environment variables {', '.join(KERNEL_ENV)} set "

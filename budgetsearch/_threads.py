@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["KERNEL_ENV", "cpu_kernels", "torch_threads"]
+__all__ = ["KERNEL_ENV", "cpu_kernels", "kernel_key", "same_kernels", "torch_threads"]
 
 # oneDNN's cap on its instruction set; the DNNL_ spelling is the older one, read when the
 # ONEDNN_ one is not set
@@ -82,3 +82,25 @@ def _cpu_flags(torch: Any) -> str:
                                     ("bf16", "_is_avx512_bf16_supported"),
                                     ("amx", "_is_amx_tile_supported")) if has(name)]
     return "+".join([base, *extras])
+
+
+def kernel_key(kernels: str) -> str:
+    """The part of a :func:`cpu_kernels` record that decides which kernels ran.
+
+    ATen's level is as torch reported it, so it needs nothing else; oneDNN's cap decides its
+    kernels when it is set, and the CPU's flags only where it is not (``onednn=auto`` takes the
+    best the CPU has). So ``aten=AVX2 onednn=AVX2 cpu=avx512`` and ``aten=AVX2 onednn=AVX2``
+    (recorded before the flags were kept) are the same kernels: ``aten=AVX2 onednn=AVX2``.
+    """
+    libraries = [p for p in kernels.split() if not p.startswith("cpu=")]
+    return kernels if "onednn=auto" in libraries else " ".join(libraries)
+
+
+def same_kernels(a: str, b: str) -> bool:
+    """Whether two :func:`cpu_kernels` records name the same kernels (:func:`kernel_key`); a
+    record without the CPU's flags (made before they were kept) is compared on the libraries'
+    settings alone."""
+    if "cpu=" in a and "cpu=" in b:
+        return kernel_key(a) == kernel_key(b)
+    return ([p for p in a.split() if not p.startswith("cpu=")]
+            == [p for p in b.split() if not p.startswith("cpu=")])

@@ -1,5 +1,6 @@
 """torch_threads: the count set for the block, the caller's restored after, also on an error;
-cpu_kernels: the kernels a run's record names."""
+cpu_kernels: the kernels a run's record names; kernel_key and same_kernels: when two records name
+the same kernels."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from budgetsearch._threads import _cpu_flags, cpu_kernels, torch_threads
+from budgetsearch._threads import (
+    _cpu_flags,
+    cpu_kernels,
+    kernel_key,
+    same_kernels,
+    torch_threads,
+)
 
 
 def test_the_count_is_set_inside_and_restored_after_even_on_an_error() -> None:
@@ -69,3 +76,24 @@ def test_cpu_kernels_follows_aten_cpu_capability_set_before_torch_starts() -> No
                           "from budgetsearch._threads import cpu_kernels; print(cpu_kernels())"],
                          env=env, capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip().startswith("aten=DEFAULT onednn=SSE41 cpu=")
+
+
+@pytest.mark.parametrize(("record", "key"), [
+    # a capped oneDNN decides its own kernels: the CPU's flags say nothing more
+    ("aten=AVX2 onednn=AVX2 cpu=avx512+vnni", "aten=AVX2 onednn=AVX2"),
+    ("aten=AVX2 onednn=AVX2", "aten=AVX2 onednn=AVX2"),
+    # uncapped, it takes the best the CPU has: the flags are part of the key
+    ("aten=AVX512 onednn=auto cpu=avx512+vnni", "aten=AVX512 onednn=auto cpu=avx512+vnni"),
+])
+def test_kernel_key_keeps_the_cpu_flags_only_where_onednn_is_uncapped(record, key) -> None:
+    assert kernel_key(record) == key
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("aten=AVX2 onednn=AVX2 cpu=avx512", "aten=AVX2 onednn=AVX2 cpu=avx2", True),
+    ("aten=AVX2 onednn=auto cpu=avx512", "aten=AVX2 onednn=auto cpu=avx2", False),
+    ("aten=AVX2 onednn=auto", "aten=AVX2 onednn=auto cpu=avx512", True),  # an older record
+    ("aten=AVX2 onednn=AVX2", "aten=AVX512 onednn=AVX2 cpu=avx512", False),
+])
+def test_same_kernels(a, b, same) -> None:
+    assert same_kernels(a, b) is same and same_kernels(b, a) is same

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
+from .._threads import kernel_key
 from ..store import open_store
 from .spec import StudySpec
 
@@ -110,7 +111,10 @@ def _configurations(rows: Sequence[dict[str, Any]]) -> list[str]:
     def config(r: dict[str, Any]) -> str:
         if not (r.get("threads") or r.get("kernels")):
             return "not recorded"
-        return f"{r.get('threads') or '?'} thread(s), {r.get('kernels') or 'kernels ?'}"
+        # the same kernels recorded with and without the CPU's flags are one configuration
+        kernels = (";".join(sorted({kernel_key(k) for k in r["kernels"].split(";")}))
+                   if r.get("kernels") else "kernels ?")
+        return f"{r.get('threads') or '?'} thread(s), {kernels}"
 
     counts: dict[str, int] = {}
     for r in done:
@@ -118,7 +122,8 @@ def _configurations(rows: Sequence[dict[str, Any]]) -> list[str]:
     out = ["## Training configurations", "",
            "Cells by the torch thread count and CPU kernels their runs recorded "
            "(`threads`, `kernels` in results.csv; a run repeats bit for bit only on the same "
-           "of both, `benchmarks/rerun_cells.py`):", "",
+           "of both, `benchmarks/rerun_cells.py`; the CPU's flags, `cpu=`, are shown only "
+           "where oneDNN was not capped, the one case they decide its kernels):", "",
            *_table(("configuration", "cells"), sorted(counts.items())), ""]
     mixed = []
     for key, group in _groups(done, (*_GROUP, "budget")).items():

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .._io import atomic_path
-from .._threads import cpu_kernels, torch_threads
+from .._threads import cpu_kernels, same_kernels, torch_threads
 from ..budget import Budget
 from ..choices import OPTIMIZERS
 from ..errors import PlanError
@@ -445,7 +445,7 @@ def _other_configurations(rows: list[dict[str, Any]], config: dict[str, Any],
     than ``config`` ("" when none did, or when neither the rows nor the checkpoint's
     ``recorded`` config say). Rows written before epochs recorded them take the checkpoint's
     config (its ``threads`` is the requested count, None when the run left it as it was);
-    kernels recorded before the CPU's flags were kept are compared on ``aten=``/``onednn=``."""
+    kernels are compared with :func:`~budgetsearch._threads.same_kernels`."""
     other: dict[tuple[Any, Any], list[int]] = {}
     for row in rows:
         threads = row.get("threads", recorded.get("threads"))
@@ -453,20 +453,11 @@ def _other_configurations(rows: list[dict[str, Any]], config: dict[str, Any],
         if kernels is None:
             continue
         same_threads = threads is None or threads == config["threads"]
-        if not (same_threads and _same_kernels(kernels, config["kernels"])):
+        if not (same_threads and same_kernels(kernels, config["kernels"])):
             other.setdefault((threads, kernels), []).append(int(row["epoch"]))
     return "; ".join(f"epoch(s) {', '.join(map(str, epochs))} trained with "
                      f"{threads if threads is not None else '?'} thread(s) on {kernels}"
                      for (threads, kernels), epochs in other.items())
-
-
-def _same_kernels(a: str, b: str) -> bool:
-    """Whether two :func:`~budgetsearch._threads.cpu_kernels` records name the same kernels;
-    without ``cpu=`` in one of them (older records), on the libraries' settings alone."""
-    if "cpu=" in a and "cpu=" in b:
-        return a == b
-    return ([p for p in a.split() if not p.startswith("cpu=")]
-            == [p for p in b.split() if not p.startswith("cpu=")])
 
 
 def _last(ckpt_dir: Path) -> Path | None:
