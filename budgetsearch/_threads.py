@@ -27,6 +27,8 @@ __all__ = ["KERNEL_ENV", "cpu_kernels", "kernel_key", "same_kernels", "torch_thr
 _ONEDNN_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 #: The environment variables that lower torch's kernels (read when torch is imported).
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", *_ONEDNN_ENV)
+# oneDNN caps that decide its kernels on any CPU with AVX2
+_AT_MOST_AVX2 = ("SSE41", "AVX", "AVX2")
 
 
 @contextmanager
@@ -87,20 +89,26 @@ def _cpu_flags(torch: Any) -> str:
 def kernel_key(kernels: str) -> str:
     """The part of a :func:`cpu_kernels` record that decides which kernels ran.
 
-    ATen's level is as torch reported it, so it needs nothing else; oneDNN's cap decides its
-    kernels when it is set, and the CPU's flags only where it is not (``onednn=auto`` takes the
-    best the CPU has). So ``aten=AVX2 onednn=AVX2 cpu=avx512`` and ``aten=AVX2 onednn=AVX2``
-    (recorded before the flags were kept) are the same kernels: ``aten=AVX2 onednn=AVX2``.
+    ATen's level is as torch reported it, so it needs nothing else. oneDNN's kernels follow its
+    cap when the cap is AVX2 or lower on a CPU that has AVX2 (as ATen's level ``AVX2`` or
+    ``AVX512`` shows), and the CPU otherwise: uncapped (``auto``, ``ALL``) or capped above
+    AVX2, the CPU's flags are part of the key, and a record without them (made before they
+    were kept) keys as ``cpu=?``, unknown. So ``aten=AVX2 onednn=AVX2 cpu=avx512`` and
+    ``aten=AVX2 onednn=AVX2`` are the same kernels (``aten=AVX2 onednn=AVX2``), and
+    ``aten=AVX512 onednn=auto`` is not known to equal ``aten=AVX512 onednn=auto cpu=avx512``.
     """
-    libraries = [p for p in kernels.split() if not p.startswith("cpu=")]
-    return kernels if "onednn=auto" in libraries else " ".join(libraries)
+    parts = kernels.split()
+    libraries = [p for p in parts if not p.startswith("cpu=")]
+    fields = dict(p.split("=", 1) for p in libraries if "=" in p)
+    cpu = next((p for p in parts if p.startswith("cpu=")), "cpu=?")
+    has_avx2 = (fields.get("aten", "").upper().startswith(("AVX2", "AVX512"))
+                or cpu.startswith(("cpu=avx2", "cpu=avx512")))
+    if fields.get("onednn", "auto").upper() in _AT_MOST_AVX2 and has_avx2:
+        return " ".join(libraries)
+    return " ".join([*libraries, cpu])
 
 
 def same_kernels(a: str, b: str) -> bool:
-    """Whether two :func:`cpu_kernels` records name the same kernels (:func:`kernel_key`); a
-    record without the CPU's flags (made before they were kept) is compared on the libraries'
-    settings alone."""
-    if "cpu=" in a and "cpu=" in b:
-        return kernel_key(a) == kernel_key(b)
-    return ([p for p in a.split() if not p.startswith("cpu=")]
-            == [p for p in b.split() if not p.startswith("cpu=")])
+    """Whether two :func:`cpu_kernels` records are known to name the same kernels (equal
+    :func:`kernel_key`)."""
+    return kernel_key(a) == kernel_key(b)

@@ -79,20 +79,28 @@ def test_cpu_kernels_follows_aten_cpu_capability_set_before_torch_starts() -> No
 
 
 @pytest.mark.parametrize(("record", "key"), [
-    # a capped oneDNN decides its own kernels: the CPU's flags say nothing more
+    # a cap at AVX2 or lower decides oneDNN's kernels on a CPU with AVX2: the flags say nothing
     ("aten=AVX2 onednn=AVX2 cpu=avx512+vnni", "aten=AVX2 onednn=AVX2"),
-    ("aten=AVX2 onednn=AVX2", "aten=AVX2 onednn=AVX2"),
-    # uncapped, it takes the best the CPU has: the flags are part of the key
+    ("aten=AVX2 onednn=AVX2", "aten=AVX2 onednn=AVX2"),  # ATen's AVX2 shows the CPU has it
+    # uncapped, or capped above AVX2, the CPU decides: its flags are part of the key
     ("aten=AVX512 onednn=auto cpu=avx512+vnni", "aten=AVX512 onednn=auto cpu=avx512+vnni"),
+    ("aten=AVX2 onednn=ALL cpu=avx2", "aten=AVX2 onednn=ALL cpu=avx2"),
+    ("aten=AVX2 onednn=AVX512_CORE cpu=avx2", "aten=AVX2 onednn=AVX512_CORE cpu=avx2"),
+    # ... and a record made before they were kept does not know them
+    ("aten=AVX512 onednn=auto", "aten=AVX512 onednn=auto cpu=?"),
+    # nor does a capped record whose ATen level does not show AVX2
+    ("aten=DEFAULT onednn=AVX2", "aten=DEFAULT onednn=AVX2 cpu=?"),
 ])
-def test_kernel_key_keeps_the_cpu_flags_only_where_onednn_is_uncapped(record, key) -> None:
+def test_kernel_key_keeps_the_cpu_flags_where_they_decide_onednns_kernels(record, key) -> None:
     assert kernel_key(record) == key
 
 
 @pytest.mark.parametrize(("a", "b", "same"), [
     ("aten=AVX2 onednn=AVX2 cpu=avx512", "aten=AVX2 onednn=AVX2 cpu=avx2", True),
+    ("aten=AVX2 onednn=AVX2", "aten=AVX2 onednn=AVX2 cpu=avx512", True),  # an older record
     ("aten=AVX2 onednn=auto cpu=avx512", "aten=AVX2 onednn=auto cpu=avx2", False),
-    ("aten=AVX2 onednn=auto", "aten=AVX2 onednn=auto cpu=avx512", True),  # an older record
+    ("aten=AVX2 onednn=auto", "aten=AVX2 onednn=auto cpu=avx512", False),  # not known
+    ("aten=AVX2 onednn=AVX512_CORE cpu=avx2", "aten=AVX2 onednn=AVX512_CORE cpu=avx512", False),
     ("aten=AVX2 onednn=AVX2", "aten=AVX512 onednn=AVX2 cpu=avx512", False),
 ])
 def test_same_kernels(a, b, same) -> None:

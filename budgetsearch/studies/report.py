@@ -123,7 +123,7 @@ def _configurations(rows: Sequence[dict[str, Any]]) -> list[str]:
            "Cells by the torch thread count and CPU kernels their runs recorded "
            "(`threads`, `kernels` in results.csv; a run repeats bit for bit only on the same "
            "of both, `benchmarks/rerun_cells.py`; the CPU's flags, `cpu=`, are shown only "
-           "where oneDNN was not capped, the one case they decide its kernels):", "",
+           "where they decide oneDNN's kernels, `budgetsearch._threads.kernel_key`):", "",
            *_table(("configuration", "cells"), sorted(counts.items())), ""]
     mixed = []
     for key, group in _groups(done, (*_GROUP, "budget")).items():

@@ -115,7 +115,7 @@ def test_the_report_names_each_cells_threads_and_kernels_and_flags_mixed_budgets
         tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     _fill(spec)
-    avx2, avx512 = "aten=AVX2 onednn=AVX2", "aten=AVX512 onednn=auto"
+    avx2, avx512 = "aten=AVX2 onednn=AVX2", "aten=AVX512 onednn=auto cpu=avx512"
     for cell in spec.cells():
         path = spec.cells_dir / f"{cell.id}.json"
         rec = json.loads(path.read_text())
@@ -129,14 +129,16 @@ def test_the_report_names_each_cells_threads_and_kernels_and_flags_mixed_budgets
         two = cell.budget.label == "128KB" and cell.method.name == "tinytrain" and cell.seed == 2
         rec["metrics_raw"] = {"tuning": {
             "0.01": {"test_accuracy": 0.5, "threads": 1, "kernels": kernels},
-            # seed 2's run at 0.1 was resumed at 2 threads (name_mixed_configurations)
-            "0.1": {"test_accuracy": 0.5, "threads": "1;2" if two else 1, "kernels": kernels}}}
+            # seed 2's run at 0.1 was resumed at 2 threads, its kernels recorded with and
+            # without the CPU's flags (name_mixed_configurations joins them)
+            "0.1": {"test_accuracy": 0.5, "threads": "1;2" if two else 1,
+                    "kernels": f"{avx2};{avx2} cpu=avx512" if two else kernels}}}
         path.write_text(json.dumps(rec))
     write_report(spec, plots=False)
     with (spec.results_dir / "results.csv").open() as fh:
         rows = {r["cell_id"]: r for r in csv.DictReader(fh)}
     two = rows["default__mcunet-5fps__stm32f746__128KB__tinytrain__s2"]
-    assert (two["threads"], two["kernels"]) == ("1;2", avx2)
+    assert (two["threads"], two["kernels"]) == ("1;2", f"{avx2};{avx2} cpu=avx512")
     assert rows["default__mcunet-5fps__stm32f746__64KB__full__s0"]["kernels"] == ""
     md = (spec.results_dir / "report.md").read_text()
     section = md.split("## Training configurations")[1]
