@@ -152,6 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    kernels = cpu_kernels()  # fixed when torch was imported
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cells_path = out / "cells.json"
@@ -195,10 +196,9 @@ def main() -> None:
                     torch.get_num_threads()):
                 raise SystemExit(f"{cell_key}: planned and trained with {old['threads']} "
                                  f"thread(s); --retune it with --threads {old['threads']}")
-            if old is not None and not same_kernels(old.get("kernels", cpu_kernels()),
-                                                    cpu_kernels()):
+            if old is not None and not same_kernels(old.get("kernels", kernels), kernels):
                 raise SystemExit(f"{cell_key}: planned and trained on kernels {old['kernels']}, "
-                                 f"this process computes with {cpu_kernels()}; --retune it "
+                                 f"this process computes with {kernels}; --retune it "
                                  f"with the environment variables {', '.join(KERNEL_ENV)} set "
                                  "as they were (see budgetsearch._threads)")
             budget = parse_bytes(label)
@@ -242,7 +242,7 @@ def main() -> None:
                 "race_final_folds": final["folds"] if final else None,
                 "race_margin": outcome.margin(), "race_lr": race.recipe.lr if race else None,
                 "plan_seconds": plan_s, "contrib_seconds": contrib_s,
-                "threads": torch.get_num_threads(), "kernels": cpu_kernels(),
+                "threads": torch.get_num_threads(), "kernels": kernels,
                 "race_arms": race.stats["arms_trained"] if race else 0}
             if old is not None:  # a re-tuned cell keeps what its planning measured
                 cell.update({k: old[k] for k in ("plan_seconds", "contrib_seconds",
@@ -250,7 +250,7 @@ def main() -> None:
                              if k in old})
                 if "kernels" not in old:  # planned before kernels were recorded
                     del cell["kernels"]
-                cell["retune_kernels"] = cpu_kernels()  # what the test runs trained on
+                cell["retune_kernels"] = kernels  # what the test runs trained on
             # other processes (one per model) write their cells to the same file
             with locked(cells_path):
                 cells = json.loads(cells_path.read_text()) if cells_path.exists() else {}

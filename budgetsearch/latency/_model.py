@@ -156,6 +156,7 @@ class LatencyModel:
             problems.append(f"torch {self.torch_version} (this process runs {torch_version})")
         if threads != self.threads:
             problems.append(f"{self.threads} threads (this process uses {threads})")
+        # the whole record, not _threads.same_kernels: timings depend on the CPU itself too
         if kernels is not None and self.kernels is not None and kernels != self.kernels:
             problems.append(f"CPU kernels {self.kernels} (this process computes with "
                             f"{kernels})")

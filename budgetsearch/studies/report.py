@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,7 @@ def _configurations(rows: Sequence[dict[str, Any]]) -> list[str]:
                    if r.get("kernels") else "kernels ?")
         return f"{r.get('threads') or '?'} thread(s), {kernels}"
 
-    counts: dict[str, int] = {}
-    for r in done:
-        counts[config(r)] = counts.get(config(r), 0) + 1
+    counts = Counter(config(r) for r in done)
     out = ["## Training configurations", "",
            "Cells by the torch thread count and CPU kernels their runs recorded "
            "(`threads`, `kernels` in results.csv; a run repeats bit for bit only on the same "
