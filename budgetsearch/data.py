@@ -340,6 +340,10 @@ def _load_folder(root: Path, split: str) -> _Source:
         splits = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d.name in _SPLIT_DIRS]
         if splits:
             raise DataError(f"{root}: no split folder {split!r}; found {', '.join(splits)}")
+        if split != "train":  # a flat folder is one pool of images: its training data
+            raise DataError(f"{root}: no split folder {split!r}: the folder holds class "
+                            "folders only, which are its 'train' split (give a folder with "
+                            f"{root}/{split}/<class>/<image>, or a separate folder for {split!r})")
         base = root
     class_dirs = [d for d in sorted(base.iterdir()) if d.is_dir() and not d.name.startswith(".")]
     if not class_dirs:
@@ -358,8 +362,14 @@ def _load_folder(root: Path, split: str) -> _Source:
 def _read_image(source: Path | bytes, where: str = "") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image = image.convert("L" if image.mode in ("L", "1", "I;16", "I") else "RGB")
-            array = np.array(image, dtype=np.uint8)
+            if image.mode.startswith("I;16") or image.mode == "I":
+                # 16-bit (or 32-bit integer) grey: scaled to 8 bits, not clipped at 255
+                wide = np.array(image).astype(np.int64)
+                bits = 16 if image.mode.startswith("I;16") or wide.max(initial=0) < 65536 else 32
+                array = (np.clip(wide, 0, 2**bits - 1) >> (bits - 8)).astype(np.uint8)
+            else:
+                image = image.convert("L" if image.mode in ("L", "1") else "RGB")
+                array = np.array(image, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{where or source}: cannot decode the image ({exc})") from exc
     return array[..., None] if array.ndim == 2 else array

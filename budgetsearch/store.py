@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_open
+from ._io import atomic_open, locked
 from .errors import StoreError
 
 __all__ = ["FileStore", "SqlStore", "open_store", "worker_id", "write_json_atomic"]
@@ -38,10 +38,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def write_json_atomic(path: Path, data: Any) -> Path:
+def write_json_atomic(path: Path, data: Any, *, fsync: bool = False) -> Path:
     """Write JSON through a temporary file in the same directory and a rename
-    (:func:`budgetsearch._io.atomic_open`), readable by everyone (``0o644`` less the umask)."""
-    with atomic_open(path, "w", permissions=0o644) as fh:
+    (:func:`budgetsearch._io.atomic_open`), readable by everyone (``0o644`` less the umask).
+
+    Args:
+        path: The file to write.
+        data: What to write.
+        fsync: Flush it to disk before the rename (a record a power cut must not empty).
+    """
+    with atomic_open(path, "w", permissions=0o644, fsync=fsync) as fh:
         json.dump(data, fh, indent=1, default=_default)
         fh.write("\n")
     return path
@@ -104,8 +110,8 @@ class FileStore:
             return None
 
     def write(self, cell_id: str, record: dict[str, Any]) -> None:
-        """Store a cell's record atomically."""
-        write_json_atomic(self.cells_dir / f"{cell_id}.json", record)
+        """Store a cell's record atomically, flushed to disk (it may stand for hours of work)."""
+        write_json_atomic(self.cells_dir / f"{cell_id}.json", record, fsync=True)
 
     def claim(self, cell_id: str, worker: str) -> bool:
         """Claim a cell; False if another live worker holds it."""
@@ -115,17 +121,17 @@ class FileStore:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    holder = path.read_text().strip()
-                    mtime = path.stat().st_mtime
-                except OSError:
-                    continue  # released meanwhile: try again
-                if not _dead(holder, mtime, self.stale_after):
-                    return False
-                try:  # only one of several workers taking over wins the rename
+                # the verdict and the rename under one lock: a worker that judged the claim
+                # dead must not move away a live claim another worker made meanwhile
+                with locked(path):
+                    try:
+                        holder = path.read_text().strip()
+                        mtime = path.stat().st_mtime
+                    except OSError:
+                        continue  # released or taken over meanwhile: try again
+                    if not _dead(holder, mtime, self.stale_after):
+                        return False
                     os.rename(path, path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}"))
-                except FileNotFoundError:
-                    return False
                 continue
             with os.fdopen(fd, "w") as fh:
                 fh.write(worker + "\n")

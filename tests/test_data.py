@@ -367,3 +367,31 @@ def test_split_validation_and_its_errors(folder):
         split_validation(ds, fraction=1.0)
     with pytest.raises(DataError, match="cannot draw 9 samples out of 8"):
         balanced_draw(ds.targets, 9, seed=0)
+
+
+def test_a_flat_folder_is_its_train_split_only(tmp_path):
+    """A folder of class folders is one pool, its training data: asked for another split it
+    says so, rather than handing the training images back as test or validation data."""
+    _png(tmp_path / "flat" / "a" / "0.png", (10, 20, 30))
+    _png(tmp_path / "flat" / "b" / "0.png", (0, 0, 0))
+    assert len(load_dataset(tmp_path / "flat", split="train", image_size=4)) == 2
+    for split in ("test", "val", "tset"):
+        with pytest.raises(DataError, match=rf"flat: no split folder '{split}': the folder "
+                                            r"holds class folders only"):
+            load_dataset(tmp_path / "flat", split=split, image_size=4)
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)  # 0 .. 65535
+    path = tmp_path / "g" / "train" / "a" / "ramp.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as check:
+        assert check.mode.startswith("I")  # saved as 16-bit
+    from budgetsearch.data import _read_image
+
+    array = _read_image(path)
+    assert array.shape == (16, 16, 1) and array.dtype == np.uint8
+    assert array[..., 0].ravel().tolist() == list(range(256))  # v * 257 >> 8 == v

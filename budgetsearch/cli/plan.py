@@ -79,7 +79,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--objective", choices=PLAN_OBJECTIVES, default=None,
                    help="what the search maximises: measured (validation accuracy predicted "
                         "from a contribution table, measured on --data first unless --contrib "
-                        "names an existing one; default with --data or --contrib) or fisher "
+                        "names an existing one; default with --contrib, or with --data at "
+                        "an effort that races) or fisher "
                         "(the Fisher-potential proxy; default with --scores alone)")
     g.add_argument("--contrib", default=None,
                    help="the contribution table (`budgetsearch contrib`) of the measured "
@@ -381,9 +382,9 @@ def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
     except ValueError:
         values = ()
     if not values or any(not (math.isfinite(v) and 0 < v <= 10) for v in values) or len(
-            set(values)) != len(values):
-        raise SearchError(f"--lrs {text}: give distinct learning rates in (0, 10], "
-                          "comma-separated (e.g. 0.005,0.02)")
+            {f"{v:g}" for v in values}) != len(values):
+        raise SearchError(f"--lrs {text}: give distinct learning rates in (0, 10] (distinct "
+                          "within 6 significant digits), comma-separated (e.g. 0.005,0.02)")
     return values
 
 
@@ -457,7 +458,8 @@ def race_table(outcome: Any) -> str:
                      f"{c.backward_macs / 1e6:>9.2f}M{c.predicted or 0.0:>9.4f}")
     margin = outcome.margin()
     if margin is None:
-        lines.append("no baseline fits the budget: only the search's plans raced")
+        lines.append("no baseline raced (see 'not raced' below): only the search's plans "
+                     "raced")
     elif rr.winner.source == "baseline":
         lines.append(f"a baseline won the race: the plan is {rr.winner.name} (validation "
                      f"accuracy {margin['winner_accuracy']:.4f} after {margin['epochs']} "

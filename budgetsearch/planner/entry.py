@@ -312,8 +312,10 @@ def plan_for(
         raise SearchError(f"trials must be at least 1; got {trials}")
     if recipe is not None and train_batch is not None:
         raise PlanError("give the race's batch size either as train_batch or in the recipe")
+    if lrs is not None:  # a bad grid or bound: refused before any work
+        RaceSettings(lrs=tuple(lrs))
     if lr_extensions is not None:
-        RaceSettings(lr_extensions=lr_extensions)  # a bad bound: refused before any work
+        RaceSettings(lr_extensions=lr_extensions)
     if race_folds is not None:
         RaceSettings(folds=race_folds)
     if race_final is not None:

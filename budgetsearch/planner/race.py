@@ -170,6 +170,9 @@ class RaceSettings:
         if not lrs or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)
                           for x in lrs) or len(set(lrs)) != len(lrs):
             raise PlanError(f"race learning rates must be distinct finite numbers > 0; got {lrs}")
+        if len({f"{x:g}" for x in lrs}) != len(lrs):  # an arm is keyed by its rate's {lr:g}
+            raise PlanError(f"race learning rates must differ within 6 significant digits (an "
+                            f"arm is keyed by its rate so written); got {lrs}")
         if not 0 < self.keep < 1:
             raise PlanError(f"race keep share must be in (0, 1); got {self.keep}")
         if not isinstance(self.final_seeds, int) or self.final_seeds < 1:
@@ -382,16 +385,20 @@ def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_a
     """Every arm's score from a race file's ``results``, by (rung, candidate, rate) (a file
     whose final ran with different fold counts has them pooled in one score): its
     ``metric`` (validation accuracy; or e.g. ``val_loss``) over all its runs (seeds, folds),
-    pooled as the race pools them (:func:`pooled_mean`). Entries that are not arms or have no
-    ``metric`` are skipped."""
+    pooled as the race pools them (:func:`pooled_mean`). Entries that are not arms are
+    skipped; for ``val_loss``, an arm with a run that recorded none scores infinity, as in the
+    race's tie-break; for another metric, runs without it are skipped."""
     runs: dict[tuple[int, str, float], list[tuple[float, int | None]]] = {}
     for key, row in results.items():
         m = _ARM_KEY.match(key)
-        if m is None or row.get(metric) is None:
+        if m is None or (row.get(metric) is None and metric != "val_loss"):
             continue
+        value = math.inf if row.get(metric) is None else float(row[metric])
         runs.setdefault((int(m[1]), m[4], float(m[5])), []).append(
-            (float(row[metric]), row.get("val_images")))
-    return {arm: pooled_mean([a for a, _n in r], [n for _a, n in r]) for arm, r in runs.items()}
+            (value, row.get("val_images")))
+    return {arm: (math.inf if math.inf in [a for a, _n in r]
+                  else pooled_mean([a for a, _n in r], [n for _a, n in r]))
+            for arm, r in runs.items()}
 
 
 def race(

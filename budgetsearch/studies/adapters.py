@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
+from ..errors import TrainingError
 from ..search import SpaceOptions, replan
 from ..trainer import DYNAMIC_MODES, Trainer
 from ..trainer.metrics import validation_key
@@ -277,7 +278,8 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
     written to ``tuning.json`` in the cell directory as it finishes, so a killed cell resumes),
     and the run with the best validation accuracy (then the lower validation loss) is the
     cell's result; its document says the rate (``lr``) and every rate's validation and test
-    accuracy (``tuning``). The test accuracy never enters the choice.
+    accuracy (``tuning``). The test accuracy never enters the choice. A rate whose loss
+    diverged is left out of the choice (``tuning`` says so); a cell fails only if all did.
     """
     t = cell.study.training
     grid = t.get("lrs")
@@ -291,10 +293,20 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
         done = {}
     for lr in grid:
         if f"{lr:g}" not in done:
-            done[f"{lr:g}"] = engine(cell, plan, ctx, lr=lr, out_dir=ctx.out_dir / f"lr-{lr:g}")
+            try:
+                done[f"{lr:g}"] = engine(cell, plan, ctx, lr=lr,
+                                         out_dir=ctx.out_dir / f"lr-{lr:g}")
+            except TrainingError as exc:  # a rate that diverged is left out, the others go on
+                if exc.epoch is None:  # not a divergence: a directory in the way
+                    raise
+                done[f"{lr:g}"] = {"diverged": str(exc)}
             atomic_write_text(path, json.dumps(done, default=str) + "\n")
-    runs = {lr: done[f"{lr:g}"] for lr in grid}
-    chosen = max(grid, key=lambda lr: validation_key(runs[lr]))
+    runs = {lr: done[f"{lr:g}"] for lr in grid if "diverged" not in done[f"{lr:g}"]}
+    if not runs:
+        raise TrainingError("every learning rate of training.lrs diverged: "
+                            + "; ".join(f"lr {k}: {v['diverged']}" for k, v in done.items()
+                                        if k in {f"{lr:g}" for lr in grid}))
+    chosen = max(runs, key=lambda lr: validation_key(runs[lr]))
     doc = dict(runs[chosen])
     doc["lr"] = chosen
     metrics = {lr: normalise_metrics(run) for lr, run in runs.items()}
@@ -305,6 +317,9 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
                                  "threads": runs[lr].get("threads"),
                                  "kernels": runs[lr].get("kernels")}
                      for lr, m in metrics.items()}
+    for lr in grid:
+        if lr not in runs:
+            doc["tuning"][f"{lr:g}"] = {"diverged": done[f"{lr:g}"]["diverged"]}
     doc["train_seconds"] = sum(float(run.get("train_seconds") or 0.0) for run in runs.values())
     ctx.extras["lr"] = chosen
     return doc

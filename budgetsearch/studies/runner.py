@@ -29,10 +29,12 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from .._io import locked
 from .._version import __version__
 from ..errors import BudgetSearchError
 from ..store import FileStore, open_store, worker_id, write_json_atomic
@@ -172,8 +174,32 @@ def _collect(summary: RunSummary, cell_id: str, outcome: str, bar: Any) -> None:
 
 def _run_pool(todo: list[Cell], workers: int, job: dict[str, Any], summary: RunSummary,
               bar: Any) -> None:
-    ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    """Run the cells in ``workers`` processes. A worker process that dies (killed for memory,
+    a crash in native code) breaks the pool and takes the cells it had not finished with it:
+    those run again, each in a process of its own, so that only the cell that kills its
+    process is recorded as failed (not permanently: a later run tries it again)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
+    broken = _pool_pass(todo, workers, threads, job, summary, bar)
+    if not broken:
+        return
+    sys.stderr.write(f"a worker process died: running the {len(broken)} cell(s) it left "
+                     "unfinished again, each in a process of its own\n")
+    with cf.ThreadPoolExecutor(max_workers=workers) as alone:
+        futures = {alone.submit(_pool_pass, [cell], 1, threads, job, summary, bar): cell
+                   for cell in broken}
+        for fut in cf.as_completed(futures):
+            if fut.result():  # it killed a process of its own too
+                cell = futures[fut]
+                _record_death(cell, job)
+                _collect(summary, cell.id, "failed", bar)
+
+
+def _pool_pass(todo: list[Cell], workers: int, threads: int, job: dict[str, Any],
+               summary: RunSummary, bar: Any) -> list[Cell]:
+    """Run ``todo`` in a pool of ``workers`` processes; the cells left unfinished when a worker
+    process died (the pool is then broken)."""
+    ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    broken: list[Cell] = []
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                 initargs=(threads,)) as pool:
         futures = {pool.submit(_run_one, cell, **job): cell for cell in todo}
@@ -182,11 +208,39 @@ def _run_pool(todo: list[Cell], workers: int, job: dict[str, Any], summary: RunS
             for fut in cf.as_completed(futures):
                 running.discard(fut)
                 bar.set_postfix_str(f"{len(running)} queued/running; last {futures[fut].id}")
-                _collect(summary, futures[fut].id, fut.result(), bar)
+                try:
+                    outcome = fut.result()
+                except BrokenProcessPool:
+                    broken.append(futures[fut])
+                    continue
+                _collect(summary, futures[fut].id, outcome, bar)
         except BaseException:
             for fut in running:
                 fut.cancel()
             raise
+    return sorted(broken, key=todo.index)
+
+
+def _record_death(cell: Cell, job: dict[str, Any]) -> None:
+    """Record a cell whose process died as failed (transient: a later run tries it again)."""
+    spec = cell.study
+    store = open_store(spec.cells_dir, storage=job["storage"], study=spec.name,
+                       stale_after=job["stale_after"])
+    me = worker_id()
+    if not store.claim(cell.id, me):  # the dead process's claim is taken over
+        return
+    try:
+        record = {
+            **_record_head(cell, me), "status": "failed",
+            "error": {"type": "WorkerDied", "permanent": False, "minimum_bytes": None,
+                      "traceback": None,
+                      "message": "the worker process running this cell died (killed by the "
+                                 "system, e.g. out of memory, or crashed in native code), in a "
+                                 "pool and again in a process of its own"},
+            "warnings": [], "seconds": None, "finished": _now()}
+        store.write(cell.id, record)
+    finally:
+        store.release(cell.id, me)
 
 
 def _init_worker(threads: int) -> None:
@@ -244,13 +298,7 @@ def _heartbeat(store: FileStore, cell_id: str, me: str, stop: threading.Event,
 def _execute(cell: Cell, *, storage: str | None, plan_fn: PlanFn | None,
              train_fn: TrainFn | None, worker: str, progress: bool) -> dict[str, Any]:
     """The cell's record: its result, or its failure (interrupts propagate, nothing recorded)."""
-    record: dict[str, Any] = {
-        "schema": RECORD_SCHEMA, "cell_id": cell.id, "key": cell.key(),
-        "role": cell.method.role, "method_kind": cell.method.method,
-        "config": cell.config(), "config_hash": cell.config_hash(),
-        "budget_bytes": cell.budget.memory_bytes, "latency_budget_ms": cell.budget.latency_ms,
-        "worker": worker, "budgetsearch_version": __version__, "started": _now(),
-    }
+    record = _record_head(cell, worker)
     t0 = time.perf_counter()
     caught: list[warnings.WarningMessage] = []
     try:
@@ -275,6 +323,15 @@ def _execute(cell: Cell, *, storage: str | None, plan_fn: PlanFn | None,
     return record
 
 
+def _record_head(cell: Cell, worker: str) -> dict[str, Any]:
+    """What every record of a cell says first: the cell, its configuration and who ran it."""
+    return {"schema": RECORD_SCHEMA, "cell_id": cell.id, "key": cell.key(),
+            "role": cell.method.role, "method_kind": cell.method.method,
+            "config": cell.config(), "config_hash": cell.config_hash(),
+            "budget_bytes": cell.budget.memory_bytes, "latency_budget_ms": cell.budget.latency_ms,
+            "worker": worker, "budgetsearch_version": __version__, "started": _now()}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -284,11 +341,12 @@ def _note_run(spec: StudySpec, command: str | None, workers: int, storage: str |
     import json
 
     path = spec.results_dir / "runs.json"
-    try:
-        runs = json.loads(path.read_text())
-    except (OSError, ValueError):
-        runs = []
-    runs.append({"command": command, "workers": workers, "storage": storage is not None,
-                 "started": _now(), "host": os.uname().nodename,
-                 "budgetsearch_version": __version__})
-    write_json_atomic(path, runs[-50:])
+    with locked(path):  # runs started at once must not drop each other's entries
+        try:
+            runs = json.loads(path.read_text())
+        except (OSError, ValueError):
+            runs = []
+        runs.append({"command": command, "workers": workers, "storage": storage is not None,
+                     "started": _now(), "host": os.uname().nodename,
+                     "budgetsearch_version": __version__})
+        write_json_atomic(path, runs[-50:])

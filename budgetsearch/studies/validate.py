@@ -83,6 +83,9 @@ def validate(data: Any, *, path: str | os.PathLike[str] | None = None,
     if (not isinstance(seeds, list) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise StudyError(f"{where}: seeds: expected a list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        raise StudyError(f"{where}: seeds: {seeds!r} lists seed(s) {twice} twice")
     training = _section(top, "training", where, _TRAINING,
                         {"epochs": 1, "batch_size": 32, "lr": 0.05, "optimizer": "sgd",
                          "options": {}, "keep_artifacts": False})
@@ -125,11 +128,27 @@ def validate(data: Any, *, path: str | os.PathLike[str] | None = None,
         "device": [d.name for d in devices],
         "budget": [b.label for d in devices for b in d.budgets],
         "method": [m.name for m in methods], "seed": list(seeds)})
-    return StudySpec(exclude=exclude, name=name, path=path,
+    spec = StudySpec(exclude=exclude, name=name, path=path,
                      description=str(top.get("description") or ""),
                      data=datas, input_size=size, models=models, devices=devices,
                      methods=methods, seeds=tuple(seeds), training=training, cost=cost,
                      scores=scores, search=dict(search), results_dir=out)
+    _unique_ids(spec, where)
+    return spec
+
+
+def _unique_ids(spec: StudySpec, where: str) -> None:
+    """Distinct cells must have distinct ids (their record files): names that differ only in
+    characters a file name cannot hold, or two device profiles with one file stem, collide."""
+    seen: dict[str, dict[str, Any]] = {}
+    for cell in spec.cells():
+        first = seen.setdefault(cell.id, cell.key())
+        if first != cell.key():
+            differ = ", ".join(f"{k} {first[k]!r} and {v!r}" for k, v in cell.key().items()
+                               if first[k] != v)
+            raise StudyError(f"{where}: two cells would share the record {cell.id!r} ({differ}): "
+                             "rename one so that the names differ in letters, digits, '.', "
+                             "'_' or '-'")
 
 
 # ---------------------------------------------------------------------------------- sections
@@ -210,8 +229,12 @@ def _device(value: Any, where: str, known: Sequence[str]) -> DeviceSpec:
     if name not in known and not (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
         raise StudyError(f"{where}.name: unknown device {name!r}; allowed: {', '.join(known)} "
                          "or a profile .yaml path")
+    raw_budgets = d.get("budgets")
+    if raw_budgets is not None and not isinstance(raw_budgets, list):
+        raise StudyError(f"{where}.budgets: expected a list of budgets (e.g. [99KB, 148KB] or "
+                         f"[{{memory: 60MB, latency: 400ms}}]), got {raw_budgets!r}")
     budgets = []
-    for i, raw in enumerate(d.get("budgets") or [None]):
+    for i, raw in enumerate(raw_budgets or [None]):
         w = f"{where}.budgets[{i}]"
         b = {"memory": raw} if not isinstance(raw, dict) else _mapping(raw, w, _BUDGET)
         try:
@@ -266,6 +289,9 @@ def _method(value: Any, where: str, known: Sequence[str], models: Sequence[Model
     names = [m.name for m in models]
     only = d.get("models")
     if only is not None:
+        if not isinstance(only, (str, list)):
+            raise StudyError(f"{where}.models: expected a model name or a list of them, "
+                             f"got {only!r}")
         only = [only] if isinstance(only, str) else list(only)
         for m in only:
             _choice(m, names, f"{where}.models (a model of this study)")
@@ -348,17 +374,41 @@ def _tuning(training: dict[str, Any], where: str) -> None:
                            for x in lrs)):
             raise StudyError(f"{where}: training.lrs: expected a non-empty list of positive "
                              f"learning rates (the grid every method is tuned on), got {lrs!r}")
-        if len(set(lrs)) != len(lrs):
-            raise StudyError(f"{where}: training.lrs: {lrs!r} lists a rate twice")
+        if len({f"{x:g}" for x in lrs}) != len(lrs):  # a run is keyed by the rate's {lr:g}
+            raise StudyError(f"{where}: training.lrs: {lrs!r} lists a rate twice (rates that "
+                             "agree to 6 significant digits count as one)")
         training["lrs"] = [float(x) for x in lrs]
     if training.get("engine") is not None:
         _choice(training["engine"], ENGINES, f"{where}: training.engine")
 
 
 def _effort(options: Mapping[str, Any], where: str) -> None:
-    """A search's ``effort`` must be one of the planner's levels, its ``target`` a known
-    target, its ``lr_extensions``, ``race_folds`` and ``race_final`` integers within the race's
-    bounds, its ``race_rungs`` increasing positive epoch counts."""
+    """A search's run options: ``trials`` a positive integer, ``plan_seed`` one of at least 0,
+    ``flush_seconds`` a positive number, ``pick`` a pick rule, ``effort`` one of the planner's
+    levels, ``target`` a known target, ``lr_extensions``, ``race_folds`` and ``race_final``
+    integers within the race's bounds, ``race_rungs`` increasing positive epoch counts."""
+    for key in ("trials", "plan_seed"):
+        value = options.get(key)
+        least = 1 if key == "trials" else 0
+        if key in options and (not isinstance(value, int) or isinstance(value, bool)
+                               or value < least):
+            raise StudyError(f"{where}.{key}: expected an integer of at least {least}, "
+                             f"got {value!r}")
+    if "flush_seconds" in options:
+        value = options["flush_seconds"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise StudyError(f"{where}.flush_seconds: expected a positive number of seconds, "
+                             f"got {value!r}")
+    if "pick" in options:
+        try:
+            from ..search._front import parse_pick
+        except ImportError:  # the search is not there: the rule is checked when it runs
+            parse_pick = None
+        if parse_pick is not None:
+            try:
+                parse_pick(str(options["pick"]))
+            except BudgetSearchError as exc:
+                raise StudyError(f"{where}.pick: {exc}") from exc
     if "effort" in options:
         from ..planner import EFFORTS
 

@@ -372,7 +372,10 @@ def _replacement(
         return _planned_layer(name, module, update, mode)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if bn == "frozen":
-            return FrozenBatchNorm.from_bn(module, bias_grad=name in trained_bn)
+            try:
+                return FrozenBatchNorm.from_bn(module, bias_grad=name in trained_bn)
+            except PlanError as exc:  # the layer's name, which the batch norm does not know
+                raise PlanError(f"layer {name}: {exc}") from exc
         if name in trained_bn:
             module.bias.requires_grad_(True)
         return None

@@ -236,9 +236,16 @@ class Trainer:
         if self.replanner is not None:
             self.replanner.start(self.model)
         if ckpt is not None:
-            self.model.load_state_dict(ckpt.section("model"))
             plan = Plan.from_dict(ckpt.state["plan"], source=str(ckpt.path))
             plan.validate(self.graph)
+            recorded = ckpt.state.get("config") or {}
+            _refuse_other_settings(ckpt.path, recorded, self._config(),
+                                   None if self.replanner is not None else (plan, self.plan))
+            if recorded.get("lr") is not None and recorded["lr"] != self.lr:
+                warnings.warn(f"{self.out_dir}: resuming a run trained at lr "
+                              f"{recorded['lr']:g} at lr {self.lr:g} (each epoch row records "
+                              "its rate)", stacklevel=3)
+            self.model.load_state_dict(ckpt.section("model"))
             rows, start = list(ckpt.state.get("epochs", [])), ckpt.epoch
             other = _other_configurations(rows, config, ckpt.state.get("config") or {})
             if other and start < self.epochs:
@@ -262,6 +269,8 @@ class Trainer:
                 if opt is not None:
                     optimizer_state_from_tensors(opt, ckpt.section("optimizer"),
                                                  ckpt.state.get("optimizer", {}))
+                    for group in opt.param_groups:  # this run's rate, not the checkpoint's
+                        group["lr"] = self.lr
                 set_rng_state(ckpt.section("rng"), ckpt.state.get("rng", {}))
             for epoch in range(start, self.epochs):
                 bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
@@ -275,7 +284,8 @@ class Trainer:
                 if self.test_data is not None:
                     row.update(self._evaluate(self.test_data, "test"))
                 row.update(trainable_params=handle.trainable_params,
-                           updated_layers=len(plan.updates), replanned=False, **config)
+                           updated_layers=len(plan.updates), replanned=False, lr=self.lr,
+                           **config)
                 if self.replanner is not None:
                     self.replanner.record(self.model, self.graph)
                     if (epoch + 1) % self.every == 0 and epoch + 1 < self.epochs:
@@ -458,6 +468,28 @@ def _other_configurations(rows: list[dict[str, Any]], config: dict[str, Any],
     return "; ".join(f"epoch(s) {', '.join(map(str, epochs))} trained with "
                      f"{threads if threads is not None else '?'} thread(s) on {kernels}"
                      for (threads, kernels), epochs in other.items())
+
+
+#: Settings a resumed run must share with its checkpoint (the learning rate may change: a run
+#: that diverged resumes from its last good checkpoint at a lower rate; the epochs may grow).
+RESUME_SETTINGS = ("optimizer", "momentum", "weight_decay", "batch_size", "seed", "dynamic",
+                   "every", "replan_method", "bn", "filter_mode", "train_samples")
+
+
+def _refuse_other_settings(path: Path, recorded: dict[str, Any], config: dict[str, Any],
+                           plans: tuple[Plan, Plan] | None) -> None:
+    """Raise a :class:`TrainingError` naming every setting of :data:`RESUME_SETTINGS` the
+    checkpoint at ``path`` (its ``recorded`` config) trained with that this run's ``config``
+    changes, and, for a static run, ``plans`` (the checkpoint's, this run's) that differ.
+    Settings a checkpoint does not record are not compared."""
+    differ = [f"{key} {recorded[key]!r} (this run: {config[key]!r})" for key in RESUME_SETTINGS
+              if key in recorded and key in config and recorded[key] != config[key]]
+    if plans is not None and plans[0].to_dict()["updates"] != plans[1].to_dict()["updates"]:
+        differ.append("another plan (other layers, channels or patch sizes)")
+    if differ:
+        raise TrainingError(f"{path}: the checkpoint was trained with {'; '.join(differ)}; "
+                            "resume with the same settings (only lr and epochs may change), "
+                            "or start again in another output directory")
 
 
 def _last(ckpt_dir: Path) -> Path | None:

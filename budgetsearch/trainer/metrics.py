@@ -43,6 +43,7 @@ EPOCH_FIELDS = (
     "trainable_params",
     "updated_layers",
     "replanned",
+    "lr",
     "threads",
     "kernels",
 )

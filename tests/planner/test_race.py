@@ -379,6 +379,8 @@ def test_bad_settings_and_candidates_are_named_errors():
             RaceSettings(rungs=rungs)
     with pytest.raises(PlanError, match="learning rates must be distinct"):
         RaceSettings(lrs=(0.1, 0.1))
+    with pytest.raises(PlanError, match="must differ within 6 significant digits"):
+        RaceSettings(lrs=(0.02, 0.02000001))  # both arms would be keyed ...@lr0.02
     with pytest.raises(PlanError, match="keep share"):
         RaceSettings(keep=1.0)
     with pytest.raises(PlanError, match="no candidates"):
@@ -530,6 +532,9 @@ def test_arm_scores_rebuilds_the_races_pooled_scores_from_its_file(tmp_path):
     # entries that are not arms, or have no accuracy, are left out
     assert arm_scores({**results, "note": {"val_accuracy": 1.0},
                        "r0:e1:s3:c@lr0.02": {"val_accuracy": None}}) == arm_scores(results)
+    # a run without a loss makes its arm's loss infinite, as the race's tie-break takes it
+    lossless = {**results, "r0:e1:s3:a@lr0.02:f9": {"val_accuracy": 0.5, "val_loss": None}}
+    assert arm_scores(lossless, metric="val_loss")[(0, "a", 0.02)] == math.inf
 
 
 def test_best_arm_each_keeps_each_candidates_first_arm_in_rank_order():

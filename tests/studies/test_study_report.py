@@ -226,3 +226,22 @@ def test_split_fields_are_checked(data, message):
                                                             "lr": 0.01}}
     with pytest.raises(StudyError, match=message):
         spec_from_dict(doc)
+
+
+def test_records_of_another_configuration_are_outdated_not_results(tmp_path: Path) -> None:
+    """A record whose config hash is not the cell's (the study file changed since) is left out
+    of the tables: the report says how many, as ``study run`` would run them again."""
+    spec = _spec(tmp_path)
+    _fill(spec)
+    stale = spec.cells()[0]
+    path = spec.cells_dir / f"{stale.id}.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "config_hash": "0" * 16,
+                                "metrics": {**record["metrics"], "test_accuracy": 0.01}}))
+    write_report(spec)
+    with (spec.results_dir / "results.csv").open() as fh:
+        rows = {r["cell_id"]: r for r in csv.DictReader(fh)}
+    assert rows[stale.id]["status"] == "outdated" and rows[stale.id]["accuracy"] == ""
+    md = (spec.results_dir / "report.md").read_text()
+    assert "24 cells: 20 done, 3 failed, 0 pending, 1 outdated" in md
+    assert "| 64KB | search | 2/3 | 71.5 ± 0.7 |" in md  # seeds 1 and 2 only: 71, 72

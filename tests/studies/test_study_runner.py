@@ -198,6 +198,32 @@ def test_claims_live_and_stale(tmp_path: Path) -> None:
     assert other.claim(live.id, "me:2:w") and not store.claim(live.id, "you:3:v")
 
 
+def test_takeover_never_moves_a_live_claim(tmp_path: Path, monkeypatch) -> None:
+    """Worker B finds a dead worker's claim; before B takes it over, worker A does. B must then
+    see A's live claim and back off, not move it away and claim the cell as well."""
+    import budgetsearch.store as store_module
+
+    cells = tmp_path / "cells"
+    a, b = FileStore(cells), FileStore(cells)
+    host = socket.gethostname()
+    claim = cells / "c.claim"
+    cells.mkdir()
+    claim.write_text(f"{host}:{_dead_pid()}:old\n")
+    real_locked = store_module.locked
+    calls = []
+
+    def a_first(path):  # B is about to take the claim over: A does it first
+        if not calls:
+            calls.append(path)
+            assert a.claim("c", f"{host}:{os.getpid()}:A")
+        return real_locked(path)
+
+    monkeypatch.setattr(store_module, "locked", a_first)
+    assert not b.claim("c", f"{host}:{os.getpid()}:B")
+    assert calls and claim.read_text().strip().endswith(":A")
+    assert len(list(cells.glob(".c.claim.stale-*"))) == 1  # only the dead claim was moved
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
@@ -284,6 +310,36 @@ def test_workers_run_cells_in_parallel_processes_once_each(tmp_path: Path, monke
     assert len(summary.ran) == 12 and sorted(lines) == sorted(summary.ran)
     assert len({json.loads(p.read_text())["worker"].split(":")[1]
                 for p in spec.cells_dir.glob("*.json")}) >= 1
+
+
+DYING = "default__mcunet-5fps__stm32f746__96KB__b__s1"
+
+
+def dying_train(cell, plan, ctx):
+    """fake_train, but the process running cell DYING dies (as if killed for memory)."""
+    if cell.id == DYING:
+        os._exit(9)
+    return fake_train(cell, plan, ctx)
+
+
+def test_a_dying_worker_fails_its_own_cell_only(tmp_path: Path, monkeypatch) -> None:
+    """A worker process that dies breaks the pool; the cells it took down run again, each in a
+    process of its own: only the one that kills its process too is recorded (as failed, not
+    permanently), every other cell finishes."""
+    path, log = _write_spec(tmp_path), tmp_path / "log.txt"
+    monkeypatch.setenv(LOG_ENV, str(log))
+    from budgetsearch.studies import load_spec
+
+    spec = load_spec(path)
+    summary = run_study(spec, workers=2, plan_fn=fake_plan, train_fn=dying_train,
+                        progress=False, out=io.StringIO())
+    assert summary.failed == [DYING] and len(summary.ran) == 11
+    recs = _records(spec)
+    assert len(recs) == 12 and recs[DYING]["status"] == "failed"
+    assert recs[DYING]["error"]["type"] == "WorkerDied"
+    assert not recs[DYING]["error"]["permanent"]  # a later run tries it again
+    assert cell_status(next(c for c in spec.cells() if c.id == DYING), recs[DYING]) == "retry"
+    assert not list(spec.cells_dir.glob("*.claim"))  # no claim left behind
 
 
 def test_sql_store_shares_claims_and_records(tmp_path: Path) -> None:

@@ -295,6 +295,11 @@ def test_bad_plans_are_refused_and_leave_the_model_untouched():
         apply_plan(model, Plan.full(graph), graph=graph)
     with pytest.raises(PlanError, match="bn must be"):
         apply_plan(model, Plan.full(graph), graph=graph, bn="sometimes")
+    model.dw[1] = nn.BatchNorm2d(8, track_running_stats=False)  # nothing to freeze it with
+    with pytest.raises(PlanError, match=r"layer dw\.1: BatchNorm2d has no running statistics"):
+        apply_plan(model, Plan.full(graph), graph=graph)
+    assert isinstance(model.dw[1], nn.BatchNorm2d) and active_plan(model) is None
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
 
 
 # ------------------------------------------------------------------------------ fusion

@@ -163,6 +163,40 @@ def test_epochs_record_their_threads_and_kernels_and_a_resume_under_others_warns
     assert torch.get_num_threads() == 1  # the trainer put the caller's count back
 
 
+def test_a_resume_refuses_other_settings_and_takes_a_new_rate(splits, tmp_path):
+    """A resumed run must train as its checkpoint did: another optimizer, seed or plan is a
+    named error (nothing trained); a new learning rate is allowed (a diverged run resumes at a
+    lower one), said in a warning, used by the optimizer and recorded in each epoch row."""
+    trainer(splits, tmp_path, epochs=1).fit()
+    with pytest.raises(TrainingError, match=r"epoch-0001\.json: the checkpoint was trained with "
+                                            r"optimizer 'momentum' \(this run: 'adam'\); seed 3 "
+                                            r"\(this run: 4\); resume with the same settings"):
+        model, graph = tiny()
+        Trainer(model, sparse_plan(graph), train_data=splits[0], val_data=splits[1], epochs=2,
+                batch_size=8, optimizer="adam", lr=0.05, seed=4, threads=1, out_dir=tmp_path,
+                progress=False).fit(resume=True)
+    model, graph = tiny()
+    other = Plan.from_layers(graph, {"head": LayerUpdate("weight")})
+    with pytest.raises(TrainingError, match="another plan"):
+        trainer(splits, tmp_path, model=model, plan=other, epochs=2).fit(resume=True)
+    assert list_checkpoints(tmp_path / "checkpoints") == [1]  # nothing trained meanwhile
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *args, **kw):
+        seen.append({g["lr"] for g in self.param_groups})
+        return real_step(self, *args, **kw)
+
+    torch.optim.SGD.step = step
+    try:
+        with pytest.warns(UserWarning, match="resuming a run trained at lr 0.05 at lr 0.01"):
+            doc = trainer(splits, tmp_path, epochs=2, lr=0.01).fit(resume=True)
+    finally:
+        torch.optim.SGD.step = real_step
+    assert [r["lr"] for r in doc["epochs"]] == [0.05, 0.01] and doc["config"]["lr"] == 0.01
+    assert seen and all(rates == {0.01} for rates in seen)
+
+
 def _strip_epoch_configurations(run) -> dict:
     """Strip the epoch rows of the run's first checkpoint, as written before epochs recorded their
     threads and kernels; returns the checkpoint's state, to be edited and written back."""
