@@ -70,8 +70,10 @@ class Budget:
             raise PlanError(f"memory_measure must be one of {', '.join(MEMORY_MEASURES)}; got "
                             f"{self.measure!r}")
         if self.memory_bytes is not None:
-            if isinstance(self.memory_bytes, bool) or not self.memory_bytes >= 0:
-                raise PlanError(f"the memory budget cannot be negative; got {self.memory_bytes}")
+            if (isinstance(self.memory_bytes, bool) or not self.memory_bytes >= 0
+                    or not math.isfinite(self.memory_bytes)):
+                raise PlanError(f"the memory budget must be a finite number of bytes >= 0; got "
+                                f"{self.memory_bytes}")
             object.__setattr__(self, "memory_bytes", int(self.memory_bytes))
         if self.latency_ms is not None:
             if isinstance(self.latency_ms, bool) or not self.latency_ms >= 0:

@@ -281,7 +281,12 @@ class Plan:
         """
         import jsonschema
 
-        validator = jsonschema.Draft202012Validator(plan_schema())
+        # "integer" means an int: JSON Schema would take 2.0 as one, and a float batch size or
+        # input size would then travel on into the trainer
+        strict = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+            "integer", lambda _checker, x: isinstance(x, int) and not isinstance(x, bool))
+        validator = jsonschema.validators.extend(jsonschema.Draft202012Validator,
+                                                 type_checker=strict)(plan_schema())
         errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
         if errors:
             err = errors[0]
@@ -332,7 +337,7 @@ class Plan:
     def from_json(cls, text: str, *, source: str = "<plan>") -> Plan:
         """Parse a plan from JSON text."""
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
             raise PlanError(f"{source}: not valid JSON: {exc}") from None
         return cls.from_dict(data, source=source)
@@ -340,6 +345,11 @@ class Plan:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan atomically (a temporary file renamed over the target)."""
         return atomic_write_text(path, self.to_json() + "\n")
+
+
+def _no_constant(name: str) -> float:
+    """``json.loads`` takes NaN and Infinity, which JSON does not have; a plan refuses them."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:

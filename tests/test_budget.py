@@ -86,8 +86,9 @@ def test_reads_a_full_cost_and_a_plans_predicted_mapping(toy):
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"measure": "inference"}, "memory_measure must be one of peak, training; got 'inference'"),
-    ({"memory_bytes": -1}, "memory budget cannot be negative"),
-    ({"memory_bytes": math.nan}, "memory budget cannot be negative"),
+    ({"memory_bytes": -1}, "memory budget must be a finite number of bytes >= 0"),
+    ({"memory_bytes": math.nan}, "memory budget must be a finite number of bytes >= 0"),
+    ({"memory_bytes": math.inf}, "memory budget must be a finite number of bytes >= 0; got inf"),
     ({"latency_ms": -0.5}, "latency budget cannot be negative"),
 ])
 def test_refuses_bad_values(kwargs, match):

@@ -522,6 +522,20 @@ def test_not_a_plan_document(text, pattern) -> None:
         Plan.from_json(text, source="in.json")
 
 
+def test_nan_infinity_and_whole_floats_are_refused(mbv2_doc) -> None:
+    """json.loads takes NaN and Infinity and JSON Schema takes 2.0 as an integer: a plan does
+    not, naming the field."""
+    for value in ("NaN", "Infinity", "-Infinity"):
+        text = json.dumps({**mbv2_doc, "batch_size": "X"}).replace('"X"', value, 1)
+        with pytest.raises(PlanError, match=rf"^in\.json: not valid JSON: {value} is not a "
+                                            "JSON number"):
+            Plan.from_json(text, source="in.json")
+    for field, value in (("batch_size", 2.0), ("input_size", [128.0, 96.0])):
+        with pytest.raises(PlanError, match=rf"^in\.json: field {field}.*is not of type "
+                                            "'integer'"):
+            Plan.from_dict({**mbv2_doc, field: value}, source="in.json")
+
+
 def test_file_not_utf8(tmp_path, mbv2_doc) -> None:
     path = tmp_path / "latin1.json"
     path.write_bytes(json.dumps(mbv2_doc).encode()[:-1] + b"\xff}")

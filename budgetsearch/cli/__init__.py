@@ -55,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BudgetSearchError as exc:
         print(f"budgetsearch {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a fault to show in full
+            raise
+        print(f"budgetsearch {args.command}: error: {exc.filename}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"budgetsearch {args.command}: interrupted", file=sys.stderr)
         return 130

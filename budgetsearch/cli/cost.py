@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 
 from ..plan import load_plan
@@ -27,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_device_args(p)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--plan", help="a plan file (JSON)")
+    which.add_argument("--plan", help="a plan file (JSON); costed at its input size, batch "
+                       "size and optimizer unless --input-size, --batch-size, --optimizer say")
     which.add_argument("--update", default=None,
                        help="a simple plan: full, bias-only, none, last:K, blocks:K, optionally "
                             "with :rR for a gradient filter (e.g. blocks:2:r4); default full")
@@ -42,15 +44,22 @@ def run(args: argparse.Namespace) -> int:
     """Run ``budgetsearch cost``."""
     if args.update is not None:
         check_update(args.update)  # a malformed --update is refused before the model is traced
+    plan = None
+    if args.plan:  # the plan's input size, batch size and optimizer unless the flags say others
+        plan = load_plan(args.plan)
+        args.input_size = args.input_size or tuple(plan.input_size)
+        args.batch_size = args.batch_size or plan.batch_size
+        args.optimizer = args.optimizer or plan.optimizer
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _model, graph = build_model(args)
         cost_model = build_cost_model(args, graph)
-    for w in caught:
-        if "cost rule" in str(w.message):
-            print(f"warning: {w.message}")
-    if args.plan:
-        plan = load_plan(args.plan)
+    from ..latency import LatencyModelWarning
+
+    for w in caught:  # the model's own tracing chatter stays quiet; these are the user's
+        if "cost rule" in str(w.message) or issubclass(w.category, LatencyModelWarning):
+            print(f"warning: {w.message}", file=sys.stderr)  # stdout may be --json
+    if plan is not None:
         plan.validate(graph)
     else:
         plan = parse_update(args.update or "full", graph)

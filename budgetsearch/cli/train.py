@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -149,6 +150,12 @@ def load_splits(
         split = "train" if _is_flat(val_spec) else _held_out_split(val_spec)
         if split is None:
             raise DataError(f"{val_spec}: no validation split ({', '.join(_VAL_SPLITS)})")
+        if _same_source(spec, val_spec) and split in ("train", held_out):
+            raise DataError(
+                f"--val-data {val_spec}: its {split!r} split is the "
+                + ("training data" if split == "train" else "test data, only reported,")
+                + f" of --data {spec}; give another --val-data, or leave it out to carve the "
+                "validation split out of the training data")
         return Splits(train, load_dataset(val_spec, split=split, limit=val_samples, **kw), test)
     pool = load_dataset(spec, split="train", **kw)
     if train_samples is not None:
@@ -160,6 +167,15 @@ def load_splits(
         val_samples = n_val
     train, val = split_validation(pool, fraction=val_fraction, size=val_samples, seed=seed)
     return Splits(train, val, test)
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two --data specs name one data set (a registry name, or one path)."""
+    def norm(spec: str) -> str:
+        key = spec.strip().lower().replace("_", "-")
+        return key if key in _REGISTRY_SETS else os.path.realpath(os.path.expanduser(spec))
+
+    return norm(a) == norm(b)
 
 
 def _is_flat(spec: str) -> bool:

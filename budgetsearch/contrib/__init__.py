@@ -29,6 +29,7 @@ from .table import (
     StoreTable,
     TableError,
     default_table_path,
+    keep_claim,
     open_shared,
 )
 from .units import DEFAULT_RATIOS, Unit, bias_layers, build_units, parse_unit
@@ -50,6 +51,7 @@ __all__ = [
     "build_units",
     "candidate_layers",
     "default_table_path",
+    "keep_claim",
     "load_tensors",
     "measure_contributions",
     "open_shared",

@@ -28,7 +28,7 @@ from ..graph import LayerGraph
 from ..plan import Plan
 from ..recipe import Recipe
 from .prefix import Cut, PrefixSplit
-from .table import ContributionTable, open_shared
+from .table import ContributionTable, keep_claim, open_shared
 from .units import Unit, build_units
 
 __all__ = [
@@ -250,7 +250,8 @@ def measure_contributions(
                 time.sleep(poll_seconds)  # other workers are measuring the rest
                 continue
             try:
-                result = runner.run(by_key[unit_key].updates(graph, channels), recipe)
+                with keep_claim(shared, unit_key):
+                    result = runner.run(by_key[unit_key].updates(graph, channels), recipe)
             except BaseException:
                 if shared is not None:
                     shared.release(unit_key)

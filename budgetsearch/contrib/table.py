@@ -5,17 +5,24 @@ the training and validation data, the recipe, the input size): a table made for 
 refused with the differing fields named. It is written atomically after every unit, so a killed
 analysis resumes where it stopped and a reader never sees half a file. Several processes may
 measure into the same file: each takes a unit under an exclusive lock on ``FILE.lock`` and marks
-it claimed, and a claim whose process has died (same host) is taken over.
+it claimed, and a claim whose worker has died is taken over: on the same host when its process
+is gone, on any host when its heartbeat is older than ``stale_after`` seconds. A worker keeps its
+claim's heartbeat fresh while it measures the unit (:func:`keep_claim`, every
+:data:`HEARTBEAT_S` seconds), so a long unit is never taken from a live worker, and a unit of a
+worker that died on another machine is taken over after ``stale_after`` seconds rather than
+waited on for ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +37,15 @@ __all__ = [
     "TableError",
     "check_key",
     "default_table_path",
+    "keep_claim",
     "open_shared",
 ]
 
 TABLE_VERSION = 1
+#: Seconds between two heartbeats of a held claim (:func:`keep_claim`).
+HEARTBEAT_S = 60.0
+#: Seconds without a heartbeat after which a claim is stale (ten heartbeats missed).
+STALE_AFTER_S = 600.0
 
 
 class TableError(DataError):
@@ -182,9 +194,12 @@ def _read(path: Path) -> dict[str, Any] | None:
     return doc
 
 
-def _alive(claim: Mapping[str, Any]) -> bool:
+def _alive(claim: Mapping[str, Any], stale_after: float) -> bool:
+    beat = claim.get("beat", claim.get("since"))
+    if isinstance(beat, (int, float)) and time.time() - beat > stale_after:
+        return False  # no heartbeat for too long: its worker is gone, wherever it ran
     if claim.get("host") != socket.gethostname():
-        return True  # another machine's worker: trust its claim
+        return True  # another machine's worker with a fresh heartbeat
     try:
         os.kill(int(claim.get("pid", -1)), 0)
     except (ProcessLookupError, ValueError):
@@ -200,11 +215,14 @@ class SharedTable:
     Args:
         path: The table file.
         key: The analysis's key; an existing file with another key is refused.
+        stale_after: Seconds without heartbeat after which a claim is stale.
     """
 
-    def __init__(self, path: str | os.PathLike[str], key: Mapping[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike[str], key: Mapping[str, Any], *,
+                 stale_after: float = STALE_AFTER_S) -> None:
         self.path = Path(path)
         self.key = dict(key)
+        self.stale_after = float(stale_after)
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         with locked(self.path):
             doc = _read(self.path)
@@ -238,12 +256,23 @@ class SharedTable:
                 if unit in doc["results"]:
                     continue
                 claim = doc["claims"].get(unit)
-                if claim is not None and not self._mine(claim) and _alive(claim):
+                if (claim is not None and not self._mine(claim)
+                        and _alive(claim, self.stale_after)):
                     continue
-                doc["claims"][unit] = {**self.me, "since": time.time()}
+                now = time.time()
+                doc["claims"][unit] = {**self.me, "since": now, "beat": now}
                 self._write(doc)
                 return unit
         return None
+
+    def heartbeat(self, unit: str) -> None:
+        """Refresh the heartbeat of a unit this worker holds."""
+        with locked(self.path):
+            doc = self._doc()
+            claim = doc["claims"].get(unit)
+            if claim is not None and self._mine(claim):
+                claim["beat"] = time.time()
+                self._write(doc)
 
     def record(self, unit: str, result: Mapping[str, Any]) -> None:
         """Store a unit's result and drop its claim."""
@@ -291,7 +320,7 @@ class StoreTable:
 
     def __init__(self, url: str, key: Mapping[str, Any], *, kind: str = "contrib",
                  mirror_dir: str | os.PathLike[str] | None = None,
-                 stale_after: float = 600.0) -> None:
+                 stale_after: float = STALE_AFTER_S) -> None:
         import hashlib
 
         from ..store import SqlStore, worker_id
@@ -331,6 +360,10 @@ class StoreTable:
         self.store.write(unit, dict(result))
         self.store.release(unit, self.me)
 
+    def heartbeat(self, unit: str) -> None:
+        """Refresh the heartbeat of a unit this worker holds."""
+        self.store.heartbeat(unit, self.me)
+
     def release(self, unit: str) -> None:
         """Give a claimed unit back (on an interruption)."""
         self.store.release(unit, self.me)
@@ -339,6 +372,31 @@ class StoreTable:
         """The table as it is now."""
         results = {k: v for k, v in self.store.records().items() if k != _KEY_ROW}
         return ContributionTable(self.key, results)
+
+
+@contextlib.contextmanager
+def keep_claim(shared: SharedTable | StoreTable | None, unit: str, *,
+               every: float = HEARTBEAT_S) -> Iterator[None]:
+    """Refresh the heartbeat of ``unit``'s claim every ``every`` seconds while the block runs
+    (nothing for a table in memory, ``shared`` None), so that no other worker takes a unit
+    that is still being measured."""
+    if shared is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # a missed beat is retried; never fatal
+                shared.heartbeat(unit)
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat {unit[:40]}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 #: The row of a :class:`StoreTable` that holds its key (not a unit).

@@ -154,7 +154,8 @@ class CostModel:
         if self.unknown_ops:
             msg = (
                 "no cost rule for op kinds " + ", ".join(self.unknown_ops) + "; they are counted "
-                "as saving all their inputs (register a rule with budgetsearch.cost.register_rule, "
+                "as saving all their inputs, with 0 MACs and no time of their own (register a "
+                "rule with budgetsearch.cost.register_rule, "
                 "or give this cost model one with rules= or set_rule)"
             )
             if strict:
@@ -305,6 +306,13 @@ class CostModel:
             layer = self.graph.layers.get(name)
             if layer is None:
                 raise PlanError(f"the model has no trainable layer {name!r}")
+            if update.channels is not None:  # a Plan checks this itself; a mapping may not
+                n_axis = layer.out_channels if update.axis == "out" else layer.in_channels
+                bad = [c for c in update.channels if not 0 <= c < n_axis]
+                if bad or len(set(update.channels)) != len(update.channels):
+                    raise PlanError(f"layer {name}: channels must be distinct indices in "
+                                    f"0..{n_axis - 1} of its {update.axis} axis; got "
+                                    f"{bad[:5] or 'a repeated index'}")
             if update.mode == "weight":
                 wf, inf = 1.0, 1.0
                 if update.channels is not None and self.acc.realises_plan:

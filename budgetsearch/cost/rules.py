@@ -250,6 +250,10 @@ class ConvGeometry:
 def conv_geometry(node: OpNode, inp: OpNode) -> ConvGeometry:
     """Geometry of a conv2d or linear node (a linear layer is a 1×1 conv over its positions)."""
     a = node.attrs
+    if "in_channels" not in a or "out_channels" not in a:
+        raise CostError(f"op {node.name} ({node.kind}): its channels were not recorded (a "
+                        f"functional {node.kind} call, not an nn.Conv2d / nn.Linear module?); "
+                        "the cost model needs the layer as a module")
     c_in, c_out = int(a["in_channels"]), int(a["out_channels"])
     kh, kw = a.get("kernel_size", (1, 1))
     if node.kind == "linear":
@@ -320,9 +324,12 @@ def _batch_norm(ctx: OpContext) -> OpCost:
         saved.append(ctx.tensor(ctx.inputs[0]))
         if ctx.bn_train:  # the batch mean and inverse std
             saved.append(ctx.private("stats", 2 * channels, ctx.node.itemsize))
-    elif not ctx.acc.fold_batchnorm and ctx.any_grad:
+    elif ctx.any_grad and (not ctx.acc.fold_batchnorm or ctx.bn_train):
+        # folded into the conv only when frozen: on batch statistics it is an op of its own
         saved.append(ctx.private("input", ctx.batch * ctx.inputs[0].numel,
                                  ctx.acc.activation_bytes))
+        if ctx.bn_train:  # the batch mean and inverse std
+            saved.append(ctx.private("stats", 2 * channels, ctx.node.itemsize))
     return OpCost(grad_bias_macs=gb, saved=tuple(saved))
 
 

@@ -247,6 +247,15 @@ def validate_latency(data: Any, *, prefix: str = "latency.") -> tuple[LatencyMod
     if not isinstance(fit, Mapping) or any(k not in fit for k in _FIT_KEYS):
         errors.append(f"{prefix}fit: expected a mapping with keys {', '.join(_FIT_KEYS)}, "
                       f"got {fit!r}")
+    else:
+        for key in _FIT_KEYS:
+            value = fit[key]
+            whole = key in ("samples", "folds")
+            if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
+                    or not math.isfinite(value) or value < 0):
+                errors.append(f"{prefix}fit.{key}: expected "
+                              + ("a whole number >= 0" if whole else "a finite number >= 0")
+                              + f", got {value!r}")
     calibration = data.get("calibration")
     if not isinstance(calibration, Mapping) or any(k not in calibration
                                                    for k in _CALIBRATION_KEYS):

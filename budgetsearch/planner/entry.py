@@ -46,7 +46,7 @@ from ..search import (
 )
 from ..units import format_bytes
 from .effort import Effort, get_effort
-from .flow import PlanOutcome, make_plan
+from .flow import PlanOutcome, check_recipe_bn, cost_bn, make_plan
 from .prepare import contribution_table, fisher_scores, load_contributions, race_data_key
 from .race import RaceSettings
 from .target import check_target, resolve_target
@@ -312,6 +312,8 @@ def plan_for(
         raise SearchError(f"trials must be at least 1; got {trials}")
     if recipe is not None and train_batch is not None:
         raise PlanError("give the race's batch size either as train_batch or in the recipe")
+    if recipe is not None:
+        check_recipe_bn(recipe, cost_model)
     if lrs is not None:  # a bad grid or bound: refused before any work
         RaceSettings(lrs=tuple(lrs))
     if lr_extensions is not None:
@@ -408,7 +410,8 @@ def plan_for(
         pick_rule=pick, runner=runner, data_key=data_key, model=model, lrs=lrs,
         lr_extensions=lr_extensions, folds=race_folds, final=race_final,
         recipe=recipe or Recipe(optimizer=cost_model.optimizer,
-                                batch_size=32 if train_batch is None else train_batch, seed=seed),
+                                batch_size=32 if train_batch is None else train_batch, seed=seed,
+                                bn=cost_bn(cost_model)),
         race_path=race_file, baseline_scores=baseline_scores,
         race_storage=database if race_file is None else None, progress=progress,
         flush_seconds=flush_seconds, target=chosen_target, mcu_dir=mcu_dir)

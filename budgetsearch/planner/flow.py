@@ -247,6 +247,27 @@ def _mit_scheme(search: Any, model: nn.Module | None, seed: int
     return f"mit-scheme {label}", dict(plan.updates), None
 
 
+def cost_bn(cost_model: Any) -> str:
+    """The batch-norm mode (a :class:`~budgetsearch.recipe.Recipe`'s ``bn``) the cost model
+    counts: ``train`` when it costs batch norm on batch statistics, else ``frozen``."""
+    return "train" if getattr(cost_model, "bn_train", False) else "frozen"
+
+
+def check_recipe_bn(recipe: Recipe, cost_model: Any) -> None:
+    """Refuse a recipe that trains batch norm otherwise than the cost model counted it: the
+    plan would be raced, and handed out, with a recipe its budget was not checked for.
+
+    Raises:
+        PlanError: Naming both modes.
+    """
+    from ..errors import PlanError
+
+    if recipe.bn != cost_bn(cost_model):
+        raise PlanError(f"the recipe trains batch norm {recipe.bn!r} but the cost model counts "
+                        f"it {cost_bn(cost_model)!r} (bn_train={cost_model.bn_train}); make "
+                        "them agree (plan --bn-train sets both)")
+
+
 def make_plan(
     search: Any,
     *,
@@ -324,7 +345,9 @@ def make_plan(
         return PlanOutcome(plan, result)
     if runner is None:
         raise PlanError(f"effort {effort.name} races plans: it needs training data (a runner)")
-    recipe = recipe or Recipe(optimizer=search.cost_model.optimizer, seed=search.seed)
+    recipe = recipe or Recipe(optimizer=search.cost_model.optimizer, seed=search.seed,
+                              bn=cost_bn(search.cost_model))
+    check_recipe_bn(recipe, search.cost_model)
     data = getattr(runner, "data", None)
     sizes = ({"train_images": len(data["train"][1]), "val_images": len(data["val"][1])}
              if isinstance(data, Mapping) and "train" in data and "val" in data

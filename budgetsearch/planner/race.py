@@ -51,7 +51,9 @@ make the same decisions.
 Every arm's result is written atomically into a keyed file the moment it is known
 (:class:`~budgetsearch.contrib.SharedTable`): a race killed mid-rung resumes without retraining
 finished arms, and several processes racing the same candidates share one file and never train
-the same arm twice (an arm is claimed under a file lock; a dead process's claim is taken over).
+the same arm twice (an arm is claimed under a file lock or in the database, and its claim's
+heartbeat is refreshed while it trains; the claim of a worker that died is taken over: on its
+host as soon as its process is gone, anywhere after ten minutes without a heartbeat).
 Arms are trained by :class:`~budgetsearch.contrib.PlanRunner`, so the frozen prefix below each
 candidate's earliest updated layer is computed once and a late-layer plan trains at the speed of
 the layers it touches.
@@ -447,7 +449,7 @@ def race(
             runner that cannot deal folds, or the race stopped by ``max_arms``.
         TableError: ``path`` holds a race with another key.
     """
-    from ..contrib.table import open_shared
+    from ..contrib.table import keep_claim, open_shared
 
     settings = settings or RaceSettings()
     pool = _distinct(candidates)
@@ -489,8 +491,9 @@ def race(
                                 "again to finish")
             name, lr, seed, fold = jobs[job]
             try:
-                result = on[fold or 0].run(pool[name].updates, recipe.with_(
-                    lr=lr, epochs=epochs, seed=fold_seed(seed, fold)))
+                with keep_claim(shared, job):
+                    result = on[fold or 0].run(pool[name].updates, recipe.with_(
+                        lr=lr, epochs=epochs, seed=fold_seed(seed, fold)))
             except BaseException:
                 if shared is not None:
                     shared.release(job)

@@ -16,7 +16,8 @@ from here; the modules behind it are private (their names start with an undersco
 - its warm start: the published selectors' plans (:data:`BASELINES`, :func:`baseline_plans`,
   :class:`Baseline`);
 - its fronts: :func:`feasible`, :func:`pareto_front`, :func:`hypervolume`,
-  :class:`FrontTracker` (a running front), :func:`pick` (pick rules), :func:`front_csv`,
+  :class:`FrontTracker` (a running front), :func:`pick` (pick rules; :func:`parse_pick` checks
+  one), :func:`front_csv`,
   :func:`trials_csv` and :func:`plot_front`;
 - its stored studies: :func:`open_storage`, :func:`storage_kind`, :func:`redact` (a URL without
   its password), :func:`load_study`, :func:`read_config` (what a study stores about itself),
@@ -37,6 +38,7 @@ from ._front import (
     front_csv,
     hypervolume,
     pareto_front,
+    parse_pick,
     pick,
     plot_front,
     trials_csv,
@@ -73,6 +75,7 @@ __all__ = [
     "offered_patches",
     "open_storage",
     "pareto_front",
+    "parse_pick",
     "pick",
     "plot_front",
     "read_config",

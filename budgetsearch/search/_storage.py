@@ -65,8 +65,8 @@ def storage_kind(url: str) -> str:
         SearchError: For an unknown scheme, listing the accepted forms.
     """
     text = str(url).strip()
-    if text in ("memory", ":memory:"):
-        return "memory"
+    if text in ("memory", ":memory:") or text.lower() in ("sqlite://", "sqlite:///:memory:"):
+        return "memory"  # an in-memory SQLite database lives as long as its one connection
     scheme = text.split("://", 1)[0].split("+", 1)[0].lower() if "://" in text else ""
     if scheme == "journal":
         return "journal"

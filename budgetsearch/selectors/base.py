@@ -299,6 +299,9 @@ class SelectionContext(HasBudget):
         has_bias = self.graph.layers[self.head].bias_param is not None
         weight = ("the classifier's weight and bias", {self.head: LayerUpdate("weight")})
         bias = ("the classifier's bias alone", {self.head: LayerUpdate("bias")})
+        if mode == "bias" and not has_bias:
+            raise PlanError(f"head bias: the classifier {self.head} has no bias to train alone; "
+                            "use head weight or auto")
         if mode == "weight" or not has_bias:
             return [weight]
         return [bias] if mode == "bias" else [weight, bias]

@@ -16,6 +16,11 @@ Each cell is claimed in the store before it runs (see :mod:`~budgetsearch.store`
 runs of the same study (``--workers N``, or several machines sharing the store) never run a cell
 twice. A cell that raises is recorded as failed with the error's type and message, and the study
 goes on; an interrupt (Ctrl-C, a kill) loses only the running cell, which the next run does again.
+With ``workers`` > 1, a worker process that dies (killed for memory, a crash in native code)
+does not stop the study: the cells it left unfinished run again, each in a process of its own,
+and only a cell that kills that process too is recorded as failed (``WorkerDied``, not
+permanent). With ``training.lrs``, a rate whose loss diverges is left out of the cell's choice
+(:func:`~budgetsearch.studies.adapters.run_cell`); the cell fails only if every rate did.
 """
 
 from __future__ import annotations

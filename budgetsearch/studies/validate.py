@@ -401,7 +401,7 @@ def _effort(options: Mapping[str, Any], where: str) -> None:
                              f"got {value!r}")
     if "pick" in options:
         try:
-            from ..search._front import parse_pick
+            from ..search import parse_pick
         except ImportError:  # the search is not there: the rule is checked when it runs
             parse_pick = None
         if parse_pick is not None:

@@ -63,6 +63,7 @@ trained weights merged into them, and restores every ``requires_grad`` flag and 
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from types import TracebackType
 from typing import Any
@@ -405,9 +406,16 @@ def _planned_layer(name: str, module: nn.Module, update: Any, mode: str) -> nn.M
 
 
 def _undo(model: nn.Module, swaps: list[tuple[str, nn.Module, nn.Module]]) -> None:
-    """Merge trained values into the original modules and put them back, last swap first."""
+    """Merge trained values into the original modules and put them back, last swap first.
+    Each original goes back on the device and in the dtype of its replacement: the model may have
+    been moved (``model.to(...)``, ``.double()``) while the plan was applied, which moved the
+    replacements' tensors and not the originals kept aside."""
     with torch.no_grad():
         for name, old, new in reversed(swaps):
+            ref = next((t for t in itertools.chain(new.parameters(), new.buffers())
+                        if t.is_floating_point()), None)
+            if ref is not None:
+                old.to(device=ref.device, dtype=ref.dtype)
             if isinstance(new, (PlannedConv2d, PlannedLinear)):
                 merged = new.merged_weight()
                 if merged.data_ptr() != old.weight.data_ptr():

@@ -17,6 +17,7 @@ run under others warns, naming the epochs that trained otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -258,12 +259,13 @@ class Trainer:
                 self.replanner.load_state(ckpt.section("dynamic"), ckpt.state.get("dynamic", {}))
         elif self.replanner is not None:
             self.replanner.record(self.model, self.graph)
-        handle = apply_plan(self.model, plan, filter_mode=self.filter_mode, bn=self.bn,
-                            graph=self.graph)
-        doc = self._document(plan, rows, "running")
         bar = tqdm(total=self.epochs * self._steps(), initial=start * self._steps(),
                    disable=not self.progress, unit="step", dynamic_ncols=True)
+        handle = None
         try:
+            handle = apply_plan(self.model, plan, filter_mode=self.filter_mode, bn=self.bn,
+                                graph=self.graph)
+            doc = self._document(plan, rows, "running")
             opt = self._optimizer(handle)
             if ckpt is not None:
                 if opt is not None:
@@ -303,9 +305,17 @@ class Trainer:
             with atomic_path(self.out_dir / "model.safetensors") as tmp:
                 save_file({k: v.detach().contiguous().clone() for k, v in
                            self.model.state_dict().items()}, str(tmp))
+        except Exception as exc:
+            if not (isinstance(exc, TrainingError) and exc.epoch is not None):  # not diverged
+                failed = self._document(plan, rows, "failed")  # (a divergence wrote its own)
+                failed["reason"] = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(Exception):  # the error itself matters more
+                    write_metrics(self.out_dir, failed)
+            raise
         finally:
             bar.close()
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         return doc
 
     # ------------------------------------------------------------------------------ pieces

@@ -103,3 +103,37 @@ def test_profile_host_writes_a_loadable_profile(capsys, tmp_path):
     slow = CostModel(graph, dataclasses.replace(profile, measured=slow_rates)).summarize(
         Plan.full(graph)).latency_ms
     assert slow > fast
+
+
+def test_cost_says_when_the_latency_model_was_timed_otherwise(capsys, tmp_path):
+    """A measured latency model timed at another thread count warns on loading; the cost
+    command passes the warning on (on stderr: stdout may be JSON)."""
+    from pathlib import Path
+
+    import yaml
+
+    here = Path(__file__).resolve().parents[2] / "studies/results/latency_model/this-host.yaml"
+    data = yaml.safe_load(here.read_text())
+    data["latency"]["threads"] = 97
+    path = tmp_path / "this-host.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--num-classes", "2",
+                         "--input-size", "32", "--device", str(path), "--json")
+    assert code == 0, err
+    json.loads(out)  # still JSON
+    assert "warning: " in err and "97" in err
+
+
+def test_cost_of_a_plan_file_takes_its_input_batch_and_optimizer(capsys, tmp_path):
+    """select made the plan at 64 px and batch 1: cost --plan, without those flags, costs it
+    as it was made (the same peak), not at the command's defaults."""
+    path = tmp_path / "p.json"
+    code, out, err = run(capsys, "select", "--method", "last-k", "--model", "mcunet-5fps",
+                         "--device", "stm32f746", "--input-size", "64", "--batch-size", "1",
+                         "--budget", "300KB", "--out", str(path))
+    assert code == 0, err
+    made = json.loads(path.read_text())
+    code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32f746",
+                         "--plan", str(path), "--json")
+    assert code == 0, err
+    assert json.loads(out)["peak_memory_bytes"] == made["predicted"]["peak_memory_bytes"]

@@ -135,3 +135,10 @@ def test_select_errors(tmp_path, capsys):
                  str(other)]) == 0
     assert main(["select", "--method", "neq", "--scores", str(other), *base]) == 2
     assert "another model" in capsys.readouterr().err
+    # a file that cannot be written is a one-line error naming it, not a traceback
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["select", "--method", "tinytl", *MCU, "--device", "stm32f746", "--budget",
+                 "1MB", "--out", str(blocker / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"budgetsearch select: error: {blocker}" in err and "Traceback" not in err

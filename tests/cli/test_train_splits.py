@@ -166,6 +166,13 @@ def test_split_folder_validates_on_training_images_and_tests_on_the_test_split(s
                               normalization="imagenet", train_samples=None, val_samples=None,
                               seed=0)
     assert len(given) == 10
+    # ... unless it is --data itself: its held-out split is the test data, only reported, and
+    # a flat folder's only split is the training data
+    for kind, what in (("split folder", "'test' split is the test data, only reported,"),
+                       ("flat", "'train' split is the training data")):
+        with pytest.raises(DataError, match=rf"--val-data .*: its {what} of --data"):
+            load_splits(sources[kind], sources[kind] + "/", image_size=4,
+                        normalization="imagenet", train_samples=None, val_samples=None, seed=0)
     with pytest.raises(DataError, match=r"--val-fraction must be in \(0, 1\)"):
         load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
                     train_samples=None, val_samples=None, seed=0, val_fraction=1.0)

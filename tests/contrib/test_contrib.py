@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -260,7 +261,8 @@ def test_claims_of_dead_workers_are_taken_over(tmp_path):
     assert table.claim(["a", "b"]) == "a"
     doc = json.loads(path.read_text())
     doc["claims"]["b"] = {"host": table.me["host"], "pid": 2**22 + 12345, "since": 0}
-    doc["claims"]["a"] = {"host": table.me["host"], "pid": os.getppid(), "since": 0}  # alive
+    doc["claims"]["a"] = {"host": table.me["host"], "pid": os.getppid(),  # alive, beating
+                          "since": time.time()}
     path.write_text(json.dumps(doc))
     assert table.claim(["a", "b"]) == "b"  # a: a live worker's; b: its worker is gone
     table.record("b", {"val_accuracy": 1.0, "val_loss": 0.0})
@@ -268,6 +270,48 @@ def test_claims_of_dead_workers_are_taken_over(tmp_path):
     assert table.done() == {"b"}
     with pytest.raises(TableError, match="k: table 1, now 2"):
         SharedTable(path, {"k": 2})
+
+
+def test_a_claim_without_heartbeat_goes_stale_on_any_host(tmp_path):
+    """Another machine's claim is trusted while its heartbeat is fresh and taken over when it
+    is older than stale_after (its worker died there); a live process on this host that stopped
+    beating is taken over too; keep_claim keeps a held unit's heartbeat fresh."""
+    from budgetsearch.contrib import keep_claim
+
+    path = tmp_path / "shared.json"
+    table = SharedTable(path, {"k": 1}, stale_after=0.5)
+    doc = json.loads(path.read_text())
+    now = time.time()
+    doc["claims"] = {"a": {"host": "elsewhere", "pid": 1, "since": now - 60, "beat": now},
+                     "b": {"host": "elsewhere", "pid": 1, "since": now, "beat": now - 5},
+                     "c": {"host": table.me["host"], "pid": os.getppid(), "since": now - 5}}
+    path.write_text(json.dumps(doc))
+    assert table.claim(["a", "b"]) == "b"  # a beats; b's worker stopped 5 s ago
+    assert table.claim(["a", "c"]) == "c"  # c's process lives, but has not beaten for 5 s
+    other = SharedTable(path, {"k": 1}, stale_after=0.5)
+    other.me = {"host": "elsewhere", "pid": 2}
+    assert other.claim(["d"]) == "d"
+    with keep_claim(other, "d", every=0.05):
+        time.sleep(0.8)  # beyond stale_after, but beating
+        assert table.claim(["d"]) is None
+    time.sleep(0.8)  # no beat since
+    assert table.claim(["d"]) == "d"
+
+
+def test_a_database_claim_is_kept_by_its_heartbeat(tmp_path, monkeypatch):
+    from budgetsearch.contrib import StoreTable, keep_claim
+
+    monkeypatch.setenv("BUDGETSEARCH_CACHE", str(tmp_path / "cache"))
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    holder = StoreTable(url, {"model": "m"}, stale_after=0.5)
+    holder.me = "elsewhere:1:x"
+    taker = StoreTable(url, {"model": "m"}, stale_after=0.5)
+    assert holder.claim(["a"]) == "a"
+    with keep_claim(holder, "a", every=0.05):
+        time.sleep(0.8)
+        assert taker.claim(["a"]) is None  # a long unit is not taken from a live worker
+    time.sleep(0.8)
+    assert taker.claim(["a"]) == "a"  # its worker stopped beating: taken over
 
 
 def test_a_table_in_a_database_is_shared_and_resumed_like_a_file(setup, tmp_path, monkeypatch):

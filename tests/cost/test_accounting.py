@@ -51,3 +51,59 @@ def test_an_accounting_built_by_hand_costs_as_the_named_one():
 def test_module_examples_run():
     results = doctest.testmod(budgetsearch.cost.rules, optionflags=doctest.ELLIPSIS)
     assert results.attempted >= 2 and results.failed == 0
+
+
+def _conv_bn(batch_norm: bool = True):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1, bias=not batch_norm)]
+    layers += [nn.BatchNorm2d(8)] if batch_norm else []
+    layers += [nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+               nn.Flatten(), nn.Linear(8, 2)]
+    return LayerGraph.from_model(nn.Sequential(*layers), input_size=8)
+
+
+def test_the_device_folds_batch_norm_only_when_it_is_frozen():
+    """Frozen, batch norm folds into its conv and saves nothing; on batch statistics it cannot
+    fold: it keeps its input (8 channels x 8 x 8, fp32 on the MCU's activation bytes) and its
+    batch mean and inverse std (2 x 8 fp32)."""
+    graph = _conv_bn()
+    profile = load_profile("stm32f746")
+    plan = Plan.full(graph)
+    frozen = CostModel(graph, profile, accounting="device", batch_size=1).summarize(plan)
+    batch = CostModel(graph, profile, accounting="device", batch_size=1,
+                      bn_train=True).summarize(plan)
+    act = accounting_for(profile, "device").activation_bytes
+    assert batch.saved_activation_bytes - frozen.saved_activation_bytes == (
+        8 * 8 * 8 * act + 2 * 8 * 4)
+
+
+def test_a_functional_conv_is_a_named_error_and_channels_are_checked():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from budgetsearch.errors import PlanError
+    from budgetsearch.plan import LayerUpdate
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(F.relu(F.conv2d(x, self.w)).mean((2, 3)))
+
+    graph = LayerGraph.from_model(Functional(), input_size=8)
+    with pytest.raises(CostError, match=r"\(conv2d\): its channels were not recorded \(a "
+                                        r"functional conv2d call"):
+        CostModel(graph, load_profile("stm32f746"))
+    graph = _conv_bn()
+    cost = CostModel(graph, load_profile("stm32f746"))
+    name = next(n for n in graph.layers if graph.layers[n].out_channels == 8)
+    with pytest.raises(PlanError, match=rf"layer {name}: channels must be distinct indices in "
+                                        r"0\.\.7 of its out axis; got \[8, 9\]"):
+        cost.summarize({name: LayerUpdate("weight", channels=tuple(range(10)))})

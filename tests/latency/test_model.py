@@ -73,6 +73,10 @@ def _section() -> dict:
     (lambda d: d.__setitem__("threads", 0), "latency.threads: expected a positive integer"),
     (lambda d: d.__setitem__("kernels", 5), "latency.kernels: expected the CPU kernels"),
     (lambda d: d.pop("fit"), "latency.fit: expected a mapping with keys samples"),
+    (lambda d: d["fit"].__setitem__("median_error_pct", "n/a"),
+     "latency.fit.median_error_pct: expected a finite number >= 0, got 'n/a'"),
+    (lambda d: d["fit"].__setitem__("folds", 2.5),
+     "latency.fit.folds: expected a whole number >= 0, got 2.5"),
     (lambda d: d.__setitem__("colour", 1), "latency.colour: unknown key"),
 ])
 def test_a_bad_section_is_a_named_error(edit, message, tmp_path) -> None:

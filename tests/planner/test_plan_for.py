@@ -103,6 +103,18 @@ def test_argument_rules_name_the_library_arguments():
         plan_for(**base, data=42)
     with pytest.raises(SearchError, match="trials must be at least 1"):
         plan_for(**base, scores=magnitude_scores(model), trials=0)
+    with pytest.raises(PlanError, match="race learning rates must differ within 6 significant"):
+        plan_for(**base, data="cifar10", lrs=(0.02, 0.020000001))  # before any work
+    # batch norm trained as the cost model counts it: a recipe that disagrees is refused up
+    # front; without a recipe, the race's follows the cost model
+    from budgetsearch.planner.flow import cost_bn
+    from budgetsearch.recipe import Recipe
+
+    bn_cost = CostModel(cost_model.graph, load_profile("stm32h743"), bn_train=True)
+    with pytest.raises(PlanError, match=r"the recipe trains batch norm 'frozen' but the cost "
+                                        r"model counts it 'train' \(bn_train=True\)"):
+        plan_for(**{**base, "cost_model": bn_cost}, data="cifar10", recipe=Recipe())
+    assert (cost_bn(bn_cost), cost_bn(cost_model)) == ("train", "frozen")
     # the command line's flags in the same rules
     flags = {"plan": "plan", "data": "--data", "scores": "--scores FILE", "contrib": "--contrib",
              "effort": "--effort", "objective": "--objective"}

@@ -265,3 +265,42 @@ def test_the_lock_is_beside_the_file_sqlalchemy_opens(tmp_path, monkeypatch) -> 
     open_storage("sqlite:///sub/../a.db?timeout=5")
     assert (tmp_path / "a.db").exists() and (tmp_path / "a.db.lock").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.db", "a.db.lock"]
+
+
+def test_an_in_memory_sqlite_url_is_an_in_memory_storage() -> None:
+    """sqlite:///:memory: (or sqlite://) would lose its tables when the tuned engine drops its
+    connection: it opens as Optuna's in-memory storage, which a study can use."""
+    from optuna.storages import InMemoryStorage
+
+    from budgetsearch.search._storage import storage_kind
+
+    for url in ("sqlite:///:memory:", "sqlite://", "memory"):
+        assert storage_kind(url) == "memory"
+        storage = open_storage(url)
+        assert isinstance(storage, InMemoryStorage)
+        optuna.create_study(storage=storage, study_name="x").optimize(
+            lambda t: t.suggest_float("a", 0, 1), n_trials=2)
+
+
+def test_a_worker_rebuilding_a_timed_profile_checks_where_it_was_timed(mcu: dict,
+                                                                       tmp_path) -> None:
+    """The study stores the profile; a worker that rebuilds it warns, as loading the file
+    does, when its latency model was timed at another thread count than the worker's."""
+    from pathlib import Path
+
+    import yaml
+
+    from budgetsearch.latency import LatencyModelWarning
+    from budgetsearch.profiles import profile_from_dict
+
+    here = Path(__file__).resolve().parents[2] / "studies/results/latency_model/this-host.yaml"
+    data = yaml.safe_load(here.read_text())
+    data["latency"]["threads"] = 97
+    cm = CostModel(mcu["graph"], profile_from_dict(data, source="a test"))
+    url = f"journal:///{tmp_path}/t.log"
+    Search(cost_model=cm, scores=mcu["scores"], budget_bytes=99 * KB,
+           memory_measure="training", population_size=4,
+           model={"name": "mcunet-5fps", "num_classes": 10}).run(
+        n_trials=8, storage=url, study_name="t")
+    with pytest.warns(LatencyModelWarning, match="97"):
+        Search.from_study(storage=url, study_name="t")

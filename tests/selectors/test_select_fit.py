@@ -201,3 +201,18 @@ def test_scores_of_another_model_are_refused(mbv2, mcunet):
     other = random_scores(mcunet["model"])
     with pytest.raises(ScoresError, match="another model"):
         select("neq", cost_model=mbv2["cm"], budget_bytes=None, scores=other)
+
+
+def test_head_bias_on_a_classifier_without_bias_is_a_named_error():
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2, bias=False))
+    graph = LayerGraph.from_model(net, input_size=8)
+    cm = CostModel(graph, load_profile("stm32f746"))
+    with pytest.raises(PlanError, match=r"head bias: the classifier 4 has no bias to train "
+                                        r"alone; use head weight or auto"):
+        select("tinytl", cost_model=cm, budget_bytes=10**6, head="bias")
+    plan = select("tinytl", cost_model=cm, budget_bytes=10**6, head="auto")
+    assert plan.updates["4"].mode == "weight"  # auto falls back to the weight

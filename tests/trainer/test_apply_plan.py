@@ -4,6 +4,7 @@ fusion of frozen batch norms and activations into filtered convs."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -274,6 +275,31 @@ def test_remove_restores_exactly_with_updates_merged(kind):
     assert not model.training and not any(m.training for m in model.modules())
     assert not model.pw.bias.requires_grad and model.pw.weight.requires_grad
     handle.remove()  # idempotent
+
+
+@pytest.mark.parametrize("kind", ["bias-only", "weight-all", "out-subset"])
+def test_a_model_moved_while_the_plan_is_applied_comes_back_whole(kind):
+    """model.to(dtype) (or a device) while the plan is applied moves the replacements, not the
+    originals kept aside: remove() puts every original back in the model's new dtype, with the
+    trained values merged, and the model runs."""
+    model, graph = make_toy()
+    model.float()
+    plan = plans(graph)[kind]
+    handle = apply_plan(model, plan, graph=graph)
+    model.double()
+    x, y = data()
+    opt = torch.optim.SGD(handle.param_groups(), lr=0.1)
+    F.cross_entropy(model(x.double()), y).backward()
+    opt.step()
+    head = model.head.merged_weight().detach().clone(), model.head.bias.detach().clone()
+    remove_plan(model)
+    torch.testing.assert_close((model.head.weight, model.head.bias), head, rtol=0, atol=0)
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float64, name
+    assert model(x.double()).dtype == torch.float64  # no mixed dtypes left
+    with apply_plan(model, plan, graph=graph):  # and the plan applies again
+        assert model(x.double()).dtype == torch.float64
 
 
 def test_bad_plans_are_refused_and_leave_the_model_untouched():

@@ -163,6 +163,24 @@ def test_epochs_record_their_threads_and_kernels_and_a_resume_under_others_warns
     assert torch.get_num_threads() == 1  # the trainer put the caller's count back
 
 
+def test_an_error_in_training_is_recorded_as_failed_and_the_model_restored(splits, tmp_path):
+    """An exception other than an interrupt or a divergence leaves metrics.json saying
+    ``failed`` and why (an interrupt leaves ``running``: the run resumes), and the plan removed."""
+    model, graph = tiny()
+
+    def broken(module, args, out):
+        if module.training:
+            raise ValueError("a broken batch")
+
+    hook = model.register_forward_hook(broken)
+    with pytest.raises(ValueError, match="a broken batch"):
+        trainer(splits, tmp_path, model=model, plan=sparse_plan(graph)).fit()
+    hook.remove()
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["status"] == "failed" and doc["reason"] == "ValueError: a broken batch"
+    assert active_plan(model) is None and isinstance(model.head, nn.Linear)
+
+
 def test_a_resume_refuses_other_settings_and_takes_a_new_rate(splits, tmp_path):
     """A resumed run must train as its checkpoint did: another optimizer, seed or plan is a
     named error (nothing trained); a new learning rate is allowed (a diverged run resumes at a
