@@ -286,6 +286,10 @@ class Search:
             on_trial: Called with the number of trials made by this process after each one.
             tag: Recorded as each new trial's ``worker`` user attribute.
 
+        The sampler and the local search draw from :func:`run_seed` of the seed, the trials the
+        study already holds and the tag: a new study draws from the seed itself, as before; a
+        resumed one, or another worker, does not replay the draws of the first run.
+
         Raises:
             SearchError: Storage problems, a study made for something else, nothing feasible.
         """
@@ -304,7 +308,8 @@ class Search:
         t_open = time.perf_counter() - t0
         memory_only = isinstance(persistent_storage, InMemoryStorage)
         existing = study.get_trials(deepcopy=False, states=DONE)
-        sampler = TimedSampler(make_sampler(self.sampler_name, seed=self.seed, space=self.space,
+        draws = run_seed(self.seed, len(existing), tag)
+        sampler = TimedSampler(make_sampler(self.sampler_name, seed=draws, space=self.space,
                                             population_size=self.population_size))
         if memory_only:
             work = study
@@ -323,7 +328,7 @@ class Search:
         loop = TrialLoop(study=study, work=work, evaluator=self.evaluator, tracker=tracker,
                          existing=existing, memory_only=memory_only,
                          flush_seconds=flush_seconds, on_trial=on_trial, tag=tag,
-                         local=self._local())
+                         local=self._local(draws))
         loop.run(n_trials=n_trials, max_new=max_new, progress=progress)
         trials = loop.trials()
         chosen = pick(trials, pick_rule)
@@ -376,10 +381,10 @@ class Search:
             raise
         return study, baselines
 
-    def _local(self) -> LocalSearch | None:
+    def _local(self, seed: int) -> LocalSearch | None:
         if not self.local_search:
             return None
-        return LocalSearch(self.space, seed=self.seed, period=self.population_size,
+        return LocalSearch(self.space, seed=seed, period=self.population_size,
                            count=max(1, self.population_size // 2))
 
     def _enqueue(self, work: optuna.Study, baselines: Any, existing: int) -> None:
@@ -461,3 +466,17 @@ class Search:
 
 def _full() -> LayerUpdate:
     return LayerUpdate("weight")
+
+
+def run_seed(seed: int, existing: int, tag: str | None = None) -> int:
+    """The seed a run's sampler and local search draw from: ``seed`` itself for a new study
+    (``existing`` 0, no tag), so a fresh search is reproducible as it always was; otherwise a
+    seed mixed from the seed, the number of finished trials the study holds and the worker's
+    tag, so that resuming a study, or a second worker joining it, draws new points rather than
+    the first run's again (which would spend trials on duplicates)."""
+    if existing == 0 and tag is None:
+        return int(seed)
+    import hashlib
+
+    text = f"{int(seed)}:{int(existing)}:{tag or ''}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")

@@ -191,7 +191,9 @@ def test_processes_opening_one_new_sqlite_file_take_turns(tmp_path) -> None:
     already exists", "UNIQUE constraint failed: alembic_version")."""
     import multiprocessing
 
-    pool_ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a child forked while torch's or another test's threads hold a lock can
+    # hang for ever (it did once here, under load)
+    pool_ctx = multiprocessing.get_context("spawn")
     with pool_ctx.Pool(4) as pool:
         for i in range(5):
             url = f"sqlite:///{tmp_path / f'race{i}.db'}"
@@ -304,3 +306,21 @@ def test_a_worker_rebuilding_a_timed_profile_checks_where_it_was_timed(mcu: dict
         n_trials=8, storage=url, study_name="t")
     with pytest.warns(LatencyModelWarning, match="97"):
         Search.from_study(storage=url, study_name="t")
+
+
+def test_a_resumed_study_draws_new_points_not_the_first_runs_again(mcu: dict, tmp_path) -> None:
+    """Resuming rebuilds the sampler: seeded as the first run was, it replayed its draws and
+    spent trials on duplicates (14 of 30 with the random sampler). The run's seed now mixes in
+    the trials the study holds; a new study still draws from the seed itself."""
+    from budgetsearch.search._study import run_seed
+
+    url = f"journal:///{tmp_path}/r.log"
+    _search(mcu, sampler="random", local_search=False).run(n_trials=30, storage=url,
+                                                           study_name="r")
+    more = _search(mcu, sampler="random", local_search=False).run(n_trials=60, storage=url,
+                                                                  study_name="r")
+    key = [tuple(sorted(t.params.items())) for t in sorted(more.trials, key=lambda t: t.number)]
+    repeats = sum(k in set(key[:30]) for k in key[30:])
+    assert len(key) == 60 and repeats <= 2, repeats
+    assert run_seed(5, 0) == 5 and run_seed(5, 30) != run_seed(5, 31) != 5
+    assert run_seed(5, 30, "host:1") != run_seed(5, 30, "host:2")
