@@ -273,13 +273,7 @@ def _read(path: Path) -> DeviceProfile:
             f"{path}: name: expected the file stem {path.stem!r}, got {profile.name!r}"
         )
     if profile.latency is not None:
-        import torch
-
-        from ._threads import cpu_kernels
-
-        profile.latency.check_runtime(torch_version=str(torch.__version__),
-                                      threads=torch.get_num_threads(), source=str(path),
-                                      kernels=cpu_kernels())
+        profile.latency.check_this_process(source=str(path))
     return dataclasses.replace(profile, path=path)
 
 

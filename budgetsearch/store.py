@@ -22,15 +22,18 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ._io import atomic_open, locked
 from .errors import StoreError
 
-__all__ = ["FileStore", "SqlStore", "open_store", "worker_id", "write_json_atomic"]
+__all__ = ["FileStore", "SqlStore", "heartbeat_while", "open_store", "worker_id",
+           "write_json_atomic"]
 
 
 def worker_id() -> str:
@@ -59,6 +62,27 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return repr(obj)
+
+
+@contextlib.contextmanager
+def heartbeat_while(beat: Callable[[], None], *, every: float) -> Iterator[None]:
+    """Call ``beat`` every ``every`` seconds in a background thread while the block runs (a
+    claim's heartbeat, so that no other worker takes work still in hand). A beat that raises is
+    tried again at the next one: a missed beat is never fatal to the work."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):
+                beat()
+
+    thread = threading.Thread(target=loop, daemon=True, name="heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _dead(worker: str, mtime: float, stale_after: float) -> bool:

@@ -169,10 +169,15 @@ def load_splits(
     return Splits(train, val, test)
 
 
+def _registry_key(spec: str) -> str:
+    """A --data spec as the registered data sets are named (``CIFAR_10`` -> ``cifar-10``)."""
+    return spec.strip().lower().replace("_", "-")
+
+
 def _same_source(a: str, b: str) -> bool:
     """Whether two --data specs name one data set (a registry name, or one path)."""
     def norm(spec: str) -> str:
-        key = spec.strip().lower().replace("_", "-")
+        key = _registry_key(spec)
         return key if key in _REGISTRY_SETS else os.path.realpath(os.path.expanduser(spec))
 
     return norm(a) == norm(b)
@@ -192,7 +197,7 @@ def _held_out_split(spec: str) -> str | None:
 
 
 def _has_split(spec: str, split: str) -> bool:
-    key = spec.strip().lower().replace("_", "-")
+    key = _registry_key(spec)
     if key in _REGISTRY_SETS or spec.endswith((".tar.gz", ".tgz", ".pkl.gz")):
         return split == "test" or (split == "val" and key == "mnist")
     path = Path(spec).expanduser()

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 from .._io import atomic_write_text, locked
 from ..errors import DataError
+from ..store import _dead, heartbeat_while
 
 __all__ = [
     "TABLE_VERSION",
@@ -195,18 +195,11 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _alive(claim: Mapping[str, Any], stale_after: float) -> bool:
+    """A claim's worker lives unless the study store's rule says it is dead: its process gone
+    on this host, or its heartbeat older than ``stale_after`` on any."""
     beat = claim.get("beat", claim.get("since"))
-    if isinstance(beat, (int, float)) and time.time() - beat > stale_after:
-        return False  # no heartbeat for too long: its worker is gone, wherever it ran
-    if claim.get("host") != socket.gethostname():
-        return True  # another machine's worker with a fresh heartbeat
-    try:
-        os.kill(int(claim.get("pid", -1)), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return not _dead(f"{claim.get('host')}:{claim.get('pid')}:",
+                     beat if isinstance(beat, (int, float)) else time.time(), stale_after)
 
 
 class SharedTable:
@@ -383,20 +376,8 @@ def keep_claim(shared: SharedTable | StoreTable | None, unit: str, *,
     if shared is None:
         yield
         return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every):
-            with contextlib.suppress(Exception):  # a missed beat is retried; never fatal
-                shared.heartbeat(unit)
-
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat {unit[:40]}")
-    thread.start()
-    try:
+    with heartbeat_while(lambda: shared.heartbeat(unit), every=every):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
 
 
 #: The row of a :class:`StoreTable` that holds its key (not a unit).

@@ -139,8 +139,18 @@ class LatencyModel:
         return (f"measured (budgetsearch profile-device, torch {self.torch_version}, "
                 f"{self.threads} threads{err})")
 
+    def check_this_process(self, *, source: str) -> None:
+        """:meth:`check_runtime` against this process's torch version, thread count and CPU
+        kernels (what loading a profile, or rebuilding one a study stored, checks)."""
+        import torch
+
+        from .._threads import cpu_kernels
+
+        self.check_runtime(torch_version=str(torch.__version__), threads=torch.get_num_threads(),
+                           source=source, kernels=cpu_kernels(), stacklevel=4)
+
     def check_runtime(self, *, torch_version: str, threads: int, source: str,
-                      kernels: str | None = None) -> None:
+                      kernels: str | None = None, stacklevel: int = 3) -> None:
         """Warn (:class:`LatencyModelWarning`) when timings were made under another torch
         version, thread count or CPU kernels than the caller's.
 
@@ -150,6 +160,7 @@ class LatencyModel:
             source: Where the model was read from, for the message.
             kernels: The caller's :func:`~budgetsearch._threads.cpu_kernels`; not compared
                 when None or when the model did not record its own.
+            stacklevel: The warning's stack level (3: the caller's caller).
         """
         problems = []
         if torch_version.split("+")[0] != self.torch_version.split("+")[0]:
@@ -165,7 +176,8 @@ class LatencyModel:
                 f"{source}: the measured latency model was fitted with " + " and ".join(problems)
                 + "; its step times may not hold here (re-run budgetsearch profile-device, or "
                 "match torch.set_num_threads and the kernel variables "
-                "ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)", LatencyModelWarning, stacklevel=3)
+                "ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)", LatencyModelWarning,
+                stacklevel=stacklevel)
 
     # ------------------------------------------------------------------------------ (de)serial
     def to_dict(self) -> dict[str, Any]:

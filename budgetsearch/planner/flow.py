@@ -262,9 +262,10 @@ def check_recipe_bn(recipe: Recipe, cost_model: Any) -> None:
     """
     from ..errors import PlanError
 
-    if recipe.bn != cost_bn(cost_model):
+    counted = cost_bn(cost_model)
+    if recipe.bn != counted:
         raise PlanError(f"the recipe trains batch norm {recipe.bn!r} but the cost model counts "
-                        f"it {cost_bn(cost_model)!r} (bn_train={cost_model.bn_train}); make "
+                        f"it {counted!r} (bn_train={cost_model.bn_train}); make "
                         "them agree (plan --bn-train sets both)")
 
 

@@ -398,9 +398,11 @@ def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_a
         value = math.inf if row.get(metric) is None else float(row[metric])
         runs.setdefault((int(m[1]), m[4], float(m[5])), []).append(
             (value, row.get("val_images")))
-    return {arm: (math.inf if math.inf in [a for a, _n in r]
-                  else pooled_mean([a for a, _n in r], [n for _a, n in r]))
-            for arm, r in runs.items()}
+    out = {}
+    for arm, r in runs.items():
+        values, images = [a for a, _n in r], [n for _a, n in r]
+        out[arm] = math.inf if math.inf in values else pooled_mean(values, images)
+    return out
 
 
 def race(

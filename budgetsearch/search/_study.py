@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-import torch
 from optuna.storages import BaseStorage, InMemoryStorage
 from optuna.trial import FrozenTrial
 
@@ -226,12 +225,7 @@ class Search:
                 f"{graph.fingerprint}, the study's is {config['graph_fingerprint']}")
         profile = profile_from_dict(config["profile"], source=f"study {study_name}")
         if profile.latency is not None:  # timings made elsewhere say so, as a loaded file does
-            from .._threads import cpu_kernels
-
-            profile.latency.check_runtime(torch_version=str(torch.__version__),
-                                          threads=torch.get_num_threads(),
-                                          source=f"study {study_name}'s profile",
-                                          kernels=cpu_kernels())
+            profile.latency.check_this_process(source=f"study {study_name}'s profile")
         cm = CostModel(graph, profile,
                        accounting=config["accounting"], batch_size=config["batch_size"],
                        optimizer=config["optimizer"], bn_train=config["bn_train"],

@@ -301,11 +301,12 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
                     raise
                 done[f"{lr:g}"] = {"diverged": str(exc)}
             atomic_write_text(path, json.dumps(done, default=str) + "\n")
-    runs = {lr: done[f"{lr:g}"] for lr in grid if "diverged" not in done[f"{lr:g}"]}
+    diverged = {f"{lr:g}": done[f"{lr:g}"]["diverged"] for lr in grid
+                if "diverged" in done[f"{lr:g}"]}
+    runs = {lr: done[f"{lr:g}"] for lr in grid if f"{lr:g}" not in diverged}
     if not runs:
         raise TrainingError("every learning rate of training.lrs diverged: "
-                            + "; ".join(f"lr {k}: {v['diverged']}" for k, v in done.items()
-                                        if k in {f"{lr:g}" for lr in grid}))
+                            + "; ".join(f"lr {k}: {why}" for k, why in diverged.items()))
     chosen = max(runs, key=lambda lr: validation_key(runs[lr]))
     doc = dict(runs[chosen])
     doc["lr"] = chosen
@@ -317,9 +318,7 @@ def _train(cell: Cell, plan: Any, ctx: CellContext) -> dict[str, Any]:
                                  "threads": runs[lr].get("threads"),
                                  "kernels": runs[lr].get("kernels")}
                      for lr, m in metrics.items()}
-    for lr in grid:
-        if lr not in runs:
-            doc["tuning"][f"{lr:g}"] = {"diverged": done[f"{lr:g}"]["diverged"]}
+    doc["tuning"].update({k: {"diverged": why} for k, why in diverged.items()})
     doc["train_seconds"] = sum(float(run.get("train_seconds") or 0.0) for run in runs.values())
     ctx.extras["lr"] = chosen
     return doc

@@ -29,7 +29,6 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -42,7 +41,7 @@ from typing import Any, TextIO
 from .._io import locked
 from .._version import __version__
 from ..errors import BudgetSearchError
-from ..store import FileStore, open_store, worker_id, write_json_atomic
+from ..store import heartbeat_while, open_store, worker_id, write_json_atomic
 from .adapters import PlanFn, TrainFn, run_cell
 from .spec import Cell, StudySpec
 
@@ -274,30 +273,18 @@ def _run_one(cell: Cell, *, storage: str | None, plan_fn: PlanFn | None,
     me = worker_id()
     if not store.claim(cell.id, me):
         return "claimed"
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(store, cell.id, me, stop, heartbeat_s),
-                            daemon=True)
     try:
         # another worker may have finished it between our look at the records and our claim
         if cell_status(cell, store.record(cell.id), retry_failed=retry_failed) in ("done",
                                                                                    "failed"):
             return "skipped"
-        beat.start()
-        record = _execute(cell, storage=storage, plan_fn=plan_fn, train_fn=train_fn, worker=me,
-                          progress=progress)
-        store.write(cell.id, record)
+        with heartbeat_while(lambda: store.heartbeat(cell.id, me), every=heartbeat_s):
+            record = _execute(cell, storage=storage, plan_fn=plan_fn, train_fn=train_fn,
+                              worker=me, progress=progress)
+            store.write(cell.id, record)
         return record["status"]
     finally:
-        stop.set()
-        if beat.is_alive():
-            beat.join(timeout=5)
         store.release(cell.id, me)
-
-
-def _heartbeat(store: FileStore, cell_id: str, me: str, stop: threading.Event,
-               every: float) -> None:
-    while not stop.wait(every):
-        store.heartbeat(cell_id, me)
 
 
 def _execute(cell: Cell, *, storage: str | None, plan_fn: PlanFn | None,

@@ -172,7 +172,8 @@ def optimizer_state_from_tensors(
     optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
 ) -> None:
     """Load state saved by :func:`optimizer_state_to_tensors` into an optimizer built the same way
-    (same parameters in the same order); the learning rates are taken from the checkpoint.
+    (same parameters in the same order); the learning rates stay those the optimizer was built
+    with (a resumed run may train at another rate than its checkpoint's).
 
     Raises:
         DataError: If the saved state does not fit the optimizer's parameters.
@@ -190,10 +191,6 @@ def optimizer_state_from_tensors(
         raise DataError(f"checkpoint optimizer state names parameters {bad[:5]} but the optimizer "
                         f"has {n_params}; the checkpoint belongs to another plan")
     sd["state"] = state
-    saved_groups = meta.get("param_groups", [])
-    for group, saved in zip(sd["param_groups"], saved_groups, strict=False):
-        if "lr" in saved:
-            group["lr"] = saved["lr"]
     try:
         optimizer.load_state_dict(sd)
     except (ValueError, RuntimeError) as exc:

@@ -271,8 +271,6 @@ class Trainer:
                 if opt is not None:
                     optimizer_state_from_tensors(opt, ckpt.section("optimizer"),
                                                  ckpt.state.get("optimizer", {}))
-                    for group in opt.param_groups:  # this run's rate, not the checkpoint's
-                        group["lr"] = self.lr
                 set_rng_state(ckpt.section("rng"), ckpt.state.get("rng", {}))
             for epoch in range(start, self.epochs):
                 bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
