@@ -209,11 +209,18 @@ class CostModel:
         self._users = users
         # Storage roots: dropout in training mode allocates a new tensor (traced in eval mode it
         # is an alias); views follow their source.
+        # A frozen batch norm the accounting folds is computed inside its conv, into the conv's
+        # output: it allocates nothing.
+        folded = [node.index for node in nodes if self._folded(node, users)]
+        #: folded batch norm -> its conv: the conv's backward forms the batch norm's gradients
+        self._fold_into = {i: nodes[i].inputs[0] for i in folded}
         storage: list[int] = []
         for node in nodes:
             fresh = (node.kind in ("dropout", "stochastic_depth") and self.training
                      and node.attrs.get("p", 0) > 0)
-            if fresh or node.storage == node.index:
+            if node.index in folded:
+                storage.append(storage[node.inputs[0]])
+            elif fresh or node.storage == node.index:
                 storage.append(node.index)
             elif node.inputs and nodes[node.inputs[0]].storage == node.storage:
                 storage.append(storage[node.inputs[0]])
@@ -266,6 +273,9 @@ class CostModel:
         self._grad_bytes = np.array(
             [math.ceil(node.numel * self.batch * grad_per) for node in self._nodes],
             dtype=np.int64)
+        for i, src in self._fold_into.items():  # one gradient buffer: the conv's output
+            self._grad_end[i] = self._grad_end[src]  # gradient is the batch norm's, scaled in
+            self._grad_bytes[src] = 0  # place (held when the batch norm's is: a trained bias)
         self.n_positions = 2 * n + 1  # forward 0..n-1, loss n, backward of node i at 2n - i
         self._frozen_weight_bytes = self._weight_bytes_all()
         inference = np.zeros(self.n_positions + 1, dtype=np.int64)
@@ -279,6 +289,16 @@ class CostModel:
             self._loss_saved_bytes = self.batch * (classes * 4 + 8) + 4
         else:  # softmax probabilities for the loss gradient
             self._loss_saved_bytes = math.ceil(self.batch * classes * self.acc.gradient_bytes)
+
+    def _folded(self, node, users: list[list[int]]) -> bool:
+        """Whether ``node`` is a frozen batch norm this accounting folds into the conv before it
+        (the conv's output is its only input and it is that output's only user)."""
+        if node.kind != "batch_norm" or not self.acc.fold_batchnorm or self.bn_train:
+            return False
+        if len(node.inputs) != 1:
+            return False
+        src = self.graph.nodes[node.inputs[0]]
+        return src.kind == "conv2d" and users[src.index] == [node.index]
 
     def _weight_bytes_all(self) -> int:
         """Bytes of all weights if held in RAM under this accounting (frozen or not)."""
@@ -483,9 +503,10 @@ class CostModel:
         for i in bias:
             layer = self._bias_at[i]
             params += layer.out_channels
-            old = per_node.get(i, (0.0, 0.0))
-            per_node[i] = (old[0] + layer.out_channels,
-                           old[1] + layer.out_channels * acc.gradient_bytes)
+            at = self._fold_into.get(i, i)  # a folded batch norm's bias is its conv's
+            old = per_node.get(at, (0.0, 0.0))
+            per_node[at] = (old[0] + layer.out_channels,
+                            old[1] + layer.out_channels * acc.gradient_bytes)
         state = _OPTIMIZER_STATES[self.optimizer]
         return {"params": round(params), "per_node": per_node,
                 "optimizer_bytes": int(params * state * acc.optimizer_state_bytes)}
