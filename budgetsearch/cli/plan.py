@@ -171,7 +171,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--population", type=int_range(2, _MAX_POPULATION), default=None,
                    help="NSGA-II population (50)")
     s.add_argument("--seed", type=int_range(0, MAX_SEED), default=0, help="sampler seed (0)")
-    s.add_argument("--pick", default="best",
+    s.add_argument("--pick", type=_pick_rule, default="best",
                    help="which feasible trial becomes the plan: best (highest proxy) or e.g. "
                         "'min-memory-within 1%%' / 'min-latency-within 2%%'")
     _add_storage_args(p, required=False)
@@ -187,7 +187,8 @@ def register(subparsers: Any) -> None:
 
     f = subparsers.add_parser("front", help="write a study's Pareto front (CSV + PNG)")
     _add_storage_args(f, required=True)
-    f.add_argument("--pick", default="best", help="rule marking the chosen trial (best)")
+    f.add_argument("--pick", type=_pick_rule, default="best",
+                   help="rule marking the chosen trial (best)")
     f.add_argument("--out", required=True, help="directory for front.csv, trials.csv, front.png")
     f.set_defaults(func=run_front)
 
@@ -335,6 +336,18 @@ def _final_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be 0 (no final) or an integer from 2 to "
                                          f"{MAX_FINAL}; got {text!r}")
     return value
+
+
+def _pick_rule(text: str) -> str:
+    """``--pick``: a rule :func:`~budgetsearch.search.parse_pick` knows, checked before any
+    work."""
+    from ..search import parse_pick
+
+    try:
+        parse_pick(text)
+    except SearchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _stderr(line: str) -> None:

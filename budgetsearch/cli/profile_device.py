@@ -32,20 +32,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "keep the analytic model.")
     p.add_argument("--out", required=True,
                    help="profile file to write (.yaml); its stem is the profile name")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+    p.add_argument("--models", default=None,
                    help=f"comma-separated registered models to time (default "
-                        f"{','.join(DEFAULT_MODELS)})")
-    p.add_argument("--batch-sizes", type=_batch_sizes,
-                   default=list(DEFAULT_BATCH_SIZES),
+                        f"{','.join(DEFAULT_MODELS)}; mcunet-5fps with --quick)")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=None,
                    help=f"comma-separated batch sizes (default "
-                        f"{','.join(map(str, DEFAULT_BATCH_SIZES))})")
-    p.add_argument("--input-size", type=int_range(8, 1024, unit="pixels"), default=128)
+                        f"{','.join(map(str, DEFAULT_BATCH_SIZES))}; 1,4 with --quick)")
+    p.add_argument("--input-size", type=int_range(8, 1024, unit="pixels"), default=None,
+                   help="input height and width in pixels (default 128; 64 with --quick)")
     p.add_argument("--repeats", type=int_range(1, _MAX_REPEATS), default=None,
                    help="timed steps per plan (default 10; 2 with --quick); each visit to a plan "
                         "steps it once untimed first")
     p.add_argument("--quick", action="store_true",
-                   help="one small model at 64 px, batch 1 and 4, four plans (well under a "
-                        "minute; rough coefficients): a smoke run")
+                   help="four plans, 2 timed steps each, and the quick defaults of --models, "
+                        "--batch-sizes and --input-size (well under a minute; rough "
+                        "coefficients): a smoke run. Those given are kept")
     p.add_argument("--steps-json", default=None, metavar="FILE",
                    help="also write every timed step (features and milliseconds) to FILE")
     p.set_defaults(func=run)
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from ..profiles import save_profile
 
     out = Path(args.out)
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    models = (None if args.models is None
+              else tuple(m.strip() for m in args.models.split(",") if m.strip()))
     profile, steps = profile_device(name=out.stem, models=models, batch_sizes=args.batch_sizes,
                                     input_size=args.input_size, repeats=args.repeats,
                                     quick=args.quick, progress=True)

@@ -290,9 +290,9 @@ def time_plans(model: Any, graph: Any, plans: Mapping[str, Any], *, batch_size: 
 def profile_device(
     *,
     name: str = "host",
-    models: Sequence[str] = DEFAULT_MODELS,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    input_size: int = 128,
+    models: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    input_size: int | None = None,
     repeats: int | None = None,
     quick: bool = False,
     folds: int = 5,
@@ -307,12 +307,15 @@ def profile_device(
 
     Args:
         name: The profile name (the stem of the file it will be saved to).
-        models: Registered model names to calibrate on.
-        batch_sizes: Batch sizes to time.
-        input_size: Input height and width.
+        models: Registered model names to calibrate on (default :data:`DEFAULT_MODELS`;
+            ``mcunet-5fps`` with ``quick``).
+        batch_sizes: Batch sizes to time (default :data:`DEFAULT_BATCH_SIZES`; 1 and 4 with
+            ``quick``).
+        input_size: Input height and width (default 128; 64 with ``quick``).
         repeats: Timed steps per plan (default 10; 2 with ``quick``).
-        quick: One small model at 64 px, batch sizes 1 and 4, four plan families: a smoke run of
-            well under a minute (the coefficients are rough).
+        quick: Four plan families and the quick defaults above: a smoke run of well under a
+            minute (the coefficients are rough). Models, batch sizes or an input size given
+            are kept.
         folds: Cross-validation folds for the reported error.
         progress: Show a tqdm progress bar on stderr.
 
@@ -333,8 +336,12 @@ def profile_device(
     from ..profiles import profile_from_dict, profile_to_dict
     from ..trainer import tune_host_allocator
 
-    if quick:
-        models, batch_sizes, input_size = ("mcunet-5fps",), (1, 4), 64
+    if models is None:
+        models = ("mcunet-5fps",) if quick else DEFAULT_MODELS
+    if batch_sizes is None:
+        batch_sizes = (1, 4) if quick else DEFAULT_BATCH_SIZES
+    if input_size is None:
+        input_size = 64 if quick else 128
     families = _QUICK_FAMILIES if quick else PLAN_FAMILIES
     repeats = repeats if repeats is not None else (2 if quick else 10)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -342,12 +349,11 @@ def profile_device(
     bad = [b for b in batch_sizes if isinstance(b, bool) or not isinstance(b, int) or b < 1]
     if bad or not batch_sizes:
         raise ProfileError(f"batch_sizes: expected positive integers, got {list(batch_sizes)!r}")
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:
+        raise ProfileError(f"input_size: expected an integer of at least 8, got {input_size!r}")
     if not models:
         raise ProfileError("models: expected at least one registered model name")
-    base = measure_host(name=name, quick=quick, progress=progress)
-    tune_host_allocator()
-    threads = torch.get_num_threads()
-    loaded = {}
+    loaded = {}  # before any timing: a misspelt model is refused at once
     for m in models:
         try:
             with warnings.catch_warnings():
@@ -355,6 +361,9 @@ def profile_device(
                 loaded[m] = load_model(m, num_classes=10)
         except ModelError as exc:
             raise ProfileError(f"models: {exc}") from None
+    base = measure_host(name=name, quick=quick, progress=progress)
+    tune_host_allocator()
+    threads = torch.get_num_threads()
     work = []
     for m, model in loaded.items():
         graph = LayerGraph.from_model(model, input_size=input_size, model_name=m)

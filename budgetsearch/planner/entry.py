@@ -39,6 +39,7 @@ from ..search import (
     Search,
     SpaceOptions,
     open_storage,
+    parse_pick,
     redact,
     scores_digest,
     storage_kind,
@@ -314,6 +315,7 @@ def plan_for(
         raise PlanError("give the race's batch size either as train_batch or in the recipe")
     if recipe is not None:
         check_recipe_bn(recipe, cost_model)
+    parse_pick(pick)  # an unknown rule: refused before any work
     if lrs is not None:  # a bad grid or bound: refused before any work
         RaceSettings(lrs=tuple(lrs))
     if lr_extensions is not None:

@@ -312,3 +312,14 @@ def test_numeric_options_accept_exactly_their_range(opt, value):
     assert not expected, f"{opt} refused {text}: {stderr.getvalue()}"
     assert code == 2
     assert_named_error(stderr.getvalue(), opt.command, opt.flag, text)
+
+
+@pytest.mark.parametrize("command", ["plan", "front"])
+def test_an_unknown_pick_rule_is_refused_by_parsing(capsys, command):
+    code, err = run(capsys, [*BASE[command], "--pick", "max-accuracy"])
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"budgetsearch {command}: error: argument --pick: unknown pick "
+                           "rule 'max-accuracy': use best, or min-memory"), err
+    args = build_parser().parse_args([*BASE[command], "--pick", "min-memory-within 2%"])
+    assert args.pick == "min-memory-within 2%"

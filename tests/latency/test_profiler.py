@@ -86,6 +86,32 @@ def test_quick_profile_device_end_to_end(tmp_path, capsys) -> None:
         lat.predict_ms(cm.latency_features(Plan.full(graph))))
 
 
+def test_quick_keeps_the_models_batch_sizes_and_input_size_given(tmp_path, capsys) -> None:
+    out, steps = tmp_path / "here.yaml", tmp_path / "steps.json"
+    assert main(["profile-device", "--quick", "--models", "proxyless-w0.3", "--batch-sizes",
+                 "2", "--input-size", "32", "--out", str(out), "--steps-json",
+                 str(steps)]) == 0
+    capsys.readouterr()
+    calibration = load_profile(out).latency.calibration
+    assert calibration["models"] == ["proxyless-w0.3"]
+    rows = json.loads(steps.read_text())
+    assert {(r["model"], r["batch_size"]) for r in rows} == {("proxyless-w0.3", 2)}
+    assert calibration["input_size"] == 32
+
+
+def test_an_unknown_model_is_refused_before_any_timing(monkeypatch) -> None:
+    import budgetsearch.hostprofile
+
+    def measure_host(**_kwargs):
+        raise AssertionError("the host was timed before the models were checked")
+
+    monkeypatch.setattr(budgetsearch.hostprofile, "measure_host", measure_host)
+    with pytest.raises(ProfileError, match=r"models: .*no-such-net"):
+        profile_device(models=("mcunet-5fps", "no-such-net"), progress=False)
+    with pytest.raises(ProfileError, match="input_size"):
+        profile_device(input_size=4, progress=False)
+
+
 def test_time_plan_groups_round_robin_and_leaves_models_untouched() -> None:
     """Every plan of every group gets its timed steps, each visit one untimed step before them;
     the caller's models are copied, never trained, and no hook is left behind."""

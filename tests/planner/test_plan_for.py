@@ -105,6 +105,8 @@ def test_argument_rules_name_the_library_arguments():
         plan_for(**base, scores=magnitude_scores(model), trials=0)
     with pytest.raises(PlanError, match="race learning rates must differ within 6 significant"):
         plan_for(**base, data="cifar10", lrs=(0.02, 0.020000001))  # before any work
+    with pytest.raises(SearchError, match="unknown pick rule 'max-accuracy'"):
+        plan_for(**base, data="cifar10", pick="max-accuracy")  # before any work
     # batch norm trained as the cost model counts it: a recipe that disagrees is refused up
     # front; without a recipe, the race's follows the cost model
     from budgetsearch.planner.flow import cost_bn
