@@ -16,6 +16,7 @@ timeline, reported with the op where it occurs.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -190,6 +191,10 @@ class CostModel:
         for node, memo in zip(self._nodes, self._memo, strict=True):
             if node.kind == kind:
                 memo.clear()
+                self._fwd_macs_node[node.index] = self._rule_forward_macs(node)
+                self._fwd_time[node.index] = self._forward_ms(node)
+        self._forward_macs = int(sum(self._fwd_macs_node))
+        self._forward_ms_total = float(sum(self._fwd_time))
         self.unknown_ops = self._unknown_ops()
         return self
 
@@ -254,16 +259,14 @@ class CostModel:
         self._filter_ok: set[tuple[str, int]] = set()
         self._input_index = [node.inputs for node in self._nodes]
         self._latency = getattr(self.profile, "latency", None)
+        # forward MACs are the rules' (a frozen op, nothing needing a gradient): a rule given
+        # for a kind of one's own counts them too
+        self._fwd_macs_node = [self._rule_forward_macs(node) for node in self._nodes]
         self._fwd_time = [self._forward_ms(node) for node in self._nodes]
         self._latency_model = self.latency_model
         self._step_fixed_ms = (self._latency.predict_ms({"step.calls": 1.0})
                                if self._latency is not None else 0.0)
         self._forward_ms_total = float(sum(self._fwd_time))
-        self._fwd_macs_node = [
-            self.batch * conv_geometry(node, self._inputs[node.index][0]).macs_per_sample
-            if node.kind in ("conv2d", "linear") else 0
-            for node in self._nodes
-        ]
         self._forward_macs = int(sum(self._fwd_macs_node))
         # activation-gradient intervals: from the backward of the last consumer to the producer's
         grad_per = 4 if self.acc.stock_autograd else self.acc.gradient_bytes
@@ -289,6 +292,17 @@ class CostModel:
             self._loss_saved_bytes = self.batch * (classes * 4 + 8) + 4
         else:  # softmax probabilities for the loss gradient
             self._loss_saved_bytes = math.ceil(self.batch * classes * self.acc.gradient_bytes)
+
+    def _rule_forward_macs(self, node) -> int:
+        """The forward MACs the op's rule gives (for the whole batch)."""
+        inputs = self._inputs[node.index]
+        ctx = OpContext(node, inputs, self.batch, self.acc, tuple(False for _ in inputs),
+                        training=self.training, bn_train=self.bn_train)
+        macs = self._rules.get(node.kind, unknown_rule)(ctx).forward_macs
+        if isinstance(macs, bool) or not isinstance(macs, numbers.Integral) or macs < 0:
+            raise CostError(f"the cost rule for {node.kind!r} gave forward_macs {macs!r} for op "
+                            f"{node.name}: expected a non-negative integer")
+        return int(macs)
 
     def _folded(self, node, users: list[list[int]]) -> bool:
         """Whether ``node`` is a frozen batch norm this accounting folds into the conv before it
@@ -664,10 +678,7 @@ class CostModel:
             return self._latency.predict_ms(self._forward_features(node))
         if node.kind == "input":
             return 0.0
-        macs = 0
-        if node.kind in ("conv2d", "linear"):
-            inp = self.graph.nodes[node.inputs[0]]
-            macs = self.batch * conv_geometry(node, inp).macs_per_sample
+        macs = self._fwd_macs_node[node.index]
         per = 4 if self.acc.stock_autograd else self.acc.activation_bytes
         elems = node.numel + sum(self.graph.nodes[j].numel for j in node.inputs)
         traffic = elems * self.batch * per

@@ -22,6 +22,7 @@ import base64
 import hashlib
 import json
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -137,19 +138,36 @@ def write_config(study: Any, config: Mapping[str, Any], scores: Scores,
     study.set_user_attr(COMPLETE_KEY, len(chunks))
 
 
-def read_config(study: Any, *, with_scores: bool = True) -> tuple[dict, Scores | None, dict]:
+#: Seconds a study without trials and without its configuration is given to finish being
+#: created by another process before it is judged interrupted (creating one writes a few
+#: attributes: well under a second).
+CREATION_WAIT_S = 30.0
+
+
+def read_config(study: Any, *, with_scores: bool = True,
+                wait_s: float = CREATION_WAIT_S) -> tuple[dict, Scores | None, dict]:
     """The stored config, scores (if asked) and baselines of a study.
+
+    A study another process is still creating (no trials yet, its configuration not all
+    written) is waited for, ``wait_s`` seconds at most.
 
     Raises:
         SearchError: If the study was not made by budgetsearch or its creation was interrupted.
     """
+    start = time.monotonic()
     attrs = study.user_attrs
+    while (COMPLETE_KEY not in attrs and time.monotonic() - start < wait_s
+           and not study.get_trials(deepcopy=False)):
+        time.sleep(0.25)
+        attrs = study.user_attrs
+    waited = (f" (nothing more was written in {wait_s:g} s)"
+              if time.monotonic() - start >= wait_s else "")
     if CONFIG_KEY not in attrs:
         raise SearchError(f"study {study.study_name!r} was not created by budgetsearch (it has "
-                          "no stored configuration)")
+                          f"no stored configuration{waited})")
     if COMPLETE_KEY not in attrs:
         raise SearchError(f"study {study.study_name!r} is incomplete: its creation was "
-                          "interrupted; delete it or use another --study name")
+                          f"interrupted{waited}; delete it or use another --study name")
     config = dict(attrs[CONFIG_KEY])
     scores = None
     if with_scores:

@@ -353,6 +353,7 @@ class Search:
                                   + "; ".join(diff))
             if create and stored.get("n_trials") != config.get("n_trials"):
                 study.set_user_attr(CONFIG_KEY, {**stored, "n_trials": config.get("n_trials")})
+            _say_other_sampler(name, stored, config)
             return study, baselines
         if not create:
             raise SearchError(f"no study {name!r} in {redact(url)}; studies there: "
@@ -460,6 +461,22 @@ class Search:
 
 def _full() -> LayerUpdate:
     return LayerUpdate("weight")
+
+
+def _say_other_sampler(name: str, stored: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Warn when a run continues a study with another sampler or population than it was made
+    with: allowed (the objective is the same), but the trials then come from two samplers."""
+    changed = [(label, stored[key], config[key])
+               for key, label in (("sampler", "sampler"), ("population_size", "population"))
+               if stored.get(key) is not None and config.get(key) is not None
+               and stored[key] != config[key]]
+    if changed:
+        warnings.warn(
+            f"study {name!r} was made with "
+            + ", ".join(f"{label} {was}" for label, was, _ in changed)
+            + "; this run continues it with "
+            + ", ".join(f"{label} {now}" for label, _, now in changed)
+            + " (use another --study name to start afresh)", UserWarning, stacklevel=3)
 
 
 def run_seed(seed: int, existing: int, tag: str | None = None) -> int:

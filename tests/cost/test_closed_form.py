@@ -178,6 +178,48 @@ def test_unknown_op_is_reported_and_strict_fails():
         CostModel(graph, _profile(), strict=True)
 
 
+def test_a_rules_forward_macs_count_in_the_totals_and_the_time():
+    """A rule given for an op kind of one's own counts its forward MACs: tanh over the conv's
+    output (4 channels x 6 x 6 = 144 elements) at a made-up 3 MACs per element, batch 2, is
+    864 MACs beside the conv's 2 x 4 x 3 x 9 x 36 = 7,776 and the linear's 2 x 4 x 2 = 16.
+    The analytic forward time of the op is its MACs at the profile's MAC rate, or its memory
+    traffic if that takes longer. A rule's bad count is a named error."""
+    from budgetsearch.cost import OpCost
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = torch.tanh(self.conv(x))
+            return self.fc(x.mean((2, 3)))
+
+    graph = LayerGraph.from_model(Odd(), input_size=8)
+    profile = _profile(peak_macs_per_s=1e3, memory_bandwidth_bytes_per_s=1e12,
+                       op_overhead_us=0)
+
+    def tanh(ctx):
+        return OpCost(forward_macs=3 * ctx.batch * ctx.node.numel)
+
+    cm = CostModel(graph, profile, batch_size=2, rules={"tanh": tanh})
+    cost = cm.evaluate(Plan.full(graph))
+    assert cost.unknown_ops == []
+    assert cost.forward_macs == 7776 + 864 + 16
+    row = next(r for r in cost.ops if r.kind == "tanh")
+    assert row.forward_macs == 864
+    assert row.forward_ms == pytest.approx(1e3 * 864 / 1e3)
+    assert cm.summarize(Plan.full(graph)).forward_macs == cost.forward_macs
+    # set_rule on a built cost model counts the new rule's MACs and time
+    cm.set_rule("tanh", lambda ctx: OpCost(forward_macs=ctx.batch * ctx.node.numel))
+    again = cm.evaluate(Plan.full(graph))
+    assert again.forward_macs == 7776 + 288 + 16
+    assert again.latency_ms == pytest.approx(cost.latency_ms - 1e3 * (864 - 288) / 1e3)
+    with pytest.raises(CostError, match=r"rule for 'tanh' gave forward_macs -1 for op tanh"):
+        CostModel(graph, profile, rules={"tanh": lambda ctx: OpCost(forward_macs=-1)})
+
+
 def test_result_is_queryable_and_json(tiny_graph):
     cost = CostModel(tiny_graph, _profile(), accounting="pytorch").evaluate(Plan.full(tiny_graph))
     t = cost.total()

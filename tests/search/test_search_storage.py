@@ -3,6 +3,10 @@ rebuild from the study's stored configuration."""
 
 from __future__ import annotations
 
+import threading
+import time
+import warnings
+
 import optuna
 import pytest
 import torch
@@ -19,7 +23,7 @@ from budgetsearch.search import (
     stored_scores,
     write_trials,
 )
-from budgetsearch.search._config import CONFIG_KEY
+from budgetsearch.search._config import COMPLETE_KEY, CONFIG_KEY
 
 torch.set_num_threads(1)
 KB = 1024
@@ -169,10 +173,45 @@ def test_incomplete_or_foreign_studies_are_named(tmp_path) -> None:
     optuna.create_study(storage=url, study_name="foreign")
     half = optuna.create_study(storage=url, study_name="half")
     half.set_user_attr(CONFIG_KEY, {"model": "x"})
-    with pytest.raises(SearchError, match="not created by budgetsearch"):
-        read_config(optuna.load_study(study_name="foreign", storage=url))
-    with pytest.raises(SearchError, match="incomplete"):
-        read_config(optuna.load_study(study_name="half", storage=url))
+    with pytest.raises(SearchError, match=r"not created by budgetsearch \(it has no stored "
+                                          r"configuration \(nothing more was written in 0.5 s"):
+        read_config(optuna.load_study(study_name="foreign", storage=url), wait_s=0.5)
+    with pytest.raises(SearchError, match=r"incomplete: its creation was interrupted "
+                                          r"\(nothing more was written in 0.5 s\)"):
+        read_config(optuna.load_study(study_name="half", storage=url), wait_s=0.5)
+    # a study with trials is not being created: refused at once
+    with_trials = optuna.create_study(storage=url, study_name="used")
+    with_trials.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    start = time.monotonic()
+    with pytest.raises(SearchError, match=r"not created by budgetsearch \(it has no stored "
+                                          r"configuration\)"):
+        read_config(optuna.load_study(study_name="used", storage=url))
+    assert time.monotonic() - start < 5
+
+
+def test_a_study_another_process_is_creating_is_waited_for(mcu: dict, tmp_path) -> None:
+    """A second process that opens a study while its creator is still writing the
+    configuration waits for it, instead of calling the study interrupted."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    _search(mcu).run(n_trials=2, storage=url, study_name="made")
+    attrs = optuna.load_study(study_name="made", storage=url).user_attrs
+    creating = optuna.create_study(storage=url, study_name="creating",
+                                   directions=["maximize", "minimize", "minimize"])
+
+    def finish() -> None:  # the creator, a little later, writing the completion mark last
+        time.sleep(1.0)
+        for key in sorted(attrs, key=lambda k: k == COMPLETE_KEY):
+            creating.set_user_attr(key, attrs[key])
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    try:
+        config, scores, _ = read_config(optuna.load_study(study_name="creating", storage=url),
+                                        wait_s=30)
+    finally:
+        writer.join()
+    assert config == attrs[CONFIG_KEY]
+    assert scores_digest(scores) == scores_digest(mcu["scores"])
 
 
 def _open_and_create(url: str) -> str:
@@ -324,3 +363,19 @@ def test_a_resumed_study_draws_new_points_not_the_first_runs_again(mcu: dict, tm
     assert len(key) == 60 and repeats <= 2, repeats
     assert run_seed(5, 0) == 5 and run_seed(5, 30) != run_seed(5, 31) != 5
     assert run_seed(5, 30, "host:1") != run_seed(5, 30, "host:2")
+
+
+def test_continuing_a_study_with_another_sampler_says_so(mcu: dict, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    _search(mcu).run(n_trials=2, storage=url, study_name="s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: nothing to say
+        _search(mcu).run(n_trials=3, storage=url, study_name="s")
+    with pytest.warns(UserWarning, match=r"study 's' was made with sampler nsga2, population "
+                                         r"20; this run continues it with sampler random, "
+                                         r"population 8"):
+        result = Search(cost_model=mcu["cm"], scores=mcu["scores"], budget_bytes=99 * KB,
+                        memory_measure="training", population_size=8, sampler="random",
+                        model={"name": "mcunet-5fps", "num_classes": 10}).run(
+            n_trials=5, storage=url, study_name="s")
+    assert len(result.trials) == 5
