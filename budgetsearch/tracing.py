@@ -173,6 +173,10 @@ def trace_fx(model: nn.Module, example: torch.Tensor) -> list[Record]:
                 kind = _FUNCTION_KINDS.get(name, name)
                 target, module, module_name = name, None, None
                 attrs = _function_attrs(name, n.args, n.kwargs)
+                if kind == "mul":
+                    attrs["graph_operands"] = sum(
+                        isinstance(a, fx.Node) and a in index_of for a in _operands(n.args,
+                                                                                    n.kwargs))
             index_of[n] = len(records)
             records.append(
                 Record(n.name, kind, target, module, module_name,
@@ -182,6 +186,11 @@ def trace_fx(model: nn.Module, example: torch.Tensor) -> list[Record]:
 
     Recorder(gm, garbage_collect_values=False).run(example)
     return records
+
+
+def _operands(args: Any, kwargs: dict) -> list[Any]:
+    """The two operands of a binary op (``x * y``, ``torch.mul(x, other=y)``, ``x.mul(y)``)."""
+    return [*tuple(args)[:2], *([kwargs["other"]] if "other" in kwargs else [])]
 
 
 def _function_attrs(name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -245,8 +254,11 @@ def trace_hooks(model: nn.Module, example: torch.Tensor) -> list[Record]:
         if name in _NON_TENSOR or not tensors_in(out):
             return
         kind = _FUNCTION_KINDS.get(name, name)
-        add(f"{name}_{len(records)}", kind, name, None, None, [args, kwargs], out,
-            _function_attrs(name, tuple(args), kwargs))
+        attrs = _function_attrs(name, tuple(args), kwargs)
+        if kind == "mul":
+            attrs["graph_operands"] = sum(isinstance(a, torch.Tensor) and id(a) in producer
+                                          for a in _operands(args, kwargs))
+        add(f"{name}_{len(records)}", kind, name, None, None, [args, kwargs], out, attrs)
 
     recorder.on_call = on_call
     handles = []

@@ -393,8 +393,10 @@ def _sigmoid(ctx: OpContext) -> OpCost:
 def _mul(ctx: OpContext) -> OpCost:
     saved = []
     ins, grads = ctx.inputs, ctx.input_grad
-    if len(ins) == 1:  # x * constant or x * x
-        ins, grads = ins * 2, grads * 2
+    if len(ins) == 1:
+        if ctx.node.attrs.get("graph_operands", 2) < 2:  # x * a number or the model's buffer:
+            return OpCost()  # the gradient needs only the constant, which is no activation
+        ins, grads = ins * 2, grads * 2  # x * x
     for i, other in ((0, 1), (1, 0)):
         if grads[i]:  # the gradient of one operand needs the other
             if ctx.acc.stock_autograd:

@@ -115,3 +115,49 @@ def test_forward_macs_agree_with_fvcore(traced):
     assert ours, "no conv or linear ops"
     for module, macs in ours.items():
         assert by_module[module] == macs, module
+
+
+class _Scaled(torch.nn.Module):
+    """A conv whose output is multiplied (by a number, a buffer, itself, or in place) before
+    the next conv."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 2)
+        self.register_buffer("scale", torch.full((1, 4, 1, 1), 0.5))
+
+    def forward(self, x):
+        x = self.c1(x)
+        if self.how == "number":
+            x = x * 0.5
+        elif self.how == "number-left":
+            x = 0.5 * x
+        elif self.how == "method":
+            x = x.mul(0.5)
+        elif self.how == "buffer":
+            x = x * self.scale
+        elif self.how == "square":
+            x = x * x
+        elif self.how == "product":
+            x = x * torch.sigmoid(x)
+        x = self.c2(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "hooks"])
+@pytest.mark.parametrize("how", ["number", "number-left", "method", "buffer", "square",
+                                 "product"])
+def test_a_product_with_a_constant_saves_nothing(how, tracer):
+    """Autograd keeps neither operand of ``x * 0.5`` (nor of ``x * buffer``: the buffer is the
+    model's own), but keeps ``x`` for ``x * x``: the pytorch accounting agrees in every case."""
+    torch.manual_seed(0)
+    model = _Scaled(how)
+    graph = LayerGraph.from_model(model, input_size=8, tracer=tracer)
+    assert sum(n.kind == "mul" for n in graph.nodes) == 1
+    cm = CostModel(graph, load_profile("rpi4"), accounting="pytorch", batch_size=2)
+    for plan in (Plan.full(graph), Plan.from_layers(graph, {"c2": LayerUpdate("bias")})):
+        assert cm.evaluate(plan).saved_activation_bytes == measure_saved_bytes(
+            model, graph, plan, batch_size=2), (how, plan.to_dict()["updates"])
