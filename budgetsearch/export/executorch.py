@@ -16,10 +16,12 @@ What :func:`to_executorch` writes into ``out_dir``:
   training program's first inputs. Only the frozen part is delegated: trained layers run on
   ExecuTorch's portable kernels (XNNPACK-delegated training layers gave NaN losses from the
   second step when this was tried).
-- ``manifest.json``: the programs, their inputs (batch size and input size of the plan), the
-  optimizer settings, and for each of the plan's layers the names of its tensors in the program
-  (``model.<layer>.weight``, ``model.<layer>.weight_slice`` for a channel subset, or the bias of
-  the batch norm that holds the layer's bias).
+- ``manifest.json``: the programs (with each file's SHA-256), their inputs (batch size and
+  input size of the plan), the optimizer settings, and for each of the plan's layers the names
+  of its tensors in the program (``model.<layer>.weight``, ``model.<layer>.weight_slice`` for a
+  channel subset, or the bias of the batch norm that holds the layer's bias). It is written
+  last, after both programs are built; :class:`ExecuTorchTrainer` refuses a program file whose
+  digest is not the manifest's (a folder holding parts of two exports).
 
 How the operators get there: budgetsearch's training operators are PyTorch custom ops with their
 own backward (:mod:`budgetsearch.ops._library`); non-strict ``torch.export`` keeps each as one
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.util
 import json
 import operator
@@ -469,17 +472,16 @@ def to_executorch(
         with torch.no_grad():
             prefix_outs = head(batch)
         prefix_bytes, prefix_planned = _prefix_program(head, batch)
-        prefix_path = atomic_write_bytes(out / PREFIX_FILE, prefix_bytes)
         training_inputs = (*prefix_outs, labels)
         input_names = [f"prefix_output_{i}" for i in range(count)] + ["labels"]
         prefix_doc = {
             "file": PREFIX_FILE, "method": "forward", "backend": "XnnpackBackend",
-            "bytes": len(prefix_bytes), "planned_memory_bytes": prefix_planned,
+            "bytes": len(prefix_bytes), "sha256": hashlib.sha256(prefix_bytes).hexdigest(),
+            "planned_memory_bytes": prefix_planned,
             "inputs": [_tensor_doc("input", batch)],
             "outputs": [_tensor_doc(f"prefix_output_{i}", t) for i, t in enumerate(prefix_outs)],
         }
     program, fqns, planned_memory = _training_program(training_module, training_inputs)
-    training_path = atomic_write_bytes(out / TRAINING_FILE, program)
     if set(fqns) != trainable:  # the program trains exactly the plan's tensors
         raise ExportError(
             "the training program's gradients do not match the plan's trainable tensors: "
@@ -501,6 +503,7 @@ def to_executorch(
             "prefix": prefix_doc,
             "training": {
                 "file": TRAINING_FILE, "method": "forward", "bytes": len(program),
+                "sha256": hashlib.sha256(program).hexdigest(),
                 "planned_memory_bytes": planned_memory,
                 "inputs": [_tensor_doc(n, t) for n, t in zip(input_names, training_inputs,
                                                              strict=True)],
@@ -511,6 +514,12 @@ def to_executorch(
         "versions": _versions(),
     }
     handle.remove()
+    # Every program is built before anything is written, and the manifest (written last)
+    # records each file's digest: a folder whose files come from two exports (one killed
+    # between its writes) is refused when loaded, not run.
+    prefix_path = (None if split is None
+                   else atomic_write_bytes(out / PREFIX_FILE, prefix_bytes))
+    training_path = atomic_write_bytes(out / TRAINING_FILE, program)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return ExecuTorchExport(out_dir=out, training=training_path, prefix=prefix_path,
                             manifest=manifest)
@@ -590,6 +599,19 @@ def _layer_docs(plan: Plan, handle: Any, names: set[str]) -> dict[str, Any]:
     return layers
 
 
+def _check_digest(program: Path, expected: str, manifest: Path) -> None:
+    """Refuse a program file whose contents are not the ones its manifest records."""
+    try:
+        actual = hashlib.sha256(program.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ExportError(f"{program}: cannot read the program {manifest} names ({exc})"
+                          ) from exc
+    if actual != expected:
+        raise ExportError(f"{program}: its contents are not the ones {manifest} records "
+                          f"(sha256 {actual[:12]}…, expected {expected[:12]}…): the folder holds "
+                          "parts of two exports; export again")
+
+
 # ---------------------------------------------------------------------------------- runtime
 class ExecuTorchTrainer:
     """Runs an exported training step through ExecuTorch's Python runtime: the prefix program
@@ -617,6 +639,9 @@ class ExecuTorchTrainer:
             raise ExportError(f"{path}: field 'format' is {self.manifest.get('format')!r}, "
                               f"expected {EXECUTORCH_FORMAT!r}")
         programs = self.manifest["programs"]
+        for doc in (programs.get("prefix"), programs["training"]):
+            if doc is not None and doc.get("sha256") is not None:
+                _check_digest(folder / doc["file"], doc["sha256"], path)
         prefix = programs.get("prefix")
         self.prefix = (None if prefix is None
                        else _load_for_executorch(str(folder / prefix["file"])))

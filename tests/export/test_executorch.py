@@ -264,3 +264,23 @@ def test_missing_extra_is_named(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "et")]) == 2
     assert "budgetsearch[executorch]" in capsys.readouterr().err
     assert not (tmp_path / "et").exists()
+
+
+def test_a_folder_mixing_two_exports_is_refused(runtime, tmp_path):
+    """The manifest records each program's SHA-256: a training program from another export
+    (an export killed between its writes leaves such a folder) is refused when loaded."""
+    model = small_net()
+    plan, graph = _plan(model, "channels-out", name=None, size=16, batch=4)
+    first, second = tmp_path / "first", tmp_path / "second"
+    et_export.to_executorch(plan, model=model, out_dir=first, graph=graph, prefix="xnnpack")
+    other = Plan.from_layers(graph, {list(graph.layers)[-1]: LayerUpdate("weight")},
+                             batch_size=4, input_size=(16, 16))
+    et_export.to_executorch(other, model=model, out_dir=second, graph=graph, prefix="xnnpack")
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert all(len(doc["sha256"]) == 64 for doc in manifest["programs"].values()
+               if doc is not None)
+    et_export.ExecuTorchTrainer(first)  # as written: loads
+    (first / "training.pte").write_bytes((second / "training.pte").read_bytes())
+    with pytest.raises(ExportError, match=r"training.pte: its contents are not the ones .*"
+                                          r"manifest.json records .* parts of two exports"):
+        et_export.ExecuTorchTrainer(first)
