@@ -244,9 +244,7 @@ def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int
         return []
     backend = _rdb_backend(study)
     if backend is None:
-        before = len(study.get_trials(deepcopy=False))
-        study.add_trials(list(trials))
-        return list(range(before, before + len(trials)))
+        return _write_other(study, trials)
     try:
         return _write_rdb(backend, study._study_id, trials)
     except SearchError:
@@ -254,6 +252,23 @@ def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int
     except Exception as exc:
         raise SearchError(f"writing {len(trials)} trials to the study failed: "
                           f"{_first_line(exc)}", transient=_may_pass(exc)) from None
+
+
+def _write_other(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int]:
+    """Journal and in-memory storages: every trial checked first, then added one at a time and
+    numbered as the storage numbered it (other workers may add trials in between, so the
+    numbers need not be contiguous)."""
+    for t in trials:
+        if not t.state.is_finished():
+            raise SearchError(f"trial {t.number} is not finished; only finished trials are "
+                              "written")
+        t._validate()
+        if t.values is not None and len(t.values) != len(study.directions):
+            raise SearchError(f"trial {t.number} has {len(t.values)} values; the study has "
+                              f"{len(study.directions)} objectives")
+    storage, study_id = study._storage, study._study_id
+    return [storage.get_trial_number_from_id(
+                storage.create_new_trial(study_id, template_trial=t)) for t in trials]
 
 
 def _write_rdb(backend: RDBStorage, study_id: int, trials: Sequence[FrozenTrial]) -> list[int]:

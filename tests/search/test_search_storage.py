@@ -148,6 +148,33 @@ def test_write_trials_is_atomic_and_numbers_are_contiguous(mcu: dict, tmp_path) 
         (t.params, t.values, t.constraints) for t in result.trials]
 
 
+def test_write_trials_numbers_are_the_storages_when_another_worker_adds_trials(
+        mcu: dict, tmp_path, monkeypatch) -> None:
+    """On a journal file another worker adds a trial while this one writes its batch: each
+    trial gets back the number the storage gave it (they were counted from the length before)."""
+    result = _search(mcu).run(n_trials=6)
+    url = f"journal:///{tmp_path}/w.log"
+    mine = optuna.create_study(storage=open_storage(url), study_name="s",
+                               directions=["maximize", "minimize", "minimize"])
+    other = optuna.load_study(study_name="s", storage=open_storage(url))
+    storage = mine._storage
+    create = storage.create_new_trial
+    calls = []
+
+    def racing(study_id, template_trial=None):
+        if not calls:  # the other worker's trial lands first
+            other.add_trial(result.trials[5])
+        calls.append(1)
+        return create(study_id, template_trial=template_trial)
+
+    monkeypatch.setattr(storage, "create_new_trial", racing)
+    numbers = write_trials(mine, result.trials[:3])
+    stored = {t.number: t.params for t in optuna.load_study(
+        study_name="s", storage=open_storage(url)).get_trials()}
+    assert numbers == [1, 2, 3]
+    assert [stored[n] for n in numbers] == [t.params for t in result.trials[:3]]
+
+
 def test_journal_storage_and_worker_rebuild(mcu: dict, tmp_path) -> None:
     url = f"journal:///{tmp_path}/j.log"
     first = _search(mcu).run(n_trials=30, storage=url, study_name="j")
