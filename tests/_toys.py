@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["conv_pool_linear", "fake_cifar10_archive", "small_cnn"]
+__all__ = ["TanhNet", "conv_pool_linear", "fake_cifar10_archive", "small_cnn"]
 
 
 def conv_pool_linear(num_classes: int = 2, *, seed: int | None = 0) -> nn.Sequential:
@@ -26,6 +26,19 @@ def conv_pool_linear(num_classes: int = 2, *, seed: int | None = 0) -> nn.Sequen
         torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(4, num_classes))
+
+
+class TanhNet(nn.Module):
+    """A 3->4 conv (3x3, no padding), tanh (an op kind without a built-in cost rule), a global
+    mean and a 4->2 linear layer: trainable layers ``conv`` and ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).mean((2, 3)))
 
 
 def small_cnn(num_classes: int = 3, *, seed: int | None = 0) -> nn.Sequential:

@@ -7,8 +7,7 @@ import doctest
 import warnings
 
 import pytest
-import torch
-from _toys import conv_pool_linear, small_cnn
+from _toys import TanhNet, conv_pool_linear, small_cnn
 from torch import nn
 
 import budgetsearch._registry
@@ -68,19 +67,6 @@ def test_registry_is_a_read_only_mapping():
 
 
 # ------------------------------------------------------------------------------------ cost rules
-def _tanh_model() -> nn.Module:
-    class Odd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(torch.tanh(self.conv(x)).mean((2, 3)))
-
-    return Odd()
-
-
 def _saves_output(ctx: OpContext) -> OpCost:
     """A rule for tanh: its backward needs its result (4 bytes a value here)."""
     return OpCost(saved=(ctx.private("result", ctx.batch * ctx.node.numel, 4),))
@@ -103,7 +89,7 @@ def test_duplicate_cost_rule_raises_and_the_table_is_not_mutable():
 
 
 def test_rule_override_is_per_cost_model():
-    graph = LayerGraph.from_model(_tanh_model(), input_size=8)
+    graph = LayerGraph.from_model(TanhNet(), input_size=8)
     profile = load_profile("stm32f746")
     plan = Plan.full(graph)
     with pytest.warns(UserWarning, match="tanh"):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _toys import TanhNet
 from torch import nn
 
 from budgetsearch import CostModel, LayerGraph, LayerUpdate, Plan, load_profile
@@ -156,17 +157,7 @@ def test_tiny_bias_only_first_layer_saves_masks_not_inputs(tiny_graph):
 
 
 def test_unknown_op_is_reported_and_strict_fails():
-    class Odd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            x = torch.tanh(self.conv(x))
-            return self.fc(x.mean((2, 3)))
-
-    graph = LayerGraph.from_model(Odd(), input_size=8)
+    graph = LayerGraph.from_model(TanhNet(), input_size=8)
     with pytest.warns(UserWarning, match="tanh"):
         cm = CostModel(graph, _profile())
     cost = cm.evaluate(Plan.full(graph))
@@ -186,17 +177,7 @@ def test_a_rules_forward_macs_count_in_the_totals_and_the_time():
     traffic if that takes longer. A rule's bad count is a named error."""
     from budgetsearch.cost import OpCost
 
-    class Odd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            x = torch.tanh(self.conv(x))
-            return self.fc(x.mean((2, 3)))
-
-    graph = LayerGraph.from_model(Odd(), input_size=8)
+    graph = LayerGraph.from_model(TanhNet(), input_size=8)
     profile = _profile(peak_macs_per_s=1e3, memory_bandwidth_bytes_per_s=1e12,
                        op_overhead_us=0)
 
