@@ -9,8 +9,8 @@ Usage::
 
     .venv/bin/python benchmarks/recost_plans.py studies/results --out studies/results/recost.md
 
-Plans with the same model, device, input size, batch size, optimizer and updates are costed
-once. Only the cost model runs (no weights, no data): about a minute for every committed study.
+Plans with the same model, device, input size, batch size, optimizer, updates and memory budget
+are counted once. Only the cost model runs (no weights, no data): about a minute for every committed study.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def recost(results: Path, studies: Path) -> list[dict]:
                                                                           "peak")
             accounting = cost.get("accounting", "device")
             key = (study_dir.name, model, device, size, batch, opt, measure,
-                   json.dumps(doc["updates"], sort_keys=True))
+                   json.dumps(doc["updates"], sort_keys=True), doc["budget"].get("memory_bytes"))
             if key in seen:
                 continue
             seen.add(key)

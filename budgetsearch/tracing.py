@@ -190,7 +190,7 @@ def trace_fx(model: nn.Module, example: torch.Tensor) -> list[Record]:
 
 def _operands(args: Any, kwargs: dict) -> list[Any]:
     """The two operands of a binary op (``x * y``, ``torch.mul(x, other=y)``, ``x.mul(y)``)."""
-    return [*tuple(args)[:2], *([kwargs["other"]] if "other" in kwargs else [])]
+    return [*tuple(args)[:2], *(kwargs[k] for k in ("input", "other") if k in kwargs)]
 
 
 def _function_attrs(name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -253,6 +253,8 @@ def trace_hooks(model: nn.Module, example: torch.Tensor) -> list[Record]:
         name = _function_name(func)
         if name in _NON_TENSOR or not tensors_in(out):
             return
+        if not any(id(t) in producer for t in tensors_in([args, kwargs])):
+            return  # made from constants alone (a view of a buffer, torch.ones): no activation
         kind = _FUNCTION_KINDS.get(name, name)
         attrs = _function_attrs(name, tuple(args), kwargs)
         if kind == "mul":

@@ -187,12 +187,23 @@ class CostModel:
         Raises:
             CostError: If ``rule`` is not callable.
         """
-        self._rules[kind] = _check_rule(kind, rule)
-        for node, memo in zip(self._nodes, self._memo, strict=True):
-            if node.kind == kind:
-                memo.clear()
-                self._fwd_macs_node[node.index] = self._rule_forward_macs(node)
-                self._fwd_time[node.index] = self._forward_ms(node)
+        checked = _check_rule(kind, rule)
+        previous = self._rules.get(kind)
+        self._rules[kind] = checked
+        try:  # the rule's forward MACs and times, all computed before any is kept
+            nodes = [node for node in self._nodes if node.kind == kind]
+            macs = {node.index: self._rule_forward_macs(node) for node in nodes}
+        except BaseException:
+            if previous is None:
+                del self._rules[kind]
+            else:
+                self._rules[kind] = previous
+            raise
+        for i, value in macs.items():
+            self._memo[i].clear()
+            self._fwd_macs_node[i] = value
+        for i in macs:
+            self._fwd_time[i] = self._forward_ms(self._nodes[i])
         self._forward_macs = int(sum(self._fwd_macs_node))
         self._forward_ms_total = float(sum(self._fwd_time))
         self.unknown_ops = self._unknown_ops()

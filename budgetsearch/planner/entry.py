@@ -282,7 +282,7 @@ def plan_for(
             :func:`choose_effort` and :func:`~.prepare.load_contributions`).
         BudgetError: A budget no plan meets, before any scoring or measuring.
         SearchError: An unknown storage, a stored study made for something else or with other
-            scores.
+            scores; fewer than one trial or an unknown pick rule (before any work).
         PlanError: Bad arguments; an unknown target, or a model or batch size it cannot
             train.
 

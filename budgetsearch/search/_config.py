@@ -152,14 +152,20 @@ def read_config(study: Any, *, with_scores: bool = True,
     written) is waited for, ``wait_s`` seconds at most.
 
     Raises:
-        SearchError: If the study was not made by budgetsearch or its creation was interrupted.
+        SearchError: If the study was not made by budgetsearch, its creation was interrupted,
+            or it was deleted meanwhile (``transient``: running again creates it anew).
     """
     start = time.monotonic()
-    attrs = study.user_attrs
-    while (COMPLETE_KEY not in attrs and time.monotonic() - start < wait_s
-           and not study.get_trials(deepcopy=False)):
-        time.sleep(0.25)
+    try:
         attrs = study.user_attrs
+        while (COMPLETE_KEY not in attrs and time.monotonic() - start < wait_s
+               and not study.get_trials(deepcopy=False)):
+            time.sleep(0.25)
+            attrs = study.user_attrs
+    except KeyError:  # Optuna's "record does not exist": its creator failed and removed it
+        raise SearchError(f"study {study.study_name!r} was deleted while it was being created "
+                          "(the process creating it failed); run again", transient=True
+                          ) from None
     waited = (f" (nothing more was written in {wait_s:g} s)"
               if time.monotonic() - start >= wait_s else "")
     if CONFIG_KEY not in attrs:

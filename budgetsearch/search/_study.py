@@ -476,7 +476,7 @@ def _say_other_sampler(name: str, stored: Mapping[str, Any], config: Mapping[str
             + ", ".join(f"{label} {was}" for label, was, _ in changed)
             + "; this run continues it with "
             + ", ".join(f"{label} {now}" for label, _, now in changed)
-            + " (use another --study name to start afresh)", UserWarning, stacklevel=3)
+            + " (use another --study name to start afresh)", UserWarning, stacklevel=4)
 
 
 def run_seed(seed: int, existing: int, tag: str | None = None) -> int:

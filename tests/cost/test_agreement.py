@@ -128,6 +128,7 @@ class _Scaled(torch.nn.Module):
         self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1)
         self.fc = torch.nn.Linear(4, 2)
         self.register_buffer("scale", torch.full((1, 4, 1, 1), 0.5))
+        self.register_buffer("flat", torch.full((4,), 0.5))
 
     def forward(self, x):
         x = self.c1(x)
@@ -139,8 +140,12 @@ class _Scaled(torch.nn.Module):
             x = x.mul(0.5)
         elif self.how == "buffer":
             x = x * self.scale
+        elif self.how == "buffer-view":
+            x = x * self.flat.view(1, -1, 1, 1)
         elif self.how == "square":
             x = x * x
+        elif self.how == "keyword-square":
+            x = torch.mul(input=x, other=x)
         elif self.how == "product":
             x = x * torch.sigmoid(x)
         x = self.c2(x)
@@ -148,8 +153,8 @@ class _Scaled(torch.nn.Module):
 
 
 @pytest.mark.parametrize("tracer", ["fx", "hooks"])
-@pytest.mark.parametrize("how", ["number", "number-left", "method", "buffer", "square",
-                                 "product"])
+@pytest.mark.parametrize("how", ["number", "number-left", "method", "buffer", "buffer-view",
+                                 "square", "keyword-square", "product"])
 def test_a_product_with_a_constant_saves_nothing(how, tracer):
     """Autograd keeps neither operand of ``x * 0.5`` (nor of ``x * buffer``: the buffer is the
     model's own), but keeps ``x`` for ``x * x``: the pytorch accounting agrees in every case."""

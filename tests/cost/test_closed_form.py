@@ -197,6 +197,10 @@ def test_a_rules_forward_macs_count_in_the_totals_and_the_time():
     again = cm.evaluate(Plan.full(graph))
     assert again.forward_macs == 7776 + 288 + 16
     assert again.latency_ms == pytest.approx(cost.latency_ms - 1e3 * (864 - 288) / 1e3)
+    # a rule refused by set_rule leaves the cost model as it was
+    with pytest.raises(CostError, match=r"gave forward_macs 1\.5"):
+        cm.set_rule("tanh", lambda ctx: OpCost(forward_macs=1.5, saved=((("p", 0), 10**6),)))
+    assert cm.evaluate(Plan.full(graph)).total() == again.total()
     with pytest.raises(CostError, match=r"rule for 'tanh' gave forward_macs -1 for op tanh"):
         CostModel(graph, profile, rules={"tanh": lambda ctx: OpCost(forward_macs=-1)})
 

@@ -392,6 +392,22 @@ def test_a_resumed_study_draws_new_points_not_the_first_runs_again(mcu: dict, tm
     assert run_seed(5, 30, "host:1") != run_seed(5, 30, "host:2")
 
 
+def test_a_study_deleted_while_it_was_awaited_is_a_named_transient_error(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/d.db"
+    optuna.create_study(storage=url, study_name="c")
+    study = optuna.load_study(study_name="c", storage=url)
+    remover = threading.Timer(0.5, optuna.delete_study, kwargs={"study_name": "c",
+                                                                 "storage": url})
+    remover.start()
+    try:
+        with pytest.raises(SearchError, match="study 'c' was deleted while it was being "
+                                              "created") as info:
+            read_config(study, wait_s=20)
+    finally:
+        remover.join()
+    assert info.value.transient
+
+
 def test_continuing_a_study_with_another_sampler_says_so(mcu: dict, tmp_path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     _search(mcu).run(n_trials=2, storage=url, study_name="s")
