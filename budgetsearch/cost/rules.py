@@ -397,9 +397,13 @@ def _mul(ctx: OpContext) -> OpCost:
         if ctx.node.attrs.get("graph_operands", 2) < 2:  # x * a number or the model's buffer:
             return OpCost()  # the gradient needs only the constant, which is no activation
         ins, grads = ins * 2, grads * 2  # x * x
+    # x *= y overwrites x: autograd keeps a copy of it for y's gradient
+    in_place = len(ctx.inputs) == 2 and ctx.node.storage == ctx.inputs[0].storage
     for i, other in ((0, 1), (1, 0)):
         if grads[i]:  # the gradient of one operand needs the other
-            if ctx.acc.stock_autograd:
+            if ctx.acc.stock_autograd and in_place and other == 0:
+                saved.append(ctx.private("original", ctx.batch * ins[0].numel, ins[0].itemsize))
+            elif ctx.acc.stock_autograd:
                 saved.append(ctx.tensor(ins[other]))
             else:
                 saved.append(ctx.private(f"operand{other}", ctx.batch * ins[other].numel,

@@ -148,16 +148,21 @@ class _Scaled(torch.nn.Module):
             x = torch.mul(input=x, other=x)
         elif self.how == "product":
             x = x * torch.sigmoid(x)
+        elif self.how == "in-place-product":  # autograd keeps a copy of x + 1 for y's gradient
+            y = torch.sigmoid(x)
+            x = x + 1
+            x *= y
         x = self.c2(x)
         return self.fc(x.mean((2, 3)))
 
 
 @pytest.mark.parametrize("tracer", ["fx", "hooks"])
 @pytest.mark.parametrize("how", ["number", "number-left", "method", "buffer", "buffer-view",
-                                 "square", "keyword-square", "product"])
-def test_a_product_with_a_constant_saves_nothing(how, tracer):
+                                 "square", "keyword-square", "product", "in-place-product"])
+def test_products_keep_what_autograd_keeps(how, tracer):
     """Autograd keeps neither operand of ``x * 0.5`` (nor of ``x * buffer``: the buffer is the
-    model's own), but keeps ``x`` for ``x * x``: the pytorch accounting agrees in every case."""
+    model's own), keeps ``x`` for ``x * x``, and a copy of ``x`` for ``x *= y``: the pytorch
+    accounting agrees in every case, with both tracers."""
     torch.manual_seed(0)
     model = _Scaled(how)
     graph = LayerGraph.from_model(model, input_size=8, tracer=tracer)
