@@ -265,6 +265,11 @@ def _total_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: LossFn
     logits = model(x)
     if not isinstance(logits, torch.Tensor):
         raise ScoresError(f"Fisher pass: the model returned {type(logits).__name__}, not logits")
+    if (logits.dim() == 2 and not y.is_floating_point() and y.numel()
+            and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1])):
+        raise DataError(f"Fisher pass: the labels of {where} run from {int(y.min())} to "
+                        f"{int(y.max())}; the model has {logits.shape[1]} classes "
+                        f"(0 to {logits.shape[1] - 1})")
     total = loss(logits, y.to(logits.device))
     total = total.sum() if total.dim() > 0 else total
     if not total.requires_grad:

@@ -16,7 +16,9 @@ output-channel scores under a gradient filter of patch size r, where the criteri
 from __future__ import annotations
 
 import json
+import math
 import os
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +147,8 @@ class Scores:
         return {name: ls.layer for name, ls in self.layers.items()}
 
     def validate(self) -> None:
-        """Check that every vector has the length its layer's shape requires.
+        """Check that every vector has the length its layer's shape requires and that every
+        score is finite (a NaN would rank first or last, silently).
 
         Raises:
             ScoresError: Naming the first inconsistent layer.
@@ -156,6 +159,7 @@ class Scores:
                 f"{list(self.shapes)[:5]}...: they must be the same, in the same order"
             )
         for name, ls in self.layers.items():
+            _check_values(name, ls)
             c_out = self.shapes[name][0]
             if ls.out_channel.shape != (c_out,):
                 raise ScoresError(
@@ -188,6 +192,14 @@ class Scores:
                 f"these {self.criterion} scores were made for another model (fingerprint "
                 f"{self.fingerprint}, the model's is {fingerprint(actual)}): " + "; ".join(diff)
             )
+        # the weight shapes leave the groups out: a grouped conv's input channels are checked
+        modules = dict(model.named_modules())
+        for name, c_in in self.in_channels.items():
+            module = modules.get(name)
+            if module is not None and input_channels(module) != c_in:
+                raise ScoresError(
+                    f"these {self.criterion} scores give layer {name} {c_in} input channels; "
+                    f"the model's has {input_channels(module)}")
 
     # ------------------------------------------------------------------------------ file I/O
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -240,7 +252,7 @@ class Scores:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ScoresError(f"{path}: not a readable .npz scores file ({exc})") from exc
         scores = cls._from_arrays(arrays, where=str(path))
         if model is not None:
@@ -254,7 +266,7 @@ class Scores:
     def _from_arrays(cls, arrays: dict[str, np.ndarray], *, where: str) -> Scores:
         try:
             meta = json.loads(str(arrays["meta"].reshape(-1)[0]))
-            if meta.get("format") != "budgetsearch-scores":
+            if not isinstance(meta, dict) or meta.get("format") != "budgetsearch-scores":
                 raise ScoresError(f"{where}: not a budgetsearch scores file")
             if meta.get("version") not in READABLE_VERSIONS:
                 raise ScoresError(
@@ -270,6 +282,16 @@ class Scores:
             layer_values = arrays["layer"]
             if layer_values.shape != (len(entries),):
                 raise ScoresError(f"{where}: {layer_values.shape} layer scores for {len(entries)}")
+            stray = sorted(i for i in filtered if not 0 <= i < len(entries))
+            if stray:
+                raise ScoresError(f"{where}: filtered scores for layer indices {stray}, the "
+                                  f"file has {len(entries)} layers")
+            for key, values in arrays.items():  # a vector stored as a matrix, or complex
+                if key != "meta" and (values.ndim != 1 or not (
+                        np.issubdtype(values.dtype, np.floating)
+                        or np.issubdtype(values.dtype, np.integer))):
+                    raise ScoresError(f"{where}: array {key!r} must be a vector of real numbers; "
+                                      f"got shape {values.shape}, dtype {values.dtype}")
             layers: dict[str, LayerScores] = {}
             for i, entry in enumerate(entries):
                 layers[entry["name"]] = LayerScores(
@@ -281,18 +303,34 @@ class Scores:
             shapes = {e["name"]: [int(v) for v in e["shape"]] for e in entries}
             if fingerprint(shapes) != meta["fingerprint"]:
                 raise ScoresError(f"{where}: the recorded fingerprint does not match its shapes")
-            return cls(
-                criterion=str(meta["criterion"]),
-                layers=layers,
-                shapes=shapes,
-                in_channels={e["name"]: int(e["in_channels"]) for e in entries},
-                fingerprint=str(meta["fingerprint"]),
-                metadata=dict(meta.get("metadata", {})),
-            )
+            try:
+                return cls(
+                    criterion=str(meta["criterion"]),
+                    layers=layers,
+                    shapes=shapes,
+                    in_channels={e["name"]: int(e["in_channels"]) for e in entries},
+                    fingerprint=str(meta["fingerprint"]),
+                    metadata=dict(meta.get("metadata", {})),
+                )
+            except ScoresError as exc:  # the file's values: say which file
+                raise ScoresError(f"{where}: {exc}") from None
         except ScoresError:
             raise
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ScoresError(f"{where}: malformed scores file ({exc!r})") from exc
+
+
+def _check_values(name: str, ls: LayerScores) -> None:
+    """Refuse scores that are not finite (naming the layer): a NaN would rank first or last."""
+    vectors = [("output-channel", ls.out_channel)]
+    if ls.in_channel is not None:
+        vectors.append(("input-channel", ls.in_channel))
+    vectors += [(f"filtered (patch size {r})", v) for r, v in ls.filtered.items()]
+    for what, values in vectors:
+        if not np.isfinite(values).all():
+            raise ScoresError(f"{name}: {what} scores contain NaN or infinite values")
+    if not math.isfinite(float(ls.layer)):
+        raise ScoresError(f"{name}: the layer score is {ls.layer}")
 
 
 def _dump_json(meta: dict[str, Any]) -> str:

@@ -155,9 +155,14 @@ def channel_params(layer: Layer) -> int:
 
 
 def layer_macs(graph: LayerGraph, layer: Layer) -> int:
-    """Forward MACs of a layer for one sample: output positions times weight elements."""
-    shape = graph.nodes[layer.node].shape
-    positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    """Forward MACs of a layer for one sample: output positions times weight elements (a
+    linear layer's positions are the dimensions between the batch and its features)."""
+    node = graph.nodes[layer.node]
+    shape = node.shape
+    if node.kind == "linear":
+        positions = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+    else:
+        positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
     return positions * layer.weight_numel
 
 
@@ -243,8 +248,8 @@ class SelectionContext(HasBudget):
 
         Assumes the cost is monotone in ``m`` (true for growing prefixes of a ranked list) and
         that ``build(lo)`` fits; about ``log2(n - lo)`` evaluations. With ``gallop``, probes
-        ``lo + 1, lo + 2, lo + 4...`` first: about ``2·log2(answer - lo)`` evaluations, fewer
-        when the answer is near ``lo``.
+        ``lo + 1, lo + 3, lo + 7...`` first (steps of 1, 2, 4... from the last fitting probe):
+        about ``2·log2(answer - lo)`` evaluations, fewer when the answer is near ``lo``.
         """
         if n <= lo:
             return lo

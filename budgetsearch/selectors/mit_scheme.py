@@ -137,7 +137,7 @@ def ratio_update(
     if ratio == 0:
         return LayerUpdate("bias")
     width = graph.layers[name].in_channels
-    k = min(width, max(1, int(ratio * width)))
+    k = min(width, max(1, int(round(ratio * width, 9))))  # 0.29 * 100 is 29
     if k == width:
         return LayerUpdate("weight")
     if in_scores is None:

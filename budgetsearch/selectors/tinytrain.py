@@ -96,7 +96,7 @@ def _options(ctx: SelectionContext, name: str, ratios: list[float], axis: str):
     width = layer.out_channels if axis == "out" else layer.in_channels
     seen: set[int] = set()
     for ratio in ratios:
-        k = min(width, max(1, math.ceil(ratio * width)))
+        k = min(width, max(1, math.ceil(round(ratio * width, 9))))  # 0.07 * 100 is 7
         if k in seen:
             continue
         seen.add(k)

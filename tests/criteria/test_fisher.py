@@ -242,6 +242,12 @@ def test_data_errors():
         fisher_potential(model, [])
     with pytest.raises(DataError, match="labels"):
         fisher_potential(model, [(x, y[:2])])
+    classes = model.fc.out_features
+    wrong = y.clone()
+    wrong[1] = classes  # one past the last class: a bare IndexError of the loss before
+    with pytest.raises(DataError, match=rf"the labels of .* run from \d+ to {classes}; the model "
+                                        rf"has {classes} classes \(0 to {classes - 1}\)"):
+        fisher_potential(model, [(x, wrong)])
 
 
 def test_float32_model_and_dataloader():

@@ -106,3 +106,57 @@ def test_filtered_scores_round_trip_and_version_1_files_load(tmp_path):
     bad.layers["0"].filtered = {2: np.ones(3)}
     with pytest.raises(ScoresError, match="0: filtered scores for patch size 2 must be 4 values"):
         bad.validate()
+
+
+def _saved_arrays(tmp_path) -> dict[str, np.ndarray]:
+    random_scores(_model()).save(tmp_path / "g.npz")
+    with np.load(tmp_path / "g.npz") as npz:
+        return dict(npz)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda a: a.__setitem__("out_0", np.full(4, np.nan)),
+     r"b.npz: 0: output-channel scores contain NaN or infinite values"),
+    (lambda a: a["layer"].__setitem__(1, np.inf), r"b.npz: 1: the layer score is inf"),
+    (lambda a: a.__setitem__("out_0", a["out_0"].reshape(2, 2)),
+     r"b.npz: array 'out_0' must be a vector of real numbers; got shape \(2, 2\)"),
+    (lambda a: a.__setitem__("out_0", a["out_0"] * (1 + 2j)),
+     r"b.npz: array 'out_0' must be a vector .* dtype complex128"),
+    (lambda a: a.__setitem__("filt2_9", np.ones(4)),
+     r"b.npz: filtered scores for layer indices \[9\], the file has 3 layers"),
+    (lambda a: a.__setitem__("meta", np.array(["[1]"])), r"b.npz: not a budgetsearch scores"),
+])
+def test_values_that_would_rank_wrongly_are_refused_by_name(tmp_path, change, message):
+    """A NaN ranks a layer first or last; a matrix or complex values were flattened or cast."""
+    arrays = _saved_arrays(tmp_path)
+    arrays["layer"] = arrays["layer"].copy()
+    change(arrays)
+    np.savez(tmp_path / "b.npz", **arrays)
+    with pytest.raises(ScoresError, match=message):
+        Scores.load(tmp_path / "b.npz")
+
+
+def test_nan_scores_are_refused_when_built_and_a_truncated_file_is_named(tmp_path):
+    model = _model()
+    layers = {n: LayerScores(np.ones(s[0]), None, 1.0) for n, s in {"0": [4], "1": [4],
+                                                                    "3": [2]}.items()}
+    layers["1"] = LayerScores(np.array([1.0, np.nan, 2.0, 3.0]), None, 1.0)
+    with pytest.raises(ScoresError, match="1: output-channel scores contain NaN"):
+        Scores.for_model(model, criterion="x", layers=layers)
+    good = random_scores(model).save(tmp_path / "g.npz")
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:200])  # starts as a zip, then ends
+    with pytest.raises(ScoresError, match=r"cut\.npz: not a readable \.npz scores file"):
+        Scores.load(tmp_path / "cut.npz")
+
+
+def test_input_channels_the_model_does_not_have_are_refused(tmp_path):
+    """Weight shapes leave out the groups: a grouped conv's input channels are checked apart."""
+    arrays = _saved_arrays(tmp_path)
+    meta = json.loads(str(arrays["meta"][0]))
+    meta["layers"][1]["in_channels"] = 2  # the depthwise conv has 4
+    arrays["meta"] = np.array([json.dumps(meta)])
+    arrays["in_1"] = np.ones(2)
+    np.savez(tmp_path / "b.npz", **arrays)
+    Scores.load(tmp_path / "b.npz")  # consistent in itself
+    with pytest.raises(ScoresError, match="give layer 1 2 input channels; the model's has 4"):
+        Scores.load(tmp_path / "b.npz", model=_model())

@@ -119,3 +119,45 @@ def test_mit_without_budget_updates_everything(mcunet):
                   scores=mcunet["magnitude"])
     assert all(u == LayerUpdate("weight") for u in plan.updates.values())
     assert len(plan.updates) == len(mcunet["graph"].layers)
+
+
+def test_channel_counts_of_ratios_are_not_off_by_one_from_rounding():
+    """0.07 × 100 is 7.000000000000001 and 0.29 × 100 is 28.999999999999996 in floating point:
+    TinyTrain keeps 7 of 100 output channels (ceil), the MIT scheme 29 of 100 inputs (floor)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.Conv2d(10, 100, 1),
+                          nn.ReLU(), nn.Conv2d(100, 8, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3))
+    graph = LayerGraph.from_model(model, input_size=8)
+    cm = CostModel(graph, load_profile("stm32f746"))
+    scores = fisher_potential(model, [(torch.randn(4, 3, 8, 8), torch.arange(4) % 3)])
+    plan = select("tinytrain", cost_model=cm, budget_bytes=None, scores=scores, ratios=(0.07,))
+    kept = {c["layer"]: c["channels"] for c in plan.provenance["details"]["chosen"]}
+    assert kept["2"] == 7
+    update = ratio_update(graph, "4", 0.29, magnitude_scores(model)["4"].in_channel)
+    assert len(update.channels) == 29
+
+
+def test_layer_macs_of_a_linear_layer_on_tokens():
+    """A linear layer on (N, T, F) tokens does T × in × out MACs, not F × in × out."""
+    from torch import nn
+
+    from budgetsearch.selectors import layer_macs
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.proj = nn.Linear(8, 12)
+            self.head = nn.Linear(12, 2)
+
+        def forward(self, x):
+            t = self.conv(x).flatten(2).transpose(1, 2)  # (N, 16 tokens, 8)
+            return self.head(self.proj(t).mean(1))
+
+    graph = LayerGraph.from_model(Tokens(), input_size=4)
+    assert layer_macs(graph, graph.layers["proj"]) == 16 * 8 * 12
+    assert layer_macs(graph, graph.layers["head"]) == 12 * 2
+    assert layer_macs(graph, graph.layers["conv"]) == 16 * 3 * 8
