@@ -30,6 +30,7 @@ import importlib.util
 import io
 import os
 import pickle
+import re
 import struct
 import tarfile
 from collections.abc import Sequence
@@ -51,10 +52,12 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "NORMALIZATIONS",
     "ImageDataset",
+    "archive_splits",
     "balanced_draw",
     "default_normalization",
     "holdout_split",
     "load_dataset",
+    "same_images",
     "split_validation",
     "stratified_folds",
 ]
@@ -89,6 +92,21 @@ _SPLIT_DIRS = ("train", "test", "val", "valid", "validation")
 #: names, and a description of the source.
 _Source = tuple[np.ndarray | list[Path], np.ndarray, list[str], str]
 _CACHE_VERSION = 1
+
+
+def same_images(a: ImageDataset, b: ImageDataset) -> bool:
+    """Whether two data sets were read from one place: the same folder, or the same split of one
+    archive or registered data set (paths compared once resolved, so ``data/./train`` and
+    ``data/train`` are one place)."""
+    return _place(a.source) == _place(b.source)
+
+
+def _place(source: str) -> str:
+    match = re.fullmatch(r"(.*)\[([^\[\]]+)\]", source)
+    path, split = (match.group(1), match.group(2)) if match else (source, "")
+    if os.path.exists(path):
+        path = os.path.realpath(path)
+    return f"{path}[{split}]"
 
 
 class ImageDataset(Dataset):
@@ -386,7 +404,18 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_archive(archive: Path, split: str, cache_dir: str | os.PathLike[str] | None) -> _Source:
+def archive_splits(archive: str | os.PathLike[str],
+                   cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """The splits a ``.tar.gz`` image archive holds (decoding it once into the cache).
+
+    Raises:
+        DataError: If the archive is missing or unreadable.
+    """
+    return [str(s) for s in _archive_arrays(Path(archive), cache_dir)["splits"]]
+
+
+def _archive_arrays(archive: Path, cache_dir: str | os.PathLike[str] | None
+                    ) -> dict[str, np.ndarray]:
     if not archive.is_file():
         raise DataError(f"{archive}: no such archive")
     cache_root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "budgetsearch"
@@ -396,6 +425,11 @@ def _load_archive(archive: Path, split: str, cache_dir: str | os.PathLike[str] |
     if arrays is None:
         arrays = _decode_archive(archive)
         _write_npz(cache, arrays)
+    return arrays
+
+
+def _load_archive(archive: Path, split: str, cache_dir: str | os.PathLike[str] | None) -> _Source:
+    arrays = _archive_arrays(archive, cache_dir)
     classes = [str(c) for c in arrays["classes"]]
     splits = [str(s) for s in arrays["splits"]]
     if split not in splits:

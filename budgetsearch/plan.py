@@ -384,6 +384,11 @@ def _full_updates(graph: LayerGraph, names: Iterable[str], patch_size: int) -> d
 
 
 def _check_channels(name: str, update: LayerUpdate, shape: list[int]) -> None:
+    if update.patch_size > 1 and (update.mode != "weight" or len(shape) != 4):
+        what = "a linear layer" if len(shape) != 4 else f"mode {update.mode!r}"
+        raise PlanError(f"layer {name}: a gradient filter (patch_size {update.patch_size}) "
+                        f"filters a conv's weight gradient; this update is {what}: give "
+                        "patch_size 1")
     if update.channels is None:
         return
     if update.mode != "weight":

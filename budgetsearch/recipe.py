@@ -15,6 +15,10 @@ from typing import Any
 from .choices import BN_MODES, FILTER_MODES, OPTIMIZERS, BnMode, FilterMode, Optimizer
 from .errors import PlanError
 
+#: The largest seed of a run, a study or a search: NumPy's generators (the Optuna samplers')
+#: take 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
 __all__ = ["BN_MODES", "OPTIMIZERS", "Recipe"]
 
 
@@ -60,7 +64,8 @@ class Recipe:
         for name in ("epochs", "batch_size"):
             need(_integer(getattr(self, name)) and getattr(self, name) >= 1, name,
                  "an integer >= 1")
-        need(_integer(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
+        need(_integer(self.seed) and 0 <= self.seed <= MAX_SEED, "seed",
+             f"an integer from 0 to {MAX_SEED}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

@@ -411,6 +411,18 @@ def test_channels_need_weight_mode(graphs) -> None:
         Plan.from_layers(graph, {"conv1": LayerUpdate("bias", channels=(0,))})
 
 
+def test_filters_need_a_conv_weight_update(graphs) -> None:
+    """A gradient filter on a linear layer, or on a bias-only update, was accepted and failed
+    (or was silently dropped) only when training began."""
+    graph = graphs("resnet18")
+    with pytest.raises(PlanError, match=r"layer fc: a gradient filter \(patch_size 4\) filters "
+                                        r"a conv's weight gradient; this update is a linear"):
+        Plan.from_layers(graph, {"fc": LayerUpdate("weight", patch_size=4)})
+    with pytest.raises(PlanError, match=r"layer conv1: .* this update is mode 'bias'"):
+        Plan.from_layers(graph, {"conv1": LayerUpdate("bias", patch_size=2)})
+    assert Plan.from_layers(graph, {"conv1": LayerUpdate("weight", patch_size=2)}).updates
+
+
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [

@@ -18,6 +18,7 @@ from ..errors import BudgetSearchError, PlanError
 from ..graph import LayerGraph
 from ..plan import Plan
 from ..profiles import DeviceProfile, load_profile
+from ..recipe import MAX_SEED as RECIPE_MAX_SEED
 from ..units import parse_bytes, parse_ms
 
 __all__ = [
@@ -67,7 +68,7 @@ MAX_COUNT = 100_000
 #: Weight parameters.
 MAX_PARAMS = 10**12
 #: Seeds: NumPy's generators (the Optuna samplers') take 0 to 2**32 - 1.
-MAX_SEED = 2**32 - 1
+MAX_SEED = RECIPE_MAX_SEED
 #: Memory budgets: 1 TB.
 MAX_BUDGET_BYTES = 1 << 40
 #: Latency budgets per training step: one hour.

@@ -137,7 +137,7 @@ def load_splits(
     Raises:
         DataError: If a data set cannot be loaded or is too small for the subsets asked.
     """
-    from ..data import balanced_draw, load_dataset, split_validation
+    from ..data import balanced_draw, load_dataset, same_images, split_validation
 
     kw = {"image_size": image_size, "normalization": normalization, "seed": seed}
     if not 0 < val_fraction < 1:
@@ -156,7 +156,14 @@ def load_splits(
                 + ("training data" if split == "train" else "test data, only reported,")
                 + f" of --data {spec}; give another --val-data, or leave it out to carve the "
                 "validation split out of the training data")
-        return Splits(train, load_dataset(val_spec, split=split, limit=val_samples, **kw), test)
+        val = load_dataset(val_spec, split=split, limit=val_samples, **kw)
+        for other, what in ((train, "training data"), (test, "test data, only reported,")):
+            if other is not None and same_images(val, other):  # e.g. --val-data DATA/train
+                raise DataError(
+                    f"--val-data {val_spec}: its images ({val.source}) are the {what} of --data "
+                    f"{spec} ({other.source}); give another --val-data, or leave it out to carve "
+                    "the validation split out of the training data")
+        return Splits(train, val, test)
     pool = load_dataset(spec, split="train", **kw)
     if train_samples is not None:
         n_val = val_samples or max(1, round(train_samples * val_fraction / (1 - val_fraction)))
@@ -198,7 +205,11 @@ def _held_out_split(spec: str) -> str | None:
 
 def _has_split(spec: str, split: str) -> bool:
     key = _registry_key(spec)
-    if key in _REGISTRY_SETS or spec.endswith((".tar.gz", ".tgz", ".pkl.gz")):
+    if key not in _REGISTRY_SETS and spec.endswith((".tar.gz", ".tgz")):
+        from ..data import archive_splits
+
+        return split in archive_splits(Path(spec).expanduser())
+    if key in _REGISTRY_SETS or spec.endswith(".pkl.gz"):
         return split == "test" or (split == "val" and key == "mnist")
     path = Path(spec).expanduser()
     if not path.is_dir():

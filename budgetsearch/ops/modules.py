@@ -132,7 +132,8 @@ class PlannedConv2d(_Planned):
         weight_grad: Whether the weight is trained at all.
         bias_grad: Whether the bias is trained.
         patch_size: r for the gradient filter; 1 means no filtering.
-        mode: Filter scaling, ``"normalized"`` or ``"paper"``.
+        mode: Filter variant, ``"normalized"``, ``"paper"`` or ``"corrected"``
+            (:mod:`budgetsearch.ops.filtered`).
 
     Raises:
         PlanError: If the conv or the plan cannot be used (non-zero ``padding_mode``, strided or

@@ -18,6 +18,7 @@ from ..cost import CostModel
 from ..errors import BudgetError, DataError, PlanError
 from ..graph import LayerGraph
 from ..plan import Plan
+from ..recipe import MAX_SEED
 from .dynamic import DYNAMIC_MODES
 
 __all__ = [
@@ -160,6 +161,8 @@ def check_trainer_args(t: Any) -> None:
                         f"{t.batch_size}, {t.every}")
     if not t.lr > 0:
         raise PlanError(f"lr must be positive; got {t.lr}")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise PlanError(f"seed must be an integer from 0 to {MAX_SEED}; got {t.seed}")
     if t.optimizer_name not in OPTIMIZERS:
         raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got "
                         f"{t.optimizer_name!r}")

@@ -1,12 +1,13 @@
 """The metrics files of a run: ``metrics.json`` (everything) and ``metrics.csv`` (per epoch).
 
-``metrics.json`` holds ``status`` (``running``, ``completed`` or ``diverged``), ``reason`` (why it
-stopped, if it did not complete), the run's configuration and plan summary, one row per epoch
-(:data:`EPOCH_FIELDS`), and the summary: ``best_val_accuracy`` and ``best_epoch`` (chosen on
-validation), ``final_val_accuracy``, with test data ``test_accuracy_at_best_epoch`` and
+``metrics.json`` holds ``status`` (``running``, which an interrupted run keeps until resumed;
+``completed``, ``diverged`` or ``failed``), ``reason`` (why it stopped, if it did not
+complete), the run's configuration and plan summary, one row per epoch (:data:`EPOCH_FIELDS`),
+and the summary: ``best_val_accuracy`` and ``best_epoch`` (chosen on validation),
+``final_val_accuracy``, with test data ``test_accuracy_at_best_epoch`` and
 ``final_test_accuracy`` (test data is only reported, never used for a choice), mean
-``images_per_s``, ``saved_activation_bytes`` (as measured on the first
-step of the last epoch), mean ``backward_ms`` per step. Both files are rewritten atomically after
+``images_per_s``, ``saved_activation_bytes`` (as measured on the first step of the last
+epoch), mean ``backward_ms`` per step. Both files are rewritten atomically after
 every epoch.
 """
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import struct
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,6 +175,36 @@ def test_split_folder_validates_on_training_images_and_tests_on_the_test_split(s
         with pytest.raises(DataError, match=rf"--val-data .*: its {what} of --data"):
             load_splits(sources[kind], sources[kind] + "/", image_size=4,
                         normalization="imagenet", train_samples=None, val_samples=None, seed=0)
+    # ... nor one of its split folders, however written: the images are compared by where
+    # they were read, not by the spec
+    root = sources["split folder"]
+    for val_spec, what in ((f"{root}/train", "training data"), (f"{root}/./test", "test data"),
+                           (f"{root}/../split/train/", "training data")):
+        with pytest.raises(DataError, match=rf"--val-data .*: its images .* are the {what}"):
+            load_splits(root, val_spec, image_size=4, normalization="imagenet",
+                        train_samples=None, val_samples=None, seed=0)
+    # the registered name and the archive it reads are one source too
+    with pytest.raises(DataError, match=r"are the test data, only reported, of --data cifar10"):
+        load_splits("cifar10", str(Path(os.environ["BUDGETSEARCH_SHARED"]) / "datasets"
+                                   / "cifar10-jpeg.tar.gz"), image_size=4,
+                    normalization="imagenet", train_samples=None, val_samples=None, seed=0)
     with pytest.raises(DataError, match=r"--val-fraction must be in \(0, 1\)"):
         load_splits(sources["flat"], None, image_size=4, normalization="imagenet",
                     train_samples=None, val_samples=None, seed=0, val_fraction=1.0)
+
+
+def test_an_archive_with_other_splits_than_test(tmp_path, monkeypatch):
+    """An archive's own split list decides: train + val validates on val; train alone holds
+    out validation images from train and has no test split (it failed asking for 'test')."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the archive cache
+    sizes = [PER_CLASS] * len(CLASSES)
+    with_val = _archive(tmp_path / "tv.tar.gz", {"train": sizes, "val": [2] * 5})
+    train, val, test = load_splits(str(with_val), None, image_size=4, normalization="imagenet",
+                                   train_samples=None, val_samples=None, seed=0)
+    assert (len(train), len(val), len(test)) == (48, 12, 10)
+    assert test.source.endswith("[val]")
+    only_train = _archive(tmp_path / "t.tar.gz", {"train": sizes})
+    train, val, test = load_splits(str(only_train), None, image_size=4,
+                                   normalization="imagenet", train_samples=None,
+                                   val_samples=None, seed=0)
+    assert test is None and len(train) + len(val) == 60

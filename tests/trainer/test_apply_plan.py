@@ -310,7 +310,11 @@ def test_bad_plans_are_refused_and_leave_the_model_untouched():
         apply_plan(model, Plan.full(other_graph), graph=graph)
     with pytest.raises(PlanError, match="another model"):
         apply_plan(other, Plan.full(graph))
-    bad = Plan.from_layers(graph, {"head": LayerUpdate("weight", patch_size=2)})
+    with pytest.raises(PlanError, match="head: a gradient filter"):  # refused by the plan
+        Plan.from_layers(graph, {"head": LayerUpdate("weight", patch_size=2)})
+    # a plan file built elsewhere that slipped past: apply_plan refuses it untouched too
+    bad = Plan.from_layers(graph, {"head": LayerUpdate("weight")})
+    object.__setattr__(bad.updates["head"], "patch_size", 2)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(PlanError, match="head: a gradient filter"):
         apply_plan(model, bad, graph=graph)

@@ -118,6 +118,16 @@ def test_a_bad_recipe_in_a_plan_file_is_named(setup, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(doc))
     with pytest.raises(PlanError, match=r"field recipe\.lr"):
         load_plan(tmp_path / "p.json")
+    # a seed the batch-order generator overflows on (it crashed the first epoch)
+    doc["recipe"] = {"lr": 0.1, "seed": 2**50}
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match=r"field recipe\.seed"):
+        load_plan(tmp_path / "p.json")
+    from budgetsearch.recipe import MAX_SEED, Recipe
+
+    with pytest.raises(PlanError, match=rf"seed.* from 0 to {MAX_SEED}"):
+        Recipe(seed=MAX_SEED + 1)
+    assert Recipe(seed=MAX_SEED).seed == MAX_SEED
 
 
 def test_lrs_trains_once_per_rate_and_keeps_the_best_on_validation(setup, capsys):
