@@ -242,8 +242,10 @@ def test_optimizer_state_and_summary_match(tiny_graph):
 
 def test_filter_on_a_linear_layer_is_refused_when_costed(tiny_graph):
     cm = CostModel(tiny_graph, _profile())
-    with pytest.raises(PlanError, match=r"fc.*2-D convolutions"):
-        cm.evaluate(Plan.from_layers(tiny_graph, {"fc": LayerUpdate("weight", patch_size=2)}))
+    with pytest.raises(PlanError, match=r"layer fc: a gradient filter"):  # by the plan itself
+        Plan.from_layers(tiny_graph, {"fc": LayerUpdate("weight", patch_size=2)})
+    with pytest.raises(PlanError, match=r"fc.*2-D convolutions"):  # a plain mapping
+        cm.evaluate({"fc": LayerUpdate("weight", patch_size=2)})
 
 
 def test_depthwise_output_channel_subset_needs_only_those_input_channels(tiny_graph):
