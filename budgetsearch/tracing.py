@@ -145,6 +145,7 @@ class _LeafTracer(fx.Tracer):
 def trace_fx(model: nn.Module, example: torch.Tensor) -> list[Record]:
     gm = fx.GraphModule(model, _LeafTracer().trace(model))
     modules = dict(gm.named_modules())
+    owned = _owned_storages(model)
     records: list[Record] = []
     index_of: dict[fx.Node, int] = {}
     passthrough: dict[fx.Node, list[fx.Node]] = {}
@@ -174,9 +175,10 @@ def trace_fx(model: nn.Module, example: torch.Tensor) -> list[Record]:
                 target, module, module_name = name, None, None
                 attrs = _function_attrs(name, n.args, n.kwargs)
                 if kind == "mul":
-                    attrs["graph_operands"] = sum(
-                        isinstance(a, fx.Node) and a in index_of for a in _operands(n.args,
-                                                                                    n.kwargs))
+                    values, kw_values = self.fetch_args_kwargs_from_env(n)
+                    graph = [isinstance(a, fx.Node) and a in index_of
+                             for a in _operands(n.args, n.kwargs)]
+                    attrs.update(_product_attrs(graph, _operands(values, kw_values), owned))
             index_of[n] = len(records)
             records.append(
                 Record(n.name, kind, target, module, module_name,
@@ -186,6 +188,23 @@ def trace_fx(model: nn.Module, example: torch.Tensor) -> list[Record]:
 
     Recorder(gm, garbage_collect_values=False).run(example)
     return records
+
+
+def _owned_storages(model: nn.Module) -> set[int]:
+    """The storages of a model's parameters and buffers (its own tensors, not activations)."""
+    return {t.untyped_storage().data_ptr()
+            for t in (*model.parameters(), *model.buffers())}
+
+
+def _product_attrs(graph: list[bool], values: list[Any], owned: set[int]) -> dict[str, int]:
+    """A product's ``graph_operands`` (operands that are graph tensors) and ``constant_bytes``
+    (tensor operands made in the forward pass, neither graph tensors nor the model's own, which
+    autograd keeps for the other operand's gradient)."""
+    constant = sum(v.numel() * v.element_size() for is_graph, v in zip(graph, values,
+                                                                       strict=True)
+                   if not is_graph and isinstance(v, torch.Tensor)
+                   and v.untyped_storage().data_ptr() not in owned)
+    return {"graph_operands": sum(graph), "constant_bytes": int(constant)}
 
 
 def _operands(args: Any, kwargs: dict) -> list[Any]:
@@ -227,6 +246,7 @@ def trace_hooks(model: nn.Module, example: torch.Tensor) -> list[Record]:
     ]
     producer: dict[int, int] = {id(example): 0}
     keep: list[torch.Tensor] = [example]  # keep tensors alive so ids stay unique
+    owned = _owned_storages(model)
     leaves = {
         name: m for name, m in model.named_modules() if not list(m.children()) and name
     }
@@ -254,12 +274,13 @@ def trace_hooks(model: nn.Module, example: torch.Tensor) -> list[Record]:
         if name in _NON_TENSOR or not tensors_in(out):
             return
         if not any(id(t) in producer for t in tensors_in([args, kwargs])):
-            return  # made from constants alone (a view of a buffer, torch.ones): no activation
+            return  # made from constants alone (a view of a buffer, torch.full): no activation
         kind = _FUNCTION_KINDS.get(name, name)
         attrs = _function_attrs(name, tuple(args), kwargs)
         if kind == "mul":
-            attrs["graph_operands"] = sum(isinstance(a, torch.Tensor) and id(a) in producer
-                                          for a in _operands(args, kwargs))
+            operands = _operands(args, kwargs)
+            graph = [isinstance(a, torch.Tensor) and id(a) in producer for a in operands]
+            attrs.update(_product_attrs(graph, operands, owned))
         add(f"{name}_{len(records)}", kind, name, None, None, [args, kwargs], out, attrs)
 
     recorder.on_call = on_call

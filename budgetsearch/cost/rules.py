@@ -394,8 +394,13 @@ def _mul(ctx: OpContext) -> OpCost:
     saved = []
     ins, grads = ctx.inputs, ctx.input_grad
     if len(ins) == 1:
-        if ctx.node.attrs.get("graph_operands", 2) < 2:  # x * a number or the model's buffer:
-            return OpCost()  # the gradient needs only the constant, which is no activation
+        if ctx.node.attrs.get("graph_operands", 2) < 2:
+            # x * a number or a constant tensor: x's gradient needs only the constant. Autograd
+            # keeps a tensor made in the forward pass (not a buffer of the model's) for it.
+            made = int(ctx.node.attrs.get("constant_bytes", 0))
+            if made and grads[0] and ctx.acc.stock_autograd:
+                return OpCost(saved=(ctx.private("constant", made, 1),))
+            return OpCost()
         ins, grads = ins * 2, grads * 2  # x * x
     # x *= y overwrites x: autograd keeps a copy of it for y's gradient
     in_place = len(ctx.inputs) == 2 and ctx.node.storage == ctx.inputs[0].storage

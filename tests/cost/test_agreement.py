@@ -142,6 +142,8 @@ class _Scaled(torch.nn.Module):
             x = x * self.scale
         elif self.how == "buffer-view":
             x = x * self.flat.view(1, -1, 1, 1)
+        elif self.how == "made-in-forward":  # not the model's: autograd keeps it
+            x = x * torch.full((1, 4, 1, 1), 0.5)
         elif self.how == "square":
             x = x * x
         elif self.how == "keyword-square":
@@ -158,6 +160,7 @@ class _Scaled(torch.nn.Module):
 
 @pytest.mark.parametrize("tracer", ["fx", "hooks"])
 @pytest.mark.parametrize("how", ["number", "number-left", "method", "buffer", "buffer-view",
+                                 "made-in-forward",
                                  "square", "keyword-square", "product", "in-place-product"])
 def test_products_keep_what_autograd_keeps(how, tracer):
     """Autograd keeps neither operand of ``x * 0.5`` (nor of ``x * buffer``: the buffer is the
