@@ -406,21 +406,32 @@ def _file_digest(path: Path) -> str:
 
 def archive_splits(archive: str | os.PathLike[str],
                    cache_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """The splits a ``.tar.gz`` image archive holds (decoding it once into the cache).
+    """The splits a ``.tar.gz`` image archive holds: read from its decoded cache alone (not its
+    images), the archive decoded into the cache first if it has none.
 
     Raises:
         DataError: If the archive is missing or unreadable.
     """
-    return [str(s) for s in _archive_arrays(Path(archive), cache_dir)["splits"]]
+    archive = Path(archive)
+    try:
+        with np.load(_archive_cache(archive, cache_dir), allow_pickle=False) as npz:
+            return [str(s) for s in npz["splits"]]
+    except (OSError, ValueError, KeyError):  # no cache yet, or an unreadable one
+        return [str(s) for s in _archive_arrays(archive, cache_dir)["splits"]]
 
 
-def _archive_arrays(archive: Path, cache_dir: str | os.PathLike[str] | None
-                    ) -> dict[str, np.ndarray]:
+def _archive_cache(archive: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Where an archive's decoded arrays are cached (named by its digest)."""
     if not archive.is_file():
         raise DataError(f"{archive}: no such archive")
     cache_root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "budgetsearch"
     stem = archive.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
-    cache = cache_root / f"{stem}-{_file_digest(archive)}.npz"
+    return cache_root / f"{stem}-{_file_digest(archive)}.npz"
+
+
+def _archive_arrays(archive: Path, cache_dir: str | os.PathLike[str] | None
+                    ) -> dict[str, np.ndarray]:
+    cache = _archive_cache(archive, cache_dir)
     arrays = _read_cache(cache)
     if arrays is None:
         arrays = _decode_archive(archive)

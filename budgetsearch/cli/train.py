@@ -200,15 +200,17 @@ def _is_flat(spec: str) -> bool:
 
 def _held_out_split(spec: str) -> str | None:
     """The first of the source's test / validation splits, or None."""
+    if _registry_key(spec) not in _REGISTRY_SETS and spec.endswith((".tar.gz", ".tgz")):
+        from ..data import archive_splits
+
+        splits = archive_splits(Path(spec).expanduser())  # the archive's own list, read once
+        return next((split for split in _VAL_SPLITS if split in splits), None)
     return next((split for split in _VAL_SPLITS if _has_split(spec, split)), None)
 
 
 def _has_split(spec: str, split: str) -> bool:
+    """Whether a registered data set, an MNIST pickle or a folder has ``split``."""
     key = _registry_key(spec)
-    if key not in _REGISTRY_SETS and spec.endswith((".tar.gz", ".tgz")):
-        from ..data import archive_splits
-
-        return split in archive_splits(Path(spec).expanduser())
     if key in _REGISTRY_SETS or spec.endswith(".pkl.gz"):
         return split == "test" or (split == "val" and key == "mnist")
     path = Path(spec).expanduser()
