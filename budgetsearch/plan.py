@@ -144,7 +144,7 @@ class Plan:
             )
         ordered = dict(sorted(self.updates.items(), key=lambda kv: order[kv[0]]))
         for name, update in ordered.items():
-            _check_channels(name, update, self.layer_shapes[name])
+            _check_update(name, update, self.layer_shapes[name])
         object.__setattr__(self, "updates", ordered)
         object.__setattr__(self, "_fingerprint", fingerprint(dict(self.layer_shapes)))
 
@@ -383,7 +383,9 @@ def _full_updates(graph: LayerGraph, names: Iterable[str], patch_size: int) -> d
     return out
 
 
-def _check_channels(name: str, update: LayerUpdate, shape: list[int]) -> None:
+def _check_update(name: str, update: LayerUpdate, shape: list[int]) -> None:
+    """Refuse an update its layer (weight ``shape``) cannot take: a gradient filter off a
+    conv's weight update, channels without a weight update, channel indices out of range."""
     if update.patch_size > 1 and (update.mode != "weight" or len(shape) != 4):
         what = "a linear layer" if len(shape) != 4 else f"mode {update.mode!r}"
         raise PlanError(f"layer {name}: a gradient filter (patch_size {update.patch_size}) "

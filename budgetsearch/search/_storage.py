@@ -242,6 +242,10 @@ def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int
     """
     if not trials:
         return []
+    for t in trials:  # before anything is written, whichever storage
+        if not t.state.is_finished():
+            raise SearchError(f"trial {t.number} is not finished; only finished trials are "
+                              "written")
     backend = _rdb_backend(study)
     if backend is None:
         return _write_other(study, trials)
@@ -255,13 +259,10 @@ def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int
 
 
 def _write_other(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int]:
-    """Journal and in-memory storages: every trial checked first, then added one at a time and
-    numbered as the storage numbered it (other workers may add trials in between, so the
-    numbers need not be contiguous)."""
+    """Journal and in-memory storages: every trial checked first (as ``Study.add_trial`` checks
+    one), then added one at a time and numbered as the storage numbered it (other workers may
+    add trials in between, so the numbers need not be contiguous)."""
     for t in trials:
-        if not t.state.is_finished():
-            raise SearchError(f"trial {t.number} is not finished; only finished trials are "
-                              "written")
         t._validate()
         if t.values is not None and len(t.values) != len(study.directions):
             raise SearchError(f"trial {t.number} has {len(t.values)} values; the study has "
@@ -280,9 +281,6 @@ def _write_rdb(backend: RDBStorage, study_id: int, trials: Sequence[FrozenTrial]
         models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
         rows = []
         for t in trials:
-            if not t.state.is_finished():
-                raise SearchError(f"trial {t.number} is not finished; only finished trials are "
-                                  "written")
             rows.append(models.TrialModel(
                 study_id=study_id, number=None, state=t.state,
                 datetime_start=t.datetime_start, datetime_complete=t.datetime_complete))
