@@ -36,7 +36,7 @@ from ..errors import CostError, PlanError
 from ..graph import LayerGraph
 from ..plan import LayerUpdate, Plan
 from .result import Cost, CostSummary, OpRow
-from .rules import RULES, Accounting, OpContext, OpCost, Rule, conv_geometry, unknown_rule
+from .rules import RULES, Accounting, OpContext, OpCost, Rule, unknown_rule
 
 if TYPE_CHECKING:
     from ..profiles import DeviceProfile
@@ -627,8 +627,7 @@ class CostModel:
                                                       for j in node.inputs))
         out = {f"forward.{g}.calls": 1.0}
         if g != "elementwise":
-            inp = self.graph.nodes[node.inputs[0]]
-            out[f"forward.{g}.macs"] = float(self.batch * conv_geometry(node, inp).macs_per_sample)
+            out[f"forward.{g}.macs"] = float(self._fwd_macs_node[node.index])
             layer = self.graph.layers.get(node.layer) if node.layer else None
             if layer is not None:
                 nbytes += 4.0 * layer.weight_numel
