@@ -32,8 +32,8 @@ from typing import Any
 from ._io import atomic_open, locked
 from .errors import StoreError
 
-__all__ = ["FileStore", "SqlStore", "heartbeat_while", "open_store", "worker_id",
-           "write_json_atomic"]
+__all__ = ["FileStore", "SqlStore", "heartbeat_while", "open_store", "worker_gone",
+           "worker_id", "write_json_atomic"]
 
 
 def worker_id() -> str:
@@ -85,9 +85,18 @@ def heartbeat_while(beat: Callable[[], None], *, every: float) -> Iterator[None]
         thread.join(timeout=10)
 
 
-def _dead(worker: str, mtime: float, stale_after: float) -> bool:
-    """Whether a claim's worker is gone: its process is missing on this host, or its heartbeat
-    is older than ``stale_after``."""
+def worker_gone(worker: str, mtime: float, stale_after: float) -> bool:
+    """Whether a claim's worker is gone, so that its claim may be taken over.
+
+    Args:
+        worker: The claim's :func:`worker_id` (``host:pid:...``).
+        mtime: When the claim was last refreshed (its heartbeat), in seconds since the epoch.
+        stale_after: Seconds after which a heartbeat is too old on any host.
+
+    Returns:
+        True when the worker's process is missing on this host, or its heartbeat is older
+        than ``stale_after``.
+    """
     host, _, rest = str(worker).partition(":")
     pid = rest.partition(":")[0]
     if host == socket.gethostname() and pid.isdigit():
@@ -153,7 +162,7 @@ class FileStore:
                         mtime = path.stat().st_mtime
                     except OSError:
                         continue  # released or taken over meanwhile: try again
-                    if not _dead(holder, mtime, self.stale_after):
+                    if not worker_gone(holder, mtime, self.stale_after):
                         return False
                     os.rename(path, path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}"))
                 continue
@@ -260,7 +269,7 @@ class SqlStore(FileStore):
             if row is None:
                 return False
             holder, beat = row
-            if holder is not None and not _dead(holder, beat or 0.0, self.stale_after):
+            if holder is not None and not worker_gone(holder, beat or 0.0, self.stale_after):
                 return False
             cond = t.c.worker.is_(None) if holder is None else (
                 (t.c.worker == holder) & (t.c.heartbeat == beat))

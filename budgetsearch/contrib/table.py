@@ -27,7 +27,7 @@ from typing import Any
 
 from .._io import atomic_write_text, locked
 from ..errors import DataError
-from ..store import _dead, heartbeat_while
+from ..store import heartbeat_while, worker_gone
 
 __all__ = [
     "TABLE_VERSION",
@@ -198,7 +198,7 @@ def _alive(claim: Mapping[str, Any], stale_after: float) -> bool:
     """A claim's worker lives unless the study store's rule says it is dead: its process gone
     on this host, or its heartbeat older than ``stale_after`` on any."""
     beat = claim.get("beat", claim.get("since"))
-    return not _dead(f"{claim.get('host')}:{claim.get('pid')}:",
+    return not worker_gone(f"{claim.get('host')}:{claim.get('pid')}:",
                      beat if isinstance(beat, (int, float)) else time.time(), stale_after)
 
 
