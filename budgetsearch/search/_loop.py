@@ -132,8 +132,12 @@ class TrialLoop:
         if self.memory_only:
             self.persisted = len(self.work.get_trials(deepcopy=False, states=DONE))
             return
-        batch = [self.frozen.pop(n) for n in self.pending]
+        # the batch leaves ``frozen`` only once written: a write that fails (Ctrl-C included)
+        # leaves it pending for the final write of ``run``
+        batch = [self.frozen[n] for n in self.pending]
         numbers = write_trials(self.study, batch)
+        for n in self.pending:
+            del self.frozen[n]
         self.to_persistent.update(zip(self.pending, numbers, strict=True))
         self.known.update(numbers)
         self.flushed += len(batch)

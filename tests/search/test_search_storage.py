@@ -175,6 +175,31 @@ def test_write_trials_numbers_are_the_storages_when_another_worker_adds_trials(
     assert [stored[n] for n in numbers] == [t.params for t in result.trials[:3]]
 
 
+def test_a_batch_whose_write_is_interrupted_is_written_at_the_end(
+        mcu: dict, tmp_path, monkeypatch) -> None:
+    """Ctrl-C during a batched write: the batch stays pending, the run's final write stores it,
+    and the interrupt (not a KeyError of the lost batch) reaches the caller."""
+    from budgetsearch.search import _loop
+
+    real = _loop.write_trials
+    calls: list[int] = []
+
+    def interrupted(study, trials):
+        calls.append(len(trials))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if SIGINT landed inside the write
+        return real(study, trials)
+
+    monkeypatch.setattr(_loop, "write_trials", interrupted)
+    url = f"sqlite:///{tmp_path}/c.db"
+    with pytest.raises(KeyboardInterrupt):
+        _search(mcu).run(n_trials=400, storage=url, study_name="c", flush_seconds=0.0)
+    assert len(calls) == 3 and calls[2] >= calls[1]  # the interrupted batch written at the end
+    stored = optuna.load_study(study_name="c", storage=open_storage(url)).get_trials(
+        states=(TrialState.COMPLETE,))
+    assert len(stored) == calls[0] + calls[2]
+
+
 def test_journal_storage_and_worker_rebuild(mcu: dict, tmp_path) -> None:
     url = f"journal:///{tmp_path}/j.log"
     first = _search(mcu).run(n_trials=30, storage=url, study_name="j")
