@@ -41,10 +41,11 @@ from .rules import RULES, Accounting, OpContext, OpCost, Rule, unknown_rule
 if TYPE_CHECKING:
     from ..profiles import DeviceProfile
 
-__all__ = ["ACCOUNTINGS", "MEMORY_MEASURES", "CostModel", "CostSummary", "accounting_for"]
+__all__ = ["ACCOUNTINGS", "MEMORY_MEASURES", "OPTIMIZER_STATES", "CostModel", "CostSummary",
+           "accounting_for"]
 
 #: State tensors per parameter of each optimizer.
-_OPTIMIZER_STATES: dict[Optimizer, int] = {"sgd": 0, "momentum": 1, "adam": 2}
+OPTIMIZER_STATES: dict[Optimizer, int] = {"sgd": 0, "momentum": 1, "adam": 2}
 _NO_COST = OpCost()
 
 
@@ -532,7 +533,7 @@ class CostModel:
             old = per_node.get(at, (0.0, 0.0))
             per_node[at] = (old[0] + layer.out_channels,
                             old[1] + layer.out_channels * acc.gradient_bytes)
-        state = _OPTIMIZER_STATES[self.optimizer]
+        state = OPTIMIZER_STATES[self.optimizer]
         return {"params": round(params), "per_node": per_node,
                 "optimizer_bytes": int(params * state * acc.optimizer_state_bytes)}
 
@@ -655,7 +656,7 @@ class CostModel:
         return out
 
     def _optimizer_features(self, trainable) -> dict[str, float]:
-        state = _OPTIMIZER_STATES[self.optimizer]
+        state = OPTIMIZER_STATES[self.optimizer]
         return {"optimizer.bytes": 4.0 * trainable["params"] * (2 + 2 * state)}
 
     def latency_features(self, plan: Plan | Mapping[str, LayerUpdate]) -> dict[str, float]:
@@ -714,7 +715,7 @@ class CostModel:
         updated in place) and each state tensor is read and written: (2 + 2 x states) accesses."""
         if self._latency is not None:
             return self._latency.predict_ms(self._optimizer_features(trainable))
-        state = _OPTIMIZER_STATES[self.optimizer]
+        state = OPTIMIZER_STATES[self.optimizer]
         per = 4 if self.acc.stock_autograd else self.acc.weight_bytes
         bw = self.profile.memory_bandwidth_bytes_per_s
         return 1e3 * trainable["params"] * per * (2 + 2 * state) / bw

@@ -47,7 +47,7 @@ from ..search import (
 )
 from ..units import format_bytes
 from .effort import Effort, get_effort
-from .flow import PlanOutcome, check_recipe_bn, cost_bn, make_plan
+from .flow import PlanOutcome, check_recipe, cost_bn, make_plan
 from .prepare import contribution_table, fisher_scores, load_contributions, race_data_key
 from .race import RaceSettings
 from .target import check_target, resolve_target
@@ -314,7 +314,7 @@ def plan_for(
     if recipe is not None and train_batch is not None:
         raise PlanError("give the race's batch size either as train_batch or in the recipe")
     if recipe is not None:
-        check_recipe_bn(recipe, cost_model)
+        check_recipe(recipe, cost_model)
     parse_pick(pick)  # an unknown rule: refused before any work
     if lrs is not None:  # a bad grid or bound: refused before any work
         RaceSettings(lrs=tuple(lrs))

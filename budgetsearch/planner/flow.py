@@ -253,13 +253,18 @@ def cost_bn(cost_model: Any) -> str:
     return "train" if getattr(cost_model, "bn_train", False) else "frozen"
 
 
-def check_recipe_bn(recipe: Recipe, cost_model: Any) -> None:
-    """Refuse a recipe that trains batch norm otherwise than the cost model counted it: the
-    plan would be raced, and handed out, with a recipe its budget was not checked for.
+def check_recipe(recipe: Recipe, cost_model: Any) -> None:
+    """Refuse a recipe whose training the cost model did not count: the plan would be raced,
+    and handed out, with a recipe its budget was not checked for.
+
+    The recipe must train batch norm as the cost model counts it, and its optimizer must keep
+    no more state per parameter than the cost model's (a plan costed with momentum's state
+    fits when trained with plain SGD, not the other way round).
 
     Raises:
-        PlanError: Naming both modes.
+        PlanError: Naming both modes, or both optimizers and the state each keeps.
     """
+    from ..cost.model import OPTIMIZER_STATES
     from ..errors import PlanError
 
     counted = cost_bn(cost_model)
@@ -267,6 +272,14 @@ def check_recipe_bn(recipe: Recipe, cost_model: Any) -> None:
         raise PlanError(f"the recipe trains batch norm {recipe.bn!r} but the cost model counts "
                         f"it {counted!r} (bn_train={cost_model.bn_train}); make "
                         "them agree (plan --bn-train sets both)")
+    kept, counted_states = (OPTIMIZER_STATES[recipe.optimizer],
+                            OPTIMIZER_STATES[cost_model.optimizer])
+    if kept > counted_states:
+        raise PlanError(f"the recipe's optimizer {recipe.optimizer!r} keeps {kept} state "
+                        f"tensor(s) per trained parameter but the cost model counts "
+                        f"{cost_model.optimizer!r}, which keeps {counted_states}: the plan "
+                        "could exceed its budget when trained; cost it with that optimizer "
+                        f"(plan --optimizer {recipe.optimizer}, CostModel(optimizer=...))")
 
 
 def make_plan(
@@ -348,7 +361,7 @@ def make_plan(
         raise PlanError(f"effort {effort.name} races plans: it needs training data (a runner)")
     recipe = recipe or Recipe(optimizer=search.cost_model.optimizer, seed=search.seed,
                               bn=cost_bn(search.cost_model))
-    check_recipe_bn(recipe, search.cost_model)
+    check_recipe(recipe, search.cost_model)
     data = getattr(runner, "data", None)
     sizes = ({"train_images": len(data["train"][1]), "val_images": len(data["val"][1])}
              if isinstance(data, Mapping) and "train" in data and "val" in data
@@ -380,7 +393,7 @@ def make_plan(
         plan = search.plan_of(winner.updates, method=winner.name, **common)
     outcome = PlanOutcome(plan, result, rr, skipped)
     _check_target(target, plan, search, mcu_dir)
-    plan = plan.with_(recipe=rr.recipe, provenance={
+    plan = plan.with_(recipe=rr.recipe, filter_mode=rr.recipe.filter_mode, provenance={
         **plan.provenance, "effort": effort.name, **tagged, "race": {
             **rr.provenance(), "skipped": skipped, "margin": outcome.margin(),
             "separation": outcome.separation(),

@@ -85,13 +85,14 @@ class SmallSplit(HeadFirst):
 
 def test_a_baseline_that_wins_the_race_is_the_plan(search, mcunet, tmp_path):
     outcome = make_plan(search, effort=EFFORTS["standard"], n_trials=60, runner=SmallSplit(),
-                        model=mcunet["model"], recipe=Recipe(optimizer="sgd"), lrs=(0.01, 0.02),
-                        race_path=tmp_path / "race.json", progress=False)
+                        model=mcunet["model"], recipe=Recipe(optimizer="sgd", filter_mode="paper"),
+                        lrs=(0.01, 0.02), race_path=tmp_path / "race.json", progress=False)
     plan = outcome.plan
     winner = outcome.race.winner  # the classifier alone (maybe under an equal baseline's name)
     assert "classifier" in (winner.name, *winner.aliases) and winner.source == "baseline"
     assert plan.provenance["method"] == winner.name and len(plan.updates) == 1
-    assert plan.recipe == Recipe(optimizer="sgd", lr=0.02, epochs=4)
+    assert plan.recipe == Recipe(optimizer="sgd", lr=0.02, epochs=4, filter_mode="paper")
+    assert plan.filter_mode == "paper"  # the plan's own field agrees with its recipe's
     assert plan.provenance["race"]["margin"]["points"] == 0
     assert plan.provenance["effort"] == "standard"
     assert plan.device == "stm32h743" and plan.memory_budget_bytes == 100 * 1024

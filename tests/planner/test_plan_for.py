@@ -109,7 +109,7 @@ def test_argument_rules_name_the_library_arguments():
         plan_for(**base, data="cifar10", pick="max-accuracy")  # before any work
     # batch norm trained as the cost model counts it: a recipe that disagrees is refused up
     # front; without a recipe, the race's follows the cost model
-    from budgetsearch.planner.flow import cost_bn
+    from budgetsearch.planner.flow import check_recipe, cost_bn
     from budgetsearch.recipe import Recipe
 
     bn_cost = CostModel(cost_model.graph, load_profile("stm32h743"), bn_train=True)
@@ -117,6 +117,17 @@ def test_argument_rules_name_the_library_arguments():
                                         r"model counts it 'train' \(bn_train=True\)"):
         plan_for(**{**base, "cost_model": bn_cost}, data="cifar10", recipe=Recipe())
     assert (cost_bn(bn_cost), cost_bn(cost_model)) == ("train", "frozen")
+    # an optimizer keeping more state than the cost model counts could train over budget: the
+    # cost model (stm32h743) counts plain SGD
+    with pytest.raises(PlanError, match=r"the recipe's optimizer 'adam' keeps 2 state tensor\(s\) "
+                                        r"per trained parameter but the cost model counts 'sgd', "
+                                        r"which keeps 0.*plan --optimizer adam"):
+        plan_for(**base, data="cifar10", recipe=Recipe(optimizer="adam"))
+    with pytest.raises(PlanError, match="'momentum' keeps 1"):
+        check_recipe(Recipe(optimizer="momentum"), cost_model)
+    # less state than counted fits: momentum counted, plain SGD trained
+    check_recipe(Recipe(optimizer="sgd"),
+                 CostModel(cost_model.graph, load_profile("stm32h743"), optimizer="momentum"))
     # the command line's flags in the same rules
     flags = {"plan": "plan", "data": "--data", "scores": "--scores FILE", "contrib": "--contrib",
              "effort": "--effort", "objective": "--objective"}
