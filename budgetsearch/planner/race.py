@@ -401,7 +401,8 @@ def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_a
     out = {}
     for arm, r in runs.items():
         values, images = [a for a, _n in r], [n for _a, n in r]
-        out[arm] = math.inf if math.inf in values else pooled_mean(values, images)
+        out[arm] = math.inf if math.inf in values else pooled_mean(
+            values, images, counts=metric.endswith("_accuracy"))
     return out
 
 
@@ -524,7 +525,7 @@ def race(
         for name, lr in arms:
             rows = [done[k] for k, (n, x, _s, _f) in jobs.items() if n == name and x == lr]
             images = [r.get("val_images") for r in rows]
-            acc = pooled_mean([float(r["val_accuracy"]) for r in rows], images)
+            acc = pooled_mean([float(r["val_accuracy"]) for r in rows], images, counts=True)
             losses = [r.get("val_loss") for r in rows]
             loss = pooled_mean(losses, images) if None not in losses else math.inf
             scored.append((-acc, pool[name].memory_bytes, loss, name, lr))
@@ -637,10 +638,23 @@ def fold_seed(seed: int, fold: int | None) -> int:
     return seed if fold is None else seed + fold * FOLD_SEED_STRIDE
 
 
-def pooled_mean(values: Sequence[float], images: Sequence[int | None]) -> float:
+def pooled_mean(values: Sequence[float], images: Sequence[int | None], *,
+                counts: bool = False) -> float:
     """The mean of an arm's per-run scores (seeds, folds), each weighted by the images it was
     validated on: the score over all of them. When any run's count is unknown (recorded before
-    counts were), every run counts equally."""
+    counts were), every run counts equally.
+
+    Args:
+        values: The runs' scores.
+        images: The images each run was validated on (None: unknown).
+        counts: The scores are fractions of their images (accuracies): they are pooled as the
+            images right over the images, so that two arms right on as many of the same
+            images score the same to the bit (a weighted sum of fractions rounds differently
+            by the order and spread of its terms, and the race breaks ties by memory).
+    """
+    if counts and all(images):
+        sizes = [int(n or 0) for n in images]
+        return sum(round(v * n) for v, n in zip(values, sizes, strict=True)) / sum(sizes)
     weights = [float(n) for n in images] if all(images) else [1.0] * len(values)
     return sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
 

@@ -12,6 +12,7 @@ from budgetsearch.contrib import SharedTable, TableError
 from budgetsearch.errors import PlanError
 from budgetsearch.plan import LayerUpdate
 from budgetsearch.planner import Candidate, RaceSettings, race, race_key
+from budgetsearch.planner.race import pooled_mean
 from budgetsearch.recipe import Recipe
 
 
@@ -545,3 +546,38 @@ def test_best_arm_each_keeps_each_candidates_first_arm_in_rank_order():
     assert best_arm_each(ranked, 10) == [("a", 0.02), ("b", 0.06), ("c", 0.00667),
                                          ("d", 0.02)]
     assert best_arm_each([], 4) == []
+
+
+def test_arms_right_on_as_many_pooled_images_tie_and_less_memory_wins():
+    """Right on 60 of 5 x 50 pooled images each, spread otherwise over the folds: a weighted
+    sum of the fractions rounds the two apart (0.24000000000000002 and 0.24); pooled as counts
+    they tie, and the tie goes to less memory as documented."""
+    counts = {"l_big": [28, 7, 5, 5, 15], "l_small": [21, 14, 5, 5, 15]}
+
+    class View:
+        def __init__(self, j: int) -> None:
+            self.j, self.val_rows = j, list(range(50))
+
+        def run(self, updates, recipe):
+            (layer,) = [k for k in updates if k != "head"]
+            return {"val_accuracy": counts[layer][self.j] / 50, "val_loss": 1.0,
+                    "val_images": 50}
+
+    class Runner:
+        def folds(self, k, *, seed):
+            return [View(j) for j in range(k)]
+
+    def arm(name: str, memory: int) -> Candidate:
+        return Candidate(name=name, source="search", memory_bytes=memory, latency_ms=1.0,
+                         backward_macs=1.0, updates={"head": LayerUpdate("weight"),
+                                                     f"l_{name}": LayerUpdate("bias")})
+
+    result = race(Runner(), [arm("big", 500), arm("small", 100)], recipe=Recipe(),
+                  settings=RaceSettings(rungs=(1,), lrs=(0.02,), folds=5), progress=False)
+    assert result.winner.name == "small"
+    assert {a["val_accuracy"] for a in result.rungs[-1]["arms"]} == {0.24}
+    assert sum(c / 50 * 50 for c in counts["l_big"]) / 250 != 0.24  # what was compared before
+    assert pooled_mean([c / 50 for c in counts["l_big"]], [50] * 5, counts=True) == 0.24
+    assert pooled_mean([1 / 200, 14 / 200], [200, 200], counts=True) == pooled_mean(
+        [0.0, 15 / 200], [200, 200], counts=True)
+    assert pooled_mean([0.5, 1.0], [None, 10], counts=True) == 0.75  # a count unknown: equal
