@@ -540,8 +540,7 @@ def _open_with_scores(storage: Any, name: str, probe: Mapping[str, Any], *,
                 scores = compute()
             except BaseException:
                 opening.exception()  # wait, then leave no empty database (or its lock) behind
-                for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
-                    Path(f"{new_file}{suffix}").unlink(missing_ok=True)
+                _drop_if_empty(new_file)
                 raise
             return opening.result(), scores
     opened = open_storage(storage) if isinstance(storage, str) else storage
@@ -554,6 +553,30 @@ def _open_with_scores(storage: Any, name: str, probe: Mapping[str, Any], *,
         raise SearchError(f"study {name!r} was made with other scores than {given.file}")
     log(f"continuing study {name!r} ({finished} trials) with its stored scores")
     return opened, scores
+
+
+def _drop_if_empty(db_file: Path) -> None:
+    """Delete a SQLite database this run created, and its lock file, if it holds no study: in
+    the minutes the scores took, another process given the same storage may have stored its
+    study there."""
+    import sqlite3
+
+    from .._io import locked
+
+    with locked(db_file):
+        try:
+            connection = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
+            try:
+                studies = connection.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+            finally:
+                connection.close()
+        except sqlite3.Error:  # no file, or no schema yet: nothing stored
+            studies = 0
+        if studies:
+            return
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{db_file}{suffix}").unlink(missing_ok=True)
+    Path(f"{db_file}.lock").unlink(missing_ok=True)
 
 
 def _sqlite_path(storage: Any) -> Path | None:

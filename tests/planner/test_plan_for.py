@@ -4,6 +4,8 @@ rules; a study it continues keeps its stored scores."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -163,3 +165,36 @@ def test_a_study_it_continues_keeps_its_stored_scores(tmp_path):
     with pytest.raises(SearchError, match=r"was made with other scores than .*magnitude\.npz"):
         plan_for(**common, trials=16, scores=other, study_name=name,
                  scores_source="fisher on the training tensors, 8 samples")
+
+
+def test_an_interrupted_plan_keeps_a_study_another_process_stored_in_its_new_database(tmp_path):
+    """plan_for opens a new SQLite file while its scores are computed; interrupted, it deletes
+    the file only if it holds no study: another plan given the same storage may have stored
+    one there meanwhile."""
+    import optuna
+
+    from budgetsearch.planner.entry import _GivenScores, _open_with_scores
+
+    url = f"sqlite:///{tmp_path}/plan.db"
+
+    def compute(store: bool):
+        def run():
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "plan.db").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if store:
+                other = optuna.create_study(study_name="other", storage=url)
+                other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+            raise KeyboardInterrupt
+        return run
+
+    with pytest.raises(KeyboardInterrupt):
+        _open_with_scores(url, "mine", {}, compute=compute(True),
+                          given=_GivenScores(None, None), log=print)
+    kept = optuna.load_study(study_name="other", storage=url)
+    assert len(kept.trials) == 3
+    (tmp_path / "plan.db").unlink()
+    with pytest.raises(KeyboardInterrupt):  # nothing stored: nothing left behind
+        _open_with_scores(url, "mine", {}, compute=compute(False),
+                          given=_GivenScores(None, None), log=print)
+    assert list(tmp_path.iterdir()) == []
