@@ -316,7 +316,12 @@ def plan_for(
     if recipe is not None:
         check_recipe(recipe, cost_model)
     parse_pick(pick)  # an unknown rule: refused before any work
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise PlanError(f"micro_batch must be an integer >= 1; got {micro_batch!r}")
     if lrs is not None:  # a bad grid or bound: refused before any work
+        if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Sequence):
+            raise PlanError(f"lrs: give a sequence of learning rates, e.g. (0.00667, 0.02, "
+                            f"0.06); got {lrs!r}")
         RaceSettings(lrs=tuple(lrs))
     if lr_extensions is not None:
         RaceSettings(lr_extensions=lr_extensions)
@@ -327,6 +332,8 @@ def plan_for(
     say = log or _silent
     graph = cost_model.graph
     source, tensors = _data(data)
+    if tensors is not None:
+        _check_tensors(tensors, graph)
     effort, objective = choose_effort(effort=effort, objective=objective,
                                       data=data is not None, scores=scores is not None,
                                       contrib=contrib is not None)
@@ -438,6 +445,37 @@ def _data(data: Any) -> tuple[PlanData | None, tuple[Tensors, Tensors] | None]:
         raise PlanError("data: give a PlanData, a data set name or path, or the training and "
                         "validation tensors ((x, y), (x, y))") from None
     return None, ((x, y), (vx, vy))
+
+
+def _check_tensors(tensors: tuple[Tensors, Tensors], graph: LayerGraph) -> None:
+    """Refuse training or validation tensors the model cannot be planned on.
+
+    Raises:
+        DataError: Naming the split and what is wrong: not tensors, empty, images and labels
+            of different counts, images of another shape than the model was traced at, or
+            labels that are not class indices of the model's head.
+    """
+    head = list(graph.layers)[-1]
+    outputs = graph.layers[head].out_channels
+    for what, pair in (("training", tensors[0]), ("validation", tensors[1])):
+        x, y = pair
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise DataError(f"data: the {what} images and labels must be tensors; got "
+                            f"{type(x).__name__} and {type(y).__name__}")
+        if len(x) == 0:
+            raise DataError(f"data: the {what} tensors hold no images")
+        if len(x) != len(y):
+            raise DataError(f"data: the {what} tensors hold {len(x)} images but {len(y)} labels")
+        if tuple(x.shape[1:]) != tuple(graph.input_shape):
+            raise DataError(f"data: the {what} images are {tuple(x.shape[1:])} but the model "
+                            f"was traced and costed at {tuple(graph.input_shape)} (C, H, W)")
+        if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise DataError(f"data: the {what} labels must be a 1-D tensor of class indices; "
+                            f"got {y.dtype} of shape {tuple(y.shape)}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= outputs:
+            raise DataError(f"data: the {what} labels run from {low} to {high} but the model's "
+                            f"head ({head}) has {outputs} outputs (labels 0 to {outputs - 1})")
 
 
 def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -103,6 +103,26 @@ def test_argument_rules_name_the_library_arguments():
         plan_for(**base, scores=magnitude_scores(model), search_options={"seed": 3})
     with pytest.raises(PlanError, match="data: give a PlanData"):
         plan_for(**base, data=42)
+    # tensors checked against the model before any work
+    x, y = torch.zeros(4, 3, 16, 16), torch.tensor([0, 1, 0, 1])
+    shape = tuple(cost_model.graph.input_shape)
+    good = (torch.zeros(4, *shape), y)
+    with pytest.raises(DataError, match=r"^data: the validation tensors hold no images$"):
+        plan_for(**base, data=(good, (torch.zeros(0, *shape), y[:0])))
+    with pytest.raises(DataError, match=r"^data: the training tensors hold 4 images but 3 labels"):
+        plan_for(**base, data=((good[0], y[:3]), good))
+    with pytest.raises(DataError, match=r"the validation images are \(3, 16, 16\) but the model "
+                                        rf"was traced and costed at \({shape[0]}, "):
+        plan_for(**base, data=(good, (x, y)))
+    with pytest.raises(DataError, match=r"the training labels run from 0 to 9 but the model's "
+                                        r"head \(.+\) has 2 outputs \(labels 0 to 1\)"):
+        plan_for(**base, data=((good[0], torch.tensor([0, 9, 1, 1])), good))
+    with pytest.raises(DataError, match="labels must be a 1-D tensor of class indices"):
+        plan_for(**base, data=((good[0], y.float()), good))
+    with pytest.raises(PlanError, match="micro_batch must be an integer >= 1; got 0"):
+        plan_for(**base, data=(good, good), micro_batch=0)
+    with pytest.raises(PlanError, match="lrs: give a sequence of learning rates"):
+        plan_for(**base, data=(good, good), lrs=0.02)
     with pytest.raises(SearchError, match="trials must be at least 1"):
         plan_for(**base, scores=magnitude_scores(model), trials=0)
     with pytest.raises(PlanError, match="race learning rates must differ within 6 significant"):
