@@ -19,6 +19,10 @@ from .errors import PlanError
 #: take 0 to 2**32 - 1.
 MAX_SEED = 2**32 - 1
 
+#: The largest learning rate the command line takes (``train --lr``, ``plan --lrs``) and a race
+#: tries, its grid and the rates it adds beyond the grid's edges included.
+MAX_LR = 10.0
+
 __all__ = ["BN_MODES", "OPTIMIZERS", "Recipe"]
 
 

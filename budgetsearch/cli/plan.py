@@ -385,8 +385,10 @@ def _shared_database(args: argparse.Namespace) -> str | None:
 
 
 def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
-    """``--lrs``: comma-separated learning rates in (0, 10]."""
+    """``--lrs``: comma-separated learning rates in (0, MAX_LR]."""
     import math
+
+    from ..recipe import MAX_LR
 
     if text is None:
         return None
@@ -394,10 +396,11 @@ def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
         values = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
         values = ()
-    if not values or any(not (math.isfinite(v) and 0 < v <= 10) for v in values) or len(
+    if not values or any(not (math.isfinite(v) and 0 < v <= MAX_LR) for v in values) or len(
             {f"{v:g}" for v in values}) != len(values):
-        raise SearchError(f"--lrs {text}: give distinct learning rates in (0, 10] (distinct "
-                          "within 6 significant digits), comma-separated (e.g. 0.005,0.02)")
+        raise SearchError(f"--lrs {text}: give distinct learning rates in (0, {MAX_LR:g}] "
+                          "(distinct within 6 significant digits), comma-separated (e.g. "
+                          "0.005,0.02)")
     return values
 
 

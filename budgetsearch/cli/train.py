@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import BudgetSearchError, DataError, PlanError, TrainingError
+from ..recipe import MAX_LR
 
 __all__ = ["Splits", "load_splits", "register", "run"]
 
@@ -55,10 +56,11 @@ def register(subparsers: Any) -> None:
                         "when the plan has none)")
     p.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE), default=None,
                    help=f"1 to {MAX_BATCH_SIZE} (default: the plan's recipe, else the plan's)")
-    p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=None,
-                   help="learning rate in (0, 10] (default: the plan's recipe, else 0.01, "
-                        "0.001 with adam)")
-    p.add_argument("--lrs", type=float_range(0, 10, low_open=True), nargs="*", default=None,
+    p.add_argument("--lr", type=float_range(0, MAX_LR, low_open=True), default=None,
+                   help=f"learning rate in (0, {MAX_LR:g}] (default: the plan's recipe, else "
+                        "0.01, 0.001 with adam)")
+    p.add_argument("--lrs", type=float_range(0, MAX_LR, low_open=True), nargs="*",
+                   default=None,
                    metavar="LR",
                    help="train once per learning rate (each run in --out/lr-<rate>) and keep "
                         "the run with the best validation accuracy, then the lower validation "
@@ -264,10 +266,10 @@ def _raced_lrs(plan: Any, *, source: str) -> list[float]:
                         "0.00667 0.02 0.06")
     if (not isinstance(rates, list) or not rates
             or any(isinstance(x, bool) or not isinstance(x, (int, float))
-                   or not math.isfinite(x) or not 0 < x <= 10 for x in rates)
+                   or not math.isfinite(x) or not 0 < x <= MAX_LR for x in rates)
             or len(set(rates)) != len(rates)):
         raise PlanError(f"{source}: provenance.race.winner_lrs must be a list of distinct "
-                        f"learning rates in (0, 10]; got {rates!r}")
+                        f"learning rates in (0, {MAX_LR:g}]; got {rates!r}")
     return [float(x) for x in rates]
 
 

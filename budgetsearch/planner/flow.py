@@ -321,7 +321,8 @@ def make_plan(
         recipe: The race's base recipe (optimizer, batch size, seed; learning rates and
             epochs come from the effort). Default: the search's optimizer, batch 32.
         data_key: What the runner's results depend on (model, weights, data), for the race
-            file's key.
+            file's key. None: the race is kept in memory unless ``race_path`` or
+            ``race_storage`` is given.
         model: The model (for the MIT scheme candidate).
         lrs: Learning rates instead of the effort's grid.
         lr_extensions: Rates beyond each edge of the grid a leading candidate may be tried at
@@ -378,8 +379,11 @@ def make_plan(
                                           target=target, mcu_dir=mcu_dir)
     key = race_key(data_key=data_key or {}, recipe=recipe, settings=settings,
                    candidates=candidates)
+    # the default race file is found again by its key: without the data's part, races on
+    # other models or data would share it, so such a race is kept in memory
     path = None if race_storage is not None else (
-        race_path if race_path is not None else default_race_path(key))
+        race_path if race_path is not None
+        else default_race_path(key) if data_key is not None else None)
     rr = race(runner, candidates, recipe=recipe, settings=settings, path=path, key=key,
               storage=race_storage, progress=progress)
     winner = rr.winner

@@ -76,7 +76,7 @@ from typing import Any
 
 from ..errors import PlanError
 from ..plan import LayerUpdate
-from ..recipe import Recipe
+from ..recipe import MAX_LR, Recipe
 
 __all__ = ["FINAL_ARM_KEY", "FOLD_SEED_STRIDE", "MAX_FINAL", "Candidate", "RaceResult",
            "RaceSettings", "arm_scores", "best_arm_each", "default_race_path", "final_count_ok",
@@ -169,9 +169,11 @@ class RaceSettings:
         rungs, lrs = tuple(self.rungs), tuple(self.lrs)
         if not rungs_ok(rungs):
             raise PlanError(f"race rungs must be increasing positive epoch counts; got {rungs}")
-        if not lrs or any(not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)
+        if not lrs or any(not (isinstance(x, (int, float)) and not isinstance(x, bool)
+                               and math.isfinite(x) and 0 < x <= MAX_LR)
                           for x in lrs) or len(set(lrs)) != len(lrs):
-            raise PlanError(f"race learning rates must be distinct finite numbers > 0; got {lrs}")
+            raise PlanError(f"race learning rates must be distinct numbers in (0, {MAX_LR:g}]; "
+                            f"got {lrs}")
         if len({f"{x:g}" for x in lrs}) != len(lrs):  # an arm is keyed by its rate's {lr:g}
             raise PlanError(f"race learning rates must differ within 6 significant digits (an "
                             f"arm is keyed by its rate so written); got {lrs}")
@@ -455,6 +457,9 @@ def race(
     from ..contrib.table import keep_claim, open_shared
 
     settings = settings or RaceSettings()
+    if key is None and (path is not None or storage is not None):
+        raise PlanError("a race kept in a file or a database needs its key (race_key(...)): "
+                        "without one, a race on another model or data would take its results")
     pool = _distinct(candidates)
     if settings.has_final and not callable(getattr(runner, "folds", None)):
         raise PlanError(f"a cross-validated final needs a runner that deals folds (a "
@@ -710,7 +715,7 @@ def _beyond_edges(scored: Sequence[tuple[float, int, float, str, float]], n_keep
             if best[4] != end or len(beyond) >= settings.lr_extensions:
                 continue
             lr = _next_rate(grid_end, factor, edge, len(beyond) + 1)
-            if lr <= 0 or lr in tried:
+            if not 0 < lr <= MAX_LR or lr in tried:
                 continue
             out.append({"candidate": name, "lr": lr, "edge": edge, "step": len(beyond) + 1,
                         "after": end, "why": (

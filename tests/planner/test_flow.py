@@ -99,6 +99,18 @@ def test_a_baseline_that_wins_the_race_is_the_plan(search, mcunet, tmp_path):
     assert outcome.race.folds == 1 and plan.provenance["race"]["val_images"] == 4
 
 
+def test_a_race_without_the_datas_key_is_not_kept_in_the_cache(search, mcunet, tmp_path,
+                                                                 monkeypatch):
+    """make_plan finds its default race file by key; without the data's part of the key races
+    on other data would share it, so the race stays in memory."""
+    monkeypatch.setenv("BUDGETSEARCH_CACHE", str(tmp_path / "cache"))
+    outcome = make_plan(search, effort=EFFORTS["standard"], n_trials=60, runner=SmallSplit(),
+                        model=mcunet["model"], recipe=Recipe(optimizer="sgd"), lrs=(0.02,),
+                        progress=False)
+    assert outcome.plan.provenance["race"]["file"] is None
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_search_plan_that_wins_records_its_trial_and_margin(search, mcunet, tmp_path):
     cands, _ = race_candidates(search, search.run(n_trials=60), front=4, model=mcunet["model"])
     favourite = [c for c in cands if c.source == "search"][-1]

@@ -581,3 +581,14 @@ def test_arms_right_on_as_many_pooled_images_tie_and_less_memory_wins():
     assert pooled_mean([1 / 200, 14 / 200], [200, 200], counts=True) == pooled_mean(
         [0.0, 15 / 200], [200, 200], counts=True)
     assert pooled_mean([0.5, 1.0], [None, 10], counts=True) == 0.75  # a count unknown: equal
+
+
+def test_a_race_kept_in_a_file_or_database_needs_its_key(tmp_path):
+    """Without a key, a second race on other data would have taken the first one's results."""
+    with pytest.raises(PlanError, match=r"a race kept in a file or a database needs its key"):
+        race(FakeRunner(QUALITY, BEST_LR), pool()[:2], recipe=Recipe(), path=tmp_path / "r.json",
+             progress=False)
+    with pytest.raises(PlanError, match=r"needs its key"):
+        race(FakeRunner(QUALITY, BEST_LR), pool()[:2], recipe=Recipe(),
+             storage=f"sqlite:///{tmp_path}/r.db", progress=False)
+    assert list(tmp_path.iterdir()) == []

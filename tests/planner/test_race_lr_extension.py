@@ -172,3 +172,19 @@ def test_a_studys_search_option_is_checked():
         with pytest.raises(StudyError, match=r"search\.lr_extensions: expected an integer "
                                              r"from 0 \(the rate grid only\) to 8"):
             _effort({"lr_extensions": bad}, "study s: search")
+
+
+def test_rates_stop_at_the_largest_learning_rate_the_trainer_takes():
+    """A grid near the top extends no further than MAX_LR (train --lr and --lrs take rates in
+    (0, 10]), and a grid past it is refused."""
+    from budgetsearch.recipe import MAX_LR
+
+    runner = Monotone(QUALITY, slope=1.0)  # the higher the rate, the better
+    result = race(runner, pool()[:2], recipe=Recipe(),
+                  settings=RaceSettings(rungs=(1,), lrs=(0.5, 2.0), lr_extensions=3),
+                  progress=False)
+    assert max(c[1] for c in runner.calls) == 8.0 <= MAX_LR  # 32 would be next
+    assert result.recipe.lr == 8.0
+    with pytest.raises(PlanError, match=r"race learning rates must be distinct numbers in "
+                                        r"\(0, 10\]; got \(0.5, 20\)"):
+        RaceSettings(lrs=(0.5, 20))
