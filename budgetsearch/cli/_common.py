@@ -14,12 +14,12 @@ from typing import Any
 from .._io import atomic_write_text
 from ..budget import Budget
 from ..cost import ACCOUNTINGS, CostModel
-from ..errors import BudgetSearchError, PlanError
+from ..errors import BudgetError, BudgetSearchError, PlanError
 from ..graph import LayerGraph
 from ..plan import Plan
 from ..profiles import DeviceProfile, load_profile
 from ..recipe import MAX_SEED as RECIPE_MAX_SEED
-from ..units import parse_bytes, parse_ms
+from ..units import format_bytes, parse_bytes, parse_ms
 
 __all__ = [
     "MAX_BATCH_SIZE",
@@ -214,14 +214,24 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
 def add_budget_args(parser: argparse.ArgumentParser) -> None:
     """--budget and --latency-budget."""
     parser.add_argument("--budget", type=memory_budget, default=None,
-                        help="memory budget, e.g. 256KB or 1MB, at most 1 TB (default: the "
-                             "profile's training memory)")
+                        help="memory budget, e.g. 256KB or 1MB, at most 1 TB (default, under "
+                             "--memory-measure peak only: the profile's memory)")
     parser.add_argument("--latency-budget", type=latency_budget, default=None,
                         help="latency budget per training step, e.g. 500ms or 2s, at most 1 h")
 
 
 def budgets(args: argparse.Namespace, profile: DeviceProfile) -> tuple[int, float | None]:
-    """The memory budget in bytes and the latency budget in ms from the arguments."""
+    """The memory budget in bytes and the latency budget in ms from the arguments.
+
+    Raises:
+        BudgetError: ``--memory-measure training`` without ``--budget``: the profile's memory
+            bounds a whole step's peak, not the memory a step needs beyond inference.
+    """
+    if args.budget is None and getattr(args, "memory_measure", "peak") == "training":
+        raise BudgetError(f"--memory-measure training needs --budget: the profile's memory "
+                          f"({format_bytes(profile.memory_bytes)} on {profile.name}) bounds a "
+                          "step's whole peak, not the memory training needs beyond inference "
+                          "(without --budget, --memory-measure peak checks the peak against it)")
     memory = (parse_bytes(args.budget, what="--budget", positive=True)
               if args.budget is not None else profile.memory_bytes)
     latency = (parse_ms(args.latency_budget, what="--latency-budget", positive=True)

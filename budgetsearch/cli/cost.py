@@ -6,6 +6,7 @@ import argparse
 import sys
 import warnings
 
+from ..budget import Budget
 from ..plan import load_plan
 from ._common import (
     add_device_args,
@@ -68,18 +69,32 @@ def run(args: argparse.Namespace) -> int:
         from ..plots import plot_layer_costs
 
         plot_layer_costs(cost, args.plot, title=f"{args.model} on {cost.device}")
+    # the plan's own budget, as it was made (its memory measure): what `plan` and `select`
+    # said fits; the device's memory bounds the step's whole peak whatever the plan's budget
+    made_for = Budget.from_plan(plan) if args.plan and (
+        plan.memory_budget_bytes is not None or plan.latency_budget_ms is not None) else None
     if args.json:
         doc = cost.to_dict()
         doc.update(model=args.model, input_size=list(graph.input_shape[1:]),
                    memory_budget_bytes=cost_model.profile.memory_bytes)
+        if made_for is not None:
+            doc["plan_budget"] = {"memory_bytes": made_for.memory_bytes,
+                                  "memory_measure": made_for.measure,
+                                  "latency_ms": made_for.latency_ms,
+                                  "fits": made_for.fits(cost)}
         write_json(doc, None)
         return 0
     print(f"{args.model} ({len(graph.layers)} trainable layers, input "
           f"{graph.input_shape[1]}x{graph.input_shape[2]}) on {cost_model.profile.display_name}")
     print(cost.format_table(all_layers=args.all_layers))
-    budget = cost_model.profile.memory_bytes
-    verdict = "fits" if cost.peak_memory_bytes <= budget else "does NOT fit"
-    print(f"training memory of the device: {budget / 1024:.0f} KB -> the plan {verdict}")
+    device = cost_model.profile.memory_bytes
+    verdict = "fits" if cost.peak_memory_bytes <= device else "does NOT fit"
+    print(f"memory of the device: {device / 1024:.0f} KB for the step's peak of "
+          f"{cost.peak_memory_bytes / 1024:.1f} KB -> the step {verdict}")
+    if made_for is not None:
+        why = made_for.why_not(cost)
+        print(f"the plan's budget ({made_for.describe()}): "
+              + ("fits" if why is None else f"does NOT fit: {why}"))
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0

@@ -137,3 +137,43 @@ def test_cost_of_a_plan_file_takes_its_input_batch_and_optimizer(capsys, tmp_pat
                          "--plan", str(path), "--json")
     assert code == 0, err
     assert json.loads(out)["peak_memory_bytes"] == made["predicted"]["peak_memory_bytes"]
+
+
+def test_cost_of_a_plan_file_checks_the_budget_it_was_made_for(capsys, tmp_path):
+    """A plan made for 300 KB of training memory fits it though its peak passes the device's
+    memory: cost --plan says both, each against its own figure."""
+    path = tmp_path / "p.json"
+    code, out, err = run(capsys, "select", "--method", "last-k", "--model", "mcunet-5fps",
+                         "--device", "stm32f746", "--input-size", "128", "--budget", "300KB",
+                         "--memory-measure", "training", "--out", str(path))
+    assert code == 0, err
+    made = json.loads(path.read_text())
+    assert made["predicted"]["training_memory_bytes"] <= 300 * 1024
+    assert made["predicted"]["peak_memory_bytes"] > 256 * 1024  # the device's memory
+    code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32f746",
+                         "--plan", str(path))
+    assert code == 0, err
+    assert "memory of the device: 256 KB for the step's peak of" in out and "does NOT fit" in out
+    assert "the plan's budget (307200 bytes (300.0 KB) of training memory): fits" in out
+    code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32f746",
+                         "--plan", str(path), "--json")
+    assert json.loads(out)["plan_budget"] == {"memory_bytes": 307200,
+                                              "memory_measure": "training",
+                                              "latency_ms": None, "fits": True}
+    # trained with Adam (two state tensors per weight) the same plan no longer fits its budget
+    code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32f746",
+                         "--plan", str(path), "--optimizer", "adam")
+    assert "the plan's budget (307200 bytes (300.0 KB) of training memory): does NOT fit: it " \
+           "needs" in out
+
+
+def test_training_memory_without_a_budget_is_refused(capsys, tmp_path):
+    """The profile's memory bounds a step's whole peak: it is no budget for the memory over
+    inference."""
+    code, _out, err = run(capsys, "select", "--method", "mit", "--model", "mcunet-5fps",
+                         "--device", "stm32f746", "--memory-measure", "training", "--out",
+                         str(tmp_path / "s.json"))
+    assert code == 2
+    assert "--memory-measure training needs --budget: the profile's memory (256.0 KB on " \
+           "stm32f746)" in err
+    assert not (tmp_path / "s.json").exists()
