@@ -373,6 +373,7 @@ def _replacement(
         return _planned_layer(name, module, update, mode)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if bn == "frozen":
+            _check_stock(name, module, nn.modules.batchnorm._BatchNorm)
             try:
                 return FrozenBatchNorm.from_bn(module, bias_grad=name in trained_bn)
             except PlanError as exc:  # the layer's name, which the batch norm does not know
@@ -385,11 +386,37 @@ def _replacement(
     return None
 
 
+def _check_stock(name: str, module: nn.Module, base: type[nn.Module]) -> None:
+    """Refuse to replace a module whose computation its replacement would not repeat: a
+    subclass with its own ``forward`` (weight standardisation, "same" padding computed per
+    input, a cosine head), or a parametrized weight (``weight_norm``, spectral norm), which the
+    replacement would read as a fixed tensor and never train.
+
+    Raises:
+        PlanError: Naming the layer, its class and why.
+    """
+    cls = type(module)
+    why = None
+    if cls.forward is not base.forward and cls is not nn.SyncBatchNorm:  # on running stats
+        why = f"its class overrides {base.__name__}'s forward"
+    elif nn.utils.parametrize.is_parametrized(module):
+        why = "it is parametrized (e.g. weight_norm, spectral_norm)"
+    elif getattr(module, "weight", None) is not None and not isinstance(module.weight,
+                                                                          nn.Parameter):
+        why = "its weight is computed, not a parameter (e.g. the old weight_norm)"
+    if why is not None:
+        raise PlanError(f"layer {name} is a {cls.__module__}.{cls.__qualname__}: {why}, so the "
+                        f"plan's {base.__name__} would compute something else; use a stock "
+                        f"{base.__name__} (or fold the difference into the model) to apply a plan")
+
+
 def _planned_layer(name: str, module: nn.Module, update: Any, mode: str) -> nn.Module:
     bias_grad = update is not None and getattr(module, "bias", None) is not None
     weight = update is not None and update.mode == "weight"
     outs = update.channels if weight and update.axis == "out" else None
     ins = update.channels if weight and update.axis == "in" else None
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        _check_stock(name, module, nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear)
     try:
         if isinstance(module, nn.Conv2d):
             return PlannedConv2d.from_conv(

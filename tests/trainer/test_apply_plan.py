@@ -332,6 +332,62 @@ def test_bad_plans_are_refused_and_leave_the_model_untouched():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
 
 
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation: a conv whose forward is not nn.Conv2d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class CosineHead(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1), self.bias)
+
+
+class TrainBN(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def _with(module_name: str, new: nn.Module) -> tuple[nn.Module, LayerGraph]:
+    model, _ = make_toy()
+    parent, _, leaf = module_name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, leaf, new)
+    graph = LayerGraph.from_model(model.float(), input_size=SIZE, model_name="toy")
+    return model.to(DT), graph
+
+
+@pytest.mark.parametrize(("where", "make", "why"), [
+    ("pw", lambda: StdConv2d(8, 8, 1), "its class overrides Conv2d's forward"),
+    ("head", lambda: CosineHead(12, 5), "its class overrides Linear's forward"),
+    ("dw.1", lambda: TrainBN(8), "its class overrides _BatchNorm's forward"),
+    ("pw", lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 1)),
+     r"it is parametrized \(e.g. weight_norm"),
+])
+@pytest.mark.parametrize("trained", [True, False])
+def test_a_module_whose_computation_the_plan_would_not_repeat_is_refused(where, make, why,
+                                                                          trained):
+    """Replacing a subclass with its own forward by a plain planned layer (or a frozen batch
+    norm) changes the model's function, even for a layer only frozen on the backward path;
+    a parametrized weight would be read as a constant and never trained."""
+    torch.manual_seed(0)
+    model, graph = _with(where, make())
+    model.eval()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=DT)
+    before = model(x)
+    head_only = {"head": LayerUpdate("weight")} if where != "head" else {
+        "grp.0": LayerUpdate("weight")}
+    plan = Plan.full(graph) if trained else Plan.from_layers(graph, {**head_only,
+                                                                   "stem.0": LayerUpdate("weight")})
+    layer = where if where != "dw.1" else "dw\\.1"
+    with pytest.raises(PlanError, match=rf"layer {layer} is a .*: {why}"):
+        apply_plan(model, plan, graph=graph)
+    assert active_plan(model) is None and torch.equal(model(x), before)
+
+
 # ------------------------------------------------------------------------------ fusion
 FILTERED = ["filtered-r2", "filtered-r4", "filtered-subset"]
 
