@@ -42,6 +42,7 @@ __all__ = [
     "optimizer_state_to_tensors",
     "rng_state",
     "save_checkpoint",
+    "set_aside_after",
     "set_rng_state",
 ]
 
@@ -109,11 +110,35 @@ def save_checkpoint(
     doc = {"format": FORMAT_VERSION, "epoch": int(epoch), "tensors": tensor_path.name,
            "sha256": _sha256(tensor_path), **dict(state)}
     atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n", fsync=True)
-    for old in list_checkpoints(directory)[:-max(1, keep)]:
+    # only checkpoints older than this one make way for it: a newer one is no ancestor of this
+    # run's state (a damaged one a resume skipped is set aside by set_aside_after)
+    older = [e for e in list_checkpoints(directory) if e < epoch]
+    for old in older[:len(older) - (max(1, keep) - 1)]:
         old_doc = directory / f"epoch-{old:04d}"
         old_doc.with_suffix(".json").unlink(missing_ok=True)
         old_doc.with_suffix(".safetensors").unlink(missing_ok=True)
     return json_path
+
+
+def set_aside_after(directory: str | os.PathLike[str], epoch: int) -> list[Path]:
+    """Rename the checkpoints of epochs after ``epoch`` to ``<name>.set-aside`` (kept, never
+    loaded): a run resumed from ``epoch`` (0: from scratch) because :func:`load_latest` skipped
+    them as damaged would otherwise keep them as its newest, and prune its own good ones.
+
+    Returns:
+        The JSON files set aside (their new paths).
+    """
+    directory = Path(directory)
+    moved = []
+    for later in [e for e in list_checkpoints(directory) if e > epoch]:
+        for suffix in (".safetensors", ".json"):  # the JSON last: it marks a checkpoint
+            path = directory / f"epoch-{later:04d}{suffix}"
+            if path.exists():
+                target = path.with_name(path.name + ".set-aside")
+                os.replace(path, target)
+                if suffix == ".json":
+                    moved.append(target)
+    return moved
 
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[int]:

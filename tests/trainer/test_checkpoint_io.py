@@ -15,6 +15,7 @@ from budgetsearch.trainer.checkpoint import (
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     rng_state,
+    set_aside_after,
     set_rng_state,
 )
 
@@ -82,3 +83,25 @@ def test_rng_state_round_trip():
     set_rng_state(tensors, json.loads(json.dumps(meta)))
     b = (torch.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_newer_damaged_checkpoints_neither_prune_a_resumed_run_nor_stay_its_newest(tmp_path):
+    """Damaged epochs 4 and 5 (skipped by load_latest) beside good 1..3: a run that resumes
+    from epoch 3 sets them aside, and the checkpoints it writes prune only older ones."""
+    for epoch in (3, 4, 5):
+        save_checkpoint(tmp_path, epoch=epoch, tensors={"x": torch.full((3,), float(epoch))},
+                        state={"note": epoch}, keep=3)
+    for epoch in (4, 5):
+        (tmp_path / f"epoch-{epoch:04d}.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="epoch-0005.json"):
+        assert load_latest(tmp_path).epoch == 3
+    # before the fix, writing epoch 4 then kept [4, 5] and dropped the good 3, writing 1 kept
+    # [4, 5] and dropped itself
+    save_checkpoint(tmp_path, epoch=1, tensors={"x": torch.zeros(3)}, state={})
+    assert list_checkpoints(tmp_path) == [1, 3, 4, 5]  # nothing newer is pruned by epoch 1
+    moved = set_aside_after(tmp_path, 3)
+    assert [p.name for p in moved] == ["epoch-0004.json.set-aside", "epoch-0005.json.set-aside"]
+    assert list_checkpoints(tmp_path) == [1, 3]
+    assert (tmp_path / "epoch-0005.safetensors.set-aside").read_bytes() == b"garbage"
+    save_checkpoint(tmp_path, epoch=4, tensors={"x": torch.full((3,), 4.0)}, state={})
+    assert list_checkpoints(tmp_path) == [3, 4] and load_latest(tmp_path).epoch == 4
