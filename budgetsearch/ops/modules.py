@@ -213,7 +213,16 @@ class PlannedConv2d(_Planned):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """The conv; the backward follows the plan."""
+        """The conv; the backward follows the plan.
+
+        Raises:
+            PlanError: For an input that is not a batch ``(N, C, H, W)`` (a stock conv also
+                takes one unbatched image; a planned one does not).
+        """
+        if x.dim() != 4:
+            raise PlanError(f"a planned conv takes a batch of images (N, C, H, W); got an input "
+                            f"of shape {tuple(x.shape)} (add the batch dimension: "
+                            "x.unsqueeze(0))")
         kw = {
             "stride": self.stride,
             "padding": self.padding,

@@ -17,6 +17,7 @@ for all channels), the conv arguments as int lists.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -107,12 +108,16 @@ def conv_args(
 
 
 def _index_list(values: Sequence[int] | Tensor, size: int, what: str) -> list[int]:
-    items = values.tolist() if isinstance(values, Tensor) else list(values)
-    if not items:
+    raw = values.tolist() if isinstance(values, Tensor) else list(values)
+    if not raw:
         raise PlanError(f"{what} is empty; freeze the weight instead (weight_grad=False)")
+    not_int = [i for i in raw if isinstance(i, bool) or not hasattr(type(i), "__index__")]
+    if not_int:  # NumPy integers are integers; bools and floats are not channels
+        raise PlanError(f"{what} must hold integer channel indices; got {not_int}")
+    items = [operator.index(i) for i in raw]
     if len(set(items)) != len(items):
         raise PlanError(f"{what} has repeated channels: {items}")
-    bad = [i for i in items if not isinstance(i, int) or not 0 <= i < size]
+    bad = [i for i in items if not 0 <= i < size]
     if bad:
         raise PlanError(f"{what} has channels outside 0..{size - 1}: {bad}")
     return items
@@ -190,6 +195,8 @@ class ChannelSelection:
         c_out, cpg, *tail = (int(v) for v in weight_shape)
         if out_channels is not None and in_channels is not None:
             raise PlanError("give out_channels or in_channels, not both")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise PlanError(f"groups must be an integer >= 1; got {groups!r}")
         if c_out % groups:
             raise PlanError(f"{c_out} output channels do not split into {groups} groups")
         self.shape, self.tail, self.groups = (c_out, cpg, *tail), tuple(tail), groups

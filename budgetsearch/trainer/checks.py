@@ -4,6 +4,7 @@ settings), and the fixed data subsets of dynamic re-selection."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..budget import Budget
-from ..choices import BN_MODES, OPTIMIZERS
+from ..choices import BN_MODES, FILTER_MODES, OPTIMIZERS
 from ..cost import CostModel
 from ..errors import BudgetError, DataError, PlanError
 from ..graph import LayerGraph
@@ -168,6 +169,16 @@ def check_trainer_args(t: Any) -> None:
                         f"{t.optimizer_name!r}")
     if t.bn not in BN_MODES:
         raise PlanError(f"bn must be one of {', '.join(BN_MODES)}; got {t.bn!r}")
+    if t.filter_mode is not None and t.filter_mode not in FILTER_MODES:
+        raise PlanError(f"filter_mode must be None (the plan's) or one of "
+                        f"{', '.join(FILTER_MODES)}; got "
+                        f"{t.filter_mode!r}")
+    for name, value, ok, allowed in (
+            ("momentum", t.momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("weight_decay", t.weight_decay, lambda v: v >= 0, ">= 0")):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not ok(value)):
+            raise PlanError(f"{name} must be a finite number {allowed}; got {value!r}")
     if t.dynamic is not None and t.dynamic not in DYNAMIC_MODES:
         raise PlanError(f"dynamic must be None or one of {', '.join(DYNAMIC_MODES)}; got "
                         f"{t.dynamic!r}")

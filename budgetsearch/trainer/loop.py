@@ -49,6 +49,7 @@ from .checkpoint import (
     optimizer_state_to_tensors,
     rng_state,
     save_checkpoint,
+    set_aside_after,
     set_rng_state,
 )
 from .checks import (
@@ -228,6 +229,9 @@ class Trainer:
         ckpt = load_latest(ckpt_dir) if resume else None
         if resume and ckpt is None:
             warnings.warn(f"no checkpoint in {ckpt_dir}; starting from scratch", stacklevel=2)
+        if resume:  # damaged checkpoints newer than the one resumed from: kept, out of the way
+            for aside in set_aside_after(ckpt_dir, ckpt.epoch if ckpt is not None else 0):
+                warnings.warn(f"set aside the damaged checkpoint {aside}", stacklevel=2)
         # each epoch row records the thread count and kernels it trained with, so that a run
         # resumed under others says which epochs trained how
         config = {"threads": torch.get_num_threads(), "kernels": cpu_kernels()}
@@ -481,7 +485,7 @@ def _other_configurations(rows: list[dict[str, Any]], config: dict[str, Any],
 #: Settings a resumed run must share with its checkpoint (the learning rate may change: a run
 #: that diverged resumes from its last good checkpoint at a lower rate; the epochs may grow).
 RESUME_SETTINGS = ("optimizer", "momentum", "weight_decay", "batch_size", "seed", "dynamic",
-                   "every", "replan_method", "bn", "filter_mode", "train_samples")
+                   "every", "replan_method", "bn", "filter_mode", "train_samples", "input_size")
 
 
 def _refuse_other_settings(path: Path, recorded: dict[str, Any], config: dict[str, Any],

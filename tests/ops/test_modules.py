@@ -265,6 +265,15 @@ def test_refusals():
         )
     with pytest.raises(PlanError, match="mode"):
         PlannedConv2d.from_conv(nn.Conv2d(2, 2, 3), weight_grad=True, bias_grad=True, mode="x")
+    # one unbatched image: refused in the forward, frozen, sparse or filtered (it had failed
+    # with a bare IndexError, in the backward for the first two)
+    for kw in ({"weight_grad": False, "bias_grad": True}, {"out_channels": [0],
+               "weight_grad": True, "bias_grad": True},
+               {"weight_grad": True, "bias_grad": True, "patch_size": 2}):
+        planned = PlannedConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1), **kw)
+        with pytest.raises(PlanError, match=r"takes a batch of images \(N, C, H, W\); got an "
+                                            r"input of shape \(2, 4, 4\)"):
+            planned(torch.randn(2, 4, 4, requires_grad=True))
 
 
 def test_dtype_move_and_deepcopy():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,14 @@ def test_selection_errors():
         ChannelSelection(shape, out_channels=[1, 1])
     with pytest.raises(PlanError, match="outside"):
         ChannelSelection(shape, in_channels=[2])
+    with pytest.raises(PlanError, match=r"groups must be an integer >= 1; got 0"):
+        ChannelSelection(shape, groups=0, out_channels=[0])
+    with pytest.raises(PlanError, match=r"integer channel indices; got \[True\]"):
+        ChannelSelection(shape, out_channels=[0, True])
+    with pytest.raises(PlanError, match=r"integer channel indices; got \[1.0\]"):
+        ChannelSelection(shape, out_channels=[1.0])
+    # NumPy's integers are channel indices (a selector's argsort gives them)
+    assert ChannelSelection(shape, out_channels=np.array([3, 1])).index == [3, 1]
     x, w = torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 3)
     with pytest.raises(PlanError, match="slice has shape"):
         sparse_conv2d(x, w, None, torch.randn(2, 2, 3, 3), out_channels=[0])

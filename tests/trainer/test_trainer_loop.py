@@ -147,6 +147,18 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(splits, tmp_path):
     assert strip(resumed["epochs"]) == strip(full["epochs"])
 
 
+def test_a_resume_past_a_damaged_checkpoint_sets_it_aside_and_keeps_its_own(splits, tmp_path):
+    full = trainer(splits, tmp_path / "full", epochs=3).fit()
+    run = tmp_path / "run"
+    trainer(splits, run, epochs=2).fit()
+    (run / "checkpoints" / "epoch-0002.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=r"set aside the damaged checkpoint .*epoch-0002\.json"):
+        resumed = trainer(splits, run, epochs=3).fit(resume=True)
+    assert strip(resumed["epochs"]) == strip(full["epochs"])  # from epoch 1, as if unbroken
+    assert list_checkpoints(run / "checkpoints") == [2, 3]
+    assert (run / "checkpoints" / "epoch-0002.json.set-aside").exists()
+
+
 def test_epochs_record_their_threads_and_kernels_and_a_resume_under_others_warns(
         splits, tmp_path):
     first = trainer(splits, tmp_path, epochs=1).fit()
@@ -181,7 +193,7 @@ def test_an_error_in_training_is_recorded_as_failed_and_the_model_restored(split
     assert active_plan(model) is None and isinstance(model.head, nn.Linear)
 
 
-def test_a_resume_refuses_other_settings_and_takes_a_new_rate(splits, tmp_path):
+def test_a_resume_refuses_other_settings_and_takes_a_new_rate(splits, folder, tmp_path):
     """A resumed run must train as its checkpoint did: another optimizer, seed or plan is a
     named error (nothing trained); a new learning rate is allowed (a diverged run resumes at a
     lower one), said in a warning, used by the optimizer and recorded in each epoch row."""
@@ -193,6 +205,10 @@ def test_a_resume_refuses_other_settings_and_takes_a_new_rate(splits, tmp_path):
         Trainer(model, sparse_plan(graph), train_data=splits[0], val_data=splits[1], epochs=2,
                 batch_size=8, optimizer="adam", lr=0.05, seed=4, threads=1, out_dir=tmp_path,
                 progress=False).fit(resume=True)
+    larger = tuple(load_dataset(folder, split=split, image_size=24, normalization="imagenet")
+                   for split in ("train", "val"))  # a gradient filter planned at 16 px, say
+    with pytest.raises(TrainingError, match=r"input_size \[16, 16\] \(this run: \[24, 24\]\)"):
+        trainer(larger, tmp_path, epochs=2).fit(resume=True)
     model, graph = tiny()
     other = Plan.from_layers(graph, {"head": LayerUpdate("weight")})
     with pytest.raises(TrainingError, match="another plan"):
@@ -296,6 +312,22 @@ def test_bad_input_is_refused_before_training(splits, tmp_path):
     trainer(splits, tmp_path / "run", epochs=1).fit()
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         trainer(splits, tmp_path / "run", epochs=1).fit()
+
+
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("momentum", -0.5, r"momentum must be a finite number in \[0, 1\); got -0.5"),
+    ("momentum", 1.0, r"momentum must be a finite number in \[0, 1\); got 1.0"),
+    ("weight_decay", -1.0, r"weight_decay must be a finite number >= 0; got -1.0"),
+    ("weight_decay", "x", r"weight_decay must be a finite number >= 0; got 'x'"),
+    ("weight_decay", float("nan"), r"weight_decay must be a finite number >= 0; got nan"),
+    ("filter_mode", "fast", r"filter_mode must be None \(the plan's\) or one of normalized, "),
+])
+def test_bad_settings_are_refused_before_the_plan_is_applied(splits, tmp_path, setting, value,
+                                                             message):
+    model, graph = tiny()
+    with pytest.raises(PlanError, match=message):
+        trainer(splits, tmp_path, model=model, plan=sparse_plan(graph), **{setting: value})
+    assert active_plan(model) is None and not (tmp_path / "metrics.json").exists()
 
 
 def test_plan_budget_exceeded_by_the_batch_size(splits, tmp_path):
