@@ -5,8 +5,9 @@ Everything a user, the command line, the planner, the studies and the benchmarks
 from here; the modules behind it are private (their names start with an underscore, as Optuna's
 ``samplers`` package keeps ``_tpe`` behind its ``__init__``) and may change without notice:
 
-- the search: :class:`Search` (run, resume, workers on any Optuna storage), its
-  :class:`SearchResult`, and :func:`replan` (re-planning with refreshed scores during training);
+- the search: :class:`Search` (run, resume, workers on any Optuna storage; its samplers
+  :data:`SAMPLERS`), its :class:`SearchResult`, and :func:`replan` (re-planning with
+  refreshed scores during training);
 - its space: :class:`SearchSpace`, :class:`SpaceOptions`, the channel :data:`RATIOS` and
   :data:`PATCH_SIZES` it offers, :func:`offered_patches` (the patch sizes a layer can take) and
   :func:`bias_layers` (the layers a ``bias:K`` update reaches);
@@ -46,6 +47,7 @@ from ._front import (
 from ._measured import MeasuredModel, bias_layers
 from ._objectives import AccuracyModel, Evaluation, Evaluator, ProxyModel
 from ._replan import replan
+from ._samplers import SAMPLERS
 from ._space import PATCH_SIZES, RATIOS, SearchSpace, SpaceOptions, offered_patches
 from ._storage import load_study, open_storage, redact, storage_kind, write_trials
 from ._study import Search, SearchResult
@@ -55,6 +57,7 @@ __all__ = [
     "BASELINES",
     "PATCH_SIZES",
     "RATIOS",
+    "SAMPLERS",
     "AccuracyModel",
     "Baseline",
     "Evaluation",

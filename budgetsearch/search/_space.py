@@ -84,8 +84,12 @@ class SpaceOptions:
             raise SearchError(
                 f"granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}"
             )
-        if self.last_n is not None and int(self.last_n) < 1:
-            raise SearchError(f"last_n must be at least 1 (or None for all); got {self.last_n}")
+        if self.last_n is not None and (isinstance(self.last_n, bool)
+                                        or not isinstance(self.last_n, int) or self.last_n < 1):
+            raise SearchError(f"last_n must be an integer of at least 1 (or None for all); got "
+                              f"{self.last_n!r}")
+        if not isinstance(self.filters, bool):
+            raise SearchError(f"filters must be true or false; got {self.filters!r}")
         if self.weight_layers is not None:
             object.__setattr__(self, "weight_layers", tuple(self.weight_layers))
         if self.target not in PLAN_TARGETS:
@@ -104,7 +108,16 @@ class SpaceOptions:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SpaceOptions:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            SearchError: Unknown fields (naming them and the known ones) or bad values.
+        """
+        known = ("granularity", "last_n", "filters", "weight_layers", "target")
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise SearchError(f"unknown space option(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(known)}")
         return cls(**{k: data[k] for k in ("granularity", "last_n", "filters", "weight_layers",
                                            "target")
                       if k in data and (k != "weight_layers" or data[k] is not None)})

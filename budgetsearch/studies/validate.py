@@ -5,6 +5,7 @@ Every message names the file, the field (``methods[2].options``) and the allowed
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -107,8 +108,11 @@ def validate(data: Any, *, path: str | os.PathLike[str] | None = None,
         raise StudyError(f"{where}: search: expected a mapping of search options")
     _known_options(search, _search_options(), f"{where}: search")
     _effort(search, f"{where}: search")
+    _search_values(search, f"{where}: search")
     _known_options(training["options"] or {}, _trainer_options(), f"{where}: training.options")
     size = _positive_int(top.get("input_size", 128), f"{where}: input_size")
+    if top.get("results_dir") is not None and not isinstance(top["results_dir"], str):
+        raise StudyError(f"{where}: results_dir: expected a path, got {top['results_dir']!r}")
     base = path.parent if path is not None else Path.cwd()
     out = Path(results_dir) if results_dir is not None else (
         base / top["results_dir"] if top.get("results_dir") else base / "results" / name)
@@ -276,6 +280,7 @@ def _method(value: Any, where: str, known: Sequence[str], models: Sequence[Model
     if method in ("search", "search-dynamic"):
         _known_options(options, _search_options(), f"{where}.options")
         _effort(options, f"{where}.options")
+        _search_values(options, f"{where}.options")
     else:
         selector = "random" if method == "neq-dynamic" else method
         accepted = get_method(selector).defaults()
@@ -446,6 +451,44 @@ def _effort(options: Mapping[str, Any], where: str) -> None:
         if not isinstance(value, list) or not rungs_ok(value):
             raise StudyError(f"{where}.race_rungs: expected a list of increasing positive "
                              f"epoch counts (e.g. [2, 4]), got {value!r}")
+
+
+def _search_values(options: Mapping[str, Any], where: str) -> None:
+    """The search's own options' values (their names are checked by :func:`_known_options`):
+    ``space`` a mapping of :class:`~budgetsearch.search.SpaceOptions` fields, ``sampler`` a
+    known sampler, ``alpha``, ``bias_credit``, ``decay`` and ``loss_weight`` finite numbers,
+    ``population_size`` an integer of at least 2, ``third`` ``latency`` or ``macs``, and
+    ``local_search`` and ``check_budgets`` true or false."""
+    try:
+        from ..search import SAMPLERS, SpaceOptions
+    except ImportError:  # the search is not there: the values are checked when it runs
+        return
+    if "space" in options:
+        space = options["space"]
+        if not isinstance(space, Mapping):
+            raise StudyError(f"{where}.space: expected a mapping of space options (granularity, "
+                             f"last_n, filters, weight_layers, target), got {space!r}")
+        try:
+            SpaceOptions.from_dict(space)
+        except BudgetSearchError as exc:
+            raise StudyError(f"{where}.space: {exc}") from None
+    if "sampler" in options:
+        _choice(options["sampler"], SAMPLERS, f"{where}.sampler")
+    if "third" in options:
+        _choice(options["third"], ("latency", "macs"), f"{where}.third")
+    for key in ("alpha", "bias_credit", "decay", "loss_weight"):
+        value = options.get(key)
+        if key in options and (isinstance(value, bool) or not isinstance(value, (int, float))
+                               or not math.isfinite(value)):
+            raise StudyError(f"{where}.{key}: expected a finite number, got {value!r}")
+    value = options.get("population_size")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 2):
+        raise StudyError(f"{where}.population_size: expected an integer of at least 2, got "
+                         f"{value!r}")
+    for key in ("local_search", "check_budgets"):
+        if key in options and not isinstance(options[key], bool):
+            raise StudyError(f"{where}.{key}: expected true or false, got {options[key]!r}")
 
 
 def _search_options() -> list[str] | None:
