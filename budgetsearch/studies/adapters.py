@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, locked
 from ..errors import TrainingError
 from ..search import SpaceOptions, replan
 from ..trainer import DYNAMIC_MODES, Trainer
@@ -147,6 +148,8 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     home.mkdir(parents=True, exist_ok=True)
     storage = ctx.storage if ctx.storage and "://" in ctx.storage and not ctx.storage.startswith(
         "file://") else f"sqlite:///{(home / 'search.db').resolve()}"
+    _prepare_plan_home(cell, home, shared=run.get("plan_seed") is not None,
+                       storage=storage, study_name=f"{cell.study.name}:{home.name}")
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     effort = get_effort(str(run.get("effort", "quick")))
     if run.get("race_rungs") is not None:  # the race judged at the study's schedule
@@ -455,6 +458,53 @@ def plan_summary(plan: Any) -> dict[str, Any]:
             "fits": prov.get("fits", prov.get("feasible")), "updated_layers": len(plan.updates),
             "patch_sizes": sorted({u.patch_size for u in plan.updates.values()}),
             "provenance": prov}
+
+
+def _prepare_plan_home(cell: Cell, home: Path, *, shared: bool, storage: str,
+                       study_name: str) -> None:
+    """Start the search study and race of ``home`` afresh when they were made for another
+    configuration of the cell (another spec: search options, scores, recipe, budget...).
+
+    A study and a race are found by name, and the name does not say what they were made for: a
+    changed spec would continue a study made with another sampler, or fail for good on a study
+    or race file made for another budget or recipe. ``home/plan-config.json`` records what they
+    were made for (the cell's configuration, without its seed when the seeds share the plan);
+    on a difference the home's files and the named study in a shared database are deleted. A
+    home from before the record is taken as it is.
+    """
+    config = {k: v for k, v in cell.config().items() if not (shared and k == "seed")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    marker = home / "plan-config.json"
+    with locked(marker):  # the seeds' cells sharing the home may start together
+        try:
+            recorded = json.loads(marker.read_text()).get("digest")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded is not None and recorded != digest:
+            for item in home.iterdir():
+                if item.name in (marker.name, f"{marker.name}.lock"):
+                    continue
+                if item.is_dir():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+            if not storage.startswith("sqlite:///") or not storage.endswith(
+                    f"{home.resolve()}/search.db"):
+                _delete_study(storage, study_name)
+        if recorded != digest:
+            atomic_write_text(marker, json.dumps({"digest": digest, "config": config},
+                                                 indent=1) + "\n")
+
+
+def _delete_study(storage: str, name: str) -> None:
+    """Delete the study ``name`` from a shared database, if it is there."""
+    import optuna
+
+    from ..search import open_storage
+
+    opened = open_storage(storage)
+    if any(s.study_name == name for s in opened.get_all_studies()):
+        optuna.delete_study(study_name=name, storage=opened)
 
 
 def _prepare_dir(cell: Cell, out_dir: Path) -> None:

@@ -246,3 +246,45 @@ def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, cap
     assert main(["study", "run", str(spec), "--no-progress"]) == 0
     rec = json.loads((res / "cells" / f"{cell_id}.json").read_text())
     assert rec["lr"] == 0.0001 and rec["metrics"]["test_accuracy"] == 0.125
+
+
+def test_a_changed_spec_starts_a_shared_plan_afresh(tmp_path: Path, capsys) -> None:
+    """The seeds' shared search study is found by name: after a spec change it is started
+    afresh, not continued with another sampler's trials, nor failed for good when an identity
+    option (the proxy's alpha) changed."""
+    import optuna
+
+    from budgetsearch.search import read_config
+
+    data = _image_folder(tmp_path / "images", per_class={"train": 10, "test": 4})
+    spec = tmp_path / "changes.yaml"
+    doc = {"name": "changes", "data": {"name": "img", "source": str(data),
+                                        "train_split": "train"},
+           "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
+           "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
+           "methods": [{"method": "search", "options": {"plan_seed": 0}}], "seeds": [0],
+           "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "engine": "runner"},
+           "cost": {"memory_measure": "training"},
+           "scores": {"fisher_samples": 8, "micro_batch": 8},
+           "search": {"trials": 12, "population_size": 6}}
+    res = tmp_path / "results" / "changes"
+    home = res / "plans" / "img__mcunet-5fps__stm32f746__40KB__search__p0"
+
+    def run() -> tuple[dict, dict]:
+        spec.write_text(yaml.safe_dump(doc))
+        assert main(["study", "run", str(spec), "--no-progress"]) == 0, capsys.readouterr().err
+        (rec,) = [json.loads(p.read_text()) for p in (res / "cells").glob("*.json")]
+        assert rec["status"] == "done", rec.get("error")
+        url = f"sqlite:///{home / 'search.db'}"
+        study = optuna.load_study(study_name="changes:" + home.name, storage=url)
+        return rec, {"config": read_config(study)[0], "trials": len(study.trials)}
+
+    _, first = run()
+    assert first["config"]["sampler"] == "nsga2" and first["trials"] == 12
+    doc["search"]["sampler"] = "random"
+    rec, second = run()
+    assert second["config"]["sampler"] == "random" and second["trials"] == 12
+    assert rec["provenance"]["sampler"] == "random"
+    doc["search"]["alpha"] = 2.0  # the study's identity: the old one was refused for good
+    _, third = run()
+    assert third["config"]["alpha"] == 2.0 and third["trials"] == 12
