@@ -30,6 +30,7 @@ from ..cost import CostModel
 from ..criteria import Scores
 from ..errors import SearchError
 from ..plan import LayerUpdate, Plan
+from ..store import worker_id
 from ._config import CONFIG_KEY, build_config, diff_config, read_config, write_config
 from ._front import FrontTracker, pareto_front, pick
 from ._local import LocalSearch
@@ -298,11 +299,14 @@ class Search:
         shown = redact(url)
         config = self.config(n_trials=n_trials)
         t0 = time.perf_counter()
-        study, baselines = self._open(persistent_storage, name, config, create, url)
+        study, baselines, created = self._open(persistent_storage, name, config, create, url)
         t_open = time.perf_counter() - t0
         memory_only = isinstance(persistent_storage, InMemoryStorage)
         existing = study.get_trials(deepcopy=False, states=DONE)
-        draws = run_seed(self.seed, len(existing), tag)
+        # a process that joins a study another one created (and holds no finished trial yet)
+        # draws its own points: with the creator's seed it would draw the creator's trials
+        joined = not created and not existing and tag is None
+        draws = run_seed(self.seed, len(existing), worker_id() if joined else tag)
         sampler = TimedSampler(make_sampler(self.sampler_name, seed=draws, space=self.space,
                                             population_size=self.population_size))
         if memory_only:
@@ -341,7 +345,8 @@ class Search:
 
     # ------------------------------------------------------------------------------ helpers
     def _open(self, storage: Any, name: str, config: dict, create: bool, url: str):
-        """The persistent study and the baselines (computed for a new study, read otherwise)."""
+        """The persistent study, the baselines (computed for a new study, read otherwise) and
+        whether this call created the study."""
         names = set(optuna.get_all_study_names(storage))
         if name in names:
             study = optuna.load_study(study_name=name, storage=storage)
@@ -354,7 +359,7 @@ class Search:
             if create and stored.get("n_trials") != config.get("n_trials"):
                 study.set_user_attr(CONFIG_KEY, {**stored, "n_trials": config.get("n_trials")})
             _say_other_sampler(name, stored, config)
-            return study, baselines
+            return study, baselines, False
         if not create:
             raise SearchError(f"no study {name!r} in {redact(url)}; studies there: "
                               f"{', '.join(sorted(names)) or 'none'}")
@@ -374,7 +379,7 @@ class Search:
         except BaseException:
             optuna.delete_study(study_name=name, storage=storage)
             raise
-        return study, baselines
+        return study, baselines, True
 
     def _local(self, seed: int) -> LocalSearch | None:
         if not self.local_search:

@@ -25,6 +25,7 @@ measured saved bytes should equal), measured costs and accuracy, and the per-lay
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -148,8 +149,9 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     home.mkdir(parents=True, exist_ok=True)
     storage = ctx.storage if ctx.storage and "://" in ctx.storage and not ctx.storage.startswith(
         "file://") else f"sqlite:///{(home / 'search.db').resolve()}"
-    _prepare_plan_home(cell, home, shared=run.get("plan_seed") is not None,
-                       storage=storage, study_name=f"{cell.study.name}:{home.name}")
+    shared = run.get("plan_seed") is not None
+    _prepare_plan_home(cell, home, shared=shared, storage=storage,
+                       study_name=f"{cell.study.name}:{home.name}")
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     effort = get_effort(str(run.get("effort", "quick")))
     if run.get("race_rungs") is not None:  # the race judged at the study's schedule
@@ -169,17 +171,21 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
         study_name=f"{cell.study.name}:{home.name}", pick=str(run.get("pick", "best")),
         target=run.get("target"),
         progress=ctx.progress, flush_seconds=float(run.get("flush_seconds", 2.0)))
-    if effort.race:
-        outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort, seed=plan_seed,
-                                                       home=home, opts=opts,
-                                                       folds=run.get("race_folds")),
-                           lr_extensions=run.get("lr_extensions"),
-                           race_final=run.get("race_final"))
-    else:
-        outcome = plan_for(**common, objective="fisher", search_options=opts,
-                           scores=ctx.scores(cell.method.scores, seed=plan_seed),
-                           scores_source=f"{cell.method.scores} on {d.source}/{d.train_split} "
-                                         f"({d.name})")
+    # the seeds' cells sharing a plan make it one at a time: the first searches and races, the
+    # others then find the study and the race done (run together, their searches would draw
+    # apart and their fronts, so their races, could differ)
+    with locked(home / "plan") if shared else contextlib.nullcontext():
+        if effort.race:
+            outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort,
+                                                           seed=plan_seed, home=home, opts=opts,
+                                                           folds=run.get("race_folds")),
+                               lr_extensions=run.get("lr_extensions"),
+                               race_final=run.get("race_final"))
+        else:
+            outcome = plan_for(**common, objective="fisher", search_options=opts,
+                               scores=ctx.scores(cell.method.scores, seed=plan_seed),
+                               scores_source=f"{cell.method.scores} on {d.source}/"
+                                             f"{d.train_split} ({d.name})")
     if outcome.race is not None:
         ctx.extras["race"] = {"winner": outcome.race.winner.name, "lr": outcome.race.recipe.lr,
                               "margin": outcome.margin(), "skipped": outcome.skipped,
@@ -482,7 +488,7 @@ def _prepare_plan_home(cell: Cell, home: Path, *, shared: bool, storage: str,
             recorded = None
         if recorded is not None and recorded != digest:
             for item in home.iterdir():
-                if item.name in (marker.name, f"{marker.name}.lock"):
+                if item.name == marker.name or item.name.endswith(".lock"):
                     continue
                 if item.is_dir():
                     shutil.rmtree(item)

@@ -447,3 +447,27 @@ def test_continuing_a_study_with_another_sampler_says_so(mcu: dict, tmp_path) ->
                         model={"name": "mcunet-5fps", "num_classes": 10}).run(
             n_trials=5, storage=url, study_name="s")
     assert len(result.trials) == 5
+
+
+def test_a_process_joining_a_study_another_created_draws_its_own_points(mcu: dict,
+                                                                       tmp_path) -> None:
+    """Two processes started together on one new study: the one that finds it created (and
+    still empty) draws other points than the creator's seed gives, not the same ones again."""
+    alone = _search(mcu).run(n_trials=40, storage=f"sqlite:///{tmp_path}/a.db",
+                             study_name="s")
+    url = f"sqlite:///{tmp_path}/b.db"
+    creator = _search(mcu)
+    _study, _baselines, created = creator._open(open_storage(url), "s",
+                                                creator.config(n_trials=40), True, url)
+    assert created
+    joined = _search(mcu).run(n_trials=40, storage=url, study_name="s")
+    def sampled(trials):  # the warm start's points (enqueued) are the same for both
+        return {tuple(sorted(t.params.items())) for t in trials
+                if "fixed_params" not in t.system_attrs}
+
+    drawn, again = sampled(alone.trials), sampled(joined.trials)
+    assert len(drawn) >= 10 and not drawn & again  # the same seed drew them all again before
+    # a fresh study made alone is as reproducible as ever: its creator draws from the seed
+    repeat = _search(mcu).run(n_trials=40, storage=f"sqlite:///{tmp_path}/c.db",
+                              study_name="s")
+    assert [t.params for t in repeat.trials] == [t.params for t in alone.trials]

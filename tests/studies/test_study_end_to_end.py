@@ -288,3 +288,32 @@ def test_a_changed_spec_starts_a_shared_plan_afresh(tmp_path: Path, capsys) -> N
     doc["search"]["alpha"] = 2.0  # the study's identity: the old one was refused for good
     _, third = run()
     assert third["config"]["alpha"] == 2.0 and third["trials"] == 12
+
+
+def test_two_workers_make_a_shared_plan_once(tmp_path: Path, capsys) -> None:
+    """Seeds 0 and 1 share one plan (plan_seed) and two workers take them together: the plan is
+    made once (the second waits and reads it), not searched twice on the same seed."""
+    import optuna
+
+    data = _image_folder(tmp_path / "images", per_class={"train": 10, "test": 4})
+    spec = tmp_path / "pair.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "pair", "data": {"name": "img", "source": str(data), "train_split": "train"},
+        "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
+        "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
+        "methods": [{"method": "search", "options": {"plan_seed": 0, "trials": 200}}],
+        "seeds": [0, 1],
+        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "engine": "runner"},
+        "cost": {"memory_measure": "training"},
+        "scores": {"fisher_samples": 8, "micro_batch": 8},
+        "search": {"population_size": 6}}))
+    assert main(["study", "run", str(spec), "--workers", "2", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    res = tmp_path / "results" / "pair"
+    recs = [json.loads(p.read_text()) for p in (res / "cells").glob("*.json")]
+    assert len(recs) == 2 and all(r["status"] == "done" for r in recs)
+    assert recs[0]["layers"] == recs[1]["layers"]
+    home = res / "plans" / "img__mcunet-5fps__stm32f746__40KB__search__p0"
+    study = optuna.load_study(study_name="pair:" + home.name,
+                              storage=f"sqlite:///{home / 'search.db'}")
+    assert len(study.trials) == 200  # two searches at once had made up to twice as many
