@@ -13,11 +13,12 @@ others' trials into its sampler's view at every flush.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,15 @@ from ..criteria import Scores
 from ..errors import SearchError
 from ..plan import LayerUpdate, Plan
 from ..store import worker_id
-from ._config import CONFIG_KEY, build_config, diff_config, read_config, write_config
+from . import _config
+from ._config import (
+    COMPLETE_KEY,
+    CONFIG_KEY,
+    build_config,
+    diff_config,
+    read_config,
+    write_config,
+)
 from ._front import FrontTracker, pareto_front, pick
 from ._local import LocalSearch
 from ._loop import DONE, TrialLoop, quiet
@@ -350,7 +359,17 @@ class Search:
         names = set(optuna.get_all_study_names(storage))
         if name in names:
             study = optuna.load_study(study_name=name, storage=storage)
-            stored, _scores, baselines = read_config(study, with_scores=False)
+            try:
+                stored, _scores, baselines = read_config(study, with_scores=False,
+                                                         wait_s=_config.CREATION_WAIT_S)
+            except SearchError:
+                if not (create and _abandoned(study, self.evaluator.objective_names)):
+                    raise
+                # its creator was killed before the configuration was all written, and
+                # nothing was written for as long as read_config waited: made anew
+                with contextlib.suppress(KeyError):
+                    optuna.delete_study(study_name=name, storage=storage)
+                return self._open(storage, name, config, create, url)
             diff = diff_config(stored, config)
             if diff:
                 raise SearchError(f"study {name!r} in {redact(url)} was made for something else; "
@@ -482,6 +501,19 @@ def _say_other_sampler(name: str, stored: Mapping[str, Any], config: Mapping[str
             + "; this run continues it with "
             + ", ".join(f"{label} {now}" for label, _, now in changed)
             + " (use another --study name to start afresh)", UserWarning, stacklevel=4)
+
+
+def _abandoned(study: optuna.Study, objective_names: Sequence[str]) -> bool:
+    """Whether a budgetsearch study's creation stopped before its configuration was complete
+    and it holds no trial (read_config has waited for it). A study is budgetsearch's when it
+    has begun to store its configuration, or names its objectives as this search does (the
+    first thing written after the study itself); another program's empty study is not."""
+    try:
+        attrs = study.user_attrs
+        ours = CONFIG_KEY in attrs or list(study.metric_names or ()) == list(objective_names)
+        return ours and COMPLETE_KEY not in attrs and not study.get_trials(deepcopy=False)
+    except KeyError:  # deleted meanwhile
+        return False
 
 
 def run_seed(seed: int, existing: int, tag: str | None = None) -> int:

@@ -241,6 +241,30 @@ def test_incomplete_or_foreign_studies_are_named(tmp_path) -> None:
     assert time.monotonic() - start < 5
 
 
+def test_a_study_whose_creator_was_killed_is_made_anew(mcu: dict, tmp_path, monkeypatch) -> None:
+    """Killed between creating a study and writing its configuration's last part: after the
+    wait for its creator, a run that creates studies makes it anew instead of failing on it
+    for good; another program's empty study of that name is never deleted."""
+    from budgetsearch.search import _config
+
+    monkeypatch.setattr(_config, "CREATION_WAIT_S", 0.5)
+    url = f"sqlite:///{tmp_path}/k.db"
+    half = optuna.create_study(storage=url, study_name="half",
+                               directions=["maximize", "minimize", "minimize"])
+    half.set_user_attr(CONFIG_KEY, {"model": "x"})  # no COMPLETE_KEY: the creator died here
+    result = _search(mcu).run(n_trials=20, storage=url, study_name="half")
+    assert len(result.trials) == 20
+    assert COMPLETE_KEY in optuna.load_study(study_name="half", storage=url).user_attrs
+    with pytest.raises(SearchError, match="incomplete"):  # a worker that only joins: refused
+        half = optuna.create_study(storage=url, study_name="half2")
+        half.set_user_attr(CONFIG_KEY, {"model": "x"})
+        _search(mcu).run(n_trials=20, storage=url, study_name="half2", create=False)
+    optuna.create_study(storage=url, study_name="theirs")
+    with pytest.raises(SearchError, match="not created by budgetsearch"):
+        _search(mcu).run(n_trials=20, storage=url, study_name="theirs")
+    assert "theirs" in optuna.get_all_study_names(url)
+
+
 def test_a_study_another_process_is_creating_is_waited_for(mcu: dict, tmp_path) -> None:
     """A second process that opens a study while its creator is still writing the
     configuration waits for it, instead of calling the study interrupted."""
