@@ -33,6 +33,7 @@ class _Spec:
     choices: tuple[Any, ...] = ()
     nullable: bool = False
     optional: bool = False
+    maximum: int | None = None
 
     def expected(self) -> str:
         """Describe the accepted values, for error messages."""
@@ -42,16 +43,22 @@ class _Spec:
             return "true or false"
         if self.kind == "text":
             return "a non-empty string"
+        at_most = f" of at most {self.maximum:,}" if self.maximum is not None else ""
         if self.kind == "size":
-            text = "a positive size in bytes (an integer, or a string such as 256KB; KB = 1024)"
+            text = ("a positive size in bytes (an integer, or a string such as 256KB; KB = 1024)"
+                    + (f", at most {self.maximum:,} bytes" if self.maximum is not None else ""))
             return text + (", or null" if self.nullable else "")
         if self.kind == "int":
             allowed = f" from {{{', '.join(map(str, self.choices))}}}" if self.choices else ""
-            return f"a positive integer ({self.unit}){allowed}"
+            return f"a positive integer{at_most} ({self.unit}){allowed}"
         return f"a positive number ({self.unit})"
 
 
 _BYTES = ("bytes per element", (1, 2, 4, 8))
+#: The largest memory and batch size a profile may give: the command line's bounds
+#: (``cli._common.MAX_BUDGET_BYTES`` and ``MAX_BATCH_SIZE``), so that a typo is refused by name.
+MAX_MEMORY_BYTES = 1 << 40
+MAX_BATCH_SIZE = 65536
 # (dotted YAML path, DeviceProfile attribute or "", spec), in file order.
 _FIELDS: tuple[tuple[str, str, _Spec], ...] = (
     ("schema_version", "", _Spec("int", "schema version", (SCHEMA_VERSION,))),
@@ -59,8 +66,9 @@ _FIELDS: tuple[tuple[str, str, _Spec], ...] = (
     ("display_name", "display_name", _Spec("text")),
     ("kind", "kind", _Spec("enum", choices=KINDS)),
     ("notes", "notes", _Spec("text", optional=True)),
-    ("memory.training_bytes", "memory_bytes", _Spec("size")),
-    ("memory.flash_bytes", "flash_bytes", _Spec("size", nullable=True)),
+    ("memory.training_bytes", "memory_bytes", _Spec("size", maximum=MAX_MEMORY_BYTES)),
+    ("memory.flash_bytes", "flash_bytes", _Spec("size", nullable=True,
+                                                maximum=MAX_MEMORY_BYTES)),
     ("memory.frozen_weights_in", "frozen_weights_in", _Spec("enum", choices=WEIGHT_LOCATIONS)),
     ("dtypes.weight", "weight_bytes", _Spec("int", *_BYTES)),
     ("dtypes.bias", "bias_bytes", _Spec("int", *_BYTES)),
@@ -75,7 +83,8 @@ _FIELDS: tuple[tuple[str, str, _Spec], ...] = (
         _Spec("number", "B/s"),
     ),
     ("compute.op_overhead_us", "op_overhead_us", _Spec("number", "microseconds per operator")),
-    ("training.default_batch_size", "default_batch_size", _Spec("int", "samples")),
+    ("training.default_batch_size", "default_batch_size",
+     _Spec("int", "samples", maximum=MAX_BATCH_SIZE)),
     ("training.default_optimizer", "default_optimizer", _Spec("enum", choices=OPTIMIZERS)),
     ("training.in_place_update", "in_place_update", _Spec("bool")),
 )
@@ -113,6 +122,7 @@ def _check(spec: _Spec, value: Any) -> tuple[Any, bool]:
         return value, isinstance(value, bool)
     if spec.kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ok = ok and (spec.maximum is None or value <= spec.maximum)
         return value, ok and (not spec.choices or value in spec.choices)
     if spec.kind == "number":
         if isinstance(value, str) and _NUMBER_RE.match(value):  # PyYAML reads 1e9 as a string
@@ -133,7 +143,7 @@ def _check(spec: _Spec, value: Any) -> tuple[Any, bool]:
         size = parse_bytes(value)
     except (BudgetSearchError, ValueError, OverflowError):
         return value, False
-    return size, size > 0
+    return size, size > 0 and (spec.maximum is None or size <= spec.maximum)
 
 
 def _walk(

@@ -70,14 +70,14 @@ class Budget:
             raise PlanError(f"memory_measure must be one of {', '.join(MEMORY_MEASURES)}; got "
                             f"{self.measure!r}")
         if self.memory_bytes is not None:
-            if (isinstance(self.memory_bytes, bool) or not self.memory_bytes >= 0
-                    or not math.isfinite(self.memory_bytes)):
+            if not _number(self.memory_bytes) or not self.memory_bytes >= 0:
                 raise PlanError(f"the memory budget must be a finite number of bytes >= 0; got "
-                                f"{self.memory_bytes}")
+                                f"{self.memory_bytes!r}")
             object.__setattr__(self, "memory_bytes", int(self.memory_bytes))
         if self.latency_ms is not None:
-            if isinstance(self.latency_ms, bool) or not self.latency_ms >= 0:
-                raise PlanError(f"the latency budget cannot be negative; got {self.latency_ms}")
+            if not _number(self.latency_ms) or not self.latency_ms >= 0:
+                raise PlanError(f"the latency budget must be a finite number of ms >= 0; got "
+                                f"{self.latency_ms!r}")
             object.__setattr__(self, "latency_ms", float(self.latency_ms))
 
     @classmethod
@@ -254,3 +254,11 @@ def _relative(used: float, limit: float) -> float:
     if limit:
         return (used - limit) / limit
     return 0.0 if used <= 0 else math.inf
+
+
+def _number(value: Any) -> bool:
+    """A finite real number (an int of any size, a float that is not inf or NaN), not a bool.
+    An int too large for a float is finite: ``math.isfinite`` would overflow on it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)

@@ -89,11 +89,18 @@ def test_reads_a_full_cost_and_a_plans_predicted_mapping(toy):
     ({"memory_bytes": -1}, "memory budget must be a finite number of bytes >= 0"),
     ({"memory_bytes": math.nan}, "memory budget must be a finite number of bytes >= 0"),
     ({"memory_bytes": math.inf}, "memory budget must be a finite number of bytes >= 0; got inf"),
-    ({"latency_ms": -0.5}, "latency budget cannot be negative"),
+    ({"latency_ms": -0.5}, "latency budget must be a finite number of ms >= 0; got -0.5"),
+    ({"latency_ms": math.nan}, "latency budget must be a finite number of ms >= 0; got nan"),
+    ({"memory_bytes": "99KB"}, "memory budget must be a finite number of bytes >= 0; got '99KB'"),
+    ({"latency_ms": "5ms"}, "latency budget must be a finite number of ms >= 0; got '5ms'"),
 ])
 def test_refuses_bad_values(kwargs, match):
     with pytest.raises(PlanError, match=match):
         Budget(**kwargs)
+
+
+def test_an_int_too_large_for_a_float_is_a_budget_not_a_crash():
+    assert Budget(memory_bytes=10**400).memory_bytes == 10**400  # math.isfinite overflowed
 
 
 def test_values_are_normalised_and_keyword_only():

@@ -157,6 +157,22 @@ def test_plan_schema_is_the_committed_file() -> None:
     assert plan_schema() == json.loads(SCHEMA_FILE.read_text())
 
 
+def test_the_schemas_bounds_are_the_command_lines() -> None:
+    """A plan file takes no size the command line would refuse."""
+    from budgetsearch.cli import _common as cli
+
+    props = plan_schema()["properties"]
+    recipe = props["recipe"]["properties"]
+    assert props["input_size"]["items"]["maximum"] == cli.MAX_INPUT_SIZE
+    assert props["batch_size"]["maximum"] == recipe["batch_size"]["maximum"] == cli.MAX_BATCH_SIZE
+    assert props["budget"]["properties"]["memory_bytes"]["maximum"] == cli.MAX_BUDGET_BYTES
+    assert props["budget"]["properties"]["latency_ms"]["maximum"] == cli.MAX_LATENCY_MS
+    assert recipe["epochs"]["maximum"] == cli.MAX_EPOCHS
+    assert recipe["seed"]["maximum"] == cli.MAX_SEED
+    patch = props["updates"]["additionalProperties"]["properties"]["patch_size"]
+    assert patch["maximum"] == cli.MAX_INPUT_SIZE
+
+
 def test_save_overwrites_atomically(graphs, tmp_path) -> None:
     graph = graphs("mcunet-5fps")
     path = tmp_path / "plan.json"
@@ -720,7 +736,11 @@ def test_replacing_a_value_with_another_type(path, value) -> None:
      (("model", "fingerprint"), None), (("updates", "dw", "axis"), "both"),
      (("updates", "pw", "patch_size"), 0), (("updates", "pw", "mode"), True),
      (("model", "layer_shapes", "pw"), [4, 8, 1, 1, 1]), (("budget", "memory_bytes"), -1),
-     (("updates",), []), (("model", "name"), 3)],
+     (("updates",), []), (("model", "name"), 3),
+     # typos of a hand edit, far past anything the command line takes
+     (("input_size", 0), 1_000_000), (("batch_size",), 10**30),
+     (("budget", "memory_bytes"), 10**400), (("budget", "latency_ms"), 1e30),
+     (("updates", "pw", "patch_size"), 10**6), (("provenance", "memory_measure"), "foo")],
 )  # fmt: skip
 def test_wrong_values_are_refused_naming_the_field(path, value) -> None:
     doc = copy.deepcopy(SMALL_DOC)

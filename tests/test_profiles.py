@@ -248,6 +248,30 @@ def test_negative_or_zero_number(tmp_path: Path, section: str, key: str, value: 
     assert f"{section}.{key}" in message and "positive" in message
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("training", "default_batch_size", 10**30, "a positive integer of at most 65,536"),
+        ("memory", "training_bytes", "2048GB", "at most 1,099,511,627,776 bytes"),
+    ],
+)
+def test_a_size_past_the_command_lines_bounds(tmp_path: Path, section: str, key: str,
+                                               value: Any, expected: str) -> None:
+    """A typo of a hand edit (a batch of 10**30 overflowed the cost model) is a named error."""
+    data = raw()
+    data[section][key] = value
+    message = load_error(tmp_path, data)
+    assert f"{section}.{key}" in message and expected in message
+
+
+def test_the_profile_bounds_are_the_command_lines() -> None:
+    from budgetsearch import _profile_schema as schema
+    from budgetsearch.cli import _common as cli
+
+    assert schema.MAX_BATCH_SIZE == cli.MAX_BATCH_SIZE
+    assert schema.MAX_MEMORY_BYTES == cli.MAX_BUDGET_BYTES
+
+
 def test_malformed_yaml(tmp_path: Path) -> None:
     text = (PROFILES_DIR / f"{BASE}.yaml").read_text(encoding="utf-8")
     text = text.replace("  training_bytes: 960KB", "  training_bytes: [960KB", 1)
