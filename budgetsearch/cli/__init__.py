@@ -58,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.filename is None:  # not about a file the user named: a fault to show in full
             raise
-        print(f"budgetsearch {args.command}: error: {exc.filename}: {exc.strerror or exc}",
+        # a rename's target (filename2) is the file the user named, its source a temporary one
+        name = exc.filename2 if getattr(exc, "filename2", None) is not None else exc.filename
+        print(f"budgetsearch {args.command}: error: {name}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

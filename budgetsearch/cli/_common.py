@@ -39,6 +39,7 @@ __all__ = [
     "add_model_args",
     "build_cost_model",
     "build_model",
+    "check_out_path",
     "check_update",
     "float_range",
     "int_range",
@@ -192,6 +193,33 @@ def add_model_args(parser: argparse.ArgumentParser, *, weights_default: str | No
     g.add_argument("--mcu-dir", default=None,
                    help="directory of other MCU models' JSON+NPZ files (default: the three "
                         "published ones shipped with budgetsearch)")
+
+
+def check_out_path(path: str | os.PathLike[str] | None, flag: str, *,
+                   directory: bool = False) -> None:
+    """Refuse, before any work, an output path the command could not write at its end.
+
+    Args:
+        path: The path given (None: nothing to check).
+        flag: The option, for the message (``--out``).
+        directory: The path names a directory to write into, not a file.
+
+    Raises:
+        BudgetSearchError: The file is an existing directory (or the directory an existing
+            file), or a parent of it is a file.
+    """
+    if path is None:
+        return
+    target = Path(path)
+    if directory and target.exists() and not target.is_dir():
+        raise BudgetSearchError(f"{flag} {path}: exists and is not a directory")
+    if not directory and target.is_dir():
+        raise BudgetSearchError(f"{flag} {path}: is a directory; give a file name")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BudgetSearchError(f"{flag} {path}: {parent} is not a directory")
+            break
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from ._common import (
     MAX_SEED,
     MAX_THREADS,
     add_model_args,
+    check_out_path,
     float_range,
     int_range,
 )
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from .._threads import torch_threads
 
+    check_out_path(args.out, "--out")
     workers = args.workers
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     with torch_threads(threads):

@@ -40,6 +40,7 @@ from ._common import (
     add_device_args,
     add_model_args,
     budget_from_args,
+    check_out_path,
     float_range,
     int_range,
     write_text,
@@ -232,6 +233,8 @@ def run_plan(args: argparse.Namespace) -> int:
     torch thread count, restored after)."""
     from .._threads import torch_threads
 
+    check_out_path(args.out, "--out")  # before minutes of work, not after
+    check_out_path(args.front_dir, "--front-dir", directory=True)
     with torch_threads(args.threads):
         return _run_plan(args)
 
@@ -568,7 +571,8 @@ def run_front(args: argparse.Namespace) -> int:
 
     from ..search import load_study, open_storage, pareto_front, pick, read_config, redact
 
-    study = load_study(open_storage(args.storage), args.study, args.storage)
+    check_out_path(args.out, "--out", directory=True)
+    study = load_study(open_storage(args.storage, existing=True), args.study, args.storage)
     config, _scores, baselines = read_config(study, with_scores=False)
     trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     names = study.metric_names or ["proxy", "memory_bytes", "latency_ms"]
@@ -590,6 +594,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     _graceful_sigterm()
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    open_storage(args.storage, existing=True)  # a mistyped file: refused, not created
     search = Search.from_study(storage=args.storage, study_name=args.study, seed=seed)
     config, _, _ = read_config(load_study(open_storage(args.storage), args.study, args.storage),
                                with_scores=False)

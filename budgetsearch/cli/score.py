@@ -9,7 +9,14 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..errors import DataError, ScoresError
-from ._common import MAX_BATCH_SIZE, MAX_SAMPLES, MAX_SEED, add_model_args, int_range
+from ._common import (
+    MAX_BATCH_SIZE,
+    MAX_SAMPLES,
+    MAX_SEED,
+    add_model_args,
+    check_out_path,
+    int_range,
+)
 
 __all__ = ["register", "run"]
 
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..criteria import get_criterion
     from ._common import build_model
 
+    check_out_path(args.out, "--out")
     if args.criterion == "neq" and not args.snapshots:
         raise ScoresError(
             "criterion neq needs weight snapshots from training: NEq velocities compare layer "

@@ -20,6 +20,7 @@ from ._common import (
     add_model_args,
     budget_from_args,
     build_cost_model,
+    check_out_path,
     int_range,
 )
 
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from ..selectors import get_method, select
     from ._common import build_model
 
+    check_out_path(args.out, "--out")
     spec = get_method(args.method)  # unknown method: error listing the methods, exit 2
     accepted = spec.defaults()
     options: dict[str, Any] = {}

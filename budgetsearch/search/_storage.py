@@ -85,17 +85,32 @@ def describe_url(url: str) -> str:
     return redact(url)
 
 
-def open_storage(url: str) -> BaseStorage:
+def open_storage(url: str, *, existing: bool = False) -> BaseStorage:
     """Open (and, for SQL databases, initialise) an Optuna storage.
 
+    Args:
+        url: The storage URL.
+        existing: Refuse a SQLite or journal file that does not exist, instead of creating
+            it (for commands that only read a study: a mistyped path is then an error, not a
+            new empty database).
+
     Raises:
-        SearchError: Unknown scheme, missing driver, missing directory, unreachable server or an
-            incompatible schema; the message names the URL (password redacted).
+        SearchError: Unknown scheme, missing driver, missing directory, unreachable server, an
+            incompatible schema, or a missing file with ``existing``; the message names the URL
+            (password redacted).
     """
     kind = storage_kind(url)
     shown = redact(url)
     if kind == "memory":
         return InMemoryStorage()
+    if existing and kind in ("sqlite", "journal"):
+        from sqlalchemy.engine import make_url
+
+        target = (make_url(_with_driver(url)).database if kind == "sqlite"
+                  else url.split("://", 1)[1])
+        if target and target != ":memory:" and not Path(target).expanduser().exists():
+            raise SearchError(f"storage {shown}: no such file {target} (this command reads a "
+                              "study and creates no database)")
     if kind == "journal":
         path = Path(url.split("://", 1)[1]).expanduser()
         if not path.parent.is_dir():

@@ -141,4 +141,38 @@ def test_select_errors(tmp_path, capsys):
     assert main(["select", "--method", "tinytl", *MCU, "--device", "stm32f746", "--budget",
                  "1MB", "--out", str(blocker / "p.json")]) == 2
     err = capsys.readouterr().err
-    assert f"budgetsearch select: error: {blocker}" in err and "Traceback" not in err
+    assert (f"budgetsearch select: error: --out {blocker / 'p.json'}: {blocker} is not a "
+            "directory") in err and "Traceback" not in err
+    # an output that is a directory: refused before the work, naming the option
+    assert main(["select", "--method", "tinytl", *MCU, "--device", "stm32f746", "--budget",
+                 "1MB", "--out", str(tmp_path)]) == 2
+    assert f"error: --out {tmp_path}: is a directory; give a file name" in \
+        capsys.readouterr().err
+
+
+def test_plan_checks_its_outputs_before_any_work(tmp_path, capsys, monkeypatch):
+    """plan refuses --out and --front-dir it could not write before it scores or searches."""
+    import budgetsearch.cli.plan as cli_plan
+
+    def never(args):
+        raise AssertionError("the plan was made before its outputs were checked")
+
+    monkeypatch.setattr(cli_plan, "_run_plan", never)
+    base = ["plan", *MCU, "--device", "stm32f746", "--budget", "100KB", "--effort", "quick"]
+    assert main([*base, "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: is a directory" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([*base, "--out", str(tmp_path / "p.json"), "--front-dir", str(blocker)]) == 2
+    assert f"--front-dir {blocker}: exists and is not a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_reading_commands_create_no_database(tmp_path, capsys):
+    """front and worker read a study: a mistyped SQLite path is an error, not a new file."""
+    url = f"sqlite:///{tmp_path}/nosuch.db"
+    assert main(["front", "--storage", url, "--study", "x", "--out", str(tmp_path / "fr")]) == 2
+    assert f"no such file {tmp_path}/nosuch.db" in capsys.readouterr().err
+    assert main(["worker", "--storage", url, "--study", "x"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
