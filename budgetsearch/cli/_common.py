@@ -229,8 +229,10 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                    help="device profile name (see `budgetsearch devices`) or a profile .yaml path")
     g.add_argument("--batch-size", type=int_range(1, MAX_BATCH_SIZE), default=None,
                    help=f"batch size, 1 to {MAX_BATCH_SIZE} (default: the profile's)")
-    g.add_argument("--accounting", choices=ACCOUNTINGS, default="device",
-                   help="device: the profile's minimal engine; pytorch: stock autograd, fp32")
+    g.add_argument("--accounting", choices=ACCOUNTINGS, default=None,
+                   help="device (the default; cost --plan: the plan's): the profile's minimal "
+                        "engine; ops: budgetsearch's operators in PyTorch, fp32; pytorch: stock "
+                        "autograd, fp32")
     g.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=None,
                    help="optimizer (default: the profile's)")
     g.add_argument("--bn-train", action="store_true",
@@ -298,7 +300,8 @@ def _default_size(name: str, input_spec: Any) -> int:
 def build_cost_model(args: argparse.Namespace, graph: LayerGraph) -> CostModel:
     """A cost model from the device arguments."""
     profile = load_profile(args.device)
-    return CostModel(graph, profile, accounting=args.accounting, batch_size=args.batch_size,
+    return CostModel(graph, profile, accounting=args.accounting or "device",
+                     batch_size=args.batch_size,
                      optimizer=args.optimizer, bn_train=args.bn_train, strict=args.strict)
 
 

@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         args.input_size = args.input_size or tuple(plan.input_size)
         args.batch_size = args.batch_size or plan.batch_size
         args.optimizer = args.optimizer or plan.optimizer
+        # and the accounting and batch-norm mode it was costed with (plans record them)
+        args.accounting = args.accounting or plan.provenance.get("accounting")
+        args.bn_train = args.bn_train or bool(plan.provenance.get("bn_train", False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _model, graph = build_model(args)

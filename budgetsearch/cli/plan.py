@@ -364,7 +364,8 @@ def _default_study_name(args: argparse.Namespace, budget: Budget,
     memory = budget.memory_bytes
     table = (config.get("objective") or {}).get("table_source")
     key = json.dumps([args.model, args.num_classes, args.input_size, args.device,
-                      args.accounting, args.batch_size, args.optimizer, memory, budget.latency_ms,
+                      args.accounting or "device", args.batch_size, args.optimizer, memory,
+                      budget.latency_ms,
                       budget.measure, args.third, args.granularity, args.last_n,
                       args.no_filters, args.alpha, args.bias_credit, config["scores_source"],
                       args.scores and str(Path(args.scores).resolve()), args.weights]

@@ -462,6 +462,8 @@ class Search:
             "hypervolume": hypervolume,
             "budgetsearch_version": __version__,
             "memory_measure": self.evaluator.memory_measure,
+            "accounting": self.cost_model.acc.name,
+            "bn_train": bool(self.cost_model.bn_train),
             "memory_bytes": ev.memory_bytes,
             "space": self.space.describe(),
             "proxy": {**self.proxy.describe(), "value": self.proxy(updates)},

@@ -402,6 +402,8 @@ def select(
         "seed": ctx.seed,
         "budgetsearch_version": __version__,
         "memory_measure": memory_measure,
+        "accounting": cost_model.acc.name,
+        "bn_train": bool(cost_model.bn_train),
         "memory_bytes": ctx.memory(summary),
         "fits": bool(fits),
         "scores": None if scores is None else {

@@ -123,7 +123,8 @@ class Trainer:
         budget_bytes: Budget of re-selections; the plan's memory budget by default.
         cost_model: Cost model for the budget check and re-selections; by default the plan's
             device at this batch size, input size and optimizer, ``accounting``.
-        accounting: Cost-model accounting (``device`` or ``pytorch``).
+        accounting: Cost-model accounting (``device``, ``ops`` or ``pytorch``); the one the
+            plan was costed with (its provenance's ``accounting``) by default, else ``device``.
         bn: ``"frozen"`` or ``"train"`` (see :func:`~budgetsearch.trainer.apply_plan`).
         filter_mode: Gradient-filter variant; the plan's by default.
         check_budget: Refuse a plan whose budget these settings exceed.
@@ -147,7 +148,7 @@ class Trainer:
         batch_size: int | None = None, lr: float = 0.01,
         optimizer: str | None = None, momentum: float = 0.9, weight_decay: float = 0.0,
         seed: int = 0, dynamic: str | None = None, every: int = 1,
-        budget_bytes: int | None = None, cost_model: Any = None, accounting: str = "device",
+        budget_bytes: int | None = None, cost_model: Any = None, accounting: str | None = None,
         bn: str = "frozen", filter_mode: str | None = None, check_budget: bool = True,
         progress: bool = True, threads: int | None = None, neq_probe_samples: int = 16,
         fisher_samples: int = 64, replan_method: str = "auto", search_trials: int = 100,
@@ -185,7 +186,8 @@ class Trainer:
                         and self.batch_size == plan.recipe.batch_size else self.batch_size)
         self.cost_model = cost_model or build_cost_model(
             plan, self.graph, batch_size=device_batch, optimizer=self.optimizer_name,
-            bn_train=bn == "train", accounting=accounting)
+            bn_train=bn == "train",
+            accounting=accounting or plan.provenance.get("accounting") or "device")
         self.budget = checks.check_budget(plan, self.cost_model) if check_budget else None
         if self.budget is not None:
             self.budget["batch_size"] = self.cost_model.batch

@@ -177,3 +177,24 @@ def test_training_memory_without_a_budget_is_refused(capsys, tmp_path):
     assert "--memory-measure training needs --budget: the profile's memory (256.0 KB on " \
            "stm32f746)" in err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_cost_of_a_plan_file_takes_its_accounting(capsys, tmp_path):
+    """A plan made under the pytorch accounting records it; cost --plan costs it so (the
+    device accounting gives another peak), unless --accounting says otherwise."""
+    path = tmp_path / "p.json"
+    code, out, err = run(capsys, "select", "--method", "last-k", "--model", "mcunet-5fps",
+                         "--device", "stm32h743", "--accounting", "pytorch", "--budget",
+                         "8MB", "--out", str(path))
+    assert code == 0, err
+    made = json.loads(path.read_text())
+    assert made["provenance"]["accounting"] == "pytorch"
+    assert made["provenance"]["bn_train"] is False
+    code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32h743",
+                         "--plan", str(path), "--json")
+    doc = json.loads(out)
+    assert doc["accounting"] == "pytorch"
+    assert doc["peak_memory_bytes"] == made["predicted"]["peak_memory_bytes"]
+    code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32h743",
+                         "--plan", str(path), "--json", "--accounting", "device")
+    assert json.loads(out)["peak_memory_bytes"] != made["predicted"]["peak_memory_bytes"]

@@ -330,6 +330,19 @@ def test_bad_settings_are_refused_before_the_plan_is_applied(splits, tmp_path, s
     assert active_plan(model) is None and not (tmp_path / "metrics.json").exists()
 
 
+def test_the_budget_check_uses_the_accounting_the_plan_was_costed_with(splits, tmp_path):
+    model, graph = tiny()
+    plan = sparse_plan(graph, device="stm32h743", provenance={"accounting": "pytorch"})
+    assert trainer(splits, tmp_path / "a", model=model, plan=plan).cost_model.acc.name == \
+        "pytorch"
+    model, graph = tiny()
+    told = trainer(splits, tmp_path / "b", model=model, plan=plan, accounting="device")
+    assert told.cost_model.acc.name == "device"
+    model, graph = tiny()  # a plan from before the record: the device accounting
+    assert trainer(splits, tmp_path / "c", model=model,
+                   plan=sparse_plan(graph, device="stm32h743")).cost_model.acc.name == "device"
+
+
 def test_plan_budget_exceeded_by_the_batch_size(splits, tmp_path):
     model, graph = tiny()
     plan = sparse_plan(graph, device="stm32h743", batch_size=1)
