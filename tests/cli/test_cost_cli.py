@@ -124,15 +124,20 @@ def test_cost_says_when_the_latency_model_was_timed_otherwise(capsys, tmp_path):
     assert "warning: " in err and "97" in err
 
 
+def _last_k_plan(capsys, path, *flags: str) -> dict:
+    """The JSON of the last-k plan ``select`` makes for MCUNet-5fps with ``flags``."""
+    code, _out, err = run(capsys, "select", "--method", "last-k", "--model", "mcunet-5fps",
+                          *flags, "--out", str(path))
+    assert code == 0, err
+    return json.loads(path.read_text())
+
+
 def test_cost_of_a_plan_file_takes_its_input_batch_and_optimizer(capsys, tmp_path):
     """select made the plan at 64 px and batch 1: cost --plan, without those flags, costs it
     as it was made (the same peak), not at the command's defaults."""
     path = tmp_path / "p.json"
-    code, out, err = run(capsys, "select", "--method", "last-k", "--model", "mcunet-5fps",
-                         "--device", "stm32f746", "--input-size", "64", "--batch-size", "1",
-                         "--budget", "300KB", "--out", str(path))
-    assert code == 0, err
-    made = json.loads(path.read_text())
+    made = _last_k_plan(capsys, path, "--device", "stm32f746", "--input-size", "64",
+                        "--batch-size", "1", "--budget", "300KB")
     code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32f746",
                          "--plan", str(path), "--json")
     assert code == 0, err
@@ -143,11 +148,8 @@ def test_cost_of_a_plan_file_checks_the_budget_it_was_made_for(capsys, tmp_path)
     """A plan made for 300 KB of training memory fits it though its peak passes the device's
     memory: cost --plan says both, each against its own figure."""
     path = tmp_path / "p.json"
-    code, out, err = run(capsys, "select", "--method", "last-k", "--model", "mcunet-5fps",
-                         "--device", "stm32f746", "--input-size", "128", "--budget", "300KB",
-                         "--memory-measure", "training", "--out", str(path))
-    assert code == 0, err
-    made = json.loads(path.read_text())
+    made = _last_k_plan(capsys, path, "--device", "stm32f746", "--input-size", "128",
+                        "--budget", "300KB", "--memory-measure", "training")
     assert made["predicted"]["training_memory_bytes"] <= 300 * 1024
     assert made["predicted"]["peak_memory_bytes"] > 256 * 1024  # the device's memory
     code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32f746",
@@ -183,18 +185,17 @@ def test_cost_of_a_plan_file_takes_its_accounting(capsys, tmp_path):
     """A plan made under the pytorch accounting records it; cost --plan costs it so (the
     device accounting gives another peak), unless --accounting says otherwise."""
     path = tmp_path / "p.json"
-    code, out, err = run(capsys, "select", "--method", "last-k", "--model", "mcunet-5fps",
-                         "--device", "stm32h743", "--accounting", "pytorch", "--budget",
-                         "8MB", "--out", str(path))
-    assert code == 0, err
-    made = json.loads(path.read_text())
+    made = _last_k_plan(capsys, path, "--device", "stm32h743", "--accounting", "pytorch",
+                        "--budget", "8MB")
     assert made["provenance"]["accounting"] == "pytorch"
     assert made["provenance"]["bn_train"] is False
     code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32h743",
                          "--plan", str(path), "--json")
+    assert code == 0, err
     doc = json.loads(out)
     assert doc["accounting"] == "pytorch"
     assert doc["peak_memory_bytes"] == made["predicted"]["peak_memory_bytes"]
     code, out, err = run(capsys, "cost", "--model", "mcunet-5fps", "--device", "stm32h743",
                          "--plan", str(path), "--json", "--accounting", "device")
+    assert code == 0, err
     assert json.loads(out)["peak_memory_bytes"] != made["predicted"]["peak_memory_bytes"]
