@@ -41,10 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options whose value may be given negative by mistake: argparse takes ``-5MB`` for an option
+#: and says "expected one argument"; joined as ``--budget=-5MB``, the value's own check names
+#: the allowed range.
+_SIGNED = ("--budget", "--latency-budget")
+
+
+def _joined_signed_values(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        following = words[i + 1] if i + 1 < len(words) else ""
+        if word in _SIGNED and following[:1] == "-" and following[1:2].isdigit():
+            out.append(f"{word}={following}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_signed_values(sys.argv[1:] if argv is None else argv))
     # the words as given, for commands that start more workers of themselves
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):

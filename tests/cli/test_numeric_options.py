@@ -201,6 +201,16 @@ def test_bad_budget_is_a_named_error(capsys, command, flag, value):
     assert "1 TB" in err if flag == "--budget" else "1 hour" in err
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--budget", "-5MB"), ("--budget", "-1"),
+                                             ("--latency-budget", "-5ms")])
+def test_a_negative_budget_as_its_own_word_gets_the_range_message(capsys, flag, value):
+    """``--budget -5MB`` (a separate word) is no option: argparse said "expected one
+    argument"; it gets the same message as ``--budget=-5MB``."""
+    code, err = run(capsys, [*BASE["select"], flag, value])
+    assert code == 2 and "expected one argument" not in err
+    assert_named_error(err, "select", flag, value)
+
+
 def test_budgets_in_range_are_parsed_to_bytes_and_ms():
     args = build_parser().parse_args([*BASE["select"], "--budget", "256KB",
                                       "--latency-budget", "2s"])
