@@ -384,14 +384,16 @@ def _arm_key(rung: int, epochs: int, seed: int, name: str, lr: float,
 _ARM_KEY = re.compile(r"^r(\d+):e(\d+):s(\d+):(.+)@lr([0-9.eE+-]+?)(?::f(\d+)(?:of\d+)?)?$")
 
 
-def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_accuracy"
-               ) -> dict[tuple[int, str, float], float]:
+def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_accuracy",
+               exact: bool = True) -> dict[tuple[int, str, float], float]:
     """Every arm's score from a race file's ``results``, by (rung, candidate, rate) (a file
     whose final ran with different fold counts has them pooled in one score): its
     ``metric`` (validation accuracy; or e.g. ``val_loss``) over all its runs (seeds, folds),
     pooled as the race pools them (:func:`pooled_mean`). Entries that are not arms are
     skipped; for ``val_loss``, an arm with a run that recorded none scores infinity, as in the
-    race's tie-break; for another metric, runs without it are skipped."""
+    race's tie-break; for another metric, runs without it are skipped. ``exact`` False pools
+    an accuracy as the race did before it pooled images right over images (the runs' fractions
+    weighted by their images; ``benchmarks/race_ties.py`` compares the two)."""
     runs: dict[tuple[int, str, float], list[tuple[float, int | None]]] = {}
     for key, row in results.items():
         m = _ARM_KEY.match(key)
@@ -404,7 +406,7 @@ def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_a
     for arm, r in runs.items():
         values, images = [a for a, _n in r], [n for _a, n in r]
         out[arm] = math.inf if math.inf in values else pooled_mean(
-            values, images, counts=metric.endswith("_accuracy"))
+            values, images, counts=exact and metric.endswith("_accuracy"))
     return out
 
 
