@@ -81,11 +81,15 @@ class SearchError(BudgetSearchError):
         transient: True when trying again later may succeed (the storage's database could not
             be reached or was busy), False for a mistake in the input (a missing folder, a
             driver not installed, a study made for something else).
+        stale_study: The name of the study refused because it was made for something else
+            (None for other errors): a caller that owns the name may delete it and start anew.
     """
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False,
+                 stale_study: str | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.stale_study = stale_study
 
 
 class StoreError(BudgetSearchError):

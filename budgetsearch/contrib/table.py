@@ -49,7 +49,17 @@ STALE_AFTER_S = 600.0
 
 
 class TableError(DataError):
-    """A contribution table that cannot be used: another key, or an unreadable file."""
+    """A contribution table (or race file) that cannot be used: another key, or an unreadable
+    file.
+
+    Attributes:
+        stale_path: The file refused because it was made with another key (None for other
+            errors): a caller that owns the file may delete it and start anew.
+    """
+
+    def __init__(self, message: str, *, stale_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.stale_path = stale_path
 
 
 class ContributionTable:
@@ -167,7 +177,7 @@ def check_key(stored: Mapping[str, Any], wanted: Mapping[str, Any], path: Path) 
     if diff:
         detail = "; ".join(f"{f}: table {stored.get(f)!r}, now {wanted.get(f)!r}" for f in diff)
         raise TableError(f"{path} was measured for something else ({detail}); use another "
-                         "file or the same model, data and recipe")
+                         "file or the same model, data and recipe", stale_path=Path(path))
 
 
 def _canonical(value: Any) -> str:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,7 @@ def plan_for(
     progress: bool = True,
     flush_seconds: float = 2.0,
     log: Callable[[str], object] | None = None,
+    search_lock: AbstractContextManager[Any] | None = None,
 ) -> PlanOutcome:
     """The plan that trains best for a model, its data and a budget: choose the effort and
     objective, measure, search, race (see the module docstring).
@@ -272,6 +274,8 @@ def plan_for(
         flush_seconds: The search's write interval.
         log: Called with a line for each notable step (a table measured, a study continued);
             None: silent.
+        search_lock: Held while the search runs: processes sharing a study (a study's seeds
+            sharing one plan) then search it one after another and race the same candidates.
 
     Returns:
         The plan (with its recipe and the race in its provenance when raced), the search's
@@ -423,7 +427,8 @@ def plan_for(
                                 bn=cost_bn(cost_model)),
         race_path=race_file, baseline_scores=baseline_scores,
         race_storage=database if race_file is None else None, progress=progress,
-        flush_seconds=flush_seconds, target=chosen_target, mcu_dir=mcu_dir)
+        flush_seconds=flush_seconds, target=chosen_target, mcu_dir=mcu_dir,
+        search_lock=search_lock)
 
 
 # ------------------------------------------------------------------------------------ helpers

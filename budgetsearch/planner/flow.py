@@ -12,9 +12,11 @@ a plan that trained worse than one it knew of.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,6 +307,7 @@ def make_plan(
     flush_seconds: float = 2.0,
     target: PlanTarget = "pytorch",
     mcu_dir: str | os.PathLike[str] | None = None,
+    search_lock: AbstractContextManager[Any] | None = None,
 ) -> PlanOutcome:
     """Search, race and return the plan that trained best (see the module docstring).
 
@@ -342,6 +345,9 @@ def make_plan(
         target: The runtime the plan is for (:func:`race_candidates`); the search must run on
             that target's space. Recorded in the plan's provenance when not ``pytorch``.
         mcu_dir: The MCU model files, when not the shipped ones.
+        search_lock: Held while the search runs (e.g. a file lock): processes that share a
+            study then search it one after another, so the later ones find it complete and
+            build the same front, the same candidates and so the same race, which they share.
 
     Raises:
         PlanError: A race without a runner; a plan the target cannot take (a search whose
@@ -350,8 +356,9 @@ def make_plan(
     """
     from ..errors import PlanError
 
-    result = search.run(n_trials=n_trials, storage=storage, study_name=study_name,
-                        pick_rule=pick_rule, progress=progress, flush_seconds=flush_seconds)
+    with search_lock if search_lock is not None else contextlib.nullcontext():
+        result = search.run(n_trials=n_trials, storage=storage, study_name=study_name,
+                            pick_rule=pick_rule, progress=progress, flush_seconds=flush_seconds)
     tagged = {"target": target} if target != "pytorch" else {}
     if not effort.race:
         _check_target(target, result.plan, search, mcu_dir)

@@ -374,7 +374,7 @@ class Search:
             if diff:
                 raise SearchError(f"study {name!r} in {redact(url)} was made for something else; "
                                   "use another --study name or the same settings: "
-                                  + "; ".join(diff))
+                                  + "; ".join(diff), stale_study=name)
             if create and stored.get("n_trials") != config.get("n_trials"):
                 study.set_user_attr(CONFIG_KEY, {**stored, "n_trials": config.get("n_trials")})
             _say_other_sampler(name, stored, config)

@@ -25,10 +25,8 @@ measured saved bytes should equal), measured costs and accuracy, and the per-lay
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -38,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text, locked
-from ..errors import TrainingError
+from ..contrib import TableError
+from ..errors import SearchError, TrainingError
 from ..search import SpaceOptions, replan
 from ..trainer import DYNAMIC_MODES, Trainer
 from ..trainer.metrics import validation_key
@@ -150,8 +149,6 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
     storage = ctx.storage if ctx.storage and "://" in ctx.storage and not ctx.storage.startswith(
         "file://") else f"sqlite:///{(home / 'search.db').resolve()}"
     shared = run.get("plan_seed") is not None
-    _prepare_plan_home(cell, home, shared=shared, storage=storage,
-                       study_name=f"{cell.study.name}:{home.name}")
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     effort = get_effort(str(run.get("effort", "quick")))
     if run.get("race_rungs") is not None:  # the race judged at the study's schedule
@@ -171,21 +168,24 @@ def _search_plan(cell: Cell, ctx: CellContext) -> Any:
         study_name=f"{cell.study.name}:{home.name}", pick=str(run.get("pick", "best")),
         target=run.get("target"),
         progress=ctx.progress, flush_seconds=float(run.get("flush_seconds", 2.0)))
-    # the seeds' cells sharing a plan make it one at a time: the first searches and races, the
-    # others then find the study and the race done (run together, their searches would draw
-    # apart and their fronts, so their races, could differ)
-    with locked(home / "plan") if shared else contextlib.nullcontext():
+    # the seeds' cells sharing a plan search it one at a time: the later ones find the study
+    # complete, so the same front and candidates, and share the race by its claims (searching
+    # together, their draws would part and their races could differ)
+    def make() -> Any:
+        common["search_lock"] = locked(home / "search") if shared else None  # one use each
         if effort.race:
-            outcome = plan_for(**common, **_race_arguments(cell, ctx, model, effort,
-                                                           seed=plan_seed, home=home, opts=opts,
-                                                           folds=run.get("race_folds")),
-                               lr_extensions=run.get("lr_extensions"),
-                               race_final=run.get("race_final"))
-        else:
-            outcome = plan_for(**common, objective="fisher", search_options=opts,
-                               scores=ctx.scores(cell.method.scores, seed=plan_seed),
-                               scores_source=f"{cell.method.scores} on {d.source}/"
-                                             f"{d.train_split} ({d.name})")
+            return plan_for(**common, **_race_arguments(cell, ctx, model, effort,
+                                                        seed=plan_seed, home=home, opts=opts,
+                                                        folds=run.get("race_folds")),
+                            lr_extensions=run.get("lr_extensions"),
+                            race_final=run.get("race_final"))
+        return plan_for(**common, objective="fisher", search_options=opts,
+                        scores=ctx.scores(cell.method.scores, seed=plan_seed),
+                        scores_source=f"{cell.method.scores} on {d.source}/{d.train_split} "
+                                      f"({d.name})")
+
+    outcome = _remaking_stale(make, home=home, storage=storage,
+                              study_name=common["study_name"])
     if outcome.race is not None:
         ctx.extras["race"] = {"winner": outcome.race.winner.name, "lr": outcome.race.recipe.lr,
                               "margin": outcome.margin(), "skipped": outcome.skipped,
@@ -466,40 +466,32 @@ def plan_summary(plan: Any) -> dict[str, Any]:
             "provenance": prov}
 
 
-def _prepare_plan_home(cell: Cell, home: Path, *, shared: bool, storage: str,
-                       study_name: str) -> None:
-    """Start the search study and race of ``home`` afresh when they were made for another
-    configuration of the cell (another spec: search options, scores, recipe, budget...).
+def _remaking_stale(make: Callable[[], Any], *, home: Path, storage: str,
+                    study_name: str) -> Any:
+    """``make()``, after removing what an earlier configuration of the cell left in ``home``
+    and no longer fits: its search study (made for other search settings, a refused identity)
+    or its race file (made with another key: another recipe, grid or candidates).
 
-    A study and a race are found by name, and the name does not say what they were made for: a
-    changed spec would continue a study made with another sampler, or fail for good on a study
-    or race file made for another budget or recipe. ``home/plan-config.json`` records what they
-    were made for (the cell's configuration, without its seed when the seeds share the plan);
-    on a difference the home's files and the named study in a shared database are deleted. A
-    home from before the record is taken as it is.
+    A study and a race are found by name, and a study file edited since would otherwise fail
+    the cell for good on them. Only the artifact refused is removed, so what still fits (a race
+    that an unrelated edit leaves valid) is kept; a contribution table elsewhere is never.
     """
-    config = {k: v for k, v in cell.config().items() if not (shared and k == "seed")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    marker = home / "plan-config.json"
-    with locked(marker):  # the seeds' cells sharing the home may start together
+    removed: set[str] = set()
+    while True:
         try:
-            recorded = json.loads(marker.read_text()).get("digest")
-        except (OSError, ValueError):
-            recorded = None
-        if recorded is not None and recorded != digest:
-            for item in home.iterdir():
-                if item.name == marker.name or item.name.endswith(".lock"):
-                    continue
-                if item.is_dir():
-                    shutil.rmtree(item)
-                else:
-                    item.unlink()
-            if not storage.startswith("sqlite:///") or not storage.endswith(
-                    f"{home.resolve()}/search.db"):
-                _delete_study(storage, study_name)
-        if recorded != digest:
-            atomic_write_text(marker, json.dumps({"digest": digest, "config": config},
-                                                 indent=1) + "\n")
+            return make()
+        except (SearchError, TableError) as exc:
+            study = exc.stale_study if isinstance(exc, SearchError) else None
+            path = exc.stale_path if isinstance(exc, TableError) else None
+            if study == study_name and f"study:{study}" not in removed:
+                _delete_study(storage, study)
+                removed.add(f"study:{study}")
+            elif (path is not None and Path(path).parent.resolve() == home.resolve()
+                  and f"file:{path}" not in removed):
+                Path(path).unlink(missing_ok=True)
+                removed.add(f"file:{path}")
+            else:
+                raise
 
 
 def _delete_study(storage: str, name: str) -> None:

@@ -248,10 +248,10 @@ def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, cap
     assert rec["lr"] == 0.0001 and rec["metrics"]["test_accuracy"] == 0.125
 
 
-def test_a_changed_spec_starts_a_shared_plan_afresh(tmp_path: Path, capsys) -> None:
-    """The seeds' shared search study is found by name: after a spec change it is started
-    afresh, not continued with another sampler's trials, nor failed for good when an identity
-    option (the proxy's alpha) changed."""
+def test_a_changed_spec_remakes_a_shared_study_it_refuses(tmp_path: Path, capsys) -> None:
+    """The seeds' shared search study is found by name: after a spec change that the study
+    refuses (the proxy's alpha, part of its identity) it is made anew, where the cell had
+    failed for good; an edit it does not refuse (the sampler) continues it, with a warning."""
     import optuna
 
     from budgetsearch.search import read_config
@@ -270,24 +270,59 @@ def test_a_changed_spec_starts_a_shared_plan_afresh(tmp_path: Path, capsys) -> N
     res = tmp_path / "results" / "changes"
     home = res / "plans" / "img__mcunet-5fps__stm32f746__40KB__search__p0"
 
-    def run() -> tuple[dict, dict]:
+    def run() -> dict:
         spec.write_text(yaml.safe_dump(doc))
         assert main(["study", "run", str(spec), "--no-progress"]) == 0, capsys.readouterr().err
         (rec,) = [json.loads(p.read_text()) for p in (res / "cells").glob("*.json")]
         assert rec["status"] == "done", rec.get("error")
-        url = f"sqlite:///{home / 'search.db'}"
-        study = optuna.load_study(study_name="changes:" + home.name, storage=url)
-        return rec, {"config": read_config(study)[0], "trials": len(study.trials)}
+        study = optuna.load_study(study_name="changes:" + home.name,
+                                  storage=f"sqlite:///{home / 'search.db'}")
+        return {"config": read_config(study)[0], "trials": len(study.trials)}
 
-    _, first = run()
-    assert first["config"]["sampler"] == "nsga2" and first["trials"] == 12
-    doc["search"]["sampler"] = "random"
-    rec, second = run()
-    assert second["config"]["sampler"] == "random" and second["trials"] == 12
-    assert rec["provenance"]["sampler"] == "random"
-    doc["search"]["alpha"] = 2.0  # the study's identity: the old one was refused for good
-    _, third = run()
-    assert third["config"]["alpha"] == 2.0 and third["trials"] == 12
+    assert run()["config"]["alpha"] == 1.0
+    doc["search"]["alpha"] = 2.0  # refused by the old study: it had failed the cell for good
+    again = run()
+    assert again["config"]["alpha"] == 2.0 and again["trials"] == 12
+    doc["search"]["trials"] = 16  # not part of its identity: the study goes on to 16 trials
+    assert run()["trials"] == 16
+
+
+def test_only_what_an_earlier_configuration_left_and_is_refused_is_removed(tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    from budgetsearch.contrib import TableError
+    from budgetsearch.errors import SearchError
+    from budgetsearch.studies import adapters
+
+    home = tmp_path / "home"
+    home.mkdir()
+    race, elsewhere = home / "race.json", tmp_path / "contrib.json"
+    race.write_text("{}")
+    elsewhere.write_text("{}")
+    deleted: list[str] = []
+    monkeypatch.setattr(adapters, "_delete_study", lambda storage, name: deleted.append(name))
+    errors = [TableError("race", stale_path=race), SearchError("s", stale_study="st:home")]
+
+    def make():
+        if errors:
+            raise errors.pop()
+        return "plan"
+
+    assert adapters._remaking_stale(make, home=home, storage="sqlite:///x.db",
+                                    study_name="st:home") == "plan"
+    assert deleted == ["st:home"] and not race.exists()
+
+    def refused_elsewhere():
+        raise TableError("contrib", stale_path=elsewhere)
+
+    with pytest.raises(TableError):  # a table outside the plan's home is never removed
+        adapters._remaking_stale(refused_elsewhere, home=home, storage="x", study_name="st")
+    assert elsewhere.exists()
+
+    def always_stale():
+        raise SearchError("s", stale_study="st:home")
+
+    with pytest.raises(SearchError):  # removed once: refused again, the error stands
+        adapters._remaking_stale(always_stale, home=home, storage="x", study_name="st:home")
 
 
 def test_two_workers_make_a_shared_plan_once(tmp_path: Path, capsys) -> None:
