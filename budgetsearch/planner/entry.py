@@ -32,7 +32,7 @@ from ..choices import PLAN_OBJECTIVES, EffortName, PlanObjective, PlanTarget
 from ..contrib import ContributionTable, PlanRunner, split_tensors
 from ..cost import CostModel
 from ..criteria import Scores, fisher_potential, magnitude_scores
-from ..data import default_normalization, load_dataset
+from ..data import check_source, default_normalization, load_dataset
 from ..errors import DataError, PlanError, SearchError
 from ..graph import LayerGraph
 from ..recipe import Recipe
@@ -338,6 +338,8 @@ def plan_for(
     source, tensors = _data(data)
     if tensors is not None:
         _check_tensors(tensors, graph)
+    if source is not None:  # a missing data set: said before any file is made
+        check_source(source.source)
     effort, objective = choose_effort(effort=effort, objective=objective,
                                       data=data is not None, scores=scores is not None,
                                       contrib=contrib is not None)
@@ -582,8 +584,10 @@ def _open_with_scores(storage: Any, name: str, probe: Mapping[str, Any], *,
             try:
                 scores = compute()
             except BaseException:
-                opening.exception()  # wait, then leave no empty database (or its lock) behind
-                _drop_if_empty(new_file)
+                # wait for the opening; the new file stays: another plan given the same
+                # storage may have opened it meanwhile, and a file deleted under it would take
+                # its study with it
+                opening.exception()
                 raise
             return opening.result(), scores
     opened = open_storage(storage) if isinstance(storage, str) else storage
@@ -596,30 +600,6 @@ def _open_with_scores(storage: Any, name: str, probe: Mapping[str, Any], *,
         raise SearchError(f"study {name!r} was made with other scores than {given.file}")
     log(f"continuing study {name!r} ({finished} trials) with its stored scores")
     return opened, scores
-
-
-def _drop_if_empty(db_file: Path) -> None:
-    """Delete a SQLite database this run created, and its lock file, if it holds no study: in
-    the minutes the scores took, another process given the same storage may have stored its
-    study there."""
-    import sqlite3
-
-    from .._io import locked
-
-    with locked(db_file):
-        try:
-            connection = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
-            try:
-                studies = connection.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
-            finally:
-                connection.close()
-        except sqlite3.Error:  # no file, or no schema yet: nothing stored
-            studies = 0
-        if studies:
-            return
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{db_file}{suffix}").unlink(missing_ok=True)
-    Path(f"{db_file}.lock").unlink(missing_ok=True)
 
 
 def _sqlite_path(storage: Any) -> Path | None:

@@ -187,34 +187,39 @@ def test_a_study_it_continues_keeps_its_stored_scores(tmp_path):
                  scores_source="fisher on the training tensors, 8 samples")
 
 
-def test_an_interrupted_plan_keeps_a_study_another_process_stored_in_its_new_database(tmp_path):
-    """plan_for opens a new SQLite file while its scores are computed; interrupted, it deletes
-    the file only if it holds no study: another plan given the same storage may have stored
-    one there meanwhile."""
+def test_an_interrupted_plan_leaves_the_database_it_opened(tmp_path):
+    """plan_for opens a new SQLite file while its scores are computed; interrupted, it leaves
+    the file: another plan given the same storage may have opened it meanwhile (to store a
+    study there now or later), and a file deleted under it would take that study with it."""
     import optuna
 
     from budgetsearch.planner.entry import _GivenScores, _open_with_scores
+    from budgetsearch.search import open_storage
 
     url = f"sqlite:///{tmp_path}/plan.db"
+    opened: list = []
 
-    def compute(store: bool):
-        def run():
-            deadline = time.monotonic() + 60
-            while not (tmp_path / "plan.db").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if store:
-                other = optuna.create_study(study_name="other", storage=url)
-                other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
-            raise KeyboardInterrupt
-        return run
+    def interrupted():
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "plan.db").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        opened.append(open_storage(url))  # another plan opened it: no study in it yet
+        raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _open_with_scores(url, "mine", {}, compute=compute(True),
-                          given=_GivenScores(None, None), log=print)
-    kept = optuna.load_study(study_name="other", storage=url)
-    assert len(kept.trials) == 3
-    (tmp_path / "plan.db").unlink()
-    with pytest.raises(KeyboardInterrupt):  # nothing stored: nothing left behind
-        _open_with_scores(url, "mine", {}, compute=compute(False),
-                          given=_GivenScores(None, None), log=print)
+        _open_with_scores(url, "mine", {}, compute=interrupted, given=_GivenScores(None, None),
+                          log=print)
+    assert (tmp_path / "plan.db").exists()
+    # the other plan's study goes into the file on disk, not into a deleted one
+    optuna.create_study(study_name="other", storage=opened[0]).optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name="other", storage=url).trials) == 2
+
+
+def test_a_missing_data_set_is_refused_before_any_file_is_made(tmp_path):
+    model, cost_model = _model()
+    with pytest.raises(DataError, match=r"data set '.*no-such-dir': no such file or directory"):
+        plan_for(model=model, cost_model=cost_model, budget=BUDGET, progress=False,
+                 data=PlanData(source=tmp_path / "no-such-dir"), objective="fisher",
+                 storage=f"sqlite:///{tmp_path}/plan.db")
     assert list(tmp_path.iterdir()) == []
