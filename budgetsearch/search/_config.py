@@ -10,6 +10,8 @@ A study's user attributes hold:
 - ``budgetsearch:scores:<i>``: the scores ``.npz`` file, base64 in chunks of at most 60,000
   characters (MySQL's ``TEXT`` limit), so workers on other machines need no scores file;
 - ``budgetsearch:baselines``: the warm-start baselines' exact figures;
+- ``budgetsearch:creator``: the worker that created the study (``host:pid:random``), so that a
+  process finding it still empty can tell a creator at work from one that was killed;
 - ``budgetsearch:complete``: written last; a study without it was interrupted while being created.
 
 A worker needs no weights: the search reads only layer shapes (from the model name) and the stored
@@ -50,6 +52,7 @@ PREFIX = "budgetsearch:"
 CONFIG_KEY = PREFIX + "config"
 COMPLETE_KEY = PREFIX + "complete"
 BASELINES_KEY = PREFIX + "baselines"
+CREATOR_KEY = PREFIX + "creator"
 SCORES_PREFIX = PREFIX + "scores:"
 _CHUNK = 60_000
 

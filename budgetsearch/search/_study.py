@@ -31,11 +31,12 @@ from ..cost import CostModel
 from ..criteria import Scores
 from ..errors import SearchError
 from ..plan import LayerUpdate, Plan
-from ..store import worker_id
+from ..store import worker_gone, worker_id
 from . import _config
 from ._config import (
     COMPLETE_KEY,
     CONFIG_KEY,
+    CREATOR_KEY,
     build_config,
     diff_config,
     read_config,
@@ -312,9 +313,12 @@ class Search:
         t_open = time.perf_counter() - t0
         memory_only = isinstance(persistent_storage, InMemoryStorage)
         existing = study.get_trials(deepcopy=False, states=DONE)
-        # a process that joins a study another one created (and holds no finished trial yet)
-        # draws its own points: with the creator's seed it would draw the creator's trials
-        joined = not created and not existing and tag is None
+        # a process that joins a study another one is still filling (no finished trial yet)
+        # draws its own points: with the creator's seed it would draw the creator's trials; a
+        # study whose creator is gone (killed before its first write) is run as its creator
+        # would have, from the seed
+        joined = (not created and not existing and tag is None
+                  and _creator_alive(study.user_attrs.get(CREATOR_KEY)))
         draws = run_seed(self.seed, len(existing), worker_id() if joined else tag)
         sampler = TimedSampler(make_sampler(self.sampler_name, seed=draws, space=self.space,
                                             population_size=self.population_size))
@@ -394,6 +398,7 @@ class Search:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(self.evaluator.objective_names))
+            study.set_user_attr(CREATOR_KEY, worker_id())
             write_config(study, config, self.scores, baseline_table(baselines))
         except BaseException:
             optuna.delete_study(study_name=name, storage=storage)
@@ -503,6 +508,15 @@ def _say_other_sampler(name: str, stored: Mapping[str, Any], config: Mapping[str
             + "; this run continues it with "
             + ", ".join(f"{label} {now}" for label, _, now in changed)
             + " (use another --study name to start afresh)", UserWarning, stacklevel=4)
+
+
+def _creator_alive(creator: Any) -> bool:
+    """Whether a study's creator may still be running: its process exists on this host, or it
+    ran on another host (whose processes cannot be seen from here). A study without a recorded
+    creator (made before the record) counts as its creator's gone."""
+    if not isinstance(creator, str):
+        return False
+    return not worker_gone(creator, time.time(), math.inf)
 
 
 def _abandoned(study: optuna.Study, objective_names: Sequence[str]) -> bool:
