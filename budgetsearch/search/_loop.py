@@ -132,16 +132,20 @@ class TrialLoop:
         if self.memory_only:
             self.persisted = len(self.work.get_trials(deepcopy=False, states=DONE))
             return
-        # the batch leaves ``frozen`` only once written: a write that fails (Ctrl-C included)
-        # leaves it pending for the final write of ``run``
+        # a trial leaves ``frozen`` and ``pending`` only once stored: a write that fails
+        # (Ctrl-C included) leaves the rest pending for the final write of ``run``, and what a
+        # journal file stored of it before the stop is not written twice
         batch = [self.frozen[n] for n in self.pending]
-        numbers = write_trials(self.study, batch)
-        for n in self.pending:
-            del self.frozen[n]
-        self.to_persistent.update(zip(self.pending, numbers, strict=True))
-        self.known.update(numbers)
-        self.flushed += len(batch)
-        self.pending.clear()
+        stored: dict[int, int] = {}
+        try:
+            write_trials(self.study, batch, on_written=stored.__setitem__)
+        finally:
+            for i, number in stored.items():
+                del self.frozen[self.pending[i]]
+                self.to_persistent[self.pending[i]] = number
+            self.known.update(stored.values())
+            self.flushed += len(stored)
+            self.pending = [n for i, n in enumerate(self.pending) if i not in stored]
         ids = complete_numbers(self.study)
         others = fetch_trials(self.study, [i for n, i in ids.items() if n not in self.known])
         if others:

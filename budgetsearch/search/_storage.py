@@ -23,7 +23,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,13 +241,18 @@ def _rdb_backend(study: optuna.Study) -> RDBStorage | None:
     return backend if isinstance(backend, RDBStorage) else None
 
 
-def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int]:
+def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial], *,
+                 on_written: Callable[[int, int], object] | None = None) -> list[int]:
     """Persist finished trials into a study in one batch.
 
     Args:
         study: The persistent study.
         trials: Finished trials (their numbers and ids are ignored; new ones are assigned); a
             parameter name must have the same distribution in all of them (as in the search).
+        on_written: Called with (position in ``trials``, number) for each trial once it is
+            stored: a SQL database stores the batch in one transaction, a journal file one
+            trial at a time, so a write stopped midway (Ctrl-C) has stored some of the batch,
+            which the caller must not write again.
 
     Returns:
         The trial numbers the study gave them, in order.
@@ -263,17 +268,22 @@ def write_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int
                               "written")
     backend = _rdb_backend(study)
     if backend is None:
-        return _write_other(study, trials)
+        return _write_other(study, trials, on_written)
     try:
-        return _write_rdb(backend, study._study_id, trials)
+        numbers = _write_rdb(backend, study._study_id, trials)
     except SearchError:
         raise
     except Exception as exc:
         raise SearchError(f"writing {len(trials)} trials to the study failed: "
                           f"{_first_line(exc)}", transient=_may_pass(exc)) from None
+    if on_written is not None:
+        for i, number in enumerate(numbers):
+            on_written(i, number)
+    return numbers
 
 
-def _write_other(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int]:
+def _write_other(study: optuna.Study, trials: Sequence[FrozenTrial],
+                 on_written: Callable[[int, int], object] | None = None) -> list[int]:
     """Journal and in-memory storages: every trial checked first (as ``Study.add_trial`` checks
     one), then added one at a time and numbered as the storage numbered it (other workers may
     add trials in between, so the numbers need not be contiguous)."""
@@ -283,8 +293,13 @@ def _write_other(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int
             raise SearchError(f"trial {t.number} has {len(t.values)} values; the study has "
                               f"{len(study.directions)} objectives")
     storage, study_id = study._storage, study._study_id
-    return [storage.get_trial_number_from_id(
-                storage.create_new_trial(study_id, template_trial=t)) for t in trials]
+    numbers = []
+    for i, t in enumerate(trials):
+        numbers.append(storage.get_trial_number_from_id(
+            storage.create_new_trial(study_id, template_trial=t)))
+        if on_written is not None:
+            on_written(i, numbers[-1])
+    return numbers
 
 
 def _write_rdb(backend: RDBStorage, study_id: int, trials: Sequence[FrozenTrial]) -> list[int]:

@@ -184,11 +184,11 @@ def test_a_batch_whose_write_is_interrupted_is_written_at_the_end(
     real = _loop.write_trials
     calls: list[int] = []
 
-    def interrupted(study, trials):
+    def interrupted(study, trials, **kw):
         calls.append(len(trials))
         if len(calls) == 2:
             raise KeyboardInterrupt  # as if SIGINT landed inside the write
-        return real(study, trials)
+        return real(study, trials, **kw)
 
     monkeypatch.setattr(_loop, "write_trials", interrupted)
     url = f"sqlite:///{tmp_path}/c.db"
@@ -198,6 +198,30 @@ def test_a_batch_whose_write_is_interrupted_is_written_at_the_end(
     stored = optuna.load_study(study_name="c", storage=open_storage(url)).get_trials(
         states=(TrialState.COMPLETE,))
     assert len(stored) == calls[0] + calls[2]
+
+
+def test_a_journal_write_stopped_midway_writes_the_rest_once(mcu: dict, tmp_path,
+                                                             monkeypatch) -> None:
+    """A journal file stores a batch one trial at a time: Ctrl-C after 9 of a batch of 30
+    leaves those 9 stored, and the run's final write adds the other 21, not all 30 again."""
+    from optuna.storages import JournalStorage
+
+    create = JournalStorage.create_new_trial
+    calls: list[int] = []
+
+    def stopped(self, study_id, template_trial=None):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return create(self, study_id, template_trial=template_trial)
+
+    monkeypatch.setattr(JournalStorage, "create_new_trial", stopped)
+    url = f"journal:///{tmp_path}/j.log"
+    with pytest.raises(KeyboardInterrupt):
+        _search(mcu).run(n_trials=30, storage=url, study_name="j", flush_seconds=3600.0)
+    monkeypatch.setattr(JournalStorage, "create_new_trial", create)
+    stored = optuna.load_study(study_name="j", storage=open_storage(url)).get_trials()
+    assert len(stored) == 30 and [t.number for t in stored] == list(range(30))
 
 
 def test_journal_storage_and_worker_rebuild(mcu: dict, tmp_path) -> None:
@@ -495,3 +519,19 @@ def test_a_process_joining_a_study_another_created_draws_its_own_points(mcu: dic
     repeat = _search(mcu).run(n_trials=40, storage=f"sqlite:///{tmp_path}/c.db",
                               study_name="s")
     assert [t.params for t in repeat.trials] == [t.params for t in alone.trials]
+    # and so is a study whose creator was killed before its first write: run again, it draws
+    # what its creator would have
+    import socket
+    import subprocess
+    import sys
+
+    from budgetsearch.search._config import CREATOR_KEY
+
+    url = f"sqlite:///{tmp_path}/d.db"
+    creator._open(open_storage(url), "s", creator.config(n_trials=40), True, url)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    optuna.load_study(study_name="s", storage=url).set_user_attr(
+        CREATOR_KEY, f"{socket.gethostname()}:{gone.pid}:00000000")
+    rerun = _search(mcu).run(n_trials=40, storage=url, study_name="s")
+    assert sampled(rerun.trials) == drawn
