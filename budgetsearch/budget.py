@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,10 +76,14 @@ class Budget:
                                 f"{self.memory_bytes!r}")
             object.__setattr__(self, "memory_bytes", int(self.memory_bytes))
         if self.latency_ms is not None:
-            if not _number(self.latency_ms) or not self.latency_ms >= 0:
+            try:
+                latency = float(self.latency_ms) if _number(self.latency_ms) else math.nan
+            except OverflowError:  # an integer past any float
+                latency = math.inf
+            if not 0 <= latency < math.inf:
                 raise PlanError(f"the latency budget must be a finite number of ms >= 0; got "
                                 f"{self.latency_ms!r}")
-            object.__setattr__(self, "latency_ms", float(self.latency_ms))
+            object.__setattr__(self, "latency_ms", latency)
 
     @classmethod
     def from_plan(cls, plan: Plan) -> Budget:
@@ -257,8 +262,9 @@ def _relative(used: float, limit: float) -> float:
 
 
 def _number(value: Any) -> bool:
-    """A finite real number (an int of any size, a float that is not inf or NaN), not a bool.
-    An int too large for a float is finite: ``math.isfinite`` would overflow on it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (an integer of any size, NumPy's included, or a float that is not
+    inf or NaN), not a bool. An integer too large for a float is finite: ``math.isfinite``
+    would overflow on it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
-    return isinstance(value, int) or math.isfinite(value)
+    return isinstance(value, numbers.Integral) or math.isfinite(value)

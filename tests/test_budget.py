@@ -101,6 +101,18 @@ def test_refuses_bad_values(kwargs, match):
 
 def test_an_int_too_large_for_a_float_is_a_budget_not_a_crash():
     assert Budget(memory_bytes=10**400).memory_bytes == 10**400  # math.isfinite overflowed
+    with pytest.raises(PlanError, match="latency budget must be a finite number of ms"):
+        Budget(latency_ms=10**400)  # float() overflowed
+
+
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    budget = Budget(memory_bytes=np.int64(1024), latency_ms=np.float32(5))
+    assert (budget.memory_bytes, budget.latency_ms) == (1024, 5.0)
+    assert type(budget.memory_bytes) is int and type(budget.latency_ms) is float
+    with pytest.raises(PlanError, match="memory budget must be"):
+        Budget(memory_bytes=np.bool_(True))
 
 
 def test_values_are_normalised_and_keyword_only():

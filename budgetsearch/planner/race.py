@@ -406,7 +406,7 @@ def arm_scores(results: Mapping[str, Mapping[str, Any]], *, metric: str = "val_a
     for arm, r in runs.items():
         values, images = [a for a, _n in r], [n for _a, n in r]
         out[arm] = math.inf if math.inf in values else pooled_mean(
-            values, images, counts=exact and metric.endswith("_accuracy"))
+            values, images, counts=exact and metric == "val_accuracy")
     return out
 
 

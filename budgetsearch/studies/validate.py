@@ -111,7 +111,8 @@ def validate(data: Any, *, path: str | os.PathLike[str] | None = None,
     _search_values(search, f"{where}: search")
     _known_options(training["options"] or {}, _trainer_options(), f"{where}: training.options")
     size = _positive_int(top.get("input_size", 128), f"{where}: input_size")
-    if top.get("results_dir") is not None and not isinstance(top["results_dir"], str):
+    if top.get("results_dir") is not None and not isinstance(top["results_dir"],
+                                                             (str, os.PathLike)):
         raise StudyError(f"{where}: results_dir: expected a path, got {top['results_dir']!r}")
     base = path.parent if path is not None else Path.cwd()
     out = Path(results_dir) if results_dir is not None else (

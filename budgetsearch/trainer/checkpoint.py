@@ -113,7 +113,7 @@ def save_checkpoint(
     # only checkpoints older than this one make way for it: a newer one is no ancestor of this
     # run's state (a damaged one a resume skipped is set aside by set_aside_after)
     older = [e for e in list_checkpoints(directory) if e < epoch]
-    for old in older[:len(older) - (max(1, keep) - 1)]:
+    for old in older[:max(0, len(older) - (max(1, keep) - 1))]:
         old_doc = directory / f"epoch-{old:04d}"
         old_doc.with_suffix(".json").unlink(missing_ok=True)
         old_doc.with_suffix(".safetensors").unlink(missing_ok=True)

@@ -581,6 +581,13 @@ def test_arms_right_on_as_many_pooled_images_tie_and_less_memory_wins():
     assert pooled_mean([1 / 200, 14 / 200], [200, 200], counts=True) == pooled_mean(
         [0.0, 15 / 200], [200, 200], counts=True)
     assert pooled_mean([0.5, 1.0], [None, 10], counts=True) == 0.75  # a count unknown: equal
+    # only the validation accuracy is a fraction of the validation images: a test accuracy a
+    # race records (on other images) is pooled as it is
+    from budgetsearch.planner.race import arm_scores
+
+    rows = {f"r0:e1:s0:a@lr0.02:f{j}": {"val_accuracy": 0.5, "test_accuracy": t,
+                                        "val_images": 10} for j, t in enumerate((0.523, 0.525))}
+    assert arm_scores(rows, metric="test_accuracy")[(0, "a", 0.02)] == pytest.approx(0.524)
 
 
 def test_a_race_kept_in_a_file_or_database_needs_its_key(tmp_path):

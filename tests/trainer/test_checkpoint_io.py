@@ -85,6 +85,14 @@ def test_rng_state_round_trip():
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
 
 
+@pytest.mark.parametrize("keep", [1, 2, 3, 4, 6])
+def test_the_last_keep_checkpoints_are_kept(tmp_path, keep):
+    for epoch in range(1, 6):
+        save_checkpoint(tmp_path, epoch=epoch, tensors={"x": torch.zeros(1)}, state={},
+                        keep=keep)
+        assert list_checkpoints(tmp_path) == list(range(max(1, epoch - keep + 1), epoch + 1))
+
+
 def test_newer_damaged_checkpoints_neither_prune_a_resumed_run_nor_stay_its_newest(tmp_path):
     """Damaged epochs 4 and 5 (skipped by load_latest) beside good 1..3: a run that resumes
     from epoch 3 sets them aside, and the checkpoints it writes prune only older ones."""
