@@ -526,7 +526,8 @@ def _abandoned(study: optuna.Study, objective_names: Sequence[str]) -> bool:
     first thing written after the study itself); another program's empty study is not."""
     try:
         attrs = study.user_attrs
-        ours = CONFIG_KEY in attrs or list(study.metric_names or ()) == list(objective_names)
+        ours = (CONFIG_KEY in attrs or CREATOR_KEY in attrs
+                or list(study.metric_names or ()) == list(objective_names))
         return ours and COMPLETE_KEY not in attrs and not study.get_trials(deepcopy=False)
     except KeyError:  # deleted meanwhile
         return False
