@@ -83,13 +83,16 @@ class SearchError(BudgetSearchError):
             driver not installed, a study made for something else).
         stale_study: The name of the study refused because it was made for something else
             (None for other errors): a caller that owns the name may delete it and start anew.
+        stale_creator: The refused study's recorded creator (None when it records none), so
+            that a caller deletes that study and not one made anew under its name meanwhile.
     """
 
     def __init__(self, message: str, *, transient: bool = False,
-                 stale_study: str | None = None) -> None:
+                 stale_study: str | None = None, stale_creator: str | None = None) -> None:
         super().__init__(message)
         self.transient = transient
         self.stale_study = stale_study
+        self.stale_creator = stale_creator
 
 
 class StoreError(BudgetSearchError):

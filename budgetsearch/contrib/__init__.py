@@ -29,6 +29,7 @@ from .table import (
     StoreTable,
     TableError,
     default_table_path,
+    discard_stale,
     keep_claim,
     open_shared,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "build_units",
     "candidate_layers",
     "default_table_path",
+    "discard_stale",
     "keep_claim",
     "load_tensors",
     "measure_contributions",

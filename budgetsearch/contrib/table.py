@@ -37,6 +37,7 @@ __all__ = [
     "TableError",
     "check_key",
     "default_table_path",
+    "discard_stale",
     "keep_claim",
     "open_shared",
 ]
@@ -54,12 +55,16 @@ class TableError(DataError):
 
     Attributes:
         stale_path: The file refused because it was made with another key (None for other
-            errors): a caller that owns the file may delete it and start anew.
+            errors): a caller that owns the file may remove it (:func:`discard_stale`) and
+            start anew.
+        wanted_key: The key the refused file was opened with.
     """
 
-    def __init__(self, message: str, *, stale_path: Path | None = None) -> None:
+    def __init__(self, message: str, *, stale_path: Path | None = None,
+                 wanted_key: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.stale_path = stale_path
+        self.wanted_key = dict(wanted_key) if wanted_key is not None else None
 
 
 class ContributionTable:
@@ -177,7 +182,8 @@ def check_key(stored: Mapping[str, Any], wanted: Mapping[str, Any], path: Path) 
     if diff:
         detail = "; ".join(f"{f}: table {stored.get(f)!r}, now {wanted.get(f)!r}" for f in diff)
         raise TableError(f"{path} was measured for something else ({detail}); use another "
-                         "file or the same model, data and recipe", stale_path=Path(path))
+                         "file or the same model, data and recipe", stale_path=Path(path),
+                         wanted_key=wanted)
 
 
 def _canonical(value: Any) -> str:
@@ -210,6 +216,36 @@ def _alive(claim: Mapping[str, Any], stale_after: float) -> bool:
     beat = claim.get("beat", claim.get("since"))
     return not worker_gone(f"{claim.get('host')}:{claim.get('pid')}:",
                      beat if isinstance(beat, (int, float)) else time.time(), stale_after)
+
+
+def discard_stale(path: str | os.PathLike[str], key: Mapping[str, Any], *,
+                  stale_after: float = STALE_AFTER_S) -> bool:
+    """Remove a table (or race) file made with another key than ``key``, unless a worker is
+    at work on it: the caller that owns the file starts it anew.
+
+    Args:
+        path: The file a :class:`SharedTable` with ``key`` refused.
+        key: The key it was opened with.
+        stale_after: Seconds without heartbeat after which a claim no longer counts.
+
+    Returns:
+        True when the file is gone or now holds ``key`` (made anew meanwhile), False when it
+        is left: a live claim is on it (another process measuring with its key), or it cannot
+        be read.
+    """
+    path = Path(path)
+    with locked(path):
+        try:
+            doc = _read(path)
+        except TableError:
+            return False
+        if doc is None or _canonical(doc["key"]) == _canonical(dict(key)):
+            return True
+        if any(isinstance(c, Mapping) and _alive(c, stale_after)
+               for c in doc["claims"].values()):
+            return False
+        path.unlink()
+    return True
 
 
 class SharedTable:

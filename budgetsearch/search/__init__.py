@@ -22,8 +22,8 @@ from here; the modules behind it are private (their names start with an undersco
   :func:`trials_csv` and :func:`plot_front`;
 - its stored studies: :func:`open_storage`, :func:`storage_kind`, :func:`redact` (a URL without
   its password), :func:`load_study`, :func:`read_config` (what a study stores about itself),
-  :func:`stored_scores` (the scores a study continues with), :func:`scores_digest` and
-  :func:`write_trials`.
+  :func:`stored_scores` (the scores a study continues with), :func:`scores_digest`,
+  :data:`CREATOR_KEY` (the attribute naming a study's creator) and :func:`write_trials`.
 
 Nothing a study stores refers to these modules: its configuration, scores and baselines are JSON
 and base64 in the study's user attributes, so studies made before the modules moved open as they
@@ -32,7 +32,7 @@ did.
 
 from __future__ import annotations
 
-from ._config import read_config, scores_digest, stored_scores
+from ._config import CREATOR_KEY, read_config, scores_digest, stored_scores
 from ._front import (
     FrontTracker,
     feasible,
@@ -55,6 +55,7 @@ from ._warmstart import BASELINES, Baseline, baseline_plans
 
 __all__ = [
     "BASELINES",
+    "CREATOR_KEY",
     "PATCH_SIZES",
     "RATIOS",
     "SAMPLERS",

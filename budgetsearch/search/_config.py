@@ -242,7 +242,8 @@ def stored_scores(
     diff = diff_config(stored, config)
     if diff:
         raise SearchError(f"study {study_name!r} was made for something else; use another "
-                          "study name or the same settings: " + "; ".join(diff))
+                          "study name or the same settings: " + "; ".join(diff),
+                          stale_study=study_name, stale_creator=study.user_attrs.get(CREATOR_KEY))
     assert scores is not None
     return scores, len(complete_numbers(study))
 

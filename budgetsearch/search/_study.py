@@ -378,7 +378,8 @@ class Search:
             if diff:
                 raise SearchError(f"study {name!r} in {redact(url)} was made for something else; "
                                   "use another --study name or the same settings: "
-                                  + "; ".join(diff), stale_study=name)
+                                  + "; ".join(diff), stale_study=name,
+                                  stale_creator=study.user_attrs.get(CREATOR_KEY))
             if create and stored.get("n_trials") != config.get("n_trials"):
                 study.set_user_attr(CONFIG_KEY, {**stored, "n_trials": config.get("n_trials")})
             _say_other_sampler(name, stored, config)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text, locked
-from ..contrib import TableError
+from ..contrib import TableError, discard_stale
 from ..errors import SearchError, TrainingError
 from ..search import SpaceOptions, replan
 from ..trainer import DYNAMIC_MODES, Trainer
@@ -484,24 +484,32 @@ def _remaking_stale(make: Callable[[], Any], *, home: Path, storage: str,
             study = exc.stale_study if isinstance(exc, SearchError) else None
             path = exc.stale_path if isinstance(exc, TableError) else None
             if study == study_name and f"study:{study}" not in removed:
-                _delete_study(storage, study)
+                assert isinstance(exc, SearchError)
+                with locked(home / "search"):  # not while a seed sharing the home searches
+                    _delete_study(storage, study, creator=exc.stale_creator)
                 removed.add(f"study:{study}")
             elif (path is not None and Path(path).parent.resolve() == home.resolve()
                   and f"file:{path}" not in removed):
-                Path(path).unlink(missing_ok=True)
+                assert isinstance(exc, TableError) and exc.wanted_key is not None
+                if not discard_stale(path, exc.wanted_key):  # another process races on it
+                    raise
                 removed.add(f"file:{path}")
             else:
                 raise
 
 
-def _delete_study(storage: str, name: str) -> None:
-    """Delete the study ``name`` from a shared database, if it is there."""
+def _delete_study(storage: str, name: str, *, creator: str | None) -> None:
+    """Delete the study ``name`` if it is still the one refused (made by ``creator``, its
+    recorded creator): one another process made anew under the name meanwhile is kept."""
     import optuna
 
-    from ..search import open_storage
+    from ..search import CREATOR_KEY, open_storage
 
     opened = open_storage(storage)
-    if any(s.study_name == name for s in opened.get_all_studies()):
+    if name not in {s.study_name for s in opened.get_all_studies()}:
+        return
+    study = optuna.load_study(study_name=name, storage=opened)
+    if study.user_attrs.get(CREATOR_KEY) == creator:
         optuna.delete_study(study_name=name, storage=opened)
 
 

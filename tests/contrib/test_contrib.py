@@ -522,3 +522,21 @@ def test_no_cut_on_tuples_or_after_dropout_and_modes_are_restored():
     graph = LayerGraph.from_model(model, input_size=8)
     relative_gradient_norms(model, graph, x, torch.tensor([0, 1]))
     assert model.training and model.conv.training and not model.bn.training
+
+
+def test_a_file_of_another_key_is_discarded_only_when_no_one_works_on_it(tmp_path):
+    """check_key's refusal names the file and the key wanted; discard_stale removes the file
+    for its owner to start anew, unless a live worker holds a claim on it."""
+    from budgetsearch.contrib import SharedTable, TableError, discard_stale
+
+    path = tmp_path / "race.json"
+    old = SharedTable(path, {"recipe": "old"})
+    assert old.claim(["a"]) == "a"  # this live process works on it
+    with pytest.raises(TableError) as refused:
+        SharedTable(path, {"recipe": "new"})
+    assert refused.value.stale_path == path and refused.value.wanted_key == {"recipe": "new"}
+    assert not discard_stale(path, {"recipe": "new"}) and path.exists()
+    old.record("a", {"val_accuracy": 0.5})  # done: no claim left
+    assert discard_stale(path, {"recipe": "new"}) and not path.exists()
+    SharedTable(path, {"recipe": "new"})
+    assert discard_stale(path, {"recipe": "new"}) and path.exists()  # holds the key wanted

@@ -289,18 +289,20 @@ def test_a_changed_spec_remakes_a_shared_study_it_refuses(tmp_path: Path, capsys
 
 def test_only_what_an_earlier_configuration_left_and_is_refused_is_removed(tmp_path: Path,
                                                                           monkeypatch) -> None:
-    from budgetsearch.contrib import TableError
+    from budgetsearch.contrib import SharedTable, TableError
     from budgetsearch.errors import SearchError
     from budgetsearch.studies import adapters
 
     home = tmp_path / "home"
     home.mkdir()
     race, elsewhere = home / "race.json", tmp_path / "contrib.json"
-    race.write_text("{}")
+    SharedTable(race, {"k": 0})  # an earlier configuration's race
     elsewhere.write_text("{}")
     deleted: list[str] = []
-    monkeypatch.setattr(adapters, "_delete_study", lambda storage, name: deleted.append(name))
-    errors = [TableError("race", stale_path=race), SearchError("s", stale_study="st:home")]
+    monkeypatch.setattr(adapters, "_delete_study",
+                        lambda storage, name, creator: deleted.append(name))
+    errors = [TableError("race", stale_path=race, wanted_key={"k": 1}),
+              SearchError("s", stale_study="st:home")]
 
     def make():
         if errors:
@@ -312,7 +314,7 @@ def test_only_what_an_earlier_configuration_left_and_is_refused_is_removed(tmp_p
     assert deleted == ["st:home"] and not race.exists()
 
     def refused_elsewhere():
-        raise TableError("contrib", stale_path=elsewhere)
+        raise TableError("contrib", stale_path=elsewhere, wanted_key={"k": 1})
 
     with pytest.raises(TableError):  # a table outside the plan's home is never removed
         adapters._remaking_stale(refused_elsewhere, home=home, storage="x", study_name="st")
@@ -352,3 +354,20 @@ def test_two_workers_make_a_shared_plan_once(tmp_path: Path, capsys) -> None:
     study = optuna.load_study(study_name="pair:" + home.name,
                               storage=f"sqlite:///{home / 'search.db'}")
     assert len(study.trials) == 200  # two searches at once had made up to twice as many
+
+
+def test_a_refused_study_is_deleted_only_if_still_the_one_refused(tmp_path: Path) -> None:
+    """Two seeds refused the old study; the first deleted it and a third made it anew: the
+    second's deletion, by the refused study's creator, leaves the new study alone."""
+    import optuna
+
+    from budgetsearch.search import CREATOR_KEY
+    from budgetsearch.studies.adapters import _delete_study
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="st", storage=url).set_user_attr(CREATOR_KEY, "h:1:new")
+    _delete_study(url, "st", creator="h:2:old")
+    assert optuna.get_all_study_names(url) == ["st"]
+    _delete_study(url, "st", creator="h:1:new")
+    assert optuna.get_all_study_names(url) == []
+    _delete_study(url, "st", creator="h:1:new")  # gone already: nothing to do
