@@ -251,7 +251,7 @@ def test_a_tuned_study_chooses_each_cells_rate_on_validation(tmp_path: Path, cap
 def test_a_changed_spec_remakes_a_shared_study_it_refuses(tmp_path: Path, capsys) -> None:
     """The seeds' shared search study is found by name: after a spec change that the study
     refuses (the proxy's alpha, part of its identity) it is made anew, where the cell had
-    failed for good; an edit it does not refuse (the sampler) continues it, with a warning."""
+    failed for good; an edit it does not refuse (more trials) continues it."""
     import optuna
 
     from budgetsearch.search import read_config
