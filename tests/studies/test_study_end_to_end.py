@@ -371,3 +371,33 @@ def test_a_refused_study_is_deleted_only_if_still_the_one_refused(tmp_path: Path
     _delete_study(url, "st", creator="h:1:new")
     assert optuna.get_all_study_names(url) == []
     _delete_study(url, "st", creator="h:1:new")  # gone already: nothing to do
+
+
+def test_two_workers_share_one_raced_plan(tmp_path: Path, capsys) -> None:
+    """Seeds 0 and 1 share one raced plan (plan_seed, effort standard) and two workers take
+    them together: the search runs once under the home's lock, and the race is shared by its
+    claims, every arm trained once in all, both cells handing out the same plan."""
+    data = _image_folder(tmp_path / "images", per_class={"train": 10, "test": 4})
+    spec = tmp_path / "pair.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "pair", "data": {"name": "img", "source": str(data), "train_split": "train"},
+        "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
+        "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
+        "methods": [{"method": "search", "options": {"plan_seed": 0, "effort": "standard",
+                                                      "race_rungs": [1, 2]}}],
+        "seeds": [0, 1],
+        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+        "cost": {"memory_measure": "training"},
+        "scores": {"fisher_samples": 8, "micro_batch": 8},
+        "search": {"trials": 20, "population_size": 8}}))
+    assert main(["study", "run", str(spec), "--workers", "2", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    res = tmp_path / "results" / "pair"
+    recs = [json.loads(p.read_text()) for p in (res / "cells").glob("*.json")]
+    assert len(recs) == 2 and all(r["status"] == "done" for r in recs), recs
+    assert recs[0]["layers"] == recs[1]["layers"]
+    races = [r["provenance"]["race"] for r in recs]
+    assert races[0]["winner"] == races[1]["winner"] and races[0]["rungs"] == races[1]["rungs"]
+    (race_file,) = (res / "plans").glob("*/race*.json")
+    arms = len(json.loads(race_file.read_text())["results"])
+    assert sum(r["arms_trained"] for r in races) == arms  # none trained twice
