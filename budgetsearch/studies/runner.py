@@ -188,8 +188,11 @@ def _run_pool(todo: list[Cell], workers: int, job: dict[str, Any], summary: RunS
         return
     sys.stderr.write(f"a worker process died: running the {len(broken)} cell(s) it left "
                      "unfinished again, each in a process of its own\n")
+    # a cell the broken pool had taken that is now recorded was finished by the pool's worker
+    # before the pool broke (its result was lost with the pool): it ran in this run
     with cf.ThreadPoolExecutor(max_workers=workers) as alone:
-        futures = {alone.submit(_pool_pass, [cell], 1, threads, job, summary, bar): cell
+        futures = {alone.submit(_pool_pass, [cell], 1, threads, job, summary, bar,
+                                skipped_as="done"): cell
                    for cell in broken}
         for fut in cf.as_completed(futures):
             if fut.result():  # it killed a process of its own too
@@ -199,9 +202,10 @@ def _run_pool(todo: list[Cell], workers: int, job: dict[str, Any], summary: RunS
 
 
 def _pool_pass(todo: list[Cell], workers: int, threads: int, job: dict[str, Any],
-               summary: RunSummary, bar: Any) -> list[Cell]:
+               summary: RunSummary, bar: Any, *, skipped_as: str = "skipped") -> list[Cell]:
     """Run ``todo`` in a pool of ``workers`` processes; the cells left unfinished when a worker
-    process died (the pool is then broken)."""
+    process died (the pool is then broken). A cell found recorded already is collected as
+    ``skipped_as``."""
     ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
     broken: list[Cell] = []
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
@@ -217,7 +221,8 @@ def _pool_pass(todo: list[Cell], workers: int, threads: int, job: dict[str, Any]
                 except BrokenProcessPool:
                     broken.append(futures[fut])
                     continue
-                _collect(summary, futures[fut].id, outcome, bar)
+                _collect(summary, futures[fut].id,
+                         skipped_as if outcome == "skipped" else outcome, bar)
         except BaseException:
             for fut in running:
                 fut.cancel()
