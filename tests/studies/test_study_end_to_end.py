@@ -327,23 +327,30 @@ def test_only_what_an_earlier_configuration_left_and_is_refused_is_removed(tmp_p
         adapters._remaking_stale(always_stale, home=home, storage="x", study_name="st:home")
 
 
-def test_two_workers_make_a_shared_plan_once(tmp_path: Path, capsys) -> None:
-    """Seeds 0 and 1 share one plan (plan_seed) and two workers take them together: the plan is
-    made once (the second waits and reads it), not searched twice on the same seed."""
-    import optuna
-
+def _pair_of_seeds(tmp_path: Path, options: dict, *, search: dict,
+                   engine: str | None = None) -> Path:
+    """A study file of one search method over seeds 0 and 1 on a tiny image folder."""
     data = _image_folder(tmp_path / "images", per_class={"train": 10, "test": 4})
+    training = {"epochs": 1, "batch_size": 8, "lr": 0.01, **({"engine": engine} if engine
+                                                                else {})}
     spec = tmp_path / "pair.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "pair", "data": {"name": "img", "source": str(data), "train_split": "train"},
         "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
         "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
-        "methods": [{"method": "search", "options": {"plan_seed": 0, "trials": 200}}],
-        "seeds": [0, 1],
-        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "engine": "runner"},
-        "cost": {"memory_measure": "training"},
-        "scores": {"fisher_samples": 8, "micro_batch": 8},
-        "search": {"population_size": 6}}))
+        "methods": [{"method": "search", "options": options}], "seeds": [0, 1],
+        "training": training, "cost": {"memory_measure": "training"},
+        "scores": {"fisher_samples": 8, "micro_batch": 8}, "search": search}))
+    return spec
+
+
+def test_two_workers_make_a_shared_plan_once(tmp_path: Path, capsys) -> None:
+    """Seeds 0 and 1 share one plan (plan_seed) and two workers take them together: the plan is
+    made once (the second waits and reads it), not searched twice on the same seed."""
+    import optuna
+
+    spec = _pair_of_seeds(tmp_path, {"plan_seed": 0, "trials": 200}, engine="runner",
+                          search={"population_size": 6})
     assert main(["study", "run", str(spec), "--workers", "2", "--no-progress"]) == 0, \
         capsys.readouterr().err
     res = tmp_path / "results" / "pair"
@@ -377,19 +384,9 @@ def test_two_workers_share_one_raced_plan(tmp_path: Path, capsys) -> None:
     """Seeds 0 and 1 share one raced plan (plan_seed, effort standard) and two workers take
     them together: the search runs once under the home's lock, and the race is shared by its
     claims, every arm trained once in all, both cells handing out the same plan."""
-    data = _image_folder(tmp_path / "images", per_class={"train": 10, "test": 4})
-    spec = tmp_path / "pair.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "pair", "data": {"name": "img", "source": str(data), "train_split": "train"},
-        "input_size": 32, "models": [{"name": "mcunet-5fps", "weights": "imagenet"}],
-        "devices": [{"name": "stm32f746", "budgets": ["40KB"]}],
-        "methods": [{"method": "search", "options": {"plan_seed": 0, "effort": "standard",
-                                                      "race_rungs": [1, 2]}}],
-        "seeds": [0, 1],
-        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01},
-        "cost": {"memory_measure": "training"},
-        "scores": {"fisher_samples": 8, "micro_batch": 8},
-        "search": {"trials": 20, "population_size": 8}}))
+    spec = _pair_of_seeds(tmp_path, {"plan_seed": 0, "effort": "standard",
+                                     "race_rungs": [1, 2]},
+                          search={"trials": 20, "population_size": 8})
     assert main(["study", "run", str(spec), "--workers", "2", "--no-progress"]) == 0, \
         capsys.readouterr().err
     res = tmp_path / "results" / "pair"
