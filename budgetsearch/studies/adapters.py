@@ -492,7 +492,9 @@ def _remaking_stale(make: Callable[[], Any], *, home: Path, storage: str,
                   and f"file:{path}" not in removed):
                 assert isinstance(exc, TableError) and exc.wanted_key is not None
                 if not discard_stale(path, exc.wanted_key):  # another process races on it
-                    raise
+                    raise SearchError(f"{exc}; a live worker holds a claim on it, so it is "
+                                      "left: run again once that worker is done",
+                                      transient=True) from exc
                 removed.add(f"file:{path}")
             else:
                 raise

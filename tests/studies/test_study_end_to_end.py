@@ -297,7 +297,7 @@ def test_only_what_an_earlier_configuration_left_and_is_refused_is_removed(tmp_p
     home.mkdir()
     race, elsewhere = home / "race.json", tmp_path / "contrib.json"
     SharedTable(race, {"k": 0})  # an earlier configuration's race
-    elsewhere.write_text("{}")
+    SharedTable(elsewhere, {"k": 0})  # a table of another key, but not in the home
     deleted: list[str] = []
     monkeypatch.setattr(adapters, "_delete_study",
                         lambda storage, name, creator: deleted.append(name))
@@ -319,6 +319,17 @@ def test_only_what_an_earlier_configuration_left_and_is_refused_is_removed(tmp_p
     with pytest.raises(TableError):  # a table outside the plan's home is never removed
         adapters._remaking_stale(refused_elsewhere, home=home, storage="x", study_name="st")
     assert elsewhere.exists()
+    # a race file of another key that a live worker is racing on: left, and the cell's error
+    # is transient (run again later), not a failure for good
+    busy = SharedTable(race, {"k": 0})
+    assert busy.claim(["arm"]) == "arm"
+
+    def refused_busy():
+        raise TableError("race", stale_path=race, wanted_key={"k": 1})
+
+    with pytest.raises(SearchError) as left:
+        adapters._remaking_stale(refused_busy, home=home, storage="x", study_name="st")
+    assert left.value.transient and race.exists()
 
     def always_stale():
         raise SearchError("s", stale_study="st:home")
