@@ -51,6 +51,7 @@ from .models import input_spec
 __all__ = [
     "IMAGE_EXTENSIONS",
     "NORMALIZATIONS",
+    "REGISTERED_SETS",
     "ImageDataset",
     "archive_splits",
     "balanced_draw",
@@ -58,6 +59,7 @@ __all__ = [
     "default_normalization",
     "holdout_split",
     "load_dataset",
+    "registry_key",
     "same_images",
     "split_validation",
     "stratified_folds",
@@ -259,7 +261,15 @@ def load_dataset(
 
 
 # ---------------------------------------------------------------------------------- resolution
-_REGISTERED = ("cifar10", "cifar-10", "fashion-mnist", "fashionmnist", "fmnist", "mnist")
+_CIFAR10_NAMES = ("cifar10", "cifar-10")
+_FASHION_NAMES = ("fashion-mnist", "fashionmnist", "fmnist")
+#: The registered data sets' names, as :func:`registry_key` writes them.
+REGISTERED_SETS = (*_CIFAR10_NAMES, *_FASHION_NAMES, "mnist")
+
+
+def registry_key(spec: str | os.PathLike[str]) -> str:
+    """A data set spec as the registered data sets are named (``CIFAR_10`` -> ``cifar-10``)."""
+    return str(spec).strip().lower().replace("_", "-")
 
 
 def check_source(spec: str | os.PathLike[str]) -> None:
@@ -271,7 +281,7 @@ def check_source(spec: str | os.PathLike[str]) -> None:
         DataError: Naming the data set and the accepted forms.
     """
     name = str(spec).strip()
-    if name.lower().replace("_", "-") in _REGISTERED:
+    if registry_key(name) in REGISTERED_SETS:
         return
     if not Path(name).expanduser().exists():
         raise DataError(
@@ -285,10 +295,10 @@ def _load_source(
 ) -> _Source:
     check_source(spec)
     name = str(spec).strip()
-    key = name.lower().replace("_", "-")
-    if key in ("cifar10", "cifar-10"):
+    key = registry_key(name)
+    if key in _CIFAR10_NAMES:
         return _load_cifar10(split, cache_dir)
-    if key in ("fashion-mnist", "fashionmnist", "fmnist"):
+    if key in _FASHION_NAMES:
         if not FASHION_MNIST_DIR.is_dir():
             raise DataError(
                 f"Fashion-MNIST is not installed ({FASHION_MNIST_DIR} is missing): "

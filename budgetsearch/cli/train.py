@@ -9,15 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..data import REGISTERED_SETS, registry_key
 from ..errors import BudgetSearchError, DataError, PlanError, TrainingError
 from ..recipe import MAX_LR
 
 __all__ = ["Splits", "load_splits", "register", "run"]
 
 _VAL_SPLITS = ("test", "val", "validation", "valid")
-_REGISTRY_SETS = ("cifar10", "cifar-10", "fashion-mnist", "fashionmnist", "fmnist", "mnist")
-
-
 def register(subparsers: Any) -> None:
     """Add the ``train`` command."""
     from ._common import (
@@ -178,16 +176,11 @@ def load_splits(
     return Splits(train, val, test)
 
 
-def _registry_key(spec: str) -> str:
-    """A --data spec as the registered data sets are named (``CIFAR_10`` -> ``cifar-10``)."""
-    return spec.strip().lower().replace("_", "-")
-
-
 def _same_source(a: str, b: str) -> bool:
     """Whether two --data specs name one data set (a registry name, or one path)."""
     def norm(spec: str) -> str:
-        key = _registry_key(spec)
-        return key if key in _REGISTRY_SETS else os.path.realpath(os.path.expanduser(spec))
+        key = registry_key(spec)
+        return key if key in REGISTERED_SETS else os.path.realpath(os.path.expanduser(spec))
 
     return norm(a) == norm(b)
 
@@ -195,14 +188,14 @@ def _same_source(a: str, b: str) -> bool:
 def _is_flat(spec: str) -> bool:
     """A folder of class folders without split folders (and not IDX files)."""
     path = Path(spec).expanduser()
-    return (path.is_dir() and spec.lower() not in _REGISTRY_SETS
+    return (path.is_dir() and spec.lower() not in REGISTERED_SETS
             and not any((path / s).is_dir() for s in ("train", *_VAL_SPLITS))
             and not any(path.glob("*-images-idx3-ubyte*")))
 
 
 def _held_out_split(spec: str) -> str | None:
     """The first of the source's test / validation splits, or None."""
-    if _registry_key(spec) not in _REGISTRY_SETS and spec.endswith((".tar.gz", ".tgz")):
+    if registry_key(spec) not in REGISTERED_SETS and spec.endswith((".tar.gz", ".tgz")):
         from ..data import archive_splits
 
         splits = archive_splits(Path(spec).expanduser())  # the archive's own list, read once
@@ -212,8 +205,8 @@ def _held_out_split(spec: str) -> str | None:
 
 def _has_split(spec: str, split: str) -> bool:
     """Whether a registered data set, an MNIST pickle or a folder has ``split``."""
-    key = _registry_key(spec)
-    if key in _REGISTRY_SETS or spec.endswith(".pkl.gz"):
+    key = registry_key(spec)
+    if key in REGISTERED_SETS or spec.endswith(".pkl.gz"):
         return split == "test" or (split == "val" and key == "mnist")
     path = Path(spec).expanduser()
     if not path.is_dir():
